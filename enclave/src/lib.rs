@@ -1,0 +1,22 @@
+//! ennclave enclave runtime.
+//!
+//! The library holds everything the `ennclave-enclave` worker binary needs, split so
+//! that the compute path (program, exec, ops) can be tested without the sandbox:
+//!
+//! * `program`  — parse and validate an enclave program container (docs/enclave-program.md)
+//! * `exec`     — plan buffers once, then run a program on a batch without allocating
+//! * `ops`      — the kernels (GEMM-backed dense and conv, pooling, elementwise …)
+//! * `secmem`   — memory for decrypted secrets (memfd_secret, else mlock)
+//! * `seal`     — AES-256-GCM unsealing of the program container, manifest as AAD
+//! * `keys`     — ephemeral X25519 key pair and HPKE unwrapping of the data key
+//! * `protocol` — framed control messages with the host, shared-memory tensors
+//! * `sandbox`  — non-dumpable, no core, seccomp allow-list
+
+pub mod exec;
+pub mod keys;
+pub mod ops;
+pub mod program;
+pub mod protocol;
+pub mod sandbox;
+pub mod seal;
+pub mod secmem;

@@ -1,0 +1,675 @@
+//! `ennclave-enclave` — the worker process that holds the private part of a model.
+//!
+//! ```text
+//! ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B]
+//! ```
+//!
+//! `N` is an inherited AF_UNIX stream socket (control frames), `M` an inherited memfd
+//! (tensors and the sealed program). The message flow is in docs/worker-protocol.md:
+//! HELLO → [CHALLENGE/EVIDENCE] → MANIFEST, SEALED_BEGIN, SEALED_CHUNK…, KEY (any order
+//! after MANIFEST) → unseal → program → executor → seccomp → READY → INFER/PING… →
+//! SHUTDOWN.
+
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+
+use ennclave_enclave::exec::Executor;
+use ennclave_enclave::keys::EphemeralKey;
+use ennclave_enclave::program::Program;
+use ennclave_enclave::protocol::{
+    code, read_msg, write_msg, Msg, ProtoError, Shm, INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
+};
+use ennclave_enclave::secmem::{Backing, SecretBuf};
+use ennclave_enclave::{sandbox, seal};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Sealed programs larger than this are refused before allocating.
+const MAX_SEALED: u64 = 64 << 30;
+const DEFAULT_MAX_BATCH: usize = 1024;
+
+struct Args {
+    ctl_fd: i32,
+    shm_fd: i32,
+    threads: usize,
+    max_batch: usize,
+}
+
+fn usage() -> String {
+    "usage: ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B]\n\
+     (started by the ennclave Python runtime; not meant to be run by hand)"
+        .to_string()
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        ctl_fd: -1,
+        shm_fd: -1,
+        threads: 0,
+        max_batch: DEFAULT_MAX_BATCH,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        if k == "--help" || k == "-h" {
+            return Err(usage());
+        }
+        if k == "--version" {
+            return Err(format!("ennclave-enclave {} (protocol {PROTOCOL_VERSION})", env!("CARGO_PKG_VERSION")));
+        }
+        let v = it.next().ok_or_else(|| format!("{k} needs a value\n{}", usage()))?;
+        let n: i64 = v
+            .parse()
+            .map_err(|_| format!("{k} expects an integer, got {v:?}"))?;
+        match k.as_str() {
+            "--ctl-fd" => a.ctl_fd = n as i32,
+            "--shm-fd" => a.shm_fd = n as i32,
+            "--threads" => a.threads = n.max(0) as usize,
+            "--max-batch" => a.max_batch = n.max(1) as usize,
+            _ => return Err(format!("unknown argument {k}\n{}", usage())),
+        }
+    }
+    if a.ctl_fd < 3 || a.shm_fd < 3 || a.ctl_fd == a.shm_fd {
+        return Err(format!("--ctl-fd and --shm-fd must be two distinct inherited fds ≥ 3\n{}", usage()));
+    }
+    Ok(a)
+}
+
+/// A failure that ends the worker (sent as a fatal ERROR frame).
+struct Fatal(u16, String);
+
+impl Fatal {
+    fn new(code: u16, msg: impl Into<String>) -> Self {
+        Fatal(code, msg.into())
+    }
+}
+
+impl From<ProtoError> for Fatal {
+    fn from(e: ProtoError) -> Self {
+        Fatal(code::PROTOCOL, e.to_string())
+    }
+}
+
+// ---------------------------------------------------------------- output policy
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Full,
+    TopK(usize),
+    Label,
+    Round(i32),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Policy {
+    mode: Mode,
+    max_queries: Option<u64>,
+}
+
+impl Policy {
+    fn from_manifest(m: &Value, out_len: usize) -> Result<Policy, String> {
+        let p = match m.get("output_policy") {
+            None | Some(Value::Null) => {
+                return Ok(Policy {
+                    mode: Mode::Full,
+                    max_queries: None,
+                })
+            }
+            Some(p) if p.is_object() => p,
+            Some(_) => return Err("output_policy is not an object".into()),
+        };
+        let int = |key: &str| -> Result<Option<u64>, String> {
+            match p.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| format!("output_policy.{key} must be a non-negative integer")),
+            }
+        };
+        let mode = match p.get("mode").and_then(Value::as_str).unwrap_or("full") {
+            "full" => Mode::Full,
+            "top_k" => {
+                let k = int("k")?.ok_or("output_policy mode top_k needs an integer k")? as usize;
+                if k == 0 || k > out_len {
+                    return Err(format!("output_policy.k = {k} is outside 1..={out_len}"));
+                }
+                Mode::TopK(k)
+            }
+            "label" => Mode::Label,
+            "round" => {
+                let d = int("decimals")?.unwrap_or(2);
+                if d > 8 {
+                    return Err(format!("output_policy.decimals = {d} is outside 0..=8"));
+                }
+                Mode::Round(d as i32)
+            }
+            other => return Err(format!("unknown output_policy mode {other:?}")),
+        };
+        Ok(Policy {
+            mode,
+            max_queries: int("max_queries")?,
+        })
+    }
+
+    fn out_len(&self, full: usize) -> usize {
+        match self.mode {
+            Mode::Full | Mode::Round(_) => full,
+            Mode::TopK(k) => 2 * k,
+            Mode::Label => 1,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mut s = match self.mode {
+            Mode::Full => "full".to_string(),
+            Mode::TopK(k) => format!("top_k:{k}"),
+            Mode::Label => "label".to_string(),
+            Mode::Round(d) => format!("round:{d}"),
+        };
+        if let Some(q) = self.max_queries {
+            s.push_str(&format!(";max_queries:{q}"));
+        }
+        s
+    }
+
+    /// Apply to one sample: `full` is the raw output, `out` gets `out_len(full.len())`.
+    fn apply(&self, full: &[f32], out: &mut [f32], order: &mut Vec<usize>) {
+        match self.mode {
+            Mode::Full => out.copy_from_slice(full),
+            Mode::Round(d) => {
+                let s = 10f64.powi(d);
+                for (o, &x) in out.iter_mut().zip(full) {
+                    *o = ((x as f64 * s).round() / s) as f32;
+                }
+            }
+            Mode::Label => out[0] = argmax(full) as f32,
+            Mode::TopK(k) => {
+                order.clear();
+                order.extend(0..full.len());
+                // Descending by value, NaN last, ties by lower index (stable sort).
+                order.sort_by(|&a, &b| key(full[b]).total_cmp(&key(full[a])));
+                for i in 0..k {
+                    out[i] = order[i] as f32;
+                    out[k + i] = full[order[i]];
+                }
+            }
+        }
+    }
+}
+
+fn key(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if key(x) > key(v[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+// ---------------------------------------------------------------- handshake
+
+fn binary_sha256() -> [u8; 32] {
+    let mut h = Sha256::new();
+    if let Ok(bytes) = std::fs::read("/proc/self/exe") {
+        h.update(&bytes);
+    }
+    h.finalize().into()
+}
+
+fn backing_name(b: Backing) -> String {
+    b.as_str().to_string()
+}
+
+/// Placeholder evidence: a hash binding the nonce to this worker's key and binary.
+/// Unauthenticated (anyone can compute it); a TEE backend will put the same hash into
+/// the report data of a hardware quote.
+fn evidence_report(nonce: &[u8; 32], pubkey: &[u8; 32], bin: &[u8; 32]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"ennclave evidence v1\0");
+    h.update(nonce);
+    h.update(pubkey);
+    h.update(bin);
+    h.finalize().to_vec()
+}
+
+/// Product of the non-batch dims of the single tensor spec in `specs` (manifest).
+fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
+    let shape = m.get(part)?.get(which)?.as_array()?.first()?.get("shape")?.as_array()?;
+    shape
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+}
+
+struct Loaded {
+    exec: Executor,
+    policy: Policy,
+    in_len: usize,
+    out_len: usize,
+    secmem: String,
+}
+
+fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Loaded>, Fatal> {
+    let ek = EphemeralKey::generate();
+    let pubkey = ek.public_bytes();
+    let bin = binary_sha256();
+    let probe = SecretBuf::<u8>::new(1).map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
+    let secmem = backing_name(probe.backing());
+    drop(probe);
+    write_msg(
+        ctl,
+        &Msg::Hello {
+            version: PROTOCOL_VERSION,
+            pubkey,
+            binary_sha256: bin,
+            secmem: secmem.clone(),
+        },
+    )?;
+
+    let mut manifest: Option<(Value, Vec<u8>)> = None;
+    let mut sealed: Option<SecretBuf<u8>> = None;
+    let mut received: u64 = 0;
+    let mut key: Option<SecretBuf<u8>> = None;
+
+    loop {
+        let msg = match read_msg(ctl) {
+            Err(ProtoError::Closed) => return Ok(None),
+            r => r?,
+        };
+        match msg {
+            Msg::Challenge { nonce } => write_msg(
+                ctl,
+                &Msg::Evidence {
+                    nonce,
+                    kind: "none".into(),
+                    report: evidence_report(&nonce, &pubkey, &bin),
+                },
+            )?,
+            Msg::Manifest { bytes } => {
+                if manifest.is_some() {
+                    return Err(Fatal::new(code::PROTOCOL, "MANIFEST sent twice"));
+                }
+                manifest = Some(
+                    seal::canonical_manifest(&bytes)
+                        .map_err(|e| Fatal::new(code::MANIFEST, e.to_string()))?,
+                );
+            }
+            Msg::SealedBegin { total_len } => {
+                if sealed.is_some() {
+                    return Err(Fatal::new(code::PROTOCOL, "SEALED_BEGIN sent twice"));
+                }
+                if total_len < seal::MIN_SEALED_LEN as u64 || total_len > MAX_SEALED {
+                    return Err(Fatal::new(
+                        code::BAD_REQUEST,
+                        format!("sealed program size {total_len} is out of range"),
+                    ));
+                }
+                sealed = Some(
+                    SecretBuf::<u8>::new(total_len as usize)
+                        .map_err(|e| Fatal::new(code::INTERNAL, format!("cannot allocate secret memory: {e}")))?,
+                );
+            }
+            Msg::SealedChunk { len } => {
+                let buf = sealed
+                    .as_mut()
+                    .ok_or_else(|| Fatal::new(code::PROTOCOL, "SEALED_CHUNK before SEALED_BEGIN"))?;
+                let len = len as usize;
+                let start = received as usize;
+                if len == 0 || len > shm.len() || start + len > buf.len() {
+                    return Err(Fatal::new(code::BAD_REQUEST, "SEALED_CHUNK length out of range"));
+                }
+                shm.read_into(0, &mut buf[start..start + len])
+                    .map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
+                received += len as u64;
+                write_msg(ctl, &Msg::ChunkOk { received })?;
+            }
+            Msg::Key {
+                key_id,
+                enc,
+                wrapped,
+            } => {
+                let (m, _) = manifest
+                    .as_ref()
+                    .ok_or_else(|| Fatal::new(code::PROTOCOL, "KEY before MANIFEST"))?;
+                let want = m
+                    .get("private")
+                    .and_then(|p| p.get("key_id"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| Fatal::new(code::MANIFEST, "manifest has no private.key_id"))?;
+                if want != key_id {
+                    return Err(Fatal::new(
+                        code::KEY,
+                        format!("KEY is for key id {key_id:?} but the manifest names {want:?}"),
+                    ));
+                }
+                key = Some(
+                    ek.unwrap_data_key(&enc, &wrapped, &key_id)
+                        .map_err(|e| Fatal::new(code::KEY, e.to_string()))?,
+                );
+            }
+            Msg::Ping { nonce } => write_msg(
+                ctl,
+                &Msg::Pong {
+                    nonce,
+                    queries_used: 0,
+                },
+            )?,
+            Msg::Shutdown => {
+                write_msg(ctl, &Msg::Bye)?;
+                return Ok(None);
+            }
+            Msg::Infer { .. } => {
+                write_msg(
+                    ctl,
+                    &Msg::Error {
+                        code: code::PROTOCOL,
+                        fatal: false,
+                        message: "INFER before the program is loaded".into(),
+                    },
+                )?;
+            }
+            other => {
+                return Err(Fatal::new(
+                    code::PROTOCOL,
+                    format!("unexpected message type 0x{:02x} during the handshake", other.type_byte()),
+                ))
+            }
+        }
+        let complete = matches!(&sealed, Some(b) if received as usize == b.len());
+        if manifest.is_some() && complete && key.is_some() {
+            break;
+        }
+    }
+
+    // Everything is here: unseal, build, then lock down.
+    let (manifest, aad) = manifest.expect("checked above");
+    let mut sealed = sealed.expect("checked above");
+    let key = key.expect("checked above");
+    let range = seal::unseal_in_place(&mut sealed, &aad, &key).map_err(|e| match e {
+        seal::SealError::Authentication => Fatal::new(code::AUTHENTICATION, e.to_string()),
+        _ => Fatal::new(code::BAD_REQUEST, e.to_string()),
+    })?;
+    drop(key);
+    let program = Program::from_container(&sealed[range])
+        .map_err(|e| Fatal::new(code::PROGRAM, format!("the enclave program is invalid: {e}")))?;
+    drop(sealed); // zeroes the plaintext container
+    let secmem = backing_name(program.weights_backing());
+
+    let threads = if args.threads > 0 {
+        args.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    let mut exec = Executor::new(&program, args.max_batch, threads)
+        .map_err(|e| Fatal::new(code::PROGRAM, format!("cannot prepare the program: {e}")))?;
+    let in_len = exec.input_len_per_sample();
+    let out_len = exec.output_len_per_sample();
+    for (part, which, have) in [("private", "inputs", in_len), ("private", "outputs", out_len)] {
+        if let Some(want) = manifest_len(&manifest, part, which) {
+            if want != have {
+                return Err(Fatal::new(
+                    code::MANIFEST,
+                    format!("manifest {part}.{which} has {want} values per sample but the program has {have}"),
+                ));
+            }
+        }
+    }
+    let policy = Policy::from_manifest(&manifest, out_len).map_err(|e| Fatal::new(code::MANIFEST, e))?;
+
+    // Warm up once so the thread pool and the executor's lazy state exist before the
+    // filter goes on (the pool must not need open() for CPU counts afterwards).
+    let warm_in = vec![0f32; in_len];
+    let mut warm_out = vec![0f32; out_len];
+    exec.run(&warm_in, 1, &mut warm_out)
+        .map_err(|e| Fatal::new(code::PROGRAM, format!("the program failed on a warm-up run: {e}")))?;
+    drop(program);
+    let _ = &mut exec;
+
+    sandbox::install_seccomp().map_err(|e| Fatal::new(code::SANDBOX, e.to_string()))?;
+    Ok(Some(Loaded {
+        exec,
+        policy,
+        in_len,
+        out_len,
+        secmem,
+    }))
+}
+
+// ---------------------------------------------------------------- serving
+
+fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<(), Fatal> {
+    let pout = l.policy.out_len(l.out_len);
+    let per_sample = (l.in_len + pout) * 4;
+    let fit = shm.len().saturating_sub(64) / per_sample.max(1);
+    let max_batch = args.max_batch.min(fit);
+    if max_batch == 0 {
+        return Err(Fatal::new(
+            code::BAD_REQUEST,
+            format!(
+                "the shared-memory region ({} bytes) cannot hold one sample ({per_sample} bytes)",
+                shm.len()
+            ),
+        ));
+    }
+    let in_offset = 0usize;
+    let out_offset = (max_batch * l.in_len * 4).div_ceil(64) * 64;
+    let mut inbuf = vec![0f32; max_batch * l.in_len];
+    let mut outbuf = vec![0f32; max_batch * l.out_len];
+    let mut polbuf = vec![0f32; max_batch * pout];
+    let mut order = Vec::with_capacity(l.out_len);
+    let mut used: u64 = 0;
+
+    write_msg(
+        ctl,
+        &Msg::Ready {
+            max_batch: max_batch as u32,
+            in_len: l.in_len as u32,
+            out_len: pout as u32,
+            in_offset: in_offset as u64,
+            out_offset: out_offset as u64,
+            secmem: l.secmem.clone(),
+            policy: l.policy.describe(),
+        },
+    )?;
+
+    let err = |ctl: &mut UnixStream, code: u16, message: String| {
+        write_msg(
+            ctl,
+            &Msg::Error {
+                code,
+                fatal: false,
+                message,
+            },
+        )
+    };
+
+    loop {
+        let msg = match read_msg(ctl) {
+            Err(ProtoError::Closed) => return Ok(()),
+            r => r?,
+        };
+        match msg {
+            Msg::Infer { batch, flags } => {
+                let b = batch as usize;
+                if b == 0 || b > max_batch {
+                    err(ctl, code::BAD_INPUT_SIZE, format!("batch of {b} samples is outside 1..={max_batch}"))?;
+                    continue;
+                }
+                if let Some(maxq) = l.policy.max_queries {
+                    if used.saturating_add(b as u64) > maxq {
+                        err(
+                            ctl,
+                            code::BUDGET_EXHAUSTED,
+                            format!("the bundle's query budget of {maxq} samples is exhausted ({used} used)"),
+                        )?;
+                        continue;
+                    }
+                }
+                let input = &mut inbuf[..b * l.in_len];
+                if let Err(e) = shm.read_f32(in_offset, input) {
+                    err(ctl, code::INTERNAL, e.to_string())?;
+                    continue;
+                }
+                if flags & INFER_ALLOW_NONFINITE == 0 {
+                    if let Some(i) = input.iter().position(|x| !x.is_finite()) {
+                        err(
+                            ctl,
+                            code::NONFINITE_INPUT,
+                            format!(
+                                "input sample {} contains NaN or infinity at position {}",
+                                i / l.in_len,
+                                i % l.in_len
+                            ),
+                        )?;
+                        continue;
+                    }
+                }
+                let output = &mut outbuf[..b * l.out_len];
+                if let Err(e) = l.exec.run(input, b, output) {
+                    err(ctl, code::INTERNAL, format!("inference failed: {e}"))?;
+                    continue;
+                }
+                let pol = &mut polbuf[..b * pout];
+                for s in 0..b {
+                    l.policy.apply(
+                        &output[s * l.out_len..(s + 1) * l.out_len],
+                        &mut pol[s * pout..(s + 1) * pout],
+                        &mut order,
+                    );
+                }
+                if let Err(e) = shm.write_f32(out_offset, pol) {
+                    err(ctl, code::INTERNAL, e.to_string())?;
+                    continue;
+                }
+                used += b as u64;
+                let queries_left = l.policy.max_queries.map_or(u64::MAX, |m| m - used);
+                write_msg(
+                    ctl,
+                    &Msg::Result {
+                        batch,
+                        out_len: pout as u32,
+                        queries_left,
+                    },
+                )?;
+            }
+            Msg::Ping { nonce } => write_msg(
+                ctl,
+                &Msg::Pong {
+                    nonce,
+                    queries_used: used,
+                },
+            )?,
+            Msg::Shutdown => {
+                write_msg(ctl, &Msg::Bye)?;
+                return Ok(());
+            }
+            other => err(
+                ctl,
+                code::PROTOCOL,
+                format!("unexpected message type 0x{:02x} after READY", other.type_byte()),
+            )?,
+        }
+    }
+}
+
+fn fd_is(fd: i32, kind: libc::mode_t) -> bool {
+    // SAFETY: fstat into a zeroed local struct; an invalid fd yields EBADF.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd, &mut st) } == 0) && (st.st_mode & libc::S_IFMT) == kind
+}
+
+fn main() -> ExitCode {
+    if let Err(e) = sandbox::harden_process() {
+        eprintln!("ennclave-enclave: cannot harden the process: {e}");
+        return ExitCode::from(3);
+    }
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(m) => {
+            eprintln!("{m}");
+            return ExitCode::from(2);
+        }
+    };
+    if !fd_is(args.ctl_fd, libc::S_IFSOCK) {
+        eprintln!("ennclave-enclave: --ctl-fd {} is not an open socket", args.ctl_fd);
+        return ExitCode::from(2);
+    }
+    // SAFETY: the fd was checked to be an open socket; it was handed to us by the host
+    // for this purpose and nothing else in this process owns it.
+    let mut ctl = unsafe { UnixStream::from_raw_fd(args.ctl_fd) };
+    let shm = match Shm::map_fd(args.shm_fd) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ennclave-enclave: cannot map the shared-memory fd {}: {e}", args.shm_fd);
+            return ExitCode::from(2);
+        }
+    };
+    let result = handshake(&mut ctl, &shm, &args).and_then(|l| match l {
+        Some(l) => serve(&mut ctl, &shm, &args, l),
+        None => Ok(()),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fatal(code, message)) => {
+            let _ = write_msg(
+                &mut ctl,
+                &Msg::Error {
+                    code,
+                    fatal: true,
+                    message: message.clone(),
+                },
+            );
+            eprintln!("ennclave-enclave: {message}");
+            let _: io::Result<()> = Ok(());
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pol(j: &str, n: usize) -> Result<Policy, String> {
+        Policy::from_manifest(&serde_json::from_str(j).unwrap(), n)
+    }
+
+    #[test]
+    fn policies() {
+        let full = [0.1f32, 0.7, 0.2, 0.7];
+        let mut order = vec![];
+        let p = pol(r#"{"output_policy":{"mode":"top_k","k":2,"max_queries":5}}"#, 4).unwrap();
+        assert_eq!(p.max_queries, Some(5));
+        let mut out = [0f32; 4];
+        p.apply(&full, &mut out, &mut order);
+        assert_eq!(out, [1.0, 3.0, 0.7, 0.7]);
+        let p = pol(r#"{"output_policy":{"mode":"label"}}"#, 4).unwrap();
+        let mut out = [0f32; 1];
+        p.apply(&full, &mut out, &mut order);
+        assert_eq!(out, [1.0]);
+        let p = pol(r#"{"output_policy":{"mode":"round","decimals":0}}"#, 4).unwrap();
+        let mut out = [0f32; 4];
+        p.apply(&[0.4, 0.6, -1.5, 2.49], &mut out, &mut order);
+        assert_eq!(out, [0.0, 1.0, -2.0, 2.0]);
+        assert!(pol(r#"{}"#, 4).unwrap().mode == Mode::Full);
+        assert!(pol(r#"{"output_policy":{"mode":"top_k","k":5}}"#, 4).is_err());
+        assert!(pol(r#"{"output_policy":{"mode":"nope"}}"#, 4).is_err());
+        assert!(pol(r#"{"output_policy":{"mode":"full","max_queries":-1}}"#, 4).is_err());
+    }
+
+    #[test]
+    fn argmax_nan_last() {
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0]), 2);
+    }
+}

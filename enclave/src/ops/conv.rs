@@ -1,0 +1,342 @@
+//! Convolution (im2col + gemm, direct depthwise) and window pooling.
+//!
+//! 1-D ops are run as 2-D ones with height 1. Geometry is validated by `program`.
+
+use super::{par_for, parallelism, Act, SendPtr};
+
+/// Per-sample 2-D window geometry (input `[h, w, c]`, output `[oh, ow, ·]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Geom {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    /// Padding before the first row / column (the end padding only matters for the
+    /// output size, which is already in `oh`/`ow`).
+    pub pt: usize,
+    pub pl: usize,
+}
+
+impl Geom {
+    /// Input row index for output row `o` and kernel row `k`, if not in the padding.
+    #[inline]
+    fn in_row(&self, o: usize, k: usize) -> Option<usize> {
+        (o * self.sh + k * self.dh).checked_sub(self.pt).filter(|&i| i < self.h)
+    }
+    #[inline]
+    fn in_col(&self, o: usize, k: usize) -> Option<usize> {
+        (o * self.sw + k * self.dw).checked_sub(self.pl).filter(|&i| i < self.w)
+    }
+    pub fn in_len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvParams {
+    pub g: Geom,
+    pub cout: usize,
+    pub groups: usize,
+    pub act: Act,
+}
+
+/// Target size of the im2col scratch buffer, in floats.
+const SCRATCH_TARGET: usize = 1 << 21;
+
+impl ConvParams {
+    fn k_len(&self) -> usize {
+        self.g.kh * self.g.kw * (self.g.c / self.groups)
+    }
+    pub fn is_depthwise(&self) -> bool {
+        self.groups == self.g.c && self.groups > 1
+    }
+    pub fn is_pointwise(&self) -> bool {
+        let g = &self.g;
+        g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.oh == g.h && g.ow == g.w
+    }
+    /// Rows of the im2col matrix per chunk for a batch of `batch`.
+    fn chunk_rows(&self, batch: usize) -> usize {
+        let rows = batch * self.g.oh * self.g.ow;
+        (SCRATCH_TARGET / self.k_len().max(1)).clamp(1, rows.max(1))
+    }
+    /// Scratch floats needed for batches up to `max_batch`.
+    pub fn scratch_len(&self, max_batch: usize) -> usize {
+        if self.is_depthwise() || self.is_pointwise() {
+            0
+        } else {
+            self.chunk_rows(max_batch) * self.k_len()
+        }
+    }
+}
+
+/// `y[batch, oh, ow, cout] = conv(x[batch, h, w, c], kernel[kh, kw, c/groups, cout]) + bias`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv(
+    x: &[f32],
+    kernel: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    batch: usize,
+    p: &ConvParams,
+    scratch: &mut [f32],
+    threads: usize,
+) {
+    let g = &p.g;
+    let cout = p.cout;
+    let rows = batch * g.oh * g.ow;
+    let cing = g.c / p.groups;
+    let coutg = cout / p.groups;
+    assert!(x.len() >= batch * g.in_len() && y.len() >= rows * cout);
+    assert!(kernel.len() >= g.kh * g.kw * cing * cout && bias.is_none_or(|b| b.len() >= cout));
+    let y = &mut y[..rows * cout];
+    match bias {
+        Some(b) => y.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(&b[..cout])),
+        None => y.fill(0.0),
+    }
+    if p.is_depthwise() {
+        depthwise(x, kernel, y, batch, p, threads);
+    } else if p.is_pointwise() {
+        for gi in 0..p.groups {
+            // SAFETY: x is rows×c, kernel c/groups × cout and y rows×cout (asserted
+            // above); the group's column offsets stay within a row; y is a distinct
+            // &mut borrow so it does not alias x or kernel.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    coutg,
+                    cing,
+                    y.as_mut_ptr().add(gi * coutg),
+                    1,
+                    cout as isize,
+                    true,
+                    x.as_ptr().add(gi * cing),
+                    1,
+                    g.c as isize,
+                    kernel.as_ptr().add(gi * coutg),
+                    1,
+                    cout as isize,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    parallelism(threads),
+                )
+            }
+        }
+    } else {
+        let kl = p.k_len();
+        let chunk = p.chunk_rows(batch);
+        assert!(scratch.len() >= chunk * kl);
+        for gi in 0..p.groups {
+            let mut r0 = 0;
+            while r0 < rows {
+                let nr = chunk.min(rows - r0);
+                let cols = &mut scratch[..nr * kl];
+                im2col(x, cols, r0, gi * cing, cing, g, threads);
+                // SAFETY: cols is nr×kl; the kernel group block is kl×coutg with row
+                // stride cout inside kernel (asserted length); y rows r0..r0+nr and
+                // the group's columns lie inside y; no aliasing between the three.
+                unsafe {
+                    gemm::gemm(
+                        nr,
+                        coutg,
+                        kl,
+                        y.as_mut_ptr().add(r0 * cout + gi * coutg),
+                        1,
+                        cout as isize,
+                        true,
+                        cols.as_ptr(),
+                        1,
+                        kl as isize,
+                        kernel.as_ptr().add(gi * coutg),
+                        1,
+                        cout as isize,
+                        1.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        parallelism(threads),
+                    )
+                }
+                r0 += nr;
+            }
+        }
+    }
+    p.act.apply(y);
+}
+
+/// Fill `cols` (rows r0.. of the im2col matrix, `kh*kw*cing` wide) for channels
+/// `c0..c0+cing`.
+fn im2col(x: &[f32], cols: &mut [f32], r0: usize, c0: usize, cing: usize, g: &Geom, threads: usize) {
+    let kl = g.kh * g.kw * cing;
+    let fill = |ri: usize, row: &mut [f32]| {
+        let r = r0 + ri;
+        let ow = r % g.ow;
+        let oh = (r / g.ow) % g.oh;
+        let n = r / (g.ow * g.oh);
+        let xs = &x[n * g.in_len()..][..g.in_len()];
+        for ki in 0..g.kh {
+            let ih = g.in_row(oh, ki);
+            for kj in 0..g.kw {
+                let dst = &mut row[(ki * g.kw + kj) * cing..][..cing];
+                match (ih, g.in_col(ow, kj)) {
+                    (Some(ih), Some(iw)) => {
+                        dst.copy_from_slice(&xs[(ih * g.w + iw) * g.c + c0..][..cing])
+                    }
+                    _ => dst.fill(0.0),
+                }
+            }
+        }
+    };
+    let nrows = cols.len() / kl;
+    if threads <= 1 || nrows < 64 {
+        for (ri, row) in cols.chunks_exact_mut(kl).enumerate() {
+            fill(ri, row);
+        }
+        return;
+    }
+    let parts = threads.min(nrows);
+    let per = nrows.div_ceil(parts);
+    let cp = SendPtr(cols.as_mut_ptr());
+    par_for(parts, &|t| {
+        let cp = cp;
+        let a = (t * per).min(nrows);
+        let b = ((t + 1) * per).min(nrows);
+        // SAFETY: rows a..b of cols (nrows×kl elements) belong to this task only;
+        // tasks finish before the &mut borrow of cols ends.
+        let mine = unsafe { std::slice::from_raw_parts_mut(cp.0.add(a * kl), (b - a) * kl) };
+        for (i, row) in mine.chunks_exact_mut(kl).enumerate() {
+            fill(a + i, row);
+        }
+    });
+}
+
+/// Depthwise conv (groups == c): output channel `o` reads input channel `o / mult`.
+fn depthwise(x: &[f32], kernel: &[f32], y: &mut [f32], batch: usize, p: &ConvParams, threads: usize) {
+    let g = &p.g;
+    let cout = p.cout;
+    let mult = cout / g.c;
+    let out_rows = batch * g.oh;
+    let row_len = g.ow * cout;
+    let one_row = |r: usize, yrow: &mut [f32]| {
+        let n = r / g.oh;
+        let oh = r % g.oh;
+        let xs = &x[n * g.in_len()..][..g.in_len()];
+        for ki in 0..g.kh {
+            let Some(ih) = g.in_row(oh, ki) else { continue };
+            for ow in 0..g.ow {
+                let out = &mut yrow[ow * cout..][..cout];
+                for kj in 0..g.kw {
+                    let Some(iw) = g.in_col(ow, kj) else { continue };
+                    let xin = &xs[(ih * g.w + iw) * g.c..][..g.c];
+                    let kv = &kernel[(ki * g.kw + kj) * cout..][..cout];
+                    if mult == 1 {
+                        for ((o, &a), &b) in out.iter_mut().zip(xin).zip(kv) {
+                            *o += a * b;
+                        }
+                    } else {
+                        for (o, (ov, &kk)) in out.iter_mut().zip(kv).enumerate() {
+                            *ov += xin[o / mult] * kk;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if threads <= 1 || out_rows < 2 {
+        for (r, yrow) in y.chunks_exact_mut(row_len).enumerate() {
+            one_row(r, yrow);
+        }
+        return;
+    }
+    let parts = threads.min(out_rows);
+    let per = out_rows.div_ceil(parts);
+    let yp = SendPtr(y.as_mut_ptr());
+    par_for(parts, &|t| {
+        let yp = yp;
+        let a = (t * per).min(out_rows);
+        let b = ((t + 1) * per).min(out_rows);
+        // SAFETY: output rows a..b (of out_rows×row_len == y.len()) belong to this
+        // task only; tasks finish before the &mut borrow of y ends.
+        let mine = unsafe { std::slice::from_raw_parts_mut(yp.0.add(a * row_len), (b - a) * row_len) };
+        for (i, yrow) in mine.chunks_exact_mut(row_len).enumerate() {
+            one_row(a + i, yrow);
+        }
+    });
+}
+
+/// Window pooling: `y[batch, oh, ow, c]`.
+pub fn pool(x: &[f32], y: &mut [f32], batch: usize, g: &Geom, max: bool, count_include_pad: bool) {
+    let c = g.c;
+    assert!(x.len() >= batch * g.in_len() && y.len() >= batch * g.oh * g.ow * c);
+    for n in 0..batch {
+        let xs = &x[n * g.in_len()..][..g.in_len()];
+        for oh in 0..g.oh {
+            for ow in 0..g.ow {
+                let out = &mut y[((n * g.oh + oh) * g.ow + ow) * c..][..c];
+                out.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+                let mut count = 0usize;
+                for ki in 0..g.kh {
+                    let Some(ih) = g.in_row(oh, ki) else { continue };
+                    for kj in 0..g.kw {
+                        let Some(iw) = g.in_col(ow, kj) else { continue };
+                        count += 1;
+                        let xin = &xs[(ih * g.w + iw) * c..][..c];
+                        if max {
+                            for (o, &v) in out.iter_mut().zip(xin) {
+                                // NaN propagates like numpy's max
+                                if v > *o || v.is_nan() {
+                                    *o = v;
+                                }
+                            }
+                        } else {
+                            for (o, &v) in out.iter_mut().zip(xin) {
+                                *o += v;
+                            }
+                        }
+                    }
+                }
+                if !max {
+                    let d = if count_include_pad { g.kh * g.kw } else { count };
+                    let r = 1.0 / d as f32;
+                    out.iter_mut().for_each(|o| *o *= r);
+                }
+            }
+        }
+    }
+}
+
+/// Reduce `[batch, s, c]` over `s`.
+pub fn global_pool(x: &[f32], y: &mut [f32], batch: usize, s: usize, c: usize, max: bool) {
+    assert!(x.len() >= batch * s * c && y.len() >= batch * c);
+    for n in 0..batch {
+        let out = &mut y[n * c..][..c];
+        out.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+        for row in x[n * s * c..][..s * c].chunks_exact(c) {
+            if max {
+                for (o, &v) in out.iter_mut().zip(row) {
+                    if v > *o || v.is_nan() {
+                        *o = v;
+                    }
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        }
+        if !max {
+            let r = 1.0 / s as f32;
+            out.iter_mut().for_each(|o| *o *= r);
+        }
+    }
+}

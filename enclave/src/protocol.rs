@@ -1,0 +1,703 @@
+//! Host ⇄ worker protocol (docs/worker-protocol.md).
+//!
+//! Control frames travel over an inherited `AF_UNIX` stream socket:
+//!
+//! ```text
+//! u32 LE  length L of what follows (1 ..= MAX_FRAME)
+//! u8      message type
+//! L-1     payload (fields little-endian; bytes/strings as u32 LE length + data)
+//! ```
+//!
+//! Tensors and the sealed program never go through the socket: they go through a
+//! shared-memory region (a memfd created by the host and inherited by the worker),
+//! see [`Shm`]. The decoder never panics on any input (fuzzed with proptest).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Upper bound on one control frame (type byte + payload). Manifests are the largest.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Error codes carried by [`Msg::Error`].
+pub mod code {
+    pub const BAD_REQUEST: u16 = 1;
+    pub const BAD_INPUT_SIZE: u16 = 2;
+    pub const NONFINITE_INPUT: u16 = 3;
+    pub const BUDGET_EXHAUSTED: u16 = 4;
+    pub const AUTHENTICATION: u16 = 5;
+    pub const KEY: u16 = 6;
+    pub const PROGRAM: u16 = 7;
+    pub const PROTOCOL: u16 = 8;
+    pub const INTERNAL: u16 = 9;
+    pub const MANIFEST: u16 = 10;
+    pub const SANDBOX: u16 = 11;
+}
+
+/// INFER flag: the caller allows NaN / ±Inf in the input.
+pub const INFER_ALLOW_NONFINITE: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    // worker → host
+    Hello {
+        version: u32,
+        pubkey: [u8; 32],
+        binary_sha256: [u8; 32],
+        secmem: String,
+    },
+    Evidence {
+        nonce: [u8; 32],
+        kind: String,
+        report: Vec<u8>,
+    },
+    ChunkOk {
+        received: u64,
+    },
+    Ready {
+        max_batch: u32,
+        in_len: u32,
+        out_len: u32,
+        in_offset: u64,
+        out_offset: u64,
+        secmem: String,
+        policy: String,
+    },
+    Result {
+        batch: u32,
+        out_len: u32,
+        queries_left: u64,
+    },
+    Pong {
+        nonce: u64,
+        queries_used: u64,
+    },
+    Bye,
+    Error {
+        code: u16,
+        fatal: bool,
+        message: String,
+    },
+    // host → worker
+    Challenge {
+        nonce: [u8; 32],
+    },
+    Manifest {
+        bytes: Vec<u8>,
+    },
+    SealedBegin {
+        total_len: u64,
+    },
+    SealedChunk {
+        len: u32,
+    },
+    Key {
+        key_id: String,
+        enc: [u8; 32],
+        wrapped: Vec<u8>,
+    },
+    Infer {
+        batch: u32,
+        flags: u32,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Shutdown,
+}
+
+pub mod ty {
+    pub const HELLO: u8 = 0x01;
+    pub const CHALLENGE: u8 = 0x02;
+    pub const EVIDENCE: u8 = 0x03;
+    pub const MANIFEST: u8 = 0x10;
+    pub const SEALED_BEGIN: u8 = 0x11;
+    pub const SEALED_CHUNK: u8 = 0x12;
+    pub const CHUNK_OK: u8 = 0x13;
+    pub const KEY: u8 = 0x14;
+    pub const READY: u8 = 0x15;
+    pub const INFER: u8 = 0x20;
+    pub const RESULT: u8 = 0x21;
+    pub const PING: u8 = 0x22;
+    pub const PONG: u8 = 0x23;
+    pub const SHUTDOWN: u8 = 0x2E;
+    pub const BYE: u8 = 0x2F;
+    pub const ERROR: u8 = 0x7F;
+}
+
+#[derive(Debug)]
+pub enum ProtoError {
+    Io(io::Error),
+    /// Peer closed the connection at a frame boundary.
+    Closed,
+    Malformed(String),
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtoError::Io(e) => write!(f, "control channel I/O error: {e}"),
+            ProtoError::Closed => write!(f, "control channel closed by the peer"),
+            ProtoError::Malformed(m) => write!(f, "malformed frame: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {}
+
+impl From<io::Error> for ProtoError {
+    fn from(e: io::Error) -> Self {
+        ProtoError::Io(e)
+    }
+}
+
+fn bad<T>(m: &str) -> Result<T, ProtoError> {
+    Err(ProtoError::Malformed(m.to_string()))
+}
+
+struct Cur<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Cur<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if n > self.b.len() {
+            return bad("payload too short");
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn arr32(&mut self) -> Result<[u8; 32], ProtoError> {
+        let mut a = [0u8; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, ProtoError> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn string(&mut self) -> Result<String, ProtoError> {
+        String::from_utf8(self.bytes()?).or_else(|_| bad("string is not UTF-8"))
+    }
+    fn bool(&mut self) -> Result<bool, ProtoError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => bad("bool is not 0 or 1"),
+        }
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            bad("trailing bytes after payload")
+        }
+    }
+}
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn raw(&mut self, v: &[u8]) {
+        self.0.extend_from_slice(v);
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.raw(v);
+    }
+}
+
+impl Msg {
+    pub fn type_byte(&self) -> u8 {
+        match self {
+            Msg::Hello { .. } => ty::HELLO,
+            Msg::Challenge { .. } => ty::CHALLENGE,
+            Msg::Evidence { .. } => ty::EVIDENCE,
+            Msg::Manifest { .. } => ty::MANIFEST,
+            Msg::SealedBegin { .. } => ty::SEALED_BEGIN,
+            Msg::SealedChunk { .. } => ty::SEALED_CHUNK,
+            Msg::ChunkOk { .. } => ty::CHUNK_OK,
+            Msg::Key { .. } => ty::KEY,
+            Msg::Ready { .. } => ty::READY,
+            Msg::Infer { .. } => ty::INFER,
+            Msg::Result { .. } => ty::RESULT,
+            Msg::Ping { .. } => ty::PING,
+            Msg::Pong { .. } => ty::PONG,
+            Msg::Shutdown => ty::SHUTDOWN,
+            Msg::Bye => ty::BYE,
+            Msg::Error { .. } => ty::ERROR,
+        }
+    }
+
+    /// Encode to a complete frame (length prefix included).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc(vec![0, 0, 0, 0, self.type_byte()]);
+        match self {
+            Msg::Hello {
+                version,
+                pubkey,
+                binary_sha256,
+                secmem,
+            } => {
+                e.u32(*version);
+                e.raw(pubkey);
+                e.raw(binary_sha256);
+                e.bytes(secmem.as_bytes());
+            }
+            Msg::Challenge { nonce } => e.raw(nonce),
+            Msg::Evidence {
+                nonce,
+                kind,
+                report,
+            } => {
+                e.raw(nonce);
+                e.bytes(kind.as_bytes());
+                e.bytes(report);
+            }
+            Msg::Manifest { bytes } => e.bytes(bytes),
+            Msg::SealedBegin { total_len } => e.u64(*total_len),
+            Msg::SealedChunk { len } => e.u32(*len),
+            Msg::ChunkOk { received } => e.u64(*received),
+            Msg::Key {
+                key_id,
+                enc,
+                wrapped,
+            } => {
+                e.bytes(key_id.as_bytes());
+                e.raw(enc);
+                e.bytes(wrapped);
+            }
+            Msg::Ready {
+                max_batch,
+                in_len,
+                out_len,
+                in_offset,
+                out_offset,
+                secmem,
+                policy,
+            } => {
+                e.u32(*max_batch);
+                e.u32(*in_len);
+                e.u32(*out_len);
+                e.u64(*in_offset);
+                e.u64(*out_offset);
+                e.bytes(secmem.as_bytes());
+                e.bytes(policy.as_bytes());
+            }
+            Msg::Infer { batch, flags } => {
+                e.u32(*batch);
+                e.u32(*flags);
+            }
+            Msg::Result {
+                batch,
+                out_len,
+                queries_left,
+            } => {
+                e.u32(*batch);
+                e.u32(*out_len);
+                e.u64(*queries_left);
+            }
+            Msg::Ping { nonce } => e.u64(*nonce),
+            Msg::Pong {
+                nonce,
+                queries_used,
+            } => {
+                e.u64(*nonce);
+                e.u64(*queries_used);
+            }
+            Msg::Shutdown | Msg::Bye => {}
+            Msg::Error {
+                code,
+                fatal,
+                message,
+            } => {
+                e.u16(*code);
+                e.u8(*fatal as u8);
+                e.bytes(message.as_bytes());
+            }
+        }
+        let len = (e.0.len() - 4) as u32;
+        e.0[..4].copy_from_slice(&len.to_le_bytes());
+        e.0
+    }
+
+    /// Decode a frame body (type byte + payload, without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Msg, ProtoError> {
+        let (&t, payload) = match body.split_first() {
+            Some(x) => x,
+            None => return bad("empty frame"),
+        };
+        let mut c = Cur { b: payload };
+        let m = match t {
+            ty::HELLO => Msg::Hello {
+                version: c.u32()?,
+                pubkey: c.arr32()?,
+                binary_sha256: c.arr32()?,
+                secmem: c.string()?,
+            },
+            ty::CHALLENGE => Msg::Challenge { nonce: c.arr32()? },
+            ty::EVIDENCE => Msg::Evidence {
+                nonce: c.arr32()?,
+                kind: c.string()?,
+                report: c.bytes()?,
+            },
+            ty::MANIFEST => Msg::Manifest { bytes: c.bytes()? },
+            ty::SEALED_BEGIN => Msg::SealedBegin {
+                total_len: c.u64()?,
+            },
+            ty::SEALED_CHUNK => Msg::SealedChunk { len: c.u32()? },
+            ty::CHUNK_OK => Msg::ChunkOk {
+                received: c.u64()?,
+            },
+            ty::KEY => Msg::Key {
+                key_id: c.string()?,
+                enc: c.arr32()?,
+                wrapped: c.bytes()?,
+            },
+            ty::READY => Msg::Ready {
+                max_batch: c.u32()?,
+                in_len: c.u32()?,
+                out_len: c.u32()?,
+                in_offset: c.u64()?,
+                out_offset: c.u64()?,
+                secmem: c.string()?,
+                policy: c.string()?,
+            },
+            ty::INFER => Msg::Infer {
+                batch: c.u32()?,
+                flags: c.u32()?,
+            },
+            ty::RESULT => Msg::Result {
+                batch: c.u32()?,
+                out_len: c.u32()?,
+                queries_left: c.u64()?,
+            },
+            ty::PING => Msg::Ping { nonce: c.u64()? },
+            ty::PONG => Msg::Pong {
+                nonce: c.u64()?,
+                queries_used: c.u64()?,
+            },
+            ty::SHUTDOWN => Msg::Shutdown,
+            ty::BYE => Msg::Bye,
+            ty::ERROR => Msg::Error {
+                code: c.u16()?,
+                fatal: c.bool()?,
+                message: c.string()?,
+            },
+            _ => return Err(ProtoError::Malformed(format!("unknown message type 0x{t:02x}"))),
+        };
+        c.end()?;
+        Ok(m)
+    }
+}
+
+/// Parse one frame from the front of `buf`. Returns the message and the number of
+/// bytes consumed, or `Ok(None)` if `buf` does not yet hold a whole frame.
+pub fn parse_frame(buf: &[u8]) -> Result<Option<(Msg, usize)>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(ProtoError::Malformed(format!("frame length {len} out of range")));
+    }
+    if buf.len() - 4 < len {
+        return Ok(None);
+    }
+    Ok(Some((Msg::decode(&buf[4..4 + len])?, 4 + len)))
+}
+
+/// Read one frame (blocking).
+pub fn read_msg<R: Read>(r: &mut R) -> Result<Msg, ProtoError> {
+    let mut hdr = [0u8; 4];
+    // Distinguish a clean close (EOF before any byte) from a torn frame.
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut hdr[got..]) {
+            Ok(0) if got == 0 => return Err(ProtoError::Closed),
+            Ok(0) => return bad("connection closed inside a frame header"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes(hdr) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(ProtoError::Malformed(format!("frame length {len} out of range")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Msg::decode(&body)
+}
+
+pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> Result<(), ProtoError> {
+    let f = m.encode();
+    if f.len() - 4 > MAX_FRAME {
+        return bad("frame too large to send");
+    }
+    w.write_all(&f)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// The shared-memory region (a host-created memfd, mapped `MAP_SHARED` by both).
+///
+/// The host can write to it at any time, so the worker never hands out references
+/// into it: data is copied in and out through bounds-checked raw copies, and inputs
+/// are validated only after they have been copied into private memory (no
+/// check-then-use races).
+pub struct Shm {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: Shm only ever accesses the mapping through bounds-checked byte copies.
+unsafe impl Send for Shm {}
+
+impl Shm {
+    /// Map the whole memfd `fd` (its size from fstat). Takes ownership of `fd`.
+    pub fn map_fd(fd: libc::c_int) -> io::Result<Shm> {
+        // SAFETY: fstat writes into the zeroed struct we pass; fd validity is checked
+        // by the kernel (EBADF).
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if (st.st_mode & libc::S_IFMT) != libc::S_IFREG || st.st_size <= 0 {
+            return Err(io::Error::other("shared-memory fd is not a non-empty regular file"));
+        }
+        let len = st.st_size as usize;
+        // SAFETY: new shared mapping of a file we hold; the kernel picks the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        // SAFETY: the mapping keeps the file alive; closing our fd is harmless.
+        unsafe { libc::close(fd) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Shm {
+            ptr: ptr as *mut u8,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, offset: usize, n: usize) -> io::Result<()> {
+        match offset.checked_add(n) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::other("access outside the shared-memory region")),
+        }
+    }
+
+    /// Copy `dst.len()` bytes from the region at `offset` into private memory.
+    pub fn read_into(&self, offset: usize, dst: &mut [u8]) -> io::Result<()> {
+        self.check(offset, dst.len())?;
+        // SAFETY: bounds checked above; dst is private memory that cannot overlap the
+        // mapping. Concurrent host writes can only change the bytes we copy, which is
+        // why callers validate the copy, never the region.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copy f32 values out of the region (native = little-endian layout).
+    pub fn read_f32(&self, offset: usize, dst: &mut [f32]) -> io::Result<()> {
+        let n = std::mem::size_of_val(dst);
+        self.check(offset, n)?;
+        // SAFETY: as in read_into; any bit pattern is a valid f32.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.add(offset), dst.as_mut_ptr() as *mut u8, n)
+        };
+        Ok(())
+    }
+
+    pub fn write_f32(&self, offset: usize, src: &[f32]) -> io::Result<()> {
+        let n = std::mem::size_of_val(src);
+        self.check(offset, n)?;
+        // SAFETY: bounds checked; src is private memory, disjoint from the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, self.ptr.add(offset), n) };
+        Ok(())
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in map_fd.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Msg> {
+        vec![
+            Msg::Hello {
+                version: 1,
+                pubkey: [1; 32],
+                binary_sha256: [2; 32],
+                secmem: "memfd_secret".into(),
+            },
+            Msg::Challenge { nonce: [3; 32] },
+            Msg::Evidence {
+                nonce: [3; 32],
+                kind: "none".into(),
+                report: vec![1, 2, 3],
+            },
+            Msg::Manifest {
+                bytes: b"{}".to_vec(),
+            },
+            Msg::SealedBegin { total_len: 1 << 40 },
+            Msg::SealedChunk { len: 4096 },
+            Msg::ChunkOk { received: 4096 },
+            Msg::Key {
+                key_id: "k".into(),
+                enc: [4; 32],
+                wrapped: vec![5; 48],
+            },
+            Msg::Ready {
+                max_batch: 64,
+                in_len: 512,
+                out_len: 10,
+                in_offset: 0,
+                out_offset: 131072,
+                secmem: "mlock".into(),
+                policy: "full".into(),
+            },
+            Msg::Infer { batch: 3, flags: 1 },
+            Msg::Result {
+                batch: 3,
+                out_len: 10,
+                queries_left: u64::MAX,
+            },
+            Msg::Ping { nonce: 9 },
+            Msg::Pong {
+                nonce: 9,
+                queries_used: 4,
+            },
+            Msg::Shutdown,
+            Msg::Bye,
+            Msg::Error {
+                code: code::BAD_INPUT_SIZE,
+                fatal: false,
+                message: "é".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_all() {
+        for m in samples() {
+            let f = m.encode();
+            let (d, n) = parse_frame(&f).unwrap().unwrap();
+            assert_eq!(d, m);
+            assert_eq!(n, f.len());
+            let mut r = &f[..];
+            assert_eq!(read_msg(&mut r).unwrap(), m);
+            // Every strict prefix is incomplete, never an error or a panic.
+            for cut in 0..f.len() {
+                assert!(matches!(parse_frame(&f[..cut]), Ok(None)));
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert!(parse_frame(&[0, 0, 0, 0]).is_err());
+        assert!(parse_frame(&[0xff, 0xff, 0xff, 0x7f, 1]).is_err());
+        assert!(parse_frame(&[1, 0, 0, 0, 0xEE]).is_err());
+        // trailing bytes
+        let mut f = Msg::Ping { nonce: 1 }.encode();
+        f.push(0);
+        f[0] += 1;
+        assert!(parse_frame(&f).is_err());
+        // bad bool
+        let mut f = Msg::Error {
+            code: 1,
+            fatal: true,
+            message: String::new(),
+        }
+        .encode();
+        f[7] = 2;
+        assert!(parse_frame(&f).is_err());
+        let mut empty: &[u8] = &[];
+        assert!(matches!(read_msg(&mut empty), Err(ProtoError::Closed)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+        #[test]
+        fn parser_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_frame(&data);
+            let _ = Msg::decode(&data);
+            let mut r = &data[..];
+            let _ = read_msg(&mut r);
+        }
+
+        #[test]
+        fn typed_garbage_never_panics(t in prop::sample::select(vec![1u8,2,3,0x10,0x11,0x12,0x13,0x14,0x15,0x20,0x21,0x22,0x23,0x2E,0x2F,0x7F]),
+                                      payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut body = vec![t];
+            body.extend_from_slice(&payload);
+            if let Ok(m) = Msg::decode(&body) {
+                // Whatever decodes re-encodes to the same bytes.
+                prop_assert_eq!(&m.encode()[4..], &body[..]);
+            }
+        }
+
+        #[test]
+        fn mutated_valid_frames_never_panic(idx in 0usize..16, pos in any::<usize>(), byte in any::<u8>()) {
+            let s = samples();
+            let mut f = s[idx % s.len()].encode();
+            let p = pos % f.len();
+            f[p] = byte;
+            let _ = parse_frame(&f);
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! AES-256-GCM unsealing of the program container (docs/bundle.md, "private.sealed").
+//!
+//! ```text
+//! offset 0    8 bytes    magic b"ENCSEAL1"
+//! offset 8    12 bytes   AES-GCM nonce
+//! offset 20   rest       ciphertext ‖ 16-byte tag
+//! ```
+//!
+//! The associated data is the canonical JSON of the manifest without its `integrity`
+//! object. The ciphertext is decrypted *in place* inside a [`SecretBuf`], so the
+//! plaintext never exists outside secret memory. AES-GCM verifies the tag before it
+//! applies the key stream, so on failure the buffer still holds ciphertext only.
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use serde_json::Value;
+use std::fmt;
+use std::ops::Range;
+
+use crate::secmem::SecretBuf;
+
+pub const MAGIC: &[u8; 8] = b"ENCSEAL1";
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+pub const HEADER_LEN: usize = MAGIC.len() + NONCE_LEN;
+/// Smallest valid sealed file: header + tag (empty plaintext).
+pub const MIN_SEALED_LEN: usize = HEADER_LEN + TAG_LEN;
+
+#[derive(Debug)]
+pub enum SealError {
+    /// The sealed bytes are not an ENCSEAL1 file.
+    Format(String),
+    /// The manifest is not valid JSON / not canonicalisable.
+    Manifest(String),
+    /// The GCM tag did not verify: wrong key, or manifest or sealed file changed.
+    Authentication,
+    /// Secret memory could not be allocated.
+    Memory(std::io::Error),
+}
+
+impl fmt::Display for SealError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SealError::Format(m) => write!(f, "sealed file is malformed: {m}"),
+            SealError::Manifest(m) => write!(f, "manifest is invalid: {m}"),
+            SealError::Authentication => write!(
+                f,
+                "authentication failed: the data key is wrong or the manifest or sealed file was modified"
+            ),
+            SealError::Memory(e) => write!(f, "cannot allocate secret memory: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SealError {}
+
+fn check_no_floats(v: &Value, path: &str) -> Result<(), SealError> {
+    match v {
+        Value::Number(n) => {
+            if n.is_f64() {
+                Err(SealError::Manifest(format!(
+                    "floating-point number at {path} (the authenticated manifest must contain none)"
+                )))
+            } else {
+                Ok(())
+            }
+        }
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, x)| check_no_floats(x, &format!("{path}[{i}]"))),
+        Value::Object(o) => o
+            .iter()
+            .try_for_each(|(k, x)| check_no_floats(x, &format!("{path}.{k}"))),
+        _ => Ok(()),
+    }
+}
+
+/// Parse manifest bytes and return `(parsed manifest, canonical AAD bytes)`.
+///
+/// The AAD is `serde_json::to_vec` of the manifest object without `integrity`
+/// (serde_json's map is a BTreeMap, so keys come out sorted by code point, with no
+/// whitespace). Floats are refused so number formatting cannot differ from Python.
+pub fn canonical_manifest(manifest_json: &[u8]) -> Result<(Value, Vec<u8>), SealError> {
+    let value: Value = serde_json::from_slice(manifest_json)
+        .map_err(|e| SealError::Manifest(format!("not valid JSON: {e}")))?;
+    let mut authed = value.clone();
+    match authed.as_object_mut() {
+        Some(obj) => {
+            obj.remove("integrity");
+        }
+        None => return Err(SealError::Manifest("top level is not an object".into())),
+    }
+    check_no_floats(&authed, "$")?;
+    let aad = serde_json::to_vec(&authed).map_err(|e| SealError::Manifest(e.to_string()))?;
+    Ok((value, aad))
+}
+
+/// Check the sealed-file framing without decrypting.
+pub fn check_format(sealed_len: usize, magic: &[u8]) -> Result<(), SealError> {
+    if sealed_len < MIN_SEALED_LEN {
+        return Err(SealError::Format(format!(
+            "{sealed_len} bytes is shorter than the {MIN_SEALED_LEN}-byte minimum"
+        )));
+    }
+    if magic.len() < MAGIC.len() || &magic[..MAGIC.len()] != MAGIC {
+        return Err(SealError::Format("magic is not ENCSEAL1".into()));
+    }
+    Ok(())
+}
+
+/// Decrypt a whole sealed file that already sits in `buf` (typically a
+/// [`SecretBuf<u8>`]) in place. Returns the byte range of the plaintext inside `buf`.
+/// On error the buffer holds no plaintext.
+pub fn unseal_in_place(buf: &mut [u8], aad: &[u8], key: &[u8]) -> Result<Range<usize>, SealError> {
+    check_format(buf.len(), buf)?;
+    if key.len() != 32 {
+        return Err(SealError::Format("data key is not 32 bytes".into()));
+    }
+    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| SealError::Authentication)?;
+    let (header, body) = buf.split_at_mut(HEADER_LEN);
+    let nonce = *Nonce::from_slice(&header[MAGIC.len()..HEADER_LEN]);
+    let ct_len = body.len() - TAG_LEN;
+    let (ct, tag) = body.split_at_mut(ct_len);
+    let tag = *Tag::from_slice(tag);
+    cipher
+        .decrypt_in_place_detached(&nonce, aad, ct, &tag)
+        .map_err(|_| SealError::Authentication)?;
+    Ok(HEADER_LEN..HEADER_LEN + ct_len)
+}
+
+/// Unseal `sealed` into a fresh secret buffer holding exactly the plaintext.
+pub fn unseal(sealed: &[u8], aad: &[u8], key: &[u8]) -> Result<SecretBuf<u8>, SealError> {
+    check_format(sealed.len(), sealed)?;
+    let ct_len = sealed.len() - MIN_SEALED_LEN;
+    let mut out = SecretBuf::<u8>::new(ct_len).map_err(SealError::Memory)?;
+    out.copy_from_slice(&sealed[HEADER_LEN..HEADER_LEN + ct_len]);
+    if key.len() != 32 {
+        return Err(SealError::Format("data key is not 32 bytes".into()));
+    }
+    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| SealError::Authentication)?;
+    let nonce = Nonce::from_slice(&sealed[MAGIC.len()..HEADER_LEN]);
+    let tag = Tag::from_slice(&sealed[HEADER_LEN + ct_len..]);
+    cipher
+        .decrypt_in_place_detached(nonce, aad, &mut out, tag)
+        .map_err(|_| SealError::Authentication)?;
+    Ok(out)
+}
+
+/// Seal (for tests and tools; the enclave never seals).
+#[cfg(test)]
+pub fn seal_for_test(plain: &[u8], aad: &[u8], key: &[u8], nonce: &[u8; 12]) -> Vec<u8> {
+    let cipher = Aes256Gcm::new_from_slice(key).unwrap();
+    let mut body = plain.to_vec();
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut body)
+        .unwrap();
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&tag);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [7u8; 32];
+
+    fn manifest() -> Vec<u8> {
+        br#"{"version": 1, "format": "ennclave-bundle", "private": {"key_id": "k1", "shape": [null, 4]},
+            "output_policy": {"mode": "full"}, "integrity": {"files": {"a": "00"}}}"#
+            .to_vec()
+    }
+
+    #[test]
+    fn canonical_sorts_and_drops_integrity() {
+        let (_, aad) = canonical_manifest(&manifest()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&aad).unwrap(),
+            r#"{"format":"ennclave-bundle","output_policy":{"mode":"full"},"private":{"key_id":"k1","shape":[null,4]},"version":1}"#
+        );
+    }
+
+    #[test]
+    fn canonical_escapes_like_python() {
+        let (_, aad) = canonical_manifest("{\"b\":\"é\\u0001\\n\\\"\",\"a\":[]}".as_bytes()).unwrap();
+        assert_eq!(std::str::from_utf8(&aad).unwrap(), "{\"a\":[],\"b\":\"é\\u0001\\n\\\"\"}");
+    }
+
+    #[test]
+    fn canonical_refuses_floats() {
+        assert!(canonical_manifest(br#"{"a": 1.5}"#).is_err());
+        assert!(canonical_manifest(br#"{"integrity": 1.5, "a": 1}"#).is_ok());
+        assert!(canonical_manifest(br#"[1]"#).is_err());
+        assert!(canonical_manifest(b"not json").is_err());
+    }
+
+    #[test]
+    fn round_trip_and_in_place() {
+        let (_, aad) = canonical_manifest(&manifest()).unwrap();
+        let sealed = seal_for_test(b"ENCPROG1 hello", &aad, &KEY, &[1; 12]);
+        let out = unseal(&sealed, &aad, &KEY).unwrap();
+        assert_eq!(&out[..], b"ENCPROG1 hello");
+        let mut buf = SecretBuf::<u8>::new(sealed.len()).unwrap();
+        buf.copy_from_slice(&sealed);
+        let r = unseal_in_place(&mut buf, &aad, &KEY).unwrap();
+        assert_eq!(&buf[r], b"ENCPROG1 hello");
+    }
+
+    #[test]
+    fn tamper_detected() {
+        let (_, aad) = canonical_manifest(&manifest()).unwrap();
+        let sealed = seal_for_test(b"secret weights", &aad, &KEY, &[1; 12]);
+        // Flip every byte position once.
+        for i in 8..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x01;
+            assert!(matches!(unseal(&bad, &aad, &KEY), Err(SealError::Authentication)));
+        }
+        // Changed manifest (policy) → different AAD.
+        let m2 = String::from_utf8(manifest()).unwrap().replace("full", "top_k");
+        let (_, aad2) = canonical_manifest(m2.as_bytes()).unwrap();
+        assert!(matches!(unseal(&sealed, &aad2, &KEY), Err(SealError::Authentication)));
+        // Changing only `integrity` does not change the AAD.
+        let m3 = String::from_utf8(manifest()).unwrap().replace("\"00\"", "\"11\"");
+        let (_, aad3) = canonical_manifest(m3.as_bytes()).unwrap();
+        assert!(unseal(&sealed, &aad3, &KEY).is_ok());
+        // Wrong key.
+        assert!(matches!(unseal(&sealed, &aad, &[8u8; 32]), Err(SealError::Authentication)));
+        // Wrong magic / truncated.
+        let mut bad = sealed.clone();
+        bad[0] = b'X';
+        assert!(matches!(unseal(&bad, &aad, &KEY), Err(SealError::Format(_))));
+        assert!(matches!(unseal(&sealed[..20], &aad, &KEY), Err(SealError::Format(_))));
+    }
+
+    #[test]
+    fn failed_in_place_leaves_no_plaintext() {
+        let (_, aad) = canonical_manifest(&manifest()).unwrap();
+        let plain = b"very secret weights!";
+        let sealed = seal_for_test(plain, &aad, &KEY, &[3; 12]);
+        let mut buf = sealed.clone();
+        assert!(unseal_in_place(&mut buf, &aad, &[9u8; 32]).is_err());
+        assert!(!buf.windows(plain.len()).any(|w| w == plain));
+    }
+}

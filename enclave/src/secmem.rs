@@ -1,0 +1,203 @@
+//! Memory for decrypted secrets (the program container plaintext and packed weights).
+//!
+//! Backed by `memfd_secret(2)` where the kernel offers it: such pages are removed from
+//! the kernel's direct map, so not even the kernel (or a root `/proc/PID/mem` reader
+//! going through it) can read them. Where `memfd_secret` is missing (older kernels,
+//! `secretmem.enable=0`) we fall back to an anonymous private mapping that is
+//! `mlock`ed (never swapped) and excluded from core dumps; `SecretBuf::backing`
+//! reports which one was used so the host can tell the user. Contents are zeroed on
+//! drop.
+
+use std::marker::PhantomData;
+
+/// Which kernel mechanism backs a secret buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    MemfdSecret,
+    Mlocked,
+    /// Plain heap-like anonymous memory: mlock failed too (RLIMIT_MEMLOCK).
+    Anonymous,
+}
+
+impl Backing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backing::MemfdSecret => "memfd_secret",
+            Backing::Mlocked => "mlock",
+            Backing::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// Element types allowed in a secret buffer: plain old data whose all-zero bit
+/// pattern is a valid value.
+pub trait Pod: Copy + 'static {}
+impl Pod for u8 {}
+impl Pod for f32 {}
+
+/// A fixed-size, zero-initialised buffer of `T` in secret memory.
+pub struct SecretBuf<T: Pod> {
+    ptr: *mut T,
+    len: usize,
+    map_len: usize,
+    backing: Backing,
+    _marker: PhantomData<T>,
+}
+
+// SAFETY: SecretBuf owns its mapping exclusively (like Vec<T>); T is plain data.
+unsafe impl<T: Pod + Send> Send for SecretBuf<T> {}
+// SAFETY: shared references only give &[T]; mutation needs &mut self.
+unsafe impl<T: Pod + Sync> Sync for SecretBuf<T> {}
+
+const SYS_MEMFD_SECRET: libc::c_long = 447; // same number on x86_64 and aarch64
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+impl<T: Pod> SecretBuf<T> {
+    /// Allocate `len` zeroed elements. Tries memfd_secret, then mlock, then plain.
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| std::io::Error::other("secret buffer size overflows"))?;
+        let ps = page_size();
+        let map_len = bytes.max(1).div_ceil(ps) * ps;
+        if let Some(ptr) = Self::map_secret(map_len) {
+            return Ok(Self::from_raw(ptr, len, map_len, Backing::MemfdSecret));
+        }
+        // SAFETY: anonymous private mapping, no fd, kernel chooses the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: ptr/map_len is the mapping we just created.
+        let backing = unsafe {
+            libc::madvise(ptr, map_len, libc::MADV_DONTDUMP);
+            if libc::mlock(ptr, map_len) == 0 {
+                Backing::Mlocked
+            } else {
+                Backing::Anonymous
+            }
+        };
+        Ok(Self::from_raw(ptr, len, map_len, backing))
+    }
+
+    fn map_secret(map_len: usize) -> Option<*mut libc::c_void> {
+        // SAFETY: raw syscall with a flags argument only; returns an fd or -1.
+        let fd = unsafe { libc::syscall(SYS_MEMFD_SECRET, libc::O_CLOEXEC as libc::c_long) };
+        if fd < 0 {
+            return None;
+        }
+        let fd = fd as libc::c_int;
+        // SAFETY: fd is a fresh memfd we own; ftruncate/mmap/close on it are sound.
+        unsafe {
+            if libc::ftruncate(fd, map_len as libc::off_t) != 0 {
+                libc::close(fd);
+                return None;
+            }
+            let ptr = libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            // The mapping keeps the memory alive; the fd is no longer needed.
+            libc::close(fd);
+            if ptr == libc::MAP_FAILED {
+                None
+            } else {
+                Some(ptr)
+            }
+        }
+    }
+
+    fn from_raw(ptr: *mut libc::c_void, len: usize, map_len: usize, backing: Backing) -> Self {
+        Self {
+            ptr: ptr as *mut T,
+            len,
+            map_len,
+            backing,
+            _marker: PhantomData,
+        }
+    }
+
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<T: Pod> std::ops::Deref for SecretBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: ptr points to map_len >= len*size_of::<T>() bytes, page-aligned
+        // (so aligned for T), zero-initialised by the kernel, valid until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T: Pod> std::ops::DerefMut for SecretBuf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in deref; &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl<T: Pod> Drop for SecretBuf<T> {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; volatile zeroing so the wipe is not optimised
+        // away, then unmap exactly what mmap returned.
+        unsafe {
+            let bytes = self.ptr as *mut u8;
+            for i in 0..self.map_len {
+                std::ptr::write_volatile(bytes.add(i), 0);
+            }
+            libc::munmap(self.ptr as *mut libc::c_void, self.map_len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_and_writable() {
+        let mut b = SecretBuf::<f32>::new(1000).unwrap();
+        assert!(b.iter().all(|&v| v == 0.0));
+        b[999] = 3.5;
+        assert_eq!(b[999], 3.5);
+        assert_eq!(b.len(), 1000);
+    }
+
+    #[test]
+    fn empty_is_fine() {
+        let b = SecretBuf::<u8>::new(0).unwrap();
+        assert!(b.is_empty());
+    }
+}

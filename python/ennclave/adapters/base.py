@@ -1,0 +1,54 @@
+"""What every framework adapter provides. Planning, splitting and verification use
+only this interface, so adding a framework means adding one file here."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import numpy as np
+
+from ..graph import CutPoint, GraphView
+from ..program import Program
+
+
+class ModelAdapter(abc.ABC):
+    framework: str  # "keras" | "onnx"
+    public_suffix: str  # file suffix of the public part: ".keras" | ".onnx"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    @abc.abstractmethod
+    def graph(self) -> GraphView:
+        """The flattened graph, nodes in topological order."""
+
+    @abc.abstractmethod
+    def node_weights(self) -> dict[str, list[np.ndarray]]:
+        """Weights of every node that has any, by node name (for --public-base)."""
+
+    @abc.abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Run the original, unsplit model."""
+
+    @abc.abstractmethod
+    def save_public(self, cut: CutPoint, path: Path) -> None:
+        """Write the public side of `cut` (model input -> cut tensor) to `path`."""
+
+    @abc.abstractmethod
+    def lower_private(self, cut: CutPoint) -> Program:
+        """Lower the private side of `cut` (cut tensor -> model output) to a program.
+
+        Raises UnsupportedOpError naming the first node that cannot be lowered."""
+
+    @classmethod
+    @abc.abstractmethod
+    def predict_public(cls, path: Path, x: np.ndarray) -> np.ndarray:
+        """Run a saved public part (as written by save_public)."""
+
+    def random_inputs(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Inputs for verification: standard normal for float inputs."""
+        (inp,) = self.graph.inputs
+        shape = (n, *[int(d or 1) for d in inp.shape[1:]])
+        return rng.standard_normal(shape).astype(np.float32)

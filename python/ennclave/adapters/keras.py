@@ -1,0 +1,652 @@
+"""Keras 3 (TensorFlow backend) adapter: load, flatten, cut, lower.
+
+Nested models (a pretrained backbone used as a layer) are flattened: the graph view
+lists their inner layers, named `outer/inner`, so a cut can fall inside them. The
+public part is rebuilt by re-applying the original layer objects (sharing their
+weights) from a fresh Input up to the cut tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._deps import require
+from ..errors import ModelLoadError, UnsupportedOpError
+from ..graph import CutPoint, GraphView, Node, TensorInfo
+from ..program import Program, ProgramBuilder, activation
+from .base import ModelAdapter
+
+# Layers that only matter in training: identity at inference.
+IDENTITY_LAYERS = {
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "Identity",
+}
+ACTIVATION_NAMES = {
+    "linear",
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "gelu",
+    "sigmoid",
+    "hard_sigmoid",
+    "tanh",
+    "softmax",
+    "swish",
+    "silu",
+}
+SUPPORTED_LAYERS = sorted(
+    {
+        "Dense",
+        "Conv1D",
+        "Conv2D",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "ZeroPadding1D",
+        "ZeroPadding2D",
+        "Flatten",
+        "Reshape",
+        "BatchNormalization",
+        "LayerNormalization",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Average",
+        "Maximum",
+        "Minimum",
+        "Concatenate",
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "ELU",
+        "Softmax",
+    }
+    | IDENTITY_LAYERS
+)
+
+
+@dataclass
+class _Record:
+    """What we keep per flattened layer call, to rebuild or lower it later."""
+
+    layer: Any
+    arguments: Any  # keras SymbolicArguments of this call
+    input_ids: list[int]  # id() of the KerasTensors this call reads
+    output_ids: list[int]
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    return np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float32)
+
+
+def _is_model(op: Any) -> bool:
+    return hasattr(op, "_nodes_by_depth") or getattr(op, "_functional", None) is not None
+
+
+def _functional(model: Any) -> Any:
+    """The Functional graph behind a Model (Sequential keeps one in `_functional`)."""
+    f = getattr(model, "_functional", None)
+    return f if f is not None else model
+
+
+class KerasAdapter(ModelAdapter):
+    framework = "keras"
+    public_suffix = ".keras"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        keras = require("keras")
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as e:  # Keras raises many unrelated types here
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(
+                f"Keras cannot read {path.name} ({first[:300]}); check that it is a Keras 3 "
+                ".keras or legacy .h5 model and that custom layers are registered."
+            ) from None
+        self._init_from_model(model)
+
+    @classmethod
+    def from_model(cls, model: Any, path: Path | None = None) -> KerasAdapter:
+        """Wrap an in-memory model (used by the Python API and tests)."""
+        self = cls.__new__(cls)
+        self.path = path or Path("<memory>")
+        self._init_from_model(model)
+        return self
+
+    def _init_from_model(self, model: Any) -> None:
+        if not _is_model(model) or not getattr(model, "inputs", None):
+            raise ModelLoadError(
+                "Only built Functional or Sequential Keras models can be split (subclassed "
+                "models have no graph to cut); rebuild it with the Functional API."
+            )
+        self.model = model
+        self._names: dict[int, str] = {}  # id(KerasTensor) -> tensor name
+        self._records: dict[str, _Record] = {}  # node name -> call record
+        self._tensor_info: dict[str, TensorInfo] = {}
+        self._nodes: list[Node] = []
+        self._used_names: set[str] = set()
+        f = _functional(model)
+        inputs = [self._name_tensor(t, self._input_name(t)) for t in f.inputs]
+        self._flatten(f, prefix="")
+        outputs = [self._names[id(t)] for t in f.outputs]
+        self._graph = GraphView(
+            framework="keras",
+            inputs=[self._tensor_info[n] for n in inputs],
+            outputs=[self._tensor_info[n] for n in outputs],
+            nodes=self._nodes,
+            tensors=self._tensor_info,
+        )
+
+    # -- flattening -----------------------------------------------------------------
+    @staticmethod
+    def _input_name(t: Any) -> str:
+        hist = getattr(t, "_keras_history", None)
+        return hist.operation.name if hist is not None else (t.name or "input")
+
+    def _name_tensor(self, t: Any, hint: str) -> str:
+        if id(t) in self._names:
+            return self._names[id(t)]
+        name, i = hint, 1
+        while name in self._used_names:
+            i += 1
+            name = f"{hint}_{i}"
+        self._used_names.add(name)
+        self._names[id(t)] = name
+        shape = tuple(None if d is None else int(d) for d in t.shape)
+        self._tensor_info[name] = TensorInfo(name, shape, str(t.dtype))
+        return name
+
+    def _flatten(self, f: Any, prefix: str) -> None:
+        keras = require("keras")
+        for depth in sorted(f._nodes_by_depth, reverse=True):
+            for node in f._nodes_by_depth[depth]:
+                op = node.operation
+                if op is None or node.is_input:
+                    continue
+                if _is_model(op):
+                    inner = _functional(op)
+                    for outer_t, inner_t in zip(node.input_tensors, inner.inputs, strict=True):
+                        self._names[id(inner_t)] = self._names[id(outer_t)]
+                    self._flatten(inner, prefix=f"{prefix}{op.name}/")
+                    for outer_t, inner_t in zip(node.outputs, inner.outputs, strict=True):
+                        self._names[id(outer_t)] = self._names[id(inner_t)]
+                    continue
+                name = f"{prefix}{op.name}"
+                if name in self._records:  # a layer applied twice: name the calls apart
+                    name = f"{name}#{sum(1 for n in self._records if n.startswith(name))}"
+                outs = [
+                    self._name_tensor(t, name if len(node.outputs) == 1 else f"{name}:{i}")
+                    for i, t in enumerate(node.outputs)
+                ]
+                ins = [self._names[id(t)] for t in node.input_tensors]
+                is_layer = isinstance(op, keras.layers.Layer)
+                weights = op.weights if is_layer else []
+                trainable = None
+                if weights:
+                    trainable = bool(op.trainable and op.trainable_weights)
+                self._records[name] = _Record(
+                    op,
+                    node.arguments,
+                    [id(t) for t in node.input_tensors],
+                    [id(t) for t in node.outputs],
+                )
+                self._nodes.append(
+                    Node(
+                        name=name,
+                        op_type=type(op).__name__,
+                        inputs=ins,
+                        outputs=outs,
+                        params=int(sum(math.prod(w.shape) for w in weights)),
+                        flops=self._flops(op, ins, outs),
+                        trainable=trainable,
+                        handle=op,
+                    )
+                )
+
+    def _flops(self, layer: Any, ins: list[str], outs: list[str]) -> int:
+        """Multiply-adds x2 per sample for the heavy layers, output size otherwise."""
+        kind = type(layer).__name__
+        out = self._tensor_info[outs[0]] if outs else None
+        out_elems = out.elements_per_sample if out else 0
+        if kind == "Dense":
+            return 2 * out_elems * int(layer.kernel.shape[0])
+        if kind in ("Conv1D", "Conv2D", "DepthwiseConv1D", "DepthwiseConv2D"):
+            k = layer.kernel.shape
+            return 2 * out_elems * math.prod(k[:-2]) * int(k[-2])
+        if kind in ("SeparableConv1D", "SeparableConv2D"):
+            dk = layer.depthwise_kernel.shape
+            inp = self._tensor_info[ins[0]]
+            spatial = out_elems // int(out.shape[-1]) if out else 0
+            cin = int(inp.shape[-1])
+            return 2 * spatial * cin * int(dk[-1]) * (math.prod(dk[:-2]) + int(out.shape[-1]))
+        return out_elems
+
+    # -- ModelAdapter -------------------------------------------------------------
+    @property
+    def graph(self) -> GraphView:
+        return self._graph
+
+    def node_weights(self) -> dict[str, list[np.ndarray]]:
+        return {
+            n.name: [_to_numpy(w) for w in n.handle.weights]
+            for n in self._nodes
+            if getattr(n.handle, "weights", None)
+        }
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(x, training=False), dtype=np.float32)
+
+    def random_inputs(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        (inp,) = self._graph.inputs
+        shape = (n, *[int(d or 1) for d in inp.shape[1:]])
+        if "int" in inp.dtype:
+            vocab = min(
+                (int(n.handle.input_dim) for n in self._nodes if n.op_type == "Embedding"),
+                default=2,
+            )
+            return rng.integers(0, vocab, size=shape).astype(inp.dtype)
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def build_public(self, cut: CutPoint) -> Any:
+        """A Keras model from the original input to the cut tensor."""
+        keras = require("keras")
+        (inp_info,) = self._graph.inputs
+        orig_input = _functional(self.model).inputs[0]
+        new_input = keras.Input(
+            shape=tuple(orig_input.shape[1:]), dtype=orig_input.dtype, name=inp_info.name
+        )
+        values: dict[str, Any] = {inp_info.name: new_input}
+        for node in self._nodes[: cut.position]:
+            rec = self._records[node.name]
+            by_id = {i: values[self._names[i]] for i in rec.input_ids}
+            args, kwargs = rec.arguments.fill_in(by_id)
+            result = rec.layer(*args, **kwargs)
+            flat = result if isinstance(result, list | tuple) else [result]
+            for name, value in zip(node.outputs, flat, strict=True):
+                values[name] = value
+        return keras.Model(new_input, values[cut.tensor.name], name="public")
+
+    def save_public(self, cut: CutPoint, path: Path) -> None:
+        self.build_public(cut).save(path)
+
+    @classmethod
+    def predict_public(cls, path: Path, x: np.ndarray) -> np.ndarray:
+        keras = require("keras")
+        model = keras.saving.load_model(path, compile=False)
+        return np.asarray(model(x, training=False), dtype=np.float32)
+
+    def lower_private(self, cut: CutPoint) -> Program:
+        lowerer = _Lowerer(self._tensor_info)
+        for node in self._nodes[cut.position :]:
+            lowerer.lower(node)
+        (out,) = self._graph.outputs
+        prog_in = TensorInfo(cut.tensor.name, cut.tensor.shape, "float32")
+        prog_out = TensorInfo(lowerer.env[out.name], out.shape, "float32")
+        if cut.tensor.dtype != "float32":
+            raise UnsupportedOpError(
+                f"The cut tensor {cut.tensor.name!r} is {cut.tensor.dtype}; the enclave takes "
+                "float32 only, so cut after the layer that turns it into floats (e.g. Embedding)."
+            )
+        return lowerer.builder.build([prog_in], [prog_out])
+
+
+def _pair(v: Any, n: int) -> list[int]:
+    return [int(v)] * n if isinstance(v, int) else [int(x) for x in v]
+
+
+def _same_pads(size: int, k: int, s: int, d: int) -> list[int]:
+    """TensorFlow's "same" padding: output = ceil(size / s), extra pad at the end."""
+    eff = (k - 1) * d + 1
+    out = -(-size // s)
+    total = max((out - 1) * s + eff - size, 0)
+    return [total // 2, total - total // 2]
+
+
+def _activation_of(fn: Any, where: str) -> dict[str, Any] | None:
+    keras = require("keras")
+    name = keras.activations.serialize(fn) if fn is not None else "linear"
+    if isinstance(name, dict):  # a configured activation object
+        name = name.get("config", {}).get("name", str(name))
+    name = {"silu": "swish"}.get(name, name)
+    if name not in ACTIVATION_NAMES:
+        raise UnsupportedOpError(
+            f"Layer {where!r} uses activation {name!r}, which the enclave does not support; "
+            f"supported: {', '.join(sorted(ACTIVATION_NAMES))}."
+        )
+    return None if name == "linear" else activation(name)
+
+
+class _Lowerer:
+    """Translates Keras layers on the private side into program ops."""
+
+    def __init__(self, tensors: dict[str, TensorInfo]) -> None:
+        self.tensors = tensors
+        self.builder = ProgramBuilder()
+        self.env: dict[str, str] = {}  # graph tensor -> program tensor
+
+    def _in(self, node: Node, i: int = 0) -> str:
+        t = node.inputs[i]
+        return self.env.get(t, t)
+
+    def _shape(self, node: Node, i: int = 0) -> tuple[int | None, ...]:
+        return self.tensors[node.inputs[i]].shape
+
+    def lower(self, node: Node) -> None:
+        layer = node.handle
+        kind = node.op_type
+        method = getattr(self, f"_lower_{kind}", None)
+        if kind in IDENTITY_LAYERS:
+            self.env[node.outputs[0]] = self._in(node)
+            return
+        if method is None:
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} of type {kind} cannot run in the enclave; supported "
+                f"layer types: {', '.join(SUPPORTED_LAYERS)}. Cut after it, or replace it."
+            )
+        if getattr(layer, "data_format", "channels_last") == "channels_first":
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} uses data_format='channels_first'; the enclave runs "
+                "channels-last layers only."
+            )
+        out = method(node, layer)
+        self.env[node.outputs[0]] = out
+
+    def _act(self, layer: Any, node: Node) -> dict[str, Any] | None:
+        return _activation_of(getattr(layer, "activation", None), node.name)
+
+    # -- dense and convolutions ---------------------------------------------------
+    def _lower_Dense(self, node: Node, layer: Any) -> str:
+        w = {"kernel": _to_numpy(layer.kernel)}
+        if layer.use_bias:
+            w["bias"] = _to_numpy(layer.bias)
+        attrs = {}
+        act = self._act(layer, node)
+        if act:
+            attrs["activation"] = act
+        return self.builder.add("dense", [self._in(node)], node.name, attrs, w)
+
+    def _conv_attrs(self, node: Node, layer: Any, window: list[int]) -> dict[str, Any]:
+        in_shape = self._shape(node)
+        nsp = len(window)
+        strides = _pair(layer.strides, nsp)
+        dil = _pair(layer.dilation_rate, nsp)
+        padding = layer.padding
+        if padding == "valid":
+            pads = [[0, 0]] * nsp
+        elif padding == "same":
+            pads = [
+                _same_pads(int(in_shape[1 + i]), window[i], strides[i], dil[i]) for i in range(nsp)
+            ]
+        elif padding == "causal":
+            pads = [[(window[0] - 1) * dil[0], 0]]
+        else:
+            raise UnsupportedOpError(f"Layer {node.name!r} has unknown padding {padding!r}.")
+        return {"strides": strides, "dilations": dil, "pads": pads, "groups": 1}
+
+    def _conv(
+        self,
+        node: Node,
+        x: str,
+        kernel: np.ndarray,
+        bias: np.ndarray | None,
+        attrs: dict[str, Any],
+        act: dict[str, Any] | None,
+        name: str,
+    ) -> str:
+        w = {"kernel": kernel}
+        if bias is not None:
+            w["bias"] = bias
+        if act:
+            attrs = {**attrs, "activation": act}
+        return self.builder.add("conv", [x], name, attrs, w)
+
+    def _lower_Conv1D(self, node: Node, layer: Any) -> str:
+        kernel = _to_numpy(layer.kernel)
+        attrs = self._conv_attrs(node, layer, list(kernel.shape[:-2]))
+        attrs["groups"] = int(getattr(layer, "groups", 1))
+        bias = _to_numpy(layer.bias) if layer.use_bias else None
+        return self._conv(
+            node, self._in(node), kernel, bias, attrs, self._act(layer, node), node.name
+        )
+
+    _lower_Conv2D = _lower_Conv1D
+
+    def _depthwise(
+        self,
+        node: Node,
+        layer: Any,
+        x: str,
+        dk: np.ndarray,
+        name: str,
+        bias: np.ndarray | None,
+        act: dict[str, Any] | None,
+    ) -> str:
+        window = list(dk.shape[:-2])
+        cin, mult = int(dk.shape[-2]), int(dk.shape[-1])
+        attrs = self._conv_attrs(node, layer, window)
+        attrs["groups"] = cin
+        # [k..., Cin, mult] -> [k..., 1, Cin*mult]: output channel c*mult+m, as Keras orders it.
+        kernel = dk.reshape(*window, 1, cin * mult)
+        return self._conv(node, x, kernel, bias, attrs, act, name)
+
+    def _lower_DepthwiseConv2D(self, node: Node, layer: Any) -> str:
+        bias = _to_numpy(layer.bias) if layer.use_bias else None
+        return self._depthwise(
+            node,
+            layer,
+            self._in(node),
+            _to_numpy(layer.kernel),
+            node.name,
+            bias,
+            self._act(layer, node),
+        )
+
+    _lower_DepthwiseConv1D = _lower_DepthwiseConv2D
+
+    def _lower_SeparableConv2D(self, node: Node, layer: Any) -> str:
+        dw = self._depthwise(
+            node,
+            layer,
+            self._in(node),
+            _to_numpy(layer.depthwise_kernel),
+            f"{node.name}/depthwise",
+            None,
+            None,
+        )
+        pk = _to_numpy(layer.pointwise_kernel)
+        nsp = pk.ndim - 2
+        attrs = {"strides": [1] * nsp, "dilations": [1] * nsp, "pads": [[0, 0]] * nsp, "groups": 1}
+        bias = _to_numpy(layer.bias) if layer.use_bias else None
+        return self._conv(
+            node, dw, pk, bias, attrs, self._act(layer, node), f"{node.name}/pointwise"
+        )
+
+    _lower_SeparableConv1D = _lower_SeparableConv2D
+
+    # -- pooling and shape ----------------------------------------------------------
+    def _pool(self, node: Node, layer: Any, kind: str) -> str:
+        nsp = len(self._shape(node)) - 2
+        window = _pair(layer.pool_size, nsp)
+        strides = _pair(layer.strides if layer.strides is not None else layer.pool_size, nsp)
+        in_shape = self._shape(node)
+        if layer.padding == "same":
+            pads = [_same_pads(int(in_shape[1 + i]), window[i], strides[i], 1) for i in range(nsp)]
+        else:
+            pads = [[0, 0]] * nsp
+        attrs = {
+            "kind": kind,
+            "window": window,
+            "strides": strides,
+            "pads": pads,
+            "count_include_pad": False,
+        }
+        return self.builder.add("pool", [self._in(node)], node.name, attrs)
+
+    def _lower_MaxPooling2D(self, node: Node, layer: Any) -> str:
+        return self._pool(node, layer, "max")
+
+    def _lower_AveragePooling2D(self, node: Node, layer: Any) -> str:
+        return self._pool(node, layer, "avg")
+
+    _lower_MaxPooling1D = _lower_MaxPooling2D
+    _lower_AveragePooling1D = _lower_AveragePooling2D
+
+    def _global(self, node: Node, layer: Any, kind: str) -> str:
+        attrs = {"kind": kind, "keepdims": bool(getattr(layer, "keepdims", False))}
+        return self.builder.add("global_pool", [self._in(node)], node.name, attrs)
+
+    def _lower_GlobalAveragePooling2D(self, node: Node, layer: Any) -> str:
+        return self._global(node, layer, "avg")
+
+    def _lower_GlobalMaxPooling2D(self, node: Node, layer: Any) -> str:
+        return self._global(node, layer, "max")
+
+    _lower_GlobalAveragePooling1D = _lower_GlobalAveragePooling2D
+    _lower_GlobalMaxPooling1D = _lower_GlobalMaxPooling2D
+
+    def _lower_ZeroPadding2D(self, node: Node, layer: Any) -> str:
+        pads = [[int(a), int(b)] for a, b in np.reshape(layer.padding, (-1, 2))]
+        return self.builder.add(
+            "pad", [self._in(node)], node.name, {"pads": [*pads, [0, 0]], "value": 0.0}
+        )
+
+    _lower_ZeroPadding1D = _lower_ZeroPadding2D
+
+    def _reshape_to_output(self, node: Node, layer: Any) -> str:
+        target = [int(d) for d in self.tensors[node.outputs[0]].shape[1:]]
+        return self.builder.add("reshape", [self._in(node)], node.name, {"shape": target})
+
+    _lower_Flatten = _reshape_to_output
+    _lower_Reshape = _reshape_to_output
+
+    # -- normalisation ---------------------------------------------------------------
+    def _lower_BatchNormalization(self, node: Node, layer: Any) -> str:
+        var = _to_numpy(layer.moving_variance)
+        mean = _to_numpy(layer.moving_mean)
+        gamma = _to_numpy(layer.gamma) if layer.scale else np.ones_like(var)
+        beta = _to_numpy(layer.beta) if layer.center else np.zeros_like(var)
+        scale = gamma / np.sqrt(var + layer.epsilon)
+        shift = beta - mean * scale
+        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+        rank = len(self._shape(node))
+        return self.builder.add(
+            "scale_shift",
+            [self._in(node)],
+            node.name,
+            {"axis": axis - rank if axis >= 0 else axis},
+            {"scale": scale, "shift": shift},
+        )
+
+    def _lower_LayerNormalization(self, node: Node, layer: Any) -> str:
+        if getattr(layer, "rms_scaling", False):
+            raise UnsupportedOpError(f"Layer {node.name!r} uses rms_scaling, not supported.")
+        rank = len(self._shape(node))
+        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+        axes = sorted(a - rank if a >= 0 else a for a in axes)
+        if axes != list(range(-len(axes), 0)):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} normalises over axes {axes}; "
+                "only trailing axes are supported."
+            )
+        w = {}
+        if layer.scale:
+            w["gamma"] = _to_numpy(layer.gamma)
+        if layer.center:
+            w["beta"] = _to_numpy(layer.beta)
+        return self.builder.add(
+            "layer_norm",
+            [self._in(node)],
+            node.name,
+            {"axes": axes, "epsilon": float(layer.epsilon)},
+            w,
+        )
+
+    # -- merging ---------------------------------------------------------------------
+    def _merge(self, node: Node, op: str) -> str:
+        ins = [self._in(node, i) for i in range(len(node.inputs))]
+        return self.builder.add(op, ins, node.name)
+
+    def _lower_Add(self, node: Node, layer: Any) -> str:
+        return self._merge(node, "add")
+
+    def _lower_Subtract(self, node: Node, layer: Any) -> str:
+        return self._merge(node, "sub")
+
+    def _lower_Multiply(self, node: Node, layer: Any) -> str:
+        return self._merge(node, "mul")
+
+    def _lower_Maximum(self, node: Node, layer: Any) -> str:
+        return self._merge(node, "max")
+
+    def _lower_Minimum(self, node: Node, layer: Any) -> str:
+        return self._merge(node, "min")
+
+    def _lower_Average(self, node: Node, layer: Any) -> str:
+        total = self._merge(node, "add")
+        k = self.builder.constant(f"{node.name}/n", np.array(len(node.inputs), np.float32))
+        return self.builder.add("div", [total, k], f"{node.name}/mean")
+
+    def _lower_Concatenate(self, node: Node, layer: Any) -> str:
+        rank = len(self._shape(node))
+        axis = layer.axis if layer.axis < 0 else layer.axis - rank
+        ins = [self._in(node, i) for i in range(len(node.inputs))]
+        return self.builder.add("concat", ins, node.name, {"axis": axis})
+
+    # -- activation layers -----------------------------------------------------------
+    def _unary(self, node: Node, act: dict[str, Any]) -> str:
+        return self.builder.add("activation", [self._in(node)], node.name, {"activation": act})
+
+    def _lower_Activation(self, node: Node, layer: Any) -> str:
+        act = self._act(layer, node) or activation("linear")
+        return self._unary(node, act)
+
+    def _lower_ReLU(self, node: Node, layer: Any) -> str:
+        max_value = layer.max_value
+        slope = float(layer.negative_slope)
+        if float(layer.threshold) != 0.0:
+            raise UnsupportedOpError(f"Layer {node.name!r}: ReLU threshold is not supported.")
+        if slope == 0.0 and max_value is None:
+            return self._unary(node, activation("relu"))
+        if slope == 0.0 and float(max_value) == 6.0:
+            return self._unary(node, activation("relu6"))
+        if max_value is None:
+            return self._unary(node, activation("leaky_relu", alpha=slope))
+        if slope == 0.0:
+            return self._unary(node, activation("clip", min=0.0, max=float(max_value)))
+        raise UnsupportedOpError(
+            f"Layer {node.name!r}: ReLU with both negative_slope and max_value is not supported."
+        )
+
+    def _lower_LeakyReLU(self, node: Node, layer: Any) -> str:
+        return self._unary(node, activation("leaky_relu", alpha=float(layer.negative_slope)))
+
+    def _lower_ELU(self, node: Node, layer: Any) -> str:
+        return self._unary(node, activation("elu", alpha=float(layer.alpha)))
+
+    def _lower_Softmax(self, node: Node, layer: Any) -> str:
+        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[-1]
+        return self._unary(node, activation("softmax", axis=int(axis)))

@@ -1,0 +1,231 @@
+"""Reference executor for enclave programs, in numpy.
+
+This is the ground truth that `split` verifies against and that the Rust worker is
+tested against. It favours being obviously correct over being fast: every op follows
+the text of docs/enclave-program.md and computes in float64, rounding to float32
+after each op (the precision the format promises).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import ProgramError
+from .program import Program, ProgramNode
+
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def apply_activation(x: np.ndarray, act: dict[str, Any] | None) -> np.ndarray:
+    if not act:
+        return x
+    fn = act["fn"]
+    if fn == "linear":
+        return x
+    if fn == "relu":
+        return np.maximum(x, 0)
+    if fn == "relu6":
+        return np.clip(x, 0, 6)
+    if fn == "leaky_relu":
+        return np.where(x >= 0, x, act.get("alpha", 0.2) * x)
+    if fn == "elu":
+        return np.where(x > 0, x, act.get("alpha", 1.0) * np.expm1(np.minimum(x, 0)))
+    if fn == "selu":
+        return _SELU_SCALE * np.where(x > 0, x, _SELU_ALPHA * np.expm1(np.minimum(x, 0)))
+    if fn == "gelu":
+        if act.get("approximate", False):
+            c = math.sqrt(2 / math.pi)
+            return 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+    if fn == "sigmoid":
+        return 1 / (1 + np.exp(-x))
+    if fn == "hard_sigmoid":
+        return np.clip(act.get("alpha", 1 / 6) * x + act.get("beta", 0.5), 0, 1)
+    if fn == "tanh":
+        return np.tanh(x)
+    if fn == "swish":
+        return x / (1 + np.exp(-x))
+    if fn == "softmax":
+        axis = act.get("axis", -1)
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+    if fn == "clip":
+        return np.clip(x, act["min"], act["max"])
+    if fn == "exp":
+        return np.exp(x)
+    if fn == "log":
+        return np.log(x)
+    if fn == "sqrt":
+        return np.sqrt(x)
+    if fn == "abs":
+        return np.abs(x)
+    if fn == "neg":
+        return -x
+    if fn == "reciprocal":
+        return 1 / x
+    if fn == "erf":
+        return _erf(x)
+    raise ProgramError(f"Unknown activation {fn!r}.")
+
+
+def _as_2d(x: np.ndarray, kernel_window: list[int], attrs: dict[str, Any]):
+    """Treat 1-D spatial ops as 2-D with height 1."""
+    if x.ndim == 3:
+        x = x[:, None]
+        window = [1, *kernel_window]
+        strides = [1, *attrs["strides"]]
+        dil = [1, *attrs.get("dilations", [1])]
+        pads = [[0, 0], *attrs["pads"]]
+        return x, window, strides, dil, pads, True
+    return x, kernel_window, attrs["strides"], attrs.get("dilations", [1, 1]), attrs["pads"], False
+
+
+def _patches(xp: np.ndarray, window, strides, dil) -> tuple[np.ndarray, int, int]:
+    """[N, Hp, Wp, C] -> [N, Ho, Wo, kh, kw, C] windows."""
+    n, hp, wp, c = xp.shape
+    kh, kw = window
+    ho = (hp - (dil[0] * (kh - 1) + 1)) // strides[0] + 1
+    wo = (wp - (dil[1] * (kw - 1) + 1)) // strides[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ProgramError("Window larger than its padded input.")
+    cols = np.empty((n, ho, wo, kh, kw, c), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dil[0], j * dil[1]
+            cols[:, :, :, i, j, :] = xp[
+                :,
+                r0 : r0 + strides[0] * (ho - 1) + 1 : strides[0],
+                c0 : c0 + strides[1] * (wo - 1) + 1 : strides[1],
+                :,
+            ]
+    return cols, ho, wo
+
+
+def conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, attrs: dict) -> np.ndarray:
+    kernel_window = list(kernel.shape[:-2])
+    x, window, strides, dil, pads, squeeze = _as_2d(x, kernel_window, attrs)
+    k = kernel.reshape(*window, *kernel.shape[-2:])
+    groups = attrs.get("groups", 1)
+    xp = np.pad(x, [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)])
+    cols, ho, wo = _patches(xp, window, strides, dil)
+    n, cin, cout = x.shape[0], x.shape[-1], k.shape[-1]
+    cig, cog = cin // groups, cout // groups
+    out = np.empty((n, ho, wo, cout), dtype=np.float64)
+    for g in range(groups):
+        a = cols[..., g * cig : (g + 1) * cig].reshape(n * ho * wo, -1)
+        b = k[..., g * cog : (g + 1) * cog].reshape(-1, cog)
+        out[..., g * cog : (g + 1) * cog] = (a @ b).reshape(n, ho, wo, cog)
+    if bias is not None:
+        out = out + bias
+    return out[:, 0] if squeeze else out
+
+
+def pool(x: np.ndarray, attrs: dict) -> np.ndarray:
+    x, window, strides, dil, pads, squeeze = _as_2d(x, attrs["window"], attrs)
+    padw = [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)]
+    if attrs["kind"] == "max":
+        xp = np.pad(x, padw, constant_values=-np.inf)
+        cols, _, _ = _patches(xp, window, strides, dil)
+        out = cols.max(axis=(3, 4))
+    else:
+        xp = np.pad(x, padw)
+        cols, _, _ = _patches(xp, window, strides, dil)
+        total = cols.sum(axis=(3, 4))
+        if attrs.get("count_include_pad", False):
+            out = total / (window[0] * window[1])
+        else:
+            ones = np.pad(np.ones((1, *x.shape[1:3], 1)), padw)
+            counts, _, _ = _patches(ones, window, strides, dil)
+            out = total / counts.sum(axis=(3, 4))
+    return out[:, 0] if squeeze else out
+
+
+def _binary(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return {
+        "add": np.add,
+        "sub": np.subtract,
+        "mul": np.multiply,
+        "div": np.divide,
+        "max": np.maximum,
+        "min": np.minimum,
+        "pow": np.power,
+    }[op](a, b)
+
+
+def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]) -> np.ndarray:
+    a = node.attrs
+    weight = {role: w[key].astype(np.float64) for role, key in node.weights.items()}
+    op = node.op
+    x = args[0] if args else None
+    if op == "dense":
+        y = x @ weight["kernel"]
+        if "bias" in weight:
+            y = y + weight["bias"]
+        return apply_activation(y, a.get("activation"))
+    if op == "conv":
+        return apply_activation(
+            conv(x, weight["kernel"], weight.get("bias"), a), a.get("activation")
+        )
+    if op == "pool":
+        return pool(x, a)
+    if op == "global_pool":
+        axes = tuple(range(1, x.ndim - 1))
+        f = np.max if a["kind"] == "max" else np.mean
+        return f(x, axis=axes, keepdims=a.get("keepdims", False))
+    if op == "reduce":
+        axes = tuple(ax % x.ndim for ax in a["axes"])
+        f = {"mean": np.mean, "sum": np.sum, "max": np.max, "min": np.min}[a["kind"]]
+        return f(x, axis=axes, keepdims=a.get("keepdims", False))
+    if op == "pad":
+        return np.pad(
+            x, [(0, 0), *[tuple(p) for p in a["pads"]]], constant_values=a.get("value", 0.0)
+        )
+    if op == "reshape":
+        return x.reshape((x.shape[0], *a["shape"]))
+    if op == "transpose":
+        return np.transpose(x, a["perm"])
+    if op == "scale_shift":
+        shape = [1] * x.ndim
+        shape[a.get("axis", -1)] = -1
+        return x * weight["scale"].reshape(shape) + weight["shift"].reshape(shape)
+    if op == "layer_norm":
+        axes = tuple(ax % x.ndim for ax in a["axes"])
+        mean = x.mean(axis=axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+        y = (x - mean) / np.sqrt(var + a["epsilon"])
+        if "gamma" in weight:
+            y = y * weight["gamma"]
+        if "beta" in weight:
+            y = y + weight["beta"]
+        return y
+    if op in ("add", "sub", "mul", "div", "max", "min", "pow"):
+        y = args[0]
+        for b in args[1:]:
+            y = _binary(op, y, b)
+        return y
+    if op == "concat":
+        return np.concatenate(args, axis=a["axis"])
+    if op == "constant":
+        return weight["value"]
+    if op == "activation":
+        return apply_activation(x, a["activation"])
+    raise ProgramError(f"Unknown op {op!r} in node {node.name!r}.")
+
+
+def execute(program: Program, x: np.ndarray) -> np.ndarray:
+    """Run `program` on a batch `x` (float32, batch first); returns float32."""
+    env: dict[str, np.ndarray] = {program.inputs[0].name: np.asarray(x, dtype=np.float64)}
+    for node in program.nodes:
+        args = [env[t] for t in node.inputs]
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            y = run_node(node, args, program.weights)
+        env[node.outputs[0]] = np.asarray(y, dtype=np.float32).astype(np.float64)
+    return env[program.outputs[0].name].astype(np.float32)

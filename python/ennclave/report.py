@@ -1,0 +1,122 @@
+"""Human-facing output: rich tables for the terminal and a matplotlib plot of a plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .plan import MiB, Plan
+from .verify import Verification
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _shape(shape: list[int | None]) -> str:
+    return "×".join("N" if d is None else str(d) for d in shape)
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    total = max((c.enclave_params + c.public_params for c in plan.cut_points), default=0)
+    table = Table(title=f"Cut points of {Path(plan.model).name} ({plan.framework})")
+    for col, justify in (
+        ("#", "right"),
+        ("after layer", "left"),
+        ("type", "left"),
+        ("tensor into enclave", "left"),
+        ("enclave params", "right"),
+        ("enclave MiB", "right"),
+        ("public params", "right"),
+        ("share inside", "right"),
+        ("enclave FLOPs/sample", "right"),
+        ("private inside", "center"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for c in plan.cut_points:
+        mark = "★ " if c.index == plan.recommended else ""
+        style = "bold green" if c.index == plan.recommended else None
+        table.add_row(
+            f"{mark}{c.index}",
+            c.name,
+            c.op_type,
+            _shape(c.tensor_shape),
+            f"{c.enclave_params:,}",
+            f"{c.enclave_bytes / MiB:.2f}",
+            f"{c.public_params:,}",
+            f"{100 * c.enclave_params / total:.1f}%" if total else "-",
+            _si(c.enclave_flops),
+            "yes" if c.private_layers_inside else "no",
+            style=style,
+        )
+    console.print(table)
+    rec = (
+        "[bold green]Recommended:[/]"
+        if plan.recommended is not None
+        else "[bold red]No recommendation:[/]"
+    )
+    console.print(f"{rec} {plan.reason}")
+    if plan.private_layers:
+        shown = ", ".join(plan.private_layers[:8]) + (" …" if len(plan.private_layers) > 8 else "")
+        console.print(f"Private layers ({len(plan.private_layers)}): {shown}")
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def print_verification(v: Verification, console: Console) -> None:
+    table = Table(title="Verification: original vs public part → enclave program")
+    for col in ("samples", "max abs error", "max rel error", "tolerance", "result"):
+        table.add_column(col)
+    table.add_row(
+        str(v.samples),
+        f"{v.max_abs_error:.3g}",
+        f"{v.max_rel_error:.3g}",
+        f"{v.tolerance:g}",
+        "[green]passed[/]" if v.passed else "[red]FAILED[/]",
+    )
+    console.print(table)
+
+
+def plot_plan(plan: Plan, path: Path) -> None:
+    from ._deps import require
+
+    require("matplotlib").use("Agg")
+    plt = require("matplotlib.pyplot")
+    idx = [c.index for c in plan.cut_points]
+    fig, ax1 = plt.subplots(figsize=(max(6, 0.45 * len(idx) + 3), 4.5))
+    ax1.bar(
+        idx, [c.enclave_params for c in plan.cut_points], color="#4c72b0", label="enclave params"
+    )
+    ax1.set_xlabel("cut point (index; 0 = everything private)")
+    ax1.set_ylabel("parameters inside the enclave")
+    ax1.set_yscale("symlog")
+    ax2 = ax1.twinx()
+    ax2.plot(
+        idx,
+        [c.enclave_flops for c in plan.cut_points],
+        "o-",
+        color="#dd8452",
+        label="enclave FLOPs / sample",
+    )
+    ax2.set_ylabel("enclave FLOPs per sample")
+    ax2.set_yscale("symlog")
+    if plan.recommended is not None:
+        ax1.axvline(plan.recommended, color="green", linestyle="--", label="recommended")
+    ax1.set_xticks(idx)
+    ax1.set_xticklabels(
+        [f"{c.index}\n{c.name.rsplit('/', 1)[-1][:12]}" for c in plan.cut_points],
+        fontsize=7,
+        rotation=60,
+    )
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+    ax1.set_title(f"Cut points of {Path(plan.model).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
