@@ -109,6 +109,7 @@ fn no_exec(arg: u8) -> Result<SeccompRule, seccompiler::Error> {
         Op::MaskedEq(libc::PROT_EXEC as u64),
         0,
     )?])
+    .map_err(Into::into)
 }
 
 /// Syscalls the worker may make once serving, with argument conditions where cheap.
@@ -217,7 +218,9 @@ pub fn install_seccomp() -> io::Result<()> {
         )
         .map_err(sc)?,
     )?;
-    for p in [&deny, &allow, &clone3] {
+    // The allow-list goes last: once it is on, neither prctl(NO_NEW_PRIVS) (which
+    // seccompiler calls before each install) nor seccomp() itself is permitted.
+    for p in [&clone3, &deny, &allow] {
         apply_filter_all_threads(p).map_err(sc)?;
     }
     Ok(())
@@ -250,14 +253,25 @@ mod tests {
         assert!(pid >= 0);
         if pid == 0 {
             let code = (|| {
-                harden_process().ok()?;
-                install_seccomp().ok()?;
+                if harden_process().is_err() {
+                    return Some(20);
+                }
+                if let Err(e) = install_seccomp() {
+                    eprintln!("{e}");
+                    return Some(21);
+                }
                 // open is refused with EPERM
                 if std::fs::File::open("/etc/hostname").is_ok() {
                     return Some(10);
                 }
                 // threads still work, and can compute
-                let h = std::thread::spawn(|| (0..1000u64).sum::<u64>());
+                let h = match std::thread::Builder::new().name("t".into()).spawn(|| (0..1000u64).sum::<u64>()) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return Some(22);
+                    }
+                };
                 if h.join().ok()? != 499500 {
                     return Some(11);
                 }

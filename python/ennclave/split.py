@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -64,7 +65,7 @@ def split_model(
 ) -> SplitResult:
     """Split `model` at `cut` (name, index or "auto") into the bundle `out_dir`."""
     from .keys.keystore import Keystore
-    from .seal import new_data_key, new_key_id, seal_container
+    from .seal import new_data_key, seal_container
 
     adapter = model if isinstance(model, ModelAdapter) else load_model(model)
     out = Path(out_dir)
@@ -99,7 +100,7 @@ def split_model(
                 f"{verification.max_abs_error:.3g} (tolerance {tolerance:g}); nothing was written. "
                 "This is a bug in ennclave's lowering of a private layer: please report it."
             )
-        key, key_id = new_data_key(), new_key_id()
+        key, key_id = new_data_key(), secrets.token_hex(16)
         manifest = build_manifest(
             adapter, point, program, public_file, key_id, output_policy or DEFAULT_OUTPUT_POLICY
         )
@@ -111,7 +112,7 @@ def split_model(
         manifest["integrity"] = {"files": {f: _digest_path(tmp / f) for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         # The key goes to the keystore last: a failed split registers nothing.
-        Keystore(keystore).put(key_id, key, bundle=str(out.resolve()))
+        Keystore(keystore).put(key_id, key)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

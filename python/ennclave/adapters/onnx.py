@@ -1,0 +1,1142 @@
+"""ONNX adapter: graph view, public-part extraction and lowering to enclave programs.
+
+ONNX tensors are channels-first (NCHW) while enclave programs are channels-last.
+Rather than wrapping every spatial op in a transpose pair and cancelling pairs later,
+lowering tracks, for every ONNX tensor, the program tensor that holds it *and* the
+permutation between the two (`_Val.perm`). Transposes are then materialised only when
+an op needs a layout the value is not already in; ONNX `Transpose` nodes become free
+relabelings. A Keras model exported with tf2onnx (NHWC input, Transpose -> Conv ->
+Transpose) therefore lowers without a single transpose node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._deps import require
+from ..errors import CutError, ModelLoadError, UnsupportedOpError
+from ..graph import CutPoint, GraphView, Node, TensorInfo
+from ..program import Program, ProgramBuilder, ProgramNode, activation
+from .base import ModelAdapter
+
+MIN_OPSET = 13
+
+# Batch sizes substituted for the symbolic batch dim when folding Shape-dependent
+# constants: a value that differs between the probes depends on the batch size.
+_PROBES = (7, 11)
+
+_UNARY_ACTIVATIONS = {
+    "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Sqrt": "sqrt",
+    "Exp": "exp", "Log": "log", "Abs": "abs", "Neg": "neg", "Reciprocal": "reciprocal",
+}
+_BINARY = {
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
+    "Max": "max", "Min": "min", "Sum": "add",
+}
+_REDUCE = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min"}
+_ALIASES = ("Identity", "Dropout", "Cast")
+_OTHER = (
+    "Gemm MatMul Conv MaxPool AveragePool GlobalAveragePool GlobalMaxPool "
+    "BatchNormalization LayerNormalization LeakyRelu Elu Selu HardSigmoid HardSwish "
+    "Softmax Clip Gelu PRelu Concat Flatten Reshape Squeeze Unsqueeze Transpose Pad"
+).split()
+SUPPORTED_OPS = sorted(
+    {*_UNARY_ACTIVATIONS, *_BINARY, *_REDUCE, *_ALIASES, *_OTHER}
+)
+# Ops whose outputs are static even for dynamic inputs (given static non-batch dims).
+_SHAPE_OPS = ("Shape", "Size")
+
+_ONNX_TO_NP = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
+               9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+               16: "bfloat16"}
+
+
+def _inv(perm: tuple[int, ...]) -> tuple[int, ...]:
+    out = [0] * len(perm)
+    for i, p in enumerate(perm):
+        out[p] = i
+    return tuple(out)
+
+
+def _ident(rank: int) -> tuple[int, ...]:
+    return tuple(range(rank))
+
+
+def _channels_last(rank: int) -> tuple[int, ...]:
+    return (0, *range(2, rank), 1)
+
+
+@dataclass(frozen=True)
+class _Val:
+    """An ONNX tensor during lowering: program tensor `name` holds
+    `np.transpose(onnx_value, perm)`; `shape` is the ONNX (logical) shape."""
+
+    name: str
+    perm: tuple[int, ...]
+    shape: tuple[int | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def pshape(self) -> tuple[int | None, ...]:
+        return tuple(self.shape[p] for p in self.perm)
+
+    def phys_axis(self, logical_axis: int) -> int:
+        return self.perm.index(logical_axis % self.rank)
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    onnx = require("onnx")
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _s(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class OnnxAdapter(ModelAdapter):
+    framework = "onnx"
+    public_suffix = ".onnx"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(Path(path))
+        onnx = require("onnx")
+        try:
+            model = onnx.load(str(self.path))
+        except Exception as e:  # protobuf raises DecodeError, OSError, ...
+            raise ModelLoadError(
+                f"{self.path.name} is not a readable ONNX model ({type(e).__name__}: {e})."
+            ) from None
+        self.opset = next(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0
+        )
+        if self.opset < MIN_OPSET:
+            raise ModelLoadError(
+                f"{self.path.name} uses ONNX opset {self.opset} but at least {MIN_OPSET} is "
+                f"needed; convert it with onnx.version_converter.convert_version(model, "
+                f"{MIN_OPSET})."
+            )
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as e:
+            raise ModelLoadError(
+                f"ONNX shape inference failed on {self.path.name} ({e}); check the model "
+                f"with onnx.checker.check_model."
+            ) from None
+        self.model = model
+        self._graph: GraphView | None = None
+        self._session: Any = None
+        self._const_cache: dict[int, dict[str, np.ndarray]] | None = None
+        self._probed: dict[str, tuple[int | None, ...]] | None = None
+
+    # -- graph view --------------------------------------------------------------
+    @property
+    def graph(self) -> GraphView:
+        if self._graph is None:
+            self._graph = self._build_graph()
+        return self._graph
+
+    def _initializers(self) -> dict[str, Any]:
+        return {t.name: t for t in self.model.graph.initializer}
+
+    def _build_graph(self) -> GraphView:
+        g = self.model.graph
+        inits = self._initializers()
+        for n in g.node:
+            if n.op_type in ("If", "Loop", "Scan"):
+                raise ModelLoadError(
+                    f"Node {n.name or n.op_type!r} is a control-flow op ({n.op_type}), which "
+                    f"ennclave cannot split; export the model without control flow."
+                )
+
+        # Every tensor's type: graph inputs/outputs, value_info, initializers.
+        types: dict[str, tuple[str, tuple[int | None, ...] | None]] = {}
+        for vi in [*g.input, *g.value_info, *g.output]:
+            tt = vi.type.tensor_type
+            shape = None
+            if tt.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else None
+                              for d in tt.shape.dim)
+            types[vi.name] = (_ONNX_TO_NP.get(tt.elem_type, str(tt.elem_type)), shape)
+        for t in g.initializer:
+            types[t.name] = (_ONNX_TO_NP.get(t.data_type, str(t.data_type)), tuple(t.dims))
+
+        # Name every node uniquely (ONNX names may be empty or repeated).
+        names: set[str] = set()
+        protos: list[tuple[str, Any]] = []
+        for i, n in enumerate(g.node):
+            name = n.name or f"{n.op_type}_{i}"
+            while name in names:
+                name = f"{name}_{i}"
+            names.add(name)
+            protos.append((name, n))
+
+        # Topological sort (stable: keeps file order where it is already valid).
+        graph_inputs = [i.name for i in g.input if i.name not in inits]
+        available = set(graph_inputs) | set(inits) | {""}
+        pending = list(protos)
+        ordered: list[tuple[str, Any]] = []
+        while pending:
+            rest = []
+            for name, n in pending:
+                if all(t in available for t in n.input):
+                    ordered.append((name, n))
+                    available.update(n.output)
+                else:
+                    rest.append((name, n))
+            if len(rest) == len(pending):
+                missing = sorted({t for _, n in rest for t in n.input if t not in available})
+                raise ModelLoadError(
+                    f"{self.path.name} has a cycle or undefined tensors ({missing[:3]}); "
+                    f"check it with onnx.checker.check_model."
+                )
+            pending = rest
+
+        # Constant tensors: no dependence on a graph input (Shape/Size outputs count as
+        # constant: they only depend on the batch size, which folding handles).
+        const: set[str] = set(inits)
+        for _, n in ordered:
+            ins = [t for t in n.input if t]
+            if n.op_type in _SHAPE_OPS or all(t in const for t in ins):
+                const.update(n.output)
+
+        def info(name: str) -> TensorInfo:
+            dtype, shape = types.get(name, ("float32", None))
+            if shape is None:
+                shape = ()
+            if name not in const and len(shape) > 0:
+                shape = (None, *shape[1:])  # dim 0 of a dynamic tensor is the batch
+            return TensorInfo(name, tuple(shape), dtype)
+
+        tensors: dict[str, TensorInfo] = {}
+        for name in types:
+            tensors[name] = info(name)
+        for _, n in ordered:
+            for t in [*n.input, *n.output]:
+                if t and t not in tensors:
+                    tensors[t] = info(t)
+
+        # Float leaves (initializers, Constant outputs) count as parameters once, at
+        # their first consumer.
+        leaf_sizes = {t.name: int(np.prod(t.dims)) for t in g.initializer
+                      if t.data_type in (1, 10, 11, 16)}
+        for _, n in ordered:
+            if n.op_type == "Constant":
+                a = n.attribute[0] if n.attribute else None
+                if a is not None and a.name == "value" and a.t.data_type in (1, 10, 11, 16):
+                    leaf_sizes[n.output[0]] = int(np.prod(a.t.dims))
+        counted: set[str] = set()
+        nodes: list[Node] = []
+        for name, n in ordered:
+            params = 0
+            for t in n.input:
+                if t in leaf_sizes and t not in counted:
+                    counted.add(t)
+                    params += leaf_sizes[t]
+            nodes.append(Node(
+                name=name, op_type=n.op_type, inputs=[t for t in n.input if t],
+                outputs=list(n.output), params=params,
+                flops=self._flops(n, tensors, const), trainable=None, handle=n,
+            ))
+        return GraphView(
+            framework="onnx",
+            inputs=[tensors[t] for t in graph_inputs],
+            outputs=[tensors[o.name] for o in g.output],
+            nodes=nodes,
+            tensors=tensors,
+            constant_tensors=const,
+        )
+
+    @staticmethod
+    def _flops(n: Any, tensors: dict[str, TensorInfo], const: set[str]) -> int:
+        """Rough multiply-add count per sample (2 per MAC); elements for other ops."""
+        if all(t in const for t in n.output):
+            return 0
+        out = tensors.get(n.output[0])
+        out_el = out.elements_per_sample if out else 0
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2:
+            a = tensors.get(n.input[0])
+            k = 0
+            if a and a.shape:
+                k = int(a.shape[0] if (n.op_type == "Gemm" and _attrs(n).get("transA", 0))
+                        else a.shape[-1] or 0)
+            return 2 * out_el * k
+        if n.op_type == "Conv" and len(n.input) >= 2:
+            w = tensors.get(n.input[1])
+            if w and len(w.shape) >= 3:
+                per_out = int(np.prod([d or 1 for d in w.shape[1:]]))
+                return 2 * out_el * per_out
+        return out_el
+
+    def node_weights(self) -> dict[str, list[np.ndarray]]:
+        numpy_helper = require("onnx.numpy_helper")
+        inits = self._initializers()
+        out: dict[str, list[np.ndarray]] = {}
+        for node in self.graph.nodes:
+            ws = [numpy_helper.to_array(inits[t]) for t in node.inputs if t in inits]
+            if ws:
+                out[node.name] = ws
+        return out
+
+    # -- running -----------------------------------------------------------------
+    @staticmethod
+    def _run(session: Any, x: np.ndarray) -> np.ndarray:
+        inp = session.get_inputs()[0]
+        x = np.asarray(x, dtype=np.float32)
+        fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
+        if fixed is None or fixed == len(x):
+            return np.asarray(session.run(None, {inp.name: x})[0])
+        if len(x) % fixed:
+            raise ModelLoadError(
+                f"The model's batch size is fixed at {fixed}; pass a multiple of it."
+            )
+        # A model exported with a fixed batch size runs chunk by chunk.
+        parts = [session.run(None, {inp.name: x[i : i + fixed]})[0]
+                 for i in range(0, len(x), fixed)]
+        return np.concatenate(parts)
+
+    @staticmethod
+    def _open_session(model_bytes_or_path: Any) -> Any:
+        ort = require("onnxruntime")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(
+            model_bytes_or_path, sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if self._session is None:
+            self._session = self._open_session(self.model.SerializeToString())
+        return self._run(self._session, x)
+
+    @classmethod
+    def predict_public(cls, path: Path, x: np.ndarray) -> np.ndarray:
+        return cls._run(cls._open_session(str(path)), x)
+
+    # -- public part -------------------------------------------------------------
+    def save_public(self, cut: CutPoint, path: Path) -> None:
+        onnx = require("onnx")
+        if cut.position == 0:
+            raise CutError("Cut 0 has no public part: the whole model is private.")
+        g = self.model.graph
+        target = cut.tensor.name
+        public = self.graph.nodes[: cut.position]
+        # Keep only what the cut tensor needs (dead branches would be wasted work).
+        needed = {target}
+        keep: list[Node] = []
+        for node in reversed(public):
+            if any(t in needed for t in node.outputs):
+                keep.append(node)
+                needed.update(node.inputs)
+        keep.reverse()
+        if not keep:
+            raise CutError(f"Nothing in the model computes the cut tensor {target!r}.")
+        vinfo = {vi.name: vi for vi in [*g.input, *g.value_info, *g.output]}
+        if target in vinfo:
+            out_vi = onnx.ValueInfoProto()
+            out_vi.CopyFrom(vinfo[target])
+        else:
+            out_vi = onnx.helper.make_tensor_value_info(
+                target, onnx.TensorProto.FLOAT, [None if d is None else d for d in cut.tensor.shape]
+            )
+        inputs = [i for i in g.input if i.name in needed]
+        inits = [t for t in g.initializer if t.name in needed]
+        inner = {t for n in keep for t in n.outputs} | {i.name for i in inputs}
+        value_info = [vi for vi in g.value_info if vi.name in inner and vi.name != target]
+        graph = onnx.helper.make_graph(
+            [n.handle for n in keep], f"{g.name or 'model'}_public", inputs, [out_vi],
+            initializer=inits, value_info=value_info,
+        )
+        model = onnx.helper.make_model(
+            graph, opset_imports=list(self.model.opset_import),
+            producer_name="ennclave", ir_version=self.model.ir_version,
+        )
+        model.functions.extend(self.model.functions)
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as e:
+            raise CutError(f"The extracted public part is not a valid ONNX model ({e}).") from None
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
+
+    # -- constant folding --------------------------------------------------------
+    def _shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """Logical shapes of dynamic tensors (batch None); runs the model once to fill
+        in what static shape inference could not work out."""
+        shapes = {k: v.shape for k, v in self.graph.tensors.items()}
+        missing = [t for n in self.graph.nodes for t in n.outputs
+                   if t not in self.graph.constant_tensors
+                   and (not shapes.get(t) or any(d is None for d in shapes[t][1:]))]
+        if missing and self._probed is None:
+            self._probed = self._probe_shapes(missing)
+        if self._probed:
+            shapes.update(self._probed)
+        return shapes
+
+    def _probe_shapes(self, names: list[str]) -> dict[str, tuple[int | None, ...]]:
+        onnx = require("onnx")
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        have = {o.name for o in m.graph.output}
+        for t in names:
+            if t not in have:
+                m.graph.output.append(onnx.ValueInfoProto(name=t))
+        try:
+            sess = self._open_session(m.SerializeToString())
+            x = self.random_inputs(1, np.random.default_rng(0))
+            outs = sess.run([o.name for o in sess.get_outputs()],
+                            {sess.get_inputs()[0].name: x})
+        except Exception:
+            return {}
+        return {o.name: (None, *np.shape(v)[1:]) if np.ndim(v) else ()
+                for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+    def _constants(self) -> dict[int, dict[str, np.ndarray]]:
+        """Values of every constant tensor, once per probe batch size."""
+        if self._const_cache is not None:
+            return self._const_cache
+        numpy_helper = require("onnx.numpy_helper")
+        reference = require("onnx.reference")
+        g = self.graph
+        shapes = {k: v.shape for k, v in g.tensors.items()}
+        base = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
+        opsets = {o.domain or "": o.version for o in self.model.opset_import}
+        result: dict[int, dict[str, np.ndarray]] = {}
+        for batch in _PROBES:
+            vals = dict(base)
+            for node in g.nodes:
+                if not all(t in g.constant_tensors for t in node.outputs):
+                    continue
+                n = node.handle
+                try:
+                    if n.op_type in _SHAPE_OPS and n.input[0] not in g.constant_tensors:
+                        shape = shapes.get(n.input[0])
+                        if not shape or any(d is None for d in shape[1:]):
+                            continue  # unknown: an error only if something uses it
+                        full = np.array([batch, *shape[1:]], dtype=np.int64)
+                        a = _attrs(n)
+                        full = full[a.get("start", 0) : a.get("end", len(full))]
+                        vals[n.output[0]] = (
+                            full if n.op_type == "Shape" else np.array(np.prod(full), np.int64)
+                        )
+                        continue
+                    if not all(t in vals for t in n.input if t):
+                        continue
+                    ev = reference.ReferenceEvaluator(n, opsets=opsets)
+                    outs = ev.run(None, {t: vals[t] for t in n.input if t})
+                    for name, v in zip(n.output, outs, strict=False):
+                        if name:
+                            vals[name] = np.asarray(v)
+                except Exception:
+                    continue  # left unknown: an error only if the private side uses it
+            result[batch] = vals
+        self._const_cache = result
+        return result
+
+    def _const(self, name: str, node: Node) -> np.ndarray:
+        """A constant operand; it must not depend on the batch size."""
+        vals = [c.get(name) for c in self._constants().values()]
+        if any(v is None for v in vals):
+            raise UnsupportedOpError(
+                f"Node {node.name!r} ({node.op_type}) uses {name!r}, a constant ennclave "
+                f"could not evaluate; simplify the model (e.g. onnxsim) first."
+            )
+        first = vals[0]
+        if any(v.shape != first.shape or not np.array_equal(v, first) for v in vals[1:]):
+            raise UnsupportedOpError(
+                f"Node {node.name!r} ({node.op_type}) uses {name!r}, which depends on the "
+                f"batch size; the enclave program cannot express that."
+            )
+        return first
+
+    # -- lowering ----------------------------------------------------------------
+    def lower_private(self, cut: CutPoint) -> Program:
+        g = self.graph
+        if len(g.inputs) != 1 or len(g.outputs) != 1:
+            raise UnsupportedOpError(
+                f"The enclave program needs a model with one input and one output; this "
+                f"one has {len(g.inputs)} and {len(g.outputs)}."
+            )
+        inp = g.inputs[0]
+        if inp.dtype != "float32" or g.outputs[0].dtype != "float32":
+            raise UnsupportedOpError(
+                f"The enclave program computes in float32, but the model's input/output "
+                f"types are {inp.dtype}/{g.outputs[0].dtype}."
+            )
+        return _Lowering(self, cut).run()
+
+
+class _Lowering:
+    """One lowering of the private side of `cut`."""
+
+    def __init__(self, adapter: OnnxAdapter, cut: CutPoint) -> None:
+        self.a = adapter
+        self.g = adapter.graph
+        self.cut = cut
+        self.shapes = adapter._shapes()
+        self.b = ProgramBuilder()
+        self.env: dict[str, _Val] = {}
+        self._layout_cache: dict[tuple[str, tuple[int, ...]], _Val] = {}
+        self.pshape: dict[str, tuple[int | None, ...]] = {}
+
+    # -- helpers -----------------------------------------------------------------
+    def shape(self, tensor: str, node: Node) -> tuple[int | None, ...]:
+        s = self.shapes.get(tensor)
+        if s is None or len(s) == 0 or any(d is None for d in s[1:]):
+            raise UnsupportedOpError(
+                f"Node {node.name!r} ({node.op_type}): the shape of {tensor!r} is not known "
+                f"statically (got {s}); the enclave program needs static non-batch dims."
+            )
+        return (None, *s[1:])
+
+    def emit(self, op: str, inputs: list[str], node: Node, out_shape: tuple[int | None, ...],
+             attrs: dict[str, Any] | None = None, weights: dict[str, np.ndarray] | None = None,
+             ) -> str:
+        out = self.b.add(op, inputs, node.name, attrs=attrs, weights=weights)
+        self.pshape[out] = out_shape
+        return out
+
+    def constant(self, node: Node, value: np.ndarray) -> str:
+        out = self.b.constant(f"{node.name}.const", value.astype(np.float32))
+        self.pshape[out] = tuple(value.shape)
+        return out
+
+    def to_layout(self, v: _Val, perm: tuple[int, ...], node: Node) -> _Val:
+        if v.perm == perm:
+            return v
+        key = (v.name, perm)
+        if key in self._layout_cache:
+            return self._layout_cache[key]
+        q = tuple(_inv(v.perm)[p] for p in perm)
+        target = _Val("", perm, v.shape)
+        # Moving only unit axes is a reshape (free) rather than a transpose.
+        nonunit_now = [a for a in v.perm if v.shape[a] != 1]
+        nonunit_then = [a for a in perm if v.shape[a] != 1]
+        if nonunit_now == nonunit_then:
+            name = self.emit("reshape", [v.name], node, target.pshape,
+                             {"shape": [int(d) for d in target.pshape[1:]]})
+        else:
+            name = self.emit("transpose", [v.name], node, target.pshape, {"perm": list(q)})
+        out = _Val(name, perm, v.shape)
+        self._layout_cache[key] = out
+        return out
+
+    def logical(self, v: _Val, node: Node) -> _Val:
+        return self.to_layout(v, _ident(v.rank), node)
+
+    def unsupported(self, node: Node, why: str) -> UnsupportedOpError:
+        return UnsupportedOpError(f"Node {node.name!r} ({node.op_type}): {why}.")
+
+    def dyn(self, node: Node, i: int = 0) -> _Val:
+        t = node.inputs[i] if i < len(node.inputs) else ""
+        if t not in self.env:
+            raise self.unsupported(node, f"input {i} must be a computed tensor, not a constant")
+        return self.env[t]
+
+    def opt_const(self, node: Node, i: int) -> np.ndarray | None:
+        n = node.handle
+        if i >= len(n.input) or not n.input[i]:
+            return None
+        if n.input[i] not in self.g.constant_tensors:
+            raise self.unsupported(node, f"input {i} must be a constant")
+        return self.a._const(n.input[i], node)
+
+    # -- driver ------------------------------------------------------------------
+    def run(self) -> Program:
+        g, cut = self.g, self.cut
+        out_name = g.outputs[0].name
+        private = g.nodes[cut.position :]
+        # Only what the output needs, and nothing constant (that is folded).
+        needed = {out_name}
+        todo: list[Node] = []
+        for node in reversed(private):
+            if any(t in needed for t in node.outputs) and not all(
+                t in g.constant_tensors for t in node.outputs
+            ):
+                todo.append(node)
+                needed.update(node.inputs)
+        todo.reverse()
+
+        in_name = self.b.fresh(cut.tensor.name)
+        in_shape = (None, *self.shape(cut.tensor.name, Node("input", "Input", [], []))[1:])
+        self.env[cut.tensor.name] = _Val(in_name, _ident(len(in_shape)), in_shape)
+        self.pshape[in_name] = in_shape
+        for node in todo:
+            for t in node.inputs:
+                if t not in self.env and t not in g.constant_tensors:
+                    raise CutError(
+                        f"Cut {cut.name!r} does not separate the model: node {node.name!r} "
+                        f"also reads {t!r} from the public side."
+                    )
+            self.lower_node(node)
+        if out_name not in self.env:
+            raise CutError(f"The private side of cut {cut.name!r} does not compute the output.")
+        final = self.logical(self.env[out_name], g.nodes[-1])
+        out_shape = self.shape(out_name, g.nodes[-1])
+        prog = self.b.build(
+            [TensorInfo(in_name, in_shape)], [TensorInfo(final.name, out_shape)]
+        )
+        _optimize(prog, self.pshape)
+        return prog
+
+    def lower_node(self, node: Node) -> None:
+        op = node.op_type
+        n = node.handle
+        if n.domain not in ("", "ai.onnx"):
+            raise self.unsupported(node, f"custom domain {n.domain!r} is not supported; "
+                                         f"supported ops: {', '.join(SUPPORTED_OPS)}")
+        handler: Callable[[Node, dict[str, Any]], _Val] | None = getattr(
+            self, f"op_{op}", None
+        )
+        if op in _UNARY_ACTIVATIONS:
+            v = self.dyn(node)
+            out = self.act(node, v, activation(_UNARY_ACTIVATIONS[op]))
+        elif op in _BINARY:
+            out = self.binary(node, _BINARY[op], list(node.inputs))
+        elif op in _REDUCE:
+            out = self.reduce(node, _REDUCE[op], _attrs(n))
+        elif handler is not None:
+            out = handler(node, _attrs(n))
+        else:
+            raise UnsupportedOpError(
+                f"Node {node.name!r} has op type {op}, which the enclave program does not "
+                f"support; supported ops: {', '.join(SUPPORTED_OPS)}."
+            )
+        extra = [t for t in n.output[1:] if t]
+        used = {t for m in self.g.nodes for t in m.inputs} | {o.name for o in self.g.outputs}
+        if any(t in used for t in extra):
+            raise self.unsupported(node, "only its first output can be lowered")
+        self.env[n.output[0]] = out
+
+    def act(self, node: Node, v: _Val, act: dict[str, Any]) -> _Val:
+        name = self.emit("activation", [v.name], node, v.pshape, {"activation": act})
+        return _Val(name, v.perm, v.shape)
+
+    # -- elementwise -------------------------------------------------------------
+    def binary(self, node: Node, op: str, inputs: list[str]) -> _Val:
+        out_shape = self.shape(node.outputs[0], node)
+        r = len(out_shape)
+        dyn = [self.env[t] for t in inputs if t in self.env]
+        if not dyn:
+            raise self.unsupported(node, "all operands are constant")
+        for v in dyn:
+            if v.rank != r:
+                raise self.unsupported(node, "operands of different rank that both depend "
+                                             "on the input cannot be broadcast batch-first")
+        perm = dyn[0].perm
+        names: list[str] = []
+        for t in inputs:
+            if t in self.env:
+                names.append(self.to_layout(self.env[t], perm, node).name)
+                continue
+            c = np.asarray(self.a._const(t, node))
+            if c.dtype.kind not in "fiub":
+                raise self.unsupported(node, f"constant {t!r} is not numeric")
+            if c.ndim > r:
+                raise self.unsupported(node, f"constant {t!r} has a higher rank than the output")
+            c = c.reshape((1,) * (r - c.ndim) + c.shape)
+            if c.shape[0] != 1:
+                raise self.unsupported(node, f"constant {t!r} would broadcast over the batch")
+            c = np.transpose(c, perm)[0]
+            while c.ndim and c.shape[0] == 1:  # leading unit dims broadcast anyway
+                c = c[0]
+            names.append(self.constant(node, c))
+        pshape = tuple(out_shape[p] for p in perm)
+        if len(names) == 1:
+            return _Val(names[0], perm, out_shape)  # variadic op with one input
+        if op in ("sub", "div", "pow") and len(names) != 2:
+            raise self.unsupported(node, "expected exactly two inputs")
+        name = self.emit(op, names, node, pshape)
+        return _Val(name, perm, out_shape)
+
+    def op_Identity(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.dyn(node)
+
+    def op_Dropout(self, node: Node, a: dict[str, Any]) -> _Val:
+        training = self.opt_const(node, 2)
+        if training is not None and bool(training.reshape(-1)[0]):
+            raise self.unsupported(node, "training_mode=True")
+        return self.dyn(node)  # inference: identity
+
+    def op_Cast(self, node: Node, a: dict[str, Any]) -> _Val:
+        if a.get("to") != 1:
+            raise self.unsupported(node, "only casts to float32 are supported")
+        return self.dyn(node)
+
+    def op_LeakyRelu(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.act(node, self.dyn(node), activation("leaky_relu", alpha=a.get("alpha", 0.01)))
+
+    def op_Elu(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.act(node, self.dyn(node), activation("elu", alpha=a.get("alpha", 1.0)))
+
+    def op_Selu(self, node: Node, a: dict[str, Any]) -> _Val:
+        if abs(a.get("alpha", 1.6732632) - 1.6732632423543772) > 1e-6 or abs(
+            a.get("gamma", 1.0507010) - 1.0507009873554805
+        ) > 1e-6:
+            raise self.unsupported(node, "only the standard alpha/gamma are supported")
+        return self.act(node, self.dyn(node), activation("selu"))
+
+    def op_HardSigmoid(self, node: Node, a: dict[str, Any]) -> _Val:
+        act = activation("hard_sigmoid", alpha=a.get("alpha", 0.2), beta=a.get("beta", 0.5))
+        return self.act(node, self.dyn(node), act)
+
+    def op_HardSwish(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        hs = self.act(node, v, activation("hard_sigmoid", alpha=1 / 6, beta=0.5))
+        return _Val(self.emit("mul", [v.name, hs.name], node, v.pshape), v.perm, v.shape)
+
+    def op_Gelu(self, node: Node, a: dict[str, Any]) -> _Val:
+        approx = _s(a.get("approximate", "none"))
+        return self.act(node, self.dyn(node), activation("gelu", approximate=approx == "tanh"))
+
+    def op_Softmax(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        axis = v.phys_axis(a.get("axis", -1))
+        if axis == 0:
+            raise self.unsupported(node, "softmax over the batch axis")
+        return self.act(node, v, activation("softmax", axis=axis - v.rank))
+
+    def op_Clip(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        lo_c, hi_c = self.opt_const(node, 1), self.opt_const(node, 2)
+        lo = float(lo_c) if lo_c is not None else a.get("min")
+        hi = float(hi_c) if hi_c is not None else a.get("max")
+        if lo is not None and hi is not None:
+            if lo == 0 and hi == 6:
+                return self.act(node, v, activation("relu6"))
+            return self.act(node, v, activation("clip", min=lo, max=hi))
+        if lo is not None and hi is None:
+            if lo == 0:
+                return self.act(node, v, activation("relu"))
+            c = self.constant(node, np.array(lo, np.float32))
+            return _Val(self.emit("max", [v.name, c], node, v.pshape), v.perm, v.shape)
+        if hi is not None:
+            c = self.constant(node, np.array(hi, np.float32))
+            return _Val(self.emit("min", [v.name, c], node, v.pshape), v.perm, v.shape)
+        return v
+
+    def op_PRelu(self, node: Node, a: dict[str, Any]) -> _Val:
+        # max(x, 0) + slope * min(x, 0), exactly.
+        v = self.dyn(node)
+        slope = self.opt_const(node, 1)
+        assert slope is not None
+        perm = v.perm
+        c = slope.reshape((1,) * (v.rank - slope.ndim) + slope.shape)
+        c = np.transpose(c, perm)[0]
+        zero = self.constant(node, np.array(0, np.float32))
+        pos = self.emit("max", [v.name, zero], node, v.pshape)
+        neg = self.emit("min", [v.name, zero], node, v.pshape)
+        scaled = self.emit("mul", [neg, self.constant(node, c)], node, v.pshape)
+        return _Val(self.emit("add", [pos, scaled], node, v.pshape), perm, v.shape)
+
+    # -- linear ------------------------------------------------------------------
+    def dense(self, node: Node, v: _Val, kernel: np.ndarray, bias: np.ndarray | None) -> _Val:
+        if v.perm[-1] != v.rank - 1:
+            v = self.logical(v, node)
+        out_shape = (*v.shape[:-1], int(kernel.shape[1]))
+        w = {"kernel": kernel}
+        if bias is not None:
+            w["bias"] = bias
+        name = self.emit("dense", [v.name], node, tuple(out_shape[p] for p in v.perm),
+                         weights=w)
+        return _Val(name, v.perm, out_shape)
+
+    def op_MatMul(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        if node.inputs[1] in self.env:
+            raise self.unsupported(node, "a product of two computed tensors (e.g. attention) "
+                                         "is not supported; only constant right operands")
+        k = self.opt_const(node, 1)
+        assert k is not None
+        if k.ndim != 2:
+            raise self.unsupported(node, "the constant right operand must be 2-D")
+        return self.dense(node, v, k.astype(np.float32), None)
+
+    def op_Gemm(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        if a.get("transA", 0):
+            raise self.unsupported(node, "transA=1 would transpose the batch axis")
+        b = self.opt_const(node, 1)
+        assert b is not None
+        kernel = (b.T if a.get("transB", 0) else b).astype(np.float64) * a.get("alpha", 1.0)
+        c = self.opt_const(node, 2)
+        bias = None
+        if c is not None:
+            m = kernel.shape[1]
+            if c.ndim == 2 and c.shape[0] != 1:
+                raise self.unsupported(node, "C would broadcast over the batch")
+            bias = np.broadcast_to(c.reshape(-1) if c.ndim else c, (m,)) * a.get("beta", 1.0)
+        return self.dense(node, v, kernel, bias)
+
+    def spatial_attrs(self, node: Node, a: dict[str, Any], in_sp: list[int], window: list[int],
+                      ) -> tuple[list[int], list[int], list[list[int]]]:
+        nd = len(window)
+        strides = list(a.get("strides", [1] * nd))
+        dil = list(a.get("dilations", [1] * nd))
+        pads = list(a.get("pads", [0] * (2 * nd)))
+        auto = _s(a.get("auto_pad", "NOTSET"))
+        pairs = [[int(pads[i]), int(pads[i + nd])] for i in range(nd)]
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            pairs = []
+            for i in range(nd):
+                out = -(-in_sp[i] // strides[i])
+                total = max((out - 1) * strides[i] + (window[i] - 1) * dil[i] + 1 - in_sp[i], 0)
+                small = total // 2
+                pairs.append([small, total - small] if auto == "SAME_UPPER"
+                             else [total - small, small])
+        elif auto == "VALID":
+            pairs = [[0, 0] for _ in range(nd)]
+        elif auto != "NOTSET":
+            raise self.unsupported(node, f"auto_pad={auto}")
+        return strides, dil, pairs
+
+    def op_Conv(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        if v.rank not in (3, 4):
+            raise self.unsupported(node, "only 1-D and 2-D convolutions are supported")
+        w = self.opt_const(node, 1)
+        assert w is not None
+        bias = self.opt_const(node, 2)
+        window = [int(k) for k in w.shape[2:]]
+        strides, dil, pads = self.spatial_attrs(node, a, [int(d) for d in v.shape[2:]], window)
+        kernel = np.transpose(w, (*range(2, w.ndim), 1, 0))  # [k..., Cin/g, Cout]
+        v = self.to_layout(v, _channels_last(v.rank), node)
+        out_shape = self.shape(node.outputs[0], node)
+        weights = {"kernel": kernel}
+        if bias is not None:
+            weights["bias"] = bias
+        attrs = {"strides": strides, "dilations": dil, "pads": pads, "groups": a.get("group", 1)}
+        perm = _channels_last(v.rank)
+        name = self.emit("conv", [v.name], node, tuple(out_shape[p] for p in perm), attrs,
+                         weights)
+        return _Val(name, perm, out_shape)
+
+    def pool(self, node: Node, a: dict[str, Any], kind: str) -> _Val:
+        v = self.dyn(node)
+        if v.rank not in (3, 4):
+            raise self.unsupported(node, "only 1-D and 2-D pooling is supported")
+        window = [int(k) for k in a["kernel_shape"]]
+        in_sp = [int(d) for d in v.shape[2:]]
+        strides, dil, pads = self.spatial_attrs(node, a, in_sp, window)
+        if any(d != 1 for d in dil):
+            raise self.unsupported(node, "dilated pooling")
+        out_shape = self.shape(node.outputs[0], node)
+        for i in range(len(window)):
+            # ceil_mode: the shape inference result tells how many windows there are;
+            # extra end padding reproduces that for max (padding never wins).
+            span = in_sp[i] + pads[i][0] + pads[i][1] - window[i]
+            floor_out = span // strides[i] + 1
+            extra = (int(out_shape[2 + i] or 0) - floor_out) * strides[i]
+            if extra > 0:
+                if kind != "max":
+                    raise self.unsupported(node, "ceil_mode=1 changes the output of an "
+                                                 "average pool")
+                pads[i][1] += extra
+        v = self.to_layout(v, _channels_last(v.rank), node)
+        attrs: dict[str, Any] = {"kind": kind, "window": window, "strides": strides,
+                                 "pads": pads}
+        if kind == "avg":
+            attrs["count_include_pad"] = bool(a.get("count_include_pad", 0))
+        perm = _channels_last(v.rank)
+        name = self.emit("pool", [v.name], node, tuple(out_shape[p] for p in perm), attrs)
+        return _Val(name, perm, out_shape)
+
+    def op_MaxPool(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.pool(node, a, "max")
+
+    def op_AveragePool(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.pool(node, a, "avg")
+
+    def global_pool(self, node: Node, kind: str) -> _Val:
+        v = self.dyn(node)
+        if v.rank < 3:
+            raise self.unsupported(node, "global pooling needs spatial dims")
+        perm = _channels_last(v.rank)
+        v = self.to_layout(v, perm, node)
+        out_shape = (None, v.shape[1], *([1] * (v.rank - 2)))
+        name = self.emit("global_pool", [v.name], node, tuple(out_shape[p] for p in perm),
+                         {"kind": kind, "keepdims": True})
+        return _Val(name, perm, out_shape)
+
+    def op_GlobalAveragePool(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.global_pool(node, "avg")
+
+    def op_GlobalMaxPool(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.global_pool(node, "max")
+
+    def op_BatchNormalization(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        if a.get("training_mode", 0):
+            raise self.unsupported(node, "training_mode=1")
+        gamma, beta, mean, var = (self.opt_const(node, i) for i in (1, 2, 3, 4))
+        assert gamma is not None and beta is not None and mean is not None and var is not None
+        scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + a.get("epsilon", 1e-5))
+        shift = beta - mean * scale
+        axis = v.phys_axis(1)
+        name = self.emit("scale_shift", [v.name], node, v.pshape, {"axis": axis - v.rank},
+                         {"scale": scale, "shift": shift})
+        return _Val(name, v.perm, v.shape)
+
+    def op_LayerNormalization(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        axis = a.get("axis", -1) % v.rank
+        if axis == 0:
+            raise self.unsupported(node, "normalizing over the batch axis")
+        tail = tuple(range(axis, v.rank))
+        if v.perm[axis:] != tail:
+            v = self.logical(v, node)
+        norm_shape = tuple(int(d) for d in v.shape[axis:])  # type: ignore[arg-type]
+        w: dict[str, np.ndarray] = {}
+        gamma, beta = self.opt_const(node, 1), self.opt_const(node, 2)
+        if gamma is not None:
+            w["gamma"] = np.broadcast_to(gamma, norm_shape)
+        if beta is not None:
+            w["beta"] = np.broadcast_to(beta, norm_shape)
+        attrs = {"axes": list(range(axis - v.rank, 0)), "epsilon": a.get("epsilon", 1e-5)}
+        name = self.emit("layer_norm", [v.name], node, v.pshape, attrs, w)
+        return _Val(name, v.perm, v.shape)
+
+    # -- shape ops ---------------------------------------------------------------
+    def reshape_to(self, node: Node, v: _Val, out_shape: tuple[int | None, ...]) -> _Val:
+        v = self.logical(v, node)
+        name = self.emit("reshape", [v.name], node, out_shape,
+                         {"shape": [int(d) for d in out_shape[1:]]})  # type: ignore[arg-type]
+        return _Val(name, _ident(len(out_shape)), out_shape)
+
+    def op_Reshape(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        target_name = node.inputs[1]
+        results = []
+        for batch, consts in self.a._constants().items():
+            t = consts.get(target_name)
+            if t is None:
+                raise self.unsupported(node, "its target shape could not be evaluated")
+            in_shape = [batch, *[int(d) for d in v.shape[1:]]]  # type: ignore[arg-type]
+            out = [int(d) for d in t.reshape(-1)]
+            if 0 in out and a.get("allowzero", 0):
+                raise self.unsupported(node, "allowzero=1 with a zero in the shape")
+            out = [in_shape[i] if d == 0 else d for i, d in enumerate(out)]
+            if -1 in out:
+                known = int(np.prod([d for d in out if d != -1]))
+                out[out.index(-1)] = int(np.prod(in_shape)) // max(known, 1)
+            if not out or out[0] != batch or int(np.prod(out)) != int(np.prod(in_shape)):
+                raise self.unsupported(node, f"target shape {list(t.reshape(-1))} does not "
+                                             f"keep the batch axis first")
+            results.append(tuple(out[1:]))
+        if len(set(results)) != 1:
+            raise self.unsupported(node, "its target shape depends on the batch size")
+        return self.reshape_to(node, v, (None, *results[0]))
+
+    def op_Flatten(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        axis = a.get("axis", 1) % max(v.rank, 1) if a.get("axis", 1) < 0 else a.get("axis", 1)
+        if axis == 0 or any(d != 1 for d in v.shape[1:axis]):
+            raise self.unsupported(node, f"axis={axis} would merge the batch axis")
+        rest = int(np.prod([int(d) for d in v.shape[axis:]]))  # type: ignore[arg-type]
+        return self.reshape_to(node, v, (None, rest))
+
+    def _axes(self, node: Node, a: dict[str, Any], rank: int) -> list[int] | None:
+        axes = self.opt_const(node, 1) if len(node.handle.input) > 1 else None
+        if axes is None:
+            axes = a.get("axes")
+        if axes is None:
+            return None
+        return sorted(int(x) % rank for x in np.asarray(axes).reshape(-1))
+
+    def op_Squeeze(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        axes = self._axes(node, a, v.rank)
+        if axes is not None and 0 in axes:
+            raise self.unsupported(node, "squeezing the batch axis")
+        return self.reshape_to(node, v, self.shape(node.outputs[0], node))
+
+    def op_Unsqueeze(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        out_shape = self.shape(node.outputs[0], node)
+        axes = self._axes(node, a, len(out_shape))
+        if axes is None or 0 in axes:
+            raise self.unsupported(node, "unsqueezing at the batch axis")
+        return self.reshape_to(node, v, out_shape)
+
+    def op_Transpose(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        t = tuple(a.get("perm", range(v.rank - 1, -1, -1)))
+        if t[0] != 0:
+            raise self.unsupported(node, f"perm {list(t)} moves the batch axis")
+        # No program node: the data stays put, only its labels change.
+        inv_t = _inv(t)
+        return _Val(v.name, tuple(inv_t[p] for p in v.perm),
+                    tuple(v.shape[i] for i in t))
+
+    def op_Concat(self, node: Node, a: dict[str, Any]) -> _Val:
+        ins = [t for t in node.inputs]
+        if any(t not in self.env for t in ins):
+            raise self.unsupported(node, "concatenating a constant would need it repeated "
+                                         "over the batch")
+        vals = [self.env[t] for t in ins]
+        perm = vals[0].perm
+        vals = [self.to_layout(x, perm, node) for x in vals]
+        axis = vals[0].phys_axis(a["axis"])
+        if axis == 0:
+            raise self.unsupported(node, "concatenation along the batch axis")
+        out_shape = self.shape(node.outputs[0], node)
+        if len(vals) == 1:
+            return vals[0]
+        name = self.emit("concat", [x.name for x in vals], node,
+                         tuple(out_shape[p] for p in perm), {"axis": axis})
+        return _Val(name, perm, out_shape)
+
+    def op_Pad(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        mode = _s(a.get("mode", "constant"))
+        if mode != "constant":
+            raise self.unsupported(node, f"mode={mode}; only constant padding is supported")
+        pads = self.opt_const(node, 1)
+        if pads is None:
+            raise self.unsupported(node, "pads are missing")
+        value = self.opt_const(node, 2)
+        axes_c = self.opt_const(node, 3)
+        r = v.rank
+        axes = ([int(x) % r for x in axes_c.reshape(-1)] if axes_c is not None
+                else list(range(r)))
+        p = [int(x) for x in pads.reshape(-1)]
+        full = [[0, 0] for _ in range(r)]
+        for i, ax in enumerate(axes):
+            full[ax] = [p[i], p[i + len(axes)]]
+        if full[0] != [0, 0]:
+            raise self.unsupported(node, "padding the batch axis")
+        if any(x < 0 for pair in full for x in pair):
+            raise self.unsupported(node, "negative pads (cropping)")
+        phys = [full[v.perm[i]] for i in range(1, r)]
+        out_shape = self.shape(node.outputs[0], node)
+        val = float(value.reshape(-1)[0]) if value is not None and value.size else 0.0
+        name = self.emit("pad", [v.name], node, tuple(out_shape[q] for q in v.perm),
+                         {"pads": phys, "value": val})
+        return _Val(name, v.perm, out_shape)
+
+    def reduce(self, node: Node, kind: str, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        # ReduceSum (opset 13+) and all reductions (opset 18+) take axes as an input.
+        axes = self._axes(node, a, v.rank)
+        if axes is None or not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return v
+            raise self.unsupported(node, "reducing over all axes includes the batch")
+        if 0 in axes:
+            raise self.unsupported(node, "reducing over the batch axis")
+        keep = bool(a.get("keepdims", 1))
+        phys = sorted(v.phys_axis(x) for x in axes)
+        out_shape = self.shape(node.outputs[0], node)
+        if keep:
+            perm = v.perm
+        else:
+            left = [p for p in v.perm if p not in axes]  # logical axes in physical order
+            perm = tuple(sorted(left).index(p) for p in left)
+        name = self.emit("reduce", [v.name], node, tuple(out_shape[p] for p in perm),
+                         {"kind": kind, "axes": phys, "keepdims": keep})
+        return _Val(name, perm, out_shape)
+
+
+# -- program clean-up ----------------------------------------------------------
+def _optimize(prog: Program, pshape: dict[str, tuple[int | None, ...]]) -> None:
+    """Fold per-channel affine ops and activations into the preceding dense/conv, then
+    drop nodes and weights nothing uses. Exact up to float rounding."""
+    out_name = prog.outputs[0].name
+    changed = True
+    while changed:
+        changed = False
+        consumers: dict[str, list[ProgramNode]] = {}
+        for n in prog.nodes:
+            for t in n.inputs:
+                consumers.setdefault(t, []).append(n)
+        const_of = {n.outputs[0]: n for n in prog.nodes if n.op == "constant"}
+        for lin in prog.nodes:
+            if lin.op not in ("dense", "conv") or lin.attrs.get("activation"):
+                continue
+            y = lin.outputs[0]
+            users = consumers.get(y, [])
+            if y == out_name or len(users) != 1:
+                continue
+            nxt = users[0]
+            if _fuse(prog, lin, nxt, const_of, pshape):
+                lin.outputs = list(nxt.outputs)
+                prog.nodes.remove(nxt)
+                changed = True
+                break
+    # Dead code: anything not feeding the output.
+    needed = {out_name}
+    live: list[ProgramNode] = []
+    for n in reversed(prog.nodes):
+        if any(t in needed for t in n.outputs):
+            live.append(n)
+            needed.update(n.inputs)
+    prog.nodes[:] = list(reversed(live))
+    used = {k for n in prog.nodes for k in n.weights.values()}
+    for k in list(prog.weights):
+        if k not in used:
+            del prog.weights[k]
+
+
+def _channel_vector(value: np.ndarray, cout: int) -> np.ndarray | None:
+    """`value` as a [cout] vector if it only varies along the last axis."""
+    if value.ndim and any(d != 1 for d in value.shape[:-1]):
+        return None
+    flat = value.reshape(-1)
+    if flat.size not in (1, cout):
+        return None
+    return np.broadcast_to(flat, (cout,)).astype(np.float64)
+
+
+def _fuse(prog: Program, lin: ProgramNode, nxt: ProgramNode,
+          const_of: dict[str, ProgramNode], pshape: dict[str, tuple[int | None, ...]]) -> bool:
+    w = prog.weights
+    kernel = w[lin.weights["kernel"]].astype(np.float64)
+    cout = kernel.shape[-1]
+    bias = (w[lin.weights["bias"]].astype(np.float64) if "bias" in lin.weights
+            else np.zeros(cout))
+    y = lin.outputs[0]
+    rank = len(pshape.get(y, ()))
+    if nxt.op == "activation":
+        lin.attrs["activation"] = nxt.attrs["activation"]
+        return True
+    if nxt.op == "scale_shift":
+        if rank == 0 or nxt.attrs.get("axis", -1) % rank != rank - 1:
+            return False
+        scale = w[nxt.weights["scale"]].astype(np.float64)
+        shift = w[nxt.weights["shift"]].astype(np.float64)
+        kernel, bias = kernel * scale, bias * scale + shift
+    elif nxt.op in ("mul", "add", "sub") and len(nxt.inputs) == 2:
+        other = [t for t in nxt.inputs if t != y]
+        if len(other) != 1 or other[0] not in const_of:
+            return False
+        if nxt.op == "sub" and nxt.inputs[0] != y:
+            return False  # c - x is not an affine fold into the bias alone
+        value = w[const_of[other[0]].weights["value"]].astype(np.float64)
+        if value.ndim > rank - 1:
+            return False
+        vec = _channel_vector(value, cout)
+        if vec is None:
+            return False
+        if nxt.op == "mul":
+            kernel, bias = kernel * vec, bias * vec
+        elif nxt.op == "add":
+            bias = bias + vec
+        else:
+            bias = bias - vec
+    else:
+        return False
+    w[lin.weights["kernel"]] = kernel.astype(np.float32)
+    if "bias" not in lin.weights:
+        key = f"{lin.name}.bias"
+        while key in w:
+            key += "_"
+        lin.weights["bias"] = key
+    w[lin.weights["bias"]] = bias.astype(np.float32)
+    return True

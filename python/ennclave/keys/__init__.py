@@ -1,0 +1,1 @@
+"""Owner-side key management: local keystore (key server: see docs)."""

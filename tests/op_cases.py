@@ -1,0 +1,91 @@
+"""One tiny Keras model per supported layer/option: each exercises one program op.
+
+Shared by the reference-vs-Keras tests and the worker-vs-reference tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+from keras_models import L, randomize_bn
+
+
+def _single(shape: tuple[int, ...], *layers) -> keras.Model:
+    inp = keras.Input(shape)
+    x = inp
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inp, x)
+
+
+def _merge(merge_layer) -> keras.Model:
+    inp = keras.Input((5, 6))
+    a = L.Dense(4, name="a")(inp)
+    b = L.Dense(4, name="b")(inp)
+    c = L.Dense(4, name="c")(inp)
+    return keras.Model(inp, merge_layer([a, b, c]))
+
+
+def _bn() -> keras.Model:
+    m = _single((6, 6, 3), L.Conv2D(4, 3, activation="relu"), L.BatchNormalization())
+    randomize_bn(m)
+    return m
+
+
+ACTIVATIONS = ["linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "sigmoid",
+               "hard_sigmoid", "tanh", "softmax", "swish", "silu"]
+
+CASES: dict[str, Callable[[], keras.Model]] = {
+    "dense": lambda: _single((7,), L.Dense(5, activation="relu")),
+    "dense_nobias_3d": lambda: _single((3, 7), L.Dense(4, use_bias=False)),
+    "conv1d_valid": lambda: _single((11, 3), L.Conv1D(4, 3)),
+    "conv1d_same_stride": lambda: _single((11, 3), L.Conv1D(4, 4, strides=2, padding="same")),
+    "conv1d_causal_dilated": lambda: _single((11, 3), L.Conv1D(4, 3, padding="causal",
+                                                                dilation_rate=2)),
+    "conv1d_groups": lambda: _single((9, 4), L.Conv1D(6, 3, groups=2, padding="same")),
+    "conv2d_valid": lambda: _single((7, 8, 3), L.Conv2D(5, (3, 2))),
+    "conv2d_same_stride2": lambda: _single((9, 9, 3), L.Conv2D(4, 3, strides=2, padding="same",
+                                                               activation="relu6")),
+    "conv2d_dilated": lambda: _single((10, 10, 2), L.Conv2D(3, 3, dilation_rate=2)),
+    "conv2d_groups": lambda: _single((6, 6, 4), L.Conv2D(6, 3, groups=2, padding="same")),
+    "depthwise2d": lambda: _single((8, 8, 3), L.DepthwiseConv2D(3, depth_multiplier=2,
+                                                               padding="same", strides=2)),
+    "depthwise1d": lambda: _single((10, 3), L.DepthwiseConv1D(3, depth_multiplier=1)),
+    "separable2d": lambda: _single((8, 8, 3), L.SeparableConv2D(5, 3, padding="same",
+                                                               activation="relu")),
+    "separable1d": lambda: _single((10, 3), L.SeparableConv1D(4, 3, depth_multiplier=2)),
+    "maxpool2d_valid": lambda: _single((7, 7, 2), L.MaxPooling2D(2)),
+    "maxpool2d_same": lambda: _single((7, 7, 2), L.MaxPooling2D(3, strides=2, padding="same")),
+    "avgpool2d_same": lambda: _single((7, 7, 2), L.AveragePooling2D(3, strides=2,
+                                                                   padding="same")),
+    "avgpool2d_valid": lambda: _single((8, 8, 2), L.AveragePooling2D(2)),
+    "maxpool1d_same": lambda: _single((9, 3), L.MaxPooling1D(2, padding="same")),
+    "avgpool1d_same": lambda: _single((9, 3), L.AveragePooling1D(3, strides=2, padding="same")),
+    "gap2d": lambda: _single((5, 5, 3), L.GlobalAveragePooling2D()),
+    "gmp2d_keepdims": lambda: _single((5, 5, 3), L.GlobalMaxPooling2D(keepdims=True)),
+    "gap1d": lambda: _single((6, 3), L.GlobalAveragePooling1D()),
+    "gmp1d": lambda: _single((6, 3), L.GlobalMaxPooling1D()),
+    "zeropad2d": lambda: _single((4, 5, 2), L.ZeroPadding2D(((1, 2), (0, 3))), L.Conv2D(2, 2)),
+    "zeropad1d": lambda: _single((5, 2), L.ZeroPadding1D((2, 1)), L.Conv1D(2, 2)),
+    "flatten": lambda: _single((3, 4, 2), L.Flatten(), L.Dense(3)),
+    "reshape": lambda: _single((12,), L.Reshape((3, 4)), L.Dense(2)),
+    "batchnorm": _bn,
+    "layernorm": lambda: _single((4, 6), L.LayerNormalization()),
+    "layernorm_2axes": lambda: _single((4, 6), L.LayerNormalization(axis=[1, 2])),
+    "add": lambda: _merge(L.Add()),
+    "subtract": lambda: (lambda i: keras.Model(i, L.Subtract()([L.Dense(3)(i), L.Dense(3)(i)])))(
+        keras.Input((4,))),
+    "multiply": lambda: _merge(L.Multiply()),
+    "average": lambda: _merge(L.Average()),
+    "maximum": lambda: _merge(L.Maximum()),
+    "minimum": lambda: _merge(L.Minimum()),
+    "concatenate": lambda: _merge(L.Concatenate(axis=1)),
+    "dropout": lambda: _single((5,), L.Dense(4), L.Dropout(0.5), L.Dense(2)),
+    "relu_max6": lambda: _single((5,), L.Dense(4), L.ReLU(max_value=6.0)),
+    "relu_slope": lambda: _single((5,), L.Dense(4), L.ReLU(negative_slope=0.3)),
+    "leakyrelu": lambda: _single((5,), L.Dense(4), L.LeakyReLU(negative_slope=0.1)),
+    "elu_layer": lambda: _single((5,), L.Dense(4), L.ELU(alpha=0.5)),
+    "softmax_axis1": lambda: _single((3, 4), L.Softmax(axis=1)),
+    **{f"act_{a}": (lambda a=a: _single((6,), L.Dense(5), L.Activation(a))) for a in ACTIVATIONS},
+}
