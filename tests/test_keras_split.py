@@ -235,3 +235,12 @@ def test_unreadable_model_error_type(tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelLoadError, match="broken.h5"):
         load_model(bad)
+
+
+def test_samples_of_wrong_shape_are_refused(saved, tmp_path):
+    from ennclave.errors import InputError
+
+    with pytest.raises(InputError, match=r"takes \(N, 12, 12, 3\)"):
+        split_model(saved["seq"], "p1", tmp_path / "b", samples=np.zeros((2, 5), "float32"),
+                    keystore=tmp_path / "ks.json")
+    assert list(tmp_path.iterdir()) == []

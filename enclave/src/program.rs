@@ -488,6 +488,7 @@ impl<'d> Builder<'d> {
                 if let Some(l) = od.last_mut() {
                     *l = n;
                 }
+                checked_product(&od, &format!("node {:?}: output", ctx.name))?;
                 let act = self.activation(ctx, ctx.attr("activation"), &od)?;
                 (Op::Dense { rows, k, n, kernel, bias, act }, batched(od))
             }
@@ -569,9 +570,9 @@ impl<'d> Builder<'d> {
                     Some(v) => float(v, &ctx.what("value"))?,
                     None => 0.0,
                 };
-                let p = Pad::new(d, &b, &e, value);
-                let od = p.out_dims.clone();
+                let od: Vec<usize> = (0..d.len()).map(|i| d[i] + b[i] + e[i]).collect();
                 checked_product(&od, &ctx.what("pads"))?;
+                let p = Pad::new(d, &b, &e, value);
                 (Op::Pad(p), batched(od))
             }
             "reshape" => {
@@ -793,6 +794,7 @@ impl<'d> Builder<'d> {
         let (g, _) = self.window(ctx, d, Some(&ks[..ks.len() - 2]))?;
         let bias = self.weight_shaped(ctx, "bias", &[cout], false)?;
         let od = spatial_out(d, &g, cout);
+        checked_product(&od, &format!("node {:?}: output", ctx.name))?;
         let act = self.activation(ctx, ctx.attr("activation"), &od)?;
         Ok((Op::Conv { p: ConvParams { g, cout, groups, act }, kernel, bias }, (od, true, None)))
     }

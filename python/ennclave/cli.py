@@ -14,7 +14,8 @@ from rich.console import Console
 from . import __version__
 from .errors import EnnclaveError, InputError
 
-console = Console(stderr=False)
+# Tables are wide: when piped (no terminal to measure), do not squeeze them to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
 

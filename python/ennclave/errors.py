@@ -34,3 +34,35 @@ class BundleError(EnnclaveError):
 
 class InputError(EnnclaveError):
     """An input array or argument has the wrong shape, dtype or value."""
+
+
+class AuthenticationError(BundleError):
+    """The sealed program did not authenticate: wrong data key, or the manifest or the
+    sealed file was changed after sealing."""
+
+
+class KeyNotFound(EnnclaveError):
+    """The bundle's data key is not in the keystore."""
+
+
+class WorkerNotFound(EnnclaveError):
+    """The enclave worker binary (`ennclave-enclave`) cannot be found."""
+
+
+class WorkerError(EnnclaveError):
+    """The enclave worker refused a request or failed to start; it keeps serving unless
+    `fatal` is set."""
+
+    def __init__(self, message: str, code: int = 0, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.fatal = fatal
+
+
+class WorkerCrashed(WorkerError):
+    """The enclave worker process died while (or before) serving a request; the next
+    call starts a fresh worker."""
+
+
+class QueryBudgetExhausted(WorkerError):
+    """The bundle's output policy allows no more queries (`max_queries`)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapters import ModelAdapter
+from .errors import InputError
 from .graph import CutPoint
 from .program import Program
 from .reference import execute
@@ -40,7 +41,14 @@ def verify_split(
     """
     batches = [adapter.random_inputs(n_random, np.random.default_rng(seed))]
     if samples is not None:
-        batches.append(np.asarray(samples))
+        samples = np.asarray(samples)
+        expected_shape = tuple(adapter.graph.inputs[0].shape[1:])
+        if samples.ndim == 0 or tuple(samples.shape[1:]) != expected_shape or len(samples) == 0:
+            raise InputError(
+                f"The samples have shape {samples.shape} but the model takes "
+                f"(N, {', '.join(map(str, expected_shape))}); pass a batch of model inputs."
+            )
+        batches.append(samples.astype(batches[0].dtype))
     max_abs, max_rel, count = 0.0, 0.0, 0
     for x in batches:
         expected = adapter.predict(x)

@@ -149,13 +149,13 @@ fn runs(bc: &Bcast, batch: usize, mut g: impl FnMut(usize, usize, usize, usize))
     }
 }
 
-/// `out = inputs[0] ⊕ inputs[1] ⊕ …` (left fold). `out` holds `batch` samples of the
-/// output (or one, for an unbatched output: pass `batch = 1`).
-pub fn binary(kind: BinKind, out: &mut [f32], inputs: &[(&[f32], &Bcast)], batch: usize) {
-    let Some(&(a, abc)) = inputs.first() else { return };
-    let rest = &inputs[1..];
-    if abc.is_full() && !rest.is_empty() {
-        let (b, bbc) = rest[0];
+/// `out = a ⊕ b`, broadcasting. `out` holds `batch` samples of the output (pass
+/// `batch = 1` for an unbatched output). Further inputs of a left fold are applied
+/// with [`inplace`].
+pub fn binary(kind: BinKind, out: &mut [f32], a: (&[f32], &Bcast), b: (&[f32], &Bcast), batch: usize) {
+    let (a, abc) = a;
+    let (b, bbc) = b;
+    if abc.is_full() {
         let a = &a[..batch * abc.batch_stride];
         runs(bbc, batch, |o, bo, len, s| {
             let out = &mut out[o..o + len];
@@ -171,9 +171,6 @@ pub fn binary(kind: BinKind, out: &mut [f32], inputs: &[(&[f32], &Bcast)], batch
                 }
             }
         });
-        for &(b, bbc) in &rest[1..] {
-            inplace(kind, out, b, bbc, batch);
-        }
     } else {
         runs(abc, batch, |o, ao, len, s| {
             if s == 1 {
@@ -182,13 +179,13 @@ pub fn binary(kind: BinKind, out: &mut [f32], inputs: &[(&[f32], &Bcast)], batch
                 out[o..o + len].fill(a[ao]);
             }
         });
-        for &(b, bbc) in rest {
-            inplace(kind, out, b, bbc, batch);
-        }
+        inplace(kind, out, (b, bbc), batch);
     }
 }
 
-fn inplace(kind: BinKind, out: &mut [f32], b: &[f32], bc: &Bcast, batch: usize) {
+/// `out = out ⊕ b`, broadcasting `b`.
+pub fn inplace(kind: BinKind, out: &mut [f32], b: (&[f32], &Bcast), batch: usize) {
+    let (b, bc) = b;
     runs(bc, batch, |o, bo, len, s| {
         let out = &mut out[o..o + len];
         if s == 1 {
@@ -216,24 +213,16 @@ mod tests {
         let col = Bcast::new(&out_dims, &[2, 1], false);
         let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
         let mut y = vec![0.0; 12];
-        binary(BinKind::Add, &mut y, &[(&x, &full), (&[10.0, 20.0, 30.0], &row)], 2);
+        binary(BinKind::Add, &mut y, (&x, &full), (&[10.0, 20.0, 30.0], &row), 2);
         assert_eq!(y[..6], [10.0, 21.0, 32.0, 13.0, 24.0, 35.0]);
         assert_eq!(y[6..9], [16.0, 27.0, 38.0]);
         // constant first, batched second; 3 operands folded left
-        binary(
-            BinKind::Sub,
-            &mut y,
-            &[(&[100.0, 200.0], &col), (&x, &full)],
-            2,
-        );
+        binary(BinKind::Sub, &mut y, (&[100.0, 200.0], &col), (&x, &full), 2);
         assert_eq!(y[..6], [100.0, 99.0, 98.0, 197.0, 196.0, 195.0]);
         assert_eq!(y[6..], [94.0, 93.0, 92.0, 191.0, 190.0, 189.0]);
-        binary(
-            BinKind::Max,
-            &mut y,
-            &[(&x, &full), (&[5.0], &Bcast::new(&out_dims, &[1, 1], false)), (&[7.0, 0.0], &col)],
-            2,
-        );
+        let scalar = Bcast::new(&out_dims, &[1, 1], false);
+        binary(BinKind::Max, &mut y, (&x, &full), (&[5.0], &scalar), 2);
+        inplace(BinKind::Max, &mut y, (&[7.0, 0.0], &col), 2);
         assert_eq!(y[..6], [7.0, 7.0, 7.0, 5.0, 5.0, 5.0]);
         assert_eq!(y[6..], [7.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
     }
@@ -245,7 +234,8 @@ mod tests {
         let bc = Bcast::new(&out_dims, &[2, 1, 2], true);
         let b = [1.0, 2.0, 3.0, 4.0];
         let mut y = vec![0.0; 12];
-        binary(BinKind::Add, &mut y, &[(&b, &bc), (&[0.5], &Bcast::new(&out_dims, &[1, 1, 1], false))], 1);
+        let half = Bcast::new(&out_dims, &[1, 1, 1], false);
+        binary(BinKind::Add, &mut y, (&b, &bc), (&[0.5], &half), 1);
         assert_eq!(y, [1.5, 2.5, 1.5, 2.5, 1.5, 2.5, 3.5, 4.5, 3.5, 4.5, 3.5, 4.5]);
     }
 }

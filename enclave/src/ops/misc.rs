@@ -111,18 +111,12 @@ pub fn pad(x: &[f32], y: &mut [f32], batch: usize, p: &Pad) {
     }
 }
 
-/// Concatenate: per sample, `outer` blocks, block `o` of the output is the
-/// concatenation of block `o` of each input (`parts[i]` floats each).
-pub fn concat(xs: &[&[f32]], y: &mut [f32], batch: usize, outer: usize, parts: &[usize]) {
-    let total: usize = parts.iter().sum();
-    let mut dst = 0;
-    for blk in 0..batch * outer {
-        for (x, &len) in xs.iter().zip(parts) {
-            y[dst..dst + len].copy_from_slice(&x[blk * len..][..len]);
-            dst += len;
-        }
+/// One input of a concatenation: `blocks` blocks of `part` floats from `x` go to
+/// offset `offset` of each `total`-float block of `y`.
+pub fn concat_one(x: &[f32], y: &mut [f32], blocks: usize, part: usize, offset: usize, total: usize) {
+    for blk in 0..blocks {
+        y[blk * total + offset..][..part].copy_from_slice(&x[blk * part..][..part]);
     }
-    debug_assert_eq!(dst, batch * outer * total);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -319,7 +313,8 @@ mod tests {
         let a = [1.0, 2.0, 3.0, 4.0]; // [2, 2]
         let b = [9.0, 8.0]; // [2, 1]
         let mut y = [0.0; 6];
-        concat(&[&a, &b], &mut y, 1, 2, &[2, 1]);
+        concat_one(&a, &mut y, 2, 2, 0, 3);
+        concat_one(&b, &mut y, 2, 1, 2, 3);
         assert_eq!(y, [1.0, 2.0, 9.0, 3.0, 4.0, 8.0]);
     }
 

@@ -858,9 +858,15 @@ class _Lowering:
         v = self.dyn(node)
         if v.rank < 3:
             raise self.unsupported(node, "global pooling needs spatial dims")
-        perm = _channels_last(v.rank)
-        v = self.to_layout(v, perm, node)
         out_shape = (None, v.shape[1], *([1] * (v.rank - 2)))
+        if v.perm != _channels_last(v.rank):
+            # Not channels-last already: a reduction avoids a transpose.
+            axes = sorted(v.phys_axis(i) for i in range(2, v.rank))
+            name = self.emit("reduce", [v.name], node, tuple(out_shape[p] for p in v.perm),
+                             {"kind": kind if kind == "max" else "mean", "axes": axes,
+                              "keepdims": True})
+            return _Val(name, v.perm, out_shape)
+        perm = v.perm
         name = self.emit("global_pool", [v.name], node, tuple(out_shape[p] for p in perm),
                          {"kind": kind, "keepdims": True})
         return _Val(name, perm, out_shape)
@@ -953,9 +959,15 @@ class _Lowering:
     def op_Squeeze(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         axes = self._axes(node, a, v.rank)
-        if axes is not None and 0 in axes:
-            raise self.unsupported(node, "squeezing the batch axis")
-        return self.reshape_to(node, v, self.shape(node.outputs[0], node))
+        if axes is None:
+            axes = [i for i in range(1, v.rank) if v.shape[i] == 1]
+        if 0 in axes or any(v.shape[i] != 1 for i in axes):
+            raise self.unsupported(node, "it squeezes the batch axis or a non-unit axis")
+        # Dropping unit axes moves no data: keep the layout, reshape the physical dims.
+        left = [p for p in v.perm if p not in axes]
+        perm = tuple(sorted(left).index(p) for p in left)
+        out_shape = tuple(d for i, d in enumerate(v.shape) if i not in axes)
+        return self.phys_reshape(node, v, perm, out_shape)
 
     def op_Unsqueeze(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
@@ -963,7 +975,24 @@ class _Lowering:
         axes = self._axes(node, a, len(out_shape))
         if axes is None or 0 in axes:
             raise self.unsupported(node, "unsqueezing at the batch axis")
-        return self.reshape_to(node, v, out_shape)
+        old = [i for i in range(len(out_shape)) if i not in axes]  # new index of old axes
+        order = [old[p] for p in v.perm]
+        for ax in sorted(axes):
+            # Put a new unit axis physically next to its logical neighbour, so that
+            # e.g. [N, W, C] -> [N, 1, W, C] -> transpose -> 2-D conv needs no transpose.
+            nxt = next((o for o in old if o > ax), None)
+            prev = max((o for o in order if o < ax), default=0)
+            pos = order.index(nxt) if nxt is not None else order.index(prev) + 1
+            order.insert(max(pos, 1), ax)
+            old = sorted({*old, ax})
+        return self.phys_reshape(node, v, tuple(order), out_shape)
+
+    def phys_reshape(self, node: Node, v: _Val, perm: tuple[int, ...],
+                     out_shape: tuple[int | None, ...]) -> _Val:
+        out = _Val("", perm, out_shape)
+        name = self.emit("reshape", [v.name], node, out.pshape,
+                         {"shape": [int(d) for d in out.pshape[1:]]})  # type: ignore[arg-type]
+        return _Val(name, perm, out_shape)
 
     def op_Transpose(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
@@ -1046,31 +1075,12 @@ class _Lowering:
 
 # -- program clean-up ----------------------------------------------------------
 def _optimize(prog: Program, pshape: dict[str, tuple[int | None, ...]]) -> None:
-    """Fold per-channel affine ops and activations into the preceding dense/conv, then
-    drop nodes and weights nothing uses. Exact up to float rounding."""
+    """Peephole clean-up, exact up to float rounding: fold per-channel affine ops and
+    activations into the preceding dense/conv, merge reshape/transpose chains, turn
+    x * sigmoid(x) into swish, then drop nodes and weights nothing uses."""
     out_name = prog.outputs[0].name
-    changed = True
-    while changed:
-        changed = False
-        consumers: dict[str, list[ProgramNode]] = {}
-        for n in prog.nodes:
-            for t in n.inputs:
-                consumers.setdefault(t, []).append(n)
-        const_of = {n.outputs[0]: n for n in prog.nodes if n.op == "constant"}
-        for lin in prog.nodes:
-            if lin.op not in ("dense", "conv") or lin.attrs.get("activation"):
-                continue
-            y = lin.outputs[0]
-            users = consumers.get(y, [])
-            if y == out_name or len(users) != 1:
-                continue
-            nxt = users[0]
-            if _fuse(prog, lin, nxt, const_of, pshape):
-                lin.outputs = list(nxt.outputs)
-                prog.nodes.remove(nxt)
-                changed = True
-                break
-    # Dead code: anything not feeding the output.
+    while _fuse_linear(prog, pshape, out_name) or _simplify(prog, pshape, out_name):
+        pass
     needed = {out_name}
     live: list[ProgramNode] = []
     for n in reversed(prog.nodes):
@@ -1082,6 +1092,72 @@ def _optimize(prog: Program, pshape: dict[str, tuple[int | None, ...]]) -> None:
     for k in list(prog.weights):
         if k not in used:
             del prog.weights[k]
+
+
+def _consumers(prog: Program) -> dict[str, list[ProgramNode]]:
+    consumers: dict[str, list[ProgramNode]] = {}
+    for n in prog.nodes:
+        for t in n.inputs:
+            consumers.setdefault(t, []).append(n)
+    return consumers
+
+
+def _fuse_linear(prog: Program, pshape: dict[str, tuple[int | None, ...]],
+                 out_name: str) -> bool:
+    consumers = _consumers(prog)
+    const_of = {n.outputs[0]: n for n in prog.nodes if n.op == "constant"}
+    for lin in prog.nodes:
+        if lin.op not in ("dense", "conv") or lin.attrs.get("activation"):
+            continue
+        y = lin.outputs[0]
+        users = consumers.get(y, [])
+        if y == out_name or len(users) != 1:
+            continue
+        nxt = users[0]
+        if _fuse(prog, lin, nxt, const_of, pshape):
+            lin.outputs = list(nxt.outputs)
+            prog.nodes.remove(nxt)
+            return True
+    return False
+
+
+def _simplify(prog: Program, pshape: dict[str, tuple[int | None, ...]], out_name: str) -> bool:
+    consumers = _consumers(prog)
+    producers = {n.outputs[0]: n for n in prog.nodes}
+    for n in prog.nodes:
+        if n.op in ("reshape", "transpose"):
+            x, y = n.inputs[0], n.outputs[0]
+            in_shape = pshape.get(x)
+            identity = (
+                n.attrs["perm"] == sorted(n.attrs["perm"]) if n.op == "transpose"
+                else in_shape is not None and list(in_shape[1:]) == list(n.attrs["shape"])
+            )
+            if identity and y != out_name:
+                for m in consumers.get(y, []):
+                    m.inputs = [x if t == y else t for t in m.inputs]
+                prog.nodes.remove(n)
+                return True
+            src = producers.get(x)
+            if (src is not None and src.op == n.op and x != out_name
+                    and len(consumers.get(x, [])) == 1):
+                if n.op == "transpose":
+                    p1 = src.attrs["perm"]
+                    n.attrs["perm"] = [p1[i] for i in n.attrs["perm"]]
+                n.inputs = list(src.inputs)
+                prog.nodes.remove(src)
+                return True
+        if n.op == "mul" and len(n.inputs) == 2:
+            for a, b in (n.inputs, n.inputs[::-1]):
+                sig = producers.get(b)
+                if (sig is not None and sig.op == "activation"
+                        and sig.attrs["activation"]["fn"] == "sigmoid"
+                        and sig.inputs[0] == a and len(consumers.get(b, [])) == 1
+                        and b != out_name):
+                    n.op, n.inputs = "activation", [a]
+                    n.attrs = {"activation": activation("swish")}
+                    prog.nodes.remove(sig)
+                    return True
+    return False
 
 
 def _channel_vector(value: np.ndarray, cout: int) -> np.ndarray | None:
