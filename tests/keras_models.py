@@ -7,8 +7,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
 L = keras.layers
 
@@ -39,7 +39,7 @@ def sequential_cnn() -> keras.Model:
     keras.utils.set_random_seed(1)
     m = keras.Sequential(
         [
-            keras.Input((12, 12, 3)),
+            keras.Input((12, 12, 3), name="image"),
             L.Conv2D(6, 3, activation="relu", name="c1"),
             L.BatchNormalization(name="bn1"),
             L.MaxPooling2D(name="p1"),

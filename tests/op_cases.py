@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
+
 from keras_models import L, randomize_bn
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from op_cases import CASES
 
 from ennclave.adapters.keras import KerasAdapter
 from ennclave.graph import find_cut_points
 from ennclave.lower import optimize
 from ennclave.reference import execute
+from op_cases import CASES
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from keras_models import nested_model, residual_cnn, sequential_cnn, transfer_model
 
 from ennclave.adapters import load_model
 from ennclave.errors import CutError, ModelLoadError, UnsupportedOpError
@@ -17,6 +16,7 @@ from ennclave.graph import find_cut_points
 from ennclave.plan import make_plan
 from ennclave.program import Program
 from ennclave.split import split_model
+from keras_models import nested_model, residual_cnn, sequential_cnn, transfer_model
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _split_every_cut(model_path: Path, tmp: Path) -> list[dict]:
 def test_sequential_every_cut_verifies(saved, tmp_path):
     cuts = find_cut_points(load_model(saved["seq"]).graph)
     # A chain: every layer output but the last is a cut, plus the input.
-    assert [c.name for c in cuts] == ["input_layer", "c1", "bn1", "p1", "c2", "flat", "fc1", "drop"]
+    assert [c.name for c in cuts] == ["image", "c1", "bn1", "p1", "c2", "flat", "fc1", "drop"]
     _split_every_cut(saved["seq"], tmp_path)
 
 

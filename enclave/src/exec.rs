@@ -1,1 +1,430 @@
-//! stub
+//! Run a validated program on batches.
+//!
+//! `Executor::new` plans every intermediate buffer once for `max_batch` (buffers are
+//! reused once the tensors in them are dead), allocates them in secret memory,
+//! builds a persistent thread pool and does one warm-up run, so `run` itself never
+//! allocates or spawns threads.
+
+use std::sync::Arc;
+
+use crate::ops::{binary, conv, dense, misc};
+use crate::program::{Error, Node, Op, Program, TensorMeta, WRef};
+use crate::secmem::SecretBuf;
+
+/// Where a tensor lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loc {
+    Slot(usize),
+    Weight(WRef),
+}
+
+struct State {
+    nodes: Vec<Node>,
+    tensors: Vec<TensorMeta>,
+    weights: Arc<SecretBuf<f32>>,
+    loc: Vec<Loc>,
+    slots: Vec<Option<SecretBuf<f32>>>,
+    scratch: SecretBuf<f32>,
+    input: usize,
+    output: usize,
+    threads: usize,
+}
+
+pub struct Executor {
+    state: State,
+    pool: rayon::ThreadPool,
+    max_batch: usize,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("max_batch", &self.max_batch)
+            .field("threads", &self.state.threads)
+            .field("slots", &self.state.slots.len())
+            .finish()
+    }
+}
+
+/// The number of threads `Executor::new` uses for `threads == 0`.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, Error> {
+    Err(Error(msg.into()))
+}
+
+impl Executor {
+    /// Plan buffers for batches of up to `max_batch` samples and start a pool of
+    /// `threads` worker threads (0 = `available_parallelism`).
+    pub fn new(program: &Program, max_batch: usize, threads: usize) -> Result<Executor, Error> {
+        if max_batch == 0 {
+            return err("max_batch must be at least 1");
+        }
+        let threads = if threads == 0 {
+            default_threads()
+        } else {
+            threads
+        }
+        .min(256);
+        let tensors = program.tensors.clone();
+        let nodes = program.nodes.clone();
+        let nt = tensors.len();
+
+        // Last node index reading each tensor (the graph output lives to the end).
+        let mut last_use: Vec<Option<usize>> = vec![None; nt];
+        for (i, n) in nodes.iter().enumerate() {
+            for &t in &n.inputs {
+                last_use[t] = Some(i);
+            }
+        }
+        let size = |t: usize| -> Result<usize, Error> {
+            let m = &tensors[t];
+            let b = if m.batched { max_batch } else { 1 };
+            m.sample_len()
+                .checked_mul(b)
+                .filter(|&v| v <= isize::MAX as usize / 8)
+                .ok_or_else(|| {
+                    Error(format!(
+                        "tensor {:?} is too large for batch {max_batch}",
+                        m.name
+                    ))
+                })
+        };
+
+        let mut caps: Vec<usize> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        let mut loc = vec![Loc::Slot(usize::MAX); nt];
+        let take_slot = |need: usize, caps: &mut Vec<usize>, free: &mut Vec<usize>| -> usize {
+            // best fit among free slots; else grow the largest free one; else a new one
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, &s)| caps[s] >= need)
+                .min_by_key(|(_, &s)| caps[s])
+                .map(|(i, _)| i)
+                .or_else(|| {
+                    free.iter()
+                        .enumerate()
+                        .max_by_key(|(_, &s)| caps[s])
+                        .map(|(i, _)| i)
+                });
+            match best {
+                Some(i) => {
+                    let s = free.swap_remove(i);
+                    caps[s] = caps[s].max(need);
+                    s
+                }
+                None => {
+                    caps.push(need);
+                    caps.len() - 1
+                }
+            }
+        };
+        let s = take_slot(size(program.input)?, &mut caps, &mut free);
+        loc[program.input] = Loc::Slot(s);
+        let mut scratch_len = 0usize;
+        let release = |t: usize, free: &mut Vec<usize>, loc: &[Loc]| {
+            if let Loc::Slot(s) = loc[t] {
+                if t != program.output && !free.contains(&s) {
+                    free.push(s);
+                }
+            }
+        };
+        if last_use[program.input].is_none() && program.input != program.output {
+            release(program.input, &mut free, &loc);
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            let t = n.output;
+            match &n.op {
+                Op::Constant => {
+                    let Some(w) = tensors[t].constant else {
+                        return err("internal: constant without weight");
+                    };
+                    loc[t] = Loc::Weight(w);
+                }
+                op => {
+                    if let Op::Conv { p, .. } = op {
+                        scratch_len = scratch_len.max(p.scratch_len(max_batch));
+                    }
+                    let s = take_slot(size(t)?, &mut caps, &mut free);
+                    loc[t] = Loc::Slot(s);
+                }
+            }
+            let mut dead: Vec<usize> = n
+                .inputs
+                .iter()
+                .copied()
+                .filter(|&x| last_use[x] == Some(i))
+                .collect();
+            if last_use[t].is_none() {
+                dead.push(t);
+            }
+            dead.sort_unstable();
+            dead.dedup();
+            for x in dead {
+                release(x, &mut free, &loc);
+            }
+        }
+
+        let mut slots = Vec::with_capacity(caps.len());
+        for &c in &caps {
+            slots.push(Some(SecretBuf::<f32>::new(c).map_err(|e| {
+                Error(format!("cannot allocate {c} floats for activations ({e})"))
+            })?));
+        }
+        let scratch = SecretBuf::<f32>::new(scratch_len).map_err(|e| {
+            Error(format!(
+                "cannot allocate {scratch_len} floats of conv scratch ({e})"
+            ))
+        })?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("enclave-worker-{i}"))
+            .build()
+            .map_err(|e| Error(format!("cannot start {threads} worker threads ({e})")))?;
+        let mut ex = Executor {
+            state: State {
+                nodes,
+                tensors,
+                weights: program.weights.clone(),
+                loc,
+                slots,
+                scratch,
+                input: program.input,
+                output: program.output,
+                threads,
+            },
+            pool,
+            max_batch,
+        };
+        // Warm up (gemm's per-thread packing buffers, lazily mapped pages) so that
+        // later runs neither allocate nor fault in fresh memory.
+        let inp = vec![0.0f32; ex.input_len_per_sample() * max_batch];
+        let mut out = vec![0.0f32; ex.output_len_per_sample() * max_batch];
+        ex.run(&inp, max_batch, &mut out)?;
+        let o1 = ex.output_len_per_sample();
+        ex.run(&inp[..ex.input_len_per_sample()], 1, &mut out[..o1])?;
+        Ok(ex)
+    }
+
+    /// Per-sample input shape (batch dim excluded).
+    pub fn input_shape(&self) -> &[usize] {
+        &self.state.tensors[self.state.input].dims
+    }
+
+    /// Per-sample output shape (batch dim excluded).
+    pub fn output_shape(&self) -> &[usize] {
+        &self.state.tensors[self.state.output].dims
+    }
+
+    pub fn input_len_per_sample(&self) -> usize {
+        self.state.tensors[self.state.input].sample_len()
+    }
+
+    pub fn output_len_per_sample(&self) -> usize {
+        self.state.tensors[self.state.output].sample_len()
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    pub fn threads(&self) -> usize {
+        self.state.threads
+    }
+
+    /// Run on `batch` samples: `input` holds `batch × input_len_per_sample()`
+    /// floats, `output` receives `batch × output_len_per_sample()`.
+    pub fn run(&mut self, input: &[f32], batch: usize, output: &mut [f32]) -> Result<(), Error> {
+        if batch == 0 || batch > self.max_batch {
+            return err(format!(
+                "batch size {batch} is not in 1..={}",
+                self.max_batch
+            ));
+        }
+        let (il, ol) = (
+            self.input_len_per_sample() * batch,
+            self.output_len_per_sample() * batch,
+        );
+        if input.len() != il || output.len() != ol {
+            return err(format!(
+                "batch of {batch} needs {il} input and {ol} output floats, got {} and {}",
+                input.len(),
+                output.len()
+            ));
+        }
+        let state = &mut self.state;
+        self.pool.install(|| state.run(input, batch, output))
+    }
+}
+
+/// Data of tensor `t` for a batch of `batch`.
+fn view<'a>(
+    slots: &'a [Option<SecretBuf<f32>>],
+    weights: &'a SecretBuf<f32>,
+    tensors: &[TensorMeta],
+    loc: &[Loc],
+    t: usize,
+    batch: usize,
+) -> Result<&'a [f32], Error> {
+    let m = &tensors[t];
+    let len = m.sample_len() * if m.batched { batch } else { 1 };
+    let data: Option<&[f32]> = match loc[t] {
+        Loc::Slot(s) => slots
+            .get(s)
+            .and_then(|b| b.as_deref())
+            .and_then(|b| b.get(..len)),
+        Loc::Weight(w) => weights.get(w.off..w.off + w.len),
+    };
+    data.ok_or_else(|| Error(format!("internal: tensor {:?} has no buffer", m.name)))
+}
+
+impl State {
+    fn run(&mut self, input: &[f32], batch: usize, output: &mut [f32]) -> Result<(), Error> {
+        let Loc::Slot(si) = self.loc[self.input] else {
+            return err("internal: input location");
+        };
+        match self
+            .slots
+            .get_mut(si)
+            .and_then(|s| s.as_deref_mut())
+            .and_then(|s| s.get_mut(..input.len()))
+        {
+            Some(dst) => dst.copy_from_slice(input),
+            None => return err("internal: input buffer"),
+        }
+        for i in 0..self.nodes.len() {
+            self.node(i, batch)?;
+        }
+        let y = view(
+            &self.slots,
+            &self.weights,
+            &self.tensors,
+            &self.loc,
+            self.output,
+            batch,
+        )?;
+        output.copy_from_slice(y);
+        Ok(())
+    }
+
+    fn node(&mut self, i: usize, batch: usize) -> Result<(), Error> {
+        let node = &self.nodes[i];
+        if matches!(node.op, Op::Constant) {
+            return Ok(());
+        }
+        let Loc::Slot(so) = self.loc[node.output] else {
+            return err("internal: output location");
+        };
+        let Some(mut out) = self.slots.get_mut(so).and_then(Option::take) else {
+            return err("internal: output buffer in use");
+        };
+        let r = self.compute(i, batch, &mut out);
+        self.slots[so] = Some(out);
+        r
+    }
+
+    fn compute(&mut self, i: usize, batch: usize, out: &mut SecretBuf<f32>) -> Result<(), Error> {
+        let node = &self.nodes[i];
+        let om = &self.tensors[node.output];
+        let nb = if om.batched { batch } else { 1 };
+        let Some(y) = out.get_mut(..om.sample_len() * nb) else {
+            return err("internal: output buffer size");
+        };
+        let (slots, weights, tensors, loc) =
+            (&self.slots, &*self.weights, &self.tensors, &self.loc);
+        let x = |k: usize| -> Result<&[f32], Error> {
+            let t = *node
+                .inputs
+                .get(k)
+                .ok_or_else(|| Error("internal: missing input".into()))?;
+            view(slots, weights, tensors, loc, t, batch)
+        };
+        let w = |r: WRef| -> &[f32] { &weights[r.off..r.off + r.len] };
+        let threads = self.threads;
+        match &node.op {
+            Op::Dense {
+                rows,
+                k,
+                n,
+                kernel,
+                bias,
+                act,
+            } => {
+                dense::dense(
+                    x(0)?,
+                    w(*kernel),
+                    bias.map(w),
+                    y,
+                    batch * rows,
+                    *k,
+                    *n,
+                    threads,
+                );
+                act.apply(y);
+            }
+            Op::Conv { p, kernel, bias } => {
+                conv::conv(
+                    x(0)?,
+                    w(*kernel),
+                    bias.map(w),
+                    y,
+                    batch,
+                    p,
+                    &mut self.scratch,
+                    threads,
+                );
+            }
+            Op::Pool {
+                g,
+                max,
+                count_include_pad,
+            } => conv::pool(x(0)?, y, batch, g, *max, *count_include_pad),
+            Op::GlobalPool { s, c, max } => conv::global_pool(x(0)?, y, batch, *s, *c, *max),
+            Op::Reduce(r) => misc::reduce(x(0)?, y, batch, r),
+            Op::Pad(p) => misc::pad(x(0)?, y, batch, p),
+            Op::Copy => y.copy_from_slice(x(0)?),
+            Op::Transpose(t) => misc::transpose(x(0)?, y, batch, t),
+            Op::ScaleShift {
+                c,
+                inner,
+                scale,
+                shift,
+            } => misc::scale_shift(x(0)?, y, *c, *inner, w(*scale), w(*shift)),
+            Op::LayerNorm {
+                inner,
+                eps,
+                gamma,
+                beta,
+            } => {
+                y.copy_from_slice(x(0)?);
+                misc::layer_norm(y, *inner, *eps, gamma.map(w), beta.map(w));
+            }
+            Op::Binary { kind, bcasts } => {
+                let (Some(b0), Some(b1)) = (bcasts.first(), bcasts.get(1)) else {
+                    return err("internal: binary arity");
+                };
+                binary::binary(*kind, y, (x(0)?, b0), (x(1)?, b1), nb);
+                for (k, bc) in bcasts.iter().enumerate().skip(2) {
+                    binary::inplace(*kind, y, (x(k)?, bc), nb);
+                }
+            }
+            Op::Concat { outer, parts } => {
+                let total: usize = parts.iter().sum();
+                let mut off = 0;
+                for (k, &p) in parts.iter().enumerate() {
+                    misc::concat_one(x(k)?, y, batch * outer, p, off, total);
+                    off += p;
+                }
+            }
+            Op::Constant => {}
+            Op::Activation(a) => {
+                y.copy_from_slice(x(0)?);
+                a.apply(y);
+            }
+        }
+        Ok(())
+    }
+}

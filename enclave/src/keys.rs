@@ -96,7 +96,10 @@ impl EphemeralKey {
         key_id: &str,
     ) -> Result<SecretBuf<u8>, KeyError> {
         if enc.len() != ENC_LEN {
-            return Err(KeyError::Format(format!("enc is {} bytes, expected {ENC_LEN}", enc.len())));
+            return Err(KeyError::Format(format!(
+                "enc is {} bytes, expected {ENC_LEN}",
+                enc.len()
+            )));
         }
         if wrapped.len() != WRAPPED_LEN {
             return Err(KeyError::Format(format!(
@@ -167,17 +170,35 @@ mod tests {
         let k = EphemeralKey::generate();
         let other = EphemeralKey::generate();
         let (enc, wrapped) = wrap_data_key(&k.public_bytes(), &[1u8; 32], "key-1").unwrap();
-        assert!(matches!(k.unwrap_data_key(&enc, &wrapped, "key-2"), Err(KeyError::Unwrap)));
-        assert!(matches!(other.unwrap_data_key(&enc, &wrapped, "key-1"), Err(KeyError::Unwrap)));
+        assert!(matches!(
+            k.unwrap_data_key(&enc, &wrapped, "key-2"),
+            Err(KeyError::Unwrap)
+        ));
+        assert!(matches!(
+            other.unwrap_data_key(&enc, &wrapped, "key-1"),
+            Err(KeyError::Unwrap)
+        ));
         let mut bad = wrapped.clone();
         bad[3] ^= 1;
-        assert!(matches!(k.unwrap_data_key(&enc, &bad, "key-1"), Err(KeyError::Unwrap)));
-        assert!(matches!(k.unwrap_data_key(&enc[..31], &wrapped, "key-1"), Err(KeyError::Format(_))));
-        assert!(matches!(k.unwrap_data_key(&enc, &wrapped[..40], "key-1"), Err(KeyError::Format(_))));
+        assert!(matches!(
+            k.unwrap_data_key(&enc, &bad, "key-1"),
+            Err(KeyError::Unwrap)
+        ));
+        assert!(matches!(
+            k.unwrap_data_key(&enc[..31], &wrapped, "key-1"),
+            Err(KeyError::Format(_))
+        ));
+        assert!(matches!(
+            k.unwrap_data_key(&enc, &wrapped[..40], "key-1"),
+            Err(KeyError::Format(_))
+        ));
     }
 
     #[test]
     fn fresh_keys_differ() {
-        assert_ne!(EphemeralKey::generate().public_bytes(), EphemeralKey::generate().public_bytes());
+        assert_ne!(
+            EphemeralKey::generate().public_bytes(),
+            EphemeralKey::generate().public_bytes()
+        );
     }
 }

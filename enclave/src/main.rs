@@ -10,7 +10,6 @@
 //! after MANIFEST) → unseal → program → executor → seccomp → READY → INFER/PING… →
 //! SHUTDOWN.
 
-use std::io;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
@@ -56,9 +55,14 @@ fn parse_args() -> Result<Args, String> {
             return Err(usage());
         }
         if k == "--version" {
-            return Err(format!("ennclave-enclave {} (protocol {PROTOCOL_VERSION})", env!("CARGO_PKG_VERSION")));
+            return Err(format!(
+                "ennclave-enclave {} (protocol {PROTOCOL_VERSION})",
+                env!("CARGO_PKG_VERSION")
+            ));
         }
-        let v = it.next().ok_or_else(|| format!("{k} needs a value\n{}", usage()))?;
+        let v = it
+            .next()
+            .ok_or_else(|| format!("{k} needs a value\n{}", usage()))?;
         let n: i64 = v
             .parse()
             .map_err(|_| format!("{k} expects an integer, got {v:?}"))?;
@@ -71,7 +75,10 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if a.ctl_fd < 3 || a.shm_fd < 3 || a.ctl_fd == a.shm_fd {
-        return Err(format!("--ctl-fd and --shm-fd must be two distinct inherited fds ≥ 3\n{}", usage()));
+        return Err(format!(
+            "--ctl-fd and --shm-fd must be two distinct inherited fds ≥ 3\n{}",
+            usage()
+        ));
     }
     Ok(a)
 }
@@ -245,7 +252,13 @@ fn evidence_report(nonce: &[u8; 32], pubkey: &[u8; 32], bin: &[u8; 32]) -> Vec<u
 
 /// Product of the non-batch dims of the single tensor spec in `specs` (manifest).
 fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
-    let shape = m.get(part)?.get(which)?.as_array()?.first()?.get("shape")?.as_array()?;
+    let shape = m
+        .get(part)?
+        .get(which)?
+        .as_array()?
+        .first()?
+        .get("shape")?
+        .as_array()?;
     shape
         .iter()
         .skip(1)
@@ -315,19 +328,24 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
                         format!("sealed program size {total_len} is out of range"),
                     ));
                 }
-                sealed = Some(
-                    SecretBuf::<u8>::new(total_len as usize)
-                        .map_err(|e| Fatal::new(code::INTERNAL, format!("cannot allocate secret memory: {e}")))?,
-                );
+                sealed = Some(SecretBuf::<u8>::new(total_len as usize).map_err(|e| {
+                    Fatal::new(
+                        code::INTERNAL,
+                        format!("cannot allocate secret memory: {e}"),
+                    )
+                })?);
             }
             Msg::SealedChunk { len } => {
-                let buf = sealed
-                    .as_mut()
-                    .ok_or_else(|| Fatal::new(code::PROTOCOL, "SEALED_CHUNK before SEALED_BEGIN"))?;
+                let buf = sealed.as_mut().ok_or_else(|| {
+                    Fatal::new(code::PROTOCOL, "SEALED_CHUNK before SEALED_BEGIN")
+                })?;
                 let len = len as usize;
                 let start = received as usize;
                 if len == 0 || len > shm.len() || start + len > buf.len() {
-                    return Err(Fatal::new(code::BAD_REQUEST, "SEALED_CHUNK length out of range"));
+                    return Err(Fatal::new(
+                        code::BAD_REQUEST,
+                        "SEALED_CHUNK length out of range",
+                    ));
                 }
                 shm.read_into(0, &mut buf[start..start + len])
                     .map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
@@ -382,7 +400,10 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
             other => {
                 return Err(Fatal::new(
                     code::PROTOCOL,
-                    format!("unexpected message type 0x{:02x} during the handshake", other.type_byte()),
+                    format!(
+                        "unexpected message type 0x{:02x} during the handshake",
+                        other.type_byte()
+                    ),
                 ))
             }
         }
@@ -401,8 +422,12 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
         _ => Fatal::new(code::BAD_REQUEST, e.to_string()),
     })?;
     drop(key);
-    let program = Program::from_container(&sealed[range])
-        .map_err(|e| Fatal::new(code::PROGRAM, format!("the enclave program is invalid: {e}")))?;
+    let program = Program::from_container(&sealed[range]).map_err(|e| {
+        Fatal::new(
+            code::PROGRAM,
+            format!("the enclave program is invalid: {e}"),
+        )
+    })?;
     drop(sealed); // zeroes the plaintext container
     let secmem = backing_name(program.weights_backing());
 
@@ -415,7 +440,10 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
         .map_err(|e| Fatal::new(code::PROGRAM, format!("cannot prepare the program: {e}")))?;
     let in_len = exec.input_len_per_sample();
     let out_len = exec.output_len_per_sample();
-    for (part, which, have) in [("private", "inputs", in_len), ("private", "outputs", out_len)] {
+    for (part, which, have) in [
+        ("private", "inputs", in_len),
+        ("private", "outputs", out_len),
+    ] {
         if let Some(want) = manifest_len(&manifest, part, which) {
             if want != have {
                 return Err(Fatal::new(
@@ -425,16 +453,20 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
             }
         }
     }
-    let policy = Policy::from_manifest(&manifest, out_len).map_err(|e| Fatal::new(code::MANIFEST, e))?;
+    let policy =
+        Policy::from_manifest(&manifest, out_len).map_err(|e| Fatal::new(code::MANIFEST, e))?;
 
     // Warm up once so the thread pool and the executor's lazy state exist before the
     // filter goes on (the pool must not need open() for CPU counts afterwards).
     let warm_in = vec![0f32; in_len];
     let mut warm_out = vec![0f32; out_len];
-    exec.run(&warm_in, 1, &mut warm_out)
-        .map_err(|e| Fatal::new(code::PROGRAM, format!("the program failed on a warm-up run: {e}")))?;
+    exec.run(&warm_in, 1, &mut warm_out).map_err(|e| {
+        Fatal::new(
+            code::PROGRAM,
+            format!("the program failed on a warm-up run: {e}"),
+        )
+    })?;
     drop(program);
-    let _ = &mut exec;
 
     sandbox::install_seccomp().map_err(|e| Fatal::new(code::SANDBOX, e.to_string()))?;
     Ok(Some(Loaded {
@@ -503,7 +535,11 @@ fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<
             Msg::Infer { batch, flags } => {
                 let b = batch as usize;
                 if b == 0 || b > max_batch {
-                    err(ctl, code::BAD_INPUT_SIZE, format!("batch of {b} samples is outside 1..={max_batch}"))?;
+                    err(
+                        ctl,
+                        code::BAD_INPUT_SIZE,
+                        format!("batch of {b} samples is outside 1..={max_batch}"),
+                    )?;
                     continue;
                 }
                 if let Some(maxq) = l.policy.max_queries {
@@ -577,7 +613,10 @@ fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<
             other => err(
                 ctl,
                 code::PROTOCOL,
-                format!("unexpected message type 0x{:02x} after READY", other.type_byte()),
+                format!(
+                    "unexpected message type 0x{:02x} after READY",
+                    other.type_byte()
+                ),
             )?,
         }
     }
@@ -602,7 +641,10 @@ fn main() -> ExitCode {
         }
     };
     if !fd_is(args.ctl_fd, libc::S_IFSOCK) {
-        eprintln!("ennclave-enclave: --ctl-fd {} is not an open socket", args.ctl_fd);
+        eprintln!(
+            "ennclave-enclave: --ctl-fd {} is not an open socket",
+            args.ctl_fd
+        );
         return ExitCode::from(2);
     }
     // SAFETY: the fd was checked to be an open socket; it was handed to us by the host
@@ -611,7 +653,10 @@ fn main() -> ExitCode {
     let shm = match Shm::map_fd(args.shm_fd) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("ennclave-enclave: cannot map the shared-memory fd {}: {e}", args.shm_fd);
+            eprintln!(
+                "ennclave-enclave: cannot map the shared-memory fd {}: {e}",
+                args.shm_fd
+            );
             return ExitCode::from(2);
         }
     };
@@ -631,7 +676,6 @@ fn main() -> ExitCode {
                 },
             );
             eprintln!("ennclave-enclave: {message}");
-            let _: io::Result<()> = Ok(());
             ExitCode::from(1)
         }
     }
@@ -649,7 +693,11 @@ mod tests {
     fn policies() {
         let full = [0.1f32, 0.7, 0.2, 0.7];
         let mut order = vec![];
-        let p = pol(r#"{"output_policy":{"mode":"top_k","k":2,"max_queries":5}}"#, 4).unwrap();
+        let p = pol(
+            r#"{"output_policy":{"mode":"top_k","k":2,"max_queries":5}}"#,
+            4,
+        )
+        .unwrap();
         assert_eq!(p.max_queries, Some(5));
         let mut out = [0f32; 4];
         p.apply(&full, &mut out, &mut order);

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::ops::binary::{Bcast, BinKind};
 use crate::ops::conv::{ConvParams, Geom};
 use crate::ops::misc::{Pad, Reduce, ReduceKind, Transpose};
-use crate::ops::Act;
+use crate::ops::{dense, Act};
 use crate::secmem::{Backing, SecretBuf};
 
 pub const MAGIC: &[u8; 8] = b"ENCPROG1";
@@ -76,19 +76,54 @@ impl TensorMeta {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// `rows` = rows per sample (product of the middle dims).
-    Dense { rows: usize, k: usize, n: usize, kernel: WRef, bias: Option<WRef>, act: Act },
-    Conv { p: ConvParams, kernel: WRef, bias: Option<WRef> },
-    Pool { g: Geom, max: bool, count_include_pad: bool },
-    GlobalPool { s: usize, c: usize, max: bool },
+    Dense {
+        rows: usize,
+        k: usize,
+        n: usize,
+        kernel: WRef,
+        bias: Option<WRef>,
+        act: Act,
+    },
+    Conv {
+        p: ConvParams,
+        kernel: WRef,
+        bias: Option<WRef>,
+    },
+    Pool {
+        g: Geom,
+        max: bool,
+        count_include_pad: bool,
+    },
+    GlobalPool {
+        s: usize,
+        c: usize,
+        max: bool,
+    },
     Reduce(Reduce),
     Pad(Pad),
     /// Reshape: a plain copy.
     Copy,
     Transpose(Transpose),
-    ScaleShift { c: usize, inner: usize, scale: WRef, shift: WRef },
-    LayerNorm { inner: usize, eps: f32, gamma: Option<WRef>, beta: Option<WRef> },
-    Binary { kind: BinKind, bcasts: Vec<Bcast> },
-    Concat { outer: usize, parts: Vec<usize> },
+    ScaleShift {
+        c: usize,
+        inner: usize,
+        scale: WRef,
+        shift: WRef,
+    },
+    LayerNorm {
+        inner: usize,
+        eps: f32,
+        gamma: Option<WRef>,
+        beta: Option<WRef>,
+    },
+    Binary {
+        kind: BinKind,
+        bcasts: Vec<Bcast>,
+    },
+    Concat {
+        outer: usize,
+        parts: Vec<usize>,
+    },
     /// Output aliases a weight; nothing to run.
     Constant,
     Activation(Act),
@@ -145,7 +180,12 @@ impl Program {
             .map_err(|e| Error(format!("program.json is not valid JSON ({e})")))?;
         let st = SafeTensors::deserialize(weights)
             .map_err(|e| Error(format!("weights.safetensors is invalid ({e})")))?;
-        Builder { st, weights: HashMap::new(), total: 0 }.build(&g)
+        Builder {
+            st,
+            weights: HashMap::new(),
+            total: 0,
+        }
+        .build(&g)
     }
 
     /// Which kernel mechanism holds the weights.
@@ -176,11 +216,13 @@ impl Program {
 // JSON helpers
 
 fn obj<'a>(v: &'a Value, what: &str) -> Result<&'a Map<String, Value>, Error> {
-    v.as_object().ok_or_else(|| Error(format!("{what} must be a JSON object")))
+    v.as_object()
+        .ok_or_else(|| Error(format!("{what} must be a JSON object")))
 }
 
 fn string<'a>(v: &'a Value, what: &str) -> Result<&'a str, Error> {
-    v.as_str().ok_or_else(|| Error(format!("{what} must be a string")))
+    v.as_str()
+        .ok_or_else(|| Error(format!("{what} must be a string")))
 }
 
 fn uint(v: &Value, what: &str) -> Result<usize, Error> {
@@ -199,19 +241,25 @@ fn pos(v: &Value, what: &str) -> Result<usize, Error> {
 }
 
 fn int(v: &Value, what: &str) -> Result<i64, Error> {
-    v.as_i64().filter(|x| x.unsigned_abs() <= MAX_DIM as u64).ok_or_else(|| Error(format!("{what} must be an integer")))
+    v.as_i64()
+        .filter(|x| x.unsigned_abs() <= MAX_DIM as u64)
+        .ok_or_else(|| Error(format!("{what} must be an integer")))
 }
 
 fn float(v: &Value, what: &str) -> Result<f32, Error> {
-    v.as_f64().map(|x| x as f32).ok_or_else(|| Error(format!("{what} must be a number")))
+    v.as_f64()
+        .map(|x| x as f32)
+        .ok_or_else(|| Error(format!("{what} must be a number")))
 }
 
 fn boolean(v: &Value, what: &str) -> Result<bool, Error> {
-    v.as_bool().ok_or_else(|| Error(format!("{what} must be true or false")))
+    v.as_bool()
+        .ok_or_else(|| Error(format!("{what} must be true or false")))
 }
 
 fn list<'a>(v: &'a Value, what: &str) -> Result<&'a Vec<Value>, Error> {
-    v.as_array().ok_or_else(|| Error(format!("{what} must be a list")))
+    v.as_array()
+        .ok_or_else(|| Error(format!("{what} must be a list")))
 }
 
 fn list_n<'a>(v: &'a Value, n: usize, what: &str) -> Result<&'a Vec<Value>, Error> {
@@ -225,9 +273,10 @@ fn list_n<'a>(v: &'a Value, n: usize, what: &str) -> Result<&'a Vec<Value>, Erro
 fn checked_product(dims: &[usize], what: &str) -> Result<usize, Error> {
     let mut p = 1usize;
     for &d in dims {
-        p = p.checked_mul(d).filter(|&p| p <= MAX_SAMPLE_ELEMS).ok_or_else(|| {
-            Error(format!("{what}: tensor of shape {dims:?} is too large"))
-        })?;
+        p = p
+            .checked_mul(d)
+            .filter(|&p| p <= MAX_SAMPLE_ELEMS)
+            .ok_or_else(|| Error(format!("{what}: tensor of shape {dims:?} is too large")))?;
     }
     Ok(p)
 }
@@ -255,7 +304,8 @@ impl<'a> NodeCtx<'a> {
         self.attrs.and_then(|a| a.get(key))
     }
     fn req(&self, key: &str) -> Result<&'a Value, Error> {
-        self.attr(key).ok_or_else(|| Error(format!("node {:?}: missing attribute {key:?}", self.name)))
+        self.attr(key)
+            .ok_or_else(|| Error(format!("node {:?}: missing attribute {key:?}", self.name)))
     }
     fn what(&self, key: &str) -> String {
         format!("node {:?}: attribute {key:?}", self.name)
@@ -266,7 +316,10 @@ impl<'a> NodeCtx<'a> {
     fn weight_key(&self, role: &str) -> Result<Option<&'a str>, Error> {
         match self.weights.and_then(|w| w.get(role)) {
             None => Ok(None),
-            Some(v) => Ok(Some(string(v, &format!("node {:?}: weight {role:?}", self.name))?)),
+            Some(v) => Ok(Some(string(
+                v,
+                &format!("node {:?}: weight {role:?}", self.name),
+            )?)),
         }
     }
 }
@@ -276,8 +329,8 @@ impl<'a> NodeCtx<'a> {
 
 struct Builder<'d> {
     st: SafeTensors<'d>,
-    /// safetensors key -> (place, shape)
-    weights: HashMap<String, (WRef, Vec<usize>)>,
+    /// (safetensors key, packed for dense) -> (place, shape)
+    weights: HashMap<(String, bool), (WRef, Vec<usize>)>,
     total: usize,
 }
 
@@ -287,7 +340,17 @@ const WALIGN: usize = 16;
 impl<'d> Builder<'d> {
     /// Look up (and reserve space for) a weight; returns its place and shape.
     fn weight(&mut self, key: &str, ctx: &NodeCtx) -> Result<(WRef, Vec<usize>), Error> {
-        if let Some(w) = self.weights.get(key) {
+        self.weight_as(key, ctx, false)
+    }
+
+    /// As `weight`; with `packed`, a 2-D kernel stored in the dense panel layout.
+    fn weight_as(
+        &mut self,
+        key: &str,
+        ctx: &NodeCtx,
+        packed: bool,
+    ) -> Result<(WRef, Vec<usize>), Error> {
+        if let Some(w) = self.weights.get(&(key.to_string(), packed)) {
             return Ok(w.clone());
         }
         let view = match self.st.tensor(key) {
@@ -295,11 +358,17 @@ impl<'d> Builder<'d> {
             Err(_) => return ctx.e(format!("weight {key:?} is not in weights.safetensors")),
         };
         if view.dtype() != Dtype::F32 {
-            return ctx.e(format!("weight {key:?} has dtype {:?}, not F32", view.dtype()));
+            return ctx.e(format!(
+                "weight {key:?} has dtype {:?}, not F32",
+                view.dtype()
+            ));
         }
         let shape = view.shape().to_vec();
         if shape.len() > MAX_RANK {
-            return ctx.e(format!("weight {key:?} has rank {} (at most {MAX_RANK})", shape.len()));
+            return ctx.e(format!(
+                "weight {key:?} has rank {} (at most {MAX_RANK})",
+                shape.len()
+            ));
         }
         if shape.contains(&0) {
             return ctx.e(format!("weight {key:?} has an empty dimension {shape:?}"));
@@ -308,6 +377,17 @@ impl<'d> Builder<'d> {
         if view.data().len() != len * 4 {
             return ctx.e(format!("weight {key:?} has the wrong data length"));
         }
+        let len = if packed {
+            if shape.len() != 2 {
+                return ctx.e(format!(
+                    "kernel {key:?} has shape {shape:?}, expected [in, out]"
+                ));
+            }
+            dense::packed_len(shape[0], shape[1])
+                .ok_or_else(|| Error("weights are too large".into()))?
+        } else {
+            len
+        };
         let off = self.total;
         let end = off
             .checked_add(len)
@@ -316,12 +396,18 @@ impl<'d> Builder<'d> {
             .ok_or_else(|| Error("weights are too large".into()))?;
         self.total = end;
         let w = (WRef { off, len }, shape);
-        self.weights.insert(key.to_string(), w.clone());
+        self.weights.insert((key.to_string(), packed), w.clone());
         Ok(w)
     }
 
     /// A weight of a given role, which must have exactly `want` as shape.
-    fn weight_shaped(&mut self, ctx: &NodeCtx, role: &str, want: &[usize], required: bool) -> Result<Option<WRef>, Error> {
+    fn weight_shaped(
+        &mut self,
+        ctx: &NodeCtx,
+        role: &str,
+        want: &[usize],
+        required: bool,
+    ) -> Result<Option<WRef>, Error> {
         let Some(key) = ctx.weight_key(role)? else {
             if required {
                 return ctx.e(format!("missing weight {role:?}"));
@@ -330,14 +416,18 @@ impl<'d> Builder<'d> {
         };
         let (w, shape) = self.weight(key, ctx)?;
         if shape != want {
-            return ctx.e(format!("weight {role:?} ({key:?}) has shape {shape:?}, expected {want:?}"));
+            return ctx.e(format!(
+                "weight {role:?} ({key:?}) has shape {shape:?}, expected {want:?}"
+            ));
         }
         Ok(Some(w))
     }
 
     fn build(mut self, g: &Value) -> Result<Program, Error> {
         let g = obj(g, "program.json")?;
-        if g.get("format").and_then(Value::as_str) != Some(FORMAT) || g.get("version").and_then(Value::as_u64) != Some(VERSION) {
+        if g.get("format").and_then(Value::as_str) != Some(FORMAT)
+            || g.get("version").and_then(Value::as_u64) != Some(VERSION)
+        {
             return fail(format!(
                 "not an {FORMAT} version {VERSION} program (format={}, version={})",
                 g.get("format").unwrap_or(&Value::Null),
@@ -360,7 +450,12 @@ impl<'d> Builder<'d> {
         let (in_name, in_dims) = tensor_decl(&inputs[0], "input")?;
         let (out_name, out_dims) = tensor_decl(&outputs[0], "output")?;
 
-        let mut tensors = vec![TensorMeta { name: in_name.clone(), dims: in_dims, batched: true, constant: None }];
+        let mut tensors = vec![TensorMeta {
+            name: in_name.clone(),
+            dims: in_dims,
+            batched: true,
+            constant: None,
+        }];
         let mut by_name: HashMap<String, usize> = HashMap::new();
         by_name.insert(in_name, 0);
         let mut out_nodes = Vec::with_capacity(nodes.len());
@@ -382,15 +477,28 @@ impl<'d> Builder<'d> {
                 },
                 name,
             };
-            let op = string(n.get("op").unwrap_or(&Value::Null), &format!("node {:?}: \"op\"", ctx.name))?;
-            let ins = list(n.get("inputs").unwrap_or(&Value::Null), &format!("node {:?}: \"inputs\"", ctx.name))?;
-            let outs = list(n.get("outputs").unwrap_or(&Value::Null), &format!("node {:?}: \"outputs\"", ctx.name))?;
+            let op = string(
+                n.get("op").unwrap_or(&Value::Null),
+                &format!("node {:?}: \"op\"", ctx.name),
+            )?;
+            let ins = list(
+                n.get("inputs").unwrap_or(&Value::Null),
+                &format!("node {:?}: \"inputs\"", ctx.name),
+            )?;
+            let outs = list(
+                n.get("outputs").unwrap_or(&Value::Null),
+                &format!("node {:?}: \"outputs\"", ctx.name),
+            )?;
             let mut in_ids = Vec::with_capacity(ins.len());
             for v in ins {
                 let t = string(v, &format!("node {:?}: input name", ctx.name))?;
                 match by_name.get(t) {
                     Some(&id) => in_ids.push(id),
-                    None => return ctx.e(format!("input {t:?} is not defined by an earlier node or the graph input")),
+                    None => {
+                        return ctx.e(format!(
+                            "input {t:?} is not defined by an earlier node or the graph input"
+                        ))
+                    }
                 }
             }
             if outs.len() != 1 {
@@ -407,13 +515,25 @@ impl<'d> Builder<'d> {
                 return ctx.e(format!("output rank is above {MAX_RANK}"));
             }
             let id = tensors.len();
-            tensors.push(TensorMeta { name: out_t.to_string(), dims: meta.0, batched: meta.1, constant: meta.2 });
+            tensors.push(TensorMeta {
+                name: out_t.to_string(),
+                dims: meta.0,
+                batched: meta.1,
+                constant: meta.2,
+            });
             by_name.insert(out_t.to_string(), id);
-            out_nodes.push(Node { name: ctx.name, op, inputs: in_ids, output: id });
+            out_nodes.push(Node {
+                name: ctx.name,
+                op,
+                inputs: in_ids,
+                output: id,
+            });
         }
 
         let Some(&output) = by_name.get(&out_name) else {
-            return fail(format!("graph output {out_name:?} is not produced by any node"));
+            return fail(format!(
+                "graph output {out_name:?} is not produced by any node"
+            ));
         };
         let ot = &tensors[output];
         if !ot.batched {
@@ -427,21 +547,47 @@ impl<'d> Builder<'d> {
         }
 
         // Copy the used weights into one secret buffer.
-        let mut buf = SecretBuf::<f32>::new(self.total)
-            .map_err(|e| Error(format!("cannot allocate {} floats of secret memory for the weights ({e})", self.total)))?;
-        for (key, (w, _)) in &self.weights {
-            let view = self.st.tensor(key).map_err(|e| Error(format!("weight {key:?}: {e}")))?;
-            let dst = buf.get_mut(w.off..w.off + w.len).ok_or_else(|| Error("internal: weight placement".into()))?;
-            for (d, s) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
-                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        let mut buf = SecretBuf::<f32>::new(self.total).map_err(|e| {
+            Error(format!(
+                "cannot allocate {} floats of secret memory for the weights ({e})",
+                self.total
+            ))
+        })?;
+        for ((key, packed), (w, shape)) in &self.weights {
+            let view = self
+                .st
+                .tensor(key)
+                .map_err(|e| Error(format!("weight {key:?}: {e}")))?;
+            let dst = buf
+                .get_mut(w.off..w.off + w.len)
+                .ok_or_else(|| Error("internal: weight placement".into()))?;
+            let data = view.data();
+            let at = |i: usize| match data.get(4 * i..4 * i + 4) {
+                Some(s) => f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+                None => 0.0,
+            };
+            match (packed, shape.as_slice()) {
+                (true, &[k, n]) => dense::pack(k, n, at, dst),
+                _ => dst.iter_mut().enumerate().for_each(|(i, d)| *d = at(i)),
             }
         }
-        Ok(Program { tensors, nodes: out_nodes, input: 0, output, weights: Arc::new(buf) })
+        Ok(Program {
+            tensors,
+            nodes: out_nodes,
+            input: 0,
+            output,
+            weights: Arc::new(buf),
+        })
     }
 
     /// Validate one node; returns its op and (output dims, batched, constant).
     #[allow(clippy::type_complexity)]
-    fn node(&mut self, op: &str, ctx: &NodeCtx, args: &[&TensorMeta]) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
+    fn node(
+        &mut self,
+        op: &str,
+        ctx: &NodeCtx,
+        args: &[&TensorMeta],
+    ) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
         if let Some(kind) = BinKind::from_op(op) {
             return self.binary(kind, ctx, args);
         }
@@ -449,7 +595,9 @@ impl<'d> Builder<'d> {
             if !args.is_empty() {
                 return ctx.e("a constant takes no inputs");
             }
-            let Some(key) = ctx.weight_key("value")? else { return ctx.e("missing weight \"value\"") };
+            let Some(key) = ctx.weight_key("value")? else {
+                return ctx.e("missing weight \"value\"");
+            };
             let (w, shape) = self.weight(key, ctx)?;
             return Ok((Op::Constant, (shape, false, Some(w))));
         }
@@ -457,14 +605,26 @@ impl<'d> Builder<'d> {
             return self.concat(ctx, args);
         }
         let known = [
-            "dense", "conv", "pool", "global_pool", "reduce", "pad", "reshape", "transpose",
-            "scale_shift", "layer_norm", "activation",
+            "dense",
+            "conv",
+            "pool",
+            "global_pool",
+            "reduce",
+            "pad",
+            "reshape",
+            "transpose",
+            "scale_shift",
+            "layer_norm",
+            "activation",
         ];
         if !known.contains(&op) {
             return ctx.e(format!("unknown op {op:?}"));
         }
         if args.len() != 1 {
-            return ctx.e(format!("op {op:?} takes exactly one input, not {}", args.len()));
+            return ctx.e(format!(
+                "op {op:?} takes exactly one input, not {}",
+                args.len()
+            ));
         }
         let x = args[0];
         if !x.batched {
@@ -475,9 +635,13 @@ impl<'d> Builder<'d> {
         let batched = |dims: Vec<usize>| (dims, true, None);
         Ok(match op {
             "dense" => {
-                let Some(&k) = d.last() else { return ctx.e("dense needs an input of rank >= 2") };
-                let Some(key) = ctx.weight_key("kernel")? else { return ctx.e("missing weight \"kernel\"") };
-                let (kernel, kshape) = self.weight(key, ctx)?;
+                let Some(&k) = d.last() else {
+                    return ctx.e("dense needs an input of rank >= 2");
+                };
+                let Some(key) = ctx.weight_key("kernel")? else {
+                    return ctx.e("missing weight \"kernel\"");
+                };
+                let (kernel, kshape) = self.weight_as(key, ctx, true)?;
                 if kshape.len() != 2 || kshape[0] != k {
                     return ctx.e(format!("kernel has shape {kshape:?}, expected [{k}, out]"));
                 }
@@ -490,7 +654,17 @@ impl<'d> Builder<'d> {
                 }
                 checked_product(&od, &format!("node {:?}: output", ctx.name))?;
                 let act = self.activation(ctx, ctx.attr("activation"), &od)?;
-                (Op::Dense { rows, k, n, kernel, bias, act }, batched(od))
+                (
+                    Op::Dense {
+                        rows,
+                        k,
+                        n,
+                        kernel,
+                        bias,
+                        act,
+                    },
+                    batched(od),
+                )
             }
             "conv" => self.conv(ctx, d)?,
             "pool" => {
@@ -505,7 +679,14 @@ impl<'d> Builder<'d> {
                     None => false,
                 };
                 let od = spatial_out(d, &g, g.c);
-                (Op::Pool { g, max, count_include_pad: cip }, batched(od))
+                (
+                    Op::Pool {
+                        g,
+                        max,
+                        count_include_pad: cip,
+                    },
+                    batched(od),
+                )
             }
             "global_pool" => {
                 if d.len() < 2 {
@@ -595,7 +776,7 @@ impl<'d> Builder<'d> {
                 }
                 let known = checked_product(&od, &ctx.what("shape"))?;
                 if let Some(i) = infer {
-                    if total % known != 0 {
+                    if !total.is_multiple_of(known) {
                         return ctx.e(format!("cannot reshape {d:?} to {od:?}"));
                     }
                     od[i] = total / known;
@@ -637,8 +818,18 @@ impl<'d> Builder<'d> {
                 let inner = d[a..].iter().product();
                 let scale = self.weight_shaped(ctx, "scale", &[c], true)?;
                 let shift = self.weight_shaped(ctx, "shift", &[c], true)?;
-                let (Some(scale), Some(shift)) = (scale, shift) else { return ctx.e("missing weights") };
-                (Op::ScaleShift { c, inner, scale, shift }, batched(d.clone()))
+                let (Some(scale), Some(shift)) = (scale, shift) else {
+                    return ctx.e("missing weights");
+                };
+                (
+                    Op::ScaleShift {
+                        c,
+                        inner,
+                        scale,
+                        shift,
+                    },
+                    batched(d.clone()),
+                )
             }
             "layer_norm" => {
                 let axes = list(ctx.req("axes")?, &ctx.what("axes"))?;
@@ -657,7 +848,15 @@ impl<'d> Builder<'d> {
                 let eps = float(ctx.req("epsilon")?, &ctx.what("epsilon"))?;
                 let gamma = self.weight_shaped(ctx, "gamma", nd, false)?;
                 let beta = self.weight_shaped(ctx, "beta", nd, false)?;
-                (Op::LayerNorm { inner, eps, gamma, beta }, batched(d.clone()))
+                (
+                    Op::LayerNorm {
+                        inner,
+                        eps,
+                        gamma,
+                        beta,
+                    },
+                    batched(d.clone()),
+                )
             }
             "activation" => {
                 let act = self.activation(ctx, Some(ctx.req("activation")?), d)?;
@@ -675,7 +874,10 @@ impl<'d> Builder<'d> {
         }
         let what = format!("node {:?}: activation", ctx.name);
         let a = obj(v, &what)?;
-        let fname = string(a.get("fn").unwrap_or(&Value::Null), &format!("{what} \"fn\""))?;
+        let fname = string(
+            a.get("fn").unwrap_or(&Value::Null),
+            &format!("{what} \"fn\""),
+        )?;
         let p = |k: &str, default: Option<f32>| -> Result<f32, Error> {
             match (a.get(k), default) {
                 (Some(v), _) => float(v, &format!("{what} parameter {k:?}")),
@@ -695,7 +897,10 @@ impl<'d> Builder<'d> {
                 _ => Act::Gelu,
             },
             "sigmoid" => Act::Sigmoid,
-            "hard_sigmoid" => Act::HardSigmoid { alpha: p("alpha", Some(1.0 / 6.0))?, beta: p("beta", Some(0.5))? },
+            "hard_sigmoid" => Act::HardSigmoid {
+                alpha: p("alpha", Some(1.0 / 6.0))?,
+                beta: p("beta", Some(0.5))?,
+            },
             "tanh" => Act::Tanh,
             "swish" | "silu" => Act::Swish,
             "softmax" => {
@@ -705,11 +910,19 @@ impl<'d> Builder<'d> {
                     None => rank - 1,
                 };
                 if ax == 0 {
-                    return fail(format!("{what}: softmax over the batch axis is not supported"));
+                    return fail(format!(
+                        "{what}: softmax over the batch axis is not supported"
+                    ));
                 }
-                Act::Softmax { axis_len: dims[ax - 1], inner: dims[ax..].iter().product() }
+                Act::Softmax {
+                    axis_len: dims[ax - 1],
+                    inner: dims[ax..].iter().product(),
+                }
             }
-            "clip" => Act::Clip { min: p("min", None)?, max: p("max", None)? },
+            "clip" => Act::Clip {
+                min: p("min", None)?,
+                max: p("max", None)?,
+            },
             "exp" => Act::Exp,
             "log" => Act::Log,
             "sqrt" => Act::Sqrt,
@@ -722,17 +935,28 @@ impl<'d> Builder<'d> {
     }
 
     /// Parse window geometry (conv when `kernel_win` is given, pool otherwise).
-    fn window(&self, ctx: &NodeCtx, d: &[usize], kernel_win: Option<&[usize]>) -> Result<(Geom, usize), Error> {
+    fn window(
+        &self,
+        ctx: &NodeCtx,
+        d: &[usize],
+        kernel_win: Option<&[usize]>,
+    ) -> Result<(Geom, usize), Error> {
         let ns = match d.len() {
             2 => 1,
             3 => 2,
-            _ => return ctx.e(format!("expects a 1-D [N, W, C] or 2-D [N, H, W, C] input, got [N, {d:?}]")),
+            _ => {
+                return ctx.e(format!(
+                    "expects a 1-D [N, W, C] or 2-D [N, H, W, C] input, got [N, {d:?}]"
+                ))
+            }
         };
         let win: Vec<usize> = match kernel_win {
             Some(w) => w.to_vec(),
             None => {
                 let l = list_n(ctx.req("window")?, ns, &ctx.what("window"))?;
-                l.iter().map(|v| pos(v, &ctx.what("window"))).collect::<Result<_, _>>()?
+                l.iter()
+                    .map(|v| pos(v, &ctx.what("window")))
+                    .collect::<Result<_, _>>()?
             }
         };
         let strides: Vec<usize> = list_n(ctx.req("strides")?, ns, &ctx.what("strides"))?
@@ -749,38 +973,74 @@ impl<'d> Builder<'d> {
         let mut pads = Vec::new();
         for p in list_n(ctx.req("pads")?, ns, &ctx.what("pads"))? {
             let p = list_n(p, 2, &ctx.what("pads"))?;
-            pads.push((uint(&p[0], &ctx.what("pads"))?, uint(&p[1], &ctx.what("pads"))?));
+            pads.push((
+                uint(&p[0], &ctx.what("pads"))?,
+                uint(&p[1], &ctx.what("pads"))?,
+            ));
         }
         let mut outs = Vec::new();
         for i in 0..ns {
             let eff = dil[i] * (win[i] - 1) + 1; // ≤ 2^48, no overflow
             let padded = d[i] + pads[i].0 + pads[i].1;
             if padded < eff {
-                return ctx.e(format!("window {} (dilated {eff}) is larger than the padded input {padded}", win[i]));
+                return ctx.e(format!(
+                    "window {} (dilated {eff}) is larger than the padded input {padded}",
+                    win[i]
+                ));
             }
             outs.push((padded - eff) / strides[i] + 1);
         }
         let c = d[ns];
         let g = if ns == 1 {
             Geom {
-                h: 1, w: d[0], c, oh: 1, ow: outs[0], kh: 1, kw: win[0], sh: 1, sw: strides[0],
-                dh: 1, dw: dil[0], pt: 0, pl: pads[0].0,
+                h: 1,
+                w: d[0],
+                c,
+                oh: 1,
+                ow: outs[0],
+                kh: 1,
+                kw: win[0],
+                sh: 1,
+                sw: strides[0],
+                dh: 1,
+                dw: dil[0],
+                pt: 0,
+                pl: pads[0].0,
             }
         } else {
             Geom {
-                h: d[0], w: d[1], c, oh: outs[0], ow: outs[1], kh: win[0], kw: win[1],
-                sh: strides[0], sw: strides[1], dh: dil[0], dw: dil[1], pt: pads[0].0, pl: pads[1].0,
+                h: d[0],
+                w: d[1],
+                c,
+                oh: outs[0],
+                ow: outs[1],
+                kh: win[0],
+                kw: win[1],
+                sh: strides[0],
+                sw: strides[1],
+                dh: dil[0],
+                dw: dil[1],
+                pt: pads[0].0,
+                pl: pads[1].0,
             }
         };
         Ok((g, ns))
     }
 
     #[allow(clippy::type_complexity)]
-    fn conv(&mut self, ctx: &NodeCtx, d: &[usize]) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
-        let Some(key) = ctx.weight_key("kernel")? else { return ctx.e("missing weight \"kernel\"") };
+    fn conv(
+        &mut self,
+        ctx: &NodeCtx,
+        d: &[usize],
+    ) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
+        let Some(key) = ctx.weight_key("kernel")? else {
+            return ctx.e("missing weight \"kernel\"");
+        };
         let (kernel, ks) = self.weight(key, ctx)?;
         if d.len() < 2 || d.len() > 3 || ks.len() != d.len() + 1 {
-            return ctx.e(format!("kernel shape {ks:?} does not fit input [N, {d:?}] (want [k..., Cin/groups, Cout])"));
+            return ctx.e(format!(
+                "kernel shape {ks:?} does not fit input [N, {d:?}] (want [k..., Cin/groups, Cout])"
+            ));
         }
         let groups = match ctx.attr("groups") {
             Some(v) => pos(v, &ctx.what("groups"))?,
@@ -788,21 +1048,51 @@ impl<'d> Builder<'d> {
         };
         let cin = d[d.len() - 1];
         let cout = ks[ks.len() - 1];
-        if cin % groups != 0 || cout % groups != 0 || ks[ks.len() - 2] != cin / groups {
-            return ctx.e(format!("kernel shape {ks:?} does not fit {cin} input channels in {groups} groups"));
+        if !cin.is_multiple_of(groups)
+            || !cout.is_multiple_of(groups)
+            || ks[ks.len() - 2] != cin / groups
+        {
+            return ctx.e(format!(
+                "kernel shape {ks:?} does not fit {cin} input channels in {groups} groups"
+            ));
         }
         let (g, _) = self.window(ctx, d, Some(&ks[..ks.len() - 2]))?;
         let bias = self.weight_shaped(ctx, "bias", &[cout], false)?;
         let od = spatial_out(d, &g, cout);
         checked_product(&od, &format!("node {:?}: output", ctx.name))?;
         let act = self.activation(ctx, ctx.attr("activation"), &od)?;
-        Ok((Op::Conv { p: ConvParams { g, cout, groups, act }, kernel, bias }, (od, true, None)))
+        Ok((
+            Op::Conv {
+                p: ConvParams {
+                    g,
+                    cout,
+                    groups,
+                    act,
+                },
+                kernel,
+                bias,
+            },
+            (od, true, None),
+        ))
     }
 
     #[allow(clippy::type_complexity)]
-    fn binary(&mut self, kind: BinKind, ctx: &NodeCtx, args: &[&TensorMeta]) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
+    fn binary(
+        &mut self,
+        kind: BinKind,
+        ctx: &NodeCtx,
+        args: &[&TensorMeta],
+    ) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
         if args.len() < 2 || (!kind.variadic() && args.len() != 2) {
-            return ctx.e(format!("{kind:?} takes {} inputs, not {}", if kind.variadic() { "2 or more" } else { "exactly 2" }, args.len()));
+            return ctx.e(format!(
+                "{kind:?} takes {} inputs, not {}",
+                if kind.variadic() {
+                    "2 or more"
+                } else {
+                    "exactly 2"
+                },
+                args.len()
+            ));
         }
         let batched = args.iter().any(|t| t.batched);
         // Per-sample rank of the result.
@@ -816,7 +1106,10 @@ impl<'d> Builder<'d> {
                     return ctx.e(format!("constant operand of shape {:?} has a higher rank than the batched operands", t.dims));
                 }
                 if !t.batched && t.dims.len() == r + 1 && t.dims[0] != 1 {
-                    return ctx.e(format!("constant operand of shape {:?} would broadcast against the batch axis", t.dims));
+                    return ctx.e(format!(
+                        "constant operand of shape {:?} would broadcast against the batch axis",
+                        t.dims
+                    ));
                 }
             }
             r
@@ -827,7 +1120,11 @@ impl<'d> Builder<'d> {
         let aligned: Vec<Vec<usize>> = args
             .iter()
             .map(|t| {
-                let s: &[usize] = if t.dims.len() > rank { &t.dims[t.dims.len() - rank..] } else { &t.dims };
+                let s: &[usize] = if t.dims.len() > rank {
+                    &t.dims[t.dims.len() - rank..]
+                } else {
+                    &t.dims
+                };
                 let mut v = vec![1; rank - s.len()];
                 v.extend_from_slice(s);
                 v
@@ -844,12 +1141,20 @@ impl<'d> Builder<'d> {
                 }
             }
         }
-        let bcasts = aligned.iter().zip(args).map(|(a, t)| Bcast::new(&od, a, t.batched)).collect();
+        let bcasts = aligned
+            .iter()
+            .zip(args)
+            .map(|(a, t)| Bcast::new(&od, a, t.batched))
+            .collect();
         Ok((Op::Binary { kind, bcasts }, (od, batched, None)))
     }
 
     #[allow(clippy::type_complexity)]
-    fn concat(&mut self, ctx: &NodeCtx, args: &[&TensorMeta]) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
+    fn concat(
+        &mut self,
+        ctx: &NodeCtx,
+        args: &[&TensorMeta],
+    ) -> Result<(Op, (Vec<usize>, bool, Option<WRef>)), Error> {
         if args.len() < 2 {
             return ctx.e("concat takes 2 or more inputs");
         }
@@ -867,10 +1172,19 @@ impl<'d> Builder<'d> {
         let inner: usize = d0[a..].iter().product();
         for t in args {
             let d = &t.dims;
-            if d.len() != d0.len() || d.iter().zip(d0).enumerate().any(|(i, (x, y))| i != a - 1 && x != y) {
-                return ctx.e(format!("cannot concatenate shapes {d0:?} and {d:?} along axis {a}"));
+            if d.len() != d0.len()
+                || d.iter()
+                    .zip(d0)
+                    .enumerate()
+                    .any(|(i, (x, y))| i != a - 1 && x != y)
+            {
+                return ctx.e(format!(
+                    "cannot concatenate shapes {d0:?} and {d:?} along axis {a}"
+                ));
             }
-            od[a - 1] = od[a - 1].checked_add(d[a - 1]).ok_or_else(|| Error("concat too large".into()))?;
+            od[a - 1] = od[a - 1]
+                .checked_add(d[a - 1])
+                .ok_or_else(|| Error("concat too large".into()))?;
             parts.push(d[a - 1] * inner);
         }
         let outer = d0[..a - 1].iter().product();
@@ -889,8 +1203,15 @@ fn spatial_out(d: &[usize], g: &Geom, c: usize) -> Vec<usize> {
 /// `{"name": ..., "shape": [null, d...], "dtype": "float32"}` → (name, dims).
 fn tensor_decl(v: &Value, what: &str) -> Result<(String, Vec<usize>), Error> {
     let o = obj(v, &format!("graph {what}"))?;
-    let name = string(o.get("name").unwrap_or(&Value::Null), &format!("graph {what} name"))?.to_string();
-    let shape = list(o.get("shape").unwrap_or(&Value::Null), &format!("graph {what} {name:?} shape"))?;
+    let name = string(
+        o.get("name").unwrap_or(&Value::Null),
+        &format!("graph {what} name"),
+    )?
+    .to_string();
+    let shape = list(
+        o.get("shape").unwrap_or(&Value::Null),
+        &format!("graph {what} {name:?} shape"),
+    )?;
     if let Some(dt) = o.get("dtype") {
         if dt.as_str() != Some("float32") {
             return fail(format!("graph {what} {name:?} must have dtype float32"));
@@ -899,7 +1220,10 @@ fn tensor_decl(v: &Value, what: &str) -> Result<(String, Vec<usize>), Error> {
     if shape.is_empty() || !shape[0].is_null() || shape.len() > MAX_RANK {
         return fail(format!("graph {what} {name:?} shape must start with null (the batch dim) and have rank <= {MAX_RANK}"));
     }
-    let dims: Vec<usize> = shape[1..].iter().map(|v| pos(v, &format!("graph {what} {name:?} dimension"))).collect::<Result<_, _>>()?;
+    let dims: Vec<usize> = shape[1..]
+        .iter()
+        .map(|v| pos(v, &format!("graph {what} {name:?} dimension")))
+        .collect::<Result<_, _>>()?;
     checked_product(&dims, &format!("graph {what} {name:?}"))?;
     Ok((name, dims))
 }

@@ -376,9 +376,7 @@ impl Msg {
                 total_len: c.u64()?,
             },
             ty::SEALED_CHUNK => Msg::SealedChunk { len: c.u32()? },
-            ty::CHUNK_OK => Msg::ChunkOk {
-                received: c.u64()?,
-            },
+            ty::CHUNK_OK => Msg::ChunkOk { received: c.u64()? },
             ty::KEY => Msg::Key {
                 key_id: c.string()?,
                 enc: c.arr32()?,
@@ -414,7 +412,11 @@ impl Msg {
                 fatal: c.bool()?,
                 message: c.string()?,
             },
-            _ => return Err(ProtoError::Malformed(format!("unknown message type 0x{t:02x}"))),
+            _ => {
+                return Err(ProtoError::Malformed(format!(
+                    "unknown message type 0x{t:02x}"
+                )))
+            }
         };
         c.end()?;
         Ok(m)
@@ -429,7 +431,9 @@ pub fn parse_frame(buf: &[u8]) -> Result<Option<(Msg, usize)>, ProtoError> {
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len == 0 || len > MAX_FRAME {
-        return Err(ProtoError::Malformed(format!("frame length {len} out of range")));
+        return Err(ProtoError::Malformed(format!(
+            "frame length {len} out of range"
+        )));
     }
     if buf.len() - 4 < len {
         return Ok(None);
@@ -453,7 +457,9 @@ pub fn read_msg<R: Read>(r: &mut R) -> Result<Msg, ProtoError> {
     }
     let len = u32::from_le_bytes(hdr) as usize;
     if len == 0 || len > MAX_FRAME {
-        return Err(ProtoError::Malformed(format!("frame length {len} out of range")));
+        return Err(ProtoError::Malformed(format!(
+            "frame length {len} out of range"
+        )));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
@@ -494,7 +500,9 @@ impl Shm {
             return Err(io::Error::last_os_error());
         }
         if (st.st_mode & libc::S_IFMT) != libc::S_IFREG || st.st_size <= 0 {
-            return Err(io::Error::other("shared-memory fd is not a non-empty regular file"));
+            return Err(io::Error::other(
+                "shared-memory fd is not a non-empty regular file",
+            ));
         }
         let len = st.st_size as usize;
         // SAFETY: new shared mapping of a file we hold; the kernel picks the address.
@@ -559,7 +567,9 @@ impl Shm {
         let n = std::mem::size_of_val(src);
         self.check(offset, n)?;
         // SAFETY: bounds checked; src is private memory, disjoint from the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, self.ptr.add(offset), n) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, self.ptr.add(offset), n)
+        };
         Ok(())
     }
 }

@@ -24,6 +24,10 @@
 //! Setting `ENNCLAVE_SECCOMP_LOG=1` in the worker's environment turns action 2 into
 //! "log" (visible in the audit log / dmesg) to find syscalls a platform needs.
 
+// `libc::SYS_*` are `c_long`: i64 on the 64-bit targets we build for, so the `as i64`
+// casts are no-ops there but keep the code correct where `c_long` is 32 bits.
+#![allow(clippy::unnecessary_cast)]
+
 use seccompiler::{
     apply_filter_all_threads, BpfProgram, SeccompAction, SeccompCmpArgLen as Len,
     SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
@@ -204,8 +208,13 @@ pub fn install_seccomp() -> io::Result<()> {
         SeccompAction::Errno(libc::EPERM as u32)
     };
     let allow = compile(
-        SeccompFilter::new(allow_list().map_err(sc)?, mismatch, SeccompAction::Allow, arch)
-            .map_err(sc)?,
+        SeccompFilter::new(
+            allow_list().map_err(sc)?,
+            mismatch,
+            SeccompAction::Allow,
+            arch,
+        )
+        .map_err(sc)?,
     )?;
     let clone3: BTreeMap<i64, Vec<SeccompRule>> =
         [(libc::SYS_clone3 as i64, vec![])].into_iter().collect();
@@ -239,8 +248,10 @@ mod tests {
         for s in kill_list() {
             assert!(!m.contains_key(&s), "syscall {s} both allowed and killed");
         }
-        compile(SeccompFilter::new(m, SeccompAction::Errno(1), SeccompAction::Allow, arch).unwrap())
-            .unwrap();
+        compile(
+            SeccompFilter::new(m, SeccompAction::Errno(1), SeccompAction::Allow, arch).unwrap(),
+        )
+        .unwrap();
     }
 
     /// Run in a forked child so the filters do not affect the test harness.
@@ -265,7 +276,10 @@ mod tests {
                     return Some(10);
                 }
                 // threads still work, and can compute
-                let h = match std::thread::Builder::new().name("t".into()).spawn(|| (0..1000u64).sum::<u64>()) {
+                let h = match std::thread::Builder::new()
+                    .name("t".into())
+                    .spawn(|| (0..1000u64).sum::<u64>())
+                {
                     Ok(h) => h,
                     Err(e) => {
                         eprintln!("{e}");

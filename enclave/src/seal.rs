@@ -185,8 +185,12 @@ mod tests {
 
     #[test]
     fn canonical_escapes_like_python() {
-        let (_, aad) = canonical_manifest("{\"b\":\"é\\u0001\\n\\\"\",\"a\":[]}".as_bytes()).unwrap();
-        assert_eq!(std::str::from_utf8(&aad).unwrap(), "{\"a\":[],\"b\":\"é\\u0001\\n\\\"\"}");
+        let (_, aad) =
+            canonical_manifest("{\"b\":\"é\\u0001\\n\\\"\",\"a\":[]}".as_bytes()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&aad).unwrap(),
+            "{\"a\":[],\"b\":\"é\\u0001\\n\\\"\"}"
+        );
     }
 
     #[test]
@@ -217,23 +221,42 @@ mod tests {
         for i in 8..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x01;
-            assert!(matches!(unseal(&bad, &aad, &KEY), Err(SealError::Authentication)));
+            assert!(matches!(
+                unseal(&bad, &aad, &KEY),
+                Err(SealError::Authentication)
+            ));
         }
         // Changed manifest (policy) → different AAD.
-        let m2 = String::from_utf8(manifest()).unwrap().replace("full", "top_k");
+        let m2 = String::from_utf8(manifest())
+            .unwrap()
+            .replace("full", "top_k");
         let (_, aad2) = canonical_manifest(m2.as_bytes()).unwrap();
-        assert!(matches!(unseal(&sealed, &aad2, &KEY), Err(SealError::Authentication)));
+        assert!(matches!(
+            unseal(&sealed, &aad2, &KEY),
+            Err(SealError::Authentication)
+        ));
         // Changing only `integrity` does not change the AAD.
-        let m3 = String::from_utf8(manifest()).unwrap().replace("\"00\"", "\"11\"");
+        let m3 = String::from_utf8(manifest())
+            .unwrap()
+            .replace("\"00\"", "\"11\"");
         let (_, aad3) = canonical_manifest(m3.as_bytes()).unwrap();
         assert!(unseal(&sealed, &aad3, &KEY).is_ok());
         // Wrong key.
-        assert!(matches!(unseal(&sealed, &aad, &[8u8; 32]), Err(SealError::Authentication)));
+        assert!(matches!(
+            unseal(&sealed, &aad, &[8u8; 32]),
+            Err(SealError::Authentication)
+        ));
         // Wrong magic / truncated.
         let mut bad = sealed.clone();
         bad[0] = b'X';
-        assert!(matches!(unseal(&bad, &aad, &KEY), Err(SealError::Format(_))));
-        assert!(matches!(unseal(&sealed[..20], &aad, &KEY), Err(SealError::Format(_))));
+        assert!(matches!(
+            unseal(&bad, &aad, &KEY),
+            Err(SealError::Format(_))
+        ));
+        assert!(matches!(
+            unseal(&sealed[..20], &aad, &KEY),
+            Err(SealError::Format(_))
+        ));
     }
 
     #[test]

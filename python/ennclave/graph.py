@@ -57,6 +57,9 @@ class GraphView:
     tensors: dict[str, TensorInfo]
     # Tensors that do not depend on any model input (ONNX constants, shape values).
     constant_tensors: set[str] = field(default_factory=set)
+    # Tensors that must not be offered as cuts although they separate the graph, e.g.
+    # ONNX tensors whose dim 0 is the batch merged with other dims by a Reshape.
+    uncuttable: set[str] = field(default_factory=set)
 
     def producer(self, tensor: str) -> Node | None:
         for node in self.nodes:
@@ -114,7 +117,8 @@ def find_cut_points(graph: GraphView) -> list[CutPoint]:
         if pos == n - 1 or len(live) != 1:
             continue
         (t,) = live
-        if t in seen or t in output_names or t in {i.name for i in graph.inputs}:
+        if (t in seen or t in output_names or t in graph.uncuttable
+                or t in {i.name for i in graph.inputs}):
             continue
         seen.add(t)
         producer = graph.producer(t)

@@ -21,6 +21,13 @@ KEY_BYTES = 32
 def _reject_floats(value: Any, path: str = "manifest") -> None:
     if isinstance(value, float):
         raise ValueError(f"{path} is a float; the authenticated manifest may not hold floats.")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        # The enclave (serde_json) would read such an integer as a float and refuse it.
+        raise ValueError(
+            f"{path} does not fit in 64 bits; the authenticated manifest may not hold it."
+        )
+    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{path} has a non-string key; JSON object keys must be strings.")
     if isinstance(value, dict):
         for k, v in value.items():
             _reject_floats(v, f"{path}.{k}")

@@ -63,7 +63,9 @@ impl Act {
             }),
             Act::GeluTanh => {
                 let c = (2.0 / std::f32::consts::PI).sqrt();
-                map(x, |v| 0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh()))
+                map(x, |v| {
+                    0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
+                })
             }
             Act::Sigmoid => map(x, sigmoid),
             Act::HardSigmoid { alpha, beta } => map(x, |v| (alpha * v + beta).clamp(0.0, 1.0)),
@@ -144,16 +146,34 @@ mod tests {
         close(&run(Act::Relu, &x), &[0.0, 0.0, 0.0, 0.5, 7.0]);
         close(&run(Act::Relu6, &x), &[0.0, 0.0, 0.0, 0.5, 6.0]);
         close(&run(Act::LeakyRelu(0.2), &x), &[-0.4, -0.1, 0.0, 0.5, 7.0]);
-        close(&run(Act::Clip { min: -1.0, max: 1.0 }, &x), &[-1.0, -0.5, 0.0, 0.5, 1.0]);
+        close(
+            &run(
+                Act::Clip {
+                    min: -1.0,
+                    max: 1.0,
+                },
+                &x,
+            ),
+            &[-1.0, -0.5, 0.0, 0.5, 1.0],
+        );
         close(&run(Act::Neg, &x), &[2.0, 0.5, 0.0, -0.5, -7.0]);
         close(&run(Act::Abs, &x), &[2.0, 0.5, 0.0, 0.5, 7.0]);
         close(
-            &run(Act::HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5 }, &x),
+            &run(
+                Act::HardSigmoid {
+                    alpha: 1.0 / 6.0,
+                    beta: 0.5,
+                },
+                &x,
+            ),
             &[1.0 / 6.0, 0.5 - 0.5 / 6.0, 0.5, 0.5 + 0.5 / 6.0, 1.0],
         );
         close(&run(Act::Sigmoid, &[0.0]), &[0.5]);
         close(&run(Act::Swish, &[0.0, 1.0]), &[0.0, 0.731_058_6]);
-        close(&run(Act::Elu(1.0), &[-1.0, 2.0]), &[(-1.0f32).exp_m1(), 2.0]);
+        close(
+            &run(Act::Elu(1.0), &[-1.0, 2.0]),
+            &[(-1.0f32).exp_m1(), 2.0],
+        );
         close(&run(Act::Selu, &[1.0]), &[SELU_SCALE]);
         close(&run(Act::Erf, &[0.0, 1.0]), &[0.0, 0.842_700_8]);
         close(&run(Act::Gelu, &[0.0, 1.0]), &[0.0, 0.841_344_7]);
@@ -164,16 +184,34 @@ mod tests {
 
     #[test]
     fn softmax_rows_and_inner() {
-        let v = run(Act::Softmax { axis_len: 3, inner: 1 }, &[1.0, 2.0, 3.0, 0.0, 0.0, 0.0]);
+        let v = run(
+            Act::Softmax {
+                axis_len: 3,
+                inner: 1,
+            },
+            &[1.0, 2.0, 3.0, 0.0, 0.0, 0.0],
+        );
         let e: Vec<f32> = [1.0f32, 2.0, 3.0].iter().map(|x| (x - 3.0).exp()).collect();
         let s: f32 = e.iter().sum();
         close(&v[..3], &[e[0] / s, e[1] / s, e[2] / s]);
         close(&v[3..], &[1.0 / 3.0; 3]);
         // axis of length 2 with inner 2: pairs (x[0],x[2]) and (x[1],x[3])
-        let v = run(Act::Softmax { axis_len: 2, inner: 2 }, &[0.0, 5.0, 0.0, 5.0]);
+        let v = run(
+            Act::Softmax {
+                axis_len: 2,
+                inner: 2,
+            },
+            &[0.0, 5.0, 0.0, 5.0],
+        );
         close(&v, &[0.5, 0.5, 0.5, 0.5]);
         // large values do not overflow
-        let v = run(Act::Softmax { axis_len: 2, inner: 1 }, &[1000.0, 1000.0]);
+        let v = run(
+            Act::Softmax {
+                axis_len: 2,
+                inner: 1,
+            },
+            &[1000.0, 1000.0],
+        );
         close(&v, &[0.5, 0.5]);
     }
 }

@@ -30,7 +30,10 @@ impl BinKind {
     }
     /// `add`, `mul`, `max`, `min` take 2 or more inputs; the others exactly 2.
     pub fn variadic(self) -> bool {
-        matches!(self, BinKind::Add | BinKind::Mul | BinKind::Max | BinKind::Min)
+        matches!(
+            self,
+            BinKind::Add | BinKind::Mul | BinKind::Max | BinKind::Min
+        )
     }
 }
 
@@ -101,7 +104,11 @@ impl Bcast {
             dims.push(1);
             st.push(0);
         }
-        Bcast { dims, strides: st, batch_stride }
+        Bcast {
+            dims,
+            strides: st,
+            batch_stride,
+        }
     }
 
     fn out_len(&self) -> usize {
@@ -152,7 +159,13 @@ fn runs(bc: &Bcast, batch: usize, mut g: impl FnMut(usize, usize, usize, usize))
 /// `out = a ⊕ b`, broadcasting. `out` holds `batch` samples of the output (pass
 /// `batch = 1` for an unbatched output). Further inputs of a left fold are applied
 /// with [`inplace`].
-pub fn binary(kind: BinKind, out: &mut [f32], a: (&[f32], &Bcast), b: (&[f32], &Bcast), batch: usize) {
+pub fn binary(
+    kind: BinKind,
+    out: &mut [f32],
+    a: (&[f32], &Bcast),
+    b: (&[f32], &Bcast),
+    batch: usize,
+) {
     let (a, abc) = a;
     let (b, bbc) = b;
     if abc.is_full() {
@@ -213,11 +226,23 @@ mod tests {
         let col = Bcast::new(&out_dims, &[2, 1], false);
         let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
         let mut y = vec![0.0; 12];
-        binary(BinKind::Add, &mut y, (&x, &full), (&[10.0, 20.0, 30.0], &row), 2);
+        binary(
+            BinKind::Add,
+            &mut y,
+            (&x, &full),
+            (&[10.0, 20.0, 30.0], &row),
+            2,
+        );
         assert_eq!(y[..6], [10.0, 21.0, 32.0, 13.0, 24.0, 35.0]);
         assert_eq!(y[6..9], [16.0, 27.0, 38.0]);
         // constant first, batched second; 3 operands folded left
-        binary(BinKind::Sub, &mut y, (&[100.0, 200.0], &col), (&x, &full), 2);
+        binary(
+            BinKind::Sub,
+            &mut y,
+            (&[100.0, 200.0], &col),
+            (&x, &full),
+            2,
+        );
         assert_eq!(y[..6], [100.0, 99.0, 98.0, 197.0, 196.0, 195.0]);
         assert_eq!(y[6..], [94.0, 93.0, 92.0, 191.0, 190.0, 189.0]);
         let scalar = Bcast::new(&out_dims, &[1, 1], false);
@@ -236,6 +261,9 @@ mod tests {
         let mut y = vec![0.0; 12];
         let half = Bcast::new(&out_dims, &[1, 1, 1], false);
         binary(BinKind::Add, &mut y, (&b, &bc), (&[0.5], &half), 1);
-        assert_eq!(y, [1.5, 2.5, 1.5, 2.5, 1.5, 2.5, 3.5, 4.5, 3.5, 4.5, 3.5, 4.5]);
+        assert_eq!(
+            y,
+            [1.5, 2.5, 1.5, 2.5, 1.5, 2.5, 3.5, 4.5, 3.5, 4.5, 3.5, 4.5]
+        );
     }
 }

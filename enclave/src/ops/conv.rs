@@ -28,11 +28,15 @@ impl Geom {
     /// Input row index for output row `o` and kernel row `k`, if not in the padding.
     #[inline]
     fn in_row(&self, o: usize, k: usize) -> Option<usize> {
-        (o * self.sh + k * self.dh).checked_sub(self.pt).filter(|&i| i < self.h)
+        (o * self.sh + k * self.dh)
+            .checked_sub(self.pt)
+            .filter(|&i| i < self.h)
     }
     #[inline]
     fn in_col(&self, o: usize, k: usize) -> Option<usize> {
-        (o * self.sw + k * self.dw).checked_sub(self.pl).filter(|&i| i < self.w)
+        (o * self.sw + k * self.dw)
+            .checked_sub(self.pl)
+            .filter(|&i| i < self.w)
     }
     pub fn in_len(&self) -> usize {
         self.h * self.w * self.c
@@ -59,7 +63,14 @@ impl ConvParams {
     }
     pub fn is_pointwise(&self) -> bool {
         let g = &self.g;
-        g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.oh == g.h && g.ow == g.w
+        g.kh == 1
+            && g.kw == 1
+            && g.sh == 1
+            && g.sw == 1
+            && g.pt == 0
+            && g.pl == 0
+            && g.oh == g.h
+            && g.ow == g.w
     }
     /// Rows of the im2col matrix per chunk for a batch of `batch`.
     fn chunk_rows(&self, batch: usize) -> usize {
@@ -97,7 +108,9 @@ pub fn conv(
     assert!(kernel.len() >= g.kh * g.kw * cing * cout && bias.is_none_or(|b| b.len() >= cout));
     let y = &mut y[..rows * cout];
     match bias {
-        Some(b) => y.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(&b[..cout])),
+        Some(b) => y
+            .chunks_exact_mut(cout)
+            .for_each(|r| r.copy_from_slice(&b[..cout])),
         None => y.fill(0.0),
     }
     if p.is_depthwise() {
@@ -176,7 +189,15 @@ pub fn conv(
 
 /// Fill `cols` (rows r0.. of the im2col matrix, `kh*kw*cing` wide) for channels
 /// `c0..c0+cing`.
-fn im2col(x: &[f32], cols: &mut [f32], r0: usize, c0: usize, cing: usize, g: &Geom, threads: usize) {
+fn im2col(
+    x: &[f32],
+    cols: &mut [f32],
+    r0: usize,
+    c0: usize,
+    cing: usize,
+    g: &Geom,
+    threads: usize,
+) {
     let kl = g.kh * g.kw * cing;
     let fill = |ri: usize, row: &mut [f32]| {
         let r = r0 + ri;
@@ -208,12 +229,11 @@ fn im2col(x: &[f32], cols: &mut [f32], r0: usize, c0: usize, cing: usize, g: &Ge
     let per = nrows.div_ceil(parts);
     let cp = SendPtr(cols.as_mut_ptr());
     par_for(parts, &|t| {
-        let cp = cp;
         let a = (t * per).min(nrows);
         let b = ((t + 1) * per).min(nrows);
         // SAFETY: rows a..b of cols (nrows×kl elements) belong to this task only;
         // tasks finish before the &mut borrow of cols ends.
-        let mine = unsafe { std::slice::from_raw_parts_mut(cp.0.add(a * kl), (b - a) * kl) };
+        let mine = unsafe { std::slice::from_raw_parts_mut(cp.get().add(a * kl), (b - a) * kl) };
         for (i, row) in mine.chunks_exact_mut(kl).enumerate() {
             fill(a + i, row);
         }
@@ -221,7 +241,14 @@ fn im2col(x: &[f32], cols: &mut [f32], r0: usize, c0: usize, cing: usize, g: &Ge
 }
 
 /// Depthwise conv (groups == c): output channel `o` reads input channel `o / mult`.
-fn depthwise(x: &[f32], kernel: &[f32], y: &mut [f32], batch: usize, p: &ConvParams, threads: usize) {
+fn depthwise(
+    x: &[f32],
+    kernel: &[f32],
+    y: &mut [f32],
+    batch: usize,
+    p: &ConvParams,
+    threads: usize,
+) {
     let g = &p.g;
     let cout = p.cout;
     let mult = cout / g.c;
@@ -262,12 +289,12 @@ fn depthwise(x: &[f32], kernel: &[f32], y: &mut [f32], batch: usize, p: &ConvPar
     let per = out_rows.div_ceil(parts);
     let yp = SendPtr(y.as_mut_ptr());
     par_for(parts, &|t| {
-        let yp = yp;
         let a = (t * per).min(out_rows);
         let b = ((t + 1) * per).min(out_rows);
         // SAFETY: output rows a..b (of out_rows×row_len == y.len()) belong to this
         // task only; tasks finish before the &mut borrow of y ends.
-        let mine = unsafe { std::slice::from_raw_parts_mut(yp.0.add(a * row_len), (b - a) * row_len) };
+        let mine =
+            unsafe { std::slice::from_raw_parts_mut(yp.get().add(a * row_len), (b - a) * row_len) };
         for (i, yrow) in mine.chunks_exact_mut(row_len).enumerate() {
             one_row(a + i, yrow);
         }
@@ -306,7 +333,11 @@ pub fn pool(x: &[f32], y: &mut [f32], batch: usize, g: &Geom, max: bool, count_i
                     }
                 }
                 if !max {
-                    let d = if count_include_pad { g.kh * g.kw } else { count };
+                    let d = if count_include_pad {
+                        g.kh * g.kw
+                    } else {
+                        count
+                    };
                     let r = 1.0 / d as f32;
                     out.iter_mut().for_each(|o| *o *= r);
                 }

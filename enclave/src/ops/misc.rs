@@ -64,7 +64,11 @@ impl Transpose {
 
 pub fn transpose(x: &[f32], y: &mut [f32], batch: usize, t: &Transpose) {
     let r = t.out_dims.len();
-    let (inner, istride) = if r == 0 { (1, 0) } else { (t.out_dims[r - 1], t.in_strides[r - 1]) };
+    let (inner, istride) = if r == 0 {
+        (1, 0)
+    } else {
+        (t.out_dims[r - 1], t.in_strides[r - 1])
+    };
     for n in 0..batch {
         let xs = &x[n * t.sample..][..t.sample];
         let ys = &mut y[n * t.sample..][..t.sample];
@@ -90,10 +94,18 @@ pub struct Pad {
 
 impl Pad {
     pub fn new(in_dims: &[usize], begins: &[usize], ends: &[usize], value: f32) -> Self {
-        let out_dims: Vec<usize> = (0..in_dims.len()).map(|i| in_dims[i] + begins[i] + ends[i]).collect();
+        let out_dims: Vec<usize> = (0..in_dims.len())
+            .map(|i| in_dims[i] + begins[i] + ends[i])
+            .collect();
         let out_strides = row_major_strides(&out_dims);
         let base = begins.iter().zip(&out_strides).map(|(b, s)| b * s).sum();
-        Pad { in_dims: in_dims.to_vec(), out_dims, base, out_strides, value }
+        Pad {
+            in_dims: in_dims.to_vec(),
+            out_dims,
+            base,
+            out_strides,
+            value,
+        }
     }
 }
 
@@ -113,7 +125,14 @@ pub fn pad(x: &[f32], y: &mut [f32], batch: usize, p: &Pad) {
 
 /// One input of a concatenation: `blocks` blocks of `part` floats from `x` go to
 /// offset `offset` of each `total`-float block of `y`.
-pub fn concat_one(x: &[f32], y: &mut [f32], blocks: usize, part: usize, offset: usize, total: usize) {
+pub fn concat_one(
+    x: &[f32],
+    y: &mut [f32],
+    blocks: usize,
+    part: usize,
+    offset: usize,
+    total: usize,
+) {
     for blk in 0..blocks {
         y[blk * total + offset..][..part].copy_from_slice(&x[blk * part..][..part]);
     }
@@ -168,8 +187,20 @@ impl Reduce {
             }
         }
         let in_sample: usize = in_dims.iter().product();
-        let count = in_dims.iter().zip(reduced).filter(|(_, &r)| r).map(|(&d, _)| d).product();
-        Reduce { kind, dims, out_strides, in_sample, out_sample: s, count }
+        let count = in_dims
+            .iter()
+            .zip(reduced)
+            .filter(|(_, &r)| r)
+            .map(|(&d, _)| d)
+            .product();
+        Reduce {
+            kind,
+            dims,
+            out_strides,
+            in_sample,
+            out_sample: s,
+            count,
+        }
     }
 }
 
@@ -190,17 +221,20 @@ pub fn reduce(x: &[f32], y: &mut [f32], batch: usize, r: &Reduce) {
             let row = &xs[k * inner..][..inner];
             match (r.kind, ostride) {
                 (ReduceKind::Mean | ReduceKind::Sum, 0) => ys[off] += row.iter().sum::<f32>(),
-                (ReduceKind::Mean | ReduceKind::Sum, _) => {
-                    ys[off..off + inner].iter_mut().zip(row).for_each(|(o, v)| *o += v)
-                }
+                (ReduceKind::Mean | ReduceKind::Sum, _) => ys[off..off + inner]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(o, v)| *o += v),
                 (ReduceKind::Max, 0) => ys[off] = row.iter().fold(ys[off], |a, &v| fmax(a, v)),
-                (ReduceKind::Max, _) => {
-                    ys[off..off + inner].iter_mut().zip(row).for_each(|(o, &v)| *o = fmax(*o, v))
-                }
+                (ReduceKind::Max, _) => ys[off..off + inner]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(o, &v)| *o = fmax(*o, v)),
                 (ReduceKind::Min, 0) => ys[off] = row.iter().fold(ys[off], |a, &v| fmin(a, v)),
-                (ReduceKind::Min, _) => {
-                    ys[off..off + inner].iter_mut().zip(row).for_each(|(o, &v)| *o = fmin(*o, v))
-                }
+                (ReduceKind::Min, _) => ys[off..off + inner]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(o, &v)| *o = fmin(*o, v)),
             }
         });
         if r.kind == ReduceKind::Mean {
@@ -228,7 +262,13 @@ fn fmin(a: f32, b: f32) -> f32 {
 }
 
 /// Layer norm over rows of `inner` floats (`y` already holds a copy of `x`).
-pub fn layer_norm(y: &mut [f32], inner: usize, eps: f32, gamma: Option<&[f32]>, beta: Option<&[f32]>) {
+pub fn layer_norm(
+    y: &mut [f32],
+    inner: usize,
+    eps: f32,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+) {
     if inner == 0 {
         return;
     }
@@ -262,7 +302,10 @@ pub fn scale_shift(x: &[f32], y: &mut [f32], c: usize, inner: usize, scale: &[f3
         } else {
             for ch in 0..c {
                 let (s, t) = (scale[ch], shift[ch]);
-                for (o, &v) in yb[ch * inner..][..inner].iter_mut().zip(&xb[ch * inner..][..inner]) {
+                for (o, &v) in yb[ch * inner..][..inner]
+                    .iter_mut()
+                    .zip(&xb[ch * inner..][..inner])
+                {
                     *o = v * s + t;
                 }
             }
@@ -277,10 +320,15 @@ mod tests {
     #[test]
     fn transpose_2x3() {
         let t = Transpose::new(&[2, 3], &[1, 0]);
-        let x = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0];
+        let x = [
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        ];
         let mut y = [0.0; 12];
         transpose(&x, &mut y, 2, &t);
-        assert_eq!(y, [0.0, 3.0, 1.0, 4.0, 2.0, 5.0, 10.0, 13.0, 11.0, 14.0, 12.0, 15.0]);
+        assert_eq!(
+            y,
+            [0.0, 3.0, 1.0, 4.0, 2.0, 5.0, 10.0, 13.0, 11.0, 14.0, 12.0, 15.0]
+        );
         assert_eq!(t.out_dims, [3, 2]);
     }
 
@@ -323,21 +371,46 @@ mod tests {
         // [2, 3] per sample
         let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let mut y = [0.0; 3];
-        reduce(&x, &mut y, 1, &Reduce::new(ReduceKind::Sum, &[2, 3], &[true, false]));
+        reduce(
+            &x,
+            &mut y,
+            1,
+            &Reduce::new(ReduceKind::Sum, &[2, 3], &[true, false]),
+        );
         assert_eq!(y, [5.0, 7.0, 9.0]);
         let mut y = [0.0; 2];
-        reduce(&x, &mut y, 1, &Reduce::new(ReduceKind::Mean, &[2, 3], &[false, true]));
+        reduce(
+            &x,
+            &mut y,
+            1,
+            &Reduce::new(ReduceKind::Mean, &[2, 3], &[false, true]),
+        );
         assert_eq!(y, [2.0, 5.0]);
         let mut y = [0.0; 1];
-        reduce(&x, &mut y, 1, &Reduce::new(ReduceKind::Max, &[2, 3], &[true, true]));
+        reduce(
+            &x,
+            &mut y,
+            1,
+            &Reduce::new(ReduceKind::Max, &[2, 3], &[true, true]),
+        );
         assert_eq!(y, [6.0]);
         let mut y = [0.0; 2];
-        reduce(&x, &mut y, 1, &Reduce::new(ReduceKind::Min, &[2, 3], &[false, true]));
+        reduce(
+            &x,
+            &mut y,
+            1,
+            &Reduce::new(ReduceKind::Min, &[2, 3], &[false, true]),
+        );
         assert_eq!(y, [1.0, 4.0]);
         // [2, 2, 2] reduce middle
         let x: Vec<f32> = (0..8).map(|v| v as f32).collect();
         let mut y = [0.0; 4];
-        reduce(&x, &mut y, 1, &Reduce::new(ReduceKind::Sum, &[2, 2, 2], &[false, true, false]));
+        reduce(
+            &x,
+            &mut y,
+            1,
+            &Reduce::new(ReduceKind::Sum, &[2, 2, 2], &[false, true, false]),
+        );
         assert_eq!(y, [2.0, 4.0, 10.0, 12.0]);
     }
 
@@ -351,9 +424,23 @@ mod tests {
     #[test]
     fn scale_shift_axis() {
         let mut y = [0.0; 4];
-        scale_shift(&[1.0, 2.0, 3.0, 4.0], &mut y, 2, 1, &[2.0, 3.0], &[0.5, 0.0]);
+        scale_shift(
+            &[1.0, 2.0, 3.0, 4.0],
+            &mut y,
+            2,
+            1,
+            &[2.0, 3.0],
+            &[0.5, 0.0],
+        );
         assert_eq!(y, [2.5, 6.0, 6.5, 12.0]);
-        scale_shift(&[1.0, 2.0, 3.0, 4.0], &mut y, 2, 2, &[2.0, 3.0], &[0.0, 1.0]);
+        scale_shift(
+            &[1.0, 2.0, 3.0, 4.0],
+            &mut y,
+            2,
+            2,
+            &[2.0, 3.0],
+            &[0.0, 1.0],
+        );
         assert_eq!(y, [2.0, 4.0, 10.0, 13.0]);
     }
 }

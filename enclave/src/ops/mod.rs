@@ -41,6 +41,13 @@ pub fn parallelism(threads: usize) -> gemm::Parallelism {
 /// which writes a disjoint part of the buffer it points into.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 // SAFETY: only used to hand disjoint regions of one `&mut [f32]` to the tasks of a
 // single `par_for`, which all finish before that borrow ends.
 unsafe impl Send for SendPtr {}

@@ -48,6 +48,12 @@ _OTHER = (
 SUPPORTED_OPS = sorted(
     {*_UNARY_ACTIVATIONS, *_BINARY, *_REDUCE, *_ALIASES, *_OTHER}
 )
+# Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
+_ROWWISE = {
+    *_UNARY_ACTIVATIONS, *_BINARY, *_ALIASES, "MatMul", "Gemm", "Reshape", "LeakyRelu",
+    "Elu", "Selu", "HardSigmoid", "HardSwish", "Gelu", "Clip", "PRelu", "Softmax",
+    "LayerNormalization",
+}
 # Ops whose outputs are static even for dynamic inputs (given static non-batch dims).
 _SHAPE_OPS = ("Shape", "Size")
 
@@ -245,7 +251,7 @@ class OnnxAdapter(ModelAdapter):
                 outputs=list(n.output), params=params,
                 flops=self._flops(n, tensors, const), trainable=None, handle=n,
             ))
-        return GraphView(
+        view = GraphView(
             framework="onnx",
             inputs=[tensors[t] for t in graph_inputs],
             outputs=[tensors[o.name] for o in g.output],
@@ -253,6 +259,28 @@ class OnnxAdapter(ModelAdapter):
             tensors=tensors,
             constant_tensors=const,
         )
+        view.uncuttable = self._batch_merged(view)
+        return view
+
+    def _batch_merged(self, view: GraphView) -> set[str]:
+        """Tensors whose dim 0 is not the batch (a Reshape merged it with other dims,
+        as tf2onnx does for Keras Dense on 3-D inputs): a public part ending there
+        would hand the enclave rows, not samples. Found by running the model once."""
+        reshapes = [n for n in view.nodes if n.op_type in ("Reshape", "Flatten")
+                    and n.inputs[0] not in view.constant_tensors]
+        if len(view.inputs) != 1 or not reshapes:
+            return set()
+        dim0 = view.inputs[0]
+        fixed = next((vi.type.tensor_type.shape.dim[0].dim_value for vi in self.model.graph.input
+                      if vi.name == dim0.name and len(vi.type.tensor_type.shape.dim)
+                      and vi.type.tensor_type.shape.dim[0].HasField("dim_value")), 0)
+        batch = fixed or 3
+        names = [t for n in view.nodes for t in n.outputs
+                 if t not in view.constant_tensors and t]
+        shape = (batch, *[int(d or 1) for d in dim0.shape[1:]])
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        shapes = self._probe_shapes(names, x, dim0.name, keep_batch=True)
+        return {t for t, s in shapes.items() if s and s[0] != batch}
 
     @staticmethod
     def _flops(n: Any, tensors: dict[str, TensorInfo], const: set[str]) -> int:
@@ -287,8 +315,10 @@ class OnnxAdapter(ModelAdapter):
 
     # -- running -----------------------------------------------------------------
     @staticmethod
-    def _run(session: Any, x: np.ndarray) -> np.ndarray:
-        inp = session.get_inputs()[0]
+    def _run(session: Any, x: np.ndarray, input_name: str | None = None) -> np.ndarray:
+        # Old-IR models may list initializers as inputs too: prefer the known name.
+        inp = next((i for i in session.get_inputs() if i.name == input_name),
+                   session.get_inputs()[0])
         x = np.asarray(x, dtype=np.float32)
         fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
         if fixed is None or fixed == len(x):
@@ -314,7 +344,7 @@ class OnnxAdapter(ModelAdapter):
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self._session is None:
             self._session = self._open_session(self.model.SerializeToString())
-        return self._run(self._session, x)
+        return self._run(self._session, x, self.graph.inputs[0].name)
 
     @classmethod
     def predict_public(cls, path: Path, x: np.ndarray) -> np.ndarray:
@@ -346,8 +376,9 @@ class OnnxAdapter(ModelAdapter):
             out_vi = onnx.helper.make_tensor_value_info(
                 target, onnx.TensorProto.FLOAT, [None if d is None else d for d in cut.tensor.shape]
             )
-        inputs = [i for i in g.input if i.name in needed]
         inits = [t for t in g.initializer if t.name in needed]
+        init_names = {t.name for t in inits}
+        inputs = [i for i in g.input if i.name in needed and i.name not in init_names]
         inner = {t for n in keep for t in n.outputs} | {i.name for i in inputs}
         value_info = [vi for vi in g.value_info if vi.name in inner and vi.name != target]
         graph = onnx.helper.make_graph(
@@ -375,12 +406,14 @@ class OnnxAdapter(ModelAdapter):
                    if t not in self.graph.constant_tensors
                    and (not shapes.get(t) or any(d is None for d in shapes[t][1:]))]
         if missing and self._probed is None:
-            self._probed = self._probe_shapes(missing)
+            x = self.random_inputs(1, np.random.default_rng(0))
+            self._probed = self._probe_shapes(missing, x, self.graph.inputs[0].name)
         if self._probed:
             shapes.update(self._probed)
         return shapes
 
-    def _probe_shapes(self, names: list[str]) -> dict[str, tuple[int | None, ...]]:
+    def _probe_shapes(self, names: list[str], x: np.ndarray, input_name: str,
+                      keep_batch: bool = False) -> dict[str, tuple[int | None, ...]]:
         onnx = require("onnx")
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
@@ -390,12 +423,12 @@ class OnnxAdapter(ModelAdapter):
                 m.graph.output.append(onnx.ValueInfoProto(name=t))
         try:
             sess = self._open_session(m.SerializeToString())
-            x = self.random_inputs(1, np.random.default_rng(0))
             outs = sess.run([o.name for o in sess.get_outputs()],
-                            {sess.get_inputs()[0].name: x})
+                            {input_name: x})
         except Exception:
             return {}
-        return {o.name: (None, *np.shape(v)[1:]) if np.ndim(v) else ()
+        return {o.name: (np.shape(v) if keep_batch else (None, *np.shape(v)[1:]))
+                if np.ndim(v) else ()
                 for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
     def _constants(self) -> dict[int, dict[str, np.ndarray]]:
@@ -408,8 +441,20 @@ class OnnxAdapter(ModelAdapter):
         shapes = {k: v.shape for k, v in g.tensors.items()}
         base = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
         opsets = {o.domain or "": o.version for o in self.model.opset_import}
+        # A fixed batch size is the only one the model knows; otherwise probe two, and
+        # only if some Shape/Size actually reads a computed tensor.
+        fixed = 0
+        for vi in self.model.graph.input:
+            if g.inputs and vi.name == g.inputs[0].name:
+                dims = vi.type.tensor_type.shape.dim
+                fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else 0
+        reads_batch = any(
+            n.op_type in _SHAPE_OPS and n.inputs and n.inputs[0] not in g.constant_tensors
+            for n in g.nodes
+        )
+        probes = (fixed,) if fixed else _PROBES if reads_batch else _PROBES[:1]
         result: dict[int, dict[str, np.ndarray]] = {}
-        for batch in _PROBES:
+        for batch in probes:
             vals = dict(base)
             for node in g.nodes:
                 if not all(t in g.constant_tensors for t in node.outputs):
@@ -485,10 +530,17 @@ class _Lowering:
         self.env: dict[str, _Val] = {}
         self._layout_cache: dict[tuple[str, tuple[int, ...]], _Val] = {}
         self.pshape: dict[str, tuple[int | None, ...]] = {}
+        # ONNX tensors whose dim 0 is the batch times these per-sample dims (a Reshape
+        # merged them); they are held unmerged, [N, *dims, ...], and only row-wise ops
+        # may touch them until a Reshape splits the batch out again.
+        self.merged: dict[str, tuple[int, ...]] = {}
+        self.used = {t for m in self.g.nodes for t in m.inputs} | {o.name for o in self.g.outputs}
 
     # -- helpers -----------------------------------------------------------------
     def shape(self, tensor: str, node: Node) -> tuple[int | None, ...]:
         s = self.shapes.get(tensor)
+        if tensor in self.merged and s:
+            s = (None, *self.merged[tensor], *s[1:])
         if s is None or len(s) == 0 or any(d is None for d in s[1:]):
             raise UnsupportedOpError(
                 f"Node {node.name!r} ({node.op_type}): the shape of {tensor!r} is not known "
@@ -595,23 +647,39 @@ class _Lowering:
         handler: Callable[[Node, dict[str, Any]], _Val] | None = getattr(
             self, f"op_{op}", None
         )
+        attrs = _attrs(n)
+        ks = {self.merged.get(t, ()) for t in node.inputs if t in self.env}
+        if ks and ks != {()}:
+            if len(ks) != 1 or op not in _ROWWISE:
+                raise self.unsupported(node, "it needs the batch axis of a tensor that a "
+                                             "Reshape merged with other axes")
+            (k,) = ks
+            if op in ("Softmax", "LayerNormalization"):
+                r0 = self.env[node.inputs[0]].rank - len(k)
+                ax = attrs.get("axis", -1)
+                ax = ax - r0 if ax >= 0 else ax
+                if ax <= -r0:
+                    raise self.unsupported(node, "its axis is a batch axis merged by a Reshape")
+                attrs["axis"] = ax
+            if op != "Reshape":
+                for t in n.output:
+                    self.merged[t] = k
         if op in _UNARY_ACTIVATIONS:
             v = self.dyn(node)
             out = self.act(node, v, activation(_UNARY_ACTIVATIONS[op]))
         elif op in _BINARY:
             out = self.binary(node, _BINARY[op], list(node.inputs))
         elif op in _REDUCE:
-            out = self.reduce(node, _REDUCE[op], _attrs(n))
+            out = self.reduce(node, _REDUCE[op], attrs)
         elif handler is not None:
-            out = handler(node, _attrs(n))
+            out = handler(node, attrs)
         else:
             raise UnsupportedOpError(
                 f"Node {node.name!r} has op type {op}, which the enclave program does not "
                 f"support; supported ops: {', '.join(SUPPORTED_OPS)}."
             )
         extra = [t for t in n.output[1:] if t]
-        used = {t for m in self.g.nodes for t in m.inputs} | {o.name for o in self.g.outputs}
-        if any(t in used for t in extra):
+        if any(t in self.used for t in extra):
             raise self.unsupported(node, "only its first output can be lowered")
         self.env[n.output[0]] = out
 
@@ -706,8 +774,8 @@ class _Lowering:
     def op_Clip(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         lo_c, hi_c = self.opt_const(node, 1), self.opt_const(node, 2)
-        lo = float(lo_c) if lo_c is not None else a.get("min")
-        hi = float(hi_c) if hi_c is not None else a.get("max")
+        lo = float(lo_c.reshape(-1)[0]) if lo_c is not None else a.get("min")
+        hi = float(hi_c.reshape(-1)[0]) if hi_c is not None else a.get("max")
         if lo is not None and hi is not None:
             if lo == 0 and hi == 6:
                 return self.act(node, v, activation("relu6"))
@@ -918,13 +986,16 @@ class _Lowering:
 
     def op_Reshape(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
+        k_in = self.merged.get(node.inputs[0], ())
+        rest = [int(d) for d in v.shape[1 + len(k_in) :]]  # type: ignore[arg-type]
+        unmerged = [*k_in, *rest]  # the input's per-sample dims, batch split out
         target_name = node.inputs[1]
         results = []
         for batch, consts in self.a._constants().items():
             t = consts.get(target_name)
             if t is None:
                 raise self.unsupported(node, "its target shape could not be evaluated")
-            in_shape = [batch, *[int(d) for d in v.shape[1:]]]  # type: ignore[arg-type]
+            in_shape = [batch * int(np.prod(k_in)), *rest]  # as ONNX sees the input
             out = [int(d) for d in t.reshape(-1)]
             if 0 in out and a.get("allowzero", 0):
                 raise self.unsupported(node, "allowzero=1 with a zero in the shape")
@@ -932,13 +1003,25 @@ class _Lowering:
             if -1 in out:
                 known = int(np.prod([d for d in out if d != -1]))
                 out[out.index(-1)] = int(np.prod(in_shape)) // max(known, 1)
-            if not out or out[0] != batch or int(np.prod(out)) != int(np.prod(in_shape)):
+            # The leading dim must be the batch, possibly times whole leading dims
+            # (e.g. Keras Dense on 3-D input: [N, T, D] -> [N*T, D] -> MatMul -> back).
+            lead = out[0] // batch if out and out[0] % batch == 0 else 0
+            j, prod = 0, 1
+            while prod < lead and j < len(unmerged):
+                prod *= unmerged[j]
+                j += 1
+            if (not out or prod != lead or int(np.prod(out)) != int(np.prod(in_shape))):
                 raise self.unsupported(node, f"target shape {list(t.reshape(-1))} does not "
                                              f"keep the batch axis first")
-            results.append(tuple(out[1:]))
+            results.append((tuple(unmerged[:j]), tuple(out[1:])))
         if len(set(results)) != 1:
             raise self.unsupported(node, "its target shape depends on the batch size")
-        return self.reshape_to(node, v, (None, *results[0]))
+        k_out, tail = results[0]
+        if k_out:
+            self.merged[node.outputs[0]] = k_out
+        else:
+            self.merged.pop(node.outputs[0], None)
+        return self.reshape_to(node, v, (None, *k_out, *tail))
 
     def op_Flatten(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)

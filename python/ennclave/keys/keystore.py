@@ -69,7 +69,9 @@ class Keystore:
         with os.fdopen(fd, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if not stat.S_ISREG(mode):
-                raise EnnclaveError(f"The keystore {self.path} is not a regular file; fix the path.")
+                raise EnnclaveError(
+                    f"The keystore {self.path} is not a regular file; fix the path."
+                )
             if mode & 0o077:
                 raise EnnclaveError(
                     f"The keystore {self.path} is readable by other users; run "

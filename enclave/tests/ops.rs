@@ -1,0 +1,462 @@
+//! Op-level tests through the full program → executor path, against naive loops.
+
+mod common;
+use common::*;
+
+/// Naive channels-last 2-D conv, f64 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn naive_conv(
+    x: &[f32],
+    n: usize,
+    h: usize,
+    wd: usize,
+    c: usize,
+    k: &[f32],
+    kh: usize,
+    kw: usize,
+    cout: usize,
+    groups: usize,
+    s: (usize, usize),
+    d: (usize, usize),
+    p: ((usize, usize), (usize, usize)),
+    bias: Option<&[f32]>,
+) -> (Vec<f32>, usize, usize) {
+    let oh = (h + p.0 .0 + p.0 .1 - (d.0 * (kh - 1) + 1)) / s.0 + 1;
+    let ow = (wd + p.1 .0 + p.1 .1 - (d.1 * (kw - 1) + 1)) / s.1 + 1;
+    let (cig, cog) = (c / groups, cout / groups);
+    let mut y = vec![0.0f32; n * oh * ow * cout];
+    for b in 0..n {
+        for i in 0..oh {
+            for j in 0..ow {
+                for o in 0..cout {
+                    let g = o / cog;
+                    let mut acc = bias.map_or(0.0, |b| b[o]) as f64;
+                    for a in 0..kh {
+                        for e in 0..kw {
+                            let ih = (i * s.0 + a * d.0) as isize - p.0 .0 as isize;
+                            let iw = (j * s.1 + e * d.1) as isize - p.1 .0 as isize;
+                            if ih < 0 || iw < 0 || ih >= h as isize || iw >= wd as isize {
+                                continue;
+                            }
+                            for ci in 0..cig {
+                                let xv = x
+                                    [((b * h + ih as usize) * wd + iw as usize) * c + g * cig + ci];
+                                let kv = k[((a * kw + e) * cig + ci) * cout + o];
+                                acc += xv as f64 * kv as f64;
+                            }
+                        }
+                    }
+                    y[((b * oh + i) * ow + j) * cout + o] = acc as f32;
+                }
+            }
+        }
+    }
+    (y, oh, ow)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_conv2d(
+    n: usize,
+    h: usize,
+    wd: usize,
+    c: usize,
+    kh: usize,
+    kw: usize,
+    cout: usize,
+    groups: usize,
+    s: (usize, usize),
+    d: (usize, usize),
+    p: ((usize, usize), (usize, usize)),
+    threads: usize,
+) {
+    let x = vals(n * h * wd * c, 1);
+    let k = vals(kh * kw * (c / groups) * cout, 2);
+    let b = vals(cout, 3);
+    let (want, oh, ow) = naive_conv(&x, n, h, wd, c, &k, kh, kw, cout, groups, s, d, p, Some(&b));
+    let attrs = format!(
+        r#"{{"strides": [{}, {}], "dilations": [{}, {}], "pads": [[{}, {}], [{}, {}]], "groups": {groups}}}"#,
+        s.0, s.1, d.0, d.1, p.0 .0, p.0 .1, p.1 .0, p.1 .1
+    );
+    let json = one_node(
+        "conv",
+        &[h, wd, c],
+        &[oh, ow, cout],
+        &attrs,
+        r#"{"kernel": "k", "bias": "b"}"#,
+    );
+    let cont = container(
+        &json,
+        &[w("k", &[kh, kw, c / groups, cout], k), w("b", &[cout], b)],
+    );
+    let got = run(&cont, &x, n, threads);
+    assert_close(&got, &want, 1e-4);
+}
+
+#[test]
+fn conv2d_general_matches_naive() {
+    check_conv2d(2, 7, 6, 3, 3, 3, 5, 1, (1, 1), (1, 1), ((1, 1), (1, 1)), 1);
+    check_conv2d(2, 9, 8, 4, 3, 2, 6, 1, (2, 1), (1, 2), ((0, 2), (1, 0)), 2);
+    check_conv2d(3, 8, 8, 6, 3, 3, 4, 2, (2, 2), (1, 1), ((1, 1), (1, 1)), 2); // grouped
+    check_conv2d(1, 5, 5, 16, 1, 1, 8, 1, (1, 1), (1, 1), ((0, 0), (0, 0)), 2); // pointwise
+    check_conv2d(1, 5, 5, 8, 1, 1, 8, 4, (1, 1), (1, 1), ((0, 0), (0, 0)), 1); // grouped pointwise
+    check_conv2d(1, 6, 6, 8, 1, 1, 4, 1, (2, 2), (1, 1), ((0, 0), (0, 0)), 1); // strided 1x1
+}
+
+#[test]
+fn conv2d_depthwise_matches_naive() {
+    check_conv2d(2, 7, 7, 8, 3, 3, 8, 8, (1, 1), (1, 1), ((1, 1), (1, 1)), 2);
+    check_conv2d(2, 9, 7, 4, 3, 3, 8, 4, (2, 2), (2, 1), ((2, 1), (0, 2)), 2); // multiplier 2
+    check_conv2d(1, 5, 5, 3, 5, 5, 3, 3, (1, 1), (1, 1), ((2, 2), (2, 2)), 1);
+}
+
+#[test]
+fn conv1d_matches_naive() {
+    let (n, wd, c, kw, cout) = (2, 11, 3, 3, 4);
+    let x = vals(n * wd * c, 5);
+    let k = vals(kw * c * cout, 6);
+    let (want, _, ow) = naive_conv(
+        &x,
+        n,
+        1,
+        wd,
+        c,
+        &k,
+        1,
+        kw,
+        cout,
+        1,
+        (1, 2),
+        (1, 2),
+        ((0, 0), (1, 1)),
+        None,
+    );
+    let json = one_node(
+        "conv",
+        &[wd, c],
+        &[ow, cout],
+        r#"{"strides": [2], "dilations": [2], "pads": [[1, 1]], "activation": {"fn": "relu"}}"#,
+        r#"{"kernel": "k"}"#,
+    );
+    let got = run(&container(&json, &[w("k", &[kw, c, cout], k)]), &x, n, 2);
+    let want: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
+    assert_close(&got, &want, 1e-4);
+}
+
+#[test]
+fn conv_large_im2col_chunks() {
+    // enough rows × K to need several im2col chunks
+    check_conv2d(
+        4,
+        40,
+        40,
+        32,
+        3,
+        3,
+        16,
+        1,
+        (1, 1),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        2,
+    );
+}
+
+#[test]
+fn dense_head_matches_naive() {
+    let (n, k, h, o) = (3, 40, 64, 7);
+    let k1 = vals(k * h, 1);
+    let b1 = vals(h, 2);
+    let k2 = vals(h * o, 3);
+    let json = r#"{"format": "ennclave-program", "version": 1,
+      "inputs": [{"name": "x", "shape": [null, 40], "dtype": "float32"}],
+      "outputs": [{"name": "p", "shape": [null, 7], "dtype": "float32"}],
+      "nodes": [
+        {"name": "fc1", "op": "dense", "inputs": ["x"], "outputs": ["h"], "attrs": {"activation": {"fn": "relu"}}, "weights": {"kernel": "k1", "bias": "b1"}},
+        {"name": "fc2", "op": "dense", "inputs": ["h"], "outputs": ["p"], "attrs": {"activation": {"fn": "softmax"}}, "weights": {"kernel": "k2"}}
+      ]}"#;
+    let cont = container(
+        json,
+        &[
+            w("k1", &[k, h], k1.clone()),
+            w("b1", &[h], b1.clone()),
+            w("k2", &[h, o], k2.clone()),
+        ],
+    );
+    let x = vals(n * k, 9);
+    for batch in [1, 3] {
+        let got = run(&cont, &x[..batch * k], batch, 2);
+        for r in 0..batch {
+            let hid: Vec<f64> = (0..h)
+                .map(|j| {
+                    (b1[j] as f64
+                        + (0..k)
+                            .map(|i| x[r * k + i] as f64 * k1[i * h + j] as f64)
+                            .sum::<f64>())
+                    .max(0.0)
+                })
+                .collect();
+            let lo: Vec<f64> = (0..o)
+                .map(|j| (0..h).map(|i| hid[i] * k2[i * o + j] as f64).sum())
+                .collect();
+            let m = lo.iter().cloned().fold(f64::MIN, f64::max);
+            let s: f64 = lo.iter().map(|v| (v - m).exp()).sum();
+            let want: Vec<f32> = lo.iter().map(|v| ((v - m).exp() / s) as f32).collect();
+            assert_close(&got[r * o..(r + 1) * o], &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn dense_on_3d_input() {
+    // [N, 2, 3] · [3, 2]
+    let json = one_node("dense", &[2, 3], &[2, 2], "{}", r#"{"kernel": "k"}"#);
+    let cont = container(
+        &json,
+        &[w("k", &[3, 2], vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0])],
+    );
+    let got = run(&cont, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 1, 1);
+    assert_eq!(got, [4.0, 5.0, 10.0, 11.0]);
+}
+
+#[test]
+fn pools() {
+    // 1 × 3 × 3 × 1 input 1..9, 2x2 window stride 1 pad end 1
+    let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+    let attrs = |kind: &str, cip: bool| {
+        format!(
+            r#"{{"kind": "{kind}", "window": [2, 2], "strides": [1, 1], "pads": [[0, 1], [0, 1]], "count_include_pad": {cip}}}"#
+        )
+    };
+    let mx = container(
+        &one_node("pool", &[3, 3, 1], &[3, 3, 1], &attrs("max", false), "{}"),
+        &[],
+    );
+    assert_eq!(
+        run(&mx, &x, 1, 1),
+        [5.0, 6.0, 6.0, 8.0, 9.0, 9.0, 8.0, 9.0, 9.0]
+    );
+    let av = container(
+        &one_node("pool", &[3, 3, 1], &[3, 3, 1], &attrs("avg", false), "{}"),
+        &[],
+    );
+    assert_eq!(
+        run(&av, &x, 1, 1),
+        [3.0, 4.0, 4.5, 6.0, 7.0, 7.5, 7.5, 8.5, 9.0]
+    );
+    let avp = container(
+        &one_node("pool", &[3, 3, 1], &[3, 3, 1], &attrs("avg", true), "{}"),
+        &[],
+    );
+    assert_eq!(
+        run(&avp, &x, 1, 1),
+        [3.0, 4.0, 2.25, 6.0, 7.0, 3.75, 3.75, 4.25, 2.25]
+    );
+    // 1-D max pool stride 2
+    let p1 = container(
+        &one_node(
+            "pool",
+            &[5, 2],
+            &[2, 2],
+            r#"{"kind": "max", "window": [2], "strides": [2], "pads": [[0, 0]]}"#,
+            "{}",
+        ),
+        &[],
+    );
+    assert_eq!(
+        run(
+            &p1,
+            &[1.0, -1.0, 3.0, -3.0, 2.0, 0.0, 0.0, 5.0, 9.0, 9.0],
+            1,
+            1
+        ),
+        [3.0, -1.0, 2.0, 5.0]
+    );
+    // global pools
+    let g = container(
+        &one_node("global_pool", &[2, 2, 2], &[2], r#"{"kind": "avg"}"#, "{}"),
+        &[],
+    );
+    assert_eq!(
+        run(&g, &[1.0, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0], 1, 1),
+        [2.5, 25.0]
+    );
+    let g = container(
+        &one_node(
+            "global_pool",
+            &[2, 2, 2],
+            &[1, 1, 2],
+            r#"{"kind": "max", "keepdims": true}"#,
+            "{}",
+        ),
+        &[],
+    );
+    assert_eq!(
+        run(&g, &[1.0, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0], 1, 1),
+        [4.0, 40.0]
+    );
+}
+
+#[test]
+fn layout_ops() {
+    let x: Vec<f32> = (0..6).map(|v| v as f32).collect();
+    let t = container(
+        &one_node(
+            "transpose",
+            &[2, 3],
+            &[3, 2],
+            r#"{"perm": [0, 2, 1]}"#,
+            "{}",
+        ),
+        &[],
+    );
+    assert_eq!(run(&t, &x, 1, 1), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+    let r = container(
+        &one_node("reshape", &[2, 3], &[3, 2], r#"{"shape": [-1, 2]}"#, "{}"),
+        &[],
+    );
+    assert_eq!(run(&r, &x, 1, 1), x);
+    let p = container(
+        &one_node(
+            "pad",
+            &[2, 3],
+            &[3, 4],
+            r#"{"pads": [[1, 0], [0, 1]], "value": 9}"#,
+            "{}",
+        ),
+        &[],
+    );
+    assert_eq!(
+        run(&p, &x, 1, 1),
+        [9.0, 9.0, 9.0, 9.0, 0.0, 1.0, 2.0, 9.0, 3.0, 4.0, 5.0, 9.0]
+    );
+    let rd = container(
+        &one_node(
+            "reduce",
+            &[2, 3],
+            &[2, 1],
+            r#"{"kind": "sum", "axes": [-1], "keepdims": true}"#,
+            "{}",
+        ),
+        &[],
+    );
+    assert_eq!(run(&rd, &x, 1, 1), [3.0, 12.0]);
+    let ss = container(
+        &one_node(
+            "scale_shift",
+            &[2, 3],
+            &[2, 3],
+            r#"{"axis": 1}"#,
+            r#"{"scale": "s", "shift": "t"}"#,
+        ),
+        &[w("s", &[2], vec![1.0, 2.0]), w("t", &[2], vec![0.0, 1.0])],
+    );
+    assert_eq!(run(&ss, &x, 1, 1), [0.0, 1.0, 2.0, 7.0, 9.0, 11.0]);
+    let ln = container(
+        &one_node(
+            "layer_norm",
+            &[2, 3],
+            &[2, 3],
+            r#"{"axes": [-1], "epsilon": 0}"#,
+            "{}",
+        ),
+        &[],
+    );
+    let s = (2.0f32 / 3.0).sqrt();
+    assert_close(
+        &run(&ln, &x, 1, 1),
+        &[-1.0 / s, 0.0, 1.0 / s, -1.0 / s, 0.0, 1.0 / s],
+        1e-5,
+    );
+    let act = container(
+        &one_node(
+            "activation",
+            &[2, 3],
+            &[2, 3],
+            r#"{"activation": {"fn": "softmax", "axis": 1}}"#,
+            "{}",
+        ),
+        &[],
+    );
+    let e = 1.0 / (1.0 + 3f32.exp());
+    assert_close(
+        &run(&act, &x, 1, 1),
+        &[e, e, e, 1.0 - e, 1.0 - e, 1.0 - e],
+        1e-5,
+    );
+}
+
+#[test]
+fn elementwise_with_constants_and_concat() {
+    // y = concat([x * c + x, max(x, 2)], axis=-1) with c of shape [1, 3] (no batch)
+    let json = r#"{"format": "ennclave-program", "version": 1,
+      "inputs": [{"name": "x", "shape": [null, 2, 3]}],
+      "outputs": [{"name": "y", "shape": [null, 2, 6]}],
+      "nodes": [
+        {"name": "c", "op": "constant", "inputs": [], "outputs": ["c"], "weights": {"value": "c"}},
+        {"name": "two", "op": "constant", "inputs": [], "outputs": ["two"], "weights": {"value": "two"}},
+        {"name": "m", "op": "mul", "inputs": ["x", "c"], "outputs": ["xc"]},
+        {"name": "a", "op": "add", "inputs": ["xc", "x", "two"], "outputs": ["s"]},
+        {"name": "mx", "op": "max", "inputs": ["two", "x"], "outputs": ["mx"]},
+        {"name": "p", "op": "pow", "inputs": ["mx", "two"], "outputs": ["sq"]},
+        {"name": "cat", "op": "concat", "inputs": ["s", "sq"], "outputs": ["y"], "attrs": {"axis": -1}}
+      ]}"#;
+    let cont = container(
+        json,
+        &[
+            w("c", &[1, 3], vec![1.0, 2.0, 3.0]),
+            w("two", &[], vec![2.0]),
+        ],
+    );
+    let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    let got = run(&cont, &x, 2, 1);
+    let mut want = Vec::new();
+    for r in 0..4 {
+        let row = &x[r * 3..r * 3 + 3];
+        for (j, &v) in row.iter().enumerate() {
+            want.push(v * (j as f32 + 1.0) + v + 2.0);
+        }
+        for &v in row {
+            want.push(v.max(2.0).powi(2));
+        }
+    }
+    assert_eq!(got, want);
+}
+
+#[test]
+fn buffers_are_reused_and_batches_vary() {
+    // a chain of 6 activations over a residual: only a few buffers needed
+    let mut nodes = Vec::new();
+    let mut prev = "x".to_string();
+    for i in 0..6 {
+        nodes.push(format!(
+            r#"{{"name": "a{i}", "op": "activation", "inputs": ["{prev}"], "outputs": ["t{i}"], "attrs": {{"activation": {{"fn": "tanh"}}}}}}"#
+        ));
+        prev = format!("t{i}");
+    }
+    nodes.push(format!(
+        r#"{{"name": "res", "op": "add", "inputs": ["{prev}", "x"], "outputs": ["y"]}}"#
+    ));
+    let json = format!(
+        r#"{{"format": "ennclave-program", "version": 1, "inputs": [{{"name": "x", "shape": [null, 4]}}],
+        "outputs": [{{"name": "y", "shape": [null, 4]}}], "nodes": [{}]}}"#,
+        nodes.join(",")
+    );
+    let cont = container(&json, &[]);
+    let p = ennclave_enclave::program::Program::from_container(&cont).unwrap();
+    let mut ex = ennclave_enclave::exec::Executor::new(&p, 5, 2).unwrap();
+    for batch in [5, 1, 3] {
+        let x = vals(batch * 4, batch as u64);
+        let mut y = vec![0.0; batch * 4];
+        ex.run(&x, batch, &mut y).unwrap();
+        let want: Vec<f32> = x
+            .iter()
+            .map(|&v| (0..6).fold(v, |a, _| a.tanh()) + v)
+            .collect();
+        assert_close(&y, &want, 1e-6);
+    }
+    let mut y = vec![0.0; 24];
+    assert!(ex.run(&[0.0; 24], 6, &mut y).is_err());
+    assert!(ex.run(&[0.0; 3], 1, &mut y[..4]).is_err());
+    assert_eq!(ex.input_shape(), [4]);
+    assert_eq!(ex.output_len_per_sample(), 4);
+}

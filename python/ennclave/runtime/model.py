@@ -1,0 +1,339 @@
+"""`EnclavedModel`: a bundle opened for inference.
+
+The public part runs in its framework (Keras or ONNX Runtime, on a GPU when one is
+available); the private part runs only inside the enclave worker (`WorkerClient`),
+which receives the sealed program and a data key wrapped to its ephemeral key.
+
+    with ennclave.load("bundle/") as model:
+        y = model.predict(x)
+
+Output by the bundle's (authenticated) output policy:
+
+* `full` / `round` — float32 array `(N, *private_output_shape)`;
+* `label` — int64 array `(N,)` of arg-max indices;
+* `top_k` — `TopK(values (N, k) float32, indices (N, k) int64)`, best first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..errors import BundleError, EnnclaveError, InputError
+from .worker import WorkerClient, local_key_release
+
+BUNDLE_FORMAT = "ennclave-bundle"
+BUNDLE_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class TopK(NamedTuple):
+    values: np.ndarray
+    indices: np.ndarray
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_path(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's files in sorted order (as `split` writes)."""
+    if path.is_file():
+        return _sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix().encode()
+        h.update(rel + b"\0" + bytes.fromhex(_sha256_file(f)))
+    return h.hexdigest()
+
+
+def _per_sample(shape: list[Any]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= int(d)
+    return n
+
+
+def read_manifest(bundle: Path) -> tuple[dict[str, Any], bytes]:
+    """Parse and sanity-check manifest.json; verify the integrity digests."""
+    if not bundle.is_dir():
+        raise BundleError(
+            f"{bundle} is not a bundle directory; pass the folder `ennclave split` wrote."
+        )
+    mpath = bundle / MANIFEST_FILE
+    try:
+        raw = mpath.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(
+            f"{bundle} has no {MANIFEST_FILE}; it is not a complete bundle."
+        ) from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        raise BundleError(
+            f"{mpath} is not valid JSON; the bundle is damaged, download it again."
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{mpath} is not an ennclave bundle manifest.")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"{bundle} is bundle version {manifest.get('version')}, this ennclave reads version "
+            f"{BUNDLE_VERSION}; upgrade ennclave."
+        )
+    private = manifest.get("private")
+    if not isinstance(private, dict) or not isinstance(private.get("key_id"), str):
+        raise BundleError(f"{mpath} has no valid `private` section; the bundle is damaged.")
+    files = ((manifest.get("integrity") or {}).get("files")) or {}
+    needed = [private.get("file", "private.sealed")]
+    if manifest.get("public"):
+        needed.append(manifest["public"]["file"])
+    for name in needed:
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise BundleError(f"{mpath} names an invalid file {name!r}; the bundle is damaged.")
+        p = bundle / name
+        if not p.exists():
+            raise BundleError(f"{p} is missing; the bundle is incomplete, download it again.")
+        want = files.get(name)
+        if want is None:
+            raise BundleError(f"{mpath} has no integrity digest for {name}; the bundle is damaged.")
+        if digest_path(p) != want:
+            raise BundleError(
+                f"{p} does not match its SHA-256 digest in {MANIFEST_FILE}; the file is damaged "
+                "or was modified, download the bundle again."
+            )
+    return manifest, raw
+
+
+class _Public:
+    """The public part in its framework."""
+
+    def __init__(self, path: Path, framework: str, providers: list[str] | None) -> None:
+        self.framework = framework
+        if framework == "keras":
+            try:
+                import keras
+            except ImportError:
+                raise EnnclaveError(
+                    "This bundle's public part is a Keras model; install ennclave[keras]."
+                ) from None
+            try:
+                self._model = keras.saving.load_model(path, compile=False)
+            except Exception as e:
+                raise BundleError(
+                    f"Keras cannot load {path} ({e}); the bundle may need a newer Keras."
+                ) from None
+        elif framework == "onnx":
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise EnnclaveError(
+                    "This bundle's public part is an ONNX model; install ennclave[onnx]."
+                ) from None
+            if providers is None:
+                avail = ort.get_available_providers()
+                gpu = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider") if p in avail]
+                providers = [*gpu, "CPUExecutionProvider"]
+            try:
+                self._sess = ort.InferenceSession(str(path), providers=providers)
+            except Exception as e:
+                raise BundleError(f"ONNX Runtime cannot load {path} ({e}).") from None
+            self._input = self._sess.get_inputs()[0].name
+        else:
+            raise BundleError(f"Unknown public framework {framework!r}; upgrade ennclave.")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.framework == "keras":
+            import keras
+
+            y = self._model(x, training=False)
+            return np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float32)
+        return np.asarray(self._sess.run(None, {self._input: x})[0], dtype=np.float32)
+
+
+class EnclavedModel:
+    """A bundle opened for inference; see the module docstring."""
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike[str],
+        keystore: Any = None,
+        *,
+        worker_binary: str | os.PathLike[str] | None = None,
+        threads: int = 0,
+        max_batch: int = 256,
+        providers: list[str] | None = None,
+    ) -> None:
+        self.bundle = Path(bundle)
+        self.manifest, raw = read_manifest(self.bundle)
+        private = self.manifest["private"]
+        self._in_shape = tuple(self._spec("private", "inputs")["shape"])
+        self._out_shape = tuple(self._spec("private", "outputs")["shape"])
+        pub = self.manifest.get("public")
+        self.input_spec = self._spec("public", "inputs") if pub else self._spec("private", "inputs")
+        policy = self.manifest.get("output_policy") or {"mode": "full"}
+        self.output_policy: dict[str, Any] = dict(policy)
+
+        source = private.get("key_source", "local")
+        if source != "local":
+            raise EnnclaveError(
+                f"This bundle's key comes from a {source!r} key source, which this ennclave "
+                "cannot use yet; ask the owner for a local-key bundle."
+            )
+        from ..keys.keystore import Keystore
+
+        ks = keystore if hasattr(keystore, "get") else Keystore(keystore)
+        ks.get(private["key_id"])  # fail early and clearly (KeyNotFound) before spawning
+
+        self._public = (
+            _Public(self.bundle / pub["file"], pub["framework"], providers) if pub else None
+        )
+        self._worker = WorkerClient(
+            raw,
+            self.bundle / private.get("file", "private.sealed"),
+            local_key_release(ks, private["key_id"]),
+            binary=worker_binary,
+            threads=threads,
+            max_batch=max_batch,
+            in_len=_per_sample(list(self._in_shape)),
+            out_len=_per_sample(list(self._out_shape)),
+        )
+
+    def _spec(self, part: str, which: str) -> dict[str, Any]:
+        try:
+            specs = self.manifest[part][which]
+            spec = specs[0]
+            shape = spec["shape"]
+            if shape[0] is not None or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
+                raise ValueError
+            return spec
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise BundleError(
+                f"manifest.json has no valid {part}.{which}; the bundle is damaged."
+            ) from None
+
+    # -- properties -----------------------------------------------------------------
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return tuple(self.input_spec["shape"])
+
+    @property
+    def output_shape(self) -> tuple[int | None, ...]:
+        return self._out_shape
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker.pid
+
+    @property
+    def worker(self) -> WorkerClient:
+        return self._worker
+
+    # -- inference -------------------------------------------------------------------
+
+    def _validate(self, x: Any, allow_nonfinite: bool) -> np.ndarray:
+        want = self.input_shape
+        try:
+            arr = np.asarray(x)
+        except Exception:
+            raise InputError(
+                "The input cannot be converted to a numeric array; pass a numpy array."
+            ) from None
+        if arr.dtype == object or not (
+            np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        ):
+            raise InputError(
+                f"The input has dtype {arr.dtype}; pass real numbers (float32 preferred)."
+            )
+        if arr.ndim == len(want) - 1 and tuple(arr.shape) == tuple(want[1:]):
+            raise InputError(
+                f"The input has shape {arr.shape}, a single sample without the batch dimension; "
+                "pass x[None] for one sample."
+            )
+        if arr.ndim != len(want):
+            raise InputError(
+                f"The input has rank {arr.ndim} (shape {arr.shape}) but the model expects rank "
+                f"{len(want)} {list(want)}; reshape it."
+            )
+        if arr.shape[0] == 0:
+            raise InputError("The input batch is empty; pass at least one sample.")
+        for got, exp in zip(arr.shape[1:], want[1:], strict=True):
+            if exp is not None and got != exp:
+                raise InputError(
+                    f"The input has shape {arr.shape} but the model expects {list(want)} "
+                    "(batch first); reshape it."
+                )
+        arr = arr.astype(np.float32, copy=False)
+        if not allow_nonfinite and not np.isfinite(arr).all():
+            raise InputError(
+                "The input contains NaN or infinity; clean it or pass allow_nonfinite=True."
+            )
+        return np.ascontiguousarray(arr)
+
+    def predict(
+        self, x: Any, batch_size: int = 32, *, allow_nonfinite: bool = False
+    ) -> np.ndarray | TopK:
+        """Run the whole model on `x` (batch first). See the module docstring for the
+        output type under each output policy."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        arr = self._validate(x, allow_nonfinite)
+        outs = []
+        for s in range(0, arr.shape[0], batch_size):
+            xb = arr[s : s + batch_size]
+            h = self._public(xb) if self._public is not None else xb
+            outs.append(self._worker.infer(h, allow_nonfinite=allow_nonfinite))
+        return self._shape_output(np.concatenate(outs, axis=0))
+
+    def predict_private(self, h: Any, *, allow_nonfinite: bool = False) -> np.ndarray:
+        """Run only the private part on the cut tensor `h` (raw policy output, float32
+        `(N, values per sample)`)."""
+        h = np.ascontiguousarray(np.asarray(h, dtype=np.float32))
+        if h.ndim == 0 or h.shape[0] == 0:
+            raise InputError("The input batch is empty; pass at least one sample.")
+        if not allow_nonfinite and not np.isfinite(h).all():
+            raise InputError(
+                "The input contains NaN or infinity; clean it or pass allow_nonfinite=True."
+            )
+        return self._worker.infer(h, allow_nonfinite=allow_nonfinite)
+
+    def _shape_output(self, raw: np.ndarray) -> np.ndarray | TopK:
+        mode = self.output_policy.get("mode", "full")
+        n = raw.shape[0]
+        if mode == "label":
+            return raw[:, 0].astype(np.int64)
+        if mode == "top_k":
+            k = raw.shape[1] // 2
+            return TopK(values=raw[:, k:].copy(), indices=raw[:, :k].astype(np.int64))
+        return raw.reshape((n, *self._out_shape[1:]))
+
+    def ping(self) -> dict[str, int]:
+        """Health check of the enclave worker."""
+        return self._worker.ping()
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def __enter__(self) -> EnclavedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EnclavedModel({str(self.bundle)!r}, policy={self.output_policy}, worker_pid={self.worker_pid})"
+
+
+def load(bundle: str | os.PathLike[str], keystore: Any = None, **kwargs: Any) -> EnclavedModel:
+    """Open a bundle: verify its integrity digests, load the public part, start the
+    enclave worker and hand it the sealed program and the wrapped data key."""
+    return EnclavedModel(bundle, keystore, **kwargs)

@@ -1,0 +1,671 @@
+"""Host side of the enclave worker protocol (docs/worker-protocol.md).
+
+`WorkerClient` spawns `ennclave-enclave` with one end of a socketpair (control frames)
+and a memfd (tensors and the sealed program), runs the handshake — the worker's
+ephemeral public key arrives in HELLO, the data key goes back wrapped to it with HPKE
+(RFC 9180) — and then serves `infer()` calls. It never sees the plaintext program.
+
+Crash handling: if the worker dies, the call in flight raises `WorkerCrashed`; the next
+call starts a fresh worker (a new ephemeral key, the full handshake again). All public
+methods hold one lock, so any number of threads may share a client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import (
+    AuthenticationError,
+    BundleError,
+    EnnclaveError,
+    InputError,
+    KeyNotFound,
+    QueryBudgetExhausted,
+    WorkerCrashed,
+    WorkerError,
+    WorkerNotFound,
+)
+
+BINARY_NAME = "ennclave-enclave"
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20
+HPKE_INFO_PREFIX = b"ennclave data key v1"
+
+# message types (protocol.rs `ty`)
+HELLO, CHALLENGE, EVIDENCE = 0x01, 0x02, 0x03
+MANIFEST, SEALED_BEGIN, SEALED_CHUNK, CHUNK_OK, KEY, READY = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
+INFER, RESULT, PING, PONG, SHUTDOWN, BYE, ERROR = 0x20, 0x21, 0x22, 0x23, 0x2E, 0x2F, 0x7F
+
+# error codes (protocol.rs `code`)
+E_BAD_REQUEST, E_BAD_INPUT_SIZE, E_NONFINITE, E_BUDGET = 1, 2, 3, 4
+E_AUTH, E_KEY, E_PROGRAM, E_PROTOCOL, E_INTERNAL, E_MANIFEST, E_SANDBOX = 5, 6, 7, 8, 9, 10, 11
+
+INFER_ALLOW_NONFINITE = 1
+
+
+# ------------------------------------------------------------------ binary lookup
+
+
+def find_worker_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """`explicit`, then $ENNCLAVE_WORKER, then the installed scripts dir, then the
+    development build `enclave/target/release/`, then $PATH."""
+    candidates: list[tuple[str, Path]] = []
+    if explicit:
+        candidates.append(("the given path", Path(explicit)))
+    env = os.environ.get("ENNCLAVE_WORKER")
+    if env:
+        candidates.append(("ENNCLAVE_WORKER", Path(env)))
+        # An explicit setting that is wrong is an error, not a reason to fall back.
+        if not (Path(env).is_file() and os.access(env, os.X_OK)):
+            raise WorkerNotFound(
+                f"ENNCLAVE_WORKER points to {env}, which is not an executable file; "
+                "fix or unset it."
+            )
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        candidates.append(("scripts", Path(scripts) / BINARY_NAME))
+    repo = Path(__file__).resolve().parents[3]
+    candidates.append(("development build", repo / "enclave" / "target" / "release" / BINARY_NAME))
+    on_path = shutil.which(BINARY_NAME)
+    if on_path:
+        candidates.append(("PATH", Path(on_path)))
+    for _, p in candidates:
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+    raise WorkerNotFound(
+        f"The enclave worker {BINARY_NAME} was not found; install ennclave with its worker "
+        "(pip install ennclave), build it with `cargo build --release` in enclave/, or set "
+        "ENNCLAVE_WORKER to its path."
+    )
+
+
+# ------------------------------------------------------------------ key release
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    pubkey: bytes
+    binary_sha256: str
+    secmem: str
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    key_id: str
+    enc: bytes
+    wrapped: bytes
+
+
+def hpke_info(key_id: str) -> bytes:
+    return HPKE_INFO_PREFIX + b"\x00" + key_id.encode("utf-8")
+
+
+def wrap_data_key(recipient_pubkey: bytes, data_key: bytes, key_id: str) -> WrappedKey:
+    """HPKE base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM, single
+    shot, info = "ennclave data key v1" ‖ 0 ‖ key_id (what a key server does, too)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+
+    suite = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
+    pk = X25519PublicKey.from_public_bytes(recipient_pubkey)
+    out = suite.encrypt(data_key, pk, info=hpke_info(key_id))
+    return WrappedKey(key_id, out[:32], out[32:])
+
+
+KeyRelease = Callable[[Hello], WrappedKey]
+
+
+def local_key_release(keystore: Any, key_id: str) -> KeyRelease:
+    """`key_source: "local"`: the host reads the key from the owner's keystore and wraps
+    it to the worker's ephemeral key itself (the host sees the key)."""
+
+    def release(hello: Hello) -> WrappedKey:
+        key = keystore.get(key_id)
+        try:
+            return wrap_data_key(hello.pubkey, key, key_id)
+        finally:
+            del key
+
+    return release
+
+
+# ------------------------------------------------------------------ framing
+
+
+def _frame(ty: int, payload: bytes = b"") -> bytes:
+    return struct.pack("<IB", 1 + len(payload), ty) + payload
+
+
+def _b(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+class _Reader:
+    def __init__(self, payload: bytes) -> None:
+        self.p, self.i = payload, 0
+
+    def take(self, n: int) -> bytes:
+        if self.i + n > len(self.p):
+            raise WorkerError(
+                "The enclave worker sent a truncated frame; this is a bug.", E_PROTOCOL
+            )
+        v = self.p[self.i : self.i + n]
+        self.i += n
+        return v
+
+    def u(self, fmt: str) -> int:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def bytes_(self) -> bytes:
+        return self.take(self.u("<I"))
+
+    def str_(self) -> str:
+        return self.bytes_().decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class Ready:
+    max_batch: int
+    in_len: int
+    out_len: int
+    in_offset: int
+    out_offset: int
+    secmem: str
+    policy: str
+
+
+def _shm_size(in_len: int, out_len: int, max_batch: int) -> int:
+    per_sample = (in_len + out_len) * 4
+    want = per_sample * max_batch + 4096
+    size = min(max(want, 4 << 20), 64 << 20)
+    size = max(size, per_sample + 4096)
+    return (size + 4095) // 4096 * 4096
+
+
+class WorkerClient:
+    """One enclave worker process serving one bundle's private part.
+
+    `manifest_bytes`: manifest.json exactly as stored (the worker authenticates it).
+    `sealed_path`: private.sealed. `key_release(hello) -> WrappedKey` releases the data
+    key for the worker's ephemeral key (see `local_key_release`).
+    """
+
+    def __init__(
+        self,
+        manifest_bytes: bytes,
+        sealed_path: str | os.PathLike[str],
+        key_release: KeyRelease,
+        *,
+        binary: str | os.PathLike[str] | None = None,
+        threads: int = 0,
+        max_batch: int = 256,
+        shm_bytes: int | None = None,
+        in_len: int | None = None,
+        out_len: int | None = None,
+        handshake_timeout: float = 300.0,
+        start: bool = True,
+    ) -> None:
+        self._manifest = bytes(manifest_bytes)
+        self._sealed_path = Path(sealed_path)
+        self._key_release = key_release
+        self._binary = find_worker_binary(binary)
+        self._threads = int(threads)
+        self._max_batch = int(max_batch)
+        self._shm_bytes = shm_bytes or _shm_size(in_len or 1, out_len or 1, self._max_batch)
+        self._handshake_timeout = handshake_timeout
+        self._lock = threading.RLock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._mm: mmap.mmap | None = None
+        self._stderr: Any = None
+        self._ready: Ready | None = None
+        self.hello: Hello | None = None
+        self.restarts = 0
+        self._closed = False
+        self._finalizer = weakref.finalize(self, WorkerClient._kill_quietly, [None])
+        if start:
+            with self._lock:
+                self._start()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @staticmethod
+    def _kill_quietly(holder: list[Any]) -> None:
+        proc = holder[0]
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def _start(self) -> None:
+        if self._closed:
+            raise EnnclaveError("This enclaved model is closed; load the bundle again.")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        memfd = os.memfd_create("ennclave-shm", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(memfd, self._shm_bytes)
+            self._mm = mmap.mmap(memfd, self._shm_bytes, mmap.MAP_SHARED)
+            self._stderr = tempfile.TemporaryFile()
+            argv = [
+                str(self._binary),
+                "--ctl-fd",
+                str(child.fileno()),
+                "--shm-fd",
+                str(memfd),
+                "--max-batch",
+                str(self._max_batch),
+                "--threads",
+                str(self._threads),
+            ]
+            try:
+                self._proc = subprocess.Popen(
+                    argv,
+                    pass_fds=(child.fileno(), memfd),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=self._stderr,
+                    close_fds=True,
+                    env={
+                        k: v
+                        for k, v in os.environ.items()
+                        if k in ("ENNCLAVE_SECCOMP_LOG", "RUST_BACKTRACE")
+                    },
+                )
+            except OSError as e:
+                raise WorkerNotFound(
+                    f"The enclave worker {self._binary} could not be started ({e.strerror}); "
+                    "reinstall ennclave or set ENNCLAVE_WORKER."
+                ) from None
+        finally:
+            child.close()
+            os.close(memfd)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, WorkerClient._kill_quietly, [self._proc])
+        self._sock = parent
+        try:
+            self._handshake()
+        except _Dead:
+            raise self._crashed("start-up") from None
+        except BaseException:
+            self._teardown(kill=True)
+            raise
+
+    def _handshake(self) -> None:
+        assert self._sock is not None and self._mm is not None
+        self._sock.settimeout(self._handshake_timeout)
+        ty, p = self._recv()
+        if ty != HELLO:
+            raise self._unexpected(ty, p, "HELLO")
+        r = _Reader(p)
+        version = r.u("<I")
+        pubkey = r.take(32)
+        binsha = r.take(32).hex()
+        secmem = r.str_()
+        if version != PROTOCOL_VERSION:
+            raise WorkerError(
+                f"The enclave worker speaks protocol {version}, this ennclave speaks "
+                f"{PROTOCOL_VERSION}; reinstall ennclave so both match.",
+                E_PROTOCOL,
+                True,
+            )
+        self.hello = Hello(version, pubkey, binsha, secmem)
+
+        # Freshness/evidence round trip (a key server checks this; locally we only
+        # check that the worker answers for the key it announced).
+        nonce = secrets.token_bytes(32)
+        self._send(_frame(CHALLENGE, nonce))
+        ty, p = self._recv()
+        if ty != EVIDENCE:
+            raise self._unexpected(ty, p, "EVIDENCE")
+        r = _Reader(p)
+        got_nonce, _kind, report = r.take(32), r.str_(), r.bytes_()
+        expect = hashlib.sha256(
+            b"ennclave evidence v1\x00" + nonce + pubkey + bytes.fromhex(binsha)
+        ).digest()
+        if got_nonce != nonce or report != expect:
+            raise WorkerError(
+                "The enclave worker's evidence does not match; reinstall ennclave.",
+                E_PROTOCOL,
+                True,
+            )
+
+        self._send(_frame(MANIFEST, _b(self._manifest)))
+        total = self._sealed_path.stat().st_size
+        self._send(_frame(SEALED_BEGIN, struct.pack("<Q", total)))
+        chunk = len(self._mm)
+        sent = 0
+        with open(self._sealed_path, "rb") as f:
+            while sent < total:
+                n = f.readinto(memoryview(self._mm)[: min(chunk, total - sent)])
+                if not n:
+                    raise BundleError(
+                        f"{self._sealed_path} changed size while being read; try again."
+                    )
+                self._send(_frame(SEALED_CHUNK, struct.pack("<I", n)))
+                ty, p = self._recv()
+                if ty != CHUNK_OK:
+                    raise self._unexpected(ty, p, "CHUNK_OK")
+                sent += n
+        wk = self._key_release(self.hello)
+        self._send(_frame(KEY, _b(wk.key_id.encode()) + wk.enc + _b(wk.wrapped)))
+        del wk
+        ty, p = self._recv()
+        if ty != READY:
+            raise self._unexpected(ty, p, "READY")
+        r = _Reader(p)
+        self._ready = Ready(
+            r.u("<I"), r.u("<I"), r.u("<I"), r.u("<Q"), r.u("<Q"), r.str_(), r.str_()
+        )
+        rd = self._ready
+        if rd.out_offset + rd.max_batch * rd.out_len * 4 > len(self._mm) or rd.max_batch < 1:
+            raise WorkerError(
+                "The enclave worker announced an invalid shared-memory layout.", E_PROTOCOL, True
+            )
+        self._sock.settimeout(None)
+
+    def _teardown(self, kill: bool) -> int | None:
+        proc, self._proc = self._proc, None
+        rc = None
+        if proc is not None:
+            if kill and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            try:
+                rc = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        self._ready = None
+        self._finalizer.detach()
+        return rc
+
+    def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        with contextlib.suppress(OSError, ValueError):
+            self._stderr.seek(0)
+            text = self._stderr.read()[-2000:].decode("utf-8", "replace").strip()
+            return text.splitlines()[-1] if text else ""
+        return ""
+
+    def _crashed(self, during: str) -> WorkerCrashed:
+        pid = self._proc.pid if self._proc else None
+        tail = self._stderr_tail()
+        rc = self._teardown(kill=True)
+        how = "was killed by the host"
+        if rc is not None and rc < 0:
+            try:
+                how = f"was killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"was killed by signal {-rc}"
+        elif rc is not None:
+            how = f"exited with status {rc}"
+        detail = f" ({tail})" if tail else ""
+        return WorkerCrashed(
+            f"The enclave worker (pid {pid}) {how} during {during}{detail}; "
+            "the next call starts a fresh worker.",
+            E_INTERNAL,
+            True,
+        )
+
+    def _ensure(self) -> Ready:
+        if self._closed:
+            raise EnnclaveError("This enclaved model is closed; load the bundle again.")
+        if self._proc is not None and self._proc.poll() is not None:
+            # Died between calls (OOM killer, a signal): report it once; the next call
+            # starts a fresh worker.
+            raise self._crashed("idle time")
+        if self._proc is None or self._ready is None:
+            if self._proc is not None:
+                self._teardown(kill=True)
+            self.restarts += 1
+            self._start()
+        assert self._ready is not None
+        return self._ready
+
+    # -- frames -------------------------------------------------------------------
+
+    def _send(self, frame: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(frame)
+        except OSError:
+            raise _Dead() from None
+
+    def _recv_exact(self, n: int) -> bytes:
+        assert self._sock is not None
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self._sock.recv(n - len(buf))
+            except TimeoutError:
+                raise WorkerError(
+                    "The enclave worker did not answer in time; it was stopped, try again.",
+                    E_INTERNAL,
+                    True,
+                ) from None
+            except OSError:
+                raise _Dead() from None
+            if not chunk:
+                raise _Dead()
+            buf += chunk
+        return bytes(buf)
+
+    def _recv(self) -> tuple[int, bytes]:
+        (n,) = struct.unpack("<I", self._recv_exact(4))
+        if n < 1 or n > MAX_FRAME:
+            raise WorkerError(
+                "The enclave worker sent an invalid frame; this is a bug.", E_PROTOCOL, True
+            )
+        body = self._recv_exact(n)
+        return body[0], body[1:]
+
+    def _unexpected(self, ty: int, payload: bytes, wanted: str) -> EnnclaveError:
+        if ty == ERROR:
+            return self._error(payload)
+        return WorkerError(
+            f"The enclave worker sent message 0x{ty:02x} where {wanted} was expected; this is a bug.",
+            E_PROTOCOL,
+            True,
+        )
+
+    def _error(self, payload: bytes) -> EnnclaveError:
+        r = _Reader(payload)
+        code, fatal, msg = r.u("<H"), bool(r.u("<B")), r.str_()
+        msg = msg[:1].upper() + msg[1:]
+        if not msg.endswith("."):
+            msg += "."
+        if code == E_AUTH:
+            return AuthenticationError(
+                "The sealed program did not authenticate inside the enclave: the data key is "
+                "wrong, or manifest.json or private.sealed was modified after sealing; get an "
+                "intact bundle and the matching key from the model owner."
+            )
+        if code == E_KEY:
+            return AuthenticationError(
+                f"{msg[:-1]}; check that the keystore holds this bundle's key."
+            )
+        if code in (E_BAD_INPUT_SIZE, E_NONFINITE):
+            return InputError(msg)
+        if code == E_BUDGET:
+            return QueryBudgetExhausted(
+                f"{msg[:-1]}; ask the model owner for a new bundle.", code, fatal
+            )
+        if code in (E_MANIFEST, E_PROGRAM):
+            return BundleError(
+                f"{msg[:-1]}; the bundle is unusable, get a fresh one from the owner."
+            )
+        return WorkerError(msg, code, fatal)
+
+    # -- API ----------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        with self._lock:
+            return self._proc.pid if self._proc is not None else None
+
+    @property
+    def ready(self) -> Ready:
+        with self._lock:
+            return self._ensure()
+
+    def start(self) -> None:
+        with self._lock:
+            self._call(lambda: self._ensure(), "start-up")
+
+    def _call(self, fn: Callable[[], Any], during: str) -> Any:
+        try:
+            return fn()
+        except _Dead:
+            raise self._crashed(during) from None
+        except WorkerError as e:
+            if e.fatal:
+                self._teardown(kill=True)
+            raise
+        except EnnclaveError:
+            raise
+        except BaseException:
+            # Anything else (KeyboardInterrupt mid-frame…) leaves the stream in an
+            # unknown state: drop the worker; the next call starts a fresh one.
+            self._teardown(kill=True)
+            raise
+
+    def infer(self, x: np.ndarray, *, allow_nonfinite: bool = False) -> np.ndarray:
+        """Run the private part on `x` (batch first; any trailing shape with the right
+        number of values). Returns float32 `(batch, out_len)` after the output policy.
+        Batches larger than the shared-memory region are streamed in chunks."""
+        with self._lock:
+            return self._call(lambda: self._infer(x, allow_nonfinite), "inference")
+
+    def _infer(self, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+        # A start-up failure after a crash is a start-up error, not an inference one.
+        rd = self._ensure()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0] if x.ndim else 0
+        if n == 0:
+            raise InputError("The input batch is empty; pass at least one sample.")
+        x = x.reshape(n, -1)
+        if x.shape[1] != rd.in_len:
+            raise InputError(
+                f"Each sample must have {rd.in_len} values for the private part, got {x.shape[1]}."
+            )
+        out = np.empty((n, rd.out_len), dtype=np.float32)
+        flags = INFER_ALLOW_NONFINITE if allow_nonfinite else 0
+        assert self._mm is not None
+        shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
+        shm_out = np.ndarray((rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset)
+        try:
+            for s in range(0, n, rd.max_batch):
+                b = min(rd.max_batch, n - s)
+                shm_in[:b] = x[s : s + b]
+                self._send(_frame(INFER, struct.pack("<II", b, flags)))
+                ty, p = self._recv()
+                if ty != RESULT:
+                    raise self._unexpected(ty, p, "RESULT")
+                got_b, got_len = struct.unpack("<II", p[:8])
+                if got_b != b or got_len != rd.out_len:
+                    raise WorkerError(
+                        "The enclave worker answered for the wrong batch; this is a bug.",
+                        E_PROTOCOL,
+                        True,
+                    )
+                out[s : s + b] = shm_out[:b]
+        finally:
+            del shm_in, shm_out  # release the mmap exports
+        return out
+
+    def ping(self) -> dict[str, int]:
+        """Health check: round trip through the worker. Returns {"queries_used": n}."""
+        with self._lock:
+
+            def go() -> dict[str, int]:
+                self._ensure()
+                nonce = secrets.randbits(63)
+                self._send(_frame(PING, struct.pack("<Q", nonce)))
+                ty, p = self._recv()
+                if ty != PONG:
+                    raise self._unexpected(ty, p, "PONG")
+                got, used = struct.unpack("<QQ", p)
+                if got != nonce:
+                    raise WorkerError(
+                        "The enclave worker answered a different ping; this is a bug.",
+                        E_PROTOCOL,
+                        True,
+                    )
+                return {"queries_used": used}
+
+            return self._call(go, "a health check")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the worker to exit (SHUTDOWN → BYE), then reap it. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._proc is not None and self._proc.poll() is None and self._sock is not None:
+                with contextlib.suppress(Exception):
+                    self._sock.settimeout(timeout)
+                    self._send(_frame(SHUTDOWN))
+                    self._recv()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=timeout)
+            self._teardown(kill=True)
+
+    def __enter__(self) -> WorkerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"WorkerClient(binary={str(self._binary)!r}, pid={self.pid})"
+
+
+class _Dead(Exception):
+    """The control channel broke: the worker is gone."""
+
+
+__all__ = [
+    "Hello",
+    "KeyNotFound",
+    "Ready",
+    "WorkerClient",
+    "WrappedKey",
+    "find_worker_binary",
+    "local_key_release",
+    "wrap_data_key",
+]
+
+if sys.platform != "linux":  # memfd, SCM-less fd inheritance and seccomp are Linux-only
+    raise ImportError("the ennclave enclave runtime needs Linux")

@@ -1,0 +1,121 @@
+"""Hand-built bundles for runtime/security tests: a 2-layer dense head, sealed.
+
+The program container is written by hand (program.json + safetensors), independent of
+the split toolchain, so the runtime tests exercise only seal → worker → inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as st_save
+
+from ennclave.keys.keystore import Keystore
+from ennclave.seal import new_data_key, seal_container
+
+IN, HID, OUT = 8, 16, 5
+
+
+def program_container(w: dict[str, np.ndarray]) -> bytes:
+    program = {
+        "format": "ennclave-program",
+        "version": 1,
+        "inputs": [{"name": "x", "shape": [None, IN], "dtype": "float32"}],
+        "outputs": [{"name": "y", "shape": [None, OUT], "dtype": "float32"}],
+        "nodes": [
+            {
+                "name": "fc1",
+                "op": "dense",
+                "inputs": ["x"],
+                "outputs": ["h"],
+                "attrs": {"activation": {"fn": "relu"}},
+                "weights": {"kernel": "fc1.kernel", "bias": "fc1.bias"},
+            },
+            {
+                "name": "fc2",
+                "op": "dense",
+                "inputs": ["h"],
+                "outputs": ["y"],
+                "attrs": {"activation": {"fn": "linear"}},
+                "weights": {"kernel": "fc2.kernel", "bias": "fc2.bias"},
+            },
+        ],
+    }
+    pj = json.dumps(program).encode()
+    return b"ENCPROG1" + struct.pack("<Q", len(pj)) + pj + st_save(w)
+
+
+def make_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "fc1.kernel": rng.standard_normal((IN, HID)).astype(np.float32),
+        "fc1.bias": rng.standard_normal(HID).astype(np.float32) * 0.1,
+        "fc2.kernel": rng.standard_normal((HID, OUT)).astype(np.float32),
+        "fc2.bias": rng.standard_normal(OUT).astype(np.float32) * 0.1,
+    }
+
+
+def reference(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    h = np.maximum(x.astype(np.float64) @ w["fc1.kernel"] + w["fc1.bias"], 0)
+    return (h @ w["fc2.kernel"] + w["fc2.bias"]).astype(np.float32)
+
+
+def manifest_for(key_id: str, policy: dict[str, Any], plaintext_bytes: int) -> dict[str, Any]:
+    return {
+        "format": "ennclave-bundle",
+        "version": 1,
+        "created_by": "ennclave tests",
+        "source": {"file": "handmade", "framework": "keras", "sha256": None},
+        "cut": {"index": 0, "name": "input", "tensor": "x"},
+        "public": None,
+        "private": {
+            "file": "private.sealed",
+            "program_version": 1,
+            "inputs": [{"name": "x", "shape": [None, IN], "dtype": "float32"}],
+            "outputs": [{"name": "y", "shape": [None, OUT], "dtype": "float32"}],
+            "cipher": "AES-256-GCM",
+            "key_id": key_id,
+            "key_source": "local",
+            "plaintext_bytes": plaintext_bytes,
+        },
+        "output_policy": policy,
+    }
+
+
+@dataclass
+class Bundle:
+    path: Path
+    keystore: Path
+    key_id: str
+    weights: dict[str, np.ndarray]
+
+
+def write_bundle(
+    dest: Path,
+    keystore: Path,
+    *,
+    policy: dict[str, Any] | None = None,
+    seed: int = 0,
+    weights: dict[str, np.ndarray] | None = None,
+    extra_manifest: dict[str, Any] | None = None,
+) -> Bundle:
+    w = weights if weights is not None else make_weights(seed)
+    container = program_container(w)
+    key, key_id = new_data_key(), secrets.token_hex(8)
+    manifest = manifest_for(key_id, policy or {"mode": "full"}, len(container))
+    manifest.update(extra_manifest or {})
+    sealed = seal_container(container, manifest, key)
+    del container
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "private.sealed").write_bytes(sealed)
+    manifest["integrity"] = {"files": {"private.sealed": hashlib.sha256(sealed).hexdigest()}}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    Keystore(keystore).put(key_id, key)
+    return Bundle(dest, keystore, key_id, w)

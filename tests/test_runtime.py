@@ -1,0 +1,319 @@
+"""EnclavedModel / WorkerClient against the real worker binary and a hand-built bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ennclave
+from enclave_bundle import IN, OUT, reference
+from ennclave.errors import (
+    AuthenticationError,
+    BundleError,
+    InputError,
+    KeyNotFound,
+    QueryBudgetExhausted,
+    WorkerCrashed,
+    WorkerNotFound,
+)
+from ennclave.keys.keystore import Keystore
+from ennclave.runtime import worker as wmod
+from ennclave.seal import new_data_key
+
+
+def _worker_available() -> bool:
+    try:
+        wmod.find_worker_binary()
+        return True
+    except WorkerNotFound:
+        return False
+
+
+needs_worker = pytest.mark.skipif(
+    not _worker_available(), reason="ennclave-enclave not built (cargo build --release in enclave/)"
+)
+
+
+def _x(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, IN)).astype(np.float32)
+
+
+def _rehash(bundle_dir) -> None:
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    sealed = (bundle_dir / "private.sealed").read_bytes()
+    m["integrity"]["files"]["private.sealed"] = hashlib.sha256(sealed).hexdigest()
+    (bundle_dir / "manifest.json").write_text(json.dumps(m))
+
+
+@needs_worker
+def test_predict_matches_numpy(enclave_bundle):
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        assert m.worker_pid and m.input_shape == (None, IN) and m.output_shape == (None, OUT)
+        for n, bs in [(1, 32), (7, 3), (1000, 1000), (600, 600)]:  # 1000 > region: streamed
+            x = _x(n, seed=n)
+            y = m.predict(x, batch_size=bs)
+            assert y.shape == (n, OUT) and y.dtype == np.float32
+            np.testing.assert_allclose(
+                y, reference(enclave_bundle.weights, x), atol=1e-5, rtol=1e-5
+            )
+        assert m.worker.ready.max_batch < 1000
+        # float64 / int inputs are converted
+        np.testing.assert_allclose(
+            m.predict(_x(3).astype(np.float64)), reference(enclave_bundle.weights, _x(3)), atol=1e-5
+        )
+        assert m.ping()["queries_used"] >= 1000
+        pid = m.worker_pid
+    # closed: the worker is gone
+    time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+
+
+@needs_worker
+@pytest.mark.parametrize(
+    "policy",
+    [{"mode": "label"}, {"mode": "top_k", "k": 3}, {"mode": "round", "decimals": 1}],
+)
+def test_output_policies(make_enclave_bundle, policy):
+    b = make_enclave_bundle("p", policy=policy)
+    x = _x(20)
+    ref = reference(b.weights, x)
+    with ennclave.load(b.path, keystore=b.keystore) as m:
+        y = m.predict(x)
+    if policy["mode"] == "label":
+        np.testing.assert_array_equal(y, ref.argmax(axis=1))
+        assert y.dtype == np.int64
+    elif policy["mode"] == "top_k":
+        order = np.argsort(-ref, axis=1, kind="stable")[:, :3]
+        np.testing.assert_array_equal(y.indices, order)
+        np.testing.assert_allclose(y.values, np.take_along_axis(ref, order, 1), atol=1e-5)
+    else:
+        np.testing.assert_allclose(y, np.round(ref, 1), atol=0.051)
+        assert np.allclose(y * 10, np.round(y * 10), atol=1e-4)
+
+
+@needs_worker
+def test_query_budget_counted_in_worker(make_enclave_bundle):
+    b = make_enclave_bundle("q", policy={"mode": "full", "max_queries": 10})
+    with ennclave.load(b.path, keystore=b.keystore) as m:
+        m.predict(_x(6))
+        with pytest.raises(QueryBudgetExhausted, match="budget of 10"):
+            m.predict(_x(5))
+        assert m.ping()["queries_used"] == 6  # still serving
+        m.predict(_x(4))
+        with pytest.raises(QueryBudgetExhausted):
+            m.predict(_x(1))
+
+
+@needs_worker
+def test_input_validation(enclave_bundle):
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        cases = [
+            (np.zeros((0, IN), np.float32), "empty"),
+            (np.zeros(IN, np.float32), "single sample"),
+            (np.zeros((2, IN + 1), np.float32), "expects"),
+            (np.zeros((2, IN, 1), np.float32), "rank"),
+            (np.array([["a"] * IN]), "dtype"),
+            (np.zeros((2, IN), np.complex64), "dtype"),
+        ]
+        for x, msg in cases:
+            with pytest.raises(InputError, match=msg):
+                m.predict(x)
+        bad = _x(3)
+        bad[1, 2] = np.nan
+        with pytest.raises(InputError, match="NaN"):
+            m.predict(bad)
+        with pytest.raises(InputError):
+            m.predict(_x(2), batch_size=0)
+        # allowed on request: the worker accepts it and propagates NaN
+        y = m.predict(bad, allow_nonfinite=True)
+        assert y.shape == (3, OUT) and np.isfinite(y[0]).all()  # (relu may swallow NaN)
+        # the worker itself rejects NaN when not allowed (host validation bypassed) and
+        # keeps serving
+        with pytest.raises(InputError, match="NaN or infinity"):
+            m.worker.infer(bad)
+        np.testing.assert_allclose(
+            m.predict(_x(2)), reference(enclave_bundle.weights, _x(2)), atol=1e-5
+        )
+
+
+@needs_worker
+def test_worker_rejects_bad_requests_and_keeps_serving(enclave_bundle):
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        w = m.worker
+        rd = w.ready
+        with w._lock:
+            for batch in (0, rd.max_batch + 1, 2**32 - 1):
+                w._send(wmod._frame(wmod.INFER, struct.pack("<II", batch, 0)))
+                ty, p = w._recv()
+                assert ty == wmod.ERROR
+                assert isinstance(w._error(p), InputError)
+            w._send(wmod._frame(wmod.MANIFEST, wmod._b(b"{}")))  # wrong phase
+            ty, p = w._recv()
+            assert ty == wmod.ERROR
+        assert w.ping()["queries_used"] == 0
+        np.testing.assert_allclose(
+            m.predict(_x(4)), reference(enclave_bundle.weights, _x(4)), atol=1e-5
+        )
+
+
+@needs_worker
+def test_canonical_json_matches_between_python_and_rust(make_enclave_bundle):
+    """Non-ASCII, escapes, control characters and big integers canonicalise identically."""
+    extra = {
+        "created_by": 'é ü 中文 "q" \\ \n\t\u0001\u007f \u2028 😀',
+        "zz": [2**63 - 1, -(2**63), True, None],
+    }
+    b = make_enclave_bundle("u", extra_manifest=extra)
+    with ennclave.load(b.path, keystore=b.keystore) as m:
+        np.testing.assert_allclose(m.predict(_x(2)), reference(b.weights, _x(2)), atol=1e-5)
+
+
+def test_canonical_manifest_refuses_what_rust_cannot_read():
+    from ennclave.seal import canonical_manifest
+
+    for bad in ({"a": 2**64}, {"a": 0.5}, {"a": {1: 2}}):
+        with pytest.raises(ValueError):
+            canonical_manifest(bad)
+
+
+@needs_worker
+def test_tampered_manifest_fails_authentication(enclave_bundle):
+    mpath = enclave_bundle.path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["output_policy"] = {"mode": "full", "max_queries": 1000000}  # try to lift a limit
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(AuthenticationError, match="did not authenticate"):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
+
+
+@needs_worker
+def test_tampered_sealed_file(enclave_bundle):
+    spath = enclave_bundle.path / "private.sealed"
+    data = bytearray(spath.read_bytes())
+    data[100] ^= 0x40
+    spath.write_bytes(bytes(data))
+    # the integrity digest catches a damaged download first, naming the file …
+    with pytest.raises(BundleError, match=r"private\.sealed does not match"):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
+    # … and with a forged digest, the GCM tag inside the enclave does
+    _rehash(enclave_bundle.path)
+    with pytest.raises(AuthenticationError):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
+
+
+@needs_worker
+def test_wrong_or_missing_key(enclave_bundle, tmp_path):
+    other = tmp_path / "other.json"
+    with pytest.raises(KeyNotFound):
+        ennclave.load(enclave_bundle.path, keystore=other)
+    Keystore(other).put(enclave_bundle.key_id, new_data_key())
+    with pytest.raises(AuthenticationError):
+        ennclave.load(enclave_bundle.path, keystore=other)
+
+
+def test_missing_bundle_files(enclave_bundle, tmp_path):
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        ennclave.load(tmp_path / "nope")
+    (enclave_bundle.path / "private.sealed").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
+
+
+def test_missing_binary(enclave_bundle, monkeypatch, tmp_path):
+    monkeypatch.setenv("ENNCLAVE_WORKER", str(tmp_path / "no-such-worker"))
+    with pytest.raises(WorkerNotFound, match="ENNCLAVE_WORKER"):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
+    monkeypatch.delenv("ENNCLAVE_WORKER")
+    monkeypatch.setattr(wmod.sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setattr(wmod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(wmod, "__file__", str(tmp_path / "a" / "b" / "c" / "worker.py"))
+    with pytest.raises(WorkerNotFound, match="was not found"):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
+
+
+@needs_worker
+def test_crash_then_recovery(enclave_bundle):
+    x = _x(5)
+    ref = reference(enclave_bundle.weights, x)
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        # 1. killed while a call is in flight (stopped first so the call surely waits)
+        pid = m.worker_pid
+        os.kill(pid, signal.SIGSTOP)
+        errors: list[BaseException] = []
+
+        def call():
+            try:
+                m.predict(x)
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        t.join(10)
+        assert len(errors) == 1 and isinstance(errors[0], WorkerCrashed)
+        assert "SIGKILL" in str(errors[0]) and "next call" in str(errors[0])
+        np.testing.assert_allclose(m.predict(x), ref, atol=1e-5)  # fresh worker
+        assert m.worker_pid != pid and m.worker.restarts == 1
+        # 2. killed while idle: reported once, then recovered
+        os.kill(m.worker_pid, signal.SIGKILL)
+        time.sleep(0.2)
+        with pytest.raises(WorkerCrashed):
+            m.predict(x)
+        np.testing.assert_allclose(m.predict(x), ref, atol=1e-5)
+        assert m.ping()["queries_used"] == 5
+
+
+@needs_worker
+def test_concurrent_callers(enclave_bundle):
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        failures: list[str] = []
+
+        def worker(i: int) -> None:
+            for j in range(15):
+                x = _x(1 + (i * 7 + j) % 300, seed=i * 100 + j)
+                y = m.predict(x, batch_size=64)
+                if not np.allclose(y, reference(enclave_bundle.weights, x), atol=1e-5):
+                    failures.append(f"thread {i} call {j}")
+
+        ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+        assert not failures
+
+
+@needs_worker
+def test_keras_layer(enclave_bundle):
+    keras = pytest.importorskip("keras")
+    from ennclave.runtime.keras_layer import EnclaveLayer
+
+    layer = EnclaveLayer(enclave_bundle.path, keystore=enclave_bundle.keystore)
+    try:
+        inp = keras.Input((IN,))
+        model = keras.Model(inp, layer(keras.layers.Identity()(inp)))
+        x = _x(10)
+        np.testing.assert_allclose(
+            model.predict(x, verbose=0), reference(enclave_bundle.weights, x), atol=1e-5
+        )
+        assert layer.get_config()["bundle"] == str(enclave_bundle.path)
+    finally:
+        layer.close()
+
+
+@needs_worker
+def test_worker_refuses_to_run_by_hand():
+    import subprocess
+
+    r = subprocess.run([str(wmod.find_worker_binary())], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "not meant to be run by hand" in r.stderr
