@@ -317,3 +317,20 @@ def test_worker_refuses_to_run_by_hand():
 
     r = subprocess.run([str(wmod.find_worker_binary())], capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "not meant to be run by hand" in r.stderr
+
+
+@needs_worker
+def test_start_up_trace(enclave_bundle, monkeypatch):
+    """ENNCLAVE_TRACE=1: the worker prints its start-up phases (names and times only)."""
+    monkeypatch.setenv("ENNCLAVE_TRACE", "1")
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        np.testing.assert_allclose(
+            m.predict(_x(2)), reference(enclave_bundle.weights, _x(2)), atol=1e-5
+        )
+        err = m.worker._stderr
+        err.seek(0)
+        lines = err.read().decode().splitlines()
+    assert lines and all(line.startswith("ennclave-enclave trace:") for line in lines)
+    assert any("unsealed" in line for line in lines) and "READY sent" in lines[-1]
+    key = Keystore(enclave_bundle.keystore).get(enclave_bundle.key_id)
+    assert key.hex() not in "\n".join(lines)

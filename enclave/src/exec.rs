@@ -32,7 +32,7 @@ struct State {
 
 pub struct Executor {
     state: State,
-    pool: rayon::ThreadPool,
+    pool: Arc<rayon::ThreadPool>,
     max_batch: usize,
 }
 
@@ -179,11 +179,13 @@ impl Executor {
                 "cannot allocate {scratch_len} floats of conv scratch ({e})"
             ))
         })?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("enclave-worker-{i}"))
-            .build()
-            .map_err(|e| Error(format!("cannot start {threads} worker threads ({e})")))?;
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("enclave-worker-{i}"))
+                .build()
+                .map_err(|e| Error(format!("cannot start {threads} worker threads ({e})")))?,
+        );
         let mut ex = Executor {
             state: State {
                 nodes,
@@ -199,13 +201,22 @@ impl Executor {
             pool,
             max_batch,
         };
-        // Warm up (gemm's per-thread packing buffers, lazily mapped pages) so that
-        // later runs neither allocate nor fault in fresh memory.
-        let inp = vec![0.0f32; ex.input_len_per_sample() * max_batch];
-        let mut out = vec![0.0f32; ex.output_len_per_sample() * max_batch];
-        ex.run(&inp, max_batch, &mut out)?;
-        let o1 = ex.output_len_per_sample();
-        ex.run(&inp[..ex.input_len_per_sample()], 1, &mut out[..o1])?;
+        // Fault in every activation page now (secret-memory faults are slow, and
+        // later runs should not take them), then warm up (the pool's threads, gemm's
+        // per-thread packing buffers, CPU-feature detection) on a small batch and on
+        // batch 1: a full max_batch run would only repeat the same code paths.
+        for s in ex.state.slots.iter_mut().flatten() {
+            prefault(s);
+        }
+        prefault(&mut ex.state.scratch);
+        let warm = max_batch.min(16);
+        let inp = vec![0.0f32; ex.input_len_per_sample() * warm];
+        let mut out = vec![0.0f32; ex.output_len_per_sample() * warm];
+        ex.run(&inp, warm, &mut out)?;
+        if warm > 1 {
+            let o1 = ex.output_len_per_sample();
+            ex.run(&inp[..ex.input_len_per_sample()], 1, &mut out[..o1])?;
+        }
         Ok(ex)
     }
 
@@ -235,6 +246,50 @@ impl Executor {
         self.state.threads
     }
 
+    /// The executor's thread pool. Running the caller's own loop inside it
+    /// (`pool.install(..)`) makes every `run` start on a pool thread, which saves the
+    /// hand-off to the pool and back (two thread wake-ups) per call.
+    pub fn pool(&self) -> Arc<rayon::ThreadPool> {
+        self.pool.clone()
+    }
+
+    /// The private input buffer for a batch of `batch` (`batch × input_len_per_sample()`
+    /// floats): fill it, then call [`Executor::run_in_place`]. Saves the copy `run`
+    /// makes when the caller can write its input straight here.
+    pub fn input_mut(&mut self, batch: usize) -> Result<&mut [f32], Error> {
+        self.check_batch(batch)?;
+        let n = self.input_len_per_sample() * batch;
+        let s = &mut self.state;
+        let Loc::Slot(si) = s.loc[s.input] else {
+            return err("internal: input location");
+        };
+        s.slots
+            .get_mut(si)
+            .and_then(|b| b.as_deref_mut())
+            .and_then(|b| b.get_mut(..n))
+            .ok_or_else(|| Error("internal: input buffer".into()))
+    }
+
+    /// Run on the `batch` samples already in [`Executor::input_mut`]; returns the
+    /// output (`batch × output_len_per_sample()` floats), valid until the next call.
+    pub fn run_in_place(&mut self, batch: usize) -> Result<&[f32], Error> {
+        self.check_batch(batch)?;
+        let state = &mut self.state;
+        self.pool.install(|| state.run_nodes(batch))?;
+        let s = &self.state;
+        view(&s.slots, &s.weights, &s.tensors, &s.loc, s.output, batch)
+    }
+
+    fn check_batch(&self, batch: usize) -> Result<(), Error> {
+        if batch == 0 || batch > self.max_batch {
+            return err(format!(
+                "batch size {batch} is not in 1..={}",
+                self.max_batch
+            ));
+        }
+        Ok(())
+    }
+
     /// Run on `batch` samples: `input` holds `batch × input_len_per_sample()`
     /// floats, `output` receives `batch × output_len_per_sample()`.
     pub fn run(&mut self, input: &[f32], batch: usize, output: &mut [f32]) -> Result<(), Error> {
@@ -255,8 +310,19 @@ impl Executor {
                 output.len()
             ));
         }
-        let state = &mut self.state;
-        self.pool.install(|| state.run(input, batch, output))
+        self.input_mut(batch)?.copy_from_slice(input);
+        output.copy_from_slice(self.run_in_place(batch)?);
+        Ok(())
+    }
+}
+
+/// Touch every page of a fresh (all-zero) buffer so it is mapped now.
+fn prefault(b: &mut SecretBuf<f32>) {
+    let step = 4096 / std::mem::size_of::<f32>();
+    for i in (0..b.len()).step_by(step) {
+        // SAFETY: i < len; a volatile write of the value already there (zero) only
+        // forces the page in.
+        unsafe { std::ptr::write_volatile(&mut b[i], 0.0) };
     }
 }
 
@@ -282,31 +348,10 @@ fn view<'a>(
 }
 
 impl State {
-    fn run(&mut self, input: &[f32], batch: usize, output: &mut [f32]) -> Result<(), Error> {
-        let Loc::Slot(si) = self.loc[self.input] else {
-            return err("internal: input location");
-        };
-        match self
-            .slots
-            .get_mut(si)
-            .and_then(|s| s.as_deref_mut())
-            .and_then(|s| s.get_mut(..input.len()))
-        {
-            Some(dst) => dst.copy_from_slice(input),
-            None => return err("internal: input buffer"),
-        }
+    fn run_nodes(&mut self, batch: usize) -> Result<(), Error> {
         for i in 0..self.nodes.len() {
             self.node(i, batch)?;
         }
-        let y = view(
-            &self.slots,
-            &self.weights,
-            &self.tensors,
-            &self.loc,
-            self.output,
-            batch,
-        )?;
-        output.copy_from_slice(y);
         Ok(())
     }
 

@@ -18,12 +18,27 @@ use ennclave_enclave::exec::Executor;
 use ennclave_enclave::keys::EphemeralKey;
 use ennclave_enclave::program::Program;
 use ennclave_enclave::protocol::{
-    code, read_msg, write_msg, Msg, ProtoError, Shm, INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
+    code, write_msg, FrameReader, Msg, ProtoError, Shm, INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
 };
 use ennclave_enclave::secmem::{Backing, SecretBuf};
 use ennclave_enclave::{sandbox, seal};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+/// `ENNCLAVE_TRACE=1`: start-up phase timings (no secrets) on stderr.
+static TRACE: std::sync::OnceLock<Option<std::time::Instant>> = std::sync::OnceLock::new();
+
+fn trace(phase: &str) {
+    let t0 = TRACE.get_or_init(|| {
+        (std::env::var_os("ENNCLAVE_TRACE").is_some_and(|v| v == "1")).then(std::time::Instant::now)
+    });
+    if let Some(t0) = t0 {
+        eprintln!(
+            "ennclave-enclave trace: {:9.3} ms  {phase}",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
 
 /// Sealed programs larger than this are refused before allocating.
 const MAX_SEALED: u64 = 64 << 30;
@@ -273,10 +288,17 @@ struct Loaded {
     secmem: String,
 }
 
-fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Loaded>, Fatal> {
+fn handshake(
+    ctl: &mut UnixStream,
+    rd: &mut FrameReader,
+    shm: &Shm,
+    args: &Args,
+) -> Result<Option<Loaded>, Fatal> {
+    trace("handshake start");
     let ek = EphemeralKey::generate();
     let pubkey = ek.public_bytes();
     let bin = binary_sha256();
+    trace("binary hashed");
     let probe = SecretBuf::<u8>::new(1).map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
     let secmem = backing_name(probe.backing());
     drop(probe);
@@ -289,6 +311,7 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
             secmem: secmem.clone(),
         },
     )?;
+    trace("HELLO sent");
 
     let mut manifest: Option<(Value, Vec<u8>)> = None;
     let mut sealed: Option<SecretBuf<u8>> = None;
@@ -296,7 +319,7 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
     let mut key: Option<SecretBuf<u8>> = None;
 
     loop {
-        let msg = match read_msg(ctl) {
+        let msg = match rd.read(ctl) {
             Err(ProtoError::Closed) => return Ok(None),
             r => r?,
         };
@@ -414,6 +437,7 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
     }
 
     // Everything is here: unseal, build, then lock down.
+    trace("manifest, sealed program and key received");
     let (manifest, aad) = manifest.expect("checked above");
     let mut sealed = sealed.expect("checked above");
     let key = key.expect("checked above");
@@ -422,13 +446,16 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
         _ => Fatal::new(code::BAD_REQUEST, e.to_string()),
     })?;
     drop(key);
+    trace("unsealed");
     let program = Program::from_container(&sealed[range]).map_err(|e| {
         Fatal::new(
             code::PROGRAM,
             format!("the enclave program is invalid: {e}"),
         )
     })?;
+    trace("program parsed, weights packed");
     drop(sealed); // zeroes the plaintext container
+    trace("container wiped");
     let secmem = backing_name(program.weights_backing());
 
     let threads = if args.threads > 0 {
@@ -436,8 +463,9 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
-    let mut exec = Executor::new(&program, args.max_batch, threads)
+    let exec = Executor::new(&program, args.max_batch, threads)
         .map_err(|e| Fatal::new(code::PROGRAM, format!("cannot prepare the program: {e}")))?;
+    trace("executor ready (buffers, thread pool, warm-up)");
     let in_len = exec.input_len_per_sample();
     let out_len = exec.output_len_per_sample();
     for (part, which, have) in [
@@ -456,19 +484,12 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
     let policy =
         Policy::from_manifest(&manifest, out_len).map_err(|e| Fatal::new(code::MANIFEST, e))?;
 
-    // Warm up once so the thread pool and the executor's lazy state exist before the
-    // filter goes on (the pool must not need open() for CPU counts afterwards).
-    let warm_in = vec![0f32; in_len];
-    let mut warm_out = vec![0f32; out_len];
-    exec.run(&warm_in, 1, &mut warm_out).map_err(|e| {
-        Fatal::new(
-            code::PROGRAM,
-            format!("the program failed on a warm-up run: {e}"),
-        )
-    })?;
+    // Executor::new has already warmed up (thread pool, the executor's lazy state)
+    // before the filter goes on (the pool must not need open() for CPU counts
+    // afterwards).
     drop(program);
-
     sandbox::install_seccomp().map_err(|e| Fatal::new(code::SANDBOX, e.to_string()))?;
+    trace("seccomp installed");
     Ok(Some(Loaded {
         exec,
         policy,
@@ -480,7 +501,32 @@ fn handshake(ctl: &mut UnixStream, shm: &Shm, args: &Args) -> Result<Option<Load
 
 // ---------------------------------------------------------------- serving
 
-fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<(), Fatal> {
+/// First non-finite value in `v`. Checks blocks branch-free (vectorised) and only
+/// looks for the position inside a block that has one.
+fn first_nonfinite(v: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 256;
+    const EXP: u32 = 0x7f80_0000;
+    for (b, chunk) in v.chunks(BLOCK).enumerate() {
+        let bad = chunk
+            .iter()
+            .fold(false, |acc, x| acc | (x.to_bits() & EXP == EXP));
+        if bad {
+            return chunk
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| b * BLOCK + i);
+        }
+    }
+    None
+}
+
+fn serve(
+    ctl: &mut UnixStream,
+    rd: &mut FrameReader,
+    shm: &Shm,
+    args: &Args,
+    mut l: Loaded,
+) -> Result<(), Fatal> {
     let pout = l.policy.out_len(l.out_len);
     let per_sample = (l.in_len + pout) * 4;
     let fit = shm.len().saturating_sub(64) / per_sample.max(1);
@@ -496,8 +542,6 @@ fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<
     }
     let in_offset = 0usize;
     let out_offset = (max_batch * l.in_len * 4).div_ceil(64) * 64;
-    let mut inbuf = vec![0f32; max_batch * l.in_len];
-    let mut outbuf = vec![0f32; max_batch * l.out_len];
     let mut polbuf = vec![0f32; max_batch * pout];
     let mut order = Vec::with_capacity(l.out_len);
     let mut used: u64 = 0;
@@ -514,6 +558,7 @@ fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<
             policy: l.policy.describe(),
         },
     )?;
+    trace("READY sent");
 
     let err = |ctl: &mut UnixStream, code: u16, message: String| {
         write_msg(
@@ -527,7 +572,7 @@ fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<
     };
 
     loop {
-        let msg = match read_msg(ctl) {
+        let msg = match rd.read(ctl) {
             Err(ProtoError::Closed) => return Ok(()),
             r => r?,
         };
@@ -552,13 +597,21 @@ fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<
                         continue;
                     }
                 }
-                let input = &mut inbuf[..b * l.in_len];
+                // Copy the input straight into the executor's private input buffer,
+                // then validate that copy (never the shared region).
+                let input = match l.exec.input_mut(b) {
+                    Ok(input) => input,
+                    Err(e) => {
+                        err(ctl, code::INTERNAL, e.to_string())?;
+                        continue;
+                    }
+                };
                 if let Err(e) = shm.read_f32(in_offset, input) {
                     err(ctl, code::INTERNAL, e.to_string())?;
                     continue;
                 }
                 if flags & INFER_ALLOW_NONFINITE == 0 {
-                    if let Some(i) = input.iter().position(|x| !x.is_finite()) {
+                    if let Some(i) = first_nonfinite(input) {
                         err(
                             ctl,
                             code::NONFINITE_INPUT,
@@ -571,20 +624,27 @@ fn serve(ctl: &mut UnixStream, shm: &Shm, args: &Args, mut l: Loaded) -> Result<
                         continue;
                     }
                 }
-                let output = &mut outbuf[..b * l.out_len];
-                if let Err(e) = l.exec.run(input, b, output) {
-                    err(ctl, code::INTERNAL, format!("inference failed: {e}"))?;
-                    continue;
-                }
-                let pol = &mut polbuf[..b * pout];
-                for s in 0..b {
-                    l.policy.apply(
-                        &output[s * l.out_len..(s + 1) * l.out_len],
-                        &mut pol[s * pout..(s + 1) * pout],
-                        &mut order,
-                    );
-                }
-                if let Err(e) = shm.write_f32(out_offset, pol) {
+                let output = match l.exec.run_in_place(b) {
+                    Ok(output) => output,
+                    Err(e) => {
+                        err(ctl, code::INTERNAL, format!("inference failed: {e}"))?;
+                        continue;
+                    }
+                };
+                let written = if l.policy.mode == Mode::Full {
+                    shm.write_f32(out_offset, output)
+                } else {
+                    let pol = &mut polbuf[..b * pout];
+                    for s in 0..b {
+                        l.policy.apply(
+                            &output[s * l.out_len..(s + 1) * l.out_len],
+                            &mut pol[s * pout..(s + 1) * pout],
+                            &mut order,
+                        );
+                    }
+                    shm.write_f32(out_offset, pol)
+                };
+                if let Err(e) = written {
                     err(ctl, code::INTERNAL, e.to_string())?;
                     continue;
                 }
@@ -629,6 +689,7 @@ fn fd_is(fd: i32, kind: libc::mode_t) -> bool {
 }
 
 fn main() -> ExitCode {
+    trace("main");
     if let Err(e) = sandbox::harden_process() {
         eprintln!("ennclave-enclave: cannot harden the process: {e}");
         return ExitCode::from(3);
@@ -660,8 +721,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = handshake(&mut ctl, &shm, &args).and_then(|l| match l {
-        Some(l) => serve(&mut ctl, &shm, &args, l),
+    let mut rd = FrameReader::new();
+    let result = handshake(&mut ctl, &mut rd, &shm, &args).and_then(|l| match l {
+        // Serve from inside the executor's pool: each INFER then starts on a pool
+        // thread instead of being handed to the pool and back.
+        Some(l) => l
+            .exec
+            .pool()
+            .install(|| serve(&mut ctl, &mut rd, &shm, &args, l)),
         None => Ok(()),
     });
     match result {

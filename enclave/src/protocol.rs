@@ -466,6 +466,66 @@ pub fn read_msg<R: Read>(r: &mut R) -> Result<Msg, ProtoError> {
     Msg::decode(&body)
 }
 
+/// Reads frames with as few `read` calls as possible: a small frame (INFER, PING…)
+/// usually arrives in one. Bytes past the frame are kept for the next call.
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        FrameReader {
+            buf: vec![0; 4096],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Read one frame (blocking). Same errors as [`read_msg`].
+    pub fn read<R: Read>(&mut self, r: &mut R) -> Result<Msg, ProtoError> {
+        loop {
+            if let Some((m, used)) = parse_frame(&self.buf[self.start..self.end])? {
+                self.start += used;
+                if self.start == self.end {
+                    self.start = 0;
+                    self.end = 0;
+                }
+                return Ok(m);
+            }
+            // Make room: move what we have to the front, grow up to one whole frame.
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                let want = if self.end >= 4 {
+                    let h = [self.buf[0], self.buf[1], self.buf[2], self.buf[3]];
+                    4 + u32::from_le_bytes(h) as usize // ≤ 4 + MAX_FRAME (parse_frame checked)
+                } else {
+                    self.buf.len() * 2
+                };
+                self.buf.resize(want.max(self.buf.len() + 1), 0);
+            }
+            match r.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.end == 0 => return Err(ProtoError::Closed),
+                Ok(0) => return bad("connection closed inside a frame"),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> Result<(), ProtoError> {
     let f = m.encode();
     if f.len() - 4 > MAX_FRAME {
@@ -489,6 +549,10 @@ pub struct Shm {
 
 // SAFETY: Shm only ever accesses the mapping through bounds-checked byte copies.
 unsafe impl Send for Shm {}
+// SAFETY: every method takes &self and only copies bytes in or out through raw
+// pointers; the region is shared with another process that may write at any time, so
+// callers already treat its contents as racy and validate only private copies.
+unsafe impl Sync for Shm {}
 
 impl Shm {
     /// Map the whole memfd `fd` (its size from fstat). Takes ownership of `fd`.
@@ -678,6 +742,45 @@ mod tests {
         assert!(parse_frame(&f).is_err());
         let mut empty: &[u8] = &[];
         assert!(matches!(read_msg(&mut empty), Err(ProtoError::Closed)));
+    }
+
+    /// Hands out at most `step` bytes per read.
+    struct Trickle<'a>(&'a [u8], usize);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frame_reader_splits_and_joins() {
+        let mut msgs = samples();
+        msgs.push(Msg::Manifest {
+            bytes: vec![7; 10_000], // larger than the initial buffer
+        });
+        msgs.push(Msg::Ping { nonce: 9 });
+        let wire: Vec<u8> = msgs.iter().flat_map(|m| m.encode()).collect();
+        for step in [1, 3, 7, 4096, usize::MAX] {
+            let mut r = Trickle(&wire, step);
+            let mut fr = FrameReader::new();
+            for m in &msgs {
+                assert_eq!(&fr.read(&mut r).unwrap(), m);
+            }
+            assert!(matches!(fr.read(&mut r), Err(ProtoError::Closed)));
+        }
+        // EOF inside a frame is an error, not a clean close
+        let f = Msg::Ping { nonce: 1 }.encode();
+        let mut r = Trickle(&f[..6], 2);
+        assert!(matches!(
+            FrameReader::new().read(&mut r),
+            Err(ProtoError::Malformed(_))
+        ));
+        // an over-long length is refused before any allocation
+        let mut r = Trickle(&[0xff, 0xff, 0xff, 0x7f, 1], 5);
+        assert!(FrameReader::new().read(&mut r).is_err());
     }
 
     proptest! {

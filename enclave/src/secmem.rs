@@ -170,13 +170,15 @@ impl<T: Pod> std::ops::DerefMut for SecretBuf<T> {
 
 impl<T: Pod> Drop for SecretBuf<T> {
     fn drop(&mut self) {
-        // SAFETY: we own the mapping; volatile zeroing so the wipe is not optimised
-        // away, then unmap exactly what mmap returned.
+        // SAFETY: we own the mapping (page-aligned, map_len a multiple of the page
+        // size, so of 8). Volatile zeroing, a word at a time, so the wipe is not
+        // optimised away; then unmap exactly what mmap returned.
         unsafe {
-            let bytes = self.ptr as *mut u8;
-            for i in 0..self.map_len {
-                std::ptr::write_volatile(bytes.add(i), 0);
+            let words = self.ptr as *mut u64;
+            for i in 0..self.map_len / 8 {
+                std::ptr::write_volatile(words.add(i), 0);
             }
+            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
             libc::munmap(self.ptr as *mut libc::c_void, self.map_len);
         }
     }

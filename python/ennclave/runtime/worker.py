@@ -62,6 +62,11 @@ E_AUTH, E_KEY, E_PROGRAM, E_PROTOCOL, E_INTERNAL, E_MANIFEST, E_SANDBOX = 5, 6, 
 
 INFER_ALLOW_NONFINITE = 1
 
+_HDR = struct.Struct("<IB")
+_U32 = struct.Struct("<I")
+_INFER = struct.Struct("<IBII")  # a whole INFER frame: length, type, batch, flags
+_RESULT_HEAD = struct.Struct("<II")
+
 
 # ------------------------------------------------------------------ binary lookup
 
@@ -154,7 +159,7 @@ def local_key_release(keystore: Any, key_id: str) -> KeyRelease:
 
 
 def _frame(ty: int, payload: bytes = b"") -> bytes:
-    return struct.pack("<IB", 1 + len(payload), ty) + payload
+    return _HDR.pack(1 + len(payload), ty) + payload
 
 
 def _b(data: bytes) -> bytes:
@@ -240,6 +245,11 @@ class WorkerClient:
         self._mm: mmap.mmap | None = None
         self._stderr: Any = None
         self._ready: Ready | None = None
+        # Per-start caches for the hot path (set after READY, dropped in _teardown).
+        self._shm_in: np.ndarray | None = None
+        self._shm_out: np.ndarray | None = None
+        self._rx = bytearray(4096)  # receive buffer; _rx[_rx_start:_rx_end] is unread
+        self._rx_start = self._rx_end = 0
         self.hello: Hello | None = None
         self.restarts = 0
         self._closed = False
@@ -289,7 +299,7 @@ class WorkerClient:
                     env={
                         k: v
                         for k, v in os.environ.items()
-                        if k in ("ENNCLAVE_SECCOMP_LOG", "RUST_BACKTRACE")
+                        if k in ("ENNCLAVE_SECCOMP_LOG", "ENNCLAVE_TRACE", "RUST_BACKTRACE")
                     },
                 )
             except OSError as e:
@@ -382,6 +392,10 @@ class WorkerClient:
             raise WorkerError(
                 "The enclave worker announced an invalid shared-memory layout.", E_PROTOCOL, True
             )
+        self._shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
+        self._shm_out = np.ndarray(
+            (rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset
+        )
         self._sock.settimeout(None)
 
     def _teardown(self, kill: bool) -> int | None:
@@ -399,6 +413,8 @@ class WorkerClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._rx_start = self._rx_end = 0
+        self._shm_in = self._shm_out = None  # release the mmap exports before close
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()
@@ -463,33 +479,52 @@ class WorkerClient:
         except OSError:
             raise _Dead() from None
 
-    def _recv_exact(self, n: int) -> bytes:
+    def _fill(self, need: int) -> None:
+        """Receive until `need` unread bytes are buffered (usually one recv_into for a
+        whole small frame)."""
         assert self._sock is not None
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                chunk = self._sock.recv(n - len(buf))
-            except TimeoutError:
-                raise WorkerError(
-                    "The enclave worker did not answer in time; it was stopped, try again.",
-                    E_INTERNAL,
-                    True,
-                ) from None
-            except OSError:
-                raise _Dead() from None
-            if not chunk:
-                raise _Dead()
-            buf += chunk
-        return bytes(buf)
+        rx = self._rx
+        if self._rx_start + need > len(rx):
+            unread = rx[self._rx_start : self._rx_end]
+            if need > len(rx):
+                rx = self._rx = bytearray(need)
+            rx[: len(unread)] = unread
+            self._rx_start, self._rx_end = 0, len(unread)
+        view = memoryview(rx)
+        try:
+            while self._rx_end - self._rx_start < need:
+                try:
+                    got = self._sock.recv_into(view[self._rx_end :])
+                except TimeoutError:
+                    raise WorkerError(
+                        "The enclave worker did not answer in time; it was stopped, try again.",
+                        E_INTERNAL,
+                        True,
+                    ) from None
+                except OSError:
+                    raise _Dead() from None
+                if not got:
+                    raise _Dead()
+                self._rx_end += got
+        finally:
+            view.release()
 
     def _recv(self) -> tuple[int, bytes]:
-        (n,) = struct.unpack("<I", self._recv_exact(4))
+        if self._rx_end - self._rx_start < 4:
+            self._fill(4)
+        (n,) = _U32.unpack_from(self._rx, self._rx_start)
         if n < 1 or n > MAX_FRAME:
             raise WorkerError(
                 "The enclave worker sent an invalid frame; this is a bug.", E_PROTOCOL, True
             )
-        body = self._recv_exact(n)
-        return body[0], body[1:]
+        if self._rx_end - self._rx_start < 4 + n:
+            self._fill(4 + n)
+        i = self._rx_start + 4
+        ty, body = self._rx[i], bytes(self._rx[i + 1 : i + n])
+        self._rx_start = i + n
+        if self._rx_start == self._rx_end:
+            self._rx_start = self._rx_end = 0
+        return ty, body
 
     def _unexpected(self, ty: int, payload: bytes, wanted: str) -> EnnclaveError:
         if ty == ERROR:
@@ -544,9 +579,9 @@ class WorkerClient:
         with self._lock:
             self._call(lambda: self._ensure(), "start-up")
 
-    def _call(self, fn: Callable[[], Any], during: str) -> Any:
+    def _call(self, fn: Callable[..., Any], during: str, *args: Any) -> Any:
         try:
-            return fn()
+            return fn(*args)
         except _Dead:
             raise self._crashed(during) from None
         except WorkerError as e:
@@ -566,7 +601,7 @@ class WorkerClient:
         number of values). Returns float32 `(batch, out_len)` after the output policy.
         Batches larger than the shared-memory region are streamed in chunks."""
         with self._lock:
-            return self._call(lambda: self._infer(x, allow_nonfinite), "inference")
+            return self._call(self._infer, "inference", x, allow_nonfinite)
 
     def _infer(self, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
         # A start-up failure after a crash is a start-up error, not an inference one.
@@ -582,27 +617,23 @@ class WorkerClient:
             )
         out = np.empty((n, rd.out_len), dtype=np.float32)
         flags = INFER_ALLOW_NONFINITE if allow_nonfinite else 0
-        assert self._mm is not None
-        shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
-        shm_out = np.ndarray((rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset)
-        try:
-            for s in range(0, n, rd.max_batch):
-                b = min(rd.max_batch, n - s)
-                shm_in[:b] = x[s : s + b]
-                self._send(_frame(INFER, struct.pack("<II", b, flags)))
-                ty, p = self._recv()
-                if ty != RESULT:
-                    raise self._unexpected(ty, p, "RESULT")
-                got_b, got_len = struct.unpack("<II", p[:8])
-                if got_b != b or got_len != rd.out_len:
-                    raise WorkerError(
-                        "The enclave worker answered for the wrong batch; this is a bug.",
-                        E_PROTOCOL,
-                        True,
-                    )
-                out[s : s + b] = shm_out[:b]
-        finally:
-            del shm_in, shm_out  # release the mmap exports
+        shm_in, shm_out = self._shm_in, self._shm_out
+        assert shm_in is not None and shm_out is not None
+        for s in range(0, n, rd.max_batch):
+            b = min(rd.max_batch, n - s)
+            shm_in[:b] = x[s : s + b]
+            self._send(_INFER.pack(9, INFER, b, flags))
+            ty, p = self._recv()
+            if ty != RESULT:
+                raise self._unexpected(ty, p, "RESULT")
+            got_b, got_len = _RESULT_HEAD.unpack_from(p)
+            if got_b != b or got_len != rd.out_len:
+                raise WorkerError(
+                    "The enclave worker answered for the wrong batch; this is a bug.",
+                    E_PROTOCOL,
+                    True,
+                )
+            out[s : s + b] = shm_out[:b]
         return out
 
     def ping(self) -> dict[str, int]:
