@@ -57,13 +57,13 @@ def build_identity(path: Path) -> None:
 
 
 def ort_head(weights: list[np.ndarray]):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    k1, b1, k2, b2, k3, b3 = weights
-    inits = [numpy_helper.from_array(w.astype(np.float32), n)
-             for w, n in zip(weights, ["k1", "b1", "k2", "b2", "k3", "b3"], strict=True)]
+    inits = [
+        numpy_helper.from_array(w.astype(np.float32), n)
+        for w, n in zip(weights, ["k1", "b1", "k2", "b2", "k3", "b3"], strict=True)
+    ]
     nodes = [
         helper.make_node("Gemm", ["x", "k1", "b1"], ["g1"]),
         helper.make_node("Relu", ["g1"], ["h1"]),
@@ -73,8 +73,11 @@ def ort_head(weights: list[np.ndarray]):
         helper.make_node("Softmax", ["g3"], ["y"], axis=-1),
     ]
     graph = helper.make_graph(
-        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 67])], inits,
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 67])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     opts = ort.SessionOptions()
@@ -131,8 +134,13 @@ def main() -> int:
     starts = []
     for _ in range(10):
         t = time.perf_counter()
-        w = WorkerClient(manifest_bytes, tmp / "head" / "private.sealed",
-                         local_key_release(Keystore(ks), key_id), in_len=512, out_len=67)
+        w = WorkerClient(
+            manifest_bytes,
+            tmp / "head" / "private.sealed",
+            local_key_release(Keystore(ks), key_id),
+            in_len=512,
+            out_len=67,
+        )
         starts.append(time.perf_counter() - t)
         w.close()
     results["worker_start_ms"] = 1e3 * statistics.median(starts)
@@ -145,15 +153,30 @@ def main() -> int:
     table = Table(title="MIT67 head 512→2048→2048→67, everything private (2 threads)")
     for col in ("measure", "enclave worker", "ONNX Runtime", "ratio", "target"):
         table.add_column(col)
-    table.add_row("batch 1 latency", f"{results['worker_b1_ms']:.3f} ms",
-                  f"{results['ort_b1_ms']:.3f} ms", f"{results['b1_latency_ratio']:.2f}× time",
-                  "≤ 1.2×")
-    table.add_row("batch 64 per batch", f"{results['worker_b64_ms']:.3f} ms",
-                  f"{results['ort_b64_ms']:.3f} ms",
-                  f"{results['b64_throughput_ratio']:.2f}× throughput", "≥ 0.8×")
-    table.add_row("worker start → ready", f"{results['worker_start_ms']:.1f} ms", "", "", "≤ 150 ms")
-    table.add_row("round trip 64×512 (identity)", f"{results['roundtrip_64x512_us']:.1f} µs", "",
-                  "", "≤ 30 µs")
+    table.add_row(
+        "batch 1 latency",
+        f"{results['worker_b1_ms']:.3f} ms",
+        f"{results['ort_b1_ms']:.3f} ms",
+        f"{results['b1_latency_ratio']:.2f}× time",
+        "≤ 1.2×",
+    )
+    table.add_row(
+        "batch 64 per batch",
+        f"{results['worker_b64_ms']:.3f} ms",
+        f"{results['ort_b64_ms']:.3f} ms",
+        f"{results['b64_throughput_ratio']:.2f}× throughput",
+        "≥ 0.8×",
+    )
+    table.add_row(
+        "worker start → ready", f"{results['worker_start_ms']:.1f} ms", "", "", "≤ 150 ms"
+    )
+    table.add_row(
+        "round trip 64×512 (identity)",
+        f"{results['roundtrip_64x512_us']:.1f} µs",
+        "",
+        "",
+        "≤ 30 µs",
+    )
     console.print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

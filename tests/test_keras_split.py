@@ -233,7 +233,7 @@ def test_cli_errors_are_one_sentence(tmp_path):
 def test_unreadable_model_error_type(tmp_path):
     bad = tmp_path / "broken.h5"
     bad.write_bytes(b"\x00" * 100)
-    with pytest.raises(ModelLoadError, match="broken.h5"):
+    with pytest.raises(ModelLoadError, match=r"broken\.h5"):
         load_model(bad)
 
 

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from keras_models import nested_model, residual_cnn, sequential_cnn
-from op_cases import CASES
 
 import ennclave
 from ennclave.adapters import load_model
@@ -20,6 +18,8 @@ from ennclave.graph import find_cut_points
 from ennclave.lower import optimize
 from ennclave.reference import execute
 from ennclave.split import split_model
+from keras_models import nested_model, residual_cnn, sequential_cnn
+from op_cases import CASES
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -132,7 +132,6 @@ def test_1000_random_byte_flips_fail_cleanly(flip_bundle):
             outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
         finally:
             f.write_bytes(original)
-    print(outcomes)
     assert outcomes.get("harmless", 0) < 50, outcomes  # only verification.json/whitespace
     assert sum(outcomes.values()) == 1000
 

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::ops::{binary, conv, dense, misc};
-use crate::program::{Error, Node, Op, Program, TensorMeta, WRef};
+use crate::program::{Error, Node, Op, Program, TensorMeta, WRef, Weights};
 use crate::secmem::SecretBuf;
 
 /// Where a tensor lives.
@@ -21,7 +21,7 @@ enum Loc {
 struct State {
     nodes: Vec<Node>,
     tensors: Vec<TensorMeta>,
-    weights: Arc<SecretBuf<f32>>,
+    weights: Arc<Weights>,
     loc: Vec<Loc>,
     slots: Vec<Option<SecretBuf<f32>>>,
     scratch: SecretBuf<f32>,
@@ -329,7 +329,7 @@ fn prefault(b: &mut SecretBuf<f32>) {
 /// Data of tensor `t` for a batch of `batch`.
 fn view<'a>(
     slots: &'a [Option<SecretBuf<f32>>],
-    weights: &'a SecretBuf<f32>,
+    weights: &'a Weights,
     tensors: &[TensorMeta],
     loc: &[Loc],
     t: usize,
@@ -342,7 +342,7 @@ fn view<'a>(
             .get(s)
             .and_then(|b| b.as_deref())
             .and_then(|b| b.get(..len)),
-        Loc::Weight(w) => weights.get(w.off..w.off + w.len),
+        Loc::Weight(w) => weights.floats().get(w.off..w.off + w.len),
     };
     data.ok_or_else(|| Error(format!("internal: tensor {:?} has no buffer", m.name)))
 }
@@ -387,7 +387,7 @@ impl State {
                 .ok_or_else(|| Error("internal: missing input".into()))?;
             view(slots, weights, tensors, loc, t, batch)
         };
-        let w = |r: WRef| -> &[f32] { &weights[r.off..r.off + r.len] };
+        let w = |r: WRef| -> &[f32] { &weights.floats()[r.off..r.off + r.len] };
         let threads = self.threads;
         match &node.op {
             Op::Dense {

@@ -9,11 +9,13 @@
 //! * `secmem`   — memory for decrypted secrets (memfd_secret, else mlock)
 //! * `seal`     — AES-256-GCM unsealing of the program container, manifest as AAD
 //! * `keys`     — ephemeral X25519 key pair and HPKE unwrapping of the data key
+//! * `licence`  — key-server licences (MAC, expiry, budget) and the offline key cache
 //! * `protocol` — framed control messages with the host, shared-memory tensors
 //! * `sandbox`  — non-dumpable, no core, seccomp allow-list
 
 pub mod exec;
 pub mod keys;
+pub mod licence;
 pub mod ops;
 pub mod program;
 pub mod protocol;

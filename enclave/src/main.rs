@@ -21,7 +21,7 @@ use ennclave_enclave::protocol::{
     code, write_msg, FrameReader, Msg, ProtoError, Shm, INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
 };
 use ennclave_enclave::secmem::{Backing, SecretBuf};
-use ennclave_enclave::{sandbox, seal};
+use ennclave_enclave::{licence, sandbox, seal};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -281,6 +281,8 @@ fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
 }
 
 struct Loaded {
+    /// The key server's licence, checked at start; enforced at every INFER.
+    licence: Option<licence::Licence>,
     exec: Executor,
     policy: Policy,
     in_len: usize,
@@ -298,6 +300,8 @@ fn handshake(
     let ek = EphemeralKey::generate();
     let pubkey = ek.public_bytes();
     let bin = binary_sha256();
+    // Read before seccomp: the offline key cache is bound to it (none without it).
+    let machine_id = licence::read_machine_id();
     trace("binary hashed");
     let probe = SecretBuf::<u8>::new(1).map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
     let secmem = backing_name(probe.backing());
@@ -314,9 +318,11 @@ fn handshake(
     trace("HELLO sent");
 
     let mut manifest: Option<(Value, Vec<u8>)> = None;
-    let mut sealed: Option<SecretBuf<u8>> = None;
+    let mut sealed: Option<seal::Incoming> = None;
     let mut received: u64 = 0;
     let mut key: Option<SecretBuf<u8>> = None;
+    let mut licence_msg: Option<(Vec<u8>, [u8; 32])> = None;
+    let mut held_licence: Option<licence::Licence> = None;
 
     loop {
         let msg = match rd.read(ctl) {
@@ -351,7 +357,7 @@ fn handshake(
                         format!("sealed program size {total_len} is out of range"),
                     ));
                 }
-                sealed = Some(SecretBuf::<u8>::new(total_len as usize).map_err(|e| {
+                sealed = Some(seal::Incoming::new(total_len as usize).map_err(|e| {
                     Fatal::new(
                         code::INTERNAL,
                         format!("cannot allocate secret memory: {e}"),
@@ -370,7 +376,7 @@ fn handshake(
                         "SEALED_CHUNK length out of range",
                     ));
                 }
-                shm.read_into(0, &mut buf[start..start + len])
+                shm.read_into(0, &mut buf.cipher_mut()[start..start + len])
                     .map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
                 received += len as u64;
                 write_msg(ctl, &Msg::ChunkOk { received })?;
@@ -380,6 +386,9 @@ fn handshake(
                 enc,
                 wrapped,
             } => {
+                if key.is_some() {
+                    return Err(Fatal::new(code::PROTOCOL, "the data key was sent twice"));
+                }
                 let (m, _) = manifest
                     .as_ref()
                     .ok_or_else(|| Fatal::new(code::PROTOCOL, "KEY before MANIFEST"))?;
@@ -394,10 +403,72 @@ fn handshake(
                         format!("KEY is for key id {key_id:?} but the manifest names {want:?}"),
                     ));
                 }
-                key = Some(
-                    ek.unwrap_data_key(&enc, &wrapped, &key_id)
-                        .map_err(|e| Fatal::new(code::KEY, e.to_string()))?,
-                );
+                let k = ek
+                    .unwrap_data_key(&enc, &wrapped, &key_id)
+                    .map_err(|e| Fatal::new(code::KEY, e.to_string()))?;
+                held_licence = admit_licence(
+                    ctl,
+                    m,
+                    &key_id,
+                    &k,
+                    licence_msg.take(),
+                    Some(&pubkey),
+                    &bin,
+                    machine_id.as_deref(),
+                )?;
+                key = Some(k);
+            }
+            Msg::Licence { licence: raw, mac } => {
+                if key.is_some() {
+                    return Err(Fatal::new(
+                        code::PROTOCOL,
+                        "LICENCE after KEY (it must come before)",
+                    ));
+                }
+                if licence_msg.is_some() || raw.len() > licence::MAX_LICENCE {
+                    return Err(Fatal::new(
+                        code::LICENCE_INVALID,
+                        "LICENCE sent twice or too large",
+                    ));
+                }
+                licence_msg = Some((raw, mac));
+            }
+            Msg::CachedKey { key_id, blob } => {
+                if key.is_some() || licence_msg.is_some() {
+                    return Err(Fatal::new(
+                        code::PROTOCOL,
+                        "CACHED_KEY replaces KEY and LICENCE; it cannot come with them",
+                    ));
+                }
+                let (m, _) = manifest
+                    .as_ref()
+                    .ok_or_else(|| Fatal::new(code::PROTOCOL, "CACHED_KEY before MANIFEST"))?;
+                let want = m.get("private").and_then(|p| p.get("key_id"));
+                if want.and_then(Value::as_str) != Some(key_id.as_str()) {
+                    return Err(Fatal::new(
+                        code::KEY,
+                        format!("CACHED_KEY is for key id {key_id:?}, not this manifest's"),
+                    ));
+                }
+                let mid = machine_id.as_deref().ok_or_else(|| {
+                    Fatal::new(
+                        code::LICENCE_INVALID,
+                        "this machine has no /etc/machine-id, so an offline key cache cannot be opened",
+                    )
+                })?;
+                let c = licence::open_cache(mid, &bin, &key_id, &blob)
+                    .map_err(|e| Fatal::new(code::LICENCE_INVALID, e.to_string()))?;
+                held_licence = admit_licence(
+                    ctl,
+                    m,
+                    &key_id,
+                    &c.data_key,
+                    Some((c.licence_raw, c.mac)),
+                    None,
+                    &bin,
+                    None,
+                )?;
+                key = Some(c.data_key);
             }
             Msg::Ping { nonce } => write_msg(
                 ctl,
@@ -439,23 +510,24 @@ fn handshake(
     // Everything is here: unseal, build, then lock down.
     trace("manifest, sealed program and key received");
     let (manifest, aad) = manifest.expect("checked above");
-    let mut sealed = sealed.expect("checked above");
+    let sealed = sealed.expect("checked above");
     let key = key.expect("checked above");
-    let range = seal::unseal_in_place(&mut sealed, &aad, &key).map_err(|e| match e {
+    // The plaintext container goes into secret memory and stays there: the program
+    // uses the weights in place, and dropping it zeroes it.
+    let (container, range) = sealed.unseal(&aad, &key).map_err(|e| match e {
         seal::SealError::Authentication => Fatal::new(code::AUTHENTICATION, e.to_string()),
+        seal::SealError::Memory(_) => Fatal::new(code::INTERNAL, e.to_string()),
         _ => Fatal::new(code::BAD_REQUEST, e.to_string()),
     })?;
     drop(key);
     trace("unsealed");
-    let program = Program::from_container(&sealed[range]).map_err(|e| {
+    let program = Program::from_secret(container, range).map_err(|e| {
         Fatal::new(
             code::PROGRAM,
             format!("the enclave program is invalid: {e}"),
         )
     })?;
-    trace("program parsed, weights packed");
-    drop(sealed); // zeroes the plaintext container
-    trace("container wiped");
+    trace("program parsed");
     let secmem = backing_name(program.weights_backing());
 
     let threads = if args.threads > 0 {
@@ -491,12 +563,74 @@ fn handshake(
     sandbox::install_seccomp().map_err(|e| Fatal::new(code::SANDBOX, e.to_string()))?;
     trace("seccomp installed");
     Ok(Some(Loaded {
+        licence: held_licence,
         exec,
         policy,
         in_len,
         out_len,
         secmem,
     }))
+}
+
+/// Licence checks when the data key arrives (docs/key-release.md "Licences"). A bundle
+/// whose authenticated manifest says `key_source: "keyserver"` needs a licence; one sent
+/// with a local-key bundle is checked and enforced the same way. `pubkey` is this
+/// worker's ephemeral key (None for a licence from the offline cache, issued to an
+/// earlier worker). With `offline: true` and a machine id, a fresh licence is sealed
+/// with the key into a KEY_CACHE frame for the host to store.
+#[allow(clippy::too_many_arguments)]
+fn admit_licence(
+    ctl: &mut UnixStream,
+    manifest: &Value,
+    key_id: &str,
+    data_key: &[u8],
+    sent: Option<(Vec<u8>, [u8; 32])>,
+    pubkey: Option<&[u8; 32]>,
+    bin: &[u8; 32],
+    machine_id: Option<&[u8]>,
+) -> Result<Option<licence::Licence>, Fatal> {
+    let required = manifest
+        .get("private")
+        .and_then(|p| p.get("key_source"))
+        .and_then(Value::as_str)
+        == Some("keyserver");
+    let Some((raw, mac)) = sent else {
+        if required {
+            return Err(Fatal::new(
+                code::LICENCE_INVALID,
+                "this bundle's key comes from a key server and needs its licence, but none was sent",
+            ));
+        }
+        return Ok(None);
+    };
+    let refuse = |e: licence::LicenceError| match e {
+        licence::LicenceError::Expired(_) => Fatal::new(
+            code::LICENCE_EXPIRED,
+            format!("{e}; ask the key server for a new one"),
+        ),
+        _ => Fatal::new(code::LICENCE_INVALID, e.to_string()),
+    };
+    licence::verify_mac(data_key, key_id, &raw, &mac).map_err(refuse)?;
+    let lic = licence::parse(&raw).map_err(refuse)?;
+    lic.check(key_id, pubkey, bin, licence::now_unix())
+        .map_err(refuse)?;
+    if pubkey.is_none() && !lic.offline {
+        return Err(Fatal::new(
+            code::LICENCE_INVALID,
+            "the cached licence does not allow offline use",
+        ));
+    }
+    if let (Some(_), true, Some(mid)) = (pubkey, lic.offline, machine_id) {
+        let blob = licence::seal_cache(mid, bin, key_id, data_key, &raw, &mac).map_err(refuse)?;
+        write_msg(
+            ctl,
+            &Msg::KeyCache {
+                key_id: key_id.to_string(),
+                blob,
+            },
+        )?;
+    }
+    Ok(Some(lic))
 }
 
 // ---------------------------------------------------------------- serving
@@ -545,6 +679,19 @@ fn serve(
     let mut polbuf = vec![0f32; max_batch * pout];
     let mut order = Vec::with_capacity(l.out_len);
     let mut used: u64 = 0;
+    // Effective budget: the tighter of the manifest's max_queries and the licence's.
+    let licence_budget = l.licence.as_ref().and_then(|x| x.query_budget);
+    let budget = match (l.policy.max_queries, licence_budget) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut policy = l.policy.describe();
+    if let Some(lic) = &l.licence {
+        policy.push_str(&format!(";licence_expires_at:{}", lic.expires_at));
+        if let Some(b) = lic.query_budget {
+            policy.push_str(&format!(";licence_budget:{b}"));
+        }
+    }
 
     write_msg(
         ctl,
@@ -555,7 +702,7 @@ fn serve(
             in_offset: in_offset as u64,
             out_offset: out_offset as u64,
             secmem: l.secmem.clone(),
-            policy: l.policy.describe(),
+            policy,
         },
     )?;
     trace("READY sent");
@@ -587,12 +734,30 @@ fn serve(
                     )?;
                     continue;
                 }
-                if let Some(maxq) = l.policy.max_queries {
+                if let Some(lic) = &l.licence {
+                    if licence::now_unix() >= lic.expires_at {
+                        err(
+                            ctl,
+                            code::LICENCE_EXPIRED,
+                            format!(
+                                "the licence expired at {} (Unix time); restart to ask the key server for a new one",
+                                lic.expires_at
+                            ),
+                        )?;
+                        continue;
+                    }
+                }
+                if let Some(maxq) = budget {
                     if used.saturating_add(b as u64) > maxq {
+                        let whose = if l.policy.max_queries == Some(maxq) {
+                            "bundle's"
+                        } else {
+                            "licence's"
+                        };
                         err(
                             ctl,
                             code::BUDGET_EXHAUSTED,
-                            format!("the bundle's query budget of {maxq} samples is exhausted ({used} used)"),
+                            format!("the {whose} query budget of {maxq} samples is exhausted ({used} used)"),
                         )?;
                         continue;
                     }
@@ -649,7 +814,7 @@ fn serve(
                     continue;
                 }
                 used += b as u64;
-                let queries_left = l.policy.max_queries.map_or(u64::MAX, |m| m - used);
+                let queries_left = budget.map_or(u64::MAX, |m| m - used);
                 write_msg(
                     ctl,
                     &Msg::Result {

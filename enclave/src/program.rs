@@ -2,12 +2,16 @@
 //!
 //! Everything is checked here, once: the container framing, the JSON graph, every
 //! node's attributes, weight shapes and the inferred shape of every tensor. The
-//! result is a list of nodes with fully resolved kernel parameters plus all the
-//! weights the graph uses, copied into one buffer of secret memory. Nothing in
+//! result is a list of nodes with fully resolved kernel parameters plus the weights.
+//! The weights stay where they are in the decrypted container (a secret-memory
+//! buffer the program takes over: no second copy, no extra secret pages) when every
+//! float32 tensor is 4-byte aligned there; otherwise the used weights are copied
+//! into one buffer of secret memory. Nothing in
 //! this module may panic on any input (it is fuzzed); sizes coming from the input
 //! are capped and multiplied with overflow checks.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
@@ -16,7 +20,7 @@ use serde_json::{Map, Value};
 use crate::ops::binary::{Bcast, BinKind};
 use crate::ops::conv::{ConvParams, Geom};
 use crate::ops::misc::{Pad, Reduce, ReduceKind, Transpose};
-use crate::ops::{dense, Act};
+use crate::ops::Act;
 use crate::secmem::{Backing, SecretBuf};
 
 pub const MAGIC: &[u8; 8] = b"ENCPROG1";
@@ -47,7 +51,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Error> {
     Err(Error(msg.into()))
 }
 
-/// A weight tensor's place in the packed weight buffer.
+/// A weight tensor's place in the weight buffer ([`Weights::floats`]), in floats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WRef {
     pub off: usize,
@@ -138,13 +142,38 @@ pub struct Node {
     pub output: usize,
 }
 
-/// A validated program: nodes in execution order, tensor metadata, packed weights.
+/// The weights of a program, in secret memory, zeroed on drop.
+pub(crate) enum Weights {
+    /// The decrypted container itself: weights are used in place.
+    Container(SecretBuf<u8>),
+    /// The used weights, copied (some tensor was not 4-byte aligned in place).
+    Copied(SecretBuf<f32>),
+}
+
+impl Weights {
+    /// The buffer as floats ([`WRef`]s index this).
+    pub(crate) fn floats(&self) -> &[f32] {
+        match self {
+            Weights::Container(b) => b.as_f32(),
+            Weights::Copied(b) => b,
+        }
+    }
+
+    fn backing(&self) -> Backing {
+        match self {
+            Weights::Container(b) => b.backing(),
+            Weights::Copied(b) => b.backing(),
+        }
+    }
+}
+
+/// A validated program: nodes in execution order, tensor metadata, weights.
 pub struct Program {
     pub tensors: Vec<TensorMeta>,
     pub nodes: Vec<Node>,
     pub input: usize,
     pub output: usize,
-    pub(crate) weights: Arc<SecretBuf<f32>>,
+    pub(crate) weights: Arc<Weights>,
 }
 
 impl std::fmt::Debug for Program {
@@ -152,36 +181,79 @@ impl std::fmt::Debug for Program {
         f.debug_struct("Program")
             .field("tensors", &self.tensors.len())
             .field("nodes", &self.nodes.len())
-            .field("weights", &self.weights.len())
+            .field("weights", &self.weights.floats().len())
             .finish()
     }
 }
 
 impl Program {
-    /// Parse and validate a program container.
+    /// Parse and validate a program container (copied into secret memory first).
     pub fn from_container(data: &[u8]) -> Result<Program, Error> {
-        if data.len() < 16 || &data[..8] != MAGIC {
-            return fail("not an enclave program container (bad magic)");
-        }
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&data[8..16]);
-        let n = u64::from_le_bytes(len);
-        let rest = &data[16..];
-        if n > rest.len() as u64 {
-            return fail("enclave program container is truncated (program.json runs past the end)");
-        }
-        let n = n as usize;
-        Self::from_parts(&rest[..n], &rest[n..])
+        let mut buf = SecretBuf::<u8>::new(data.len() + WALIGN * 4).map_err(|e| {
+            Error(format!(
+                "cannot allocate {} bytes of secret memory for the program ({e})",
+                data.len()
+            ))
+        })?;
+        buf[..data.len()].copy_from_slice(data);
+        Self::from_secret(buf, 0..data.len())
     }
 
-    /// Parse and validate `program.json` and `weights.safetensors`.
+    /// Parse and validate the program container at `buf[range]`, taking `buf` over:
+    /// the weights are used where they are (unless a tensor is misaligned, then they
+    /// are copied and `buf` is dropped, i.e. zeroed). If `buf` has room after the
+    /// range (64 bytes), the container is first moved so the tensor data starts
+    /// 64-byte aligned.
+    pub fn from_secret(mut buf: SecretBuf<u8>, range: Range<usize>) -> Result<Program, Error> {
+        let (json, weights) = split_container(&buf[range.clone()])?;
+        let data_at = weights_data_offset(weights).map(|d| range.start + 16 + json.len() + d);
+        let mut range = range;
+        if let Some(at) = data_at {
+            let shift = at.next_multiple_of(WALIGN * 4) - at;
+            if shift > 0 && range.end + shift <= buf.len() {
+                buf.copy_within(range.clone(), range.start + shift);
+                range = range.start + shift..range.end + shift;
+            }
+        }
+        let data = &buf[range];
+        let (json, weights) = split_container(data)?;
+        let base = buf.as_ptr() as usize;
+        let (built, copy) = Self::parse(json, weights, Some(base))?;
+        let weights = match copy {
+            Some(c) => Weights::Copied(c),
+            None => Weights::Container(buf),
+        };
+        Ok(built.finish(weights))
+    }
+
+    /// Parse and validate `program.json` and `weights.safetensors` (the weights are
+    /// copied into secret memory).
     pub fn from_parts(json: &[u8], weights: &[u8]) -> Result<Program, Error> {
+        let (built, copy) = Self::parse(json, weights, None)?;
+        let copy = copy.ok_or_else(|| Error("internal: weights not copied".into()))?;
+        Ok(built.finish(Weights::Copied(copy)))
+    }
+
+    /// `in_place`: the address of the buffer `weights` lies in, to use the weights
+    /// in place (then no copy is returned if every float32 tensor is aligned).
+    fn parse(
+        json: &[u8],
+        weights: &[u8],
+        in_place: Option<usize>,
+    ) -> Result<(Built, Option<SecretBuf<f32>>), Error> {
         let g: Value = serde_json::from_slice(json)
             .map_err(|e| Error(format!("program.json is not valid JSON ({e})")))?;
         let st = SafeTensors::deserialize(weights)
             .map_err(|e| Error(format!("weights.safetensors is invalid ({e})")))?;
+        let base = in_place.filter(|_| {
+            cfg!(target_endian = "little")
+                && st.iter().all(|(_, v)| {
+                    v.dtype() != Dtype::F32 || (v.data().as_ptr() as usize).is_multiple_of(4)
+                })
+        });
         Builder {
             st,
+            base,
             weights: HashMap::new(),
             total: 0,
         }
@@ -193,9 +265,14 @@ impl Program {
         self.weights.backing()
     }
 
-    /// Number of floats in the packed weight buffer (alignment padding included).
+    /// Number of floats in the weight buffer (in place: the whole container).
     pub fn weights_len(&self) -> usize {
-        self.weights.len()
+        self.weights.floats().len()
+    }
+
+    /// Whether the weights are used in place in the container (no copy).
+    pub fn weights_in_place(&self) -> bool {
+        matches!(*self.weights, Weights::Container(_))
     }
 
     pub fn input_meta(&self) -> &TensorMeta {
@@ -208,7 +285,48 @@ impl Program {
 
     /// The weights slice of `w`.
     pub fn weight(&self, w: WRef) -> &[f32] {
-        &self.weights[w.off..w.off + w.len]
+        &self.weights.floats()[w.off..w.off + w.len]
+    }
+}
+
+/// `(program.json, weights.safetensors)` of a container.
+fn split_container(data: &[u8]) -> Result<(&[u8], &[u8]), Error> {
+    if data.len() < 16 || &data[..8] != MAGIC {
+        return fail("not an enclave program container (bad magic)");
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&data[8..16]);
+    let n = u64::from_le_bytes(len);
+    let rest = &data[16..];
+    if n > rest.len() as u64 {
+        return fail("enclave program container is truncated (program.json runs past the end)");
+    }
+    Ok(rest.split_at(n as usize))
+}
+
+/// Offset of the tensor data inside a safetensors file (8 + header length), if the
+/// file is long enough to say.
+fn weights_data_offset(st: &[u8]) -> Option<usize> {
+    let n = u64::from_le_bytes(st.get(..8)?.try_into().ok()?);
+    usize::try_from(n).ok()?.checked_add(8)
+}
+
+/// A validated graph whose weights are not attached yet.
+struct Built {
+    tensors: Vec<TensorMeta>,
+    nodes: Vec<Node>,
+    output: usize,
+}
+
+impl Built {
+    fn finish(self, weights: Weights) -> Program {
+        Program {
+            tensors: self.tensors,
+            nodes: self.nodes,
+            input: 0,
+            output: self.output,
+            weights: Arc::new(weights),
+        }
     }
 }
 
@@ -329,8 +447,12 @@ impl<'a> NodeCtx<'a> {
 
 struct Builder<'d> {
     st: SafeTensors<'d>,
-    /// (safetensors key, packed for dense) -> (place, shape)
-    weights: HashMap<(String, bool), (WRef, Vec<usize>)>,
+    /// In place: the address of the (page-aligned) buffer holding the container;
+    /// a weight's place is then its byte offset in that buffer / 4.
+    base: Option<usize>,
+    /// safetensors key -> (place, shape)
+    weights: HashMap<String, (WRef, Vec<usize>)>,
+    /// Copy: floats reserved so far.
     total: usize,
 }
 
@@ -340,17 +462,7 @@ const WALIGN: usize = 16;
 impl<'d> Builder<'d> {
     /// Look up (and reserve space for) a weight; returns its place and shape.
     fn weight(&mut self, key: &str, ctx: &NodeCtx) -> Result<(WRef, Vec<usize>), Error> {
-        self.weight_as(key, ctx, false)
-    }
-
-    /// As `weight`; with `packed`, a 2-D kernel stored in the dense panel layout.
-    fn weight_as(
-        &mut self,
-        key: &str,
-        ctx: &NodeCtx,
-        packed: bool,
-    ) -> Result<(WRef, Vec<usize>), Error> {
-        if let Some(w) = self.weights.get(&(key.to_string(), packed)) {
+        if let Some(w) = self.weights.get(key) {
             return Ok(w.clone());
         }
         let view = match self.st.tensor(key) {
@@ -377,17 +489,12 @@ impl<'d> Builder<'d> {
         if view.data().len() != len * 4 {
             return ctx.e(format!("weight {key:?} has the wrong data length"));
         }
-        let len = if packed {
-            if shape.len() != 2 {
-                return ctx.e(format!(
-                    "kernel {key:?} has shape {shape:?}, expected [in, out]"
-                ));
-            }
-            dense::packed_len(shape[0], shape[1])
-                .ok_or_else(|| Error("weights are too large".into()))?
-        } else {
-            len
-        };
+        if let Some(base) = self.base {
+            let at = view.data().as_ptr() as usize - base;
+            let w = (WRef { off: at / 4, len }, shape);
+            self.weights.insert(key.to_string(), w.clone());
+            return Ok(w);
+        }
         let off = self.total;
         let end = off
             .checked_add(len)
@@ -396,7 +503,7 @@ impl<'d> Builder<'d> {
             .ok_or_else(|| Error("weights are too large".into()))?;
         self.total = end;
         let w = (WRef { off, len }, shape);
-        self.weights.insert((key.to_string(), packed), w.clone());
+        self.weights.insert(key.to_string(), w.clone());
         Ok(w)
     }
 
@@ -423,7 +530,7 @@ impl<'d> Builder<'d> {
         Ok(Some(w))
     }
 
-    fn build(mut self, g: &Value) -> Result<Program, Error> {
+    fn build(mut self, g: &Value) -> Result<(Built, Option<SecretBuf<f32>>), Error> {
         let g = obj(g, "program.json")?;
         if g.get("format").and_then(Value::as_str) != Some(FORMAT)
             || g.get("version").and_then(Value::as_u64) != Some(VERSION)
@@ -546,6 +653,14 @@ impl<'d> Builder<'d> {
             ));
         }
 
+        let built = Built {
+            tensors,
+            nodes: out_nodes,
+            output,
+        };
+        if self.base.is_some() {
+            return Ok((built, None));
+        }
         // Copy the used weights into one secret buffer.
         let mut buf = SecretBuf::<f32>::new(self.total).map_err(|e| {
             Error(format!(
@@ -553,7 +668,7 @@ impl<'d> Builder<'d> {
                 self.total
             ))
         })?;
-        for ((key, packed), (w, shape)) in &self.weights {
+        for (key, (w, _)) in &self.weights {
             let view = self
                 .st
                 .tensor(key)
@@ -561,23 +676,11 @@ impl<'d> Builder<'d> {
             let dst = buf
                 .get_mut(w.off..w.off + w.len)
                 .ok_or_else(|| Error("internal: weight placement".into()))?;
-            let data = view.data();
-            let at = |i: usize| match data.get(4 * i..4 * i + 4) {
-                Some(s) => f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
-                None => 0.0,
-            };
-            match (packed, shape.as_slice()) {
-                (true, &[k, n]) => dense::pack(k, n, at, dst),
-                _ => dst.iter_mut().enumerate().for_each(|(i, d)| *d = at(i)),
+            for (d, s) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
             }
         }
-        Ok(Program {
-            tensors,
-            nodes: out_nodes,
-            input: 0,
-            output,
-            weights: Arc::new(buf),
-        })
+        Ok((built, Some(buf)))
     }
 
     /// Validate one node; returns its op and (output dims, batched, constant).
@@ -641,7 +744,7 @@ impl<'d> Builder<'d> {
                 let Some(key) = ctx.weight_key("kernel")? else {
                     return ctx.e("missing weight \"kernel\"");
                 };
-                let (kernel, kshape) = self.weight_as(key, ctx, true)?;
+                let (kernel, kshape) = self.weight(key, ctx)?;
                 if kshape.len() != 2 || kshape[0] != k {
                     return ctx.e(format!("kernel has shape {kshape:?}, expected [{k}, out]"));
                 }

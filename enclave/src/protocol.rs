@@ -32,6 +32,10 @@ pub mod code {
     pub const INTERNAL: u16 = 9;
     pub const MANIFEST: u16 = 10;
     pub const SANDBOX: u16 = 11;
+    /// The licence expired (non-fatal at INFER; fatal when already expired at start).
+    pub const LICENCE_EXPIRED: u16 = 12;
+    /// No licence where one is required, or a forged / mismatched licence or offline cache.
+    pub const LICENCE_INVALID: u16 = 13;
 }
 
 /// INFER flag: the caller allows NaN / ±Inf in the input.
@@ -73,6 +77,11 @@ pub enum Msg {
         queries_used: u64,
     },
     Bye,
+    /// An offline key cache sealed by the worker (licence with `offline: true`).
+    KeyCache {
+        key_id: String,
+        blob: Vec<u8>,
+    },
     Error {
         code: u16,
         fatal: bool,
@@ -96,6 +105,16 @@ pub enum Msg {
         enc: [u8; 32],
         wrapped: Vec<u8>,
     },
+    /// The key server's licence and its MAC; before KEY.
+    Licence {
+        licence: Vec<u8>,
+        mac: [u8; 32],
+    },
+    /// Instead of KEY (and LICENCE): an offline key cache from an earlier KEY_CACHE.
+    CachedKey {
+        key_id: String,
+        blob: Vec<u8>,
+    },
     Infer {
         batch: u32,
         flags: u32,
@@ -116,6 +135,9 @@ pub mod ty {
     pub const CHUNK_OK: u8 = 0x13;
     pub const KEY: u8 = 0x14;
     pub const READY: u8 = 0x15;
+    pub const LICENCE: u8 = 0x16;
+    pub const KEY_CACHE: u8 = 0x17;
+    pub const CACHED_KEY: u8 = 0x18;
     pub const INFER: u8 = 0x20;
     pub const RESULT: u8 = 0x21;
     pub const PING: u8 = 0x22;
@@ -249,6 +271,9 @@ impl Msg {
             Msg::ChunkOk { .. } => ty::CHUNK_OK,
             Msg::Key { .. } => ty::KEY,
             Msg::Ready { .. } => ty::READY,
+            Msg::Licence { .. } => ty::LICENCE,
+            Msg::KeyCache { .. } => ty::KEY_CACHE,
+            Msg::CachedKey { .. } => ty::CACHED_KEY,
             Msg::Infer { .. } => ty::INFER,
             Msg::Result { .. } => ty::RESULT,
             Msg::Ping { .. } => ty::PING,
@@ -313,6 +338,14 @@ impl Msg {
                 e.u64(*out_offset);
                 e.bytes(secmem.as_bytes());
                 e.bytes(policy.as_bytes());
+            }
+            Msg::Licence { licence, mac } => {
+                e.bytes(licence);
+                e.raw(mac);
+            }
+            Msg::KeyCache { key_id, blob } | Msg::CachedKey { key_id, blob } => {
+                e.bytes(key_id.as_bytes());
+                e.bytes(blob);
             }
             Msg::Infer { batch, flags } => {
                 e.u32(*batch);
@@ -390,6 +423,18 @@ impl Msg {
                 out_offset: c.u64()?,
                 secmem: c.string()?,
                 policy: c.string()?,
+            },
+            ty::LICENCE => Msg::Licence {
+                licence: c.bytes()?,
+                mac: c.arr32()?,
+            },
+            ty::KEY_CACHE => Msg::KeyCache {
+                key_id: c.string()?,
+                blob: c.bytes()?,
+            },
+            ty::CACHED_KEY => Msg::CachedKey {
+                key_id: c.string()?,
+                blob: c.bytes()?,
             },
             ty::INFER => Msg::Infer {
                 batch: c.u32()?,
@@ -684,6 +729,18 @@ mod tests {
                 secmem: "mlock".into(),
                 policy: "full".into(),
             },
+            Msg::Licence {
+                licence: b"{}".to_vec(),
+                mac: [6; 32],
+            },
+            Msg::KeyCache {
+                key_id: "k".into(),
+                blob: vec![7; 100],
+            },
+            Msg::CachedKey {
+                key_id: "k".into(),
+                blob: vec![8; 100],
+            },
             Msg::Infer { batch: 3, flags: 1 },
             Msg::Result {
                 batch: 3,
@@ -794,7 +851,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(t in prop::sample::select(vec![1u8,2,3,0x10,0x11,0x12,0x13,0x14,0x15,0x20,0x21,0x22,0x23,0x2E,0x2F,0x7F]),
+        fn typed_garbage_never_panics(t in prop::sample::select(vec![1u8,2,3,0x10,0x11,0x12,0x13,0x14,0x15,0x16,0x17,0x18,0x20,0x21,0x22,0x23,0x2E,0x2F,0x7F]),
                                       payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut body = vec![t];
             body.extend_from_slice(&payload);
@@ -805,7 +862,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_valid_frames_never_panic(idx in 0usize..16, pos in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_valid_frames_never_panic(idx in 0usize..19, pos in any::<usize>(), byte in any::<u8>()) {
             let s = samples();
             let mut f = s[idx % s.len()].encode();
             let p = pos % f.len();

@@ -129,6 +129,76 @@ pub fn unseal_in_place(buf: &mut [u8], aad: &[u8], key: &[u8]) -> Result<Range<u
     Ok(HEADER_LEN..HEADER_LEN + ct_len)
 }
 
+/// Bytes of room a [`Incoming`] leaves after the sealed file in its secret buffer
+/// (so the program loader can move the container to align its tensor data).
+pub const SLACK: usize = 64;
+
+/// A sealed file being received. The ciphertext is not secret, so it goes into
+/// ordinary memory (cheap page faults); meanwhile a helper thread faults in the
+/// secret buffer the plaintext will occupy (each `memfd_secret` page fault removes
+/// the page from the kernel's direct map and flushes TLBs, ~15 µs a page), so those
+/// faults overlap the transfer instead of following it. [`Incoming::unseal`] copies
+/// the ciphertext into the secret buffer and decrypts it there, in place: the
+/// plaintext only ever exists in secret memory.
+pub struct Incoming {
+    cipher: Vec<u8>,
+    secret: std::thread::JoinHandle<std::io::Result<SecretBuf<u8>>>,
+}
+
+impl Incoming {
+    /// Start receiving a sealed file of `total` bytes.
+    pub fn new(total: usize) -> std::io::Result<Incoming> {
+        let size = total
+            .checked_add(SLACK)
+            .ok_or_else(|| std::io::Error::other("sealed file too large"))?;
+        let secret = std::thread::Builder::new()
+            .name("enclave-prefault".into())
+            .spawn(move || {
+                let mut b = SecretBuf::<u8>::new(size)?;
+                b.prefault();
+                Ok(b)
+            })?;
+        Ok(Incoming {
+            cipher: vec![0u8; total],
+            secret,
+        })
+    }
+
+    /// Size of the sealed file.
+    pub fn len(&self) -> usize {
+        self.cipher.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cipher.is_empty()
+    }
+
+    /// Where the sealed bytes go as they arrive.
+    pub fn cipher_mut(&mut self) -> &mut [u8] {
+        &mut self.cipher
+    }
+
+    /// Decrypt (see [`unseal_in_place`]) into the secret buffer. Returns the buffer
+    /// and the plaintext's byte range in it ([`SLACK`] bytes free after it).
+    pub fn unseal(
+        self,
+        aad: &[u8],
+        key: &[u8],
+    ) -> Result<(SecretBuf<u8>, Range<usize>), SealError> {
+        check_format(self.cipher.len(), &self.cipher)?;
+        let mut buf = self
+            .secret
+            .join()
+            .map_err(|_| SealError::Memory(std::io::Error::other("prefault thread panicked")))?
+            .map_err(SealError::Memory)?;
+        let n = self.cipher.len();
+        buf[..n].copy_from_slice(&self.cipher);
+        drop(self.cipher);
+        let range = unseal_in_place(&mut buf[..n], aad, key)?;
+        Ok((buf, range))
+    }
+}
+
 /// Unseal `sealed` into a fresh secret buffer holding exactly the plaintext.
 pub fn unseal(sealed: &[u8], aad: &[u8], key: &[u8]) -> Result<SecretBuf<u8>, SealError> {
     check_format(sealed.len(), sealed)?;

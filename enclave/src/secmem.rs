@@ -139,6 +139,22 @@ impl<T: Pod> SecretBuf<T> {
         }
     }
 
+    /// Touch every page now (rewriting one byte of each with its own value), so
+    /// later accesses take no page faults.
+    pub fn prefault(&mut self) {
+        let ps = page_size();
+        let base = self.ptr as *mut u8;
+        let mut off = 0;
+        while off < self.map_len {
+            // SAFETY: off < map_len, inside our mapping; &mut self excludes other
+            // accesses; the byte is written back unchanged.
+            unsafe {
+                std::ptr::write_volatile(base.add(off), std::ptr::read_volatile(base.add(off)))
+            };
+            off += ps;
+        }
+    }
+
     pub fn backing(&self) -> Backing {
         self.backing
     }
@@ -149,6 +165,16 @@ impl<T: Pod> SecretBuf<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+impl SecretBuf<u8> {
+    /// The buffer viewed as floats (its first `len / 4 * 4` bytes, native endian).
+    pub fn as_f32(&self) -> &[f32] {
+        // SAFETY: the mapping is page-aligned (so aligned for f32) and holds len ≥
+        // len/4*4 initialised bytes; every bit pattern is a valid f32; the borrow of
+        // self keeps it alive and unmodified.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const f32, self.len / 4) }
     }
 }
 

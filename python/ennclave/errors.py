@@ -64,5 +64,11 @@ class WorkerCrashed(WorkerError):
     call starts a fresh worker."""
 
 
+class LicenceError(WorkerError):
+    """The key server's licence does not allow this: expired, forged, issued to another
+    worker, or missing where the bundle needs one. Enforced inside the worker (error
+    codes 12 and 13) and checked by the host runtime as well."""
+
+
 class QueryBudgetExhausted(WorkerError):
     """The bundle's output policy allows no more queries (`max_queries`)."""

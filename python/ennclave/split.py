@@ -62,8 +62,15 @@ def split_model(
     keystore: str | Path | None = None,
     output_policy: dict[str, Any] | None = None,
     overwrite: bool = False,
+    keyserver: str | None = None,
+    keyserver_token: str | None = None,
+    keyserver_policy: dict[str, Any] | None = None,
 ) -> SplitResult:
-    """Split `model` at `cut` (name, index or "auto") into the bundle `out_dir`."""
+    """Split `model` at `cut` (name, index or "auto") into the bundle `out_dir`.
+
+    With `keyserver` (URL) the data key is registered on the owner's key server (owner
+    token: `keyserver_token` or the saved owner config) and never written locally; the
+    manifest says `key_source: "keyserver"` and names the URL."""
     from .keys.keystore import Keystore
     from .seal import new_data_key, seal_container
 
@@ -104,6 +111,9 @@ def split_model(
         manifest = build_manifest(
             adapter, point, program, public_file, key_id, output_policy or DEFAULT_OUTPUT_POLICY
         )
+        if keyserver:
+            manifest["private"]["key_source"] = "keyserver"
+            manifest["private"]["keyserver"] = {"url": keyserver.rstrip("/")}
         container = program.to_container()
         manifest["private"]["plaintext_bytes"] = len(container)
         (tmp / SEALED_FILE).write_bytes(seal_container(container, manifest, key))
@@ -112,12 +122,34 @@ def split_model(
         manifest["integrity"] = {"files": {f: _digest_path(tmp / f) for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         # The key goes to the keystore last: a failed split registers nothing.
-        Keystore(keystore).put(key_id, key)
+        if keyserver:
+            _register_on_keyserver(keyserver, keyserver_token, key_id, key, manifest, keyserver_policy)
+        else:
+            Keystore(keystore).put(key_id, key)
+        del key
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SplitResult(out, point, verification, manifest, key_id)
+
+
+def _register_on_keyserver(
+    url: str,
+    token: str | None,
+    key_id: str,
+    key: bytes,
+    manifest: dict[str, Any],
+    policy: dict[str, Any] | None,
+) -> None:
+    from .keyserver.client import KeyServerClient
+    from .keyserver.config import resolve_admin
+    from .seal import canonical_manifest
+
+    cfg = resolve_admin(url, token)
+    digest = hashlib.sha256(canonical_manifest(manifest)).hexdigest()
+    with KeyServerClient(cfg.url, cfg.token) as ks:
+        ks.register(key_id, key, digest, policy)
 
 
 def _digest_path(path: Path) -> str:

@@ -110,7 +110,22 @@ def read_manifest(bundle: Path) -> tuple[dict[str, Any], bytes]:
                 f"{p} does not match its SHA-256 digest in {MANIFEST_FILE}; the file is damaged "
                 "or was modified, download the bundle again."
             )
+    _check_sealed_header(bundle / needed[0])
     return manifest, raw
+
+
+def _check_sealed_header(path: Path) -> None:
+    """Catch a truncated or foreign private.sealed before a worker is spawned for it."""
+    from ..seal import NONCE_BYTES, SEAL_MAGIC
+
+    with path.open("rb") as f:
+        head = f.read(len(SEAL_MAGIC))
+        size = path.stat().st_size
+    if head != SEAL_MAGIC or size < len(SEAL_MAGIC) + NONCE_BYTES + 16:
+        raise BundleError(
+            f"{path} is truncated or not an ennclave sealed program; the bundle is damaged, "
+            "download it again."
+        )
 
 
 class _Public:
@@ -171,6 +186,7 @@ class EnclavedModel:
         threads: int = 0,
         max_batch: int = 256,
         providers: list[str] | None = None,
+        keyserver: str | None = None,
     ) -> None:
         self.bundle = Path(bundle)
         self.manifest, raw = read_manifest(self.bundle)
@@ -183,15 +199,30 @@ class EnclavedModel:
         self.output_policy: dict[str, Any] = dict(policy)
 
         source = private.get("key_source", "local")
-        if source != "local":
+        if keyserver is None and source == "keyserver":
+            keyserver = (private.get("keyserver") or {}).get("url")
+            if not isinstance(keyserver, str) or not keyserver:
+                raise BundleError("manifest.json names no key server URL; the bundle is damaged.")
+        self._relay: Any = None
+        if keyserver:
+            # Key-server mode: the host only relays HELLO/EVIDENCE and the wrapped key.
+            from ..keyserver.client import KeyserverRelease
+            from ..seal import canonical_manifest
+
+            digest = hashlib.sha256(canonical_manifest(self.manifest)).hexdigest()
+            self._relay = KeyserverRelease(keyserver, private["key_id"], digest)
+            release: Any = self._relay
+        elif source != "local":
             raise EnnclaveError(
                 f"This bundle's key comes from a {source!r} key source, which this ennclave "
-                "cannot use yet; ask the owner for a local-key bundle."
+                "cannot use; ask the owner for a local-key or key-server bundle."
             )
-        from ..keys.keystore import Keystore
+        else:
+            from ..keys.keystore import Keystore
 
-        ks = keystore if hasattr(keystore, "get") else Keystore(keystore)
-        ks.get(private["key_id"])  # fail early and clearly (KeyNotFound) before spawning
+            ks = keystore if hasattr(keystore, "get") else Keystore(keystore)
+            ks.get(private["key_id"])  # fail early and clearly (KeyNotFound) before spawning
+            release = local_key_release(ks, private["key_id"])
 
         self._public = (
             _Public(self.bundle / pub["file"], pub["framework"], providers) if pub else None
@@ -199,13 +230,18 @@ class EnclavedModel:
         self._worker = WorkerClient(
             raw,
             self.bundle / private.get("file", "private.sealed"),
-            local_key_release(ks, private["key_id"]),
+            release,
             binary=worker_binary,
             threads=threads,
             max_batch=max_batch,
             in_len=_per_sample(list(self._in_shape)),
             out_len=_per_sample(list(self._out_shape)),
+            start=self._relay is None,
         )
+        if self._relay is not None:
+            self._relay.bind(self._worker)
+            self._worker.start()
+            self._worker.restarts = 0  # the first start is not a restart
 
     def _spec(self, part: str, which: str) -> dict[str, Any]:
         try:
@@ -237,6 +273,12 @@ class EnclavedModel:
     @property
     def worker(self) -> WorkerClient:
         return self._worker
+
+    @property
+    def licence(self) -> Any:
+        """Key-server mode: the licence of the current key release (`Licence`), else None."""
+        lic = self._relay.licence if self._relay is not None else None
+        return lic.licence if lic is not None else None
 
     # -- inference -------------------------------------------------------------------
 
@@ -280,19 +322,65 @@ class EnclavedModel:
         return np.ascontiguousarray(arr)
 
     def predict(
-        self, x: Any, batch_size: int = 32, *, allow_nonfinite: bool = False
+        self, x: Any, batch_size: int = 32, *, allow_nonfinite: bool = False,
+        pipeline: bool = True,
     ) -> np.ndarray | TopK:
         """Run the whole model on `x` (batch first). See the module docstring for the
-        output type under each output policy."""
+        output type under each output policy.
+
+        With a public part and more than one batch, `pipeline` (default) runs the public
+        part of batch i+1 while the enclave works on batch i (one background thread, at
+        most two batches in flight); results keep their order and the first error is
+        raised. `pipeline=False` runs the batches one after the other."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         arr = self._validate(x, allow_nonfinite)
-        outs = []
-        for s in range(0, arr.shape[0], batch_size):
-            xb = arr[s : s + batch_size]
-            h = self._public(xb) if self._public is not None else xb
-            outs.append(self._worker.infer(h, allow_nonfinite=allow_nonfinite))
+        starts = range(0, arr.shape[0], batch_size)
+        if pipeline and self._public is not None and len(starts) > 1:
+            outs = self._predict_pipelined(arr, starts, batch_size, allow_nonfinite)
+        else:
+            outs = []
+            for s in starts:
+                xb = arr[s : s + batch_size]
+                h = self._public(xb) if self._public is not None else xb
+                outs.append(self._infer(h, allow_nonfinite))
         return self._shape_output(np.concatenate(outs, axis=0))
+
+    def _predict_pipelined(
+        self, arr: np.ndarray, starts: range, batch_size: int, allow_nonfinite: bool
+    ) -> list[np.ndarray]:
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        public = self._public
+        assert public is not None
+        outs: list[np.ndarray] = []
+        pending: deque[Future[np.ndarray]] = deque()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ennclave-enclave")
+        try:
+            for s in starts:
+                h = public(arr[s : s + batch_size])  # overlaps the enclave's previous batch
+                pending.append(pool.submit(self._infer, h, allow_nonfinite))
+                while len(pending) > 1:  # bounded: wait for the batch before this one
+                    outs.append(pending.popleft().result())
+            while pending:
+                outs.append(pending.popleft().result())
+        finally:
+            # On an error: drop queued batches, wait for the one in the worker.
+            pool.shutdown(wait=True, cancel_futures=True)
+        return outs
+
+    def public_features(self, x: Any, batch_size: int = 256) -> np.ndarray:
+        """Run only the public part on `x`: the cut tensor (float32, batch first). Needs
+        no enclave and uses no query budget; any holder of the bundle can do this, which
+        is why `ennclave audit` gives it to the attacker."""
+        arr = self._validate(x, allow_nonfinite=False)
+        if self._public is None:
+            return arr
+        step = max(1, int(batch_size))
+        return np.concatenate(
+            [self._public(arr[s : s + step]) for s in range(0, arr.shape[0], step)], axis=0
+        )
 
     def predict_private(self, h: Any, *, allow_nonfinite: bool = False) -> np.ndarray:
         """Run only the private part on the cut tensor `h` (raw policy output, float32
@@ -304,6 +392,11 @@ class EnclavedModel:
             raise InputError(
                 "The input contains NaN or infinity; clean it or pass allow_nonfinite=True."
             )
+        return self._infer(h, allow_nonfinite)
+
+    def _infer(self, h: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+        if self._relay is not None:
+            self._relay.spend(int(h.shape[0]) if h.ndim else 1)
         return self._worker.infer(h, allow_nonfinite=allow_nonfinite)
 
     def _shape_output(self, raw: np.ndarray) -> np.ndarray | TopK:

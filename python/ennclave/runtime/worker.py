@@ -28,7 +28,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from ..errors import (
     EnnclaveError,
     InputError,
     KeyNotFound,
+    LicenceError,
     QueryBudgetExhausted,
     WorkerCrashed,
     WorkerError,
@@ -54,11 +55,13 @@ HPKE_INFO_PREFIX = b"ennclave data key v1"
 # message types (protocol.rs `ty`)
 HELLO, CHALLENGE, EVIDENCE = 0x01, 0x02, 0x03
 MANIFEST, SEALED_BEGIN, SEALED_CHUNK, CHUNK_OK, KEY, READY = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
+LICENCE, KEY_CACHE, CACHED_KEY = 0x16, 0x17, 0x18
 INFER, RESULT, PING, PONG, SHUTDOWN, BYE, ERROR = 0x20, 0x21, 0x22, 0x23, 0x2E, 0x2F, 0x7F
 
 # error codes (protocol.rs `code`)
 E_BAD_REQUEST, E_BAD_INPUT_SIZE, E_NONFINITE, E_BUDGET = 1, 2, 3, 4
 E_AUTH, E_KEY, E_PROGRAM, E_PROTOCOL, E_INTERNAL, E_MANIFEST, E_SANDBOX = 5, 6, 7, 8, 9, 10, 11
+E_LICENCE_EXPIRED, E_LICENCE_INVALID = 12, 13
 
 INFER_ALLOW_NONFINITE = 1
 
@@ -117,9 +120,24 @@ class Hello:
 
 @dataclass(frozen=True)
 class WrappedKey:
+    """The data key HPKE-wrapped to the worker (KEY), with the key server's licence and
+    its MAC where there is one (sent as LICENCE before KEY; the worker verifies and
+    enforces it)."""
+
     key_id: str
     enc: bytes
     wrapped: bytes
+    licence: bytes | None = None
+    licence_mac: bytes | None = None
+
+
+@dataclass(frozen=True)
+class CachedKey:
+    """An offline key cache the worker sealed earlier (KEY_CACHE), sent back instead of
+    KEY and LICENCE (CACHED_KEY). Ciphertext only."""
+
+    key_id: str
+    blob: bytes = field(repr=False)
 
 
 def hpke_info(key_id: str) -> bytes:
@@ -138,7 +156,10 @@ def wrap_data_key(recipient_pubkey: bytes, data_key: bytes, key_id: str) -> Wrap
     return WrappedKey(key_id, out[:32], out[32:])
 
 
-KeyRelease = Callable[[Hello], WrappedKey]
+KeyRelease = Callable[[Hello], "WrappedKey | CachedKey"]
+"""Called once per worker start with its HELLO. May call `WorkerClient.evidence_for`
+(during this call only). If it has a `store_key_cache(key_id, blob)` method, that gets
+the worker's KEY_CACHE frames (offline licences)."""
 
 
 def local_key_release(keystore: Any, key_id: str) -> KeyRelease:
@@ -251,6 +272,7 @@ class WorkerClient:
         self._rx = bytearray(4096)  # receive buffer; _rx[_rx_start:_rx_end] is unread
         self._rx_start = self._rx_end = 0
         self.hello: Hello | None = None
+        self._in_key_release = False
         self.restarts = 0
         self._closed = False
         self._finalizer = weakref.finalize(self, WorkerClient._kill_quietly, [None])
@@ -344,16 +366,11 @@ class WorkerClient:
         # Freshness/evidence round trip (a key server checks this; locally we only
         # check that the worker answers for the key it announced).
         nonce = secrets.token_bytes(32)
-        self._send(_frame(CHALLENGE, nonce))
-        ty, p = self._recv()
-        if ty != EVIDENCE:
-            raise self._unexpected(ty, p, "EVIDENCE")
-        r = _Reader(p)
-        got_nonce, _kind, report = r.take(32), r.str_(), r.bytes_()
+        _kind, report = self._evidence(nonce)
         expect = hashlib.sha256(
             b"ennclave evidence v1\x00" + nonce + pubkey + bytes.fromhex(binsha)
         ).digest()
-        if got_nonce != nonce or report != expect:
+        if report != expect:
             raise WorkerError(
                 "The enclave worker's evidence does not match; reinstall ennclave.",
                 E_PROTOCOL,
@@ -377,10 +394,31 @@ class WorkerClient:
                 if ty != CHUNK_OK:
                     raise self._unexpected(ty, p, "CHUNK_OK")
                 sent += n
-        wk = self._key_release(self.hello)
-        self._send(_frame(KEY, _b(wk.key_id.encode()) + wk.enc + _b(wk.wrapped)))
+        self._in_key_release = True
+        try:
+            wk = self._key_release(self.hello)
+        finally:
+            self._in_key_release = False
+        if isinstance(wk, CachedKey):
+            self._send(_frame(CACHED_KEY, _b(wk.key_id.encode()) + _b(wk.blob)))
+        else:
+            if wk.licence is not None:
+                if wk.licence_mac is None or len(wk.licence_mac) != 32:
+                    raise LicenceError(
+                        "The key server's licence MAC is malformed; try again.", E_LICENCE_INVALID
+                    )
+                self._send(_frame(LICENCE, _b(wk.licence) + wk.licence_mac))
+            self._send(_frame(KEY, _b(wk.key_id.encode()) + wk.enc + _b(wk.wrapped)))
         del wk
         ty, p = self._recv()
+        while ty == KEY_CACHE:  # offline licence: the worker's sealed key cache
+            r = _Reader(p)
+            kid, blob = r.str_(), r.bytes_()
+            keep = getattr(self._key_release, "store_key_cache", None)
+            if keep is not None:
+                with contextlib.suppress(OSError):  # a cache that cannot be written is no cache
+                    keep(kid, blob)
+            ty, p = self._recv()
         if ty != READY:
             raise self._unexpected(ty, p, "READY")
         r = _Reader(p)
@@ -470,6 +508,37 @@ class WorkerClient:
         assert self._ready is not None
         return self._ready
 
+    def _evidence(self, nonce: bytes) -> tuple[str, bytes]:
+        self._send(_frame(CHALLENGE, nonce))
+        ty, p = self._recv()
+        if ty != EVIDENCE:
+            raise self._unexpected(ty, p, "EVIDENCE")
+        r = _Reader(p)
+        got, kind, report = r.take(32), r.str_(), r.bytes_()
+        if got != nonce:
+            raise WorkerError(
+                "The enclave worker answered a different challenge; this is a bug.",
+                E_PROTOCOL,
+                True,
+            )
+        return kind, report
+
+    def evidence_for(self, nonce: bytes) -> tuple[str, bytes]:
+        """Send CHALLENGE{nonce} to the worker and return its EVIDENCE `(kind, report)`.
+
+        Only while the key release runs (from inside the `key_release` callback during
+        start-up): that is when a key server's nonce must be answered."""
+        nonce = bytes(nonce)
+        if len(nonce) != 32:
+            raise ValueError("the challenge nonce must be 32 bytes")
+        with self._lock:
+            if not self._in_key_release or self._sock is None:
+                raise EnnclaveError(
+                    "WorkerClient.evidence_for() works only during the worker's key release "
+                    "(inside the key_release callback)."
+                )
+            return self._evidence(nonce)
+
     # -- frames -------------------------------------------------------------------
 
     def _send(self, frame: bytes) -> None:
@@ -554,8 +623,18 @@ class WorkerClient:
         if code in (E_BAD_INPUT_SIZE, E_NONFINITE):
             return InputError(msg)
         if code == E_BUDGET:
+            new = "licence" if "licence" in msg else "bundle"
             return QueryBudgetExhausted(
-                f"{msg[:-1]}; ask the model owner for a new bundle.", code, fatal
+                f"{msg[:-1]}; ask the model owner for a new {new}.", code, fatal
+            )
+        if code == E_LICENCE_EXPIRED:
+            return LicenceError(msg, code, fatal)
+        if code == E_LICENCE_INVALID:
+            return LicenceError(
+                f"The enclave worker refused the key server's licence: {msg[:1].lower()}{msg[1:-1]}; "
+                "load the bundle again while the key server can be reached, or ask the model owner.",
+                code,
+                fatal,
             )
         if code in (E_MANIFEST, E_PROGRAM):
             return BundleError(
@@ -688,6 +767,7 @@ class _Dead(Exception):
 
 
 __all__ = [
+    "CachedKey",
     "Hello",
     "KeyNotFound",
     "Ready",

@@ -1,0 +1,163 @@
+"""`ennclave bench BUNDLE`: latency and throughput of a bundle on this machine.
+
+For each batch size: end-to-end `EnclavedModel.predict` latency (median, p95), time
+per sample and throughput, plus the split of one call into the public part (in its
+framework) and the enclave worker (private part, including the host↔worker transfer).
+Also the start-up time: `ennclave.load` (public model + worker spawn, handshake, key
+unwrap, unseal) until the first answer, apart from importing the framework. Inputs are random, shaped by the bundle's
+manifest (integer token ids in [0, 2) for integer inputs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import InputError
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(
+            f"--batch-sizes must be comma-separated positive integers, got {text!r}."
+        ) from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise InputError(f"--batch-sizes must be comma-separated positive integers, got {text!r}.")
+    return sizes
+
+
+def random_input(spec: dict[str, Any], n: int, rng: np.random.Generator) -> np.ndarray:
+    shape = (n, *[int(d) for d in spec["shape"][1:]])
+    if "int" in str(spec.get("dtype", "float32")):
+        return rng.integers(0, 2, size=shape).astype(np.float32)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _times(fn: Callable[[], Any], seconds: float, tick: Callable[[float], None],
+           min_runs: int = 5) -> list[float]:
+    fn()  # warm-up
+    out: list[float] = []
+    start = time.perf_counter()
+    end = start + seconds
+    while True:
+        t = time.perf_counter()
+        fn()
+        now = time.perf_counter()
+        out.append(now - t)
+        tick(min(now - start, seconds))
+        if now >= end and len(out) >= min_runs:
+            return out
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+
+
+def bench_bundle(
+    bundle: str | os.PathLike[str],
+    batch_sizes: Sequence[int] = (1, 8, 64),
+    seconds: float = 2.0,
+    keystore: Any = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Measure the bundle; returns a JSON-able record (see `ennclave bench --json`)."""
+    from .runtime.model import load, read_manifest
+
+    console = console or Console(stderr=True)
+    rng = np.random.default_rng(0)
+    results: list[dict[str, Any]] = []
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("start", total=len(batch_sizes) * 2 * seconds + 1, info="")
+        # The framework import (seconds for TensorFlow) is reported apart from start-up.
+        t = time.perf_counter()
+        manifest, _ = read_manifest(Path(bundle))
+        framework = (manifest.get("public") or {}).get("framework")
+        if framework in ("keras", "onnx"):
+            importlib.import_module("keras" if framework == "keras" else "onnxruntime")
+        import_ms = 1e3 * (time.perf_counter() - t)
+        t = time.perf_counter()
+        model = load(bundle, keystore=keystore)
+        try:
+            x1 = random_input(model.input_spec, 1, rng)
+            model.predict(x1, batch_size=1)
+            start_ms = 1e3 * (time.perf_counter() - t)
+            progress.update(task, advance=1, info=f"ready in {start_ms:.0f} ms")
+            public = model._public
+            done = 1.0
+            for b in batch_sizes:
+                x = random_input(model.input_spec, b, rng)
+                base = done
+
+                def tick(s: float, b: int = b, base: float = base) -> None:
+                    progress.update(task, completed=base + s, description=f"batch {b}")
+
+                e2e = _times(lambda x=x, b=b: model.predict(x, batch_size=b), seconds,
+                             lambda s, tick=tick: tick(s / 2))
+                h = public(x) if public is not None else x
+                pub = (_times(lambda x=x: public(x), seconds / 4, lambda s: None)
+                       if public is not None else [0.0])
+                enc = _times(lambda h=h: model.worker.infer(h), seconds / 4,
+                             lambda s, tick=tick: tick(seconds / 2 + 2 * s))
+                done = base + 2 * seconds
+                med = statistics.median(e2e)
+                row = {
+                    "batch": b,
+                    "calls": len(e2e),
+                    "latency_ms_p50": 1e3 * med,
+                    "latency_ms_p95": 1e3 * float(np.percentile(e2e, 95)),
+                    "ms_per_sample": 1e3 * med / b,
+                    "samples_per_s": b / med,
+                    "public_ms": 1e3 * statistics.median(pub),
+                    "enclave_ms": 1e3 * statistics.median(enc),
+                }
+                results.append(row)
+                progress.update(task, completed=done,
+                                info=f"batch {b}: {row['samples_per_s']:.0f} samples/s")
+        finally:
+            model.close()
+    return {
+        "command": "ennclave bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+        else None,
+        "bundle": str(Path(bundle)),
+        "machine": machine(),
+        "versions": {"python": platform.python_version(), "ennclave": __version__,
+                     "numpy": np.__version__},
+        "seconds_per_batch_size": seconds,
+        "framework_import_ms": import_ms,
+        "start_ms": start_ms,
+        "results": results,
+    }
+
+
+def print_bench(rec: dict[str, Any], console: Console) -> None:
+    table = Table(
+        title=f"{rec['bundle']}: load to first answer {rec['start_ms']:.0f} ms "
+        f"(after {rec['framework_import_ms']:.0f} ms importing the framework)"
+    )
+    for col in ("batch", "calls", "latency p50", "latency p95", "per sample", "throughput",
+                "public part", "enclave"):
+        table.add_column(col, justify="right")
+    for r in rec["results"]:
+        table.add_row(
+            str(r["batch"]), str(r["calls"]), f"{r['latency_ms_p50']:.3f} ms",
+            f"{r['latency_ms_p95']:.3f} ms", f"{r['ms_per_sample']:.4f} ms",
+            f"{r['samples_per_s']:,.0f} /s", f"{r['public_ms']:.3f} ms", f"{r['enclave_ms']:.3f} ms",
+        )
+    console.print(table)

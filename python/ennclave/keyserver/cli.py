@@ -1,0 +1,192 @@
+"""`ennclave keyserver` and `ennclave keys` (the owner's key-server commands)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from typing import Any
+
+from ..errors import InputError
+
+
+def cmd_keyserver(args: argparse.Namespace) -> int:
+    from .app import ServerSettings
+    from .server import serve
+
+    settings = ServerSettings(
+        rate=args.rate, burst=args.burst, max_body=args.max_body, nonce_ttl=args.nonce_ttl
+    )
+    serve(args.db, args.host, args.port, kek_file=args.kek_file, settings=settings,
+          log_level=args.log_level)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import KeyServerClient
+    from .config import resolve_admin
+
+    cfg = resolve_admin(args.keyserver, args.token)
+    return KeyServerClient(cfg.url, cfg.token)
+
+
+def _when(ts: int | None) -> str:
+    if ts is None:
+        return "never"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _print_bundle(b: dict[str, Any]) -> None:
+    from ..cli import console
+
+    p = b["policy"]
+    state = f"[red]revoked[/] ({b['revoked_reason']})" if b["revoked"] else "[green]active[/]"
+    console.print(f"[bold]{b['key_id']}[/]  {state}  clients {b['clients']}"
+                  f"{'/' + str(p['max_clients']) if p['max_clients'] else ''}  "
+                  f"expires {_when(p['expires_at'])}  software {'yes' if p['allow_software'] else 'no'}  "
+                  f"licence {p['licence_ttl']} s  budget {p['query_budget'] or 'unlimited'}  "
+                  f"offline {'yes' if p['offline'] else 'no'}", highlight=False)
+
+
+def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
+    ch: dict[str, Any] = {}
+    if args.set:
+        try:
+            ch.update(json.loads(args.set))
+        except ValueError:
+            raise InputError("--set expects a JSON object of policy fields.") from None
+    if args.allow_software is not None:
+        ch["allow_software"] = args.allow_software
+    if args.offline is not None:
+        ch["offline"] = args.offline
+    if args.expires_in is not None:
+        ch["expires_at"] = int(time.time()) + int(args.expires_in)
+    if args.expires_at is not None:
+        ch["expires_at"] = int(args.expires_at)
+    for name in ("max_clients", "licence_ttl", "query_budget"):
+        v = getattr(args, name)
+        if v is not None:
+            ch[name] = None if v == 0 and name != "licence_ttl" else v
+    for name in ("allowed_binaries", "mrenclaves", "mrsigners"):
+        v = getattr(args, name)
+        if v:
+            ch[name] = v
+    return ch
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from ..cli import console
+
+    with _client(args) as ks:
+        if args.keys_cmd == "list":
+            rows = ks.list()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for b in [] if args.json else rows:
+                _print_bundle(b)
+            if not rows and not args.json:
+                console.print("No keys registered.")
+        elif args.keys_cmd == "show":
+            b = ks.get(args.key_id)
+            print(json.dumps(b, indent=2)) if args.json else _print_bundle(b)
+        elif args.keys_cmd == "register":
+            import hashlib
+            from pathlib import Path
+
+            from ..keys.keystore import Keystore
+            from ..runtime.model import read_manifest
+            from ..seal import canonical_manifest
+
+            manifest, _ = read_manifest(Path(args.bundle))
+            key_id = manifest["private"]["key_id"]
+            digest = hashlib.sha256(canonical_manifest(manifest)).hexdigest()
+            key = Keystore(args.keystore).get(key_id)
+            b = ks.register(key_id, key, digest, policy_changes(args))
+            del key
+            _print_bundle(b)
+        elif args.keys_cmd == "policy":
+            ch = policy_changes(args)
+            if not ch:
+                raise InputError("Nothing to change; pass at least one policy option.")
+            _print_bundle(ks.set_policy(args.key_id, ch))
+        elif args.keys_cmd == "revoke":
+            _print_bundle(ks.revoke(args.key_id, args.reason))
+        elif args.keys_cmd == "audit":
+            rows = ks.audit(args.key_id, args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for r in rows:
+                    t = dt.datetime.fromtimestamp(r["ts_ms"] / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+                    colour = "green" if r["decision"] in ("granted", "done") else "red"
+                    console.print(
+                        f"{t}  {r['event']:<8} [{colour}]{r['decision']:<8}[/] {r['reason']:<22} "
+                        f"{r['key_id'] or '-'}  {r['evidence'] or ''} {r['peer'] or ''} "
+                        f"{r['detail'] or ''}", highlight=False)
+    return 0
+
+
+def _admin_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keyserver", metavar="URL", help="key server (default: the saved owner config)")
+    p.add_argument("--token", help="owner token (default: the saved owner config)")
+
+
+def _policy_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-software", dest="allow_software", action=argparse.BooleanOptionalAction,
+                   default=None, help="release to software (non-TEE) workers (default off)")
+    p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
+                   help="licences allow an offline key cache until they expire")
+    p.add_argument("--expires-in", type=int, metavar="S", help="no release after now + S seconds")
+    p.add_argument("--expires-at", type=int, metavar="UNIX", help="no release after this time")
+    p.add_argument("--max-clients", type=int, metavar="N", help="distinct clients (0 = unlimited)")
+    p.add_argument("--licence-ttl", type=int, metavar="S", help="licence lifetime in seconds")
+    p.add_argument("--query-budget", type=int, metavar="N", help="samples per licence (0 = unlimited)")
+    p.add_argument("--allowed-binary", dest="allowed_binaries", action="append", metavar="SHA256",
+                   help="accept only this worker binary (repeatable)")
+    p.add_argument("--mrenclave", dest="mrenclaves", action="append", metavar="HEX")
+    p.add_argument("--mrsigner", dest="mrsigners", action="append", metavar="HEX")
+    p.add_argument("--set", metavar="JSON", help="policy fields as a JSON object")
+
+
+def add_commands(sub: Any) -> None:
+    sk = sub.add_parser("keyserver", help="run the owner's key server (attested key release)")
+    sk.add_argument("--db", default="keys.db", help="SQLite file or database URL (postgresql://…)")
+    sk.add_argument("--host", default="127.0.0.1")
+    sk.add_argument("--port", type=int, default=8470)
+    sk.add_argument("--kek-file", metavar="PATH", help="key-encryption key (default: config dir)")
+    sk.add_argument("--rate", type=float, default=20.0, help="requests/s per client IP (0 = off)")
+    sk.add_argument("--burst", type=int, default=40, help="rate-limit burst")
+    sk.add_argument("--max-body", type=int, default=64 * 1024, help="largest request body, bytes")
+    sk.add_argument("--nonce-ttl", type=int, default=120, help="challenge validity, seconds")
+    sk.add_argument("--log-level", default="warning")
+    sk.set_defaults(func=cmd_keyserver)
+
+    kp = sub.add_parser("keys", help="manage keys on the owner's key server")
+    ksub = kp.add_subparsers(dest="keys_cmd", required=True)
+    a = ksub.add_parser("list", help="list registered keys")
+    a.add_argument("--json", action="store_true")
+    _admin_opts(a)
+    a = ksub.add_parser("show", help="one key's policy and state")
+    a.add_argument("key_id")
+    a.add_argument("--json", action="store_true")
+    _admin_opts(a)
+    a = ksub.add_parser("register", help="register a local-keystore bundle's key on the server")
+    a.add_argument("bundle")
+    a.add_argument("--keystore", metavar="PATH")
+    _admin_opts(a)
+    _policy_opts(a)
+    a = ksub.add_parser("policy", help="change a key's release policy")
+    a.add_argument("key_id")
+    _admin_opts(a)
+    _policy_opts(a)
+    a = ksub.add_parser("revoke", help="revoke a key: no further releases")
+    a.add_argument("key_id")
+    a.add_argument("--reason", default="revoked by the owner")
+    _admin_opts(a)
+    a = ksub.add_parser("audit", help="show the audit log")
+    a.add_argument("key_id", nargs="?")
+    a.add_argument("--limit", type=int, default=50)
+    a.add_argument("--json", action="store_true")
+    _admin_opts(a)
+    kp.set_defaults(func=cmd_keys)

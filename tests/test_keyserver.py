@@ -1,0 +1,522 @@
+"""The owner's key server: a real server process, a real worker, attested key release."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("sqlalchemy")
+pytest.importorskip("httpx")
+
+import ennclave
+from enclave_bundle import reference, write_bundle
+from ennclave.errors import QueryBudgetExhausted, WorkerNotFound
+from ennclave.keys.keystore import Keystore
+from ennclave.keyserver import evidence as ev
+from ennclave.keyserver import sgx
+from ennclave.keyserver.client import (
+    KeyReleaseRefused,
+    KeyServerClient,
+    KeyServerUnreachable,
+    LicenceError,
+)
+from ennclave.keyserver.licence import check_licence_mac
+from ennclave.runtime import worker as wmod
+from ennclave.seal import canonical_manifest
+from keyserver_util import REPO, KeyServerProc, free_port
+
+try:
+    WORKER = wmod.find_worker_binary()
+except WorkerNotFound:
+    WORKER = None
+needs_worker = pytest.mark.skipif(WORKER is None, reason="needs the built worker")
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    cfg = tmp_path / "cfg"
+    monkeypatch.setenv("ENNCLAVE_CONFIG_DIR", str(cfg))
+    ks = KeyServerProc(str(tmp_path / "keys.db"), cfg, extra=["--rate", "0"]).start()
+    yield ks
+    ks.stop()
+
+
+def _digest(bundle: Path) -> str:
+    return hashlib.sha256(
+        canonical_manifest(json.loads((bundle / "manifest.json").read_text()))
+    ).hexdigest()
+
+
+@pytest.fixture
+def registered(server, tmp_path):
+    """A bundle whose key is registered on the server (and removed from the keystore)."""
+
+    def make(name: str = "b", **policy):
+        b = write_bundle(tmp_path / name, tmp_path / f"{name}-ks.json")
+        key = Keystore(b.keystore).get(b.key_id)
+        with KeyServerClient(server.url, server.token) as c:
+            c.register(b.key_id, key, _digest(b.path), policy)
+        b.keystore.unlink()  # the host has no key file at all
+        b.data_key = key  # for the tests' own checks only
+        return b
+
+    return make
+
+
+def _admin(server):
+    return KeyServerClient(server.url, server.token)
+
+
+# ------------------------------------------------------------------ a fake worker
+
+
+class FakeWorker:
+    """What a worker announces, computed in Python (software evidence)."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        self.sk = X25519PrivateKey.generate()
+        self.pub = self.sk.public_key().public_bytes_raw()
+        self.binsha = hashlib.sha256(b"a worker binary").digest()
+
+    def request(self, key_id: str, nonce: bytes, manifest: str, **over):
+        body = {
+            "key_id": key_id,
+            "nonce": nonce.hex(),
+            "pubkey": self.pub.hex(),
+            "binary_sha256": self.binsha.hex(),
+            "manifest_sha256": manifest,
+            "client_id": "ab" * 32,
+            "evidence": {
+                "kind": "software",
+                "report": base64.b64encode(ev.evidence_hash(nonce, self.pub, self.binsha)).decode(),
+            },
+        }
+        body.update(over)
+        return body
+
+    def unwrap(self, resp, key_id: str) -> bytes:
+        from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+
+        suite = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
+        ct = base64.b64decode(resp["enc"]) + base64.b64decode(resp["wrapped"])
+        return suite.decrypt(ct, self.sk, info=wmod.hpke_info(key_id))
+
+
+def _refused(fn) -> KeyReleaseRefused:
+    with pytest.raises(KeyReleaseRefused) as e:
+        fn()
+    return e.value
+
+
+# ------------------------------------------------------------------ protocol
+
+
+def test_release_wraps_the_key_to_the_worker_and_licence_verifies(registered, server):
+    b = registered(allow_software=True, query_budget=7, licence_ttl=60)
+    w = FakeWorker()
+    with KeyServerClient(server.url) as c:  # no token: key requests need none
+        nonce = c.challenge(b.key_id)
+        resp = c.release(w.request(b.key_id, nonce, _digest(b.path)))
+    assert w.unwrap(resp, b.key_id) == b.data_key
+    lic = check_licence_mac(
+        b.data_key, base64.b64decode(resp["licence"]), base64.b64decode(resp["licence_mac"])
+    )
+    assert lic.query_budget == 7 and lic.pubkey == w.pub.hex() and lic.evidence == "software"
+    assert 55 <= lic.expires_at - int(time.time()) <= 60
+    assert resp["software"] is True
+    assert b.data_key.hex() not in json.dumps(resp)
+
+
+def test_bad_forged_replayed_evidence_is_refused(registered, server):
+    b = registered(allow_software=True)
+    w = FakeWorker()
+    d = _digest(b.path)
+    with KeyServerClient(server.url) as c:
+        n1 = c.challenge(b.key_id)
+        c.release(w.request(b.key_id, n1, d))
+        e = _refused(lambda: c.release(w.request(b.key_id, n1, d)))  # replay
+        assert (e.status, e.code) == (403, "nonce_invalid")
+        e = _refused(lambda: c.release(w.request(b.key_id, os.urandom(32), d)))  # never issued
+        assert e.code == "nonce_invalid"
+        n2 = c.challenge(b.key_id)
+        forged = w.request(b.key_id, n2, d, pubkey=os.urandom(32).hex())  # report ≠ key
+        assert _refused(lambda: c.release(forged)).code == "evidence_invalid"
+        n3 = c.challenge(b.key_id)  # the refused nonce is spent: ask again
+        assert _refused(lambda: c.release(w.request(b.key_id, n3, "00" * 32))).code == (
+            "manifest_mismatch"
+        )
+        n4 = c.challenge(b.key_id)
+        bad = w.request(b.key_id, n4, d, evidence={"kind": "tpm", "report": ""})
+        assert _refused(lambda: c.release(bad)).code == "unknown_kind"
+        n5 = c.challenge("someotherkey")
+        e = _refused(lambda: c.release(w.request(b.key_id, n5, d)))  # nonce of another key
+        assert e.code == "nonce_invalid"
+        n6 = c.challenge("0123456789abcdef")
+        e = _refused(lambda: c.release(w.request("0123456789abcdef", n6, d)))
+        assert (e.status, e.code) == (404, "unknown_bundle")
+        e = _refused(lambda: c.release({"key_id": b.key_id, "nonce": "zz"}))
+        assert (e.status, e.code) == (400, "bad_request")
+    with _admin(server) as a:
+        log = a.audit(b.key_id)
+    reasons = [r["reason"] for r in log if r["event"] == "release"]
+    assert reasons == ["software", "nonce_invalid", "nonce_invalid", "evidence_invalid",
+                       "manifest_mismatch", "unknown_kind", "nonce_invalid"]
+    assert all(r["decision"] == "refused" for r in log[2:] if r["event"] == "release")
+
+
+def test_policy_checks_software_default_off_expiry_clients(registered, server):
+    b = registered()  # default policy: software evidence not accepted
+    w = FakeWorker()
+    d = _digest(b.path)
+    with KeyServerClient(server.url) as c, _admin(server) as a:
+        e = _refused(lambda: c.release(w.request(b.key_id, c.challenge(b.key_id), d)))
+        assert (e.status, e.code) == (403, "software_not_allowed")
+        a.set_policy(b.key_id, {"allow_software": True, "allowed_binaries": ["11" * 32]})
+        e = _refused(lambda: c.release(w.request(b.key_id, c.challenge(b.key_id), d)))
+        assert e.code == "binary_not_allowed"
+        a.set_policy(b.key_id, {"allowed_binaries": [w.binsha.hex()], "max_clients": 1})
+        c.release(w.request(b.key_id, c.challenge(b.key_id), d))
+        c.release(w.request(b.key_id, c.challenge(b.key_id), d))  # same client again: fine
+        other = w.request(b.key_id, c.challenge(b.key_id), d, client_id="cd" * 32)
+        assert _refused(lambda: c.release(other)).code == "too_many_clients"
+        a.set_policy(b.key_id, {"expires_at": int(time.time()) - 1})
+        e = _refused(lambda: c.release(w.request(b.key_id, c.challenge(b.key_id), d)))
+        assert (e.status, e.code) == (403, "expired")
+        with pytest.raises(KeyReleaseRefused, match="bad_policy"):
+            a.set_policy(b.key_id, {"licence_ttl": 0.5})
+        with pytest.raises(KeyReleaseRefused, match="bad_policy"):
+            a.set_policy(b.key_id, {"no_such_field": 1})
+
+
+def test_owner_calls_need_the_token(registered, server):
+    b = registered()
+    for token in (None, "wrong-token"):
+        with KeyServerClient(server.url, token) as c:
+            for call in (c.list, lambda c=c: c.revoke(b.key_id), lambda c=c: c.audit()):
+                e = _refused(call)
+                assert (e.status, e.code) == (401, "unauthorized")
+    with _admin(server) as a:
+        assert _refused(lambda: a.register(b.key_id, b"\0" * 32)).code == "exists"
+        assert a.get(b.key_id)["revoked"] is False
+
+
+def test_request_size_limit(server):
+    import httpx
+
+    r = httpx.post(server.url + "/v1/release", content=b"{" + b" " * (200 * 1024) + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+    def chunks():
+        for _ in range(100):
+            yield b" " * 1024
+
+    r = httpx.post(server.url + "/v1/release", content=chunks(),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_rate_limit_per_client():
+    from fastapi.testclient import TestClient
+
+    from ennclave.keyserver.app import ServerSettings, create_app
+
+    app = create_app(object(), ServerSettings(rate=1.0, burst=3))  # type: ignore[arg-type]
+    with TestClient(app) as c:
+        codes = [c.get("/v1/health").status_code for _ in range(5)]
+    assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+
+
+def test_restart_keeps_keys_policies_token_and_audit(registered, server):
+    b = registered(allow_software=True, query_budget=3)
+    token = server.token
+    with _admin(server) as a:
+        a.revoke(b.key_id, "test")
+    server.stop()
+    server.start()
+    assert server.token == token  # not re-created
+    with _admin(server) as a:
+        rec = a.get(b.key_id)
+        assert rec["revoked"] and rec["policy"]["query_budget"] == 3
+        assert [r["event"] for r in a.audit()][-2:] == ["register", "revoke"]
+    from ennclave.keyserver.store import Store
+
+    st = Store(server.db, b"\0" * 32)  # chain check needs no KEK
+    assert st.verify_audit_chain() >= 3
+    con = sqlite3.connect(server.db)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("DELETE FROM audit")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("UPDATE audit SET decision='granted'")
+    con.close()
+    # the data key is not stored in clear in the database
+    assert b.data_key not in Path(server.db).read_bytes()
+
+
+def test_owner_cli_register_policy_revoke_audit(server, tmp_path, capsys):
+    from ennclave.cli import main
+
+    b = write_bundle(tmp_path / "cli-b", tmp_path / "cli-ks.json")
+    assert main(["keys", "register", str(b.path), "--keystore", str(b.keystore),
+                 "--max-clients", "2"]) == 0  # URL and token from the saved owner config
+    assert main(["keys", "policy", b.key_id, "--allow-software", "--query-budget", "9",
+                 "--expires-in", "3600"]) == 0
+    assert main(["keys", "show", b.key_id, "--json"]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out[out.index("{"):])
+    assert shown["policy"]["allow_software"] and shown["policy"]["query_budget"] == 9
+    assert shown["policy"]["max_clients"] == 2
+    assert main(["keys", "revoke", b.key_id, "--reason", "end of contract"]) == 0
+    assert main(["keys", "audit", b.key_id, "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("["):])
+    assert [r["event"] for r in rows] == ["register", "policy", "revoke"]
+    assert main(["keys", "list", "--token", "not-the-token"]) == 2  # clear error, no traceback
+    assert "unauthorized" in capsys.readouterr().err
+    assert server.token not in json.dumps(rows)
+
+
+# ------------------------------------------------------------------ with the real worker
+
+
+@needs_worker
+def test_worker_end_to_end_revoke_then_next_start_fails(registered, server):
+    b = registered(allow_software=True)
+    x = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    # a bundle sealed for the local keystore, its key moved to the server: keyserver= URL
+    with ennclave.load(b.path, keyserver=server.url) as m:
+        np.testing.assert_allclose(m.predict(x), reference(b.weights, x), rtol=1e-5, atol=1e-5)
+        assert m.licence.evidence == "software"
+    with _admin(server) as a:
+        a.revoke(b.key_id, "licence ended")
+        with pytest.raises(KeyReleaseRefused, match="revoked") as e:
+            ennclave.load(b.path, keyserver=server.url)
+        assert e.value.status == 403
+        assert a.audit(b.key_id)[-1]["reason"] == "revoked"
+
+
+@needs_worker
+def test_query_budget_exactly_n_then_refusal(registered, server):
+    b = registered(allow_software=True, query_budget=5)
+    x = np.ones((1, 8), np.float32)
+    with ennclave.load(b.path, keyserver=server.url) as m:
+        for _ in range(5):
+            m.predict(x)
+        with pytest.raises(QueryBudgetExhausted, match="budget of 5"):
+            m.predict(x)
+        with pytest.raises(QueryBudgetExhausted):
+            m.predict_private(x)
+
+
+@needs_worker
+def test_expired_licence_is_refused(registered, server):
+    b = registered(allow_software=True, licence_ttl=1)
+    with ennclave.load(b.path, keyserver=server.url) as m:
+        m.predict(np.ones((1, 8), np.float32))
+        time.sleep(1.2)
+        with pytest.raises(LicenceError, match="expired"):
+            m.predict(np.ones((1, 8), np.float32))
+
+
+@needs_worker
+def test_unreachable_server_and_running_offline(registered, server):
+    b = registered(allow_software=True)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(KeyServerUnreachable, match="cannot be reached"):
+        ennclave.load(b.path, keyserver=dead)
+    with ennclave.load(b.path, keyserver=server.url) as m:
+        server.stop()  # a started model keeps working within its licence
+        assert m.predict(np.ones((2, 8), np.float32)).shape == (2, 5)
+
+
+@needs_worker
+def test_split_with_keyserver_registers_and_never_writes_the_key(server, tmp_path, monkeypatch):
+    keras = pytest.importorskip("keras")
+    from ennclave.split import split_model
+
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="relu", trainable=False)(inp)
+    out = keras.layers.Dense(3)(h)
+    model = keras.Model(inp, out)
+    model.save(tmp_path / "m.keras")
+    ks_file = tmp_path / "should-not-exist.json"
+    res = split_model(tmp_path / "m.keras", "auto", tmp_path / "bundle", keystore=ks_file,
+                      keyserver=server.url, keyserver_policy={"allow_software": True})
+    assert not ks_file.exists()
+    priv = res.manifest["private"]
+    assert priv["key_source"] == "keyserver" and priv["keyserver"] == {"url": server.url}
+    x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    with ennclave.load(tmp_path / "bundle") as m:  # URL from the manifest
+        np.testing.assert_allclose(m.predict(x), model(x).numpy(), atol=1e-4)
+    with _admin(server) as a:
+        assert a.get(res.key_id)["manifest_sha256"] == _digest(tmp_path / "bundle")
+
+
+SCAN = textwrap.dedent(
+    r"""
+    import json, sys
+    import numpy as np
+    import ennclave
+
+    bundle, url, a_hex, b_hex = sys.argv[1:5]
+    half_a, half_b = bytes.fromhex(a_hex), bytes.fromhex(b_hex)
+    del a_hex, b_hex
+    sys.argv[3] = sys.argv[4] = ""
+
+    def scan(a, b):
+        hits = 0
+        with open("/proc/self/maps") as maps:
+            regions = [line.split() for line in maps]
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            for r in regions:
+                if "r" not in r[1] or (len(r) > 5 and r[5] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                    continue
+                lo, hi = (int(v, 16) for v in r[0].split("-"))
+                for start in range(lo, hi, 1 << 24):
+                    try:
+                        mem.seek(start)
+                        chunk = mem.read(min(hi, start + (1 << 24) + 31) - start)
+                    except OSError:
+                        continue
+                    i = chunk.find(a)
+                    while i >= 0:
+                        if chunk[i + 16 : i + 32] == b:
+                            hits += 1
+                        i = chunk.find(a, i + 1)
+                    del chunk
+        return hits
+
+    with ennclave.load(bundle, keyserver=url) as m:
+        y = m.predict(np.ones((8, 8), np.float32))
+        found = scan(half_a, half_b)
+    after_close = scan(half_a, half_b)
+    c1, c2 = bytes(range(100, 116)), bytes(range(200, 216))
+    planted = bytearray(c1) + bytearray(c2)
+    print(json.dumps({"found": found, "after_close": after_close, "control": scan(c1, c2)}))
+    """
+)
+
+
+@needs_worker
+def test_host_process_never_holds_the_data_key(registered, server):
+    """Key-server mode: a fresh host process loads and runs the bundle; its memory never
+    contains the 32-byte data key (it only relays the HPKE-wrapped key)."""
+    b = registered(allow_software=True)
+    a_hex, b_hex = b.data_key[:16].hex(), b.data_key[16:].hex()
+    r = subprocess.run(
+        [sys.executable, "-c", SCAN, str(b.path), server.url, a_hex, b_hex],
+        capture_output=True, text=True, timeout=300, env=server.env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["control"] >= 1, res
+    assert res["found"] == 0 and res["after_close"] == 0, res
+
+
+# ------------------------------------------------------------------ SGX quote v3 (synthetic)
+
+
+def _p256():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    n = k.public_key().public_numbers()
+    return k, n.x.to_bytes(32, "big") + n.y.to_bytes(32, "big")
+
+
+def _sign(k, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    r, s = decode_dss_signature(k.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _body(mrenclave: bytes, mrsigner: bytes, report_data: bytes, *, debug=False, svn=3) -> bytes:
+    b = bytearray(384)
+    b[48] = 0x04 | (0x02 if debug else 0)  # attributes.flags: MODE64BIT (+ DEBUG)
+    b[64:96], b[128:160] = mrenclave, mrsigner
+    struct.pack_into("<HH", b, 256, 7, svn)
+    b[320:384] = report_data
+    return bytes(b)
+
+
+def synthetic_quote(report_data: bytes, mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, **kw):
+    """A structurally exact v3 quote signed by throw-away attestation and "PCK" keys."""
+    att, att_pub = _p256()
+    pck, pck_pub = _p256()
+    header = struct.pack("<HHIHH", 3, 2, 0, 1, 1) + b"\x93\x9a\x72\x33" + bytes(12) + bytes(20)
+    body = _body(mrenclave, mrsigner, report_data, **kw)
+    auth = os.urandom(32)
+    qe = _body(b"\x33" * 32, b"\x44" * 32, hashlib.sha256(att_pub + auth).digest() + bytes(32))
+    cert = b"-----BEGIN CERTIFICATE-----\n(synthetic)\n-----END CERTIFICATE-----\n"
+    sig = (_sign(att, header + body) + att_pub + qe + _sign(pck, qe)
+           + struct.pack("<H", len(auth)) + auth + struct.pack("<HI", 5, len(cert)) + cert)
+    return header + body + struct.pack("<I", len(sig)) + sig, pck_pub
+
+
+def _sgx_claim(quote: bytes, nonce: bytes, pub: bytes, binsha: bytes) -> ev.Claim:
+    return ev.Claim(nonce, pub, binsha, "aa" * 32, ev.KIND_SGX, quote)
+
+
+def test_sgx_quote_v3_parse_and_policy():
+    nonce, pub, binsha = os.urandom(32), os.urandom(32), os.urandom(32)
+    rd = ev.evidence_hash(nonce, pub, binsha) + bytes(32)
+    quote, pck = synthetic_quote(rd)
+    q = sgx.parse_quote_v3(quote)
+    assert (q.version, q.att_key_type, q.tee_type, q.cert_type) == (3, 2, 0, 5)
+    assert q.body.mr_enclave == b"\x11" * 32 and q.body.isv_svn == 3 and not q.body.debug
+    sgx.verify_quote_signatures(q, pck)
+
+    pol = ev.Policy(mrenclaves=["11" * 32])
+    trust = lambda _q: pck  # stands in for a DCAP collateral verifier
+    v = ev.verify(_sgx_claim(quote, nonce, pub, binsha), pol, registered_manifest="aa" * 32,
+                  collateral=trust)
+    assert v.hardware and v.mrenclave == "11" * 32
+
+    def code(claim, policy=pol, collateral=trust):
+        with pytest.raises(ev.EvidenceRefused) as e:
+            ev.verify(claim, policy, registered_manifest="aa" * 32, collateral=collateral)
+        return e.value.code
+
+    good = _sgx_claim(quote, nonce, pub, binsha)
+    assert code(good, collateral=None) == "no_collateral_verifier"
+    assert code(good, ev.Policy(mrenclaves=["55" * 32])) == "measurement_not_allowed"
+    assert code(good, ev.Policy(mrsigners=["22" * 32], min_isv_svn=4)) == "isv_svn"
+    assert ev.verify(good, ev.Policy(mrsigners=["22" * 32], isv_prod_id=7),
+                     registered_manifest="aa" * 32, collateral=trust).mrsigner == "22" * 32
+    assert code(_sgx_claim(quote, os.urandom(32), pub, binsha)) == "quote_binding"  # other nonce
+    assert code(good, collateral=lambda _q: _p256()[1]) == "quote_signature"  # wrong PCK
+    tampered = bytearray(quote)
+    tampered[48 + 100] ^= 1  # a reserved byte of the signed body
+    assert code(_sgx_claim(bytes(tampered), nonce, pub, binsha)) == "quote_signature"
+    dbg, _ = synthetic_quote(rd, debug=True)
+    assert code(_sgx_claim(dbg, nonce, pub, binsha)) == "debug_enclave"
+    for bad in (quote[:-1], quote + b"\0", quote[:100], b"\x04" + quote[1:]):
+        assert code(_sgx_claim(bad, nonce, pub, binsha)) == "quote_malformed"
+
+
+def test_openapi_schema_is_current():
+    """docs/keyserver-openapi.json is generated by `python -m ennclave.keyserver.openapi`."""
+    from ennclave.keyserver.app import openapi_schema
+
+    want = json.loads((REPO / "docs" / "keyserver-openapi.json").read_text())
+    assert openapi_schema() == want, "regenerate: python -m ennclave.keyserver.openapi"
