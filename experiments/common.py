@@ -196,11 +196,11 @@ def timeit(fn: Callable[[], Any], seconds: float, min_runs: int = 5, warmup: int
 # ------------------------------------------------------------------ training / splitting
 
 
-def early_stopping() -> Any:
+def early_stopping(patience: int = 3) -> Any:
     import keras
 
     return keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", patience=3, restore_best_weights=True
+        monitor="val_accuracy", patience=patience, restore_best_weights=True
     )
 
 

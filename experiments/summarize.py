@@ -18,8 +18,8 @@ from common import RESULTS, ROOT
 TASKS = [
     ("mnist", "MNIST 5k (4,000 / 1,000)", "Fashion-MNIST CNN (20k images)"),
     ("fashion", "Fashion-MNIST (5,000 / 2,000)", "MNIST-5k CNN"),
-    ("rt", "Rotten Tomatoes (10,247 / 2,561)", "GloVe 6B-50d + avg/max pooling"),
-    ("amazon", "Amazon Fine Food (4,000 / 1,000)", "GloVe 6B-50d + avg/max pooling"),
+    ("rt", "Rotten Tomatoes (10,247 / 2,561)", "GloVe 6B-50d + masked avg/max pooling"),
+    ("amazon", "Amazon Fine Food (4,000 / 1,000)", "GloVe 6B-50d + masked avg/max pooling"),
 ]
 CONFIGS = [("frozen_head", "(a) frozen public + private head"),
            ("finetune_all", "(b) all fine-tuned (all private)"),

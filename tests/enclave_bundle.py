@@ -105,12 +105,14 @@ def write_bundle(
     seed: int = 0,
     weights: dict[str, np.ndarray] | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    key_source: str = "local",
 ) -> Bundle:
     w = weights if weights is not None else make_weights(seed)
     container = program_container(w)
     key, key_id = new_data_key(), secrets.token_hex(8)
     manifest = manifest_for(key_id, policy or {"mode": "full"}, len(container))
     manifest.update(extra_manifest or {})
+    manifest["private"]["key_source"] = key_source
     sealed = seal_container(container, manifest, key)
     del container
     dest.mkdir(parents=True, exist_ok=True)

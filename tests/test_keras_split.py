@@ -244,3 +244,21 @@ def test_samples_of_wrong_shape_are_refused(saved, tmp_path):
         split_model(saved["seq"], "p1", tmp_path / "b", samples=np.zeros((2, 5), "float32"),
                     keystore=tmp_path / "ks.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_keras_mask_stays_public(tmp_path):
+    """A mask (Embedding(mask_zero=True)) is a second tensor beside the embeddings, so
+    no cut is offered between the embedding and the masked pooling."""
+    import keras
+
+    inp = keras.Input((12,), dtype="int32", name="tokens")
+    e = keras.layers.Embedding(50, 4, mask_zero=True, name="emb")(inp)
+    p = keras.layers.GlobalAveragePooling1D(name="pool")(e)
+    out = keras.layers.Dense(2, activation="softmax", name="head")(p)
+    path = tmp_path / "masked.keras"
+    keras.Model(inp, out).save(path)
+    adapter = load_model(path)
+    names = [c.name for c in find_cut_points(adapter.graph)]
+    assert "emb" not in names and "pool" in names
+    res = split_model(adapter, "pool", tmp_path / "b", keystore=tmp_path / "ks.json")
+    assert res.verification.passed

@@ -31,10 +31,11 @@ from ennclave.keyserver import sgx
 from ennclave.keyserver.client import (
     KeyReleaseRefused,
     KeyServerClient,
+    KeyserverRelease,
     KeyServerUnreachable,
     LicenceError,
 )
-from ennclave.keyserver.licence import check_licence_mac
+from ennclave.keyserver.licence import Licence, check_licence_mac, licence_mac
 from ennclave.runtime import worker as wmod
 from ennclave.seal import canonical_manifest
 from keyserver_util import REPO, KeyServerProc, free_port
@@ -50,6 +51,7 @@ needs_worker = pytest.mark.skipif(WORKER is None, reason="needs the built worker
 def server(tmp_path, monkeypatch):
     cfg = tmp_path / "cfg"
     monkeypatch.setenv("ENNCLAVE_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("ENNCLAVE_CACHE_DIR", str(tmp_path / "keycache"))
     ks = KeyServerProc(str(tmp_path / "keys.db"), cfg, extra=["--rate", "0"]).start()
     yield ks
     ks.stop()
@@ -327,10 +329,10 @@ def test_query_budget_exactly_n_then_refusal(registered, server):
 
 @needs_worker
 def test_expired_licence_is_refused(registered, server):
-    b = registered(allow_software=True, licence_ttl=1)
+    b = registered(allow_software=True, licence_ttl=2)
     with ennclave.load(b.path, keyserver=server.url) as m:
         m.predict(np.ones((1, 8), np.float32))
-        time.sleep(1.2)
+        time.sleep(max(0.0, m.licence.expires_at - time.time()) + 0.1)
         with pytest.raises(LicenceError, match="expired"):
             m.predict(np.ones((1, 8), np.float32))
 
@@ -520,3 +522,227 @@ def test_openapi_schema_is_current():
 
     want = json.loads((REPO / "docs" / "keyserver-openapi.json").read_text())
     assert openapi_schema() == want, "regenerate: python -m ennclave.keyserver.openapi"
+
+
+# ------------------------------------------------------------------ the worker enforces the licence
+
+
+def _mint(b, hello, **over) -> wmod.WrappedKey:
+    """What the key server sends (a licence MACed under the data key), made with the
+    test's copy of the key so that every field can be chosen."""
+    now = int(time.time())
+    fields = dict(key_id=b.key_id, issued_at=now, expires_at=now + 600, query_budget=None,
+                  pubkey=hello.pubkey.hex(), binary_sha256=hello.binary_sha256,
+                  client_id="ab" * 32, offline=False, evidence="software")
+    fields.update(over)
+    lic = Licence.new(**fields)
+    wk = wmod.wrap_data_key(hello.pubkey, b.data_key, b.key_id)
+    return wmod.WrappedKey(wk.key_id, wk.enc, wk.wrapped, licence=lic.to_bytes(),
+                           licence_mac=licence_mac(b.data_key, lic))
+
+
+class _Release:
+    """A key release that mints licences (see `_mint`) and keeps KEY_CACHE blobs."""
+
+    def __init__(self, b, **over) -> None:
+        self.b, self.over, self.caches = b, over, []
+
+    def __call__(self, hello):
+        return _mint(self.b, hello, **self.over)
+
+    def store_key_cache(self, key_id, blob):
+        self.caches.append((key_id, blob))
+
+
+def _local(tmp_path, name="w", **kw):
+    b = write_bundle(tmp_path / name, tmp_path / f"{name}-ks.json", **kw)
+    b.data_key = Keystore(b.keystore).get(b.key_id)
+    return b
+
+
+def _client(b, release, **kw) -> wmod.WorkerClient:
+    """The worker driven directly: no EnclavedModel, no host-side licence check."""
+    return wmod.WorkerClient((b.path / "manifest.json").read_bytes(), b.path / "private.sealed",
+                             release, in_len=8, out_len=5, **kw)
+
+
+X1 = np.ones((1, 8), np.float32)
+
+
+@needs_worker
+def test_worker_enforces_the_licence_budget_from_a_real_release(registered, server):
+    """A real key-server release, the worker driven directly (no host-side check): exactly
+    N samples, then ERROR 4, non-fatal. Also through a model whose host check is off."""
+    b = registered(allow_software=True, query_budget=3)
+    relay = KeyserverRelease(server.url, b.key_id, _digest(b.path))
+    wc = _client(b, relay, start=False)
+    relay.bind(wc)
+    try:
+        wc.start()
+        assert "licence_budget:3" in wc.ready.policy
+        wc.infer(np.ones((2, 8), np.float32))
+        wc.infer(X1)
+        with pytest.raises(QueryBudgetExhausted, match="licence's query budget of 3") as e:
+            wc.infer(X1)
+        assert e.value.code == 4 and not e.value.fatal
+        assert wc.ping() == {"queries_used": 3}  # still serving
+        with pytest.raises(ennclave.errors.EnnclaveError, match="only during"):
+            wc.evidence_for(b"\0" * 32)  # not outside a key release
+    finally:
+        wc.close()
+    with ennclave.load(b.path, keyserver=server.url) as m:  # a "modified host"
+        m._relay.spend = lambda *a, **k: None
+        m.predict(np.ones((3, 8), np.float32))
+        with pytest.raises(QueryBudgetExhausted, match="licence's"):
+            m.predict(X1)
+
+
+@needs_worker
+def test_worker_budget_is_the_tighter_of_manifest_and_licence(tmp_path):
+    b = _local(tmp_path, policy={"mode": "full", "max_queries": 2})
+    with _client(b, _Release(b, query_budget=5)) as wc:
+        wc.infer(np.ones((2, 8), np.float32))
+        with pytest.raises(QueryBudgetExhausted, match="bundle's query budget of 2"):
+            wc.infer(X1)
+    b = _local(tmp_path, "w2", policy={"mode": "full", "max_queries": 9})
+    with _client(b, _Release(b, query_budget=1)) as wc:
+        wc.infer(X1)
+        with pytest.raises(QueryBudgetExhausted, match="licence's query budget of 1"):
+            wc.infer(X1)
+
+
+@needs_worker
+def test_worker_refuses_inference_after_licence_expiry(tmp_path):
+    b = _local(tmp_path)
+    expires = int(time.time()) + 2
+    with _client(b, _Release(b, expires_at=expires)) as wc:
+        assert f"licence_expires_at:{expires}" in wc.ready.policy
+        wc.infer(X1)
+        time.sleep(max(0.0, expires - time.time()) + 0.1)
+        with pytest.raises(LicenceError, match="expired") as e:
+            wc.infer(X1)
+        assert e.value.code == 12 and not e.value.fatal
+        wc.ping()  # the worker keeps running, it only refuses to infer
+
+
+@needs_worker
+def test_worker_refuses_to_start_with_a_forged_or_foreign_licence(registered, server, tmp_path):
+    # a real release whose licence the host changed (budget 2 → 2000), MAC kept
+    b = registered(allow_software=True, query_budget=2)
+    relay = KeyserverRelease(server.url, b.key_id, _digest(b.path))
+
+    def forge(hello):
+        wk = relay(hello)
+        d = json.loads(wk.licence)
+        d["query_budget"] = 2000
+        raw = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return wmod.WrappedKey(wk.key_id, wk.enc, wk.wrapped, raw, wk.licence_mac)
+
+    wc = _client(b, forge, start=False)
+    relay.bind(wc)
+    with pytest.raises(LicenceError, match="does not authenticate") as e:
+        wc.start()
+    assert e.value.code == 13 and e.value.fatal and wc.pid is None
+    wc.close()
+
+    lb = _local(tmp_path, "l")
+    other = hashlib.sha256(b"another worker").hexdigest()
+    for over, match in [
+        ({"pubkey": os.urandom(32).hex()}, "another worker key"),
+        ({"binary_sha256": other}, "another worker binary"),
+        ({"expires_at": int(time.time()) - 1}, "expired"),
+    ]:
+        with pytest.raises(LicenceError, match=match):
+            _client(lb, _Release(lb, **over))
+
+    def no_mac(hello):  # a licence MACed under another key
+        wk = _mint(lb, hello)
+        return wmod.WrappedKey(wk.key_id, wk.enc, wk.wrapped, wk.licence, os.urandom(32))
+
+    with pytest.raises(LicenceError, match="does not authenticate"):
+        _client(lb, no_mac)
+
+
+@needs_worker
+def test_keyserver_bundle_needs_a_licence(tmp_path):
+    b = _local(tmp_path, key_source="keyserver")
+    release = wmod.local_key_release(Keystore(b.keystore), b.key_id)  # key, no licence
+    with pytest.raises(LicenceError, match="needs its licence"):
+        _client(b, release)
+    with _client(b, _Release(b)) as wc:  # with a valid licence it serves
+        assert wc.infer(X1).shape == (1, 5)
+
+
+# ------------------------------------------------------------------ offline key cache
+
+
+@needs_worker
+def test_offline_licence_cache_serves_when_the_server_is_down(registered, server, tmp_path):
+    from ennclave.keyserver import cache
+
+    b = registered(allow_software=True, offline=True, query_budget=4)
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    with ennclave.load(b.path, keyserver=server.url) as m:
+        want = m.predict(x)
+        assert m.licence.offline
+    path = cache.cache_path(b.key_id)
+    assert path.is_file() and (path.stat().st_mode & 0o777) == 0o600
+    stored = path.read_bytes()
+    assert b.data_key not in stored and base64.b64encode(b.data_key) not in stored
+    assert b.data_key.hex().encode() not in stored
+
+    server.stop()
+    with ennclave.load(b.path, keyserver=server.url) as m:  # offline restart
+        np.testing.assert_array_equal(m.predict(x), want)
+        m.predict(x)
+        with pytest.raises(QueryBudgetExhausted):  # budget per worker start
+            m.predict(X1)
+
+    # the worker itself enforces the cached licence's budget (no host check)
+    blob = cache.load(b.key_id)["blob"]
+    with _client(b, lambda hello: wmod.CachedKey(b.key_id, blob)) as wc:
+        assert "licence_budget:4" in wc.ready.policy
+        wc.infer(np.ones((4, 8), np.float32))
+        with pytest.raises(QueryBudgetExhausted):
+            wc.infer(X1)
+
+    # tampered cache → refused by the worker
+    d = json.loads(stored)
+    raw = bytearray(base64.b64decode(d["blob"]))
+    raw[40] ^= 1
+    path.write_text(json.dumps(dict(d, blob=base64.b64encode(bytes(raw)).decode())))
+    with pytest.raises(LicenceError, match="does not open"):
+        ennclave.load(b.path, keyserver=server.url)
+    # no cache at all → the server is just unreachable
+    path.unlink()
+    with pytest.raises(KeyServerUnreachable):
+        ennclave.load(b.path, keyserver=server.url)
+
+
+@needs_worker
+def test_offline_cache_expires_and_binds_binary_and_offline_flag(tmp_path):
+    b = _local(tmp_path)
+    plain = _Release(b)  # offline: false → no cache
+    with _client(b, plain):
+        pass
+    assert plain.caches == []
+    expires = int(time.time()) + 3
+    rel = _Release(b, offline=True, expires_at=expires)
+    with _client(b, rel):
+        pass
+    [(kid, blob)] = rel.caches
+    assert kid == b.key_id and b.data_key not in blob
+    cached = lambda hello: wmod.CachedKey(b.key_id, blob)
+    with _client(b, cached) as wc:  # a fresh worker opens it (before expiry)
+        wc.infer(X1)
+    # another worker binary (same code, one byte appended) cannot open it
+    other = tmp_path / "other-worker"
+    other.write_bytes(Path(WORKER).read_bytes() + b"\0")
+    other.chmod(0o755)
+    with pytest.raises(LicenceError, match="does not open"):
+        _client(b, cached, binary=other)
+    # after expiry the worker refuses to start from it
+    time.sleep(max(0.0, expires - time.time()) + 0.1)
+    with pytest.raises(LicenceError, match="expired") as e:
+        _client(b, cached)
+    assert e.value.code == 12 and e.value.fatal

@@ -51,6 +51,9 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Batches up to this size find their activation pages already faulted in.
+const PREFAULT_BATCH: usize = 64;
+
 fn err<T>(msg: impl Into<String>) -> Result<T, Error> {
     Err(Error(msg.into()))
 }
@@ -122,9 +125,22 @@ impl Executor {
                 }
             }
         };
+        // Per slot: the floats batches of up to `warm` samples use (faulted in now).
+        let warm = max_batch.min(PREFAULT_BATCH);
+        let mut warm_caps: Vec<usize> = Vec::new();
+        let mut note_warm = |s: usize, t: usize| {
+            let m = &tensors[t];
+            let need = m.sample_len() * if m.batched { warm } else { 1 };
+            if warm_caps.len() <= s {
+                warm_caps.resize(s + 1, 0);
+            }
+            warm_caps[s] = warm_caps[s].max(need);
+        };
         let s = take_slot(size(program.input)?, &mut caps, &mut free);
         loc[program.input] = Loc::Slot(s);
+        note_warm(s, program.input);
         let mut scratch_len = 0usize;
+        let mut warm_scratch = 0usize;
         let release = |t: usize, free: &mut Vec<usize>, loc: &[Loc]| {
             if let Loc::Slot(s) = loc[t] {
                 if t != program.output && !free.contains(&s) {
@@ -147,8 +163,10 @@ impl Executor {
                 op => {
                     if let Op::Conv { p, .. } = op {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch));
+                        warm_scratch = warm_scratch.max(p.scratch_len(warm));
                     }
                     let s = take_slot(size(t)?, &mut caps, &mut free);
+                    note_warm(s, t);
                     loc[t] = Loc::Slot(s);
                 }
             }
@@ -201,14 +219,20 @@ impl Executor {
             pool,
             max_batch,
         };
-        // Fault in every activation page now (secret-memory faults are slow, and
-        // later runs should not take them), then warm up (the pool's threads, gemm's
-        // per-thread packing buffers, CPU-feature detection) on a small batch and on
-        // batch 1: a full max_batch run would only repeat the same code paths.
-        for s in ex.state.slots.iter_mut().flatten() {
-            prefault(s);
+        // Fault in the activation pages batches of up to PREFAULT_BATCH samples use
+        // (secret-memory faults are slow, ~15 µs a page, and such runs should not
+        // take them; larger batches fault their extra pages in once, on first use),
+        // then warm up (the pool's threads, gemm's per-thread packing buffers,
+        // CPU-feature detection) on a small batch and on batch 1: a full max_batch
+        // run would only repeat the same code paths.
+        for (s, &w) in ex.state.slots.iter_mut().zip(&warm_caps) {
+            if let Some(s) = s {
+                let n = w.min(s.len());
+                prefault(&mut s[..n]);
+            }
         }
-        prefault(&mut ex.state.scratch);
+        let ws = warm_scratch.min(ex.state.scratch.len());
+        prefault(&mut ex.state.scratch[..ws]);
         let warm = max_batch.min(16);
         let inp = vec![0.0f32; ex.input_len_per_sample() * warm];
         let mut out = vec![0.0f32; ex.output_len_per_sample() * warm];
@@ -317,7 +341,7 @@ impl Executor {
 }
 
 /// Touch every page of a fresh (all-zero) buffer so it is mapped now.
-fn prefault(b: &mut SecretBuf<f32>) {
+fn prefault(b: &mut [f32]) {
     let step = 4096 / std::mem::size_of::<f32>();
     for i in (0..b.len()).step_by(step) {
         // SAFETY: i < len; a volatile write of the value already there (zero) only

@@ -20,6 +20,11 @@
 //! info = "ennclave key cache v1")`. It binds the cache to this machine and this worker
 //! binary; it is **not** resistant to root or to the same user (both can read the
 //! machine id and the binary and so derive the cache key).
+//!
+//! Derived keys (licence MAC key, cache key) and the cache plaintext live in
+//! [`SecretBuf`]s. As for the program unsealing (`seal`), the RustCrypto primitives'
+//! own transient state (HKDF/HMAC state, the AES key schedule) lives briefly on the
+//! stack and is not zeroed by those crates.
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};

@@ -40,6 +40,8 @@ fn good_program_loads() {
         (&[4usize][..], &[3usize][..])
     );
     let _ = p.weights_backing().as_str();
+    // The weights are used in place in the (secret) container, not copied.
+    assert!(p.weights_in_place());
 }
 
 #[test]

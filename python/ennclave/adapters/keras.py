@@ -48,6 +48,7 @@ ACTIVATION_NAMES = {
     "swish",
     "silu",
 }
+MERGE_LAYERS = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate"}
 SUPPORTED_LAYERS = sorted(
     {
         "Dense",
@@ -366,6 +367,12 @@ class _Lowerer:
             raise UnsupportedOpError(
                 f"Layer {node.name!r} of type {kind} cannot run in the enclave; supported "
                 f"layer types: {', '.join(SUPPORTED_LAYERS)}. Cut after it, or replace it."
+            )
+        if kind not in MERGE_LAYERS and len(node.inputs) != 1:
+            # e.g. a Keras mask (Embedding(mask_zero=True)) travelling with the tensor.
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} ({kind}) receives {len(node.inputs)} tensors (a Keras "
+                "mask?); masks cannot cross into the enclave, so cut after this layer."
             )
         if getattr(layer, "data_format", "channels_last") == "channels_first":
             raise UnsupportedOpError(

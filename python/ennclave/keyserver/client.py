@@ -3,8 +3,11 @@
 `KeyserverRelease` is a `KeyRelease` for `WorkerClient`: it asks the server for a
 nonce, has the worker answer a CHALLENGE for exactly that nonce, relays HELLO and
 EVIDENCE to the server and hands the server's HPKE-wrapped key to the worker unchanged.
-The host never sees the data key. The licence that comes with the key is kept in
-`.licence` (the worker checks its MAC and enforces it, see docs/key-release.md).
+The host never sees the data key. The licence that comes with the key goes to the
+worker (LICENCE frame), which verifies its MAC and enforces expiry and query budget; a
+copy is kept in `.licence` for the host's own check (docs/key-release.md). With an
+offline licence the worker's sealed key cache is stored (`cache`) and used when the key
+server cannot be reached.
 """
 
 from __future__ import annotations
@@ -16,12 +19,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import EnnclaveError
+from ..errors import EnnclaveError, LicenceError
+from . import cache
 from .licence import Licence
 
-
-class LicenceError(EnnclaveError):
-    """The licence of the released key does not allow this (expired)."""
+__all__ = [
+    "KeyReleaseRefused",
+    "KeyServerClient",
+    "KeyServerUnreachable",
+    "KeyserverRelease",
+    "LicenceError",
+    "client_id",
+]
 
 
 class KeyServerUnreachable(EnnclaveError):
@@ -163,9 +172,9 @@ class KeyserverRelease:
         self._worker = worker
 
     def spend(self, samples: int, now: float | None = None) -> None:
-        """Host-side licence check before each batch (expiry, query budget). The worker
-        enforces the same licence where it supports licences (docs/key-release.md);
-        this check gives the same clear errors either way."""
+        """Host-side licence check before each batch (expiry, query budget): defence in
+        depth and early, clear errors. The worker enforces the same licence itself
+        (docs/key-release.md), so a host that skips this check gains nothing."""
         from ..errors import QueryBudgetExhausted
 
         held = self.licence
@@ -175,7 +184,8 @@ class KeyserverRelease:
         if (time.time() if now is None else now) >= lic.expires_at:
             raise LicenceError(
                 f"The licence for key {lic.key_id} expired at {lic.expires_at} (Unix time); "
-                "restart to ask the key server for a new one."
+                "restart to ask the key server for a new one.",
+                12,
             )
         if lic.query_budget is not None and held.used + samples > lic.query_budget:
             raise QueryBudgetExhausted(
@@ -186,14 +196,40 @@ class KeyserverRelease:
             )
         held.used += samples
 
+    def store_key_cache(self, key_id: str, blob: bytes) -> None:
+        """The worker's KEY_CACHE (offline licence): keep it with the licence."""
+        held = self.licence
+        if held is None or key_id != self.key_id or not held.licence.offline:
+            return
+        cache.store(key_id, blob, held.raw, held.mac)
+
+    def _from_cache(self, unreachable: KeyServerUnreachable) -> Any:
+        from ..runtime.worker import CachedKey
+
+        c = cache.load(self.key_id)
+        if c is None:
+            raise unreachable
+        try:
+            lic = Licence.from_bytes(c["licence"])
+        except (ValueError, TypeError):
+            raise unreachable from None
+        # The host's copy (for its own check); the worker checks the sealed one.
+        self.licence = ReleasedLicence(c["licence"], c["licence_mac"], lic)
+        return CachedKey(self.key_id, c["blob"])
+
     def __call__(self, hello: Any) -> Any:
         from ..runtime.worker import WrappedKey
 
         if self._worker is None:
             raise EnnclaveError("KeyserverRelease is not bound to a worker; this is a bug.")
+        self.licence = None
         with KeyServerClient(self.url, timeout=self.timeout) as ks:
-            nonce = ks.challenge(self.key_id)
-            kind, report = _evidence_for(self._worker, nonce)
+            try:
+                nonce = ks.challenge(self.key_id)
+            except KeyServerUnreachable as e:
+                # Only when unreachable (never after a refusal): the offline key cache.
+                return self._from_cache(e)
+            kind, report = self._worker.evidence_for(nonce)
             resp = ks.release(
                 {
                     "key_id": self.key_id,
@@ -209,24 +245,14 @@ class KeyserverRelease:
                 }
             )
         raw, mac = base64.b64decode(resp["licence"]), base64.b64decode(resp["licence_mac"])
-        self.licence = ReleasedLicence(raw, mac, Licence.from_bytes(raw))
-        return WrappedKey(resp["key_id"], base64.b64decode(resp["enc"]), base64.b64decode(resp["wrapped"]))
-
-
-def _evidence_for(worker: Any, nonce: bytes) -> tuple[str, bytes]:
-    """Send CHALLENGE{nonce} to the worker (during its handshake) and return its EVIDENCE
-    (kind, report). Uses `WorkerClient.evidence_for` where the runtime has it."""
-    if hasattr(worker, "evidence_for"):
-        return worker.evidence_for(nonce)
-    from ..errors import WorkerError
-    from ..runtime import worker as w
-
-    worker._send(w._frame(w.CHALLENGE, nonce))
-    ty, p = worker._recv()
-    if ty != w.EVIDENCE:
-        raise worker._unexpected(ty, p, "EVIDENCE")
-    r = w._Reader(p)
-    got, kind, report = r.take(32), r.str_(), r.bytes_()
-    if got != nonce:
-        raise WorkerError("The enclave worker answered a different challenge.", w.E_PROTOCOL, True)
-    return kind, report
+        lic = Licence.from_bytes(raw)
+        self.licence = ReleasedLicence(raw, mac, lic)
+        if not lic.offline:
+            cache.remove(self.key_id)  # the owner no longer allows offline use
+        return WrappedKey(
+            resp["key_id"],
+            base64.b64decode(resp["enc"]),
+            base64.b64decode(resp["wrapped"]),
+            licence=raw,
+            licence_mac=mac,
+        )

@@ -156,7 +156,7 @@ def wrap_data_key(recipient_pubkey: bytes, data_key: bytes, key_id: str) -> Wrap
     return WrappedKey(key_id, out[:32], out[32:])
 
 
-KeyRelease = Callable[[Hello], "WrappedKey | CachedKey"]
+KeyRelease = Callable[[Hello], WrappedKey | CachedKey]
 """Called once per worker start with its HELLO. May call `WorkerClient.evidence_for`
 (during this call only). If it has a `store_key_cache(key_id, blob)` method, that gets
 the worker's KEY_CACHE frames (offline licences)."""
