@@ -382,28 +382,8 @@ SCAN = textwrap.dedent(
     del a_hex, b_hex
     sys.argv[3] = sys.argv[4] = ""
 
-    def scan(a, b):
-        hits = 0
-        with open("/proc/self/maps") as maps:
-            regions = [line.split() for line in maps]
-        with open("/proc/self/mem", "rb", buffering=0) as mem:
-            for r in regions:
-                if "r" not in r[1] or (len(r) > 5 and r[5] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
-                    continue
-                lo, hi = (int(v, 16) for v in r[0].split("-"))
-                for start in range(lo, hi, 1 << 24):
-                    try:
-                        mem.seek(start)
-                        chunk = mem.read(min(hi, start + (1 << 24) + 31) - start)
-                    except OSError:
-                        continue
-                    i = chunk.find(a)
-                    while i >= 0:
-                        if chunk[i + 16 : i + 32] == b:
-                            hits += 1
-                        i = chunk.find(a, i + 1)
-                    del chunk
-        return hits
+    sys.path.insert(0, TESTS_DIR)
+    from memscan import scan_self as scan
 
     with ennclave.load(bundle, keyserver=url) as m:
         y = m.predict(np.ones((8, 8), np.float32))
@@ -413,7 +393,7 @@ SCAN = textwrap.dedent(
     planted = bytearray(c1) + bytearray(c2)
     print(json.dumps({"found": found, "after_close": after_close, "control": scan(c1, c2)}))
     """
-)
+).replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent)))
 
 
 @needs_worker

@@ -148,28 +148,8 @@ SCAN = textwrap.dedent(
     del a_hex, b_hex
     sys.argv[3] = sys.argv[4] = ""
 
-    def scan(a, b):
-        hits = 0
-        with open("/proc/self/maps") as maps:
-            regions = [line.split() for line in maps]
-        with open("/proc/self/mem", "rb", buffering=0) as mem:
-            for r in regions:
-                if "r" not in r[1] or (len(r) > 5 and r[5] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
-                    continue
-                lo, hi = (int(v, 16) for v in r[0].split("-"))
-                for start in range(lo, hi, 1 << 24):
-                    try:
-                        mem.seek(start)
-                        chunk = mem.read(min(hi, start + (1 << 24) + 31) - start)
-                    except OSError:
-                        continue
-                    i = chunk.find(a)
-                    while i >= 0:
-                        if chunk[i + 16 : i + 32] == b:
-                            hits += 1
-                        i = chunk.find(a, i + 1)
-                    del chunk
-        return hits
+    sys.path.insert(0, TESTS_DIR)
+    from memscan import scan_self as scan
 
     with ennclave.load(bundle, keystore=keystore) as m:
         y = m.predict(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
@@ -182,7 +162,7 @@ SCAN = textwrap.dedent(
     control = scan(c1, c2)
     print(json.dumps({"found": found, "after_close": after_close, "control": control}))
     """
-)
+).replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent)))
 
 
 def test_host_memory_never_holds_plaintext_weights(tmp_path):
