@@ -534,6 +534,11 @@ impl FrameReader {
         }
     }
 
+    /// Whether bytes of a next frame are already buffered.
+    pub fn has_buffered(&self) -> bool {
+        self.end > self.start
+    }
+
     /// Read one frame (blocking). Same errors as [`read_msg`].
     pub fn read<R: Read>(&mut self, r: &mut R) -> Result<Msg, ProtoError> {
         loop {

@@ -11,7 +11,9 @@
 //! * Larger batches use a register-blocked micro-kernel of up to `MR` rows × 32
 //!   columns reading 32-column panels of `w` with row stride `n`, blocked over `k`
 //!   (`KC` rows at a time) so a panel block is reused from cache by every row block.
-//!   Panels are split across threads.
+//!   Panels are split across threads. From `PACK_MIN_ROWS` rows on, each panel
+//!   block is first copied to a small per-thread secret scratch (`PKC × NR` floats,
+//!   32 KiB), so the micro-kernel reads it contiguously instead of 8 KiB-strided.
 //!
 //! An AVX-512 kernel is used where the CPU has it, else a portable one that LLVM
 //! vectorises (with AVX2+FMA when available).
@@ -27,6 +29,12 @@ const MR: usize = 12;
 const MR_PORTABLE: usize = 4;
 /// Rows of `w` per k-block of the blocked kernel.
 const KC: usize = 256;
+/// Batches of at least this many rows copy each panel block to a contiguous
+/// scratch first (rows of `w` are `n` floats apart, which thrashes the L1 sets
+/// and the TLB when a block is reused by many row blocks).
+const PACK_MIN_ROWS: usize = 8;
+/// Rows of `w` per k-block of the packed path (the scratch holds `PKC × NR` floats).
+const PKC: usize = 256;
 /// Rows of `w` added per pass of the GEMV kernel.
 const GEMV_ROWS: usize = 8;
 
@@ -68,20 +76,53 @@ pub fn dense(
     let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
     let yp = SendPtr(y.as_mut_ptr());
     let step = if avx512 { MR } else { MR_PORTABLE };
+    let pack = m >= PACK_MIN_ROWS;
     par_for(parts, &|t| {
         let p0 = np * t / parts;
         let p1 = np * (t + 1) / parts;
+        if pack {
+            let done = with_panel_scratch(|buf| {
+                for p in p0..p1 {
+                    let c0 = p * NR;
+                    let ncols = NR.min(n - c0);
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = PKC.min(k - k0);
+                        let init = block_init(bias, k0, c0, ncols);
+                        // Copy the panel block (rows k0..k0+kc, columns c0..c0+ncols
+                        // of w) to the contiguous scratch, row stride NR.
+                        let wb = &mut buf[..kc * NR];
+                        for (i, d) in wb.chunks_exact_mut(NR).enumerate() {
+                            let src = &w[(k0 + i) * n + c0..][..ncols];
+                            d[..ncols].copy_from_slice(src);
+                        }
+                        let wb = &buf[..kc * NR];
+                        let mut r0 = 0;
+                        while r0 < m {
+                            let rows = step.min(m - r0);
+                            let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
+                            // SAFETY: as in the unpacked loop below.
+                            unsafe {
+                                let yb = yp.get().add(r0 * n + c0);
+                                micro(avx512, rows, xs, k, kc, wb, NR, init, yb, n, ncols);
+                            }
+                            r0 += rows;
+                        }
+                        k0 += kc;
+                    }
+                }
+            });
+            if done {
+                return;
+            }
+        }
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
             for p in p0..p1 {
                 let c0 = p * NR;
                 let ncols = NR.min(n - c0);
-                let init = if k0 == 0 {
-                    bias.map_or(Init::Zero, |b| Init::Bias(&b[c0..c0 + ncols]))
-                } else {
-                    Init::Accumulate
-                };
+                let init = block_init(bias, k0, c0, ncols);
                 // The panel block: rows k0..k0+kc, columns c0..c0+ncols of w.
                 let wb = &w[k0 * n + c0..(k0 + kc - 1) * n + c0 + ncols];
                 let mut r0 = 0;
@@ -101,6 +142,51 @@ pub fn dense(
             k0 += kc;
         }
     });
+}
+
+/// How the block at `(k0, c0)` starts: the bias (or zero) on the first k-block,
+/// else the partial sums already in `y`.
+fn block_init(bias: Option<&[f32]>, k0: usize, c0: usize, ncols: usize) -> Init<'_> {
+    if k0 == 0 {
+        bias.map_or(Init::Zero, |b| Init::Bias(&b[c0..c0 + ncols]))
+    } else {
+        Init::Accumulate
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for one `PKC × NR` panel block of weights. It
+    /// holds weights, so it lives in secret memory; made on a thread's first
+    /// batched dense call, then reused (the pool's threads live as long as the
+    /// executor), and wiped when the thread ends.
+    static PANEL: std::cell::RefCell<Option<crate::secmem::SecretBuf<f32>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` on this thread's panel scratch (`PKC * NR` floats). Returns false, without
+/// calling `f`, when no scratch can be had (allocation failed, or already in use).
+fn with_panel_scratch(f: impl FnOnce(&mut [f32])) -> bool {
+    PANEL.with(|cell| {
+        let Ok(mut slot) = cell.try_borrow_mut() else {
+            return false;
+        };
+        if slot.is_none() {
+            match crate::secmem::SecretBuf::<f32>::new(PKC * NR) {
+                Ok(mut b) => {
+                    b.prefault();
+                    *slot = Some(b);
+                }
+                Err(_) => return false,
+            }
+        }
+        match slot.as_mut() {
+            Some(b) => {
+                f(&mut b[..]);
+                true
+            }
+            None => false,
+        }
+    })
 }
 
 /// How a micro-kernel call starts its accumulators.
@@ -260,7 +346,7 @@ unsafe fn micro(
     ldy: usize,
     ncols: usize,
 ) {
-    debug_assert!(rows >= 1 && kc >= 1 && ncols >= 1 && ncols <= NR);
+    debug_assert!(rows >= 1 && kc >= 1 && (1..=NR).contains(&ncols));
     debug_assert!(x.len() >= (rows - 1) * ldx + kc && w.len() >= (kc - 1) * ldw + ncols);
     #[cfg(target_arch = "x86_64")]
     if avx512 {
