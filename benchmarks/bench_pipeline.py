@@ -4,14 +4,15 @@ The image model of experiments/accuracy_images.py (conv backbone public, dense h
 private; split after `flatten`, as config (a)), 2,048 images in batches of 64, in one
 run on the same machine and weights:
 
-* `unsplit_call`: the original Keras model called batch by batch (`model(x)`, the same
-  calling convention as the bundle's public part);
+* `unsplit_call`: the original Keras model run batch by batch with
+  `model.predict_on_batch` (the same calling convention as the bundle's public part);
 * `unsplit_predict`: Keras's own `model.predict(x, batch_size=64)`;
 * `split_sequential`: `EnclavedModel.predict(x, 64, pipeline=False)`;
 * `split_pipelined`: `EnclavedModel.predict(x, 64)` — the public part of batch i+1
   overlaps the enclave's work on batch i.
 
-Target: pipelined split throughput ≥ 0.9× unsplit (`unsplit_call`).
+Target: pipelined split throughput ≥ 0.9× unsplit; we hold it to the stronger of the
+two, Keras's own `model.predict`.
 
     python benchmarks/bench_pipeline.py [--json benchmarks/results/pipeline.json]
 """
@@ -70,7 +71,7 @@ def main() -> int:
     x = np.random.default_rng(0).random((args.n, 28, 28, 1), dtype=np.float32)
 
     def unsplit_call() -> np.ndarray:
-        return np.concatenate([np.asarray(model(x[s : s + BATCH], training=False))
+        return np.concatenate([np.asarray(model.predict_on_batch(x[s : s + BATCH]))
                                for s in range(0, len(x), BATCH)])
 
     res: dict[str, float] = {}
@@ -101,10 +102,16 @@ def main() -> int:
     table = Table(title=f"Image model, {args.n} images in batches of {BATCH}, split after flatten")
     table.add_column("variant")
     table.add_column("samples/s", justify="right")
-    table.add_column("vs unsplit (call)", justify="right")
+    table.add_column("vs unsplit (per batch)", justify="right")
+    table.add_column("vs Keras predict", justify="right")
     for k in runs:
         v = res[f"{k}_samples_per_s"]
-        table.add_row(k, f"{v:,.0f}", f"{v / res['unsplit_call_samples_per_s']:.2f}×")
+        table.add_row(
+            k,
+            f"{v:,.0f}",
+            f"{v / res['unsplit_call_samples_per_s']:.2f}×",
+            f"{v / res['unsplit_predict_samples_per_s']:.2f}×",
+        )
     Console().print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,7 @@ def main() -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "python": platform.python_version(),
             "ennclave": ennclave.__version__,
-            "target": "split_pipelined >= 0.9 x unsplit_call",
+            "target": "split_pipelined >= 0.9 x unsplit_predict",
             "results": {k: round(v, 4) for k, v in res.items()},
         }
         args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -167,10 +167,9 @@ class _Public:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.framework == "keras":
-            import keras
-
-            y = self._model(x, training=False)
-            return np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float32)
+            # predict_on_batch runs Keras's compiled predict function (a tf.function
+            # traced once per input shape): about twice as fast as an eager call here.
+            return np.asarray(self._model.predict_on_batch(x), dtype=np.float32)
         return np.asarray(self._sess.run(None, {self._input: x})[0], dtype=np.float32)
 
 
