@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from ennclave.adapters import load_model
 from ennclave.errors import CutError, ModelLoadError, UnsupportedOpError
@@ -194,9 +196,24 @@ def test_samples_are_verified_too(saved, tmp_path):
 def test_program_container_round_trip(saved):
     adapter = load_model(saved["res"])
     prog = adapter.lower_private(find_cut_points(adapter.graph)[2])
-    again = Program.from_container(prog.to_container())
+    container = prog.to_container()
+    again = Program.from_container(container)
     assert again.graph_json() == prog.graph_json()
     assert all(np.array_equal(again.weights[k], v) for k, v in prog.weights.items())
+    # What ships stores every dense kernel in 32-column panels, zero-padded.
+    n_json = struct.unpack("<Q", container[8:16])[0]
+    graph = json.loads(container[16 : 16 + n_json])
+    dense = [n for n in graph["nodes"] if n["op"] == "dense"]
+    assert dense
+    shipped = safetensors.numpy.load(container[16 + n_json :])
+    for node in dense:
+        kernel = prog.weights[node["weights"]["kernel"]]
+        k, n = kernel.shape
+        assert node["attrs"]["kernel_layout"] == "panels32" and node["attrs"]["units"] == n
+        panels = shipped[node["weights"]["kernel"]]
+        assert panels.shape == (-(-n // 32), k, 32)
+        np.testing.assert_array_equal(panels[0, :, : min(n, 32)], kernel[:, :32])
+        np.testing.assert_array_equal(panels[-1, :, n - 32 * (panels.shape[0] - 1) :], 0)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

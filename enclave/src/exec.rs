@@ -419,10 +419,16 @@ impl State {
                 k,
                 n,
                 kernel,
+                panels,
                 bias,
                 act,
             } => {
-                dense::dense(
+                let f = if *panels {
+                    dense::dense_panels
+                } else {
+                    dense::dense
+                };
+                f(
                     x(0)?,
                     w(*kernel),
                     bias.map(w),

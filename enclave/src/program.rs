@@ -15,6 +15,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
+
+use crate::ops::dense;
 use serde_json::{Map, Value};
 
 use crate::ops::binary::{Bcast, BinKind};
@@ -85,6 +87,8 @@ pub enum Op {
         k: usize,
         n: usize,
         kernel: WRef,
+        /// The kernel is stored in 32-column panels (`kernel_layout: panels32`).
+        panels: bool,
         bias: Option<WRef>,
         act: Act,
     },
@@ -745,10 +749,30 @@ impl<'d> Builder<'d> {
                     return ctx.e("missing weight \"kernel\"");
                 };
                 let (kernel, kshape) = self.weight(key, ctx)?;
-                if kshape.len() != 2 || kshape[0] != k {
-                    return ctx.e(format!("kernel has shape {kshape:?}, expected [{k}, out]"));
-                }
-                let n = kshape[1];
+                let panels = match ctx.attr("kernel_layout") {
+                    None => false,
+                    Some(v) => match string(v, &ctx.what("kernel_layout"))? {
+                        "rows" => false,
+                        "panels32" => true,
+                        l => return ctx.e(format!("unknown kernel_layout {l:?}")),
+                    },
+                };
+                let n = if panels {
+                    // [ceil(units / 32), in, 32]: see dense::PANEL_LAYOUT.
+                    let n = uint(ctx.req("units")?, &ctx.what("units"))?;
+                    let want = [n.div_ceil(dense::NR), k, dense::NR];
+                    if n == 0 || kshape != want {
+                        return ctx.e(format!(
+                            "kernel has shape {kshape:?}, expected {want:?} for panels32 with units {n}"
+                        ));
+                    }
+                    n
+                } else {
+                    if kshape.len() != 2 || kshape[0] != k {
+                        return ctx.e(format!("kernel has shape {kshape:?}, expected [{k}, out]"));
+                    }
+                    kshape[1]
+                };
                 let bias = self.weight_shaped(ctx, "bias", &[n], false)?;
                 let mut od = d.clone();
                 let rows = d[..d.len() - 1].iter().product();
@@ -763,6 +787,7 @@ impl<'d> Builder<'d> {
                         k,
                         n,
                         kernel,
+                        panels,
                         bias,
                         act,
                     },

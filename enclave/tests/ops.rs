@@ -460,3 +460,63 @@ fn buffers_are_reused_and_batches_vary() {
     assert_eq!(ex.input_shape(), [4]);
     assert_eq!(ex.output_len_per_sample(), 4);
 }
+
+#[test]
+fn dense_panels_layout_equals_rows_layout() {
+    use ennclave_enclave::ops::dense::pack_panels;
+    // 70 outputs: two full panels and a zero-padded one; k = 300 spans two k-blocks.
+    let (k, n) = (300, 70);
+    let kern = vals(k * n, 4);
+    let bias = vals(n, 5);
+    let rows = one_node(
+        "dense",
+        &[k],
+        &[n],
+        r#"{"activation": {"fn": "relu"}}"#,
+        r#"{"kernel": "k", "bias": "b"}"#,
+    );
+    let panels = one_node(
+        "dense",
+        &[k],
+        &[n],
+        r#"{"activation": {"fn": "relu"}, "kernel_layout": "panels32", "units": 70}"#,
+        r#"{"kernel": "k", "bias": "b"}"#,
+    );
+    let c_rows = container(
+        &rows,
+        &[w("k", &[k, n], kern.clone()), w("b", &[n], bias.clone())],
+    );
+    let c_panels = container(
+        &panels,
+        &[
+            w("k", &[3, k, 32], pack_panels(&kern, k, n)),
+            w("b", &[n], bias.clone()),
+        ],
+    );
+    let x = vals(20 * k, 6);
+    for batch in [1, 2, 13, 20] {
+        let want = run(&c_rows, &x[..batch * k], batch, 2);
+        let got = run(&c_panels, &x[..batch * k], batch, 2);
+        assert_close(&got, &want, 1e-5);
+    }
+    // A panels32 kernel of the wrong shape, or without units, is refused clearly.
+    let load = |json: &str, shape: &[usize]| {
+        let len = shape.iter().product();
+        let c = container(
+            json,
+            &[w("k", shape, vec![0.0; len]), w("b", &[n], bias.clone())],
+        );
+        ennclave_enclave::program::Program::from_container(&c).map(|_| ())
+    };
+    assert!(load(&panels, &[3, k, 32]).is_ok());
+    let e = load(&panels, &[k, n]).unwrap_err().to_string();
+    assert!(e.contains("panels32") && e.contains("[3, 300, 32]"), "{e}");
+    let e = load(&panels.replace(", \"units\": 70", ""), &[3, k, 32])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("units"), "{e}");
+    let e = load(&panels.replace("panels32", "tiles"), &[3, k, 32])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kernel_layout"), "{e}");
+}

@@ -37,6 +37,29 @@ OPS = (
 ).split()
 
 
+PANEL = 32  # columns per panel of the panels32 dense-kernel layout
+
+
+def pack_panels(kernel: np.ndarray) -> np.ndarray:
+    """`[in, out]` → `[ceil(out / 32), in, 32]`: panel p holds columns 32p … 32p+31 row
+    by row, the last one zero-padded (docs/enclave-program.md, `kernel_layout`)."""
+    k, n = kernel.shape
+    panels = -(-n // PANEL)
+    padded = np.zeros((k, panels * PANEL), dtype=np.float32)
+    padded[:, :n] = kernel
+    return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+
+
+def unpack_panels(panels: np.ndarray, units: int) -> np.ndarray:
+    """The inverse of `pack_panels`."""
+    p, k, width = panels.shape
+    if width != PANEL or p != -(-units // PANEL):
+        raise ProgramError(
+            f"A panels32 dense kernel of shape {list(panels.shape)} does not fit {units} units."
+        )
+    return np.ascontiguousarray(panels.transpose(1, 0, 2).reshape(k, p * PANEL)[:, :units])
+
+
 @dataclass
 class ProgramNode:
     name: str
@@ -81,9 +104,39 @@ class Program:
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.weights.items()}
         return st_save(tensors, metadata={"format": FORMAT})
 
+    def shipped(self) -> Program:
+        """The form that is sealed: every dense kernel packed into 32-column panels
+        (`kernel_layout: panels32`), so the worker streams it contiguously without
+        re-packing at load. The in-memory form (`self`) keeps `[in, out]` kernels."""
+        nodes, weights = [], dict(self.weights)
+        for node in self.nodes:
+            key = node.weights.get("kernel")
+            if node.op == "dense" and key is not None and "kernel_layout" not in node.attrs:
+                kernel = weights[key]
+                weights[key] = pack_panels(kernel)
+                attrs = {**node.attrs, "kernel_layout": "panels32", "units": int(kernel.shape[1])}
+                node = ProgramNode(node.name, node.op, node.inputs, node.outputs, attrs, node.weights)
+            nodes.append(node)
+        return Program(self.inputs, self.outputs, nodes, weights)
+
+    def unpacked(self) -> Program:
+        """The inverse of `shipped`: dense kernels back to `[in, out]`."""
+        nodes, weights = [], dict(self.weights)
+        for node in self.nodes:
+            if node.op == "dense" and node.attrs.get("kernel_layout") == "panels32":
+                key = node.weights["kernel"]
+                attrs = dict(node.attrs)
+                del attrs["kernel_layout"]
+                units = attrs.pop("units")
+                weights[key] = unpack_panels(weights[key], units)
+                node = ProgramNode(node.name, node.op, node.inputs, node.outputs, attrs, node.weights)
+            nodes.append(node)
+        return Program(self.inputs, self.outputs, nodes, weights)
+
     def to_container(self) -> bytes:
-        j = self.json_bytes()
-        w = self.weights_bytes()
+        shipped = self.shipped()
+        j = shipped.json_bytes()
+        w = shipped.weights_bytes()
         # The worker decrypts the sealed file (20-byte ENCSEAL1 header, then this
         # container) into a page-aligned buffer and uses the tensor data in place:
         # pad program.json with spaces so that data starts 64-byte aligned there
@@ -95,8 +148,9 @@ class Program:
     def save_dir(self, path: Path) -> None:
         """Unsealed form, for inspection and tests: program.json + weights.safetensors."""
         path.mkdir(parents=True, exist_ok=True)
-        (path / "program.json").write_bytes(self.json_bytes())
-        (path / "weights.safetensors").write_bytes(self.weights_bytes())
+        shipped = self.shipped()
+        (path / "program.json").write_bytes(shipped.json_bytes())
+        (path / "weights.safetensors").write_bytes(shipped.weights_bytes())
 
     @classmethod
     def from_parts(cls, graph_json: bytes, weights: bytes) -> Program:
@@ -132,7 +186,7 @@ class Program:
                 for n in g["nodes"]
             ],
             weights=dict(w),
-        )
+        ).unpacked()
 
     @classmethod
     def from_container(cls, data: bytes) -> Program:

@@ -15,6 +15,12 @@
 //!   block is first copied to a small per-thread secret scratch (`PKC × NR` floats,
 //!   32 KiB), so the micro-kernel reads it contiguously instead of 8 KiB-strided.
 //!
+//! Programs written by `ennclave split` store dense kernels pre-packed instead
+//! (`kernel_layout: panels32`, see [`dense_panels`]): the owner's machine does the
+//! packing once, and the worker streams each panel contiguously at every batch size
+//! with no copy at load or at run time. The row-major path above serves programs
+//! without that attribute.
+//!
 //! An AVX-512 kernel is used where the CPU has it, else a portable one that LLVM
 //! vectorises (with AVX2+FMA when available).
 
@@ -140,6 +146,92 @@ pub fn dense(
                 }
             }
             k0 += kc;
+        }
+    });
+}
+
+/// Pack a row-major `k × n` kernel into the `panels32` layout: `[ceil(n/32), k, 32]`,
+/// panel `p` holding columns `32p..32p+32` row by row, the last panel zero-padded.
+/// (The owner side does this in Python; this copy is for tests and examples.)
+pub fn pack_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let np = n.div_ceil(NR);
+    let mut out = vec![0.0f32; np * k * NR];
+    if k == 0 {
+        return out;
+    }
+    for (p, panel) in out.chunks_exact_mut(k * NR).enumerate() {
+        let c0 = p * NR;
+        let ncols = NR.min(n - c0);
+        for (i, row) in panel.chunks_exact_mut(NR).enumerate() {
+            row[..ncols].copy_from_slice(&w[i * n + c0..i * n + c0 + ncols]);
+        }
+    }
+    out
+}
+
+/// `y = x · w + bias` with `w` in the `panels32` layout (see [`pack_panels`]).
+/// `x` is `m × k`, `y` is `m × n`, both row-major.
+///
+/// Each thread owns a range of panels; for each panel, `KC`-row blocks of it (32 KiB,
+/// contiguous) are reused from L1 by every block of up to `MR` rows of `x`. At batch 1
+/// this is a sequential read of every panel, which is what a memory-bound GEMV wants.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_panels(
+    x: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    let np = n.div_ceil(NR);
+    assert!(x.len() >= m * k && y.len() >= m * n && wp.len() >= np * k * NR);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in y[..m * n].chunks_exact_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(&b[..n]),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
+    let avx512 = has_avx512();
+    let step = if avx512 { MR } else { MR_PORTABLE };
+    // Enough panels per task to amortise the fork (≥ ~64 KiB of weights each).
+    let min_panels = (16384 / (k * NR)).max(1);
+    let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
+    let yp = SendPtr(y.as_mut_ptr());
+    par_for(parts, &|t| {
+        for p in np * t / parts..np * (t + 1) / parts {
+            let c0 = p * NR;
+            let ncols = NR.min(n - c0);
+            let panel = &wp[p * k * NR..(p + 1) * k * NR];
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let init = block_init(bias, k0, c0, ncols);
+                let wb = &panel[k0 * NR..(k0 + kc) * NR];
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = step.min(m - r0);
+                    let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
+                    // SAFETY: rows r0..r0+rows, columns c0..c0+ncols of y lie inside
+                    // y (m×n, asserted) and belong to this task alone (panels are
+                    // split between tasks); all tasks end before our borrow of y does.
+                    unsafe {
+                        let yb = yp.get().add(r0 * n + c0);
+                        micro(avx512, rows, xs, k, kc, wb, NR, init, yb, n, ncols);
+                    }
+                    r0 += rows;
+                }
+                k0 += kc;
+            }
         }
     });
 }
@@ -663,6 +755,44 @@ mod tests {
                     pool.install(|| dense(&x, &w, bias, &mut y, m, k, n, threads));
                     for (a, e) in y.iter().zip(&want) {
                         assert!((a - e).abs() < 2e-3, "m={m} k={k} n={n}: {a} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panels_match_naive_all_shapes() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (1, 513, 1000),
+            (1, 2048, 67),
+            (2, 33, 300),
+            (5, 64, 70),
+            (13, 130, 9),
+            (37, 600, 64),
+            (64, 512, 96),
+            (3, 0, 4),
+        ] {
+            let x = vals(m * k, 1);
+            let w = vals(k * n, 2);
+            let b = vals(n, 3);
+            let wp = pack_panels(&w, k, n);
+            assert_eq!(wp.len(), n.div_ceil(NR) * k * NR);
+            for bias in [None, Some(&b[..])] {
+                let want = naive(&x, &w, bias, m, k, n);
+                for threads in [1, 3] {
+                    let mut y = vec![f32::NAN; m * n];
+                    pool.install(|| dense_panels(&x, &wp, bias, &mut y, m, k, n, threads));
+                    for (a, e) in y.iter().zip(&want) {
+                        assert!(
+                            (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{m}x{k}x{n}: {a} vs {e}"
+                        );
                     }
                 }
             }
