@@ -456,7 +456,7 @@ impl State {
                 g,
                 max,
                 count_include_pad,
-            } => conv::pool(x(0)?, y, batch, g, *max, *count_include_pad),
+            } => conv::pool(x(0)?, y, batch, g, *max, *count_include_pad, threads),
             Op::GlobalPool { s, c, max } => conv::global_pool(x(0)?, y, batch, *s, *c, *max),
             Op::Reduce(r) => misc::reduce(x(0)?, y, batch, r),
             Op::Pad(p) => misc::pad(x(0)?, y, batch, p),

@@ -520,3 +520,55 @@ fn dense_panels_layout_equals_rows_layout() {
         .to_string();
     assert!(e.contains("kernel_layout"), "{e}");
 }
+
+#[test]
+fn large_pools_split_across_threads_match_naive() {
+    // 5 × 28 × 28 × 32 → 14 × 14 × 32: 31,360 outputs, enough to split across threads.
+    let (b, h, c) = (5usize, 28usize, 32usize);
+    let mut x = vals(b * h * h * c, 11);
+    x[3 * h * h * c + 7] = f32::NAN; // NaN propagates through max, as in numpy
+    for kind in ["max", "avg"] {
+        let json = one_node(
+            "pool",
+            &[h, h, c],
+            &[h / 2, h / 2, c],
+            &format!(
+                r#"{{"kind": "{kind}", "window": [2, 2], "strides": [2, 2], "pads": [[0, 0], [0, 0]]}}"#
+            ),
+            "{}",
+        );
+        let cont = container(&json, &[]);
+        let mut want = vec![0f32; b * (h / 2) * (h / 2) * c];
+        for n in 0..b {
+            for oh in 0..h / 2 {
+                for ow in 0..h / 2 {
+                    for ch in 0..c {
+                        let v = |i: usize, j: usize| {
+                            x[((n * h + 2 * oh + i) * h + 2 * ow + j) * c + ch]
+                        };
+                        let vs = [v(0, 0), v(0, 1), v(1, 0), v(1, 1)];
+                        want[((n * h / 2 + oh) * h / 2 + ow) * c + ch] = if kind == "max" {
+                            if vs.iter().any(|v| v.is_nan()) {
+                                f32::NAN
+                            } else {
+                                vs.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+                            }
+                        } else {
+                            vs.iter().sum::<f32>() / 4.0
+                        };
+                    }
+                }
+            }
+        }
+        for threads in [1, 3] {
+            let got = run(&cont, &x, b, threads);
+            assert_eq!(got.iter().filter(|v| v.is_nan()).count(), 1, "{kind}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-6,
+                    "{kind}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}

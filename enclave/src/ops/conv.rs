@@ -302,14 +302,31 @@ fn depthwise(
 }
 
 /// Window pooling: `y[batch, oh, ow, c]`.
-pub fn pool(x: &[f32], y: &mut [f32], batch: usize, g: &Geom, max: bool, count_include_pad: bool) {
+pub fn pool(
+    x: &[f32],
+    y: &mut [f32],
+    batch: usize,
+    g: &Geom,
+    max: bool,
+    count_include_pad: bool,
+    threads: usize,
+) {
     let c = g.c;
     assert!(x.len() >= batch * g.in_len() && y.len() >= batch * g.oh * g.ow * c);
-    for n in 0..batch {
-        let xs = &x[n * g.in_len()..][..g.in_len()];
-        for oh in 0..g.oh {
-            for ow in 0..g.ow {
-                let out = &mut y[((n * g.oh + oh) * g.ow + ow) * c..][..c];
+    // Output rows (sample, oh) are split across threads; ≥ ~16k outputs per task.
+    let rows = batch * g.oh;
+    let parts = threads.clamp(1, (rows * g.ow * c / 16384).clamp(1, rows.max(1)));
+    let yp = SendPtr(y.as_mut_ptr());
+    par_for(parts, &|t| {
+        for r in rows * t / parts..rows * (t + 1) / parts {
+            let (n, oh) = (r / g.oh, r % g.oh);
+            let xs = &x[n * g.in_len()..][..g.in_len()];
+            // SAFETY: output row r (ow × c floats at r·ow·c) lies inside y (asserted)
+            // and belongs to this task alone (rows are split between tasks); all
+            // tasks end before `pool`'s borrow of y does.
+            let yrow =
+                unsafe { std::slice::from_raw_parts_mut(yp.get().add(r * g.ow * c), g.ow * c) };
+            for (ow, out) in yrow.chunks_exact_mut(c).enumerate() {
                 out.fill(if max { f32::NEG_INFINITY } else { 0.0 });
                 let mut count = 0usize;
                 for ki in 0..g.kh {
@@ -320,10 +337,9 @@ pub fn pool(x: &[f32], y: &mut [f32], batch: usize, g: &Geom, max: bool, count_i
                         let xin = &xs[(ih * g.w + iw) * c..][..c];
                         if max {
                             for (o, &v) in out.iter_mut().zip(xin) {
-                                // NaN propagates like numpy's max
-                                if v > *o || v.is_nan() {
-                                    *o = v;
-                                }
+                                // NaN propagates like numpy's max. Written as a
+                                // branch-free select (`|`, not `||`) so it vectorises.
+                                *o = if (v > *o) | v.is_nan() { v } else { *o };
                             }
                         } else {
                             for (o, &v) in out.iter_mut().zip(xin) {
@@ -343,7 +359,7 @@ pub fn pool(x: &[f32], y: &mut [f32], batch: usize, g: &Geom, max: bool, count_i
                 }
             }
         }
-    }
+    });
 }
 
 /// Reduce `[batch, s, c]` over `s`.
@@ -355,9 +371,7 @@ pub fn global_pool(x: &[f32], y: &mut [f32], batch: usize, s: usize, c: usize, m
         for row in x[n * s * c..][..s * c].chunks_exact(c) {
             if max {
                 for (o, &v) in out.iter_mut().zip(row) {
-                    if v > *o || v.is_nan() {
-                        *o = v;
-                    }
+                    *o = if (v > *o) | v.is_nan() { v } else { *o };
                 }
             } else {
                 for (o, &v) in out.iter_mut().zip(row) {
