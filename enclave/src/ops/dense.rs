@@ -59,16 +59,7 @@ pub fn dense(
 ) {
     assert!(x.len() >= m * k && y.len() >= m * n && w.len() >= k * n);
     assert!(bias.is_none_or(|b| b.len() >= n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for row in y[..m * n].chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.copy_from_slice(&b[..n]),
-                None => row.fill(0.0),
-            }
-        }
+    if degenerate(bias, y, m, k, n) {
         return;
     }
     if m == 1 {
@@ -81,7 +72,6 @@ pub fn dense(
     let min_panels = (16384 / (k * NR)).max(1);
     let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
     let yp = SendPtr(y.as_mut_ptr());
-    let step = if avx512 { MR } else { MR_PORTABLE };
     let pack = m >= PACK_MIN_ROWS;
     par_for(parts, &|t| {
         let p0 = np * t / parts;
@@ -103,17 +93,12 @@ pub fn dense(
                             d[..ncols].copy_from_slice(src);
                         }
                         let wb = &buf[..kc * NR];
-                        let mut r0 = 0;
-                        while r0 < m {
-                            let rows = step.min(m - r0);
-                            let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
-                            // SAFETY: as in the unpacked loop below.
-                            unsafe {
-                                let yb = yp.get().add(r0 * n + c0);
-                                micro(avx512, rows, xs, k, kc, wb, NR, init, yb, n, ncols);
-                            }
-                            r0 += rows;
-                        }
+                        // SAFETY: columns c0..c0+ncols of y belong to this task
+                        // alone (panels are split between tasks); all tasks end
+                        // before our borrow of y does.
+                        unsafe {
+                            row_blocks(avx512, x, m, k, k0, kc, wb, NR, init, yp, n, c0, ncols)
+                        };
                         k0 += kc;
                     }
                 }
@@ -131,19 +116,9 @@ pub fn dense(
                 let init = block_init(bias, k0, c0, ncols);
                 // The panel block: rows k0..k0+kc, columns c0..c0+ncols of w.
                 let wb = &w[k0 * n + c0..(k0 + kc - 1) * n + c0 + ncols];
-                let mut r0 = 0;
-                while r0 < m {
-                    let rows = step.min(m - r0);
-                    let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
-                    // SAFETY: rows r0..r0+rows, columns c0..c0+ncols of y lie inside y
-                    // (m×n, asserted) and belong to this task alone (panels are split
-                    // between tasks); all tasks end before `dense`'s borrow of y does.
-                    unsafe {
-                        let yb = yp.get().add(r0 * n + c0);
-                        micro(avx512, rows, xs, k, kc, wb, n, init, yb, n, ncols);
-                    }
-                    r0 += rows;
-                }
+                // SAFETY: columns c0..c0+ncols of y belong to this task alone (panels are
+                // split between tasks); all tasks end before our borrow of y does.
+                unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, n, init, yp, n, c0, ncols) };
             }
             k0 += kc;
         }
@@ -189,20 +164,10 @@ pub fn dense_panels(
     let np = n.div_ceil(NR);
     assert!(x.len() >= m * k && y.len() >= m * n && wp.len() >= np * k * NR);
     assert!(bias.is_none_or(|b| b.len() >= n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for row in y[..m * n].chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.copy_from_slice(&b[..n]),
-                None => row.fill(0.0),
-            }
-        }
+    if degenerate(bias, y, m, k, n) {
         return;
     }
     let avx512 = has_avx512();
-    let step = if avx512 { MR } else { MR_PORTABLE };
     // Enough panels per task to amortise the fork (≥ ~64 KiB of weights each).
     let min_panels = (16384 / (k * NR)).max(1);
     let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
@@ -217,23 +182,80 @@ pub fn dense_panels(
                 let kc = KC.min(k - k0);
                 let init = block_init(bias, k0, c0, ncols);
                 let wb = &panel[k0 * NR..(k0 + kc) * NR];
-                let mut r0 = 0;
-                while r0 < m {
-                    let rows = step.min(m - r0);
-                    let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
-                    // SAFETY: rows r0..r0+rows, columns c0..c0+ncols of y lie inside
-                    // y (m×n, asserted) and belong to this task alone (panels are
-                    // split between tasks); all tasks end before our borrow of y does.
-                    unsafe {
-                        let yb = yp.get().add(r0 * n + c0);
-                        micro(avx512, rows, xs, k, kc, wb, NR, init, yb, n, ncols);
-                    }
-                    r0 += rows;
-                }
+                // SAFETY: columns c0..c0+ncols of y belong to this task alone (panels are
+                // split between tasks); all tasks end before our borrow of y does.
+                unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, NR, init, yp, n, c0, ncols) };
                 k0 += kc;
             }
         }
     });
+}
+
+/// Handle the shapes with nothing to multiply (no rows, no columns, or `k == 0`,
+/// where `y` is just the bias); false when there is real work.
+fn degenerate(bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k > 0 {
+        return false;
+    }
+    for row in y[..m * n].chunks_exact_mut(n) {
+        match bias {
+            Some(b) => row.copy_from_slice(&b[..n]),
+            None => row.fill(0.0),
+        }
+    }
+    true
+}
+
+/// Multiply every block of up to `MR` rows of `x` (columns `k0..k0+kc`) by one panel
+/// block `wb` (`kc` rows `ldw` apart, `ncols` ≤ 32 columns) into columns
+/// `c0..c0+ncols` of `y` (`m × n`, at `yp`).
+///
+/// # Safety
+/// `yp` must point at `m × n` floats, and columns `c0..c0+ncols` of every row must not
+/// be read or written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_blocks(
+    avx512: bool,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    k0: usize,
+    kc: usize,
+    wb: &[f32],
+    ldw: usize,
+    init: Init,
+    yp: SendPtr,
+    n: usize,
+    c0: usize,
+    ncols: usize,
+) {
+    let step = if avx512 { MR } else { MR_PORTABLE };
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = step.min(m - r0);
+        let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
+        // SAFETY: rows r0..r0+rows, columns c0..c0+ncols lie inside y (caller's
+        // contract: m × n at yp) and are ours alone for the call.
+        unsafe {
+            micro(
+                avx512,
+                rows,
+                xs,
+                k,
+                kc,
+                wb,
+                ldw,
+                init,
+                yp.get().add(r0 * n + c0),
+                n,
+                ncols,
+            )
+        };
+        r0 += rows;
+    }
 }
 
 /// How the block at `(k0, c0)` starts: the bias (or zero) on the first k-block,
