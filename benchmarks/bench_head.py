@@ -6,7 +6,8 @@ In one run, on the same machine and the same weights:
 * batch-1 latency and batch-64 throughput: worker (including host↔worker transfer
   through shared memory) vs ONNX Runtime (2 intra-op threads) on the same dense head,
   timed in alternation so both see the same machine state;
-* worker start → ready: spawn, HPKE key unwrap, unseal, parse, pack weights;
+* worker start → ready: spawn, HPKE key unwrap, unseal, parse, warm-up, sandbox (dense
+  kernels arrive pre-packed, so nothing is re-packed);
 * host↔worker round trip for a 64×512 float32 input, on an identity program (so the
   number is transfer and framing only, no compute).
 
@@ -136,7 +137,7 @@ def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
         for b, x in ((1, x1), (64, x64)):
             tw, to = timeit_pair(worker.infer, ort_run, x, seconds)
             results[f"worker_b{b}_ms"], results[f"ort_b{b}_ms"] = 1e3 * tw, 1e3 * to
-    # Start → ready: spawn, handshake, key unwrap, unseal, parse, pack, warm-up, sandbox.
+    # Start → ready: spawn, handshake, key unwrap, unseal, parse, warm-up, sandbox.
     from ennclave.keys.keystore import Keystore
     from ennclave.runtime.worker import WorkerClient, local_key_release
 
