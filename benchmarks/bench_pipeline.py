@@ -8,7 +8,7 @@ run on the same machine and weights:
   `model.predict_on_batch` (the same calling convention as the bundle's public part);
 * `unsplit_predict`: Keras's own `model.predict(x, batch_size=64)`;
 * `split_sequential`: `EnclavedModel.predict(x, 64, pipeline=False)`;
-* `split_pipelined`: `EnclavedModel.predict(x, 64)` — the public part of batch i+1
+* `split_pipelined`: `EnclavedModel.predict(x, 64, pipeline=True)` — the public part of batch i+1
   overlaps the enclave's work on batch i.
 
 Target: pipelined split throughput ≥ 0.9× unsplit; we hold it to the stronger of the
@@ -85,7 +85,7 @@ def main() -> int:
             "unsplit_call": unsplit_call,
             "unsplit_predict": lambda: model.predict(x, batch_size=BATCH, verbose=0),
             "split_sequential": lambda: m.predict(x, BATCH, pipeline=False),
-            "split_pipelined": lambda: m.predict(x, BATCH),
+            "split_pipelined": lambda: m.predict(x, BATCH, pipeline=True),
         }
         for _ in range(args.repeats):
             for k, fn in fns.items():

@@ -57,9 +57,11 @@ def test_pipelined_equals_sequential_and_keras(split_bundle: tuple[Path, Path, A
     x = np.random.default_rng(1).standard_normal((203, 12)).astype(np.float32)
     with ennclave.load(bundle, keystore=ks) as m:
         seq = m.predict(x, 16, pipeline=False)
-        pipe = m.predict(x, 16)
-        one = m.predict(x[:5], 16)  # a single batch takes the plain path
+        pipe = m.predict(x, 16, pipeline=True)
+        auto = m.predict(x, 16)  # CPU public part: sequential by default
+        one = m.predict(x[:5], 16, pipeline=True)  # a single batch takes the plain path
     np.testing.assert_array_equal(pipe, seq)
+    np.testing.assert_array_equal(auto, seq)
     np.testing.assert_array_equal(one, seq[:5])
     np.testing.assert_allclose(pipe, np.asarray(model(x)), atol=1e-5)
 
@@ -76,7 +78,7 @@ def test_public_of_next_batch_overlaps_enclave(
         enc = Recorder(m._worker.infer, delay=0.05)
         monkeypatch.setattr(m, "_public", pub)
         monkeypatch.setattr(m._worker, "infer", enc)
-        got = m.predict(x, bs)
+        got = m.predict(x, bs, pipeline=True)
     np.testing.assert_array_equal(got, want)  # ordered
     assert len(pub.calls) == len(enc.calls) == n_batches
     # The enclave ran in a background thread, the public part in the caller's.
@@ -103,6 +105,23 @@ def test_errors_propagate_and_model_stays_usable(
             else:
                 mp.setattr(m, "_public", Recorder(m._public, fail_on=3))
             with pytest.raises(RuntimeError, match="boom"):
-                m.predict(x, 8)
-        np.testing.assert_array_equal(m.predict(x, 8), want)
+                m.predict(x, 8, pipeline=True)
+        np.testing.assert_array_equal(m.predict(x, 8, pipeline=True), want)
     assert not [t for t in threading.enumerate() if t.name.startswith("ennclave-enclave")]
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_default_pipelines_only_with_a_gpu_public_part(
+    split_bundle: tuple[Path, Path, Any], monkeypatch: pytest.MonkeyPatch, on_gpu: bool
+) -> None:
+    bundle, ks, _ = split_bundle
+    x = np.random.default_rng(4).standard_normal((24, 12)).astype(np.float32)
+    with ennclave.load(bundle, keystore=ks) as m:
+        assert m._public.on_gpu is False  # no GPU on this machine
+        want = m.predict(x, 8, pipeline=False)
+        monkeypatch.setattr(m._public, "on_gpu", on_gpu)
+        enc = Recorder(m._worker.infer)
+        monkeypatch.setattr(m._worker, "infer", enc)
+        np.testing.assert_array_equal(m.predict(x, 8), want)
+    in_background = [c[3] != threading.current_thread().name for c in enc.calls]
+    assert in_background == [on_gpu] * 3

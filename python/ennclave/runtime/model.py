@@ -164,6 +164,18 @@ class _Public:
             self._input = self._sess.get_inputs()[0].name
         else:
             raise BundleError(f"Unknown public framework {framework!r}; upgrade ennclave.")
+        self.on_gpu = self._detect_gpu()
+
+    def _detect_gpu(self) -> bool:
+        """Whether the public part runs on a GPU (untested here: no GPU was lent)."""
+        if self.framework == "onnx":
+            return self._sess.get_providers()[0] != "CPUExecutionProvider"
+        try:
+            import tensorflow as tf
+
+            return bool(tf.config.list_logical_devices("GPU"))
+        except Exception:  # another Keras backend, or TensorFlow without GPU support
+            return False
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.framework == "keras":
@@ -322,19 +334,24 @@ class EnclavedModel:
 
     def predict(
         self, x: Any, batch_size: int = 32, *, allow_nonfinite: bool = False,
-        pipeline: bool = True,
+        pipeline: bool | None = None,
     ) -> np.ndarray | TopK:
         """Run the whole model on `x` (batch first). See the module docstring for the
         output type under each output policy.
 
-        With a public part and more than one batch, `pipeline` (default) runs the public
+        With a public part and more than one batch, `pipeline=True` runs the public
         part of batch i+1 while the enclave works on batch i (one background thread, at
         most two batches in flight); results keep their order and the first error is
-        raised. `pipeline=False` runs the batches one after the other."""
+        raised. `pipeline=False` runs the batches one after the other. The default
+        (None) pipelines only when the public part runs on a GPU: on CPU both stages
+        compete for the same cores, and on this project's 2-core machine the
+        sequential order was faster (benchmarks/bench_pipeline.py)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         arr = self._validate(x, allow_nonfinite)
         starts = range(0, arr.shape[0], batch_size)
+        if pipeline is None:
+            pipeline = self._public is not None and self._public.on_gpu
         if pipeline and self._public is not None and len(starts) > 1:
             outs = self._predict_pipelined(arr, starts, batch_size, allow_nonfinite)
         else:
