@@ -279,3 +279,20 @@ def test_keras_mask_stays_public(tmp_path):
     assert "emb" not in names and "pool" in names
     res = split_model(adapter, "pool", tmp_path / "b", keystore=tmp_path / "ks.json")
     assert res.verification.passed
+
+
+def test_malformed_panels_kernel_is_a_clear_error(saved):
+    from ennclave.errors import ProgramError
+
+    adapter = load_model(saved["res"])
+    prog = adapter.lower_private(find_cut_points(adapter.graph)[2])
+    container = prog.to_container()
+    n_json = struct.unpack("<Q", container[8:16])[0]
+    graph = json.loads(container[16 : 16 + n_json])
+    dense = next(n for n in graph["nodes"] if n["op"] == "dense")
+    del dense["attrs"]["units"]
+    with pytest.raises(ProgramError, match="units"):
+        Program.from_parts(json.dumps(graph).encode(), container[16 + n_json :])
+    dense["attrs"]["units"] = 10_000  # does not match the kernel's panel count
+    with pytest.raises(ProgramError, match="does not fit"):
+        Program.from_parts(json.dumps(graph).encode(), container[16 + n_json :])

@@ -52,6 +52,8 @@ def pack_panels(kernel: np.ndarray) -> np.ndarray:
 
 def unpack_panels(panels: np.ndarray, units: int) -> np.ndarray:
     """The inverse of `pack_panels`."""
+    if panels.ndim != 3:
+        raise ProgramError(f"A panels32 dense kernel must have 3 dimensions, not {panels.ndim}.")
     p, k, width = panels.shape
     if width != PANEL or p != -(-units // PANEL):
         raise ProgramError(
@@ -127,7 +129,12 @@ class Program:
                 key = node.weights["kernel"]
                 attrs = dict(node.attrs)
                 del attrs["kernel_layout"]
-                units = attrs.pop("units")
+                units = attrs.pop("units", None)
+                if not isinstance(units, int) or units < 1 or key not in weights:
+                    raise ProgramError(
+                        f"Dense node {node.name!r} has a panels32 kernel without a valid "
+                        "'units' attribute or kernel; the program is malformed."
+                    )
                 weights[key] = unpack_panels(weights[key], units)
                 node = ProgramNode(node.name, node.op, node.inputs, node.outputs, attrs, node.weights)
             nodes.append(node)
