@@ -15,12 +15,11 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
-
-use crate::ops::dense;
 use serde_json::{Map, Value};
 
 use crate::ops::binary::{Bcast, BinKind};
 use crate::ops::conv::{ConvParams, Geom};
+use crate::ops::dense;
 use crate::ops::misc::{Pad, Reduce, ReduceKind, Transpose};
 use crate::ops::Act;
 use crate::secmem::{Backing, SecretBuf};
@@ -758,7 +757,7 @@ impl<'d> Builder<'d> {
                     },
                 };
                 let n = if panels {
-                    // [ceil(units / 32), in, 32]: see dense::PANEL_LAYOUT.
+                    // [ceil(units / 32), in, 32]: see dense::pack_panels.
                     let n = uint(ctx.req("units")?, &ctx.what("units"))?;
                     let want = [n.div_ceil(dense::NR), k, dense::NR];
                     if n == 0 || kshape != want {

@@ -11,9 +11,7 @@
 //! * Larger batches use a register-blocked micro-kernel of up to `MR` rows × 32
 //!   columns reading 32-column panels of `w` with row stride `n`, blocked over `k`
 //!   (`KC` rows at a time) so a panel block is reused from cache by every row block.
-//!   Panels are split across threads. From `PACK_MIN_ROWS` rows on, each panel
-//!   block is first copied to a small per-thread secret scratch (`PKC × NR` floats,
-//!   32 KiB), so the micro-kernel reads it contiguously instead of 8 KiB-strided.
+//!   Panels are split across threads.
 //!
 //! Programs written by `ennclave split` store dense kernels pre-packed instead
 //! (`kernel_layout: panels32`, see [`dense_panels`]): the owner's machine does the
@@ -35,12 +33,6 @@ const MR: usize = 12;
 const MR_PORTABLE: usize = 4;
 /// Rows of `w` per k-block of the blocked kernel.
 const KC: usize = 256;
-/// Batches of at least this many rows copy each panel block to a contiguous
-/// scratch first (rows of `w` are `n` floats apart, which thrashes the L1 sets
-/// and the TLB when a block is reused by many row blocks).
-const PACK_MIN_ROWS: usize = 8;
-/// Rows of `w` per k-block of the packed path (the scratch holds `PKC × NR` floats).
-const PKC: usize = 256;
 /// Rows of `w` added per pass of the GEMV kernel.
 const GEMV_ROWS: usize = 8;
 
@@ -72,41 +64,9 @@ pub fn dense(
     let min_panels = (16384 / (k * NR)).max(1);
     let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
     let yp = SendPtr(y.as_mut_ptr());
-    let pack = m >= PACK_MIN_ROWS;
     par_for(parts, &|t| {
         let p0 = np * t / parts;
         let p1 = np * (t + 1) / parts;
-        if pack {
-            let done = with_panel_scratch(|buf| {
-                for p in p0..p1 {
-                    let c0 = p * NR;
-                    let ncols = NR.min(n - c0);
-                    let mut k0 = 0;
-                    while k0 < k {
-                        let kc = PKC.min(k - k0);
-                        let init = block_init(bias, k0, c0, ncols);
-                        // Copy the panel block (rows k0..k0+kc, columns c0..c0+ncols
-                        // of w) to the contiguous scratch, row stride NR.
-                        let wb = &mut buf[..kc * NR];
-                        for (i, d) in wb.chunks_exact_mut(NR).enumerate() {
-                            let src = &w[(k0 + i) * n + c0..][..ncols];
-                            d[..ncols].copy_from_slice(src);
-                        }
-                        let wb = &buf[..kc * NR];
-                        // SAFETY: columns c0..c0+ncols of y belong to this task
-                        // alone (panels are split between tasks); all tasks end
-                        // before our borrow of y does.
-                        unsafe {
-                            row_blocks(avx512, x, m, k, k0, kc, wb, NR, init, yp, n, c0, ncols)
-                        };
-                        k0 += kc;
-                    }
-                }
-            });
-            if done {
-                return;
-            }
-        }
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
@@ -266,41 +226,6 @@ fn block_init(bias: Option<&[f32]>, k0: usize, c0: usize, ncols: usize) -> Init<
     } else {
         Init::Accumulate
     }
-}
-
-thread_local! {
-    /// Per-thread scratch for one `PKC × NR` panel block of weights. It
-    /// holds weights, so it lives in secret memory; made on a thread's first
-    /// batched dense call, then reused (the pool's threads live as long as the
-    /// executor), and wiped when the thread ends.
-    static PANEL: std::cell::RefCell<Option<crate::secmem::SecretBuf<f32>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Run `f` on this thread's panel scratch (`PKC * NR` floats). Returns false, without
-/// calling `f`, when no scratch can be had (allocation failed, or already in use).
-fn with_panel_scratch(f: impl FnOnce(&mut [f32])) -> bool {
-    PANEL.with(|cell| {
-        let Ok(mut slot) = cell.try_borrow_mut() else {
-            return false;
-        };
-        if slot.is_none() {
-            match crate::secmem::SecretBuf::<f32>::new(PKC * NR) {
-                Ok(mut b) => {
-                    b.prefault();
-                    *slot = Some(b);
-                }
-                Err(_) => return false,
-            }
-        }
-        match slot.as_mut() {
-            Some(b) => {
-                f(&mut b[..]);
-                true
-            }
-            None => false,
-        }
-    })
 }
 
 /// How a micro-kernel call starts its accumulators.
@@ -747,13 +672,38 @@ mod tests {
         assert_eq!(y, [9.0, 12.0, 15.0, 4.0, 5.0, 6.0]);
     }
 
-    #[test]
-    fn matches_naive_all_shapes() {
+    /// Run `f` (given the row-major kernel) on every shape, with and without a bias, on
+    /// 1 and 3 threads of a 3-thread pool; every output must be within `tol(expected)`.
+    #[allow(clippy::type_complexity)]
+    fn check_shapes(
+        shapes: &[(usize, usize, usize)],
+        tol: fn(f32) -> f32,
+        f: &(dyn Fn(&[f32], &[f32], Option<&[f32]>, &mut [f32], usize, usize, usize, usize) + Sync),
+    ) {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        for &(m, k, n) in &[
+        for &(m, k, n) in shapes {
+            let x = vals(m * k, 1);
+            let w = vals(k * n, 2);
+            let b = vals(n, 3);
+            for bias in [Some(&b[..]), None] {
+                let want = naive(&x, &w, bias, m, k, n);
+                for threads in [1, 3] {
+                    let mut y = vec![f32::NAN; m * n];
+                    pool.install(|| f(&x, &w, bias, &mut y, m, k, n, threads));
+                    for (a, e) in y.iter().zip(&want) {
+                        assert!((a - e).abs() <= tol(*e), "m={m} k={k} n={n}: {a} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_naive_all_shapes() {
+        let shapes = [
             (1, 7, 5),
             (1, 513, 1000),
             (1, 300, 4099),
@@ -766,30 +716,13 @@ mod tests {
             (37, 20, 64),
             (64, 100, 33),
             (20, 600, 100),
-        ] {
-            for threads in [1, 3] {
-                let x = vals(m * k, 1);
-                let w = vals(k * n, 2);
-                let b = vals(n, 3);
-                for bias in [Some(&b[..]), None] {
-                    let want = naive(&x, &w, bias, m, k, n);
-                    let mut y = vec![f32::NAN; m * n];
-                    pool.install(|| dense(&x, &w, bias, &mut y, m, k, n, threads));
-                    for (a, e) in y.iter().zip(&want) {
-                        assert!((a - e).abs() < 2e-3, "m={m} k={k} n={n}: {a} vs {e}");
-                    }
-                }
-            }
-        }
+        ];
+        check_shapes(&shapes, |_| 2e-3, &dense);
     }
 
     #[test]
     fn panels_match_naive_all_shapes() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        for &(m, k, n) in &[
+        let shapes = [
             (1, 7, 5),
             (1, 513, 1000),
             (1, 2048, 67),
@@ -799,26 +732,16 @@ mod tests {
             (37, 600, 64),
             (64, 512, 96),
             (3, 0, 4),
-        ] {
-            let x = vals(m * k, 1);
-            let w = vals(k * n, 2);
-            let b = vals(n, 3);
-            let wp = pack_panels(&w, k, n);
-            assert_eq!(wp.len(), n.div_ceil(NR) * k * NR);
-            for bias in [None, Some(&b[..])] {
-                let want = naive(&x, &w, bias, m, k, n);
-                for threads in [1, 3] {
-                    let mut y = vec![f32::NAN; m * n];
-                    pool.install(|| dense_panels(&x, &wp, bias, &mut y, m, k, n, threads));
-                    for (a, e) in y.iter().zip(&want) {
-                        assert!(
-                            (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                            "{m}x{k}x{n}: {a} vs {e}"
-                        );
-                    }
-                }
-            }
-        }
+        ];
+        check_shapes(
+            &shapes,
+            |e| 1e-4 * (1.0 + e.abs()),
+            &|x, w, bias, y, m, k, n, t| {
+                let wp = pack_panels(w, k, n);
+                assert_eq!(wp.len(), n.div_ceil(NR) * k * NR);
+                dense_panels(x, &wp, bias, y, m, k, n, t)
+            },
+        );
     }
 
     #[test]

@@ -554,27 +554,11 @@ class WorkerClient:
         except OSError:
             raise _Dead() from None
 
-    def _spin_recv(self, view: memoryview, need: int, spin_s: float) -> None:
-        """Poll the socket without blocking for up to `spin_s` seconds: when the answer
-        is due within microseconds this skips the cost of sleeping and being woken."""
-        assert self._sock is not None
-        deadline = time.perf_counter() + spin_s
-        while self._rx_end - self._rx_start < need:
-            try:
-                got = self._sock.recv_into(view[self._rx_end :], 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if time.perf_counter() >= deadline:
-                    return
-                continue
-            except OSError:
-                raise _Dead() from None
-            if not got:
-                raise _Dead()
-            self._rx_end += got
-
     def _fill(self, need: int, spin_s: float = 0.0) -> None:
         """Receive until `need` unread bytes are buffered (usually one recv_into for a
-        whole small frame)."""
+        whole small frame). For the first `spin_s` seconds the socket is polled without
+        blocking: when the answer is due within microseconds this skips the cost of
+        sleeping and being woken."""
         assert self._sock is not None
         rx = self._rx
         if self._rx_start + need > len(rx):
@@ -584,12 +568,15 @@ class WorkerClient:
             rx[: len(unread)] = unread
             self._rx_start, self._rx_end = 0, len(unread)
         view = memoryview(rx)
+        polling, spin_until = spin_s > 0, time.perf_counter() + spin_s
         try:
-            if spin_s > 0:
-                self._spin_recv(view, need, spin_s)
             while self._rx_end - self._rx_start < need:
+                flags = socket.MSG_DONTWAIT if polling else 0
                 try:
-                    got = self._sock.recv_into(view[self._rx_end :])
+                    got = self._sock.recv_into(view[self._rx_end :], 0, flags)
+                except BlockingIOError:  # polling, nothing yet
+                    polling = time.perf_counter() < spin_until  # then block
+                    continue
                 except TimeoutError:
                     raise WorkerError(
                         "The enclave worker did not answer in time; it was stopped, try again.",
