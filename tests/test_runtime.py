@@ -145,6 +145,29 @@ def test_input_validation(enclave_bundle):
 
 
 @needs_worker
+def test_worker_names_the_first_nonfinite_value_anywhere_in_a_batch(enclave_bundle):
+    """The worker checks its private copy chunk by chunk (8 KiB): a value in any chunk,
+    including the last value of the batch, is found and named by sample and position."""
+    with ennclave.load(
+        enclave_bundle.path, keystore=enclave_bundle.keystore, max_batch=1024
+    ) as m:
+        n = 1000
+        assert m.worker.ready.max_batch >= n and n * IN > 3 * 2048  # several chunks
+        cases = [(0, 0, -np.inf), (700, 5, np.nan), (n - 1, IN - 1, np.inf)]
+        for s, j, v in cases:
+            x = _x(n)
+            x[s, j] = v
+            x[-1, 0] = np.nan if s < n - 1 else x[-1, 0]  # a later one must not win
+            with pytest.raises(
+                InputError, match=f"sample {s} contains NaN or infinity at position {j}"
+            ):
+                m.worker.infer(x)
+        np.testing.assert_allclose(
+            m.worker.infer(_x(n)), reference(enclave_bundle.weights, _x(n)), atol=1e-5
+        )
+
+
+@needs_worker
 def test_worker_rejects_bad_requests_and_keeps_serving(enclave_bundle):
     with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
         w = m.worker

@@ -662,6 +662,28 @@ fn first_nonfinite(v: &[f32]) -> Option<usize> {
     None
 }
 
+/// Copy the input out of the shared region into private memory `dst`, one L1-sized
+/// chunk at a time, and (with `check`) look for a non-finite value in each private
+/// chunk while it is still in cache. Returns the index of the first non-finite value.
+/// Only the private copy is ever checked: the host may rewrite the region at any time.
+fn copy_in_checked(
+    shm: &Shm,
+    offset: usize,
+    dst: &mut [f32],
+    check: bool,
+) -> std::io::Result<Option<usize>> {
+    const CHUNK: usize = 2048; // floats: 8 KiB
+    for (c, chunk) in dst.chunks_mut(CHUNK).enumerate() {
+        shm.read_f32(offset + c * CHUNK * 4, chunk)?;
+        if check {
+            if let Some(i) = first_nonfinite(chunk) {
+                return Ok(Some(c * CHUNK + i));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Busy-poll `sock` for up to `spin_us` µs until it has data (or is closed), so the
 /// blocking read that follows returns without sleeping. Returns early on any error:
 /// the blocking read reports it.
@@ -813,12 +835,13 @@ fn serve(
                         continue;
                     }
                 };
-                if let Err(e) = shm.read_f32(in_offset, input) {
-                    err(ctl, code::INTERNAL, e.to_string())?;
-                    continue;
-                }
-                if flags & INFER_ALLOW_NONFINITE == 0 {
-                    if let Some(i) = first_nonfinite(input) {
+                let check = flags & INFER_ALLOW_NONFINITE == 0;
+                match copy_in_checked(shm, in_offset, input, check) {
+                    Err(e) => {
+                        err(ctl, code::INTERNAL, e.to_string())?;
+                        continue;
+                    }
+                    Ok(Some(i)) => {
                         err(
                             ctl,
                             code::NONFINITE_INPUT,
@@ -830,6 +853,7 @@ fn serve(
                         )?;
                         continue;
                     }
+                    Ok(None) => {}
                 }
                 let output = match l.exec.run_in_place(b) {
                     Ok(output) => output,
@@ -865,6 +889,10 @@ fn serve(
                         queries_left,
                     },
                 )?;
+                // While the host reads the answer and prepares the next request: see
+                // Shm::evict (failure is impossible here, the ranges were just used).
+                let _ = shm.evict(in_offset, b * l.in_len * 4);
+                let _ = shm.evict(out_offset, b * pout * 4);
             }
             Msg::Ping { nonce } => write_msg(
                 ctl,

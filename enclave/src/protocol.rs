@@ -677,6 +677,31 @@ impl Shm {
         Ok(())
     }
 
+    /// Drop `offset..offset + n` of the region from every CPU cache (x86-64
+    /// `clflush`; nothing elsewhere). Called on the bytes of a finished
+    /// request, while the host prepares the next one: the host then writes the next
+    /// input into lines that no other core holds, instead of waiting for this core to
+    /// give up its copy of each line in turn, and the worker's next output likewise.
+    /// A pure performance hint: the bytes stay as they are.
+    pub fn evict(&self, offset: usize, n: usize) -> io::Result<()> {
+        self.check(offset, n)?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::_mm_clflush;
+            const LINE: usize = 64;
+            let start = self.ptr as usize + offset;
+            let lines = (start % LINE + n).div_ceil(LINE);
+            let first = start - start % LINE;
+            for i in 0..lines {
+                // SAFETY: every flushed line overlaps `offset..offset + n`, which is
+                // inside our mapping (checked above); clflush writes the line back and
+                // invalidates it without changing its contents.
+                unsafe { _mm_clflush((first + i * LINE) as *const u8) };
+            }
+        }
+        Ok(())
+    }
+
     pub fn write_f32(&self, offset: usize, src: &[f32]) -> io::Result<()> {
         let n = std::mem::size_of_val(src);
         self.check(offset, n)?;

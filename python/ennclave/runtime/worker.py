@@ -51,10 +51,12 @@ from ..errors import (
 BINARY_NAME = "ennclave-enclave"
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20
-# How long the host polls for an answer it expects within microseconds (and the worker
-# polls for the next request, its --spin-us): waking a sleeping process costs tens of
-# µs on a VM, more than a 64×512 transfer.
-SPIN_S = 200e-6
+# How long the host polls for an answer, when the previous one came within this time.
+# Waking a blocked process costs tens of µs on a VM (the answer's write has to kick the
+# sleeping core): a tenth of a batch-1 dense head. The poll yields the core between
+# tries, so the worker's compute threads keep both cores; answers slower than this are
+# waited for asleep, where that cost is noise.
+SPIN_S = 1e-3
 HPKE_INFO_PREFIX = b"ennclave data key v1"
 
 # message types (protocol.rs `ty`)
@@ -557,8 +559,8 @@ class WorkerClient:
     def _fill(self, need: int, spin_s: float = 0.0) -> None:
         """Receive until `need` unread bytes are buffered (usually one recv_into for a
         whole small frame). For the first `spin_s` seconds the socket is polled without
-        blocking: when the answer is due within microseconds this skips the cost of
-        sleeping and being woken."""
+        blocking, yielding the core between tries: when the answer is due soon this
+        skips the cost of sleeping and being woken."""
         assert self._sock is not None
         rx = self._rx
         if self._rx_start + need > len(rx):
@@ -575,6 +577,8 @@ class WorkerClient:
                 try:
                     got = self._sock.recv_into(view[self._rx_end :], 0, flags)
                 except BlockingIOError:  # polling, nothing yet
+                    # The worker's threads may need this core more than we do.
+                    os.sched_yield()
                     polling = time.perf_counter() < spin_until  # then block
                     continue
                 except TimeoutError:
