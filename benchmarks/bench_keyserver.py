@@ -63,11 +63,16 @@ def worker_loop(port, key_id, digest, data_key, stop_at, budget, stats, lock, wi
                 raise RuntimeError(f"challenge {r.status} {body[:200]!r}")
             nonce = bytes.fromhex(json.loads(body)["nonce"])
             req = {
-                "key_id": key_id, "nonce": nonce.hex(), "pubkey": pub.hex(),
-                "binary_sha256": binsha.hex(), "manifest_sha256": digest,
+                "key_id": key_id,
+                "nonce": nonce.hex(),
+                "pubkey": pub.hex(),
+                "binary_sha256": binsha.hex(),
+                "manifest_sha256": digest,
                 "client_id": "be" * 32,
-                "evidence": {"kind": "software",
-                             "report": base64.b64encode(evidence_hash(nonce, pub, binsha)).decode()},
+                "evidence": {
+                    "kind": "software",
+                    "report": base64.b64encode(evidence_hash(nonce, pub, binsha)).decode(),
+                },
             }
             conn.request("POST", "/v1/release", json.dumps(req), hdr)
             r = conn.getresponse()
@@ -118,8 +123,20 @@ def main() -> int:
         t0 = time.monotonic()
         stats["t0"] = t0
         threads = [
-            threading.Thread(target=worker_loop, args=(srv.port, key_id, digest, data_key,
-                                                        t0 + a.seconds, budget, stats, lock, window))
+            threading.Thread(
+                target=worker_loop,
+                args=(
+                    srv.port,
+                    key_id,
+                    digest,
+                    data_key,
+                    t0 + a.seconds,
+                    budget,
+                    stats,
+                    lock,
+                    window,
+                ),
+            )
             for _ in range(a.clients)
         ]
         for t in threads:
@@ -140,14 +157,16 @@ def main() -> int:
         "seconds": round(elapsed, 2),
         "releases_per_s": round(stats["ok"] / elapsed, 1),
         "min_releases_in_a_1s_window": min(full) if full else None,
-        "latency_ms": {q: round(lat[int(len(lat) * f) - 1] * 1e3, 2) if lat else None
-                       for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "latency_ms": {
+            q: round(lat[int(len(lat) * f) - 1] * 1e3, 2) if lat else None
+            for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+        },
         "audit_rows_granted": audited,
         "clients": a.clients,
         "http_requests_per_release": 2,
         "settings": {"seconds": a.seconds, "max_releases": a.max_releases, "rate_limit": "off"},
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
-                   f"{platform.python_version()}",
+        f"{platform.python_version()}",
         "command": "python benchmarks/bench_keyserver.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(res, indent=2))

@@ -71,16 +71,18 @@ def main() -> int:
     x = np.random.default_rng(0).random((args.n, 28, 28, 1), dtype=np.float32)
 
     def unsplit_call() -> np.ndarray:
-        return np.concatenate([np.asarray(model.predict_on_batch(x[s : s + BATCH]))
-                               for s in range(0, len(x), BATCH)])
+        return np.concatenate(
+            [np.asarray(model.predict_on_batch(x[s : s + BATCH])) for s in range(0, len(x), BATCH)]
+        )
 
     res: dict[str, float] = {}
     with ennclave.load(tmp / "bundle", keystore=ks) as m:
         np.testing.assert_allclose(m.predict(x, BATCH), unsplit_call(), atol=1e-4)
         # Interleave the variants so drifting load from other processes hits all alike.
-        runs: dict[str, list[float]] = {k: [] for k in
-                                        ("unsplit_call", "unsplit_predict", "split_sequential",
-                                         "split_pipelined")}
+        runs: dict[str, list[float]] = {
+            k: []
+            for k in ("unsplit_call", "unsplit_predict", "split_sequential", "split_pipelined")
+        }
         fns = {
             "unsplit_call": unsplit_call,
             "unsplit_predict": lambda: model.predict(x, batch_size=BATCH, verbose=0),
@@ -92,12 +94,15 @@ def main() -> int:
                 runs[k].append(best_of(fn, 1))
     for k, ts in runs.items():
         res[f"{k}_samples_per_s"] = args.n / statistics.median(ts)
-    res["pipelined_over_unsplit_call"] = (res["split_pipelined_samples_per_s"]
-                                          / res["unsplit_call_samples_per_s"])
-    res["pipelined_over_unsplit_predict"] = (res["split_pipelined_samples_per_s"]
-                                             / res["unsplit_predict_samples_per_s"])
-    res["pipelined_over_sequential"] = (res["split_pipelined_samples_per_s"]
-                                        / res["split_sequential_samples_per_s"])
+    res["pipelined_over_unsplit_call"] = (
+        res["split_pipelined_samples_per_s"] / res["unsplit_call_samples_per_s"]
+    )
+    res["pipelined_over_unsplit_predict"] = (
+        res["split_pipelined_samples_per_s"] / res["unsplit_predict_samples_per_s"]
+    )
+    res["pipelined_over_sequential"] = (
+        res["split_pipelined_samples_per_s"] / res["split_sequential_samples_per_s"]
+    )
 
     table = Table(title=f"Image model, {args.n} images in batches of {BATCH}, split after flatten")
     table.add_column("variant")

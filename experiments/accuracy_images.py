@@ -70,8 +70,13 @@ def build(seed: int) -> Any:
 def compile_fit(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, early: bool) -> int:
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     hist = model.fit(
-        x, y, epochs=epochs, batch_size=64, validation_split=0.1 if early else 0.0,
-        callbacks=[early_stopping()] if early else [], verbose=0,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=64,
+        validation_split=0.1 if early else 0.0,
+        callbacks=[early_stopping()] if early else [],
+        verbose=0,
     )
     return len(hist.history["loss"])
 
@@ -130,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
             r.update(seed=seed, epochs_trained=epochs)
             runs[config].append(r)
-            print(f"{args.task} seed {seed} {config}: worker acc {r['worker_accuracy']:.4f} "
-                  f"(cut {r['cut']['name']}, {r['enclave_params']:,} enclave params)", flush=True)
+            print(
+                f"{args.task} seed {seed} {config}: worker acc {r['worker_accuracy']:.4f} "
+                f"(cut {r['cut']['name']}, {r['enclave_params']:,} enclave params)",
+                flush=True,
+            )
 
     summary = {
         c: {
@@ -152,17 +160,23 @@ def main(argv: list[str] | None = None) -> int:
         setup={
             "target": args.task,
             "source": "fashion-mnist (20k)" if args.task == "mnist" else "mnist 5k",
-            "n_train": len(d["y"]), "n_test": len(d["yt"]), "n_pretrain": len(d["yp"]),
-            "max_epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs,
-            "runs": args.runs, "early_stopping": "val_accuracy, patience 3, 10% of train",
+            "n_train": len(d["y"]),
+            "n_test": len(d["yt"]),
+            "n_pretrain": len(d["yp"]),
+            "max_epochs": args.epochs,
+            "pretrain_epochs": args.pretrain_epochs,
+            "runs": args.runs,
+            "early_stopping": "val_accuracy, patience 3, 10% of train",
         },
         seconds=round(time.perf_counter() - t0, 1),
     )
     write_json(args.out / f"accuracy_{args.task}.json", out)
     for c in CONFIGS:
         a = summary[c]["accuracy"]
-        print(f"{c:13s} {a['mean']:.4f} ± {a['std']:.4f}  enclave {summary[c]['enclave_params']:,}"
-              f" params")
+        print(
+            f"{c:13s} {a['mean']:.4f} ± {a['std']:.4f}  enclave {summary[c]['enclave_params']:,}"
+            f" params"
+        )
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 

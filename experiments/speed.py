@@ -82,10 +82,13 @@ def worker_start_ms(bundle: Path, ks: Path, reps: int) -> float:
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        w = WorkerClient(raw, bundle / "private.sealed",
-                         local_key_release(Keystore(ks), man["private"]["key_id"]),
-                         in_len=per(man["private"]["inputs"][0]["shape"]),
-                         out_len=per(man["private"]["outputs"][0]["shape"]))
+        w = WorkerClient(
+            raw,
+            bundle / "private.sealed",
+            local_key_release(Keystore(ks), man["private"]["key_id"]),
+            in_len=per(man["private"]["inputs"][0]["shape"]),
+            out_len=per(man["private"]["outputs"][0]["shape"]),
+        )
         w.start()
         times.append(time.perf_counter() - t)
         w.close()
@@ -117,9 +120,14 @@ def measure(kind: str, seconds: float, work: Path, smoke: bool = False) -> list[
         cut_points = [cut_points[0], cut_points[1], cut_points[-1]]
     for rep in cut_points:
         pos = next(c.position for c in _cuts(adapter) if c.index == rep.index)
-        base = {"model": kind, "cut_index": rep.index, "cut_name": rep.name,
-                "cut_shape": "x".join(str(d) for d in rep.tensor_shape[1:]),
-                "layers_in_enclave": n_nodes - pos, "enclave_params": rep.enclave_params}
+        base = {
+            "model": kind,
+            "cut_index": rep.index,
+            "cut_name": rep.name,
+            "cut_shape": "x".join(str(d) for d in rep.tensor_shape[1:]),
+            "layers_in_enclave": n_nodes - pos,
+            "enclave_params": rep.enclave_params,
+        }
         bundle = work / f"{kind}-cut{rep.index}"
         try:
             split_model(adapter, rep.index, bundle, samples=xs[64], keystore=ks)
@@ -140,22 +148,25 @@ def measure(kind: str, seconds: float, work: Path, smoke: bool = False) -> list[
                 got = np.asarray(m.predict(x, batch_size=b))
                 assert np.abs(got - ref).max() < 1e-3, "split output differs"
                 row = {
-                    **base, "batch": b,
+                    **base,
+                    "batch": b,
                     "public_ms": 1e3 * timeit(run_pub, seconds) if public is not None else 0.0,
                     "enclave_ms": 1e3 * timeit(lambda h=h: m.worker.infer(h), seconds),
                     "transfer_ms": 1e3 * timeit(lambda h=h: idm.worker.infer(h), seconds),
-                    "split_ms": 1e3 * timeit(lambda x=x, b=b: m.predict(x, batch_size=b),
-                                             seconds),
+                    "split_ms": 1e3 * timeit(lambda x=x, b=b: m.predict(x, batch_size=b), seconds),
                     # Re-measured next to each row: the machine's load drifts.
                     "unsplit_ms": 1e3 * timeit(unsplit_fn[b], seconds, warmup=10),
                     "worker_start_ms": start,
                 }
                 row["split_over_unsplit"] = row["split_ms"] / row["unsplit_ms"]
                 rows.append(row)
-                print(f"{kind} cut {rep.index:2d} {rep.name:10s} b{b:<3d} public "
-                      f"{row['public_ms']:7.3f} enclave {row['enclave_ms']:7.3f} transfer "
-                      f"{row['transfer_ms']:6.3f} split {row['split_ms']:7.3f} unsplit "
-                      f"{row['unsplit_ms']:7.3f} ms", flush=True)
+                print(
+                    f"{kind} cut {rep.index:2d} {rep.name:10s} b{b:<3d} public "
+                    f"{row['public_ms']:7.3f} enclave {row['enclave_ms']:7.3f} transfer "
+                    f"{row['transfer_ms']:6.3f} split {row['split_ms']:7.3f} unsplit "
+                    f"{row['unsplit_ms']:7.3f} ms",
+                    flush=True,
+                )
     return rows
 
 
@@ -172,13 +183,16 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     kinds = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(len(kinds), len(BATCHES), figsize=(11, 3.6 * len(kinds)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(kinds), len(BATCHES), figsize=(11, 3.6 * len(kinds)), squeeze=False
+    )
     for i, kind in enumerate(kinds):
         for j, b in enumerate(BATCHES):
             ax = axes[i][j]
-            rs = sorted((r for r in rows if r["model"] == kind and r.get("batch") == b),
-                        key=lambda r: r["layers_in_enclave"])
+            rs = sorted(
+                (r for r in rows if r["model"] == kind and r.get("batch") == b),
+                key=lambda r: r["layers_in_enclave"],
+            )
             if not rs:
                 continue
             xs = [r["layers_in_enclave"] for r in rs]
@@ -214,14 +228,36 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.model.split(","):
         rows += measure(kind.strip(), args.seconds, work, args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)
-    cols = ["model", "cut_index", "cut_name", "cut_shape", "layers_in_enclave",
-            "enclave_params", "batch", "public_ms", "enclave_ms", "transfer_ms", "split_ms",
-            "unsplit_ms", "split_over_unsplit", "worker_start_ms", "error"]
-    rec = record({"rows": rows}, experiment="speed", smoke=args.smoke,
-                 setup={"seconds_per_measure": args.seconds, "batches": list(BATCHES),
-                        "statistic": "median", "text_vocab": TEXT_VOCAB,
-                        "text_seq_len": TEXT_LEN},
-                 seconds=round(time.perf_counter() - t0, 1))
+    cols = [
+        "model",
+        "cut_index",
+        "cut_name",
+        "cut_shape",
+        "layers_in_enclave",
+        "enclave_params",
+        "batch",
+        "public_ms",
+        "enclave_ms",
+        "transfer_ms",
+        "split_ms",
+        "unsplit_ms",
+        "split_over_unsplit",
+        "worker_start_ms",
+        "error",
+    ]
+    rec = record(
+        {"rows": rows},
+        experiment="speed",
+        smoke=args.smoke,
+        setup={
+            "seconds_per_measure": args.seconds,
+            "batches": list(BATCHES),
+            "statistic": "median",
+            "text_vocab": TEXT_VOCAB,
+            "text_seq_len": TEXT_LEN,
+        },
+        seconds=round(time.perf_counter() - t0, 1),
+    )
     write_json(args.out / "speed.json", rec)
     with open(args.out / "speed.csv", "w", newline="") as f:
         f.write(f"# command: {rec['command']}\n# machine: {rec['machine']}\n")

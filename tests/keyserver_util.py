@@ -45,8 +45,17 @@ class KeyServerProc:
         return json.loads((self.config_dir / "keyserver-owner.json").read_text())["token"]
 
     def start(self, timeout: float = 30.0) -> KeyServerProc:
-        argv = [sys.executable, "-m", "ennclave", "keyserver", "--db", self.db,
-                "--port", str(self.port), *self.extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "ennclave",
+            "keyserver",
+            "--db",
+            self.db,
+            "--port",
+            str(self.port),
+            *self.extra,
+        ]
         self.log = open(self.config_dir.parent / f"keyserver-{self.port}.log", "ab")
         self.proc = subprocess.Popen(argv, env=self.env, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + timeout

@@ -34,32 +34,48 @@ def _bn() -> keras.Model:
     return m
 
 
-ACTIVATIONS = ["linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "sigmoid",
-               "hard_sigmoid", "tanh", "softmax", "swish", "silu"]
+ACTIVATIONS = [
+    "linear",
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "gelu",
+    "sigmoid",
+    "hard_sigmoid",
+    "tanh",
+    "softmax",
+    "swish",
+    "silu",
+]
 
 CASES: dict[str, Callable[[], keras.Model]] = {
     "dense": lambda: _single((7,), L.Dense(5, activation="relu")),
     "dense_nobias_3d": lambda: _single((3, 7), L.Dense(4, use_bias=False)),
     "conv1d_valid": lambda: _single((11, 3), L.Conv1D(4, 3)),
     "conv1d_same_stride": lambda: _single((11, 3), L.Conv1D(4, 4, strides=2, padding="same")),
-    "conv1d_causal_dilated": lambda: _single((11, 3), L.Conv1D(4, 3, padding="causal",
-                                                                dilation_rate=2)),
+    "conv1d_causal_dilated": lambda: _single(
+        (11, 3), L.Conv1D(4, 3, padding="causal", dilation_rate=2)
+    ),
     "conv1d_groups": lambda: _single((9, 4), L.Conv1D(6, 3, groups=2, padding="same")),
     "conv2d_valid": lambda: _single((7, 8, 3), L.Conv2D(5, (3, 2))),
-    "conv2d_same_stride2": lambda: _single((9, 9, 3), L.Conv2D(4, 3, strides=2, padding="same",
-                                                               activation="relu6")),
+    "conv2d_same_stride2": lambda: _single(
+        (9, 9, 3), L.Conv2D(4, 3, strides=2, padding="same", activation="relu6")
+    ),
     "conv2d_dilated": lambda: _single((10, 10, 2), L.Conv2D(3, 3, dilation_rate=2)),
     "conv2d_groups": lambda: _single((6, 6, 4), L.Conv2D(6, 3, groups=2, padding="same")),
-    "depthwise2d": lambda: _single((8, 8, 3), L.DepthwiseConv2D(3, depth_multiplier=2,
-                                                               padding="same", strides=2)),
+    "depthwise2d": lambda: _single(
+        (8, 8, 3), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", strides=2)
+    ),
     "depthwise1d": lambda: _single((10, 3), L.DepthwiseConv1D(3, depth_multiplier=1)),
-    "separable2d": lambda: _single((8, 8, 3), L.SeparableConv2D(5, 3, padding="same",
-                                                               activation="relu")),
+    "separable2d": lambda: _single(
+        (8, 8, 3), L.SeparableConv2D(5, 3, padding="same", activation="relu")
+    ),
     "separable1d": lambda: _single((10, 3), L.SeparableConv1D(4, 3, depth_multiplier=2)),
     "maxpool2d_valid": lambda: _single((7, 7, 2), L.MaxPooling2D(2)),
     "maxpool2d_same": lambda: _single((7, 7, 2), L.MaxPooling2D(3, strides=2, padding="same")),
-    "avgpool2d_same": lambda: _single((7, 7, 2), L.AveragePooling2D(3, strides=2,
-                                                                   padding="same")),
+    "avgpool2d_same": lambda: _single((7, 7, 2), L.AveragePooling2D(3, strides=2, padding="same")),
     "avgpool2d_valid": lambda: _single((8, 8, 2), L.AveragePooling2D(2)),
     "maxpool1d_same": lambda: _single((9, 3), L.MaxPooling1D(2, padding="same")),
     "avgpool1d_same": lambda: _single((9, 3), L.AveragePooling1D(3, strides=2, padding="same")),
@@ -76,7 +92,8 @@ CASES: dict[str, Callable[[], keras.Model]] = {
     "layernorm_2axes": lambda: _single((4, 6), L.LayerNormalization(axis=[1, 2])),
     "add": lambda: _merge(L.Add()),
     "subtract": lambda: (lambda i: keras.Model(i, L.Subtract()([L.Dense(3)(i), L.Dense(3)(i)])))(
-        keras.Input((4,))),
+        keras.Input((4,))
+    ),
     "multiply": lambda: _merge(L.Multiply()),
     "average": lambda: _merge(L.Average()),
     "maximum": lambda: _merge(L.Maximum()),

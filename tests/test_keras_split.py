@@ -188,8 +188,14 @@ def test_existing_bundle_is_not_overwritten_silently(saved, tmp_path):
 
 def test_samples_are_verified_too(saved, tmp_path):
     samples = np.random.default_rng(5).uniform(-3, 3, (5, 12, 12, 3)).astype("float32")
-    res = split_model(saved["seq"], "p1", tmp_path / "b", samples=samples,
-                      keystore=tmp_path / "ks.json", n_random=4)
+    res = split_model(
+        saved["seq"],
+        "p1",
+        tmp_path / "b",
+        samples=samples,
+        keystore=tmp_path / "ks.json",
+        n_random=4,
+    )
     assert res.verification.samples == 9
 
 
@@ -217,8 +223,9 @@ def test_program_container_round_trip(saved):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ennclave", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ennclave", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_plan_json_and_plot(saved, tmp_path):
@@ -227,8 +234,17 @@ def test_cli_plan_json_and_plot(saved, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) >= {"cut_points", "recommended", "warnings"}
-    keys = {"index", "name", "op_type", "tensor_shape", "enclave_params", "enclave_bytes",
-            "public_params", "enclave_flops", "private_layers_inside"}
+    keys = {
+        "index",
+        "name",
+        "op_type",
+        "tensor_shape",
+        "enclave_params",
+        "enclave_bytes",
+        "public_params",
+        "enclave_flops",
+        "private_layers_inside",
+    }
     assert all(keys <= set(c) for c in out["cut_points"])
     assert out["cut_points"][0]["enclave_params"] > out["cut_points"][-1]["enclave_params"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -258,8 +274,13 @@ def test_samples_of_wrong_shape_are_refused(saved, tmp_path):
     from ennclave.errors import InputError
 
     with pytest.raises(InputError, match=r"takes \(N, 12, 12, 3\)"):
-        split_model(saved["seq"], "p1", tmp_path / "b", samples=np.zeros((2, 5), "float32"),
-                    keystore=tmp_path / "ks.json")
+        split_model(
+            saved["seq"],
+            "p1",
+            tmp_path / "b",
+            samples=np.zeros((2, 5), "float32"),
+            keystore=tmp_path / "ks.json",
+        )
     assert list(tmp_path.iterdir()) == []
 
 

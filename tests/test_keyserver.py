@@ -177,8 +177,15 @@ def test_bad_forged_replayed_evidence_is_refused(registered, server):
     with _admin(server) as a:
         log = a.audit(b.key_id)
     reasons = [r["reason"] for r in log if r["event"] == "release"]
-    assert reasons == ["software", "nonce_invalid", "nonce_invalid", "evidence_invalid",
-                       "manifest_mismatch", "unknown_kind", "nonce_invalid"]
+    assert reasons == [
+        "software",
+        "nonce_invalid",
+        "nonce_invalid",
+        "evidence_invalid",
+        "manifest_mismatch",
+        "unknown_kind",
+        "nonce_invalid",
+    ]
     assert all(r["decision"] == "refused" for r in log[2:] if r["event"] == "release")
 
 
@@ -221,16 +228,20 @@ def test_owner_calls_need_the_token(registered, server):
 def test_request_size_limit(server):
     import httpx
 
-    r = httpx.post(server.url + "/v1/release", content=b"{" + b" " * (200 * 1024) + b"}",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/release",
+        content=b"{" + b" " * (200 * 1024) + b"}",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"] == "too_large"
 
     def chunks():
         for _ in range(100):
             yield b" " * 1024
 
-    r = httpx.post(server.url + "/v1/release", content=chunks(),
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/release", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
 
 
@@ -276,19 +287,34 @@ def test_owner_cli_register_policy_revoke_audit(server, tmp_path, capsys):
     from ennclave.cli import main
 
     b = write_bundle(tmp_path / "cli-b", tmp_path / "cli-ks.json")
-    assert main(["keys", "register", str(b.path), "--keystore", str(b.keystore),
-                 "--max-clients", "2"]) == 0  # URL and token from the saved owner config
-    assert main(["keys", "policy", b.key_id, "--allow-software", "--query-budget", "9",
-                 "--expires-in", "3600"]) == 0
+    assert (
+        main(["keys", "register", str(b.path), "--keystore", str(b.keystore), "--max-clients", "2"])
+        == 0
+    )  # URL and token from the saved owner config
+    assert (
+        main(
+            [
+                "keys",
+                "policy",
+                b.key_id,
+                "--allow-software",
+                "--query-budget",
+                "9",
+                "--expires-in",
+                "3600",
+            ]
+        )
+        == 0
+    )
     assert main(["keys", "show", b.key_id, "--json"]) == 0
     out = capsys.readouterr().out
-    shown = json.loads(out[out.index("{"):])
+    shown = json.loads(out[out.index("{") :])
     assert shown["policy"]["allow_software"] and shown["policy"]["query_budget"] == 9
     assert shown["policy"]["max_clients"] == 2
     assert main(["keys", "revoke", b.key_id, "--reason", "end of contract"]) == 0
     assert main(["keys", "audit", b.key_id, "--json"]) == 0
     out = capsys.readouterr().out
-    rows = json.loads(out[out.index("["):])
+    rows = json.loads(out[out.index("[") :])
     assert [r["event"] for r in rows] == ["register", "policy", "revoke"]
     assert main(["keys", "list", "--token", "not-the-token"]) == 2  # clear error, no traceback
     assert "unauthorized" in capsys.readouterr().err
@@ -359,8 +385,14 @@ def test_split_with_keyserver_registers_and_never_writes_the_key(server, tmp_pat
     model = keras.Model(inp, out)
     model.save(tmp_path / "m.keras")
     ks_file = tmp_path / "should-not-exist.json"
-    res = split_model(tmp_path / "m.keras", "auto", tmp_path / "bundle", keystore=ks_file,
-                      keyserver=server.url, keyserver_policy={"allow_software": True})
+    res = split_model(
+        tmp_path / "m.keras",
+        "auto",
+        tmp_path / "bundle",
+        keystore=ks_file,
+        keyserver=server.url,
+        keyserver_policy={"allow_software": True},
+    )
     assert not ks_file.exists()
     priv = res.manifest["private"]
     assert priv["key_source"] == "keyserver" and priv["keyserver"] == {"url": server.url}
@@ -404,7 +436,10 @@ def test_host_process_never_holds_the_data_key(registered, server):
     a_hex, b_hex = b.data_key[:16].hex(), b.data_key[16:].hex()
     r = subprocess.run(
         [sys.executable, "-c", SCAN, str(b.path), server.url, a_hex, b_hex],
-        capture_output=True, text=True, timeout=300, env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=server.env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -450,8 +485,16 @@ def synthetic_quote(report_data: bytes, mrenclave=b"\x11" * 32, mrsigner=b"\x22"
     auth = os.urandom(32)
     qe = _body(b"\x33" * 32, b"\x44" * 32, hashlib.sha256(att_pub + auth).digest() + bytes(32))
     cert = b"-----BEGIN CERTIFICATE-----\n(synthetic)\n-----END CERTIFICATE-----\n"
-    sig = (_sign(att, header + body) + att_pub + qe + _sign(pck, qe)
-           + struct.pack("<H", len(auth)) + auth + struct.pack("<HI", 5, len(cert)) + cert)
+    sig = (
+        _sign(att, header + body)
+        + att_pub
+        + qe
+        + _sign(pck, qe)
+        + struct.pack("<H", len(auth))
+        + auth
+        + struct.pack("<HI", 5, len(cert))
+        + cert
+    )
     return header + body + struct.pack("<I", len(sig)) + sig, pck_pub
 
 
@@ -470,8 +513,9 @@ def test_sgx_quote_v3_parse_and_policy():
 
     pol = ev.Policy(mrenclaves=["11" * 32])
     trust = lambda _q: pck  # stands in for a DCAP collateral verifier
-    v = ev.verify(_sgx_claim(quote, nonce, pub, binsha), pol, registered_manifest="aa" * 32,
-                  collateral=trust)
+    v = ev.verify(
+        _sgx_claim(quote, nonce, pub, binsha), pol, registered_manifest="aa" * 32, collateral=trust
+    )
     assert v.hardware and v.mrenclave == "11" * 32
 
     def code(claim, policy=pol, collateral=trust):
@@ -483,8 +527,15 @@ def test_sgx_quote_v3_parse_and_policy():
     assert code(good, collateral=None) == "no_collateral_verifier"
     assert code(good, ev.Policy(mrenclaves=["55" * 32])) == "measurement_not_allowed"
     assert code(good, ev.Policy(mrsigners=["22" * 32], min_isv_svn=4)) == "isv_svn"
-    assert ev.verify(good, ev.Policy(mrsigners=["22" * 32], isv_prod_id=7),
-                     registered_manifest="aa" * 32, collateral=trust).mrsigner == "22" * 32
+    assert (
+        ev.verify(
+            good,
+            ev.Policy(mrsigners=["22" * 32], isv_prod_id=7),
+            registered_manifest="aa" * 32,
+            collateral=trust,
+        ).mrsigner
+        == "22" * 32
+    )
     assert code(_sgx_claim(quote, os.urandom(32), pub, binsha)) == "quote_binding"  # other nonce
     assert code(good, collateral=lambda _q: _p256()[1]) == "quote_signature"  # wrong PCK
     tampered = bytearray(quote)
@@ -511,14 +562,27 @@ def _mint(b, hello, **over) -> wmod.WrappedKey:
     """What the key server sends (a licence MACed under the data key), made with the
     test's copy of the key so that every field can be chosen."""
     now = int(time.time())
-    fields = dict(key_id=b.key_id, issued_at=now, expires_at=now + 600, query_budget=None,
-                  pubkey=hello.pubkey.hex(), binary_sha256=hello.binary_sha256,
-                  client_id="ab" * 32, offline=False, evidence="software")
+    fields = dict(
+        key_id=b.key_id,
+        issued_at=now,
+        expires_at=now + 600,
+        query_budget=None,
+        pubkey=hello.pubkey.hex(),
+        binary_sha256=hello.binary_sha256,
+        client_id="ab" * 32,
+        offline=False,
+        evidence="software",
+    )
     fields.update(over)
     lic = Licence.new(**fields)
     wk = wmod.wrap_data_key(hello.pubkey, b.data_key, b.key_id)
-    return wmod.WrappedKey(wk.key_id, wk.enc, wk.wrapped, licence=lic.to_bytes(),
-                           licence_mac=licence_mac(b.data_key, lic))
+    return wmod.WrappedKey(
+        wk.key_id,
+        wk.enc,
+        wk.wrapped,
+        licence=lic.to_bytes(),
+        licence_mac=licence_mac(b.data_key, lic),
+    )
 
 
 class _Release:
@@ -542,8 +606,14 @@ def _local(tmp_path, name="w", **kw):
 
 def _client(b, release, **kw) -> wmod.WorkerClient:
     """The worker driven directly: no EnclavedModel, no host-side licence check."""
-    return wmod.WorkerClient((b.path / "manifest.json").read_bytes(), b.path / "private.sealed",
-                             release, in_len=8, out_len=5, **kw)
+    return wmod.WorkerClient(
+        (b.path / "manifest.json").read_bytes(),
+        b.path / "private.sealed",
+        release,
+        in_len=8,
+        out_len=5,
+        **kw,
+    )
 
 
 X1 = np.ones((1, 8), np.float32)

@@ -62,10 +62,12 @@ def c(name: str, value: object, dtype: type = np.float32) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def save_model(tmp: Path, name: str, nodes: list, in_shape: list, out_shape: list,
-               inits: list, opset: int = 17) -> Path:
+def save_model(
+    tmp: Path, name: str, nodes: list, in_shape: list, out_shape: list, inits: list, opset: int = 17
+) -> Path:
     graph = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *in_shape])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *out_shape])],
         initializer=inits,
@@ -86,16 +88,37 @@ def tmp(tmp_path: Path) -> Path:
 def test_nchw_conv_groups_bn_pools_gemm(tmp: Path) -> None:
     N = helper.make_node
     nodes = [
-        N("Conv", ["x", "w1", "b1"], ["c1"], group=2, auto_pad="SAME_UPPER", strides=[1, 2],
-          name="conv_g"),
+        N(
+            "Conv",
+            ["x", "w1", "b1"],
+            ["c1"],
+            group=2,
+            auto_pad="SAME_UPPER",
+            strides=[1, 2],
+            name="conv_g",
+        ),
         N("BatchNormalization", ["c1", "g", "bt", "m", "v"], ["bn"], epsilon=1e-3, name="bn"),
         N("Relu", ["bn"], ["r1"]),
         N("Conv", ["r1", "w2"], ["c2"], pads=[2, 1, 2, 3], dilations=[2, 2], name="conv_d"),
         N("LeakyRelu", ["c2"], ["l2"], alpha=0.1),
-        N("AveragePool", ["l2"], ["ap"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-          count_include_pad=1, name="avg_inc"),
-        N("AveragePool", ["ap"], ["ap2"], kernel_shape=[2, 2], pads=[1, 1, 0, 0],
-          strides=[1, 1], name="avg_exc"),
+        N(
+            "AveragePool",
+            ["l2"],
+            ["ap"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            count_include_pad=1,
+            name="avg_inc",
+        ),
+        N(
+            "AveragePool",
+            ["ap"],
+            ["ap2"],
+            kernel_shape=[2, 2],
+            pads=[1, 1, 0, 0],
+            strides=[1, 1],
+            name="avg_exc",
+        ),
         N("MaxPool", ["ap2"], ["mp"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
         N("HardSigmoid", ["mp"], ["hs"], alpha=0.3, beta=0.4),
         N("GlobalMaxPool", ["hs"], ["gp"]),
@@ -104,10 +127,15 @@ def test_nchw_conv_groups_bn_pools_gemm(tmp: Path) -> None:
         N("Softmax", ["gm"], ["y"], axis=-1),
     ]
     inits = [
-        w("w1", 6, 2, 3, 3), w("b1", 6),
-        c("g", RNG.uniform(0.5, 1.5, 6)), w("bt", 6), w("m", 6),
+        w("w1", 6, 2, 3, 3),
+        w("b1", 6),
+        c("g", RNG.uniform(0.5, 1.5, 6)),
+        w("bt", 6),
+        w("m", 6),
         c("v", RNG.uniform(0.5, 2, 6)),
-        w("w2", 5, 6, 3, 3), w("wg", 3, 5), w("bg", 1, 3),
+        w("w2", 5, 6, 3, 3),
+        w("wg", 3, 5),
+        w("bg", 1, 3),
     ]
     path = save_model(tmp, "nchw", nodes, [4, 9, 10], [3], inits)
     cuts = check_all_cuts(path, tmp)
@@ -133,9 +161,14 @@ def test_conv1d_pad_reduce_layernorm(tmp: Path) -> None:
         N("ReduceMean", ["u"], ["y"], axes=[2], keepdims=0),
     ]
     inits = [
-        c("pads", [0, 0, 1, 0, 0, 2], np.int64), c("pv", 0.5),
-        w("w1", 4, 3, 3), w("b1", 4), w("ln_g", 4), w("ln_b", 4),
-        c("ax1", [2], np.int64), c("ax2", [2], np.int64),
+        c("pads", [0, 0, 1, 0, 0, 2], np.int64),
+        c("pv", 0.5),
+        w("w1", 4, 3, 3),
+        w("b1", 4),
+        w("ln_g", 4),
+        w("ln_b", 4),
+        c("ax1", [2], np.int64),
+        c("ax2", [2], np.int64),
     ]
     path = save_model(tmp, "c1d", nodes, [3, 11], [4], inits, opset=17)
     check_all_cuts(path, tmp)
@@ -161,8 +194,10 @@ def test_activations_and_elementwise(tmp: Path) -> None:
         N("MatMul", ["x", "k1"], ["mm"]),
         N("Add", ["mm", "b1"], ["h"]),
         # Erf-based GELU, written out the way exporters do.
-        N("Div", ["h", "sqrt2"], ["g0"]), N("Erf", ["g0"], ["g1"]),
-        N("Add", ["g1", "one"], ["g2"]), N("Mul", ["h", "g2"], ["g3"]),
+        N("Div", ["h", "sqrt2"], ["g0"]),
+        N("Erf", ["g0"], ["g1"]),
+        N("Add", ["g1", "one"], ["g2"]),
+        N("Mul", ["h", "g2"], ["g3"]),
         N("Mul", ["g3", "half"], ["g4"]),
         N("Gelu", ["g4"], ["ge"], approximate="tanh"),
         N("HardSwish", ["ge"], ["hw"]),
@@ -171,12 +206,20 @@ def test_activations_and_elementwise(tmp: Path) -> None:
         N("PRelu", ["cl", "slope"], ["pr"]),
         N("Elu", ["pr"], ["el"], alpha=0.5),
         N("Selu", ["el"], ["se"]),
-        N("Abs", ["se"], ["ab"]), N("Sqrt", ["ab"], ["sq"]), N("Exp", ["sq"], ["ex"]),
-        N("Log", ["ex"], ["lg"]), N("Neg", ["lg"], ["ng"]), N("Tanh", ["ng"], ["th"]),
-        N("Sigmoid", ["th"], ["sg"]), N("Reciprocal", ["sg"], ["rc"]),
-        N("Pow", ["rc", "two"], ["pw"]), N("Max", ["pw", "mx"], ["mxo"]),
-        N("Min", ["mxo", "mn"], ["mno"]), N("Sub", ["one", "mno"], ["sb"]),
-        N("Cast", ["sb"], ["cs"], to=TensorProto.FLOAT), N("Identity", ["cs"], ["id"]),
+        N("Abs", ["se"], ["ab"]),
+        N("Sqrt", ["ab"], ["sq"]),
+        N("Exp", ["sq"], ["ex"]),
+        N("Log", ["ex"], ["lg"]),
+        N("Neg", ["lg"], ["ng"]),
+        N("Tanh", ["ng"], ["th"]),
+        N("Sigmoid", ["th"], ["sg"]),
+        N("Reciprocal", ["sg"], ["rc"]),
+        N("Pow", ["rc", "two"], ["pw"]),
+        N("Max", ["pw", "mx"], ["mxo"]),
+        N("Min", ["mxo", "mn"], ["mno"]),
+        N("Sub", ["one", "mno"], ["sb"]),
+        N("Cast", ["sb"], ["cs"], to=TensorProto.FLOAT),
+        N("Identity", ["cs"], ["id"]),
         N("Dropout", ["id"], ["dr"]),
         N("Unsqueeze", ["dr", "ax1"], ["us"]),
         N("Concat", ["us", "us"], ["cc"], axis=1),
@@ -185,10 +228,21 @@ def test_activations_and_elementwise(tmp: Path) -> None:
         N("Sum", ["rsh", "rsh", "bias2"], ["y"]),
     ]
     inits = [
-        w("k1", 5, 6), w("b1", 6), c("sqrt2", np.sqrt(2)), c("one", 1.0), c("half", 0.5),
-        c("zero", 0.0), c("six", 6.0), c("lo", -0.5), w("slope", 6, scale=0.2),
-        c("two", 2.0), w("mx", 6), w("mn", 6, scale=2.0), c("ax1", [1], np.int64),
-        c("shp", [0, -1], np.int64), w("bias2", 12),
+        w("k1", 5, 6),
+        w("b1", 6),
+        c("sqrt2", np.sqrt(2)),
+        c("one", 1.0),
+        c("half", 0.5),
+        c("zero", 0.0),
+        c("six", 6.0),
+        c("lo", -0.5),
+        w("slope", 6, scale=0.2),
+        c("two", 2.0),
+        w("mx", 6),
+        w("mn", 6, scale=2.0),
+        c("ax1", [1], np.int64),
+        c("shp", [0, -1], np.int64),
+        w("bias2", 12),
     ]
     path = save_model(tmp, "acts", nodes, [5], [12], inits, opset=20)
     check_all_cuts(path, tmp)
@@ -207,8 +261,14 @@ def test_dynamic_batch_reshape_chain(tmp: Path) -> None:
         N("Reshape", ["r1", "shape"], ["f"]),
         N("Gemm", ["f", "wg"], ["y"]),
     ]
-    inits = [w("w1", 2, 3, 2, 2), w("b1", 2), c("i0", 0, np.int64), c("ax0", [0], np.int64),
-             c("m1", [-1], np.int64), w("wg", 18, 4)]
+    inits = [
+        w("w1", 2, 3, 2, 2),
+        w("b1", 2),
+        c("i0", 0, np.int64),
+        c("ax0", [0], np.int64),
+        c("m1", [-1], np.int64),
+        w("wg", 18, 4),
+    ]
     path = save_model(tmp, "dynflat", nodes, [3, 4, 4], [4], inits)
     cuts = check_all_cuts(path, tmp)
     # The Shape chain is constant: it does not hide the cut after the relu.
@@ -217,8 +277,11 @@ def test_dynamic_batch_reshape_chain(tmp: Path) -> None:
 
 def test_unsupported_op_names_node(tmp: Path) -> None:
     N = helper.make_node
-    nodes = [N("Relu", ["x"], ["r"]), N("Sin", ["r"], ["s"], name="the_sine"),
-             N("Relu", ["s"], ["y"])]
+    nodes = [
+        N("Relu", ["x"], ["r"]),
+        N("Sin", ["r"], ["s"], name="the_sine"),
+        N("Relu", ["s"], ["y"]),
+    ]
     path = save_model(tmp, "sin", nodes, [4], [4], [])
     ad = OnnxAdapter(path)
     cuts = find_cut_points(ad.graph)
@@ -239,8 +302,7 @@ def test_dynamic_matmul_is_unsupported(tmp: Path) -> None:
 
 
 def test_old_opset_and_corrupt_file(tmp: Path) -> None:
-    path = save_model(tmp, "old", [helper.make_node("Relu", ["x"], ["y"])], [4], [4], [],
-                      opset=11)
+    path = save_model(tmp, "old", [helper.make_node("Relu", ["x"], ["y"])], [4], [4], [], opset=11)
     with pytest.raises(ModelLoadError, match="version_converter"):
         OnnxAdapter(path)
     bad = tmp / "bad.onnx"
@@ -251,8 +313,11 @@ def test_old_opset_and_corrupt_file(tmp: Path) -> None:
 
 def test_graph_view_params_flops_weights(tmp: Path) -> None:
     N = helper.make_node
-    nodes = [N("MatMul", ["x", "k"], ["h"], name="mm1"), N("Add", ["h", "b"], ["a"]),
-             N("MatMul", ["a", "k"], ["y"], name="mm2")]  # k shared: counted once
+    nodes = [
+        N("MatMul", ["x", "k"], ["h"], name="mm1"),
+        N("Add", ["h", "b"], ["a"]),
+        N("MatMul", ["a", "k"], ["y"], name="mm2"),
+    ]  # k shared: counted once
     path = save_model(tmp, "params", nodes, [3], [3], [w("k", 3, 3), w("b", 3)])
     ad = OnnxAdapter(path)
     by = {n.name: n for n in ad.graph.nodes}
@@ -266,8 +331,8 @@ def test_static_batch_model_runs_in_chunks(tmp: Path) -> None:
     N = helper.make_node
     # Exported with batch 1 baked in, including a Reshape to [1, -1].
     graph = helper.make_graph(
-        [N("Conv", ["x", "k"], ["h"]), N("Tanh", ["h"], ["t"]),
-         N("Reshape", ["t", "shp"], ["y"])], "fixed",
+        [N("Conv", ["x", "k"], ["h"]), N("Tanh", ["h"], ["t"]), N("Reshape", ["t", "shp"], ["y"])],
+        "fixed",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
         initializer=[w("k", 4, 2, 2, 2), c("shp", [1, -1], np.int64)],
@@ -359,14 +424,16 @@ def test_keras_cnn(keras_models: dict[str, Path], tmp: Path) -> None:
     assert "transpose" not in [n.op for n in prog.nodes]
 
 
-def test_keras_residual_block_offers_no_inner_cut(keras_models: dict[str, Path],
-                                                  tmp: Path) -> None:
+def test_keras_residual_block_offers_no_inner_cut(keras_models: dict[str, Path], tmp: Path) -> None:
     path = keras_models["residual"]
     cuts = check_all_cuts(path, tmp)
     graph = OnnxAdapter(path).graph
     # The residual Add: the only Add whose two inputs both depend on the model input.
-    add = next(i for i, n in enumerate(graph.nodes) if n.op_type == "Add"
-               and not set(n.inputs) & graph.constant_tensors)
+    add = next(
+        i
+        for i, n in enumerate(graph.nodes)
+        if n.op_type == "Add" and not set(n.inputs) & graph.constant_tensors
+    )
     add_inputs = set(graph.nodes[add].inputs)
     skip = min(i for i, n in enumerate(graph.nodes) if set(n.outputs) & add_inputs)
     positions = {cut.position for cut in cuts}

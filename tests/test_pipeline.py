@@ -47,8 +47,14 @@ class Recorder:
             raise RuntimeError(f"boom in call {i}")
         time.sleep(self.delay)
         out = self.fn(x, *args, **kwargs)
-        self.calls.append((float(np.asarray(x).ravel()[0]), t0, time.perf_counter(),
-                           threading.current_thread().name))
+        self.calls.append(
+            (
+                float(np.asarray(x).ravel()[0]),
+                t0,
+                time.perf_counter(),
+                threading.current_thread().name,
+            )
+        )
         return out
 
 

@@ -148,9 +148,7 @@ def test_input_validation(enclave_bundle):
 def test_worker_names_the_first_nonfinite_value_anywhere_in_a_batch(enclave_bundle):
     """The worker checks its private copy chunk by chunk (8 KiB): a value in any chunk,
     including the last value of the batch, is found and named by sample and position."""
-    with ennclave.load(
-        enclave_bundle.path, keystore=enclave_bundle.keystore, max_batch=1024
-    ) as m:
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore, max_batch=1024) as m:
         n = 1000
         assert m.worker.ready.max_batch >= n and n * IN > 3 * 2048  # several chunks
         cases = [(0, 0, -np.inf), (700, 5, np.nan), (n - 1, IN - 1, np.inf)]

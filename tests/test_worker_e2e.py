@@ -73,19 +73,58 @@ def test_cli_run(tmp_path):
     np.save(tmp_path / "x.npy", x)
     ks = str(tmp_path / "ks.json")
     cli = [sys.executable, "-m", "ennclave"]
-    r = subprocess.run([*cli, "split", str(tmp_path / "m.keras"), "--cut", "auto", "-o",
-                        str(tmp_path / "b"), "--keystore", ks], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *cli,
+            "split",
+            str(tmp_path / "m.keras"),
+            "--cut",
+            "auto",
+            "-o",
+            str(tmp_path / "b"),
+            "--keystore",
+            ks,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([*cli, "run", str(tmp_path / "b"), "--input", str(tmp_path / "x.npy"),
-                        "--output", str(tmp_path / "y.npy"), "--keystore", ks, "--batch-size",
-                        "16"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *cli,
+            "run",
+            str(tmp_path / "b"),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "--output",
+            str(tmp_path / "y.npy"),
+            "--keystore",
+            ks,
+            "--batch-size",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(model(x)), atol=1e-4)
     # A wrong input shape is one sentence, not a traceback.
     np.save(tmp_path / "bad.npy", x[:, :5])
-    r = subprocess.run([*cli, "run", str(tmp_path / "b"), "--input", str(tmp_path / "bad.npy"),
-                        "--output", str(tmp_path / "y2.npy"), "--keystore", ks],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *cli,
+            "run",
+            str(tmp_path / "b"),
+            "--input",
+            str(tmp_path / "bad.npy"),
+            "--output",
+            str(tmp_path / "y2.npy"),
+            "--keystore",
+            ks,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "shape" in r.stderr
     assert not (tmp_path / "y2.npy").exists()
 
@@ -151,7 +190,8 @@ def test_flips_behind_forged_digests_are_caught_by_the_enclave(flip_bundle):
             original = _flip(sealed, offset, int(rng.integers(1, 256)))
             m = json.loads(manifest_original)
             m["integrity"]["files"]["private.sealed"] = hashlib.sha256(
-                sealed.read_bytes()).hexdigest()
+                sealed.read_bytes()
+            ).hexdigest()
             manifest_path.write_text(json.dumps(m))
             try:
                 with pytest.raises(AuthenticationError):
@@ -187,8 +227,12 @@ def test_truncated_sealed_file(flip_bundle):
 
 
 def test_demo_runs(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ennclave", "demo", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "ennclave", "demo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "agreement with the original 1.000" in r.stdout
     assert (tmp_path / "bundle" / "private.sealed").exists()

@@ -48,8 +48,9 @@ def random_input(spec: dict[str, Any], n: int, rng: np.random.Generator) -> np.n
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def _times(fn: Callable[[], Any], seconds: float, tick: Callable[[float], None],
-           min_runs: int = 5) -> list[float]:
+def _times(
+    fn: Callable[[], Any], seconds: float, tick: Callable[[float], None], min_runs: int = 5
+) -> list[float]:
     fn()  # warm-up
     out: list[float] = []
     start = time.perf_counter()
@@ -81,8 +82,13 @@ def bench_bundle(
     console = console or Console(stderr=True)
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("start", total=len(batch_sizes) * 2 * seconds + 1, info="")
         # The framework import (seconds for TensorFlow) is reported apart from start-up.
@@ -108,13 +114,22 @@ def bench_bundle(
                 def tick(s: float, b: int = b, base: float = base) -> None:
                     progress.update(task, completed=base + s, description=f"batch {b}")
 
-                e2e = _times(lambda x=x, b=b: model.predict(x, batch_size=b), seconds,
-                             lambda s, tick=tick: tick(s / 2))
+                e2e = _times(
+                    lambda x=x, b=b: model.predict(x, batch_size=b),
+                    seconds,
+                    lambda s, tick=tick: tick(s / 2),
+                )
                 h = public(x) if public is not None else x
-                pub = (_times(lambda x=x: public(x), seconds / 4, lambda s: None)
-                       if public is not None else [0.0])
-                enc = _times(lambda h=h: model.worker.infer(h), seconds / 4,
-                             lambda s, tick=tick: tick(seconds / 2 + 2 * s))
+                pub = (
+                    _times(lambda x=x: public(x), seconds / 4, lambda s: None)
+                    if public is not None
+                    else [0.0]
+                )
+                enc = _times(
+                    lambda h=h: model.worker.infer(h),
+                    seconds / 4,
+                    lambda s, tick=tick: tick(seconds / 2 + 2 * s),
+                )
                 done = base + 2 * seconds
                 med = statistics.median(e2e)
                 row = {
@@ -128,17 +143,22 @@ def bench_bundle(
                     "enclave_ms": 1e3 * statistics.median(enc),
                 }
                 results.append(row)
-                progress.update(task, completed=done,
-                                info=f"batch {b}: {row['samples_per_s']:.0f} samples/s")
+                progress.update(
+                    task, completed=done, info=f"batch {b}: {row['samples_per_s']:.0f} samples/s"
+                )
         finally:
             model.close()
     return {
-        "command": "ennclave bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+        "command": "ennclave bench " + " ".join(sys.argv[2:])
+        if sys.argv[1:2] == ["bench"]
         else None,
         "bundle": str(Path(bundle)),
         "machine": machine(),
-        "versions": {"python": platform.python_version(), "ennclave": __version__,
-                     "numpy": np.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "ennclave": __version__,
+            "numpy": np.__version__,
+        },
         "seconds_per_batch_size": seconds,
         "framework_import_ms": import_ms,
         "start_ms": start_ms,
@@ -151,13 +171,26 @@ def print_bench(rec: dict[str, Any], console: Console) -> None:
         title=f"{rec['bundle']}: load to first answer {rec['start_ms']:.0f} ms "
         f"(after {rec['framework_import_ms']:.0f} ms importing the framework)"
     )
-    for col in ("batch", "calls", "latency p50", "latency p95", "per sample", "throughput",
-                "public part", "enclave"):
+    for col in (
+        "batch",
+        "calls",
+        "latency p50",
+        "latency p95",
+        "per sample",
+        "throughput",
+        "public part",
+        "enclave",
+    ):
         table.add_column(col, justify="right")
     for r in rec["results"]:
         table.add_row(
-            str(r["batch"]), str(r["calls"]), f"{r['latency_ms_p50']:.3f} ms",
-            f"{r['latency_ms_p95']:.3f} ms", f"{r['ms_per_sample']:.4f} ms",
-            f"{r['samples_per_s']:,.0f} /s", f"{r['public_ms']:.3f} ms", f"{r['enclave_ms']:.3f} ms",
+            str(r["batch"]),
+            str(r["calls"]),
+            f"{r['latency_ms_p50']:.3f} ms",
+            f"{r['latency_ms_p95']:.3f} ms",
+            f"{r['ms_per_sample']:.4f} ms",
+            f"{r['samples_per_s']:,.0f} /s",
+            f"{r['public_ms']:.3f} ms",
+            f"{r['enclave_ms']:.3f} ms",
         )
     console.print(table)

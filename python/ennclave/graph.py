@@ -117,8 +117,12 @@ def find_cut_points(graph: GraphView) -> list[CutPoint]:
         if pos == n - 1 or len(live) != 1:
             continue
         (t,) = live
-        if (t in seen or t in output_names or t in graph.uncuttable
-                or t in {i.name for i in graph.inputs}):
+        if (
+            t in seen
+            or t in output_names
+            or t in graph.uncuttable
+            or t in {i.name for i in graph.inputs}
+        ):
             continue
         seen.add(t)
         producer = graph.producer(t)

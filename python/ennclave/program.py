@@ -117,7 +117,9 @@ class Program:
                 kernel = weights[key]
                 weights[key] = pack_panels(kernel)
                 attrs = {**node.attrs, "kernel_layout": "panels32", "units": int(kernel.shape[1])}
-                node = ProgramNode(node.name, node.op, node.inputs, node.outputs, attrs, node.weights)
+                node = ProgramNode(
+                    node.name, node.op, node.inputs, node.outputs, attrs, node.weights
+                )
             nodes.append(node)
         return Program(self.inputs, self.outputs, nodes, weights)
 
@@ -136,7 +138,9 @@ class Program:
                         "'units' attribute or kernel; the program is malformed."
                     )
                 weights[key] = unpack_panels(weights[key], units)
-                node = ProgramNode(node.name, node.op, node.inputs, node.outputs, attrs, node.weights)
+                node = ProgramNode(
+                    node.name, node.op, node.inputs, node.outputs, attrs, node.weights
+                )
             nodes.append(node)
         return Program(self.inputs, self.outputs, nodes, weights)
 

@@ -123,7 +123,9 @@ def split_model(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         # The key goes to the keystore last: a failed split registers nothing.
         if keyserver:
-            _register_on_keyserver(keyserver, keyserver_token, key_id, key, manifest, keyserver_policy)
+            _register_on_keyserver(
+                keyserver, keyserver_token, key_id, key, manifest, keyserver_policy
+            )
         else:
             Keystore(keystore).put(key_id, key)
         del key

@@ -31,12 +31,26 @@ MIN_OPSET = 13
 _PROBES = (7, 11)
 
 _UNARY_ACTIVATIONS = {
-    "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Sqrt": "sqrt",
-    "Exp": "exp", "Log": "log", "Abs": "abs", "Neg": "neg", "Reciprocal": "reciprocal",
+    "Relu": "relu",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "Erf": "erf",
+    "Sqrt": "sqrt",
+    "Exp": "exp",
+    "Log": "log",
+    "Abs": "abs",
+    "Neg": "neg",
+    "Reciprocal": "reciprocal",
 }
 _BINARY = {
-    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow",
-    "Max": "max", "Min": "min", "Sum": "add",
+    "Add": "add",
+    "Sub": "sub",
+    "Mul": "mul",
+    "Div": "div",
+    "Pow": "pow",
+    "Max": "max",
+    "Min": "min",
+    "Sum": "add",
 }
 _REDUCE = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min"}
 _ALIASES = ("Identity", "Dropout", "Cast")
@@ -45,21 +59,43 @@ _OTHER = (
     "BatchNormalization LayerNormalization LeakyRelu Elu Selu HardSigmoid HardSwish "
     "Softmax Clip Gelu PRelu Concat Flatten Reshape Squeeze Unsqueeze Transpose Pad"
 ).split()
-SUPPORTED_OPS = sorted(
-    {*_UNARY_ACTIVATIONS, *_BINARY, *_REDUCE, *_ALIASES, *_OTHER}
-)
+SUPPORTED_OPS = sorted({*_UNARY_ACTIVATIONS, *_BINARY, *_REDUCE, *_ALIASES, *_OTHER})
 # Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
 _ROWWISE = {
-    *_UNARY_ACTIVATIONS, *_BINARY, *_ALIASES, "MatMul", "Gemm", "Reshape", "LeakyRelu",
-    "Elu", "Selu", "HardSigmoid", "HardSwish", "Gelu", "Clip", "PRelu", "Softmax",
+    *_UNARY_ACTIVATIONS,
+    *_BINARY,
+    *_ALIASES,
+    "MatMul",
+    "Gemm",
+    "Reshape",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "HardSigmoid",
+    "HardSwish",
+    "Gelu",
+    "Clip",
+    "PRelu",
+    "Softmax",
     "LayerNormalization",
 }
 # Ops whose outputs are static even for dynamic inputs (given static non-batch dims).
 _SHAPE_OPS = ("Shape", "Size")
 
-_ONNX_TO_NP = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
-               9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
-               16: "bfloat16"}
+_ONNX_TO_NP = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    16: "bfloat16",
+}
 
 
 def _inv(perm: tuple[int, ...]) -> tuple[int, ...]:
@@ -120,9 +156,7 @@ class OnnxAdapter(ModelAdapter):
             raise ModelLoadError(
                 f"{self.path.name} is not a readable ONNX model ({type(e).__name__}: {e})."
             ) from None
-        self.opset = next(
-            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0
-        )
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         if self.opset < MIN_OPSET:
             raise ModelLoadError(
                 f"{self.path.name} uses ONNX opset {self.opset} but at least {MIN_OPSET} is "
@@ -168,8 +202,9 @@ class OnnxAdapter(ModelAdapter):
             tt = vi.type.tensor_type
             shape = None
             if tt.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else None
-                              for d in tt.shape.dim)
+                shape = tuple(
+                    d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim
+                )
             types[vi.name] = (_ONNX_TO_NP.get(tt.elem_type, str(tt.elem_type)), shape)
         for t in g.initializer:
             types[t.name] = (_ONNX_TO_NP.get(t.data_type, str(t.data_type)), tuple(t.dims))
@@ -231,8 +266,9 @@ class OnnxAdapter(ModelAdapter):
 
         # Float leaves (initializers, Constant outputs) count as parameters once, at
         # their first consumer.
-        leaf_sizes = {t.name: int(np.prod(t.dims)) for t in g.initializer
-                      if t.data_type in (1, 10, 11, 16)}
+        leaf_sizes = {
+            t.name: int(np.prod(t.dims)) for t in g.initializer if t.data_type in (1, 10, 11, 16)
+        }
         for _, n in ordered:
             if n.op_type == "Constant":
                 a = n.attribute[0] if n.attribute else None
@@ -246,11 +282,18 @@ class OnnxAdapter(ModelAdapter):
                 if t in leaf_sizes and t not in counted:
                     counted.add(t)
                     params += leaf_sizes[t]
-            nodes.append(Node(
-                name=name, op_type=n.op_type, inputs=[t for t in n.input if t],
-                outputs=list(n.output), params=params,
-                flops=self._flops(n, tensors, const), trainable=None, handle=n,
-            ))
+            nodes.append(
+                Node(
+                    name=name,
+                    op_type=n.op_type,
+                    inputs=[t for t in n.input if t],
+                    outputs=list(n.output),
+                    params=params,
+                    flops=self._flops(n, tensors, const),
+                    trainable=None,
+                    handle=n,
+                )
+            )
         view = GraphView(
             framework="onnx",
             inputs=[tensors[t] for t in graph_inputs],
@@ -266,17 +309,26 @@ class OnnxAdapter(ModelAdapter):
         """Tensors whose dim 0 is not the batch (a Reshape merged it with other dims,
         as tf2onnx does for Keras Dense on 3-D inputs): a public part ending there
         would hand the enclave rows, not samples. Found by running the model once."""
-        reshapes = [n for n in view.nodes if n.op_type in ("Reshape", "Flatten")
-                    and n.inputs[0] not in view.constant_tensors]
+        reshapes = [
+            n
+            for n in view.nodes
+            if n.op_type in ("Reshape", "Flatten") and n.inputs[0] not in view.constant_tensors
+        ]
         if len(view.inputs) != 1 or not reshapes:
             return set()
         dim0 = view.inputs[0]
-        fixed = next((vi.type.tensor_type.shape.dim[0].dim_value for vi in self.model.graph.input
-                      if vi.name == dim0.name and len(vi.type.tensor_type.shape.dim)
-                      and vi.type.tensor_type.shape.dim[0].HasField("dim_value")), 0)
+        fixed = next(
+            (
+                vi.type.tensor_type.shape.dim[0].dim_value
+                for vi in self.model.graph.input
+                if vi.name == dim0.name
+                and len(vi.type.tensor_type.shape.dim)
+                and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+            ),
+            0,
+        )
         batch = fixed or 3
-        names = [t for n in view.nodes for t in n.outputs
-                 if t not in view.constant_tensors and t]
+        names = [t for n in view.nodes for t in n.outputs if t not in view.constant_tensors and t]
         shape = (batch, *[int(d or 1) for d in dim0.shape[1:]])
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         shapes = self._probe_shapes(names, x, dim0.name, keep_batch=True)
@@ -293,8 +345,11 @@ class OnnxAdapter(ModelAdapter):
             a = tensors.get(n.input[0])
             k = 0
             if a and a.shape:
-                k = int(a.shape[0] if (n.op_type == "Gemm" and _attrs(n).get("transA", 0))
-                        else a.shape[-1] or 0)
+                k = int(
+                    a.shape[0]
+                    if (n.op_type == "Gemm" and _attrs(n).get("transA", 0))
+                    else a.shape[-1] or 0
+                )
             return 2 * out_el * k
         if n.op_type == "Conv" and len(n.input) >= 2:
             w = tensors.get(n.input[1])
@@ -317,8 +372,9 @@ class OnnxAdapter(ModelAdapter):
     @staticmethod
     def _run(session: Any, x: np.ndarray, input_name: str | None = None) -> np.ndarray:
         # Old-IR models may list initializers as inputs too: prefer the known name.
-        inp = next((i for i in session.get_inputs() if i.name == input_name),
-                   session.get_inputs()[0])
+        inp = next(
+            (i for i in session.get_inputs() if i.name == input_name), session.get_inputs()[0]
+        )
         x = np.asarray(x, dtype=np.float32)
         fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
         if fixed is None or fixed == len(x):
@@ -328,8 +384,9 @@ class OnnxAdapter(ModelAdapter):
                 f"The model's batch size is fixed at {fixed}; pass a multiple of it."
             )
         # A model exported with a fixed batch size runs chunk by chunk.
-        parts = [session.run(None, {inp.name: x[i : i + fixed]})[0]
-                 for i in range(0, len(x), fixed)]
+        parts = [
+            session.run(None, {inp.name: x[i : i + fixed]})[0] for i in range(0, len(x), fixed)
+        ]
         return np.concatenate(parts)
 
     @staticmethod
@@ -382,12 +439,18 @@ class OnnxAdapter(ModelAdapter):
         inner = {t for n in keep for t in n.outputs} | {i.name for i in inputs}
         value_info = [vi for vi in g.value_info if vi.name in inner and vi.name != target]
         graph = onnx.helper.make_graph(
-            [n.handle for n in keep], f"{g.name or 'model'}_public", inputs, [out_vi],
-            initializer=inits, value_info=value_info,
+            [n.handle for n in keep],
+            f"{g.name or 'model'}_public",
+            inputs,
+            [out_vi],
+            initializer=inits,
+            value_info=value_info,
         )
         model = onnx.helper.make_model(
-            graph, opset_imports=list(self.model.opset_import),
-            producer_name="ennclave", ir_version=self.model.ir_version,
+            graph,
+            opset_imports=list(self.model.opset_import),
+            producer_name="ennclave",
+            ir_version=self.model.ir_version,
         )
         model.functions.extend(self.model.functions)
         try:
@@ -402,9 +465,13 @@ class OnnxAdapter(ModelAdapter):
         """Logical shapes of dynamic tensors (batch None); runs the model once to fill
         in what static shape inference could not work out."""
         shapes = {k: v.shape for k, v in self.graph.tensors.items()}
-        missing = [t for n in self.graph.nodes for t in n.outputs
-                   if t not in self.graph.constant_tensors
-                   and (not shapes.get(t) or any(d is None for d in shapes[t][1:]))]
+        missing = [
+            t
+            for n in self.graph.nodes
+            for t in n.outputs
+            if t not in self.graph.constant_tensors
+            and (not shapes.get(t) or any(d is None for d in shapes[t][1:]))
+        ]
         if missing and self._probed is None:
             x = self.random_inputs(1, np.random.default_rng(0))
             self._probed = self._probe_shapes(missing, x, self.graph.inputs[0].name)
@@ -412,8 +479,9 @@ class OnnxAdapter(ModelAdapter):
             shapes.update(self._probed)
         return shapes
 
-    def _probe_shapes(self, names: list[str], x: np.ndarray, input_name: str,
-                      keep_batch: bool = False) -> dict[str, tuple[int | None, ...]]:
+    def _probe_shapes(
+        self, names: list[str], x: np.ndarray, input_name: str, keep_batch: bool = False
+    ) -> dict[str, tuple[int | None, ...]]:
         onnx = require("onnx")
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
@@ -423,13 +491,13 @@ class OnnxAdapter(ModelAdapter):
                 m.graph.output.append(onnx.ValueInfoProto(name=t))
         try:
             sess = self._open_session(m.SerializeToString())
-            outs = sess.run([o.name for o in sess.get_outputs()],
-                            {input_name: x})
+            outs = sess.run([o.name for o in sess.get_outputs()], {input_name: x})
         except Exception:
             return {}
-        return {o.name: (np.shape(v) if keep_batch else (None, *np.shape(v)[1:]))
-                if np.ndim(v) else ()
-                for o, v in zip(sess.get_outputs(), outs, strict=True)}
+        return {
+            o.name: (np.shape(v) if keep_batch else (None, *np.shape(v)[1:])) if np.ndim(v) else ()
+            for o, v in zip(sess.get_outputs(), outs, strict=True)
+        }
 
     def _constants(self) -> dict[int, dict[str, np.ndarray]]:
         """Values of every constant tensor, once per probe batch size."""
@@ -548,9 +616,15 @@ class _Lowering:
             )
         return (None, *s[1:])
 
-    def emit(self, op: str, inputs: list[str], node: Node, out_shape: tuple[int | None, ...],
-             attrs: dict[str, Any] | None = None, weights: dict[str, np.ndarray] | None = None,
-             ) -> str:
+    def emit(
+        self,
+        op: str,
+        inputs: list[str],
+        node: Node,
+        out_shape: tuple[int | None, ...],
+        attrs: dict[str, Any] | None = None,
+        weights: dict[str, np.ndarray] | None = None,
+    ) -> str:
         out = self.b.add(op, inputs, node.name, attrs=attrs, weights=weights)
         self.pshape[out] = out_shape
         return out
@@ -572,8 +646,13 @@ class _Lowering:
         nonunit_now = [a for a in v.perm if v.shape[a] != 1]
         nonunit_then = [a for a in perm if v.shape[a] != 1]
         if nonunit_now == nonunit_then:
-            name = self.emit("reshape", [v.name], node, target.pshape,
-                             {"shape": [int(d) for d in target.pshape[1:]]})
+            name = self.emit(
+                "reshape",
+                [v.name],
+                node,
+                target.pshape,
+                {"shape": [int(d) for d in target.pshape[1:]]},
+            )
         else:
             name = self.emit("transpose", [v.name], node, target.pshape, {"perm": list(q)})
         out = _Val(name, perm, v.shape)
@@ -632,9 +711,7 @@ class _Lowering:
             raise CutError(f"The private side of cut {cut.name!r} does not compute the output.")
         final = self.logical(self.env[out_name], g.nodes[-1])
         out_shape = self.shape(out_name, g.nodes[-1])
-        prog = self.b.build(
-            [TensorInfo(in_name, in_shape)], [TensorInfo(final.name, out_shape)]
-        )
+        prog = self.b.build([TensorInfo(in_name, in_shape)], [TensorInfo(final.name, out_shape)])
         _optimize(prog, self.pshape)
         return prog
 
@@ -642,17 +719,20 @@ class _Lowering:
         op = node.op_type
         n = node.handle
         if n.domain not in ("", "ai.onnx"):
-            raise self.unsupported(node, f"custom domain {n.domain!r} is not supported; "
-                                         f"supported ops: {', '.join(SUPPORTED_OPS)}")
-        handler: Callable[[Node, dict[str, Any]], _Val] | None = getattr(
-            self, f"op_{op}", None
-        )
+            raise self.unsupported(
+                node,
+                f"custom domain {n.domain!r} is not supported; "
+                f"supported ops: {', '.join(SUPPORTED_OPS)}",
+            )
+        handler: Callable[[Node, dict[str, Any]], _Val] | None = getattr(self, f"op_{op}", None)
         attrs = _attrs(n)
         ks = {self.merged.get(t, ()) for t in node.inputs if t in self.env}
         if ks and ks != {()}:
             if len(ks) != 1 or op not in _ROWWISE:
-                raise self.unsupported(node, "it needs the batch axis of a tensor that a "
-                                             "Reshape merged with other axes")
+                raise self.unsupported(
+                    node,
+                    "it needs the batch axis of a tensor that a Reshape merged with other axes",
+                )
             (k,) = ks
             if op in ("Softmax", "LayerNormalization"):
                 r0 = self.env[node.inputs[0]].rank - len(k)
@@ -696,8 +776,11 @@ class _Lowering:
             raise self.unsupported(node, "all operands are constant")
         for v in dyn:
             if v.rank != r:
-                raise self.unsupported(node, "operands of different rank that both depend "
-                                             "on the input cannot be broadcast batch-first")
+                raise self.unsupported(
+                    node,
+                    "operands of different rank that both depend "
+                    "on the input cannot be broadcast batch-first",
+                )
         perm = dyn[0].perm
         names: list[str] = []
         for t in inputs:
@@ -745,9 +828,10 @@ class _Lowering:
         return self.act(node, self.dyn(node), activation("elu", alpha=a.get("alpha", 1.0)))
 
     def op_Selu(self, node: Node, a: dict[str, Any]) -> _Val:
-        if abs(a.get("alpha", 1.6732632) - 1.6732632423543772) > 1e-6 or abs(
-            a.get("gamma", 1.0507010) - 1.0507009873554805
-        ) > 1e-6:
+        if (
+            abs(a.get("alpha", 1.6732632) - 1.6732632423543772) > 1e-6
+            or abs(a.get("gamma", 1.0507010) - 1.0507009873554805) > 1e-6
+        ):
             raise self.unsupported(node, "only the standard alpha/gamma are supported")
         return self.act(node, self.dyn(node), activation("selu"))
 
@@ -812,15 +896,17 @@ class _Lowering:
         w = {"kernel": kernel}
         if bias is not None:
             w["bias"] = bias
-        name = self.emit("dense", [v.name], node, tuple(out_shape[p] for p in v.perm),
-                         weights=w)
+        name = self.emit("dense", [v.name], node, tuple(out_shape[p] for p in v.perm), weights=w)
         return _Val(name, v.perm, out_shape)
 
     def op_MatMul(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         if node.inputs[1] in self.env:
-            raise self.unsupported(node, "a product of two computed tensors (e.g. attention) "
-                                         "is not supported; only constant right operands")
+            raise self.unsupported(
+                node,
+                "a product of two computed tensors (e.g. attention) "
+                "is not supported; only constant right operands",
+            )
         k = self.opt_const(node, 1)
         assert k is not None
         if k.ndim != 2:
@@ -843,8 +929,13 @@ class _Lowering:
             bias = np.broadcast_to(c.reshape(-1) if c.ndim else c, (m,)) * a.get("beta", 1.0)
         return self.dense(node, v, kernel, bias)
 
-    def spatial_attrs(self, node: Node, a: dict[str, Any], in_sp: list[int], window: list[int],
-                      ) -> tuple[list[int], list[int], list[list[int]]]:
+    def spatial_attrs(
+        self,
+        node: Node,
+        a: dict[str, Any],
+        in_sp: list[int],
+        window: list[int],
+    ) -> tuple[list[int], list[int], list[list[int]]]:
         nd = len(window)
         strides = list(a.get("strides", [1] * nd))
         dil = list(a.get("dilations", [1] * nd))
@@ -857,8 +948,9 @@ class _Lowering:
                 out = -(-in_sp[i] // strides[i])
                 total = max((out - 1) * strides[i] + (window[i] - 1) * dil[i] + 1 - in_sp[i], 0)
                 small = total // 2
-                pairs.append([small, total - small] if auto == "SAME_UPPER"
-                             else [total - small, small])
+                pairs.append(
+                    [small, total - small] if auto == "SAME_UPPER" else [total - small, small]
+                )
         elif auto == "VALID":
             pairs = [[0, 0] for _ in range(nd)]
         elif auto != "NOTSET":
@@ -882,8 +974,7 @@ class _Lowering:
             weights["bias"] = bias
         attrs = {"strides": strides, "dilations": dil, "pads": pads, "groups": a.get("group", 1)}
         perm = _channels_last(v.rank)
-        name = self.emit("conv", [v.name], node, tuple(out_shape[p] for p in perm), attrs,
-                         weights)
+        name = self.emit("conv", [v.name], node, tuple(out_shape[p] for p in perm), attrs, weights)
         return _Val(name, perm, out_shape)
 
     def pool(self, node: Node, a: dict[str, Any], kind: str) -> _Val:
@@ -904,12 +995,12 @@ class _Lowering:
             extra = (int(out_shape[2 + i] or 0) - floor_out) * strides[i]
             if extra > 0:
                 if kind != "max":
-                    raise self.unsupported(node, "ceil_mode=1 changes the output of an "
-                                                 "average pool")
+                    raise self.unsupported(
+                        node, "ceil_mode=1 changes the output of an average pool"
+                    )
                 pads[i][1] += extra
         v = self.to_layout(v, _channels_last(v.rank), node)
-        attrs: dict[str, Any] = {"kind": kind, "window": window, "strides": strides,
-                                 "pads": pads}
+        attrs: dict[str, Any] = {"kind": kind, "window": window, "strides": strides, "pads": pads}
         if kind == "avg":
             attrs["count_include_pad"] = bool(a.get("count_include_pad", 0))
         perm = _channels_last(v.rank)
@@ -930,13 +1021,22 @@ class _Lowering:
         if v.perm != _channels_last(v.rank):
             # Not channels-last already: a reduction avoids a transpose.
             axes = sorted(v.phys_axis(i) for i in range(2, v.rank))
-            name = self.emit("reduce", [v.name], node, tuple(out_shape[p] for p in v.perm),
-                             {"kind": kind if kind == "max" else "mean", "axes": axes,
-                              "keepdims": True})
+            name = self.emit(
+                "reduce",
+                [v.name],
+                node,
+                tuple(out_shape[p] for p in v.perm),
+                {"kind": kind if kind == "max" else "mean", "axes": axes, "keepdims": True},
+            )
             return _Val(name, v.perm, out_shape)
         perm = v.perm
-        name = self.emit("global_pool", [v.name], node, tuple(out_shape[p] for p in perm),
-                         {"kind": kind, "keepdims": True})
+        name = self.emit(
+            "global_pool",
+            [v.name],
+            node,
+            tuple(out_shape[p] for p in perm),
+            {"kind": kind, "keepdims": True},
+        )
         return _Val(name, perm, out_shape)
 
     def op_GlobalAveragePool(self, node: Node, a: dict[str, Any]) -> _Val:
@@ -954,8 +1054,14 @@ class _Lowering:
         scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + a.get("epsilon", 1e-5))
         shift = beta - mean * scale
         axis = v.phys_axis(1)
-        name = self.emit("scale_shift", [v.name], node, v.pshape, {"axis": axis - v.rank},
-                         {"scale": scale, "shift": shift})
+        name = self.emit(
+            "scale_shift",
+            [v.name],
+            node,
+            v.pshape,
+            {"axis": axis - v.rank},
+            {"scale": scale, "shift": shift},
+        )
         return _Val(name, v.perm, v.shape)
 
     def op_LayerNormalization(self, node: Node, a: dict[str, Any]) -> _Val:
@@ -980,8 +1086,9 @@ class _Lowering:
     # -- shape ops ---------------------------------------------------------------
     def reshape_to(self, node: Node, v: _Val, out_shape: tuple[int | None, ...]) -> _Val:
         v = self.logical(v, node)
-        name = self.emit("reshape", [v.name], node, out_shape,
-                         {"shape": [int(d) for d in out_shape[1:]]})  # type: ignore[arg-type]
+        name = self.emit(
+            "reshape", [v.name], node, out_shape, {"shape": [int(d) for d in out_shape[1:]]}
+        )  # type: ignore[arg-type]
         return _Val(name, _ident(len(out_shape)), out_shape)
 
     def op_Reshape(self, node: Node, a: dict[str, Any]) -> _Val:
@@ -1010,9 +1117,10 @@ class _Lowering:
             while prod < lead and j < len(unmerged):
                 prod *= unmerged[j]
                 j += 1
-            if (not out or prod != lead or int(np.prod(out)) != int(np.prod(in_shape))):
-                raise self.unsupported(node, f"target shape {list(t.reshape(-1))} does not "
-                                             f"keep the batch axis first")
+            if not out or prod != lead or int(np.prod(out)) != int(np.prod(in_shape)):
+                raise self.unsupported(
+                    node, f"target shape {list(t.reshape(-1))} does not keep the batch axis first"
+                )
             results.append((tuple(unmerged[:j]), tuple(out[1:])))
         if len(set(results)) != 1:
             raise self.unsupported(node, "its target shape depends on the batch size")
@@ -1070,11 +1178,13 @@ class _Lowering:
             old = sorted({*old, ax})
         return self.phys_reshape(node, v, tuple(order), out_shape)
 
-    def phys_reshape(self, node: Node, v: _Val, perm: tuple[int, ...],
-                     out_shape: tuple[int | None, ...]) -> _Val:
+    def phys_reshape(
+        self, node: Node, v: _Val, perm: tuple[int, ...], out_shape: tuple[int | None, ...]
+    ) -> _Val:
         out = _Val("", perm, out_shape)
-        name = self.emit("reshape", [v.name], node, out.pshape,
-                         {"shape": [int(d) for d in out.pshape[1:]]})  # type: ignore[arg-type]
+        name = self.emit(
+            "reshape", [v.name], node, out.pshape, {"shape": [int(d) for d in out.pshape[1:]]}
+        )  # type: ignore[arg-type]
         return _Val(name, perm, out_shape)
 
     def op_Transpose(self, node: Node, a: dict[str, Any]) -> _Val:
@@ -1084,14 +1194,14 @@ class _Lowering:
             raise self.unsupported(node, f"perm {list(t)} moves the batch axis")
         # No program node: the data stays put, only its labels change.
         inv_t = _inv(t)
-        return _Val(v.name, tuple(inv_t[p] for p in v.perm),
-                    tuple(v.shape[i] for i in t))
+        return _Val(v.name, tuple(inv_t[p] for p in v.perm), tuple(v.shape[i] for i in t))
 
     def op_Concat(self, node: Node, a: dict[str, Any]) -> _Val:
         ins = [t for t in node.inputs]
         if any(t not in self.env for t in ins):
-            raise self.unsupported(node, "concatenating a constant would need it repeated "
-                                         "over the batch")
+            raise self.unsupported(
+                node, "concatenating a constant would need it repeated over the batch"
+            )
         vals = [self.env[t] for t in ins]
         perm = vals[0].perm
         vals = [self.to_layout(x, perm, node) for x in vals]
@@ -1101,8 +1211,13 @@ class _Lowering:
         out_shape = self.shape(node.outputs[0], node)
         if len(vals) == 1:
             return vals[0]
-        name = self.emit("concat", [x.name for x in vals], node,
-                         tuple(out_shape[p] for p in perm), {"axis": axis})
+        name = self.emit(
+            "concat",
+            [x.name for x in vals],
+            node,
+            tuple(out_shape[p] for p in perm),
+            {"axis": axis},
+        )
         return _Val(name, perm, out_shape)
 
     def op_Pad(self, node: Node, a: dict[str, Any]) -> _Val:
@@ -1116,8 +1231,7 @@ class _Lowering:
         value = self.opt_const(node, 2)
         axes_c = self.opt_const(node, 3)
         r = v.rank
-        axes = ([int(x) % r for x in axes_c.reshape(-1)] if axes_c is not None
-                else list(range(r)))
+        axes = [int(x) % r for x in axes_c.reshape(-1)] if axes_c is not None else list(range(r))
         p = [int(x) for x in pads.reshape(-1)]
         full = [[0, 0] for _ in range(r)]
         for i, ax in enumerate(axes):
@@ -1129,8 +1243,9 @@ class _Lowering:
         phys = [full[v.perm[i]] for i in range(1, r)]
         out_shape = self.shape(node.outputs[0], node)
         val = float(value.reshape(-1)[0]) if value is not None and value.size else 0.0
-        name = self.emit("pad", [v.name], node, tuple(out_shape[q] for q in v.perm),
-                         {"pads": phys, "value": val})
+        name = self.emit(
+            "pad", [v.name], node, tuple(out_shape[q] for q in v.perm), {"pads": phys, "value": val}
+        )
         return _Val(name, v.perm, out_shape)
 
     def reduce(self, node: Node, kind: str, a: dict[str, Any]) -> _Val:
@@ -1151,8 +1266,13 @@ class _Lowering:
         else:
             left = [p for p in v.perm if p not in axes]  # logical axes in physical order
             perm = tuple(sorted(left).index(p) for p in left)
-        name = self.emit("reduce", [v.name], node, tuple(out_shape[p] for p in perm),
-                         {"kind": kind, "axes": phys, "keepdims": keep})
+        name = self.emit(
+            "reduce",
+            [v.name],
+            node,
+            tuple(out_shape[p] for p in perm),
+            {"kind": kind, "axes": phys, "keepdims": keep},
+        )
         return _Val(name, perm, out_shape)
 
 
@@ -1185,8 +1305,7 @@ def _consumers(prog: Program) -> dict[str, list[ProgramNode]]:
     return consumers
 
 
-def _fuse_linear(prog: Program, pshape: dict[str, tuple[int | None, ...]],
-                 out_name: str) -> bool:
+def _fuse_linear(prog: Program, pshape: dict[str, tuple[int | None, ...]], out_name: str) -> bool:
     consumers = _consumers(prog)
     const_of = {n.outputs[0]: n for n in prog.nodes if n.op == "constant"}
     for lin in prog.nodes:
@@ -1212,7 +1331,8 @@ def _simplify(prog: Program, pshape: dict[str, tuple[int | None, ...]], out_name
             x, y = n.inputs[0], n.outputs[0]
             in_shape = pshape.get(x)
             identity = (
-                n.attrs["perm"] == sorted(n.attrs["perm"]) if n.op == "transpose"
+                n.attrs["perm"] == sorted(n.attrs["perm"])
+                if n.op == "transpose"
                 else in_shape is not None and list(in_shape[1:]) == list(n.attrs["shape"])
             )
             if identity and y != out_name:
@@ -1221,8 +1341,12 @@ def _simplify(prog: Program, pshape: dict[str, tuple[int | None, ...]], out_name
                 prog.nodes.remove(n)
                 return True
             src = producers.get(x)
-            if (src is not None and src.op == n.op and x != out_name
-                    and len(consumers.get(x, [])) == 1):
+            if (
+                src is not None
+                and src.op == n.op
+                and x != out_name
+                and len(consumers.get(x, [])) == 1
+            ):
                 if n.op == "transpose":
                     p1 = src.attrs["perm"]
                     n.attrs["perm"] = [p1[i] for i in n.attrs["perm"]]
@@ -1232,10 +1356,14 @@ def _simplify(prog: Program, pshape: dict[str, tuple[int | None, ...]], out_name
         if n.op == "mul" and len(n.inputs) == 2:
             for a, b in (n.inputs, n.inputs[::-1]):
                 sig = producers.get(b)
-                if (sig is not None and sig.op == "activation"
-                        and sig.attrs["activation"]["fn"] == "sigmoid"
-                        and sig.inputs[0] == a and len(consumers.get(b, [])) == 1
-                        and b != out_name):
+                if (
+                    sig is not None
+                    and sig.op == "activation"
+                    and sig.attrs["activation"]["fn"] == "sigmoid"
+                    and sig.inputs[0] == a
+                    and len(consumers.get(b, [])) == 1
+                    and b != out_name
+                ):
                     n.op, n.inputs = "activation", [a]
                     n.attrs = {"activation": activation("swish")}
                     prog.nodes.remove(sig)
@@ -1253,13 +1381,17 @@ def _channel_vector(value: np.ndarray, cout: int) -> np.ndarray | None:
     return np.broadcast_to(flat, (cout,)).astype(np.float64)
 
 
-def _fuse(prog: Program, lin: ProgramNode, nxt: ProgramNode,
-          const_of: dict[str, ProgramNode], pshape: dict[str, tuple[int | None, ...]]) -> bool:
+def _fuse(
+    prog: Program,
+    lin: ProgramNode,
+    nxt: ProgramNode,
+    const_of: dict[str, ProgramNode],
+    pshape: dict[str, tuple[int | None, ...]],
+) -> bool:
     w = prog.weights
     kernel = w[lin.weights["kernel"]].astype(np.float64)
     cout = kernel.shape[-1]
-    bias = (w[lin.weights["bias"]].astype(np.float64) if "bias" in lin.weights
-            else np.zeros(cout))
+    bias = w[lin.weights["bias"]].astype(np.float64) if "bias" in lin.weights else np.zeros(cout)
     y = lin.outputs[0]
     rank = len(pshape.get(y, ()))
     if nxt.op == "activation":

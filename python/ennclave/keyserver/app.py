@@ -126,7 +126,10 @@ async def _send_json(send: Any, status: int, code: str, reason: str) -> None:
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -185,7 +188,9 @@ class ReleaseRequest(BaseModel):
     pubkey: str = Field(pattern=HEX64, description="the worker's ephemeral X25519 key (HELLO)")
     binary_sha256: str = Field(pattern=HEX64, description="from HELLO")
     manifest_sha256: str = Field(pattern=HEX64, description="SHA-256 of the canonical manifest")
-    client_id: str = Field(pattern=r"^[0-9a-fA-F]{16,128}$", description="self-reported machine id hash")
+    client_id: str = Field(
+        pattern=r"^[0-9a-fA-F]{16,128}$", description="self-reported machine id hash"
+    )
     evidence: EvidenceIn
 
 
@@ -273,7 +278,9 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, e: RequestValidationError) -> JSONResponse:
-        where = ", ".join(".".join(str(p) for p in err.get("loc", ())[1:]) for err in e.errors()[:3])
+        where = ", ".join(
+            ".".join(str(p) for p in err.get("loc", ())[1:]) for err in e.errors()[:3]
+        )
         return JSONResponse(
             {"error": "bad_request", "reason": f"Malformed request ({where or 'body'})."},
             status_code=400,
@@ -313,7 +320,9 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
 
         if not nonces.consume(bytes.fromhex(body.nonce), body.key_id):
             raise refuse(
-                403, "nonce_invalid", "The nonce is unknown, expired, already used or for another key; ask for a new challenge."
+                403,
+                "nonce_invalid",
+                "The nonce is unknown, expired, already used or for another key; ask for a new challenge.",
             )
         loaded = store.load_for_release(body.key_id)
         if loaded is None:
@@ -398,7 +407,10 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
         return BundleOut(**rec.to_json())
 
     @api.post(
-        "/v1/keys", response_model=BundleOut, status_code=201, responses=ERRORS,
+        "/v1/keys",
+        response_model=BundleOut,
+        status_code=201,
+        responses=ERRORS,
         dependencies=[Depends(owner)],
     )
     def register(body: RegisterRequest, req: Request) -> BundleOut:
@@ -417,8 +429,11 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
         )
         del key
         store.audit(
-            "register", "done" if ok else "refused", "ok" if ok else "exists",
-            key_id=body.key_id, peer=peer(req),
+            "register",
+            "done" if ok else "refused",
+            "ok" if ok else "exists",
+            key_id=body.key_id,
+            peer=peer(req),
         )
         if not ok:
             raise Refusal(409, "exists", "A key is already registered under this key id.")
@@ -429,14 +444,18 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
         return [BundleOut(**r.to_json()) for r in store.list()]
 
     @api.get(
-        "/v1/keys/{key_id}", response_model=BundleOut, responses=ERRORS,
+        "/v1/keys/{key_id}",
+        response_model=BundleOut,
+        responses=ERRORS,
         dependencies=[Depends(owner)],
     )
     def get_key(key_id: str) -> BundleOut:
         return _bundle(key_id)
 
     @api.patch(
-        "/v1/keys/{key_id}/policy", response_model=BundleOut, responses=ERRORS,
+        "/v1/keys/{key_id}/policy",
+        response_model=BundleOut,
+        responses=ERRORS,
         dependencies=[Depends(owner)],
     )
     def set_policy(key_id: str, changes: dict[str, Any], req: Request) -> BundleOut:
@@ -449,13 +468,19 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
             raise Refusal(400, "bad_policy", f"Invalid policy: {e}.") from None
         store.set_policy(key_id, pol)
         store.audit(
-            "policy", "done", "ok", key_id=key_id, peer=peer(req),
+            "policy",
+            "done",
+            "ok",
+            key_id=key_id,
+            peer=peer(req),
             detail=json.dumps(changes, sort_keys=True)[:500],
         )
         return _bundle(key_id)
 
     @api.post(
-        "/v1/keys/{key_id}/revoke", response_model=BundleOut, responses=ERRORS,
+        "/v1/keys/{key_id}/revoke",
+        response_model=BundleOut,
+        responses=ERRORS,
         dependencies=[Depends(owner)],
     )
     def revoke(key_id: str, body: RevokeRequest, req: Request) -> BundleOut:
@@ -484,4 +509,3 @@ def openapi_schema() -> dict[str, Any]:
 
     app = create_app(_NoStore())  # type: ignore[arg-type]
     return app.fastapi.openapi()  # type: ignore[attr-defined]
-

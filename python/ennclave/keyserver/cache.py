@@ -49,8 +49,13 @@ def store(key_id: str, blob: bytes, licence: bytes, licence_mac: bytes) -> Path 
     if p is None:
         return None
     b64 = lambda b: base64.b64encode(b).decode()
-    body = {"v": 1, "key_id": key_id, "blob": b64(blob), "licence": b64(licence),
-            "licence_mac": b64(licence_mac)}
+    body = {
+        "v": 1,
+        "key_id": key_id,
+        "blob": b64(blob),
+        "licence": b64(licence),
+        "licence_mac": b64(licence_mac),
+    }
     _write_private(p, json.dumps(body, sort_keys=True).encode())
     return p
 
@@ -65,7 +70,9 @@ def load(key_id: str) -> dict[str, Any] | None:
         d = json.loads(_read_private(p))
         if d.get("v") != 1 or d.get("key_id") != key_id:
             return None
-        return {k: base64.b64decode(d[k], validate=True) for k in ("blob", "licence", "licence_mac")}
+        return {
+            k: base64.b64decode(d[k], validate=True) for k in ("blob", "licence", "licence_mac")
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -18,8 +18,14 @@ def cmd_keyserver(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         rate=args.rate, burst=args.burst, max_body=args.max_body, nonce_ttl=args.nonce_ttl
     )
-    serve(args.db, args.host, args.port, kek_file=args.kek_file, settings=settings,
-          log_level=args.log_level)
+    serve(
+        args.db,
+        args.host,
+        args.port,
+        kek_file=args.kek_file,
+        settings=settings,
+        log_level=args.log_level,
+    )
     return 0
 
 
@@ -42,11 +48,14 @@ def _print_bundle(b: dict[str, Any]) -> None:
 
     p = b["policy"]
     state = f"[red]revoked[/] ({b['revoked_reason']})" if b["revoked"] else "[green]active[/]"
-    console.print(f"[bold]{b['key_id']}[/]  {state}  clients {b['clients']}"
-                  f"{'/' + str(p['max_clients']) if p['max_clients'] else ''}  "
-                  f"expires {_when(p['expires_at'])}  software {'yes' if p['allow_software'] else 'no'}  "
-                  f"licence {p['licence_ttl']} s  budget {p['query_budget'] or 'unlimited'}  "
-                  f"offline {'yes' if p['offline'] else 'no'}", highlight=False)
+    console.print(
+        f"[bold]{b['key_id']}[/]  {state}  clients {b['clients']}"
+        f"{'/' + str(p['max_clients']) if p['max_clients'] else ''}  "
+        f"expires {_when(p['expires_at'])}  software {'yes' if p['allow_software'] else 'no'}  "
+        f"licence {p['licence_ttl']} s  budget {p['query_budget'] or 'unlimited'}  "
+        f"offline {'yes' if p['offline'] else 'no'}",
+        highlight=False,
+    )
 
 
 def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,32 +127,54 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(json.dumps(rows, indent=2))
             else:
                 for r in rows:
-                    t = dt.datetime.fromtimestamp(r["ts_ms"] / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+                    t = dt.datetime.fromtimestamp(r["ts_ms"] / 1000, dt.UTC).strftime(
+                        "%Y-%m-%d %H:%M:%S"
+                    )
                     colour = "green" if r["decision"] in ("granted", "done") else "red"
                     console.print(
                         f"{t}  {r['event']:<8} [{colour}]{r['decision']:<8}[/] {r['reason']:<22} "
                         f"{r['key_id'] or '-'}  {r['evidence'] or ''} {r['peer'] or ''} "
-                        f"{r['detail'] or ''}", highlight=False)
+                        f"{r['detail'] or ''}",
+                        highlight=False,
+                    )
     return 0
 
 
 def _admin_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keyserver", metavar="URL", help="key server (default: the saved owner config)")
+    p.add_argument(
+        "--keyserver", metavar="URL", help="key server (default: the saved owner config)"
+    )
     p.add_argument("--token", help="owner token (default: the saved owner config)")
 
 
 def _policy_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-software", dest="allow_software", action=argparse.BooleanOptionalAction,
-                   default=None, help="release to software (non-TEE) workers (default off)")
-    p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
-                   help="licences allow an offline key cache until they expire")
+    p.add_argument(
+        "--allow-software",
+        dest="allow_software",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="release to software (non-TEE) workers (default off)",
+    )
+    p.add_argument(
+        "--offline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="licences allow an offline key cache until they expire",
+    )
     p.add_argument("--expires-in", type=int, metavar="S", help="no release after now + S seconds")
     p.add_argument("--expires-at", type=int, metavar="UNIX", help="no release after this time")
     p.add_argument("--max-clients", type=int, metavar="N", help="distinct clients (0 = unlimited)")
     p.add_argument("--licence-ttl", type=int, metavar="S", help="licence lifetime in seconds")
-    p.add_argument("--query-budget", type=int, metavar="N", help="samples per licence (0 = unlimited)")
-    p.add_argument("--allowed-binary", dest="allowed_binaries", action="append", metavar="SHA256",
-                   help="accept only this worker binary (repeatable)")
+    p.add_argument(
+        "--query-budget", type=int, metavar="N", help="samples per licence (0 = unlimited)"
+    )
+    p.add_argument(
+        "--allowed-binary",
+        dest="allowed_binaries",
+        action="append",
+        metavar="SHA256",
+        help="accept only this worker binary (repeatable)",
+    )
     p.add_argument("--mrenclave", dest="mrenclaves", action="append", metavar="HEX")
     p.add_argument("--mrsigner", dest="mrsigners", action="append", metavar="HEX")
     p.add_argument("--set", metavar="JSON", help="policy fields as a JSON object")

@@ -54,7 +54,9 @@ def client_id() -> str:
             break
         except OSError:
             continue
-    return hashlib.sha256(b"ennclave client v1\x00" + mid + b"\x00" + str(os.getuid()).encode()).hexdigest()
+    return hashlib.sha256(
+        b"ennclave client v1\x00" + mid + b"\x00" + str(os.getuid()).encode()
+    ).hexdigest()
 
 
 class KeyServerClient:

@@ -107,7 +107,9 @@ class Policy:
         if not _is_int(self.min_isv_svn) or self.min_isv_svn < 0:
             raise ValueError("policy.min_isv_svn must be a non-negative integer")
         if not _is_int(self.licence_ttl) or not 1 <= self.licence_ttl <= 366 * 86400:
-            raise ValueError("policy.licence_ttl must be an integer number of seconds, 1 s to 1 year")
+            raise ValueError(
+                "policy.licence_ttl must be an integer number of seconds, 1 s to 1 year"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

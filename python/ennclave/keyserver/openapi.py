@@ -11,7 +11,11 @@ from .app import openapi_schema
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else Path(__file__).resolve().parents[3] / "docs" / "keyserver-openapi.json"
+    out = (
+        Path(argv[0])
+        if argv
+        else Path(__file__).resolve().parents[3] / "docs" / "keyserver-openapi.json"
+    )
     out.write_text(json.dumps(openapi_schema(), indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}")
     return 0

@@ -43,7 +43,10 @@ def serve(
     url = f"http://{host}:{port}"
     written = ensure_owner_token(store, url)
     if written:
-        print(f"ennclave keyserver: owner token created and saved to {written} (0600)", file=sys.stderr)
+        print(
+            f"ennclave keyserver: owner token created and saved to {written} (0600)",
+            file=sys.stderr,
+        )
     print(f"ennclave keyserver: serving {store!r} on {url}", file=sys.stderr, flush=True)
     uvicorn.run(
         create_app(store, settings),

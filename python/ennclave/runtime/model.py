@@ -333,7 +333,11 @@ class EnclavedModel:
         return np.ascontiguousarray(arr)
 
     def predict(
-        self, x: Any, batch_size: int = 32, *, allow_nonfinite: bool = False,
+        self,
+        x: Any,
+        batch_size: int = 32,
+        *,
+        allow_nonfinite: bool = False,
         pipeline: bool | None = None,
     ) -> np.ndarray | TopK:
         """Run the whole model on `x` (batch first). See the module docstring for the

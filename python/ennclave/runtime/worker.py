@@ -439,9 +439,7 @@ class WorkerClient:
                 "The enclave worker announced an invalid shared-memory layout.", E_PROTOCOL, True
             )
         self._shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
-        self._shm_out = np.ndarray(
-            (rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset
-        )
+        self._shm_out = np.ndarray((rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset)
         self._sock.settimeout(None)
 
     def _teardown(self, kill: bool) -> int | None:
