@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import keras
 
+from ennclave.adapters.keras import ACTIVATION_NAMES
 from keras_models import L, randomize_bn
 
 
@@ -34,21 +35,8 @@ def _bn() -> keras.Model:
     return m
 
 
-ACTIVATIONS = [
-    "linear",
-    "relu",
-    "relu6",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "gelu",
-    "sigmoid",
-    "hard_sigmoid",
-    "tanh",
-    "softmax",
-    "swish",
-    "silu",
-]
+# Every activation the Keras adapter lowers.
+ACTIVATIONS = sorted(ACTIVATION_NAMES)
 
 CASES: dict[str, Callable[[], keras.Model]] = {
     "dense": lambda: _single((7,), L.Dense(5, activation="relu")),

@@ -423,21 +423,12 @@ impl State {
                 bias,
                 act,
             } => {
-                let f = if *panels {
-                    dense::dense_panels
+                let kernel = if *panels {
+                    dense::Kernel::Panels(w(*kernel))
                 } else {
-                    dense::dense
+                    dense::Kernel::Rows(w(*kernel))
                 };
-                f(
-                    x(0)?,
-                    w(*kernel),
-                    bias.map(w),
-                    y,
-                    batch * rows,
-                    *k,
-                    *n,
-                    threads,
-                );
+                dense::dense(x(0)?, kernel, bias.map(w), y, batch * rows, *k, *n, threads);
                 act.apply(y);
             }
             Op::Conv { p, kernel, bias } => {

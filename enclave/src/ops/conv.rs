@@ -2,7 +2,7 @@
 //!
 //! 1-D ops are run as 2-D ones with height 1. Geometry is validated by `program`.
 
-use super::{par_for, parallelism, Act, SendPtr};
+use super::{par_rows, parallelism, Act};
 
 /// Per-sample 2-D window geometry (input `[h, w, c]`, output `[oh, ow, ·]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,26 +218,9 @@ fn im2col(
             }
         }
     };
-    let nrows = cols.len() / kl;
-    if threads <= 1 || nrows < 64 {
-        for (ri, row) in cols.chunks_exact_mut(kl).enumerate() {
-            fill(ri, row);
-        }
-        return;
-    }
-    let parts = threads.min(nrows);
-    let per = nrows.div_ceil(parts);
-    let cp = SendPtr(cols.as_mut_ptr());
-    par_for(parts, &|t| {
-        let a = (t * per).min(nrows);
-        let b = ((t + 1) * per).min(nrows);
-        // SAFETY: rows a..b of cols (nrows×kl elements) belong to this task only;
-        // tasks finish before the &mut borrow of cols ends.
-        let mine = unsafe { std::slice::from_raw_parts_mut(cp.get().add(a * kl), (b - a) * kl) };
-        for (i, row) in mine.chunks_exact_mut(kl).enumerate() {
-            fill(a + i, row);
-        }
-    });
+    // Rows are short: split only when there are enough of them.
+    let parts = if cols.len() / kl < 64 { 1 } else { threads };
+    par_rows(cols, kl, parts, &fill);
 }
 
 /// Depthwise conv (groups == c): output channel `o` reads input channel `o / mult`.
@@ -279,26 +262,7 @@ fn depthwise(
             }
         }
     };
-    if threads <= 1 || out_rows < 2 {
-        for (r, yrow) in y.chunks_exact_mut(row_len).enumerate() {
-            one_row(r, yrow);
-        }
-        return;
-    }
-    let parts = threads.min(out_rows);
-    let per = out_rows.div_ceil(parts);
-    let yp = SendPtr(y.as_mut_ptr());
-    par_for(parts, &|t| {
-        let a = (t * per).min(out_rows);
-        let b = ((t + 1) * per).min(out_rows);
-        // SAFETY: output rows a..b (of out_rows×row_len == y.len()) belong to this
-        // task only; tasks finish before the &mut borrow of y ends.
-        let mine =
-            unsafe { std::slice::from_raw_parts_mut(yp.get().add(a * row_len), (b - a) * row_len) };
-        for (i, yrow) in mine.chunks_exact_mut(row_len).enumerate() {
-            one_row(a + i, yrow);
-        }
-    });
+    par_rows(&mut y[..out_rows * row_len], row_len, threads, &one_row);
 }
 
 /// Window pooling: `y[batch, oh, ow, c]`.
@@ -316,47 +280,39 @@ pub fn pool(
     // Output rows (sample, oh) are split across threads; ≥ ~16k outputs per task.
     let rows = batch * g.oh;
     let parts = threads.clamp(1, (rows * g.ow * c / 16384).clamp(1, rows.max(1)));
-    let yp = SendPtr(y.as_mut_ptr());
-    par_for(parts, &|t| {
-        for r in rows * t / parts..rows * (t + 1) / parts {
-            let (n, oh) = (r / g.oh, r % g.oh);
-            let xs = &x[n * g.in_len()..][..g.in_len()];
-            // SAFETY: output row r (ow × c floats at r·ow·c) lies inside y (asserted)
-            // and belongs to this task alone (rows are split between tasks); all
-            // tasks end before `pool`'s borrow of y does.
-            let yrow =
-                unsafe { std::slice::from_raw_parts_mut(yp.get().add(r * g.ow * c), g.ow * c) };
-            for (ow, out) in yrow.chunks_exact_mut(c).enumerate() {
-                out.fill(if max { f32::NEG_INFINITY } else { 0.0 });
-                let mut count = 0usize;
-                for ki in 0..g.kh {
-                    let Some(ih) = g.in_row(oh, ki) else { continue };
-                    for kj in 0..g.kw {
-                        let Some(iw) = g.in_col(ow, kj) else { continue };
-                        count += 1;
-                        let xin = &xs[(ih * g.w + iw) * c..][..c];
-                        if max {
-                            for (o, &v) in out.iter_mut().zip(xin) {
-                                // NaN propagates like numpy's max. Written as a
-                                // branch-free select (`|`, not `||`) so it vectorises.
-                                *o = if (v > *o) | v.is_nan() { v } else { *o };
-                            }
-                        } else {
-                            for (o, &v) in out.iter_mut().zip(xin) {
-                                *o += v;
-                            }
+    par_rows(&mut y[..rows * g.ow * c], g.ow * c, parts, &|r, yrow| {
+        let (n, oh) = (r / g.oh, r % g.oh);
+        let xs = &x[n * g.in_len()..][..g.in_len()];
+        for (ow, out) in yrow.chunks_exact_mut(c).enumerate() {
+            out.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+            let mut count = 0usize;
+            for ki in 0..g.kh {
+                let Some(ih) = g.in_row(oh, ki) else { continue };
+                for kj in 0..g.kw {
+                    let Some(iw) = g.in_col(ow, kj) else { continue };
+                    count += 1;
+                    let xin = &xs[(ih * g.w + iw) * c..][..c];
+                    if max {
+                        for (o, &v) in out.iter_mut().zip(xin) {
+                            // NaN propagates like numpy's max. Written as a
+                            // branch-free select (`|`, not `||`) so it vectorises.
+                            *o = if (v > *o) | v.is_nan() { v } else { *o };
+                        }
+                    } else {
+                        for (o, &v) in out.iter_mut().zip(xin) {
+                            *o += v;
                         }
                     }
                 }
-                if !max {
-                    let d = if count_include_pad {
-                        g.kh * g.kw
-                    } else {
-                        count
-                    };
-                    let r = 1.0 / d as f32;
-                    out.iter_mut().for_each(|o| *o *= r);
-                }
+            }
+            if !max {
+                let d = if count_include_pad {
+                    g.kh * g.kw
+                } else {
+                    count
+                };
+                let r = 1.0 / d as f32;
+                out.iter_mut().for_each(|o| *o *= r);
             }
         }
     });

@@ -14,7 +14,7 @@
 //!   Panels are split across threads.
 //!
 //! Programs written by `ennclave split` store dense kernels pre-packed instead
-//! (`kernel_layout: panels32`, see [`dense_panels`]): the owner's machine does the
+//! (`kernel_layout: panels32`, see [`Kernel::Panels`]): the owner's machine does the
 //! packing once, and the worker streams each panel contiguously at every batch size
 //! with no copy at load or at run time. The row-major path above serves programs
 //! without that attribute.
@@ -36,12 +36,27 @@ const KC: usize = 256;
 /// Rows of `w` added per pass of the GEMV kernel.
 const GEMV_ROWS: usize = 8;
 
-/// `y = x · w + bias`. `x` is `m × k`, `w` is `k × n`, `y` is `m × n`, all
-/// row-major.
+/// A dense kernel (`k` inputs × `n` outputs) in one of the two layouts a program may
+/// store it in.
+#[derive(Clone, Copy)]
+pub enum Kernel<'a> {
+    /// Keras `[in, out]`, row-major (row stride `n`).
+    Rows(&'a [f32]),
+    /// `panels32`: `[ceil(n/32), k, 32]`, see [`pack_panels`].
+    Panels(&'a [f32]),
+}
+
+/// `y = x · w + bias`. `x` is `m × k`, `y` is `m × n`, both row-major.
+///
+/// With [`Kernel::Panels`] each thread owns a range of panels; for each panel, `KC`-row
+/// blocks of it (32 KiB, contiguous) are reused from L1 by every block of up to `MR`
+/// rows of `x`. At batch 1 this is a sequential read of every panel, which is what a
+/// memory-bound GEMV wants. With [`Kernel::Rows`] the same micro-kernel reads panel
+/// blocks with row stride `n`, and batch 1 uses the row-streaming GEMV.
 #[allow(clippy::too_many_arguments)]
 pub fn dense(
     x: &[f32],
-    w: &[f32],
+    w: Kernel<'_>,
     bias: Option<&[f32]>,
     y: &mut [f32],
     m: usize,
@@ -49,40 +64,59 @@ pub fn dense(
     n: usize,
     threads: usize,
 ) {
-    assert!(x.len() >= m * k && y.len() >= m * n && w.len() >= k * n);
+    let np = n.div_ceil(NR);
+    let w_ok = match w {
+        Kernel::Rows(w) => w.len() >= k * n,
+        Kernel::Panels(wp) => wp.len() >= np * k * NR,
+    };
+    assert!(x.len() >= m * k && y.len() >= m * n && w_ok);
     assert!(bias.is_none_or(|b| b.len() >= n));
     if degenerate(bias, y, m, k, n) {
         return;
     }
-    if m == 1 {
+    if let (Kernel::Rows(w), 1) = (w, m) {
         gemv(&x[..k], w, bias, &mut y[..n], k, n, threads);
         return;
     }
-    let np = n.div_ceil(NR);
     let avx512 = has_avx512();
     // Enough panels per task to amortise the fork (≥ ~64 KiB of weights each).
     let min_panels = (16384 / (k * NR)).max(1);
     let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
     let yp = SendPtr(y.as_mut_ptr());
-    par_for(parts, &|t| {
-        let p0 = np * t / parts;
-        let p1 = np * (t + 1) / parts;
-        let mut k0 = 0;
-        while k0 < k {
-            let kc = KC.min(k - k0);
-            for p in p0..p1 {
+    // SAFETY (both arms): columns c0..c0+ncols of y belong to this task alone (panels
+    // are split between tasks); all tasks end before our borrow of y does.
+    match w {
+        Kernel::Rows(w) => par_for(parts, &|t| {
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                for p in np * t / parts..np * (t + 1) / parts {
+                    let c0 = p * NR;
+                    let ncols = NR.min(n - c0);
+                    let init = block_init(bias, k0, c0, ncols);
+                    // The panel block: rows k0..k0+kc, columns c0..c0+ncols of w.
+                    let wb = &w[k0 * n + c0..(k0 + kc - 1) * n + c0 + ncols];
+                    unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, n, init, yp, n, c0, ncols) };
+                }
+                k0 += kc;
+            }
+        }),
+        Kernel::Panels(wp) => par_for(parts, &|t| {
+            for p in np * t / parts..np * (t + 1) / parts {
                 let c0 = p * NR;
                 let ncols = NR.min(n - c0);
-                let init = block_init(bias, k0, c0, ncols);
-                // The panel block: rows k0..k0+kc, columns c0..c0+ncols of w.
-                let wb = &w[k0 * n + c0..(k0 + kc - 1) * n + c0 + ncols];
-                // SAFETY: columns c0..c0+ncols of y belong to this task alone (panels are
-                // split between tasks); all tasks end before our borrow of y does.
-                unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, n, init, yp, n, c0, ncols) };
+                let panel = &wp[p * k * NR..(p + 1) * k * NR];
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    let init = block_init(bias, k0, c0, ncols);
+                    let wb = &panel[k0 * NR..(k0 + kc) * NR];
+                    unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, NR, init, yp, n, c0, ncols) };
+                    k0 += kc;
+                }
             }
-            k0 += kc;
-        }
-    });
+        }),
+    }
 }
 
 /// Pack a row-major `k × n` kernel into the `panels32` layout: `[ceil(n/32), k, 32]`,
@@ -102,53 +136,6 @@ pub fn pack_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// `y = x · w + bias` with `w` in the `panels32` layout (see [`pack_panels`]).
-/// `x` is `m × k`, `y` is `m × n`, both row-major.
-///
-/// Each thread owns a range of panels; for each panel, `KC`-row blocks of it (32 KiB,
-/// contiguous) are reused from L1 by every block of up to `MR` rows of `x`. At batch 1
-/// this is a sequential read of every panel, which is what a memory-bound GEMV wants.
-#[allow(clippy::too_many_arguments)]
-pub fn dense_panels(
-    x: &[f32],
-    wp: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    threads: usize,
-) {
-    let np = n.div_ceil(NR);
-    assert!(x.len() >= m * k && y.len() >= m * n && wp.len() >= np * k * NR);
-    assert!(bias.is_none_or(|b| b.len() >= n));
-    if degenerate(bias, y, m, k, n) {
-        return;
-    }
-    let avx512 = has_avx512();
-    // Enough panels per task to amortise the fork (≥ ~64 KiB of weights each).
-    let min_panels = (16384 / (k * NR)).max(1);
-    let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
-    let yp = SendPtr(y.as_mut_ptr());
-    par_for(parts, &|t| {
-        for p in np * t / parts..np * (t + 1) / parts {
-            let c0 = p * NR;
-            let ncols = NR.min(n - c0);
-            let panel = &wp[p * k * NR..(p + 1) * k * NR];
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = KC.min(k - k0);
-                let init = block_init(bias, k0, c0, ncols);
-                let wb = &panel[k0 * NR..(k0 + kc) * NR];
-                // SAFETY: columns c0..c0+ncols of y belong to this task alone (panels are
-                // split between tasks); all tasks end before our borrow of y does.
-                unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, NR, init, yp, n, c0, ncols) };
-                k0 += kc;
-            }
-        }
-    });
 }
 
 /// Handle the shapes with nothing to multiply (no rows, no columns, or `k == 0`,
@@ -665,10 +652,28 @@ mod tests {
         // [1 2] · [[1 2 3] [4 5 6]] + [1 1 1] = [10 13 16]
         let mut y = [0.0; 3];
         let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        dense(&[1.0, 2.0], &w, Some(&[1.0; 3]), &mut y, 1, 2, 3, 1);
+        dense(
+            &[1.0, 2.0],
+            Kernel::Rows(&w),
+            Some(&[1.0; 3]),
+            &mut y,
+            1,
+            2,
+            3,
+            1,
+        );
         assert_eq!(y, [10.0, 13.0, 16.0]);
         let mut y = [0.0; 6];
-        dense(&[1.0, 2.0, 0.0, 1.0], &w, None, &mut y, 2, 2, 3, 1);
+        dense(
+            &[1.0, 2.0, 0.0, 1.0],
+            Kernel::Rows(&w),
+            None,
+            &mut y,
+            2,
+            2,
+            3,
+            1,
+        );
         assert_eq!(y, [9.0, 12.0, 15.0, 4.0, 5.0, 6.0]);
     }
 
@@ -717,7 +722,9 @@ mod tests {
             (64, 100, 33),
             (20, 600, 100),
         ];
-        check_shapes(&shapes, |_| 2e-3, &dense);
+        check_shapes(&shapes, |_| 2e-3, &|x, w, bias, y, m, k, n, t| {
+            dense(x, Kernel::Rows(w), bias, y, m, k, n, t)
+        });
     }
 
     #[test]
@@ -739,7 +746,7 @@ mod tests {
             &|x, w, bias, y, m, k, n, t| {
                 let wp = pack_panels(w, k, n);
                 assert_eq!(wp.len(), n.div_ceil(NR) * k * NR);
-                dense_panels(x, &wp, bias, y, m, k, n, t)
+                dense(x, Kernel::Panels(&wp), bias, y, m, k, n, t)
             },
         );
     }

@@ -28,6 +28,39 @@ pub fn par_for<F: Fn(usize) + Sync>(n: usize, f: &F) {
     go(0, n, f)
 }
 
+/// Call `f(i, row)` for every `row_len`-long row `i` of `buf`, with the rows cut into
+/// `parts` contiguous ranges that run in parallel on the current rayon pool.
+pub fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(
+    buf: &mut [f32],
+    row_len: usize,
+    parts: usize,
+    f: &F,
+) {
+    if row_len == 0 {
+        return;
+    }
+    let rows = buf.len() / row_len;
+    let parts = parts.clamp(1, rows.max(1));
+    if parts == 1 {
+        for (i, row) in buf.chunks_exact_mut(row_len).enumerate() {
+            f(i, row);
+        }
+        return;
+    }
+    let p = SendPtr(buf.as_mut_ptr());
+    par_for(parts, &|t| {
+        let (a, b) = (rows * t / parts, rows * (t + 1) / parts);
+        // SAFETY: rows a..b lie inside buf (b ≤ rows = buf.len() / row_len), and the
+        // ranges of different tasks are disjoint; every task ends before par_for
+        // returns, inside our &mut borrow of buf.
+        let mine =
+            unsafe { std::slice::from_raw_parts_mut(p.get().add(a * row_len), (b - a) * row_len) };
+        for (i, row) in mine.chunks_exact_mut(row_len).enumerate() {
+            f(a + i, row);
+        }
+    });
+}
+
 /// `gemm::Parallelism` for a thread count.
 pub fn parallelism(threads: usize) -> gemm::Parallelism {
     if threads > 1 {
