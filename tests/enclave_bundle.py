@@ -15,10 +15,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from safetensors.numpy import save as st_save
 
+from ennclave.errors import WorkerNotFound
 from ennclave.keys.keystore import Keystore
+from ennclave.runtime import worker as wmod
 from ennclave.seal import new_data_key, seal_container
+
+
+def _worker_available() -> bool:
+    try:
+        wmod.find_worker_binary()
+        return True
+    except WorkerNotFound:
+        return False
+
+
+# CI builds the worker first, so these tests always run there.
+needs_worker = pytest.mark.skipif(
+    not _worker_available(), reason="ennclave-enclave not built (cargo build --release in enclave/)"
+)
 
 IN, HID, OUT = 8, 16, 5
 

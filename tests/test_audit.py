@@ -12,25 +12,12 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import ennclave  # noqa: E402
+from enclave_bundle import needs_worker  # noqa: E402
 from ennclave.audit import metrics  # noqa: E402
 from ennclave.audit.membership import attack_probs  # noqa: E402
 from ennclave.audit.oracle import Answers, OwnerView, query_api, soft_targets  # noqa: E402
-from ennclave.errors import AuthenticationError, QueryBudgetExhausted, WorkerNotFound  # noqa: E402
-from ennclave.runtime import worker as wmod  # noqa: E402
+from ennclave.errors import AuthenticationError, QueryBudgetExhausted  # noqa: E402
 from ennclave.split import split_model  # noqa: E402
-
-
-def _worker_available() -> bool:
-    try:
-        wmod.find_worker_binary()
-        return True
-    except WorkerNotFound:
-        return False
-
-
-needs_worker = pytest.mark.skipif(
-    not _worker_available(), reason="ennclave-enclave not built (cargo build --release in enclave/)"
-)
 
 IN, CLASSES = 8, 5
 

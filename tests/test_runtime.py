@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ennclave
-from enclave_bundle import IN, OUT, reference
+from enclave_bundle import IN, OUT, needs_worker, reference
 from ennclave.errors import (
     AuthenticationError,
     BundleError,
@@ -27,19 +27,6 @@ from ennclave.errors import (
 from ennclave.keys.keystore import Keystore
 from ennclave.runtime import worker as wmod
 from ennclave.seal import new_data_key
-
-
-def _worker_available() -> bool:
-    try:
-        wmod.find_worker_binary()
-        return True
-    except WorkerNotFound:
-        return False
-
-
-needs_worker = pytest.mark.skipif(
-    not _worker_available(), reason="ennclave-enclave not built (cargo build --release in enclave/)"
-)
 
 
 def _x(n: int, seed: int = 1) -> np.ndarray:

@@ -321,12 +321,21 @@ class PoliciesAudit:
     policies: list[tuple[str, BundleAudit]]
 
 
-def _split(
-    adapter: Any, cut: str | int, out: Path, keystore: Path, policy: dict[str, Any], test: Dataset
-) -> Any:
+def _split_and_audit(
+    adapter: Any,
+    cut: str | int,
+    out: Path,
+    keystore: Path,
+    policy: dict[str, Any],
+    queries: Dataset,
+    test: Dataset,
+    label: str,
+    **audit_kw: Any,
+) -> BundleAudit:
+    """Split `adapter` at `cut` under `policy` into the bundle `out`, then audit it."""
     from ..split import split_model
 
-    return split_model(
+    split_model(
         adapter,
         cut,
         out,
@@ -335,6 +344,7 @@ def _split(
         output_policy=policy,
         overwrite=True,
     )
+    return audit_bundle(out, queries, test, keystore=keystore, label=label, **audit_kw)
 
 
 def headline(a: BundleAudit) -> StealingEntry | None:
@@ -362,6 +372,7 @@ def audit_cuts(
     from ..adapters import load_model
     from ..plan import make_plan, resolve_cut
 
+    audit_kw = dict(members=members, nonmembers=nonmembers, config=config, progress=progress)
     adapter = load_model(model)
     plan = make_plan(adapter)
     by_index = {c.index: c for c in plan.cut_points}
@@ -371,18 +382,16 @@ def audit_cuts(
         for spec in cuts:
             point = resolve_cut(adapter, spec)
             rep = by_index[point.index]
-            out = Path(tmp) / f"cut{point.index}"
-            _split(adapter, point.index, out, ks, policy, test)
-            a = audit_bundle(
-                out,
+            a = _split_and_audit(
+                adapter,
+                point.index,
+                Path(tmp) / f"cut{point.index}",
+                ks,
+                policy,
                 queries,
                 test,
-                members=members,
-                nonmembers=nonmembers,
-                keystore=ks,
-                config=config,
-                progress=progress,
-                label=f"cut {point.index} ({point.name})",
+                f"cut {point.index} ({point.name})",
+                **audit_kw,
             )
             total = rep.enclave_params + rep.public_params
             entries.append(
@@ -434,23 +443,22 @@ def audit_policies(
     """Split `model` at `cut` once per output policy and audit each bundle."""
     from ..adapters import load_model
 
+    audit_kw = dict(members=members, nonmembers=nonmembers, config=config, progress=progress)
     adapter = load_model(model)
     out: list[tuple[str, BundleAudit]] = []
     with tempfile.TemporaryDirectory(prefix="ennclave-audit-", dir=workdir) as tmp:
         ks = Path(tmp) / "keystore.json"
         for i, (text, pol) in enumerate(policies):
-            b = Path(tmp) / f"policy{i}"
-            _split(adapter, cut, b, ks, pol, test)
-            a = audit_bundle(
-                b,
+            a = _split_and_audit(
+                adapter,
+                cut,
+                Path(tmp) / f"policy{i}",
+                ks,
+                pol,
                 queries,
                 test,
-                members=members,
-                nonmembers=nonmembers,
-                keystore=ks,
-                config=config,
-                progress=progress,
-                label=f"policy {text}",
+                f"policy {text}",
+                **audit_kw,
             )
             out.append((text, a))
     return PoliciesAudit(str(model), cut, out)
