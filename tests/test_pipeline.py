@@ -38,10 +38,12 @@ class Recorder:
     def __init__(self, fn: Any, delay: float = 0.0, fail_on: int | None = None) -> None:
         self.fn, self.delay, self.fail_on = fn, delay, fail_on
         self.calls: list[tuple[float, float, float, str]] = []
+        self.kwargs: list[dict[str, Any]] = []
         self.n = 0
 
     def __call__(self, x: np.ndarray, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
+        self.kwargs.append(kwargs)
         i, self.n = self.n, self.n + 1
         if self.fail_on == i:
             raise RuntimeError(f"boom in call {i}")
@@ -95,6 +97,9 @@ def test_public_of_next_batch_overlaps_enclave(
         assert pub.calls[i + 1][1] < enc.calls[i][2], f"no overlap at batch {i}"
     # One batch at a time in the enclave, in order (no enclave call overlaps another).
     assert all(enc.calls[i][2] <= enc.calls[i + 1][1] for i in range(n_batches - 1))
+    # The enclave thread sleeps for its answers: a polling thread would keep taking the
+    # GIL from the public part (on a GPU this made pipelining slower than sequential).
+    assert all(kw.get("poll") is False for kw in enc.kwargs)
 
 
 @pytest.mark.parametrize("where", ["enclave", "public"])

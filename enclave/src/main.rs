@@ -48,6 +48,9 @@ const DEFAULT_MAX_BATCH: usize = 1024;
 /// sends its next request within the window skips that cost. Bounded, so an idle
 /// worker still sleeps.
 const DEFAULT_SPIN_US: u64 = 200;
+/// Requests up to this many bytes (each way) are evicted from the caches after the
+/// answer (see `Shm::evict`).
+const EVICT_MAX: usize = 256 << 10;
 
 struct Args {
     ctl_fd: i32,
@@ -891,8 +894,13 @@ fn serve(
                 )?;
                 // While the host reads the answer and prepares the next request: see
                 // Shm::evict (failure is impossible here, the ranges were just used).
-                let _ = shm.evict(in_offset, b * l.in_len * 4);
-                let _ = shm.evict(out_offset, b * pout * 4);
+                // Only small requests: a larger one has mostly left this core's caches
+                // already, and flushing costs about the same per line either way.
+                for (offset, len) in [(in_offset, b * l.in_len * 4), (out_offset, b * pout * 4)] {
+                    if len <= EVICT_MAX {
+                        let _ = shm.evict(offset, len);
+                    }
+                }
             }
             Msg::Ping { nonce } => write_msg(
                 ctl,

@@ -7,8 +7,8 @@ Put it at the end of a Keras model whose last tensor is the bundle's cut tensor:
     model = keras.Model(public_model.input, outputs)
 
 The layer has no weights; `call` crosses into numpy (`tf.numpy_function` under the
-TensorFlow backend, eager conversion otherwise), so it is not differentiable and runs
-on the host CPU. Output: float32 `(N, *private_output_shape)` for the `full` and
+TensorFlow backend, `jax.experimental.io_callback` under JAX, eager conversion under
+PyTorch), so it is not differentiable and runs on the host CPU. Output: float32 `(N, *private_output_shape)` for the `full` and
 `round` policies, `(N, 1)` (the label as float) for `label`, `(N, 2k)` (k indices then
 k values) for `top_k`. `get_config` stores the bundle and keystore paths only.
 """
@@ -56,12 +56,22 @@ class EnclaveLayer(keras.layers.Layer):
         return y.reshape((y.shape[0], *self._out)).astype(np.float32, copy=False)
 
     def call(self, x: Any) -> Any:
-        if keras.backend.backend() == "tensorflow":
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
             import tensorflow as tf
 
             y = tf.numpy_function(self._run, [x], tf.float32, stateful=True)
             y.set_shape((None, *self._out))
             return y
+        if backend == "jax":
+            # Keras traces the model with jax.jit; io_callback (not pure_callback) is
+            # never dropped or repeated by the compiler: each call spends query budget.
+            import jax
+            from jax.experimental import io_callback
+
+            shape = jax.ShapeDtypeStruct((x.shape[0], *self._out), np.float32)
+            return io_callback(self._run, shape, x)
+        # PyTorch (and NumPy) run eagerly.
         return keras.ops.convert_to_tensor(self._run(keras.ops.convert_to_numpy(x)))
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:

@@ -167,15 +167,29 @@ class _Public:
         self.on_gpu = self._detect_gpu()
 
     def _detect_gpu(self) -> bool:
-        """Whether the public part runs on a GPU (untested here: no GPU was lent)."""
+        """Whether the public part runs on a GPU: ONNX Runtime's first provider, or the
+        device of the Keras backend (TensorFlow, JAX or PyTorch) in use."""
         if self.framework == "onnx":
             return self._sess.get_providers()[0] != "CPUExecutionProvider"
         try:
-            import tensorflow as tf
+            import keras
 
-            return bool(tf.config.list_logical_devices("GPU"))
-        except Exception:  # another Keras backend, or TensorFlow without GPU support
-            return False
+            backend = keras.backend.backend()
+            if backend == "tensorflow":
+                import tensorflow as tf
+
+                return bool(tf.config.list_logical_devices("GPU"))
+            if backend == "jax":
+                import jax
+
+                return jax.default_backend() in ("gpu", "cuda", "rocm")
+            if backend == "torch":
+                import torch
+
+                return bool(torch.cuda.is_available())
+        except Exception:  # a backend without GPU support installed
+            pass
+        return False
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.framework == "keras":
@@ -347,7 +361,8 @@ class EnclavedModel:
         part of batch i+1 while the enclave works on batch i (one background thread, at
         most two batches in flight); results keep their order and the first error is
         raised. `pipeline=False` runs the batches one after the other. The default
-        (None) pipelines only when the public part runs on a GPU: on CPU both stages
+        (None) pipelines only when the public part runs on a GPU: there it was 1.2-1.8x
+        the sequential order (benchmarks/gpu_public_part.py), while on CPU both stages
         compete for the same cores, and on this project's 2-core machine the
         sequential order was faster (benchmarks/bench_pipeline.py)."""
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -380,7 +395,8 @@ class EnclavedModel:
         try:
             for s in starts:
                 h = public(arr[s : s + batch_size])  # overlaps the enclave's previous batch
-                pending.append(pool.submit(self._infer, h, allow_nonfinite))
+                # poll=False: this thread must not keep taking the GIL from the public part.
+                pending.append(pool.submit(self._infer, h, allow_nonfinite, False))
                 while len(pending) > 1:  # bounded: wait for the batch before this one
                     outs.append(pending.popleft().result())
             while pending:
@@ -414,10 +430,10 @@ class EnclavedModel:
             )
         return self._infer(h, allow_nonfinite)
 
-    def _infer(self, h: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+    def _infer(self, h: np.ndarray, allow_nonfinite: bool, poll: bool = True) -> np.ndarray:
         if self._relay is not None:
             self._relay.spend(int(h.shape[0]) if h.ndim else 1)
-        return self._worker.infer(h, allow_nonfinite=allow_nonfinite)
+        return self._worker.infer(h, allow_nonfinite=allow_nonfinite, poll=poll)
 
     def _shape_output(self, raw: np.ndarray) -> np.ndarray | TopK:
         mode = self.output_policy.get("mode", "full")

@@ -690,14 +690,20 @@ class WorkerClient:
             self._teardown(kill=True)
             raise
 
-    def infer(self, x: np.ndarray, *, allow_nonfinite: bool = False) -> np.ndarray:
+    def infer(
+        self, x: np.ndarray, *, allow_nonfinite: bool = False, poll: bool = True
+    ) -> np.ndarray:
         """Run the private part on `x` (batch first; any trailing shape with the right
         number of values). Returns float32 `(batch, out_len)` after the output policy.
-        Batches larger than the shared-memory region are streamed in chunks."""
-        with self._lock:
-            return self._call(self._infer, "inference", x, allow_nonfinite)
+        Batches larger than the shared-memory region are streamed in chunks.
 
-    def _infer(self, x: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
+        `poll=False` always sleeps until the answer instead of polling for a fast one:
+        for callers with other Python threads at work (a polling thread keeps taking
+        the GIL back from them)."""
+        with self._lock:
+            return self._call(self._infer, "inference", x, allow_nonfinite, poll)
+
+    def _infer(self, x: np.ndarray, allow_nonfinite: bool, poll: bool) -> np.ndarray:
         # A start-up failure after a crash is a start-up error, not an inference one.
         rd = self._ensure()
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -718,7 +724,7 @@ class WorkerClient:
             shm_in[:b] = x[s : s + b]
             # Spin for the answer only when the last one came within the spin window;
             # a longer computation would just lose a core to the spinning host.
-            spin = SPIN_S if self._last_answer_s < SPIN_S else 0.0
+            spin = SPIN_S if poll and self._last_answer_s < SPIN_S else 0.0
             t = time.perf_counter()
             self._send(_INFER.pack(9, INFER, b, flags))
             ty, p = self._recv(spin)
