@@ -208,6 +208,27 @@ def timeit(fn: Callable[[], Any], seconds: float, min_runs: int = 5, warmup: int
     return statistics.median(times)
 
 
+def timeit_interleaved(
+    fns: dict[str, Callable[[], Any]], seconds: float, rounds: int = 5, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in `rounds` alternating blocks
+    of `seconds / rounds` each: this machine's speed drifts by tens of percent within a
+    minute, which back-to-back measurements would mistake for a difference."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            fn()  # the previous function's threads may still be spinning
+            end = time.perf_counter() + seconds / rounds
+            while time.perf_counter() < end or len(times[k]) < 1:
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # ------------------------------------------------------------------ training / splitting
 
 

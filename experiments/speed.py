@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from common import RESULTS, record, timeit, write_json
+from common import RESULTS, record, timeit_interleaved, write_json
 
 BATCHES = (1, 64)
 TEXT_VOCAB, TEXT_LEN = 20000, 48
@@ -147,15 +147,21 @@ def measure(kind: str, seconds: float, work: Path, smoke: bool = False) -> list[
                 ref = np.asarray(model(x, training=False))
                 got = np.asarray(m.predict(x, batch_size=b))
                 assert np.abs(got - ref).max() < 1e-3, "split output differs"
+                fns = {
+                    "public_ms": run_pub,
+                    "enclave_ms": lambda h=h: m.worker.infer(h),
+                    "transfer_ms": lambda h=h: idm.worker.infer(h),
+                    "split_ms": lambda x=x, b=b: m.predict(x, batch_size=b),
+                    # Re-measured next to each row, interleaved: the machine's load drifts.
+                    "unsplit_ms": unsplit_fn[b],
+                }
+                if public is None:
+                    del fns["public_ms"]
+                t = timeit_interleaved(fns, seconds, warmup=10)
                 row = {
                     **base,
                     "batch": b,
-                    "public_ms": 1e3 * timeit(run_pub, seconds) if public is not None else 0.0,
-                    "enclave_ms": 1e3 * timeit(lambda h=h: m.worker.infer(h), seconds),
-                    "transfer_ms": 1e3 * timeit(lambda h=h: idm.worker.infer(h), seconds),
-                    "split_ms": 1e3 * timeit(lambda x=x, b=b: m.predict(x, batch_size=b), seconds),
-                    # Re-measured next to each row: the machine's load drifts.
-                    "unsplit_ms": 1e3 * timeit(unsplit_fn[b], seconds, warmup=10),
+                    **{k: 1e3 * t.get(k, 0.0) for k in ("public_ms", *fns)},
                     "worker_start_ms": start,
                 }
                 row["split_over_unsplit"] = row["split_ms"] / row["unsplit_ms"]
