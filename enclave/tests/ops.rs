@@ -100,6 +100,51 @@ fn conv2d_general_matches_naive() {
     check_conv2d(1, 5, 5, 16, 1, 1, 8, 1, (1, 1), (1, 1), ((0, 0), (0, 0)), 2); // pointwise
     check_conv2d(1, 5, 5, 8, 1, 1, 8, 4, (1, 1), (1, 1), ((0, 0), (0, 0)), 1); // grouped pointwise
     check_conv2d(1, 6, 6, 8, 1, 1, 4, 1, (2, 2), (1, 1), ((0, 0), (0, 0)), 1); // strided 1x1
+                                                                               // Many rows (split across threads) and more than one 32-column panel of outputs;
+                                                                               // kernels wider than the image, so rows of the im2col matrix are cut on both sides.
+    check_conv2d(
+        2,
+        23,
+        19,
+        5,
+        3,
+        3,
+        40,
+        1,
+        (2, 2),
+        (1, 1),
+        ((1, 1), (2, 1)),
+        2,
+    );
+    check_conv2d(3, 9, 4, 3, 5, 5, 33, 1, (1, 1), (1, 1), ((2, 2), (2, 2)), 2);
+    check_conv2d(
+        4,
+        16,
+        16,
+        1,
+        3,
+        3,
+        32,
+        1,
+        (1, 1),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        3,
+    );
+    check_conv2d(
+        2,
+        12,
+        12,
+        7,
+        1,
+        1,
+        70,
+        1,
+        (1, 1),
+        (1, 1),
+        ((0, 0), (0, 0)),
+        2,
+    ); // pointwise
 }
 
 #[test]

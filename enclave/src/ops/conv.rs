@@ -1,8 +1,9 @@
-//! Convolution (im2col + gemm, direct depthwise) and window pooling.
+//! Convolution (im2col + the dense micro-kernel; the `gemm` crate for grouped
+//! convolutions; direct depthwise) and window pooling.
 //!
 //! 1-D ops are run as 2-D ones with height 1. Geometry is validated by `program`.
 
-use super::{par_rows, parallelism, Act};
+use super::{dense, par_row_ranges, par_rows, parallelism, Act};
 
 /// Per-sample 2-D window geometry (input `[h, w, c]`, output `[oh, ow, ·]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +108,30 @@ pub fn conv(
     assert!(x.len() >= batch * g.in_len() && y.len() >= rows * cout);
     assert!(kernel.len() >= g.kh * g.kw * cing * cout && bias.is_none_or(|b| b.len() >= cout));
     let y = &mut y[..rows * cout];
+    if p.groups == 1 && !p.is_depthwise() {
+        // The dense kernel writes `cols · kernel + bias` itself; an elementwise
+        // activation is applied by each thread to its rows while they are in cache.
+        let fused = !matches!(p.act, Act::Softmax { .. });
+        let act = if fused { &p.act } else { &Act::Linear };
+        if p.is_pointwise() {
+            gemm_rows(&x[..rows * g.c], kernel, bias, act, y, g.c, cout, threads);
+        } else {
+            let kl = p.k_len();
+            let chunk = p.chunk_rows(batch);
+            assert!(scratch.len() >= chunk * kl);
+            for r0 in (0..rows).step_by(chunk) {
+                let nr = chunk.min(rows - r0);
+                let cols = &mut scratch[..nr * kl];
+                im2col(x, cols, r0, 0, g.c, g, threads);
+                let yc = &mut y[r0 * cout..(r0 + nr) * cout];
+                gemm_rows(cols, kernel, bias, act, yc, kl, cout, threads);
+            }
+        }
+        if !fused {
+            p.act.apply(y);
+        }
+        return;
+    }
     match bias {
         Some(b) => y
             .chunks_exact_mut(cout)
@@ -116,6 +141,7 @@ pub fn conv(
     if p.is_depthwise() {
         depthwise(x, kernel, y, batch, p, threads);
     } else if p.is_pointwise() {
+        // Grouped: each group's columns of y, with the gemm crate (strided output).
         for gi in 0..p.groups {
             // SAFETY: x is rows×c, kernel c/groups × cout and y rows×cout (asserted
             // above); the group's column offsets stay within a row; y is a distinct
@@ -187,6 +213,31 @@ pub fn conv(
     p.act.apply(y);
 }
 
+/// `y = act(cols · kernel + bias)` for the `rows × kl` matrix `cols` (`kernel`:
+/// `kl × cout`, row-major; `act` elementwise), with the dense micro-kernel. Rows are split across threads: the dense
+/// kernel's own split is by output columns, and a convolution has few output channels
+/// but many rows.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    cols: &[f32],
+    kernel: &[f32],
+    bias: Option<&[f32]>,
+    act: &Act,
+    y: &mut [f32],
+    kl: usize,
+    cout: usize,
+    threads: usize,
+) {
+    let rows = y.len() / cout;
+    let parts = threads.min(rows / 64).max(1);
+    par_row_ranges(y, cout, parts, &|first, yr| {
+        let m = yr.len() / cout;
+        let xs = &cols[first * kl..(first + m) * kl];
+        dense::dense(xs, dense::Kernel::Rows(kernel), bias, yr, m, kl, cout, 1);
+        act.apply(yr);
+    });
+}
+
 /// Fill `cols` (rows r0.. of the im2col matrix, `kh*kw*cing` wide) for channels
 /// `c0..c0+cing`.
 fn im2col(
@@ -205,8 +256,29 @@ fn im2col(
         let oh = (r / g.ow) % g.oh;
         let n = r / (g.ow * g.oh);
         let xs = &x[n * g.in_len()..][..g.in_len()];
+        // Without dilation and with all channels, the kernel columns that fall inside
+        // the image read one contiguous run of the input row: one copy per kernel row.
+        let runs = g.dw == 1 && cing == g.c;
         for ki in 0..g.kh {
             let ih = g.in_row(oh, ki);
+            if runs {
+                let seg = &mut row[ki * g.kw * cing..][..g.kw * cing];
+                let Some(ih) = ih else {
+                    seg.fill(0.0);
+                    continue;
+                };
+                let start = ow * g.sw; // input column of kernel column 0, plus pl
+                let lo = g.pl.saturating_sub(start).min(g.kw);
+                let hi = (g.w + g.pl).saturating_sub(start).min(g.kw).max(lo);
+                seg[..lo * cing].fill(0.0);
+                if hi > lo {
+                    let iw = start + lo - g.pl;
+                    seg[lo * cing..hi * cing]
+                        .copy_from_slice(&xs[(ih * g.w + iw) * g.c..][..(hi - lo) * cing]);
+                }
+                seg[hi * cing..].fill(0.0);
+                continue;
+            }
             for kj in 0..g.kw {
                 let dst = &mut row[(ki * g.kw + kj) * cing..][..cing];
                 match (ih, g.in_col(ow, kj)) {

@@ -28,9 +28,10 @@ pub fn par_for<F: Fn(usize) + Sync>(n: usize, f: &F) {
     go(0, n, f)
 }
 
-/// Call `f(i, row)` for every `row_len`-long row `i` of `buf`, with the rows cut into
-/// `parts` contiguous ranges that run in parallel on the current rayon pool.
-pub fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(
+/// Call `f(first, rows)` on `parts` contiguous ranges of the `row_len`-long rows of
+/// `buf` (`first`: the index of the range's first row), in parallel on the current
+/// rayon pool.
+pub fn par_row_ranges<F: Fn(usize, &mut [f32]) + Sync>(
     buf: &mut [f32],
     row_len: usize,
     parts: usize,
@@ -42,9 +43,7 @@ pub fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(
     let rows = buf.len() / row_len;
     let parts = parts.clamp(1, rows.max(1));
     if parts == 1 {
-        for (i, row) in buf.chunks_exact_mut(row_len).enumerate() {
-            f(i, row);
-        }
+        f(0, &mut buf[..rows * row_len]);
         return;
     }
     let p = SendPtr(buf.as_mut_ptr());
@@ -55,8 +54,21 @@ pub fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(
         // returns, inside our &mut borrow of buf.
         let mine =
             unsafe { std::slice::from_raw_parts_mut(p.get().add(a * row_len), (b - a) * row_len) };
-        for (i, row) in mine.chunks_exact_mut(row_len).enumerate() {
-            f(a + i, row);
+        f(a, mine);
+    });
+}
+
+/// Call `f(i, row)` for every `row_len`-long row `i` of `buf`, with the rows cut into
+/// `parts` contiguous ranges that run in parallel on the current rayon pool.
+pub fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(
+    buf: &mut [f32],
+    row_len: usize,
+    parts: usize,
+    f: &F,
+) {
+    par_row_ranges(buf, row_len, parts, &|first, rows| {
+        for (i, row) in rows.chunks_exact_mut(row_len).enumerate() {
+            f(first + i, row);
         }
     });
 }
