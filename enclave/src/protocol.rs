@@ -689,14 +689,13 @@ impl Shm {
         {
             use std::arch::x86_64::_mm_clflush;
             const LINE: usize = 64;
-            let start = self.ptr as usize + offset;
-            let lines = (start % LINE + n).div_ceil(LINE);
-            let first = start - start % LINE;
-            for i in 0..lines {
-                // SAFETY: every flushed line overlaps `offset..offset + n`, which is
-                // inside our mapping (checked above); clflush writes the line back and
-                // invalidates it without changing its contents.
-                unsafe { _mm_clflush((first + i * LINE) as *const u8) };
+            // The mapping is page-aligned, so line boundaries are offsets divisible by 64.
+            let first = offset - offset % LINE;
+            for line in (first..offset + n).step_by(LINE) {
+                // SAFETY: `line` lies in `first..offset + n`, inside our mapping
+                // (checked above, and `first` ≥ 0 is in the same page as `offset`);
+                // clflush writes the line back and invalidates it without changing it.
+                unsafe { _mm_clflush(self.ptr.add(line)) };
             }
         }
         Ok(())
@@ -723,6 +722,33 @@ impl Drop for Shm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shm_evict_keeps_bytes_and_checks_bounds() {
+        // SAFETY: a fresh memfd of ours, sized before Shm maps (and owns) it.
+        let fd = unsafe { libc::memfd_create(c"shm-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: resizing our own fd.
+        assert_eq!(unsafe { libc::ftruncate(fd, 8192) }, 0);
+        let shm = Shm::map_fd(fd).unwrap();
+        let vals: Vec<f32> = (0..2048).map(|i| i as f32 * 0.5 - 7.0).collect();
+        shm.write_f32(0, &vals).unwrap();
+        for (off, n) in [
+            (0, 8192),
+            (3, 61),
+            (64, 64),
+            (100, 5000),
+            (8191, 1),
+            (4096, 0),
+        ] {
+            shm.evict(off, n).unwrap();
+        }
+        let mut back = vec![0f32; 2048];
+        shm.read_f32(0, &mut back).unwrap();
+        assert_eq!(back, vals);
+        assert!(shm.evict(8000, 193).is_err());
+        assert!(shm.evict(usize::MAX, 2).is_err());
+    }
     use proptest::prelude::*;
 
     fn samples() -> Vec<Msg> {
