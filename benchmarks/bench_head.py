@@ -11,7 +11,10 @@ In one run, on the same machine and the same weights:
 * host↔worker round trip for a 64×512 float32 input, on an identity program (so the
   number is transfer and framing only, no compute).
 
-    python benchmarks/bench_head.py [--json benchmarks/results/head.json]
+    python benchmarks/bench_head.py [--runs N] [--json benchmarks/results/head.json]
+
+On a machine without TensorFlow: `--save-bundles DIR` here, then `--bundles DIR` there.
+Worker and ONNX Runtime both use 2 threads, whatever the machine.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from rich.console import Console
 from rich.table import Table
 
 import ennclave
-from ennclave.split import split_model
 
 THREADS = 2
 
@@ -81,7 +83,8 @@ def ort_head(weights: list[np.ndarray]):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 67])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR version 9 (opset 17): loadable by older ONNX Runtime releases too.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
@@ -131,7 +134,7 @@ def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
     x1 = rng.standard_normal((1, 512)).astype(np.float32)
     x64 = rng.standard_normal((64, 512)).astype(np.float32)
     results: dict[str, float] = {}
-    with ennclave.load(tmp / "head", keystore=ks) as model:
+    with ennclave.load(tmp / "head", keystore=ks, threads=THREADS) as model:
         worker = model.worker
         np.testing.assert_allclose(worker.infer(x64), ort_run(x64), atol=1e-4)
         for b, x in ((1, x1), (64, x64)):
@@ -152,11 +155,12 @@ def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
             local_key_release(Keystore(ks), key_id),
             in_len=512,
             out_len=67,
+            threads=THREADS,
         )
         starts.append(time.perf_counter() - t)
         w.close()
     results["worker_start_ms"] = 1e3 * statistics.median(starts)
-    with ennclave.load(tmp / "identity", keystore=ks) as ident:
+    with ennclave.load(tmp / "identity", keystore=ks, threads=THREADS) as ident:
         results["roundtrip_64x512_us"] = 1e6 * timeit(ident.worker.infer, x64, seconds)
     results["b1_latency_ratio"] = results["worker_b1_ms"] / results["ort_b1_ms"]
     results["b64_throughput_ratio"] = results["ort_b64_ms"] / results["worker_b64_ms"]
@@ -170,14 +174,32 @@ def main() -> int:
     ap.add_argument(
         "--runs", type=int, default=3, help="repeat the whole measurement; report the median"
     )
+    ap.add_argument(
+        "--save-bundles", type=Path, help="only build the model and bundles into this folder"
+    )
+    ap.add_argument(
+        "--bundles", type=Path, help="use bundles saved with --save-bundles (no TensorFlow needed)"
+    )
     args = ap.parse_args()
     console = Console()
-    tmp = Path(tempfile.mkdtemp(prefix="ennclave-bench-"))
+    if args.bundles:  # made earlier with --save-bundles: no Keras/TensorFlow needed
+        tmp = args.bundles
+        with np.load(tmp / "weights.npz") as f:
+            weights = [f[f"w{i}"] for i in range(len(f.files))]
+    else:
+        from ennclave.split import split_model
+
+        tmp = args.save_bundles or Path(tempfile.mkdtemp(prefix="ennclave-bench-"))
+        tmp.mkdir(parents=True, exist_ok=True)
+        weights = build_head(tmp / "head.keras")
+        build_identity(tmp / "identity.keras")
+        for name in ("head", "identity"):
+            split_model(tmp / f"{name}.keras", 0, tmp / name, keystore=tmp / "keystore.json")
+        np.savez(tmp / "weights.npz", **{f"w{i}": w for i, w in enumerate(weights)})
+        if args.save_bundles:
+            console.print(f"bundles saved in {tmp}; run with --bundles {tmp}")
+            return 0
     ks = tmp / "keystore.json"
-    weights = build_head(tmp / "head.keras")
-    build_identity(tmp / "identity.keras")
-    split_model(tmp / "head.keras", 0, tmp / "head", keystore=ks)
-    split_model(tmp / "identity.keras", 0, tmp / "identity", keystore=ks)
     ort_run = ort_head(weights)
 
     runs = []

@@ -701,6 +701,27 @@ impl Shm {
         Ok(())
     }
 
+    /// Nanoseconds per 64-byte line that [`Shm::evict`] takes on dirty lines here (best
+    /// of three tries on up to 64 KiB at the start of the region, which it zeroes: call
+    /// it before the region is in use). It varies a lot between machines: about 2.4 on
+    /// an AMD EPYC VM, about 140 on an Intel Xeon VM.
+    pub fn evict_cost_ns_per_line(&self) -> f64 {
+        let n = self.len.min(64 << 10) / 64 * 64;
+        if n == 0 {
+            return f64::INFINITY;
+        }
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            // SAFETY: the first n bytes lie inside our mapping; dirtying them is what a
+            // finished request leaves behind. No one reads the region yet.
+            unsafe { std::ptr::write_bytes(self.ptr, 0, n) };
+            let t = std::time::Instant::now();
+            let _ = self.evict(0, n);
+            best = best.min(t.elapsed().as_nanos() as f64 / (n / 64) as f64);
+        }
+        best
+    }
+
     pub fn write_f32(&self, offset: usize, src: &[f32]) -> io::Result<()> {
         let n = std::mem::size_of_val(src);
         self.check(offset, n)?;
