@@ -195,19 +195,6 @@ def mean_std(xs: Sequence[float]) -> dict[str, float]:
     }
 
 
-def timeit(fn: Callable[[], Any], seconds: float, min_runs: int = 5, warmup: int = 3) -> float:
-    """Median seconds per call after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < min_runs:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def timeit_interleaved(
     fns: dict[str, Callable[[], Any]], seconds: float, rounds: int = 5, warmup: int = 3
 ) -> dict[str, float]:

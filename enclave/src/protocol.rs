@@ -744,6 +744,8 @@ impl Drop for Shm {
 mod tests {
     use super::*;
 
+    use proptest::prelude::*;
+
     #[test]
     fn shm_evict_keeps_bytes_and_checks_bounds() {
         // SAFETY: a fresh memfd of ours, sized before Shm maps (and owns) it.
@@ -770,7 +772,6 @@ mod tests {
         assert!(shm.evict(8000, 193).is_err());
         assert!(shm.evict(usize::MAX, 2).is_err());
     }
-    use proptest::prelude::*;
 
     fn samples() -> Vec<Msg> {
         vec![

@@ -108,7 +108,7 @@ pub fn conv(
     assert!(x.len() >= batch * g.in_len() && y.len() >= rows * cout);
     assert!(kernel.len() >= g.kh * g.kw * cing * cout && bias.is_none_or(|b| b.len() >= cout));
     let y = &mut y[..rows * cout];
-    if p.groups == 1 && !p.is_depthwise() {
+    if p.groups == 1 {
         // The dense kernel writes `cols · kernel + bias` itself; an elementwise
         // activation is applied by each thread to its rows while they are in cache.
         let fused = !matches!(p.act, Act::Softmax { .. });
@@ -214,9 +214,9 @@ pub fn conv(
 }
 
 /// `y = act(cols · kernel + bias)` for the `rows × kl` matrix `cols` (`kernel`:
-/// `kl × cout`, row-major; `act` elementwise), with the dense micro-kernel. Rows are split across threads: the dense
-/// kernel's own split is by output columns, and a convolution has few output channels
-/// but many rows.
+/// `kl × cout`, row-major; `act` elementwise), with the dense micro-kernel. Rows are
+/// split across threads: the dense kernel's own split is by output columns, and a
+/// convolution has few output channels but many rows.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     cols: &[f32],

@@ -96,6 +96,7 @@ pub fn dense(
                     let init = block_init(bias, k0, c0, ncols);
                     // The panel block: rows k0..k0+kc, columns c0..c0+ncols of w.
                     let wb = &w[k0 * n + c0..(k0 + kc - 1) * n + c0 + ncols];
+                    // SAFETY: see above the match.
                     unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, n, init, yp, n, c0, ncols) };
                 }
                 k0 += kc;
@@ -111,6 +112,7 @@ pub fn dense(
                     let kc = KC.min(k - k0);
                     let init = block_init(bias, k0, c0, ncols);
                     let wb = &panel[k0 * NR..(k0 + kc) * NR];
+                    // SAFETY: see above the match.
                     unsafe { row_blocks(avx512, x, m, k, k0, kc, wb, NR, init, yp, n, c0, ncols) };
                     k0 += kc;
                 }

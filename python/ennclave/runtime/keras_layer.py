@@ -8,9 +8,9 @@ Put it at the end of a Keras model whose last tensor is the bundle's cut tensor:
 
 The layer has no weights; `call` crosses into numpy (`tf.numpy_function` under the
 TensorFlow backend, `jax.experimental.io_callback` under JAX, eager conversion under
-PyTorch), so it is not differentiable and runs on the host CPU. Output: float32 `(N, *private_output_shape)` for the `full` and
-`round` policies, `(N, 1)` (the label as float) for `label`, `(N, 2k)` (k indices then
-k values) for `top_k`. `get_config` stores the bundle and keystore paths only.
+PyTorch), so it is not differentiable and runs on the host CPU. Output: float32
+`(N, *private_output_shape)` for the `full` and `round` policies, `(N, 1)` (the label
+as float) for `label`, `(N, 2k)` (k indices then k values) for `top_k`. `get_config` stores the bundle and keystore paths only.
 """
 
 from __future__ import annotations
