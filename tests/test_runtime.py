@@ -40,9 +40,21 @@ def _rehash(bundle_dir) -> None:
     (bundle_dir / "manifest.json").write_text(json.dumps(m))
 
 
+# Requests go through the shared region's doorbell where the platform allows it, and as
+# INFER frames otherwise: both paths are run wherever they can be.
+PATHS = [
+    pytest.param(
+        True, id="doorbell", marks=pytest.mark.skipif(not wmod.DOORBELL_OK, reason="x86-64 only")
+    ),
+    pytest.param(False, id="frames"),
+]
+
+
 @needs_worker
-def test_predict_matches_numpy(enclave_bundle):
+@pytest.mark.parametrize("doorbell", PATHS)
+def test_predict_matches_numpy(enclave_bundle, doorbell):
     with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        m.worker._use_doorbell = doorbell
         assert m.worker_pid and m.input_shape == (None, IN) and m.output_shape == (None, OUT)
         for n, bs in [(1, 32), (7, 3), (1000, 1000), (600, 600)]:  # 1000 > region: streamed
             x = _x(n, seed=n)
@@ -87,9 +99,11 @@ def test_output_policies(make_enclave_bundle, policy):
 
 
 @needs_worker
-def test_query_budget_counted_in_worker(make_enclave_bundle):
+@pytest.mark.parametrize("doorbell", PATHS)
+def test_query_budget_counted_in_worker(make_enclave_bundle, doorbell):
     b = make_enclave_bundle("q", policy={"mode": "full", "max_queries": 10})
     with ennclave.load(b.path, keystore=b.keystore) as m:
+        m.worker._use_doorbell = doorbell
         m.predict(_x(6))
         with pytest.raises(QueryBudgetExhausted, match="budget of 10"):
             m.predict(_x(5))
@@ -132,10 +146,12 @@ def test_input_validation(enclave_bundle):
 
 
 @needs_worker
-def test_worker_names_the_first_nonfinite_value_anywhere_in_a_batch(enclave_bundle):
+@pytest.mark.parametrize("doorbell", PATHS)
+def test_worker_names_the_first_nonfinite_value_anywhere_in_a_batch(enclave_bundle, doorbell):
     """The worker checks its private copy chunk by chunk (8 KiB): a value in any chunk,
     including the last value of the batch, is found and named by sample and position."""
     with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore, max_batch=1024) as m:
+        m.worker._use_doorbell = doorbell
         n = 1000
         assert m.worker.ready.max_batch >= n and n * IN > 3 * 2048  # several chunks
         cases = [(0, 0, -np.inf), (700, 5, np.nan), (n - 1, IN - 1, np.inf)]
@@ -166,6 +182,10 @@ def test_worker_rejects_bad_requests_and_keeps_serving(enclave_bundle):
             w._send(wmod._frame(wmod.MANIFEST, wmod._b(b"{}")))  # wrong phase
             ty, p = w._recv()
             assert ty == wmod.ERROR
+            if wmod.DOORBELL_OK:  # the same requests posted on the doorbell
+                for batch in (0, rd.max_batch + 1, 2**32 - 1):
+                    with pytest.raises(InputError, match="outside 1"):
+                        w._doorbell(batch, 0, 0.0)
         assert w.ping()["queries_used"] == 0
         np.testing.assert_allclose(
             m.predict(_x(4)), reference(enclave_bundle.weights, _x(4)), atol=1e-5
@@ -248,10 +268,12 @@ def test_missing_binary(enclave_bundle, monkeypatch, tmp_path):
 
 
 @needs_worker
-def test_crash_then_recovery(enclave_bundle):
+@pytest.mark.parametrize("doorbell", PATHS)
+def test_crash_then_recovery(enclave_bundle, doorbell):
     x = _x(5)
     ref = reference(enclave_bundle.weights, x)
     with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        m.worker._use_doorbell = doorbell
         # 1. killed while a call is in flight (stopped first so the call surely waits)
         pid = m.worker_pid
         os.kill(pid, signal.SIGSTOP)
@@ -342,3 +364,48 @@ def test_start_up_trace(enclave_bundle, monkeypatch):
     assert any("unsealed" in line for line in lines) and "READY sent" in lines[-1]
     key = Keystore(enclave_bundle.keystore).get(enclave_bundle.key_id)
     assert key.hex() not in "\n".join(lines)
+
+
+@needs_worker
+def test_idle_worker_sleeps_and_every_message_wakes_it(enclave_bundle):
+    """Between requests the worker sleeps on the doorbell's events word (futex), not in
+    a busy loop; a request or control frame posted while it sleeps wakes it at once.
+    The worker's own periodic check is set to 60 s here, so a lost wake would hang."""
+    from ennclave.keys.keystore import Keystore
+
+    manifest = (enclave_bundle.path / "manifest.json").read_bytes()
+    key_id = json.loads(manifest)["private"]["key_id"]
+    release = wmod.local_key_release(Keystore(enclave_bundle.keystore), key_id)
+    with wmod.WorkerClient(
+        manifest,
+        enclave_bundle.path / "private.sealed",
+        release,
+        in_len=IN,
+        out_len=OUT,
+        idle_check_ms=60_000,
+    ) as w:
+        ref = reference(enclave_bundle.weights, _x(3))
+        np.testing.assert_allclose(w.infer(_x(3)), ref, atol=1e-5)
+        for step in ("infer", "ping", "infer"):
+            time.sleep(0.3)  # well past the worker's 200 µs of polling: it sleeps
+            cpu = _cpu_seconds(w.pid)
+            time.sleep(1.0)
+            assert _cpu_seconds(w.pid) - cpu < 0.1, "the idle worker burns CPU"
+            # A lost wake hangs the call; after 20 s the worker is killed, and the
+            # call fails instead of hanging the test run.
+            watchdog = threading.Timer(20, os.kill, (w.pid, signal.SIGKILL))
+            watchdog.start()
+            try:
+                if step == "infer":
+                    np.testing.assert_allclose(w.infer(_x(3)), ref, atol=1e-5)
+                else:
+                    assert w.ping()["queries_used"] >= 3
+            finally:
+                watchdog.cancel()
+        assert w.restarts == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of all of `pid`'s threads."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -28,6 +28,8 @@ struct State {
     input: usize,
     output: usize,
     threads: usize,
+    /// Nodes that move no data (see `aliases`): their output is their input's buffer.
+    skip: Vec<bool>,
 }
 
 pub struct Executor {
@@ -75,13 +77,16 @@ impl Executor {
         let nodes = program.nodes.clone();
         let nt = tensors.len();
 
-        // Last node index reading each tensor (the graph output lives to the end).
+        let (root, skip) = aliases(&nodes, &tensors);
+        // Last node index reading each buffer, by its root tensor (the graph output
+        // lives to the end).
         let mut last_use: Vec<Option<usize>> = vec![None; nt];
         for (i, n) in nodes.iter().enumerate() {
             for &t in &n.inputs {
-                last_use[t] = Some(i);
+                last_use[root[t]] = Some(i);
             }
         }
+        let out_root = root[program.output];
         let size = |t: usize| -> Result<usize, Error> {
             let m = &tensors[t];
             let b = if m.batched { max_batch } else { 1 };
@@ -141,18 +146,23 @@ impl Executor {
         note_warm(s, program.input);
         let mut scratch_len = 0usize;
         let mut warm_scratch = 0usize;
+        // `t` is a root tensor whose last reader has run.
         let release = |t: usize, free: &mut Vec<usize>, loc: &[Loc]| {
             if let Loc::Slot(s) = loc[t] {
-                if t != program.output && !free.contains(&s) {
+                if t != out_root && !free.contains(&s) {
                     free.push(s);
                 }
             }
         };
-        if last_use[program.input].is_none() && program.input != program.output {
+        if last_use[program.input].is_none() {
             release(program.input, &mut free, &loc);
         }
         for (i, n) in nodes.iter().enumerate() {
             let t = n.output;
+            if skip[i] {
+                loc[t] = loc[root[t]];
+                continue;
+            }
             match &n.op {
                 Op::Constant => {
                     let Some(w) = tensors[t].constant else {
@@ -173,8 +183,8 @@ impl Executor {
             let mut dead: Vec<usize> = n
                 .inputs
                 .iter()
-                .copied()
-                .filter(|&x| last_use[x] == Some(i))
+                .map(|&x| root[x])
+                .filter(|&r| last_use[r] == Some(i))
                 .collect();
             if last_use[t].is_none() {
                 dead.push(t);
@@ -215,6 +225,7 @@ impl Executor {
                 input: program.input,
                 output: program.output,
                 threads,
+                skip,
             },
             pool,
             max_batch,
@@ -340,6 +351,33 @@ impl Executor {
     }
 }
 
+/// Reshapes and linear activations move no data, so their output can share their
+/// input's buffer instead of being a copy of it. Returns, per tensor, the root tensor
+/// whose buffer it uses (itself unless aliased), and per node whether it is skipped.
+fn aliases(nodes: &[Node], tensors: &[TensorMeta]) -> (Vec<usize>, Vec<bool>) {
+    let mut root: Vec<usize> = (0..tensors.len()).collect();
+    let mut skip = vec![false; nodes.len()];
+    for (i, n) in nodes.iter().enumerate() {
+        let no_op = match &n.op {
+            Op::Copy => true,
+            Op::Activation(a) => a.is_linear(),
+            _ => false,
+        };
+        let [x] = n.inputs[..] else { continue };
+        let (xm, ym) = (&tensors[x], &tensors[n.output]);
+        // Weights stay read-only: a constant's reshape still gets its own buffer.
+        if no_op
+            && xm.constant.is_none()
+            && xm.batched == ym.batched
+            && xm.sample_len() == ym.sample_len()
+        {
+            root[n.output] = root[x];
+            skip[i] = true;
+        }
+    }
+    (root, skip)
+}
+
 /// Touch every page of a fresh (all-zero) buffer so it is mapped now.
 fn prefault(b: &mut [f32]) {
     let step = 4096 / std::mem::size_of::<f32>();
@@ -381,7 +419,7 @@ impl State {
 
     fn node(&mut self, i: usize, batch: usize) -> Result<(), Error> {
         let node = &self.nodes[i];
-        if matches!(node.op, Op::Constant) {
+        if self.skip[i] || matches!(node.op, Op::Constant) {
             return Ok(());
         }
         let Loc::Slot(so) = self.loc[node.output] else {

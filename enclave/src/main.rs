@@ -13,12 +13,14 @@
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use ennclave_enclave::exec::Executor;
 use ennclave_enclave::keys::EphemeralKey;
 use ennclave_enclave::program::Program;
 use ennclave_enclave::protocol::{
-    code, write_msg, FrameReader, Msg, ProtoError, Shm, INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
+    code, doorbell, futex_wait, futex_wake, write_msg, FrameReader, Msg, ProtoError, Shm,
+    INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
 };
 use ennclave_enclave::secmem::{Backing, SecretBuf};
 use ennclave_enclave::{licence, sandbox, seal};
@@ -43,11 +45,12 @@ fn trace(phase: &str) {
 /// Sealed programs larger than this are refused before allocating.
 const MAX_SEALED: u64 = 64 << 30;
 const DEFAULT_MAX_BATCH: usize = 1024;
-/// After answering, poll the control socket this long before blocking in `recv`.
-/// Waking a blocked thread costs tens of µs on a VM (scheduler + IPI); a host that
-/// sends its next request within the window skips that cost. Bounded, so an idle
-/// worker still sleeps.
+/// After answering, poll the doorbell this long before sleeping on it. Waking a
+/// sleeping thread costs tens of µs on a VM (scheduler + IPI); a host that sends its
+/// next request within the window skips that cost. Bounded, so an idle worker sleeps.
 const DEFAULT_SPIN_US: u64 = 200;
+/// The longest an idle worker sleeps before it checks whether the host hung up.
+const DEFAULT_IDLE_CHECK_MS: u64 = 100;
 /// Requests up to this many bytes (each way) are evicted from the caches after the
 /// answer (see `Shm::evict`), where flushing costs at most EVICT_NS_PER_LINE.
 const EVICT_MAX: usize = 256 << 10;
@@ -61,10 +64,12 @@ struct Args {
     threads: usize,
     max_batch: usize,
     spin_us: u64,
+    idle_check_ms: u64,
 }
 
 fn usage() -> String {
-    "usage: ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B] [--spin-us U]\n\
+    "usage: ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B] [--spin-us U] \
+     [--idle-check-ms I]\n\
      (started by the ennclave Python runtime; not meant to be run by hand)"
         .to_string()
 }
@@ -76,6 +81,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 0,
         max_batch: DEFAULT_MAX_BATCH,
         spin_us: DEFAULT_SPIN_US,
+        idle_check_ms: DEFAULT_IDLE_CHECK_MS,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -100,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => a.threads = n.max(0) as usize,
             "--max-batch" => a.max_batch = n.max(1) as usize,
             "--spin-us" => a.spin_us = n.clamp(0, 10_000) as u64,
+            "--idle-check-ms" => a.idle_check_ms = n.clamp(1, 3_600_000) as u64,
             _ => return Err(format!("unknown argument {k}\n{}", usage())),
         }
     }
@@ -690,34 +697,165 @@ fn copy_in_checked(
     Ok(None)
 }
 
-/// Busy-poll `sock` for up to `spin_us` µs until it has data (or is closed), so the
-/// blocking read that follows returns without sleeping. Returns early on any error:
-/// the blocking read reports it.
-fn spin_until_readable(sock: &UnixStream, spin_us: u64) {
-    if spin_us == 0 {
-        return;
-    }
-    let fd = sock.as_raw_fd();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_micros(spin_us);
+/// Whether the socket has a frame's bytes (or the host hung up): the framed read that
+/// follows will not block for long. Never blocks itself; an error counts as readable,
+/// so the read reports it.
+fn socket_readable(sock: &UnixStream) -> bool {
     let mut byte = 0u8;
+    // SAFETY: recv into a valid one-byte buffer on our own socket; MSG_PEEK leaves
+    // the byte in the socket for the framed read, MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
+}
+
+/// Wait until the host bumps `events` away from `seen`: spin for `spin_us` µs (a host
+/// that sends its next request soon then skips the cost of waking us), then sleep on
+/// the futex. Returns after at most `idle_check_ms` even without a wake, so a host
+/// that died is noticed (its socket reads as closed).
+fn wait_for_event(events: &AtomicU32, seen: u32, spin_us: u64, idle_check_ms: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_micros(spin_us);
     loop {
-        // SAFETY: recv into a valid one-byte buffer on our own socket; MSG_PEEK leaves
-        // the byte in the socket for the framed read, MSG_DONTWAIT never blocks.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
-            return;
+        for _ in 0..64 {
+            if events.load(Ordering::Acquire) != seen {
+                return;
+            }
+            std::hint::spin_loop();
         }
         if std::time::Instant::now() >= deadline {
-            return;
+            break;
         }
-        std::hint::spin_loop();
+    }
+    futex_wait(
+        events,
+        seen,
+        std::time::Duration::from_millis(idle_check_ms),
+    );
+}
+
+/// One INFER's answer: queries left, or the error to report (the worker keeps serving).
+type Answer = Result<u64, (u16, String)>;
+
+/// Serving state after READY.
+struct Server<'a> {
+    shm: &'a Shm,
+    l: Loaded,
+    max_batch: usize,
+    /// Values per output sample after the output policy.
+    pout: usize,
+    in_offset: usize,
+    out_offset: usize,
+    /// Bytes up to which a request is evicted from the caches after its answer.
+    evict_max: usize,
+    budget: Option<u64>,
+    used: u64,
+    polbuf: Vec<f32>,
+    order: Vec<usize>,
+}
+
+impl Server<'_> {
+    /// Run one INFER whose input is at `in_offset`; on success the output is at
+    /// `out_offset`.
+    fn infer(&mut self, batch: u32, flags: u32) -> Answer {
+        let b = batch as usize;
+        if b == 0 || b > self.max_batch {
+            return Err((
+                code::BAD_INPUT_SIZE,
+                format!("batch of {b} samples is outside 1..={}", self.max_batch),
+            ));
+        }
+        if let Some(lic) = &self.l.licence {
+            if licence::now_unix() >= lic.expires_at {
+                return Err((
+                    code::LICENCE_EXPIRED,
+                    format!(
+                        "the licence expired at {} (Unix time); restart to ask the key server for a new one",
+                        lic.expires_at
+                    ),
+                ));
+            }
+        }
+        if let Some(maxq) = self.budget {
+            if self.used.saturating_add(b as u64) > maxq {
+                let whose = if self.l.policy.max_queries == Some(maxq) {
+                    "bundle's"
+                } else {
+                    "licence's"
+                };
+                return Err((
+                    code::BUDGET_EXHAUSTED,
+                    format!(
+                        "the {whose} query budget of {maxq} samples is exhausted ({} used)",
+                        self.used
+                    ),
+                ));
+            }
+        }
+        let internal = |e: &dyn std::fmt::Display| (code::INTERNAL, e.to_string());
+        // Copy the input straight into the executor's private input buffer, then
+        // validate that copy (never the shared region).
+        let input = self.l.exec.input_mut(b).map_err(|e| internal(&e))?;
+        let check = flags & INFER_ALLOW_NONFINITE == 0;
+        let in_len = self.l.in_len;
+        match copy_in_checked(self.shm, self.in_offset, input, check) {
+            Err(e) => return Err(internal(&e)),
+            Ok(Some(i)) => {
+                return Err((
+                    code::NONFINITE_INPUT,
+                    format!(
+                        "input sample {} contains NaN or infinity at position {}",
+                        i / in_len,
+                        i % in_len
+                    ),
+                ))
+            }
+            Ok(None) => {}
+        }
+        let output = self
+            .l
+            .exec
+            .run_in_place(b)
+            .map_err(|e| (code::INTERNAL, format!("inference failed: {e}")))?;
+        let (out_len, pout) = (self.l.out_len, self.pout);
+        let written = if self.l.policy.mode == Mode::Full {
+            self.shm.write_f32(self.out_offset, output)
+        } else {
+            let pol = &mut self.polbuf[..b * pout];
+            for s in 0..b {
+                self.l.policy.apply(
+                    &output[s * out_len..(s + 1) * out_len],
+                    &mut pol[s * pout..(s + 1) * pout],
+                    &mut self.order,
+                );
+            }
+            self.shm.write_f32(self.out_offset, pol)
+        };
+        written.map_err(|e| internal(&e))?;
+        self.used += b as u64;
+        Ok(self.budget.map_or(u64::MAX, |m| m - self.used))
+    }
+
+    /// After an answer, while the host reads it and prepares the next request: see
+    /// Shm::evict (failure is impossible here, the ranges were just used). Only small
+    /// requests (a larger one has mostly left this core's caches already, and flushing
+    /// costs about the same per line either way), and only where flushing is cheap
+    /// (measured at start).
+    fn evict(&self, batch: u32) {
+        let b = (batch as usize).min(self.max_batch);
+        for (offset, len) in [
+            (self.in_offset, b * self.l.in_len * 4),
+            (self.out_offset, b * self.pout * 4),
+        ] {
+            if len <= self.evict_max {
+                let _ = self.shm.evict(offset, len);
+            }
+        }
     }
 }
 
@@ -726,7 +864,7 @@ fn serve(
     rd: &mut FrameReader,
     shm: &Shm,
     args: &Args,
-    mut l: Loaded,
+    l: Loaded,
 ) -> Result<(), Fatal> {
     let pout = l.policy.out_len(l.out_len);
     let flush_ns = shm.evict_cost_ns_per_line();
@@ -740,7 +878,7 @@ fn serve(
         if evict_max > 0 { "on" } else { "off" }
     ));
     let per_sample = (l.in_len + pout) * 4;
-    let fit = shm.len().saturating_sub(64) / per_sample.max(1);
+    let fit = shm.len().saturating_sub(doorbell::BYTES + 64) / per_sample.max(1);
     let max_batch = args.max_batch.min(fit);
     if max_batch == 0 {
         return Err(Fatal::new(
@@ -751,11 +889,18 @@ fn serve(
             ),
         ));
     }
-    let in_offset = 0usize;
-    let out_offset = (max_batch * l.in_len * 4).div_ceil(64) * 64;
-    let mut polbuf = vec![0f32; max_batch * pout];
-    let mut order = Vec::with_capacity(l.out_len);
-    let mut used: u64 = 0;
+    // The doorbell block starts zeroed (the eviction timing wrote over it).
+    let internal = |e: std::io::Error| Fatal::new(code::INTERNAL, e.to_string());
+    shm.write_bytes(0, &[0u8; doorbell::BYTES])
+        .map_err(internal)?;
+    let word = |offset| shm.atomic_u32(offset).map_err(internal);
+    let (req_seq, ans_seq, events) = (
+        word(doorbell::REQ_SEQ)?,
+        word(doorbell::ANS_SEQ)?,
+        word(doorbell::EVENTS)?,
+    );
+    let in_offset = doorbell::BYTES;
+    let out_offset = (in_offset + max_batch * l.in_len * 4).div_ceil(64) * 64;
     // Effective budget: the tighter of the manifest's max_queries and the licence's.
     let licence_budget = l.licence.as_ref().and_then(|x| x.query_budget);
     let budget = match (l.policy.max_queries, licence_budget) {
@@ -769,7 +914,6 @@ fn serve(
             policy.push_str(&format!(";licence_budget:{b}"));
         }
     }
-
     write_msg(
         ctl,
         &Msg::Ready {
@@ -784,7 +928,21 @@ fn serve(
     )?;
     trace("READY sent");
 
-    let err = |ctl: &mut UnixStream, code: u16, message: String| {
+    let out_len = l.out_len;
+    let mut srv = Server {
+        shm,
+        l,
+        max_batch,
+        pout,
+        in_offset,
+        out_offset,
+        evict_max,
+        budget,
+        used: 0,
+        polbuf: vec![0f32; max_batch * pout],
+        order: Vec::with_capacity(out_len),
+    };
+    let err = |ctl: &mut UnixStream, (code, message): (u16, String)| {
         write_msg(
             ctl,
             &Msg::Error {
@@ -794,148 +952,90 @@ fn serve(
             },
         )
     };
-
+    let mut answered = 0u32;
     loop {
-        if !rd.has_buffered() {
-            spin_until_readable(ctl, args.spin_us);
-        }
-        let msg = match rd.read(ctl) {
-            Err(ProtoError::Closed) => return Ok(()),
-            r => r?,
-        };
-        match msg {
-            Msg::Infer { batch, flags } => {
-                let b = batch as usize;
-                if b == 0 || b > max_batch {
-                    err(
-                        ctl,
-                        code::BAD_INPUT_SIZE,
-                        format!("batch of {b} samples is outside 1..={max_batch}"),
-                    )?;
-                    continue;
+        // Read `events` first: whatever the host posts after this read bumps it, so
+        // the wait at the bottom cannot sleep through a request.
+        let seen = events.load(Ordering::Acquire);
+
+        // A request on the doorbell. Its fields are read once, here, into locals.
+        let seq = req_seq.load(Ordering::Acquire);
+        if seq != answered {
+            answered = seq;
+            let mut req = [0u8; 8];
+            shm.read_into(doorbell::REQ_BATCH, &mut req)
+                .map_err(internal)?;
+            let batch = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
+            let flags = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+            let (status, left) = match srv.infer(batch, flags) {
+                Ok(left) => (doorbell::STATUS_OK, left),
+                Err(e) => {
+                    // The message goes as a frame, before the answer points to it.
+                    err(ctl, e)?;
+                    (doorbell::STATUS_ERROR, 0)
                 }
-                if let Some(lic) = &l.licence {
-                    if licence::now_unix() >= lic.expires_at {
-                        err(
-                            ctl,
-                            code::LICENCE_EXPIRED,
-                            format!(
-                                "the licence expired at {} (Unix time); restart to ask the key server for a new one",
-                                lic.expires_at
-                            ),
-                        )?;
-                        continue;
-                    }
-                }
-                if let Some(maxq) = budget {
-                    if used.saturating_add(b as u64) > maxq {
-                        let whose = if l.policy.max_queries == Some(maxq) {
-                            "bundle's"
-                        } else {
-                            "licence's"
-                        };
-                        err(
-                            ctl,
-                            code::BUDGET_EXHAUSTED,
-                            format!("the {whose} query budget of {maxq} samples is exhausted ({used} used)"),
-                        )?;
-                        continue;
-                    }
-                }
-                // Copy the input straight into the executor's private input buffer,
-                // then validate that copy (never the shared region).
-                let input = match l.exec.input_mut(b) {
-                    Ok(input) => input,
-                    Err(e) => {
-                        err(ctl, code::INTERNAL, e.to_string())?;
-                        continue;
-                    }
-                };
-                let check = flags & INFER_ALLOW_NONFINITE == 0;
-                match copy_in_checked(shm, in_offset, input, check) {
-                    Err(e) => {
-                        err(ctl, code::INTERNAL, e.to_string())?;
-                        continue;
-                    }
-                    Ok(Some(i)) => {
-                        err(
-                            ctl,
-                            code::NONFINITE_INPUT,
-                            format!(
-                                "input sample {} contains NaN or infinity at position {}",
-                                i / l.in_len,
-                                i % l.in_len
-                            ),
-                        )?;
-                        continue;
-                    }
-                    Ok(None) => {}
-                }
-                let output = match l.exec.run_in_place(b) {
-                    Ok(output) => output,
-                    Err(e) => {
-                        err(ctl, code::INTERNAL, format!("inference failed: {e}"))?;
-                        continue;
-                    }
-                };
-                let written = if l.policy.mode == Mode::Full {
-                    shm.write_f32(out_offset, output)
-                } else {
-                    let pol = &mut polbuf[..b * pout];
-                    for s in 0..b {
-                        l.policy.apply(
-                            &output[s * l.out_len..(s + 1) * l.out_len],
-                            &mut pol[s * pout..(s + 1) * pout],
-                            &mut order,
-                        );
-                    }
-                    shm.write_f32(out_offset, pol)
-                };
-                if let Err(e) = written {
-                    err(ctl, code::INTERNAL, e.to_string())?;
-                    continue;
-                }
-                used += b as u64;
-                let queries_left = budget.map_or(u64::MAX, |m| m - used);
-                write_msg(
-                    ctl,
-                    &Msg::Result {
-                        batch,
-                        out_len: pout as u32,
-                        queries_left,
-                    },
-                )?;
-                // While the host reads the answer and prepares the next request: see
-                // Shm::evict (failure is impossible here, the ranges were just used).
-                // Only small requests (a larger one has mostly left this core's caches
-                // already, and flushing costs about the same per line either way), and
-                // only where flushing is cheap (measured at start).
-                for (offset, len) in [(in_offset, b * l.in_len * 4), (out_offset, b * pout * 4)] {
-                    if len <= evict_max {
-                        let _ = shm.evict(offset, len);
-                    }
-                }
+            };
+            let mut ans = [0u8; 20];
+            ans[0..4].copy_from_slice(&status.to_le_bytes());
+            ans[4..8].copy_from_slice(&batch.to_le_bytes());
+            ans[8..12].copy_from_slice(&(pout as u32).to_le_bytes());
+            ans[12..20].copy_from_slice(&left.to_le_bytes());
+            shm.write_bytes(doorbell::ANS_STATUS, &ans)
+                .map_err(internal)?;
+            ans_seq.store(seq, Ordering::Release);
+            futex_wake(ans_seq);
+            if status == doorbell::STATUS_OK {
+                srv.evict(batch);
             }
-            Msg::Ping { nonce } => write_msg(
-                ctl,
-                &Msg::Pong {
-                    nonce,
-                    queries_used: used,
+            continue;
+        }
+
+        // A control frame (or an INFER frame, from hosts that do not use the doorbell).
+        if rd.has_buffered() || socket_readable(ctl) {
+            let msg = match rd.read(ctl) {
+                Err(ProtoError::Closed) => return Ok(()),
+                r => r?,
+            };
+            match msg {
+                Msg::Infer { batch, flags } => match srv.infer(batch, flags) {
+                    Ok(queries_left) => {
+                        write_msg(
+                            ctl,
+                            &Msg::Result {
+                                batch,
+                                out_len: pout as u32,
+                                queries_left,
+                            },
+                        )?;
+                        srv.evict(batch);
+                    }
+                    Err(e) => err(ctl, e)?,
                 },
-            )?,
-            Msg::Shutdown => {
-                write_msg(ctl, &Msg::Bye)?;
-                return Ok(());
+                Msg::Ping { nonce } => write_msg(
+                    ctl,
+                    &Msg::Pong {
+                        nonce,
+                        queries_used: srv.used,
+                    },
+                )?,
+                Msg::Shutdown => {
+                    write_msg(ctl, &Msg::Bye)?;
+                    return Ok(());
+                }
+                other => err(
+                    ctl,
+                    (
+                        code::PROTOCOL,
+                        format!(
+                            "unexpected message type 0x{:02x} after READY",
+                            other.type_byte()
+                        ),
+                    ),
+                )?,
             }
-            other => err(
-                ctl,
-                code::PROTOCOL,
-                format!(
-                    "unexpected message type 0x{:02x} after READY",
-                    other.type_byte()
-                ),
-            )?,
+            continue;
         }
+        wait_for_event(events, seen, args.spin_us, args.idle_check_ms);
     }
 }
 

@@ -10,12 +10,15 @@
 //!
 //! Tensors and the sealed program never go through the socket: they go through a
 //! shared-memory region (a memfd created by the host and inherited by the worker),
-//! see [`Shm`]. The decoder never panics on any input (fuzzed with proptest).
+//! see [`Shm`]. After READY, requests and answers can also skip the socket: see
+//! [`doorbell`]. The decoder never panics on any input (fuzzed with proptest).
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Upper bound on one control frame (type byte + payload). Manifests are the largest.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -40,6 +43,76 @@ pub mod code {
 
 /// INFER flag: the caller allows NaN / ±Inf in the input.
 pub const INFER_ALLOW_NONFINITE: u32 = 1;
+
+/// After READY, the first [`doorbell::BYTES`] bytes of the shared region are the
+/// doorbell block: the host posts an INFER there and the worker answers there, with
+/// no socket frame either way (docs/worker-protocol.md, "Doorbell"). Byte offsets of
+/// its little-endian fields; each group has its own cache line.
+pub mod doorbell {
+    /// u32, host: the request's sequence number, stored after batch and flags.
+    pub const REQ_SEQ: usize = 0;
+    /// u32, host: samples in the request (at the READY's `in_offset`).
+    pub const REQ_BATCH: usize = 4;
+    /// u32, host: INFER flags.
+    pub const REQ_FLAGS: usize = 8;
+    /// u32, worker: the sequence number answered, stored after the fields below.
+    pub const ANS_SEQ: usize = 64;
+    /// u32, worker: [`STATUS_OK`], or [`STATUS_ERROR`] with an ERROR frame on the socket.
+    pub const ANS_STATUS: usize = 68;
+    /// u32, worker: samples answered.
+    pub const ANS_BATCH: usize = 72;
+    /// u32, worker: values per output sample.
+    pub const ANS_OUT_LEN: usize = 76;
+    /// u64, worker: queries left (2⁶⁴−1 = unlimited).
+    pub const ANS_LEFT: usize = 80;
+    /// u32, host: bumped after every request and every frame the host sends; the
+    /// idle worker sleeps on it (futex) and the host wakes it.
+    pub const EVENTS: usize = 128;
+    /// Size of the block; inputs start after it.
+    pub const BYTES: usize = 256;
+    pub const STATUS_OK: u32 = 0;
+    pub const STATUS_ERROR: u32 = 1;
+}
+
+/// Sleep while `word` still holds `expected`, for at most `timeout`; returns early
+/// when another process wakes the word (or spuriously). A shared futex (no
+/// FUTEX_PRIVATE_FLAG): the word lives in memory shared with the host.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live, aligned u32; `ts` outlives the call; the kernel only
+    // reads both. Any result (woken, timed out, value already changed, EINTR) is
+    // fine: the caller re-reads the word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// Wake whoever sleeps on `word` in [`futex_wait`] (or the host's equivalent).
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a live, aligned u32; FUTEX_WAKE only uses its address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
@@ -722,6 +795,28 @@ impl Shm {
         best
     }
 
+    /// The u32 at `offset` (a multiple of 4) as an atomic shared with the host: the
+    /// doorbell's sequence numbers. Other fields go through the byte copies.
+    pub fn atomic_u32(&self, offset: usize) -> io::Result<&AtomicU32> {
+        self.check(offset, 4)?;
+        if !offset.is_multiple_of(4) {
+            return Err(io::Error::other("misaligned shared-memory word"));
+        }
+        // SAFETY: in bounds (checked above) and 4-aligned (the mapping is
+        // page-aligned); the reference borrows self, so the mapping outlives it.
+        // AtomicU32 has u32's layout and is made for memory that others write
+        // concurrently; the host only ever stores whole aligned u32 values.
+        Ok(unsafe { &*(self.ptr.add(offset) as *const AtomicU32) })
+    }
+
+    /// Copy private bytes into the region at `offset`.
+    pub fn write_bytes(&self, offset: usize, src: &[u8]) -> io::Result<()> {
+        self.check(offset, src.len())?;
+        // SAFETY: bounds checked; src is private memory, disjoint from the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len()) };
+        Ok(())
+    }
+
     pub fn write_f32(&self, offset: usize, src: &[f32]) -> io::Result<()> {
         let n = std::mem::size_of_val(src);
         self.check(offset, n)?;
@@ -771,6 +866,40 @@ mod tests {
         assert_eq!(back, vals);
         assert!(shm.evict(8000, 193).is_err());
         assert!(shm.evict(usize::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn shm_doorbell_words_are_shared_and_futex_wakes_the_sleeper() {
+        use std::sync::atomic::Ordering;
+        // SAFETY: a fresh memfd of ours, sized before Shm maps (and owns) it.
+        let fd = unsafe { libc::memfd_create(c"shm-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: resizing our own fd.
+        assert_eq!(unsafe { libc::ftruncate(fd, 4096) }, 0);
+        let shm = Shm::map_fd(fd).unwrap();
+        assert!(shm.atomic_u32(4094).is_err(), "out of bounds");
+        assert!(shm.atomic_u32(6).is_err(), "misaligned");
+        let ev = shm.atomic_u32(doorbell::EVENTS).unwrap();
+        ev.store(7, Ordering::Release);
+        let mut raw = [0u8; 4];
+        shm.read_into(doorbell::EVENTS, &mut raw).unwrap();
+        assert_eq!(u32::from_le_bytes(raw), 7);
+        // A waiter on an unchanged word sleeps until woken, not until its timeout.
+        let t = std::time::Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while ev.load(Ordering::Acquire) == 7 {
+                    futex_wait(ev, 7, Duration::from_secs(20));
+                }
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            ev.store(8, Ordering::Release);
+            futex_wake(ev);
+        });
+        assert!(t.elapsed() < Duration::from_secs(10), "the wake was lost");
+        // An already-changed word returns at once.
+        futex_wait(ev, 7, Duration::from_secs(20));
+        assert!(t.elapsed() < Duration::from_secs(10));
     }
 
     fn samples() -> Vec<Msg> {

@@ -617,3 +617,49 @@ fn large_pools_split_across_threads_match_naive() {
         }
     }
 }
+
+#[test]
+fn reshapes_and_linear_activations_share_their_input_buffer() {
+    // Identity: the output is the input's own buffer.
+    let id = container(
+        &one_node(
+            "activation",
+            &[2, 3],
+            &[2, 3],
+            r#"{"activation": {"fn": "linear"}}"#,
+            "{}",
+        ),
+        &[],
+    );
+    let p = ennclave_enclave::program::Program::from_container(&id).unwrap();
+    let mut ex = ennclave_enclave::exec::Executor::new(&p, 5, 2).unwrap();
+    for batch in [5, 1, 3] {
+        let x = vals(batch * 6, batch as u64);
+        let mut y = vec![0.0; batch * 6];
+        ex.run(&x, batch, &mut y).unwrap();
+        assert_eq!(y, x);
+    }
+    // y = relu(tanh(x)) + reshape(linear(reshape(x))): the aliases r, l and l2 must
+    // keep x's buffer alive until the add, although x's last direct reader is tanh;
+    // freed earlier, relu's output would overwrite it.
+    let json = r#"{"format": "ennclave-program", "version": 1,
+      "inputs": [{"name": "x", "shape": [null, 6]}],
+      "outputs": [{"name": "y", "shape": [null, 6]}],
+      "nodes": [
+        {"name": "r", "op": "reshape", "inputs": ["x"], "outputs": ["r"], "attrs": {"shape": [2, 3]}},
+        {"name": "l", "op": "activation", "inputs": ["r"], "outputs": ["l"], "attrs": {"activation": {"fn": "linear"}}},
+        {"name": "l2", "op": "reshape", "inputs": ["l"], "outputs": ["l2"], "attrs": {"shape": [6]}},
+        {"name": "t", "op": "activation", "inputs": ["x"], "outputs": ["t"], "attrs": {"activation": {"fn": "tanh"}}},
+        {"name": "u", "op": "activation", "inputs": ["t"], "outputs": ["u"], "attrs": {"activation": {"fn": "relu"}}},
+        {"name": "y", "op": "add", "inputs": ["u", "l2"], "outputs": ["y"]}
+      ]}"#;
+    let p = ennclave_enclave::program::Program::from_container(&container(json, &[])).unwrap();
+    let mut ex = ennclave_enclave::exec::Executor::new(&p, 4, 1).unwrap();
+    for batch in [4, 2] {
+        let x = vals(batch * 6, 7);
+        let mut y = vec![0.0; batch * 6];
+        ex.run(&x, batch, &mut y).unwrap();
+        let want: Vec<f32> = x.iter().map(|&v| v.tanh().max(0.0) + v).collect();
+        assert_close(&y, &want, 1e-6);
+    }
+}

@@ -13,9 +13,11 @@ methods hold one lock, so any number of threads may share a client.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import mmap
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -49,7 +51,7 @@ from ..errors import (
 )
 
 BINARY_NAME = "ennclave-enclave"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20
 # How long the host polls for an answer, when the previous one came within this time.
 # Waking a blocked process costs tens of µs on a VM (the answer's write has to kick the
@@ -57,6 +59,9 @@ MAX_FRAME = 1 << 20
 # tries, so the worker's compute threads keep both cores; answers slower than this are
 # waited for asleep, where that cost is noise.
 SPIN_S = 1e-3
+# When the last answer came within this time, the host polls without yielding for this
+# long first: each yield adds a system call to a wait this short.
+HOT_SPIN_S = 50e-6
 HPKE_INFO_PREFIX = b"ennclave data key v1"
 
 # message types (protocol.rs `ty`)
@@ -76,6 +81,60 @@ _HDR = struct.Struct("<IB")
 _U32 = struct.Struct("<I")
 _INFER = struct.Struct("<IBII")  # a whole INFER frame: length, type, batch, flags
 _RESULT_HEAD = struct.Struct("<II")
+
+# The doorbell block at the start of the shared region (protocol.rs `doorbell`):
+# requests and answers without socket frames.
+DB_REQ_SEQ, DB_REQ_BATCH, DB_ANS_SEQ, DB_ANS_STATUS, DB_EVENTS = 0, 4, 64, 68, 128
+DB_STATUS_OK = 0
+_DB_REQ = struct.Struct("<II")  # batch, flags
+_DB_ANS = struct.Struct("<IIIQ")  # status, batch, out_len, queries left
+# The doorbell relies on the host's plain stores becoming visible in program order
+# (the input before the sequence number): true on x86-64 (TSO), not on weaker memory
+# models, where Python cannot fence. Elsewhere requests go as INFER frames.
+DOORBELL_OK = platform.machine().lower() in ("x86_64", "amd64")
+# How long a sleeping host waits on the answer word before it checks that the worker
+# is still alive.
+_LIVENESS_CHECK_S = 0.05
+
+
+_SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}
+
+
+class _Futex:
+    """FUTEX_WAIT / FUTEX_WAKE on words of the shared region (shared futexes: the
+    worker is another process), through libc's syscall(2)."""
+
+    def __init__(self) -> None:
+        self.nr = _SYS_FUTEX.get(platform.machine().lower())
+        if self.nr is None:
+            return  # unknown syscall number: no wakes; the worker still polls
+        self._call = ctypes.CDLL(None, use_errno=True).syscall
+        self._call.restype = ctypes.c_long
+        self._call.argtypes = [
+            ctypes.c_long,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_uint32,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_uint32,
+        ]
+
+    def wake(self, addr: int) -> None:
+        if self.nr is not None:
+            self._call(self.nr, addr, 1, 0x7FFFFFFF, None, None, 0)  # FUTEX_WAKE
+
+    def wait(self, addr: int, expected: int, timeout_s: float) -> None:
+        """Sleep while the word holds `expected` (at most `timeout_s`; the GIL is
+        released meanwhile). Any outcome is fine: the caller re-reads the word."""
+        if self.nr is None:
+            time.sleep(min(timeout_s, 1e-3))
+            return
+        ts = (ctypes.c_long * 2)(int(timeout_s), int(timeout_s % 1 * 1e9))
+        self._call(self.nr, addr, 0, expected, ctypes.addressof(ts), None, 0)  # FUTEX_WAIT
+
+
+_futex = _Futex()
 
 
 # ------------------------------------------------------------------ binary lookup
@@ -242,6 +301,11 @@ class WorkerClient:
     `manifest_bytes`: manifest.json exactly as stored (the worker authenticates it).
     `sealed_path`: private.sealed. `key_release(hello) -> WrappedKey` releases the data
     key for the worker's ephemeral key (see `local_key_release`).
+
+    Requests go through the shared region's doorbell (docs/worker-protocol.md) where
+    the platform allows it (x86-64); `doorbell=False` sends INFER frames instead.
+    `idle_check_ms`: how long an idle worker sleeps before it checks that the host is
+    still there.
     """
 
     def __init__(
@@ -257,6 +321,8 @@ class WorkerClient:
         in_len: int | None = None,
         out_len: int | None = None,
         handshake_timeout: float = 300.0,
+        doorbell: bool | None = None,
+        idle_check_ms: int = 100,
         start: bool = True,
     ) -> None:
         self._manifest = bytes(manifest_bytes)
@@ -267,6 +333,9 @@ class WorkerClient:
         self._max_batch = int(max_batch)
         self._shm_bytes = shm_bytes or _shm_size(in_len or 1, out_len or 1, self._max_batch)
         self._handshake_timeout = handshake_timeout
+        # None: the doorbell where the platform allows it; False: INFER frames only.
+        self._use_doorbell = DOORBELL_OK if doorbell is None else bool(doorbell) and DOORBELL_OK
+        self._idle_check_ms = int(idle_check_ms)
         self._lock = threading.RLock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -276,9 +345,14 @@ class WorkerClient:
         # Per-start caches for the hot path (set after READY, dropped in _teardown).
         self._shm_in: np.ndarray | None = None
         self._shm_out: np.ndarray | None = None
+        # Doorbell words (ctypes views into the region) and their addresses.
+        self._db: dict[int, ctypes.c_uint32] = {}
+        self._db_addr: dict[int, int] = {}
+        self._seq = 0  # the last doorbell request's sequence number
         self._rx = bytearray(4096)  # receive buffer; _rx[_rx_start:_rx_end] is unread
         self._rx_start = self._rx_end = 0
         self._last_answer_s = 0.0  # how long the last INFER took to answer
+        self._answered_at = 0.0  # perf_counter() of the last answer
         self.hello: Hello | None = None
         self._in_key_release = False
         self.restarts = 0
@@ -317,6 +391,8 @@ class WorkerClient:
                 str(self._max_batch),
                 "--threads",
                 str(self._threads),
+                "--idle-check-ms",
+                str(self._idle_check_ms),
             ]
             try:
                 self._proc = subprocess.Popen(
@@ -434,12 +510,20 @@ class WorkerClient:
             r.u("<I"), r.u("<I"), r.u("<I"), r.u("<Q"), r.u("<Q"), r.str_(), r.str_()
         )
         rd = self._ready
-        if rd.out_offset + rd.max_batch * rd.out_len * 4 > len(self._mm) or rd.max_batch < 1:
+        if (
+            rd.out_offset + rd.max_batch * rd.out_len * 4 > len(self._mm)
+            or rd.max_batch < 1
+            or rd.in_offset < DB_EVENTS + 4
+        ):
             raise WorkerError(
                 "The enclave worker announced an invalid shared-memory layout.", E_PROTOCOL, True
             )
         self._shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
         self._shm_out = np.ndarray((rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset)
+        for off in (DB_REQ_SEQ, DB_ANS_SEQ, DB_EVENTS):
+            self._db[off] = word = ctypes.c_uint32.from_buffer(self._mm, off)
+            self._db_addr[off] = ctypes.addressof(word)
+        self._seq = 0
         self._sock.settimeout(None)
 
     def _teardown(self, kill: bool) -> int | None:
@@ -459,6 +543,8 @@ class WorkerClient:
             self._sock = None
         self._rx_start = self._rx_end = 0
         self._shm_in = self._shm_out = None  # release the mmap exports before close
+        self._db.clear()
+        self._db_addr.clear()
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()
@@ -502,9 +588,14 @@ class WorkerClient:
     def _ensure(self) -> Ready:
         if self._closed:
             raise EnnclaveError("This enclaved model is closed; load the bundle again.")
-        if self._proc is not None and self._proc.poll() is not None:
-            # Died between calls (OOM killer, a signal): report it once; the next call
-            # starts a fresh worker.
+        # Died between calls (OOM killer, a signal): report it once; the next call
+        # starts a fresh worker. Not asked within 10 ms of an answer (it costs a system
+        # call per request): a worker that dies then fails the request itself.
+        if (
+            self._proc is not None
+            and time.perf_counter() - self._answered_at > 0.01
+            and self._proc.poll() is not None
+        ):
             raise self._crashed("idle time")
         if self._proc is None or self._ready is None:
             if self._proc is not None:
@@ -553,6 +644,15 @@ class WorkerClient:
             self._sock.sendall(frame)
         except OSError:
             raise _Dead() from None
+        if self._db:  # serving: the idle worker sleeps on the doorbell, not the socket
+            self._ring()
+
+    def _ring(self) -> None:
+        """Tell the worker something was posted (a doorbell request or a frame): bump
+        the events word and wake it, in case it sleeps."""
+        events = self._db[DB_EVENTS]
+        events.value = (events.value + 1) & 0xFFFFFFFF
+        _futex.wake(self._db_addr[DB_EVENTS])
 
     def _fill(self, need: int, spin_s: float = 0.0) -> None:
         """Receive until `need` unread bytes are buffered (usually one recv_into for a
@@ -726,12 +826,16 @@ class WorkerClient:
             # a longer computation would just lose a core to the spinning host.
             spin = SPIN_S if poll and self._last_answer_s < SPIN_S else 0.0
             t = time.perf_counter()
-            self._send(_INFER.pack(9, INFER, b, flags))
-            ty, p = self._recv(spin)
-            self._last_answer_s = time.perf_counter() - t
-            if ty != RESULT:
-                raise self._unexpected(ty, p, "RESULT")
-            got_b, got_len = _RESULT_HEAD.unpack_from(p)
+            if self._use_doorbell:
+                got_b, got_len = self._doorbell(b, flags, spin)
+            else:
+                self._send(_INFER.pack(9, INFER, b, flags))
+                ty, p = self._recv(spin)
+                if ty != RESULT:
+                    raise self._unexpected(ty, p, "RESULT")
+                got_b, got_len = _RESULT_HEAD.unpack_from(p)
+            self._answered_at = time.perf_counter()
+            self._last_answer_s = self._answered_at - t
             if got_b != b or got_len != rd.out_len:
                 raise WorkerError(
                     "The enclave worker answered for the wrong batch; this is a bug.",
@@ -740,6 +844,36 @@ class WorkerClient:
                 )
             out[s : s + b] = shm_out[:b]
         return out
+
+    def _doorbell(self, batch: int, flags: int, spin_s: float) -> tuple[int, int]:
+        """Post one INFER on the doorbell (its input is already in place) and wait for
+        the answer: poll the answer word for `spin_s` seconds, yielding the core
+        between tries, then sleep on it. Returns the answer's (batch, out_len)."""
+        mm = self._mm
+        assert mm is not None
+        ans, ans_addr = self._db[DB_ANS_SEQ], self._db_addr[DB_ANS_SEQ]
+        seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
+        _DB_REQ.pack_into(mm, DB_REQ_BATCH, batch, flags)
+        self._db[DB_REQ_SEQ].value = seq  # after the input and the fields (x86-64 TSO)
+        self._ring()
+        if spin_s > 0:
+            now = time.perf_counter()
+            # Without yielding only while a quick answer is expected: a computation
+            # needs every core, and a host holding one slows it more than it gains.
+            hot = now + (HOT_SPIN_S if self._last_answer_s < HOT_SPIN_S else 0.0)
+            until = now + spin_s
+            while ans.value != seq and (now := time.perf_counter()) < until:
+                if now >= hot:
+                    os.sched_yield()  # the worker's threads may need this core more
+        while (seen := ans.value) != seq:
+            _futex.wait(ans_addr, seen, _LIVENESS_CHECK_S)
+            if ans.value != seq and self._proc is not None and self._proc.poll() is not None:
+                raise _Dead()
+        status, got_b, got_len, _left = _DB_ANS.unpack_from(mm, DB_ANS_STATUS)
+        if status != DB_STATUS_OK:  # the ERROR frame is already on the socket
+            ty, p = self._recv()
+            raise self._unexpected(ty, p, "RESULT")
+        return got_b, got_len
 
     def ping(self) -> dict[str, int]:
         """Health check: round trip through the worker. Returns {"queries_used": n}."""
