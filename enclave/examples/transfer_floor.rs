@@ -28,11 +28,8 @@ struct Shared {
 unsafe impl Sync for Shared {}
 
 fn evict(p: *const u8, n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for i in (0..n).step_by(64) {
-        // SAFETY: p..p+n is a live mapping; clflush leaves the bytes unchanged.
-        unsafe { std::arch::x86_64::_mm_clflush(p.add(i)) };
-    }
+    // SAFETY: p..p+n is one of our live mappings; flushing leaves the bytes unchanged.
+    unsafe { ennclave_enclave::protocol::flush_lines(p, n) };
 }
 
 fn shared_mapping(n: usize) -> *mut u8 {

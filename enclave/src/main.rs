@@ -19,8 +19,8 @@ use ennclave_enclave::exec::Executor;
 use ennclave_enclave::keys::EphemeralKey;
 use ennclave_enclave::program::Program;
 use ennclave_enclave::protocol::{
-    code, doorbell, futex_wait, futex_wake, write_msg, FrameReader, Msg, ProtoError, Shm,
-    INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
+    code, doorbell, eviction_pays, futex_wait, futex_wake, write_msg, FrameReader, Msg, ProtoError,
+    Shm, INFER_ALLOW_NONFINITE, PROTOCOL_VERSION,
 };
 use ennclave_enclave::secmem::{Backing, SecretBuf};
 use ennclave_enclave::{licence, sandbox, seal};
@@ -52,11 +52,8 @@ const DEFAULT_SPIN_US: u64 = 200;
 /// The longest an idle worker sleeps before it checks whether the host hung up.
 const DEFAULT_IDLE_CHECK_MS: u64 = 100;
 /// Requests up to this many bytes (each way) are evicted from the caches after the
-/// answer (see `Shm::evict`), where flushing costs at most EVICT_NS_PER_LINE.
+/// answer (see `Shm::evict`), on CPUs where that pays (`eviction_pays`).
 const EVICT_MAX: usize = 256 << 10;
-/// Measured: ~2.4 ns a line on an AMD EPYC VM, where evicting saved more than it cost;
-/// ~140 ns on an Intel Xeon VM, where it made a 64×512 round trip ten times slower.
-const EVICT_NS_PER_LINE: f64 = 10.0;
 
 struct Args {
     ctl_fd: i32,
@@ -867,14 +864,9 @@ fn serve(
     l: Loaded,
 ) -> Result<(), Fatal> {
     let pout = l.policy.out_len(l.out_len);
-    let flush_ns = shm.evict_cost_ns_per_line();
-    let evict_max = if flush_ns <= EVICT_NS_PER_LINE {
-        EVICT_MAX
-    } else {
-        0
-    };
+    let evict_max = if eviction_pays() { EVICT_MAX } else { 0 };
     trace(&format!(
-        "cache eviction {} ({flush_ns:.1} ns a line)",
+        "cache eviction after each answer {}",
         if evict_max > 0 { "on" } else { "off" }
     ));
     let per_sample = (l.in_len + pout) * 4;

@@ -659,6 +659,70 @@ pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> Result<(), ProtoError> {
     Ok(())
 }
 
+/// Write back and invalidate every cache line that `p..p + n` touches, on every core
+/// (x86-64; nothing elsewhere). Uses `clflushopt` where the CPU has it, then one
+/// `sfence`, else `clflush`: on an Intel Xeon VM `clflush` cost about 126 ns a line
+/// and `clflushopt` about 7, on an AMD EPYC VM both about 2.4
+/// (`cargo run --release --example evict_cost`). The bytes stay as they are.
+///
+/// # Safety
+/// `p..p + n` must lie inside one live mapping.
+pub unsafe fn flush_lines(p: *const u8, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS_CLFLUSHOPT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // CPUID leaf 7, EBX bit 23.
+        let opt = *HAS_CLFLUSHOPT
+            .get_or_init(|| std::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 23) != 0);
+        // Line boundaries: the first line starts at most 63 bytes before p, in p's
+        // page (pages are line-aligned), so every flushed address is mapped.
+        let first = p as usize & !63;
+        for line in (first..p as usize + n).step_by(64) {
+            let a = line as *const u8;
+            // SAFETY: `a` is a mapped address (above and the caller's contract). Both
+            // instructions write the line back and invalidate it without changing it;
+            // clflushopt exists on this CPU (CPUID checked).
+            unsafe {
+                if opt {
+                    std::arch::asm!("clflushopt [{0}]", in(reg) a, options(nostack, preserves_flags));
+                } else {
+                    std::arch::x86_64::_mm_clflush(a);
+                }
+            }
+        }
+        if opt {
+            // Orders the weakly ordered clflushopts before what follows.
+            std::arch::x86_64::_mm_sfence();
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
+}
+
+/// Whether evicting a finished request's bytes ([`Shm::evict`]) pays on this CPU.
+/// Measured with `cargo run --release --example transfer_floor` (the round trip's
+/// copies between two threads) and in the full host↔worker round trip:
+/// * AMD EPYC VM: yes. Floor 19 µs with eviction, 33–39 without (31–37 and up to 125
+///   in the VM's slow periods); round trip 33 vs 43 µs.
+/// * Intel Xeon VM: no. Floor 38–40 µs with eviction (with `clflushopt`; ten times
+///   worse with `clflush`), 27–30 without; round trip 46 vs 37 µs. Its cores hand each
+///   other modified lines quickly.
+///
+/// Other CPUs are untested: no eviction.
+pub fn eviction_pays() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let v = std::arch::x86_64::__cpuid(0);
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&v.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&v.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&v.ecx.to_le_bytes());
+        &vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The shared-memory region (a host-created memfd, mapped `MAP_SHARED` by both).
 ///
 /// The host can write to it at any time, so the worker never hands out references
@@ -750,49 +814,17 @@ impl Shm {
         Ok(())
     }
 
-    /// Drop `offset..offset + n` of the region from every CPU cache (x86-64
-    /// `clflush`; nothing elsewhere). Called on the bytes of a finished
-    /// request, while the host prepares the next one: the host then writes the next
-    /// input into lines that no other core holds, instead of waiting for this core to
-    /// give up its copy of each line in turn, and the worker's next output likewise.
-    /// A pure performance hint: the bytes stay as they are.
+    /// Drop `offset..offset + n` of the region from every CPU cache (see
+    /// [`flush_lines`]). Called on the bytes of a finished request, while the host
+    /// prepares the next one: the host then writes the next input into lines that no
+    /// other core holds, instead of waiting for this core to give up its copy of each
+    /// line in turn, and the worker's next output likewise. A pure performance hint:
+    /// the bytes stay as they are.
     pub fn evict(&self, offset: usize, n: usize) -> io::Result<()> {
         self.check(offset, n)?;
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::_mm_clflush;
-            const LINE: usize = 64;
-            // The mapping is page-aligned, so line boundaries are offsets divisible by 64.
-            let first = offset - offset % LINE;
-            for line in (first..offset + n).step_by(LINE) {
-                // SAFETY: `line` lies in `first..offset + n`, inside our mapping
-                // (checked above, and `first` ≥ 0 is in the same page as `offset`);
-                // clflush writes the line back and invalidates it without changing it.
-                unsafe { _mm_clflush(self.ptr.add(line)) };
-            }
-        }
+        // SAFETY: offset..offset + n lies inside our mapping (checked above).
+        unsafe { flush_lines(self.ptr.add(offset), n) };
         Ok(())
-    }
-
-    /// Nanoseconds per 64-byte line that [`Shm::evict`] takes on dirty lines here (best
-    /// of three tries on up to 64 KiB at the start of the region, which it zeroes: call
-    /// it before the region is in use). It varies a lot between machines: about 2.4 on
-    /// an AMD EPYC VM, about 140 on an Intel Xeon VM.
-    pub fn evict_cost_ns_per_line(&self) -> f64 {
-        let n = self.len.min(64 << 10) / 64 * 64;
-        if n == 0 {
-            return f64::INFINITY;
-        }
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            // SAFETY: the first n bytes lie inside our mapping; dirtying them is what a
-            // finished request leaves behind. No one reads the region yet.
-            unsafe { std::ptr::write_bytes(self.ptr, 0, n) };
-            let t = std::time::Instant::now();
-            let _ = self.evict(0, n);
-            best = best.min(t.elapsed().as_nanos() as f64 / (n / 64) as f64);
-        }
-        best
     }
 
     /// The u32 at `offset` (a multiple of 4) as an atomic shared with the host: the
