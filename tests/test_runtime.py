@@ -76,6 +76,21 @@ def test_predict_matches_numpy(enclave_bundle, doorbell):
 
 
 @needs_worker
+@pytest.mark.parametrize("doorbell", PATHS)
+def test_outputs_of_many_chunks_arrive_whole(enclave_bundle, doorbell):
+    """On the doorbell the worker writes a full output in 4096-float chunks and the
+    host copies each one out as soon as it is announced: outputs of several chunks,
+    and of a partial last one, arrive exactly."""
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore, max_batch=2048) as m:
+        m.worker._use_doorbell = doorbell
+        for n in (2000, 820, 1639):  # 10000, 4100 and 8195 floats
+            x = _x(n, seed=n)
+            y = m.worker.infer(x)
+            assert m.worker.ready.max_batch >= n
+            np.testing.assert_allclose(y, reference(enclave_bundle.weights, x), atol=1e-5)
+
+
+@needs_worker
 @pytest.mark.parametrize(
     "policy",
     [{"mode": "label"}, {"mode": "top_k", "k": 3}, {"mode": "round", "decimals": 1}],
@@ -185,7 +200,7 @@ def test_worker_rejects_bad_requests_and_keeps_serving(enclave_bundle):
             if wmod.DOORBELL_OK:  # the same requests posted on the doorbell
                 for batch in (0, rd.max_batch + 1, 2**32 - 1):
                     with pytest.raises(InputError, match="outside 1"):
-                        w._doorbell(batch, 0, 0.0)
+                        w._doorbell(batch, 0, 0.0, np.empty((0, OUT), np.float32))
         assert w.ping()["queries_used"] == 0
         np.testing.assert_allclose(
             m.predict(_x(4)), reference(enclave_bundle.weights, _x(4)), atol=1e-5

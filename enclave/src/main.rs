@@ -13,7 +13,7 @@
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use ennclave_enclave::exec::Executor;
 use ennclave_enclave::keys::EphemeralKey;
@@ -758,8 +758,9 @@ struct Server<'a> {
 
 impl Server<'_> {
     /// Run one INFER whose input is at `in_offset`; on success the output is at
-    /// `out_offset`.
-    fn infer(&mut self, batch: u32, flags: u32) -> Answer {
+    /// `out_offset`. With `progress` (a doorbell request: its progress word and
+    /// sequence number) a full output is written chunk by chunk, each announced.
+    fn infer(&mut self, batch: u32, flags: u32, progress: Option<(&AtomicU64, u32)>) -> Answer {
         let b = batch as usize;
         if b == 0 || b > self.max_batch {
             return Err((
@@ -821,7 +822,19 @@ impl Server<'_> {
             .map_err(|e| (code::INTERNAL, format!("inference failed: {e}")))?;
         let (out_len, pout) = (self.l.out_len, self.pout);
         let written = if self.l.policy.mode == Mode::Full {
-            self.shm.write_f32(self.out_offset, output)
+            match progress {
+                Some((word, seq)) => output
+                    .chunks(doorbell::PROGRESS_CHUNK)
+                    .enumerate()
+                    .try_for_each(|(k, chunk)| {
+                        let start = k * doorbell::PROGRESS_CHUNK;
+                        self.shm.write_f32(self.out_offset + 4 * start, chunk)?;
+                        let done = (start + chunk.len()) as u64;
+                        word.store(u64::from(seq) << 32 | done, Ordering::Release);
+                        Ok(())
+                    }),
+                None => self.shm.write_f32(self.out_offset, output),
+            }
         } else {
             let pol = &mut self.polbuf[..b * pout];
             for s in 0..b {
@@ -891,6 +904,7 @@ fn serve(
         word(doorbell::ANS_SEQ)?,
         word(doorbell::EVENTS)?,
     );
+    let progress = shm.atomic_u64(doorbell::ANS_PROGRESS).map_err(internal)?;
     let in_offset = doorbell::BYTES;
     let out_offset = (in_offset + max_batch * l.in_len * 4).div_ceil(64) * 64;
     // Effective budget: the tighter of the manifest's max_queries and the licence's.
@@ -959,7 +973,7 @@ fn serve(
                 .map_err(internal)?;
             let batch = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
             let flags = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
-            let (status, left) = match srv.infer(batch, flags) {
+            let (status, left) = match srv.infer(batch, flags, Some((progress, seq))) {
                 Ok(left) => (doorbell::STATUS_OK, left),
                 Err(e) => {
                     // The message goes as a frame, before the answer points to it.
@@ -989,7 +1003,7 @@ fn serve(
                 r => r?,
             };
             match msg {
-                Msg::Infer { batch, flags } => match srv.infer(batch, flags) {
+                Msg::Infer { batch, flags } => match srv.infer(batch, flags, None) {
                     Ok(queries_left) => {
                         write_msg(
                             ctl,

@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -65,6 +65,12 @@ pub mod doorbell {
     pub const ANS_OUT_LEN: usize = 76;
     /// u64, worker: queries left (2⁶⁴−1 = unlimited).
     pub const ANS_LEFT: usize = 80;
+    /// u64, worker: `seq << 32 | n` once the first n output floats of request `seq`
+    /// are in place, raised chunk by chunk while the output is written (full-output
+    /// policy only), so the host can copy them out while the rest is written.
+    pub const ANS_PROGRESS: usize = 88;
+    /// Floats per progress step (16 KiB).
+    pub const PROGRESS_CHUNK: usize = 4096;
     /// u32, host: bumped after every request and every frame the host sends; the
     /// idle worker sleeps on it (futex) and the host wakes it.
     pub const EVENTS: usize = 128;
@@ -839,6 +845,17 @@ impl Shm {
         // AtomicU32 has u32's layout and is made for memory that others write
         // concurrently; the host only ever stores whole aligned u32 values.
         Ok(unsafe { &*(self.ptr.add(offset) as *const AtomicU32) })
+    }
+
+    /// The u64 at `offset` (a multiple of 8) as an atomic shared with the host: the
+    /// doorbell's output progress, which only the worker writes.
+    pub fn atomic_u64(&self, offset: usize) -> io::Result<&AtomicU64> {
+        self.check(offset, 8)?;
+        if !offset.is_multiple_of(8) {
+            return Err(io::Error::other("misaligned shared-memory word"));
+        }
+        // SAFETY: as in atomic_u32, with u64's size and alignment.
+        Ok(unsafe { &*(self.ptr.add(offset) as *const AtomicU64) })
     }
 
     /// Copy private bytes into the region at `offset`.

@@ -85,6 +85,7 @@ _RESULT_HEAD = struct.Struct("<II")
 # The doorbell block at the start of the shared region (protocol.rs `doorbell`):
 # requests and answers without socket frames.
 DB_REQ_SEQ, DB_REQ_BATCH, DB_ANS_SEQ, DB_ANS_STATUS, DB_EVENTS = 0, 4, 64, 68, 128
+DB_ANS_PROGRESS = 88  # u64: seq << 32 | output floats in place so far
 DB_STATUS_OK = 0
 _DB_REQ = struct.Struct("<II")  # batch, flags
 _DB_ANS = struct.Struct("<IIIQ")  # status, batch, out_len, queries left
@@ -345,9 +346,11 @@ class WorkerClient:
         # Per-start caches for the hot path (set after READY, dropped in _teardown).
         self._shm_in: np.ndarray | None = None
         self._shm_out: np.ndarray | None = None
+        self._shm_out_flat: np.ndarray | None = None
         # Doorbell words (ctypes views into the region) and their addresses.
         self._db: dict[int, ctypes.c_uint32] = {}
         self._db_addr: dict[int, int] = {}
+        self._db_progress: ctypes.c_uint64 | None = None
         self._seq = 0  # the last doorbell request's sequence number
         self._rx = bytearray(4096)  # receive buffer; _rx[_rx_start:_rx_end] is unread
         self._rx_start = self._rx_end = 0
@@ -520,9 +523,11 @@ class WorkerClient:
             )
         self._shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
         self._shm_out = np.ndarray((rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset)
+        self._shm_out_flat = self._shm_out.reshape(-1)
         for off in (DB_REQ_SEQ, DB_ANS_SEQ, DB_EVENTS):
             self._db[off] = word = ctypes.c_uint32.from_buffer(self._mm, off)
             self._db_addr[off] = ctypes.addressof(word)
+        self._db_progress = ctypes.c_uint64.from_buffer(self._mm, DB_ANS_PROGRESS)
         self._seq = 0
         self._sock.settimeout(None)
 
@@ -542,9 +547,11 @@ class WorkerClient:
             self._sock.close()
             self._sock = None
         self._rx_start = self._rx_end = 0
-        self._shm_in = self._shm_out = None  # release the mmap exports before close
+        # Release the mmap's exports before closing it.
+        self._shm_in = self._shm_out = self._shm_out_flat = None
         self._db.clear()
         self._db_addr.clear()
+        self._db_progress = None
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()
@@ -826,8 +833,8 @@ class WorkerClient:
             # a longer computation would just lose a core to the spinning host.
             spin = SPIN_S if poll and self._last_answer_s < SPIN_S else 0.0
             t = time.perf_counter()
-            if self._use_doorbell:
-                got_b, got_len = self._doorbell(b, flags, spin)
+            if self._use_doorbell:  # copies the output out itself, as it arrives
+                got_b, got_len = self._doorbell(b, flags, spin, out[s : s + b])
             else:
                 self._send(_INFER.pack(9, INFER, b, flags))
                 ty, p = self._recv(spin)
@@ -842,27 +849,39 @@ class WorkerClient:
                     E_PROTOCOL,
                     True,
                 )
-            out[s : s + b] = shm_out[:b]
+            if not self._use_doorbell:
+                out[s : s + b] = shm_out[:b]
         return out
 
-    def _doorbell(self, batch: int, flags: int, spin_s: float) -> tuple[int, int]:
-        """Post one INFER on the doorbell (its input is already in place) and wait for
-        the answer: poll the answer word for `spin_s` seconds, yielding the core
-        between tries, then sleep on it. Returns the answer's (batch, out_len)."""
-        mm = self._mm
-        assert mm is not None
+    def _doorbell(self, batch: int, flags: int, spin_s: float, out: np.ndarray) -> tuple[int, int]:
+        """Post one INFER on the doorbell (its input is already in place), wait for the
+        answer and copy its output into `out` (batch × out_len). For the first `spin_s`
+        seconds the answer word is polled and the output copied chunk by chunk while
+        the worker still writes the rest; then the host sleeps on the answer word.
+        Returns the answer's (batch, out_len)."""
+        mm, progress = self._mm, self._db_progress
+        assert mm is not None and progress is not None and self._shm_out_flat is not None
         ans, ans_addr = self._db[DB_ANS_SEQ], self._db_addr[DB_ANS_SEQ]
         seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
         _DB_REQ.pack_into(mm, DB_REQ_BATCH, batch, flags)
         self._db[DB_REQ_SEQ].value = seq  # after the input and the fields (x86-64 TSO)
         self._ring()
+        dst, src = out.reshape(-1), self._shm_out_flat
+        total, done = dst.size, 0
         if spin_s > 0:
             now = time.perf_counter()
             # Without yielding only while a quick answer is expected: a computation
             # needs every core, and a host holding one slows it more than it gains.
             hot = now + (HOT_SPIN_S if self._last_answer_s < HOT_SPIN_S else 0.0)
             until = now + spin_s
-            while ans.value != seq and (now := time.perf_counter()) < until:
+            while ans.value != seq:
+                p = progress.value
+                if p >> 32 == seq and (ready := min(p & 0xFFFFFFFF, total)) > done:
+                    dst[done:ready] = src[done:ready]  # while the worker writes the rest
+                    done = ready
+                    continue
+                if (now := time.perf_counter()) >= until:
+                    break
                 if now >= hot:
                     os.sched_yield()  # the worker's threads may need this core more
         while (seen := ans.value) != seq:
@@ -873,6 +892,8 @@ class WorkerClient:
         if status != DB_STATUS_OK:  # the ERROR frame is already on the socket
             ty, p = self._recv()
             raise self._unexpected(ty, p, "RESULT")
+        if done < total:
+            dst[done:] = src[done:total]
         return got_b, got_len
 
     def ping(self) -> dict[str, int]:
