@@ -200,7 +200,7 @@ def test_worker_rejects_bad_requests_and_keeps_serving(enclave_bundle):
             if wmod.DOORBELL_OK:  # the same requests posted on the doorbell
                 for batch in (0, rd.max_batch + 1, 2**32 - 1):
                     with pytest.raises(InputError, match="outside 1"):
-                        w._doorbell(batch, 0, 0.0, np.empty((0, OUT), np.float32))
+                        w._doorbell(w._db, batch, 0, 0.0, np.empty(0, np.float32))
         assert w.ping()["queries_used"] == 0
         np.testing.assert_allclose(
             m.predict(_x(4)), reference(enclave_bundle.weights, _x(4)), atol=1e-5

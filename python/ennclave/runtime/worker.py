@@ -138,6 +138,27 @@ class _Futex:
 _futex = _Futex()
 
 
+class _Doorbell:
+    """The doorbell block's words, as ctypes views into the shared region (they hold
+    exports of the mmap: drop this before closing it)."""
+
+    __slots__ = ("ans", "ans_addr", "events", "events_addr", "progress", "req")
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self.req = ctypes.c_uint32.from_buffer(mm, DB_REQ_SEQ)
+        self.ans = ctypes.c_uint32.from_buffer(mm, DB_ANS_SEQ)
+        self.events = ctypes.c_uint32.from_buffer(mm, DB_EVENTS)
+        self.progress = ctypes.c_uint64.from_buffer(mm, DB_ANS_PROGRESS)
+        self.ans_addr = ctypes.addressof(self.ans)
+        self.events_addr = ctypes.addressof(self.events)
+
+    def ring(self) -> None:
+        """Tell the worker something was posted (a doorbell request or a frame): bump
+        the events word and wake it, in case it sleeps."""
+        self.events.value = (self.events.value + 1) & 0xFFFFFFFF
+        _futex.wake(self.events_addr)
+
+
 # ------------------------------------------------------------------ binary lookup
 
 
@@ -347,10 +368,7 @@ class WorkerClient:
         self._shm_in: np.ndarray | None = None
         self._shm_out: np.ndarray | None = None
         self._shm_out_flat: np.ndarray | None = None
-        # Doorbell words (ctypes views into the region) and their addresses.
-        self._db: dict[int, ctypes.c_uint32] = {}
-        self._db_addr: dict[int, int] = {}
-        self._db_progress: ctypes.c_uint64 | None = None
+        self._db: _Doorbell | None = None
         self._seq = 0  # the last doorbell request's sequence number
         self._rx = bytearray(4096)  # receive buffer; _rx[_rx_start:_rx_end] is unread
         self._rx_start = self._rx_end = 0
@@ -524,10 +542,7 @@ class WorkerClient:
         self._shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
         self._shm_out = np.ndarray((rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset)
         self._shm_out_flat = self._shm_out.reshape(-1)
-        for off in (DB_REQ_SEQ, DB_ANS_SEQ, DB_EVENTS):
-            self._db[off] = word = ctypes.c_uint32.from_buffer(self._mm, off)
-            self._db_addr[off] = ctypes.addressof(word)
-        self._db_progress = ctypes.c_uint64.from_buffer(self._mm, DB_ANS_PROGRESS)
+        self._db = _Doorbell(self._mm)
         self._seq = 0
         self._sock.settimeout(None)
 
@@ -549,9 +564,7 @@ class WorkerClient:
         self._rx_start = self._rx_end = 0
         # Release the mmap's exports before closing it.
         self._shm_in = self._shm_out = self._shm_out_flat = None
-        self._db.clear()
-        self._db_addr.clear()
-        self._db_progress = None
+        self._db = None
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()
@@ -651,15 +664,8 @@ class WorkerClient:
             self._sock.sendall(frame)
         except OSError:
             raise _Dead() from None
-        if self._db:  # serving: the idle worker sleeps on the doorbell, not the socket
-            self._ring()
-
-    def _ring(self) -> None:
-        """Tell the worker something was posted (a doorbell request or a frame): bump
-        the events word and wake it, in case it sleeps."""
-        events = self._db[DB_EVENTS]
-        events.value = (events.value + 1) & 0xFFFFFFFF
-        _futex.wake(self._db_addr[DB_EVENTS])
+        if self._db is not None:  # serving: the idle worker sleeps on the doorbell
+            self._db.ring()
 
     def _fill(self, need: int, spin_s: float = 0.0) -> None:
         """Receive until `need` unread bytes are buffered (usually one recv_into for a
@@ -826,6 +832,8 @@ class WorkerClient:
         flags = INFER_ALLOW_NONFINITE if allow_nonfinite else 0
         shm_in, shm_out = self._shm_in, self._shm_out
         assert shm_in is not None and shm_out is not None
+        db = self._db if self._use_doorbell else None
+        flat_out = out.reshape(-1)
         for s in range(0, n, rd.max_batch):
             b = min(rd.max_batch, n - s)
             shm_in[:b] = x[s : s + b]
@@ -833,8 +841,9 @@ class WorkerClient:
             # a longer computation would just lose a core to the spinning host.
             spin = SPIN_S if poll and self._last_answer_s < SPIN_S else 0.0
             t = time.perf_counter()
-            if self._use_doorbell:  # copies the output out itself, as it arrives
-                got_b, got_len = self._doorbell(b, flags, spin, out[s : s + b])
+            if db is not None:  # copies the output out itself, as it arrives
+                dst = flat_out[s * rd.out_len : (s + b) * rd.out_len]
+                got_b, got_len = self._doorbell(db, b, flags, spin, dst)
             else:
                 self._send(_INFER.pack(9, INFER, b, flags))
                 ty, p = self._recv(spin)
@@ -849,24 +858,25 @@ class WorkerClient:
                     E_PROTOCOL,
                     True,
                 )
-            if not self._use_doorbell:
+            if db is None:
                 out[s : s + b] = shm_out[:b]
         return out
 
-    def _doorbell(self, batch: int, flags: int, spin_s: float, out: np.ndarray) -> tuple[int, int]:
+    def _doorbell(
+        self, db: _Doorbell, batch: int, flags: int, spin_s: float, dst: np.ndarray
+    ) -> tuple[int, int]:
         """Post one INFER on the doorbell (its input is already in place), wait for the
-        answer and copy its output into `out` (batch × out_len). For the first `spin_s`
-        seconds the answer word is polled and the output copied chunk by chunk while
-        the worker still writes the rest; then the host sleeps on the answer word.
-        Returns the answer's (batch, out_len)."""
-        mm, progress = self._mm, self._db_progress
-        assert mm is not None and progress is not None and self._shm_out_flat is not None
-        ans, ans_addr = self._db[DB_ANS_SEQ], self._db_addr[DB_ANS_SEQ]
+        answer and copy its output into the flat `dst` (batch × out_len floats). For
+        the first `spin_s` seconds the answer word is polled and the output copied
+        chunk by chunk while the worker still writes the rest; then the host sleeps on
+        the answer word. Returns the answer's (batch, out_len)."""
+        mm, src = self._mm, self._shm_out_flat
+        assert mm is not None and src is not None
         seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
         _DB_REQ.pack_into(mm, DB_REQ_BATCH, batch, flags)
-        self._db[DB_REQ_SEQ].value = seq  # after the input and the fields (x86-64 TSO)
-        self._ring()
-        dst, src = out.reshape(-1), self._shm_out_flat
+        db.req.value = seq  # after the input and the fields (x86-64 TSO)
+        db.ring()
+        ans, progress = db.ans, db.progress
         total, done = dst.size, 0
         if spin_s > 0:
             now = time.perf_counter()
@@ -885,7 +895,7 @@ class WorkerClient:
                 if now >= hot:
                     os.sched_yield()  # the worker's threads may need this core more
         while (seen := ans.value) != seq:
-            _futex.wait(ans_addr, seen, _LIVENESS_CHECK_S)
+            _futex.wait(db.ans_addr, seen, _LIVENESS_CHECK_S)
             if ans.value != seq and self._proc is not None and self._proc.poll() is not None:
                 raise _Dead()
         status, got_b, got_len, _left = _DB_ANS.unpack_from(mm, DB_ANS_STATUS)
