@@ -199,8 +199,11 @@ def test_worker_rejects_bad_requests_and_keeps_serving(enclave_bundle):
             assert ty == wmod.ERROR
             if wmod.DOORBELL_OK:  # the same requests posted on the doorbell
                 for batch in (0, rd.max_batch + 1, 2**32 - 1):
-                    with pytest.raises(InputError, match="outside 1"):
-                        w._doorbell(w._db, batch, 0, 0.0, np.empty(0, np.float32))
+                    seq = _post(w, batch, n_in=0)
+                    _ring_and_wait(w, seq)
+                    assert wmod._DB_ANS.unpack_from(w._mm, wmod.DB_ANS_STATUS)[0] != 0
+                    ty, p = w._recv()
+                    assert ty == wmod.ERROR and isinstance(w._error(p), InputError)
         assert w.ping()["queries_used"] == 0
         np.testing.assert_allclose(
             m.predict(_x(4)), reference(enclave_bundle.weights, _x(4)), atol=1e-5
@@ -424,3 +427,59 @@ def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of all of `pid`'s threads."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _post(w, batch: int, n_in: int, x: np.ndarray | None = None) -> int:
+    """Post a raw doorbell request: `batch` in the request, `x` copied in and the first
+    `n_in` input floats announced (no ring)."""
+    seq = w._seq = (w._seq + 1) & 0xFFFFFFFF
+    wmod._DB_REQ.pack_into(w._mm, wmod.DB_REQ_BATCH, batch, 0)
+    w._db.req.value = seq
+    if x is not None:
+        w._shm_in_flat[: x.size] = x.reshape(-1)
+    w._db.in_progress.value = seq << 32 | n_in
+    return seq
+
+
+def _ring_and_wait(w, seq: int) -> None:
+    w._db.ring()
+    deadline = time.monotonic() + 10
+    while w._db.ans.value != seq:
+        assert time.monotonic() < deadline, "no answer"
+        time.sleep(0.001)
+
+
+@needs_worker
+@pytest.mark.skipif(not wmod.DOORBELL_OK, reason="the doorbell is used on x86-64 only")
+def test_doorbell_input_may_arrive_after_the_request(enclave_bundle):
+    """A doorbell request can be posted before its input: the worker copies what the
+    host announces, waits (asleep, after its polling window) for the rest, and fails
+    the request cleanly when the host sends a frame before the whole input."""
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        w = m.worker
+        assert w.ready.max_batch >= 3  # started
+        x = _x(3)
+        with w._lock:
+            seq = _post(w, 3, n_in=IN, x=x)  # only the first sample so far
+            time.sleep(0.05)  # the worker waits for the rest, past its polling window
+            assert w._db.ans.value != seq
+            w._db.in_progress.value = seq << 32 | x.size
+            _ring_and_wait(w, seq)
+            assert wmod._DB_ANS.unpack_from(w._mm, wmod.DB_ANS_STATUS)[0] == 0
+            y = w._shm_out[:3].copy()
+            np.testing.assert_allclose(y, reference(enclave_bundle.weights, x), atol=1e-5)
+            # Two of three samples announced, then a frame instead of the rest: the
+            # request fails cleanly (nothing computed) and the frame is answered.
+            seq = _post(w, 3, n_in=2 * IN, x=x)
+            w._db.ring()
+            time.sleep(0.05)
+            assert w._db.ans.value != seq  # still waiting for the input
+            w._send(wmod._frame(wmod.PING, struct.pack("<Q", 7)))
+            _ring_and_wait(w, seq)
+            assert wmod._DB_ANS.unpack_from(w._mm, wmod.DB_ANS_STATUS)[0] != 0
+            ty, p = w._recv()
+            assert ty == wmod.ERROR and "whole input" in str(w._error(p))
+            ty, p = w._recv()
+            assert ty == wmod.PONG and struct.unpack("<QQ", p) == (7, 3)
+        assert w.ping()["queries_used"] == 3
+        np.testing.assert_allclose(m.predict(x), reference(enclave_bundle.weights, x), atol=1e-5)

@@ -676,14 +676,24 @@ fn first_nonfinite(v: &[f32]) -> Option<usize> {
 /// chunk at a time, and (with `check`) look for a non-finite value in each private
 /// chunk while it is still in cache. Returns the index of the first non-finite value.
 /// Only the private copy is ever checked: the host may rewrite the region at any time.
+/// With `arrival` (a doorbell request) each chunk is copied once the host says it is
+/// in place.
 fn copy_in_checked(
     shm: &Shm,
     offset: usize,
     dst: &mut [f32],
     check: bool,
+    arrival: Option<&Arrival>,
 ) -> std::io::Result<Option<usize>> {
     const CHUNK: usize = 2048; // floats: 8 KiB
     for (c, chunk) in dst.chunks_mut(CHUNK).enumerate() {
+        if let Some(a) = arrival {
+            if !a.wait_for(c * CHUNK + chunk.len()) {
+                return Err(std::io::Error::other(
+                    "the host sent a message before the whole input was in place",
+                ));
+            }
+        }
         shm.read_f32(offset + c * CHUNK * 4, chunk)?;
         if check {
             if let Some(i) = first_nonfinite(chunk) {
@@ -712,28 +722,79 @@ fn socket_readable(sock: &UnixStream) -> bool {
     n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
 }
 
-/// Wait until the host bumps `events` away from `seen`: spin for `spin_us` µs (a host
-/// that sends its next request soon then skips the cost of waking us), then sleep on
-/// the futex. Returns after at most `idle_check_ms` even without a wake, so a host
-/// that died is noticed (its socket reads as closed).
-fn wait_for_event(events: &AtomicU32, seen: u32, spin_us: u64, idle_check_ms: u64) {
+/// Spin until `done()` or for `spin_us` µs; returns whether it got done. Waking a
+/// sleeping thread costs tens of µs on a VM: a host that posts within the window
+/// skips that cost.
+fn spin_until(spin_us: u64, done: impl Fn() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_micros(spin_us);
     loop {
         for _ in 0..64 {
-            if events.load(Ordering::Acquire) != seen {
-                return;
+            if done() {
+                return true;
             }
             std::hint::spin_loop();
         }
         if std::time::Instant::now() >= deadline {
-            break;
+            return done();
         }
     }
-    futex_wait(
-        events,
-        seen,
-        std::time::Duration::from_millis(idle_check_ms),
-    );
+}
+
+/// Wait for the host's next message: spin until it posts a request (`req_seq` moves
+/// off `answered`) or bumps `events` away from `seen`, then sleep on `events` (the
+/// host rings it after every request and frame). Returns after at most
+/// `idle_check_ms` even without a wake, so a host that died is noticed (its socket
+/// reads as closed).
+fn wait_for_event(events: &AtomicU32, seen: u32, req_seq: &AtomicU32, answered: u32, args: &Args) {
+    let posted =
+        || events.load(Ordering::Acquire) != seen || req_seq.load(Ordering::Acquire) != answered;
+    if !spin_until(args.spin_us, posted) {
+        futex_wait(
+            events,
+            seen,
+            std::time::Duration::from_millis(args.idle_check_ms),
+        );
+    }
+}
+
+/// Where a doorbell request's input stands: the host may still be copying it in
+/// (`doorbell::REQ_PROGRESS`), and rings `events` after each step it announces.
+struct Arrival<'a> {
+    progress: &'a AtomicU64,
+    seq: u32,
+    events: &'a AtomicU32,
+    ctl: &'a UnixStream,
+    args: &'a Args,
+}
+
+impl Arrival<'_> {
+    /// Wait until the first `n` input floats are in place: poll, then sleep on
+    /// `events`. False if the host hung up or sent a frame first (a host that posts a
+    /// request owes its whole input before anything else).
+    fn wait_for(&self, n: usize) -> bool {
+        let ready = || {
+            let p = self.progress.load(Ordering::Acquire);
+            p >> 32 == u64::from(self.seq) && (p & 0xffff_ffff) as usize >= n
+        };
+        if spin_until(self.args.spin_us, ready) {
+            return true;
+        }
+        loop {
+            // Read `events` before checking: a later announcement moves it.
+            let seen = self.events.load(Ordering::Acquire);
+            if ready() {
+                return true;
+            }
+            if socket_readable(self.ctl) {
+                return false;
+            }
+            futex_wait(
+                self.events,
+                seen,
+                std::time::Duration::from_millis(self.args.idle_check_ms),
+            );
+        }
+    }
 }
 
 /// One INFER's answer: queries left, or the error to report (the worker keeps serving).
@@ -758,9 +819,16 @@ struct Server<'a> {
 
 impl Server<'_> {
     /// Run one INFER whose input is at `in_offset`; on success the output is at
-    /// `out_offset`. With `progress` (a doorbell request: its progress word and
-    /// sequence number) a full output is written chunk by chunk, each announced.
-    fn infer(&mut self, batch: u32, flags: u32, progress: Option<(&AtomicU64, u32)>) -> Answer {
+    /// `out_offset`. A doorbell request (`arrival`) has its input read as the host
+    /// announces it, and a full output written chunk by chunk, each announced on
+    /// `progress`.
+    fn infer(
+        &mut self,
+        batch: u32,
+        flags: u32,
+        arrival: Option<&Arrival>,
+        progress: Option<&AtomicU64>,
+    ) -> Answer {
         let b = batch as usize;
         if b == 0 || b > self.max_batch {
             return Err((
@@ -801,7 +869,7 @@ impl Server<'_> {
         let input = self.l.exec.input_mut(b).map_err(|e| internal(&e))?;
         let check = flags & INFER_ALLOW_NONFINITE == 0;
         let in_len = self.l.in_len;
-        match copy_in_checked(self.shm, self.in_offset, input, check) {
+        match copy_in_checked(self.shm, self.in_offset, input, check, arrival) {
             Err(e) => return Err(internal(&e)),
             Ok(Some(i)) => {
                 return Err((
@@ -822,15 +890,15 @@ impl Server<'_> {
             .map_err(|e| (code::INTERNAL, format!("inference failed: {e}")))?;
         let (out_len, pout) = (self.l.out_len, self.pout);
         let written = if self.l.policy.mode == Mode::Full {
-            match progress {
-                Some((word, seq)) => output
+            match arrival.zip(progress) {
+                Some((Arrival { seq, .. }, word)) => output
                     .chunks(doorbell::PROGRESS_CHUNK)
                     .enumerate()
                     .try_for_each(|(k, chunk)| {
                         let start = k * doorbell::PROGRESS_CHUNK;
                         self.shm.write_f32(self.out_offset + 4 * start, chunk)?;
                         let done = (start + chunk.len()) as u64;
-                        word.store(u64::from(seq) << 32 | done, Ordering::Release);
+                        word.store(u64::from(*seq) << 32 | done, Ordering::Release);
                         Ok(())
                     }),
                 None => self.shm.write_f32(self.out_offset, output),
@@ -905,6 +973,7 @@ fn serve(
         word(doorbell::EVENTS)?,
     );
     let progress = shm.atomic_u64(doorbell::ANS_PROGRESS).map_err(internal)?;
+    let in_progress = shm.atomic_u64(doorbell::REQ_PROGRESS).map_err(internal)?;
     let in_offset = doorbell::BYTES;
     let out_offset = (in_offset + max_batch * l.in_len * 4).div_ceil(64) * 64;
     // Effective budget: the tighter of the manifest's max_queries and the licence's.
@@ -973,7 +1042,14 @@ fn serve(
                 .map_err(internal)?;
             let batch = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
             let flags = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
-            let (status, left) = match srv.infer(batch, flags, Some((progress, seq))) {
+            let arrival = Arrival {
+                progress: in_progress,
+                seq,
+                events,
+                ctl,
+                args,
+            };
+            let (status, left) = match srv.infer(batch, flags, Some(&arrival), Some(progress)) {
                 Ok(left) => (doorbell::STATUS_OK, left),
                 Err(e) => {
                     // The message goes as a frame, before the answer points to it.
@@ -1003,7 +1079,7 @@ fn serve(
                 r => r?,
             };
             match msg {
-                Msg::Infer { batch, flags } => match srv.infer(batch, flags, None) {
+                Msg::Infer { batch, flags } => match srv.infer(batch, flags, None, None) {
                     Ok(queries_left) => {
                         write_msg(
                             ctl,
@@ -1041,7 +1117,7 @@ fn serve(
             }
             continue;
         }
-        wait_for_event(events, seen, args.spin_us, args.idle_check_ms);
+        wait_for_event(events, seen, req_seq, answered, args);
     }
 }
 

@@ -55,6 +55,12 @@ pub mod doorbell {
     pub const REQ_BATCH: usize = 4;
     /// u32, host: INFER flags.
     pub const REQ_FLAGS: usize = 8;
+    /// u64, host: `seq << 32 | n` once the first n input floats of request `seq` are
+    /// in place. The host may post a request first and copy its input in afterwards,
+    /// chunk by chunk, so the worker copies each chunk while the next is written; it
+    /// rings `EVENTS` after announcing the whole input. Until then it sends nothing
+    /// else (a frame fails the request).
+    pub const REQ_PROGRESS: usize = 16;
     /// u32, worker: the sequence number answered, stored after the fields below.
     pub const ANS_SEQ: usize = 64;
     /// u32, worker: [`STATUS_OK`], or [`STATUS_ERROR`] with an ERROR frame on the socket.

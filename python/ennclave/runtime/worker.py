@@ -85,7 +85,12 @@ _RESULT_HEAD = struct.Struct("<II")
 # The doorbell block at the start of the shared region (protocol.rs `doorbell`):
 # requests and answers without socket frames.
 DB_REQ_SEQ, DB_REQ_BATCH, DB_ANS_SEQ, DB_ANS_STATUS, DB_EVENTS = 0, 4, 64, 68, 128
+DB_REQ_PROGRESS = 16  # u64: seq << 32 | input floats in place so far
 DB_ANS_PROGRESS = 88  # u64: seq << 32 | output floats in place so far
+# The host copies a doorbell request's input in after posting it, in chunks of this
+# many floats (32 KiB), so the worker copies each chunk while the next is written.
+# 64×512 round trip, interleaved: 37 µs (64 KiB chunks 37.5, one chunk 42).
+_IN_CHUNK = 8192
 DB_STATUS_OK = 0
 _DB_REQ = struct.Struct("<II")  # batch, flags
 _DB_ANS = struct.Struct("<IIIQ")  # status, batch, out_len, queries left
@@ -142,12 +147,13 @@ class _Doorbell:
     """The doorbell block's words, as ctypes views into the shared region (they hold
     exports of the mmap: drop this before closing it)."""
 
-    __slots__ = ("ans", "ans_addr", "events", "events_addr", "progress", "req")
+    __slots__ = ("ans", "ans_addr", "events", "events_addr", "in_progress", "progress", "req")
 
     def __init__(self, mm: mmap.mmap) -> None:
         self.req = ctypes.c_uint32.from_buffer(mm, DB_REQ_SEQ)
         self.ans = ctypes.c_uint32.from_buffer(mm, DB_ANS_SEQ)
         self.events = ctypes.c_uint32.from_buffer(mm, DB_EVENTS)
+        self.in_progress = ctypes.c_uint64.from_buffer(mm, DB_REQ_PROGRESS)
         self.progress = ctypes.c_uint64.from_buffer(mm, DB_ANS_PROGRESS)
         self.ans_addr = ctypes.addressof(self.ans)
         self.events_addr = ctypes.addressof(self.events)
@@ -368,6 +374,7 @@ class WorkerClient:
         self._shm_in: np.ndarray | None = None
         self._shm_out: np.ndarray | None = None
         self._shm_out_flat: np.ndarray | None = None
+        self._shm_in_flat: np.ndarray | None = None
         self._db: _Doorbell | None = None
         self._seq = 0  # the last doorbell request's sequence number
         self._rx = bytearray(4096)  # receive buffer; _rx[_rx_start:_rx_end] is unread
@@ -542,6 +549,7 @@ class WorkerClient:
         self._shm_in = np.ndarray((rd.max_batch, rd.in_len), np.float32, self._mm, rd.in_offset)
         self._shm_out = np.ndarray((rd.max_batch, rd.out_len), np.float32, self._mm, rd.out_offset)
         self._shm_out_flat = self._shm_out.reshape(-1)
+        self._shm_in_flat = self._shm_in.reshape(-1)
         self._db = _Doorbell(self._mm)
         self._seq = 0
         self._sock.settimeout(None)
@@ -563,7 +571,7 @@ class WorkerClient:
             self._sock = None
         self._rx_start = self._rx_end = 0
         # Release the mmap's exports before closing it.
-        self._shm_in = self._shm_out = self._shm_out_flat = None
+        self._shm_in = self._shm_out = self._shm_in_flat = self._shm_out_flat = None
         self._db = None
         if self._mm is not None:
             with contextlib.suppress(BufferError):
@@ -836,15 +844,15 @@ class WorkerClient:
         flat_out = out.reshape(-1)
         for s in range(0, n, rd.max_batch):
             b = min(rd.max_batch, n - s)
-            shm_in[:b] = x[s : s + b]
             # Spin for the answer only when the last one came within the spin window;
             # a longer computation would just lose a core to the spinning host.
             spin = SPIN_S if poll and self._last_answer_s < SPIN_S else 0.0
             t = time.perf_counter()
-            if db is not None:  # copies the output out itself, as it arrives
+            if db is not None:  # copies in and out itself, alongside the worker
                 dst = flat_out[s * rd.out_len : (s + b) * rd.out_len]
-                got_b, got_len = self._doorbell(db, b, flags, spin, dst)
+                got_b, got_len = self._doorbell(db, x[s : s + b], flags, spin, dst)
             else:
+                shm_in[:b] = x[s : s + b]
                 self._send(_INFER.pack(9, INFER, b, flags))
                 ty, p = self._recv(spin)
                 if ty != RESULT:
@@ -863,19 +871,25 @@ class WorkerClient:
         return out
 
     def _doorbell(
-        self, db: _Doorbell, batch: int, flags: int, spin_s: float, dst: np.ndarray
+        self, db: _Doorbell, x: np.ndarray, flags: int, spin_s: float, dst: np.ndarray
     ) -> tuple[int, int]:
-        """Post one INFER on the doorbell (its input is already in place), wait for the
+        """Post one INFER for the contiguous batch `x` on the doorbell, then copy `x`
+        in chunk by chunk (the worker copies each chunk as it lands), wait for the
         answer and copy its output into the flat `dst` (batch × out_len floats). For
         the first `spin_s` seconds the answer word is polled and the output copied
         chunk by chunk while the worker still writes the rest; then the host sleeps on
         the answer word. Returns the answer's (batch, out_len)."""
-        mm, src = self._mm, self._shm_out_flat
-        assert mm is not None and src is not None
+        mm, src, shm_in = self._mm, self._shm_out_flat, self._shm_in_flat
+        assert mm is not None and src is not None and shm_in is not None
         seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
-        _DB_REQ.pack_into(mm, DB_REQ_BATCH, batch, flags)
-        db.req.value = seq  # after the input and the fields (x86-64 TSO)
-        db.ring()
+        _DB_REQ.pack_into(mm, DB_REQ_BATCH, x.shape[0], flags)
+        db.req.value = seq  # after the fields (x86-64 keeps stores in order)
+        flat_in, in_progress = x.reshape(-1), db.in_progress
+        for a in range(0, flat_in.size, _IN_CHUNK):
+            e = min(a + _IN_CHUNK, flat_in.size)
+            shm_in[a:e] = flat_in[a:e]
+            in_progress.value = seq << 32 | e  # after the chunk
+        db.ring()  # the whole input is in place
         ans, progress = db.ans, db.progress
         total, done = dst.size, 0
         if spin_s > 0:
