@@ -9,7 +9,7 @@ In one run, on the same machine and the same weights:
 * worker start → ready: spawn, HPKE key unwrap, unseal, parse, warm-up, sandbox (dense
   kernels arrive pre-packed, so nothing is re-packed);
 * host↔worker round trip for a 64×512 float32 input, on an identity program (so the
-  number is transfer and framing only, no compute).
+  number is transfer and protocol only, no compute).
 
     python benchmarks/bench_head.py [--runs N] [--json benchmarks/results/head.json]
 

@@ -1,14 +1,15 @@
 //! `ennclave-enclave` — the worker process that holds the private part of a model.
 //!
 //! ```text
-//! ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B]
+//! ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B] [--spin-us U]
+//!                  [--idle-check-ms I]
 //! ```
 //!
 //! `N` is an inherited AF_UNIX stream socket (control frames), `M` an inherited memfd
-//! (tensors and the sealed program). The message flow is in docs/worker-protocol.md:
-//! HELLO → [CHALLENGE/EVIDENCE] → MANIFEST, SEALED_BEGIN, SEALED_CHUNK…, KEY (any order
-//! after MANIFEST) → unseal → program → executor → seccomp → READY → INFER/PING… →
-//! SHUTDOWN.
+//! (tensors, the sealed program and, after READY, the doorbell). The message flow is in
+//! docs/worker-protocol.md: HELLO → [CHALLENGE/EVIDENCE] → MANIFEST, SEALED_BEGIN,
+//! SEALED_CHUNK…, KEY (any order after MANIFEST) → unseal → program → executor →
+//! seccomp → READY → INFER (on the doorbell or as a frame)/PING… → SHUTDOWN.
 
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;

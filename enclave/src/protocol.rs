@@ -715,7 +715,7 @@ pub unsafe fn flush_lines(p: *const u8, n: usize) {
 /// Measured with `cargo run --release --example transfer_floor` (the round trip's
 /// copies between two threads) and in the full host↔worker round trip:
 /// * AMD EPYC VM: yes. Floor 19 µs with eviction, 33–39 without (31–37 and up to 125
-///   in the VM's slow periods); round trip 33 vs 43 µs.
+///   in the VM's slow periods); round trip 28 vs 39 µs (32 vs 126 in a slow period).
 /// * Intel Xeon VM: no. Floor 38–40 µs with eviction (with `clflushopt`; ten times
 ///   worse with `clflush`), 27–30 without; round trip 46 vs 37 µs. Its cores hand each
 ///   other modified lines quickly.

@@ -3,7 +3,9 @@
 `WorkerClient` spawns `ennclave-enclave` with one end of a socketpair (control frames)
 and a memfd (tensors and the sealed program), runs the handshake — the worker's
 ephemeral public key arrives in HELLO, the data key goes back wrapped to it with HPKE
-(RFC 9180) — and then serves `infer()` calls. It never sees the plaintext program.
+(RFC 9180) — and then serves `infer()` calls, posted on the doorbell in the shared
+region where the platform allows it (x86-64) and as INFER frames elsewhere. It never
+sees the plaintext program.
 
 Crash handling: if the worker dies, the call in flight raises `WorkerCrashed`; the next
 call starts a fresh worker (a new ephemeral key, the full handshake again). All public
