@@ -677,19 +677,19 @@ fn first_nonfinite(v: &[f32]) -> Option<usize> {
 /// chunk at a time, and (with `check`) look for a non-finite value in each private
 /// chunk while it is still in cache. Returns the index of the first non-finite value.
 /// Only the private copy is ever checked: the host may rewrite the region at any time.
-/// With `arrival` (a doorbell request) each chunk is copied once the host says it is
-/// in place.
+/// For a doorbell request (`posted`) each chunk is copied once the host says it is in
+/// place.
 fn copy_in_checked(
     shm: &Shm,
     offset: usize,
     dst: &mut [f32],
     check: bool,
-    arrival: Option<&Arrival>,
+    posted: Option<&Posted>,
 ) -> std::io::Result<Option<usize>> {
     const CHUNK: usize = 2048; // floats: 8 KiB
     for (c, chunk) in dst.chunks_mut(CHUNK).enumerate() {
-        if let Some(a) = arrival {
-            if !a.wait_for(c * CHUNK + chunk.len()) {
+        if let Some(p) = posted {
+            if !p.wait_for_input(c * CHUNK + chunk.len()) {
                 return Err(std::io::Error::other(
                     "the host sent a message before the whole input was in place",
                 ));
@@ -758,23 +758,28 @@ fn wait_for_event(events: &AtomicU32, seen: u32, req_seq: &AtomicU32, answered: 
     }
 }
 
-/// Where a doorbell request's input stands: the host may still be copying it in
-/// (`doorbell::REQ_PROGRESS`), and rings `events` after each step it announces.
-struct Arrival<'a> {
-    progress: &'a AtomicU64,
+/// A request posted on the doorbell: its sequence number and the words through which
+/// its input arrives (the host may still be copying it in) and its output is
+/// announced.
+struct Posted<'a> {
     seq: u32,
+    /// `doorbell::REQ_PROGRESS`: how much input the host has put in place.
+    input: &'a AtomicU64,
+    /// `doorbell::ANS_PROGRESS`: how much output the worker has put in place.
+    output: &'a AtomicU64,
+    /// `doorbell::EVENTS`: rung by the host after it announces the whole input.
     events: &'a AtomicU32,
     ctl: &'a UnixStream,
     args: &'a Args,
 }
 
-impl Arrival<'_> {
+impl Posted<'_> {
     /// Wait until the first `n` input floats are in place: poll, then sleep on
     /// `events`. False if the host hung up or sent a frame first (a host that posts a
     /// request owes its whole input before anything else).
-    fn wait_for(&self, n: usize) -> bool {
+    fn wait_for_input(&self, n: usize) -> bool {
         let ready = || {
-            let p = self.progress.load(Ordering::Acquire);
+            let p = self.input.load(Ordering::Acquire);
             p >> 32 == u64::from(self.seq) && (p & 0xffff_ffff) as usize >= n
         };
         if spin_until(self.args.spin_us, ready) {
@@ -795,6 +800,12 @@ impl Arrival<'_> {
                 std::time::Duration::from_millis(self.args.idle_check_ms),
             );
         }
+    }
+
+    /// The first `n` output floats are in place.
+    fn announce_output(&self, n: usize) {
+        self.output
+            .store(u64::from(self.seq) << 32 | n as u64, Ordering::Release);
     }
 }
 
@@ -820,16 +831,9 @@ struct Server<'a> {
 
 impl Server<'_> {
     /// Run one INFER whose input is at `in_offset`; on success the output is at
-    /// `out_offset`. A doorbell request (`arrival`) has its input read as the host
-    /// announces it, and a full output written chunk by chunk, each announced on
-    /// `progress`.
-    fn infer(
-        &mut self,
-        batch: u32,
-        flags: u32,
-        arrival: Option<&Arrival>,
-        progress: Option<&AtomicU64>,
-    ) -> Answer {
+    /// `out_offset`. A doorbell request (`posted`) has its input read as the host
+    /// announces it, and a full output written chunk by chunk, each announced.
+    fn infer(&mut self, batch: u32, flags: u32, posted: Option<&Posted>) -> Answer {
         let b = batch as usize;
         if b == 0 || b > self.max_batch {
             return Err((
@@ -870,7 +874,7 @@ impl Server<'_> {
         let input = self.l.exec.input_mut(b).map_err(|e| internal(&e))?;
         let check = flags & INFER_ALLOW_NONFINITE == 0;
         let in_len = self.l.in_len;
-        match copy_in_checked(self.shm, self.in_offset, input, check, arrival) {
+        match copy_in_checked(self.shm, self.in_offset, input, check, posted) {
             Err(e) => return Err(internal(&e)),
             Ok(Some(i)) => {
                 return Err((
@@ -891,15 +895,14 @@ impl Server<'_> {
             .map_err(|e| (code::INTERNAL, format!("inference failed: {e}")))?;
         let (out_len, pout) = (self.l.out_len, self.pout);
         let written = if self.l.policy.mode == Mode::Full {
-            match arrival.zip(progress) {
-                Some((Arrival { seq, .. }, word)) => output
+            match posted {
+                Some(p) => output
                     .chunks(doorbell::PROGRESS_CHUNK)
                     .enumerate()
                     .try_for_each(|(k, chunk)| {
                         let start = k * doorbell::PROGRESS_CHUNK;
                         self.shm.write_f32(self.out_offset + 4 * start, chunk)?;
-                        let done = (start + chunk.len()) as u64;
-                        word.store(u64::from(*seq) << 32 | done, Ordering::Release);
+                        p.announce_output(start + chunk.len());
                         Ok(())
                     }),
                 None => self.shm.write_f32(self.out_offset, output),
@@ -923,8 +926,8 @@ impl Server<'_> {
     /// After an answer, while the host reads it and prepares the next request: see
     /// Shm::evict (failure is impossible here, the ranges were just used). Only small
     /// requests (a larger one has mostly left this core's caches already, and flushing
-    /// costs about the same per line either way), and only where flushing is cheap
-    /// (measured at start).
+    /// costs about the same per line either way), and only where it pays
+    /// (`eviction_pays`).
     fn evict(&self, batch: u32) {
         let b = (batch as usize).min(self.max_batch);
         for (offset, len) in [
@@ -963,7 +966,7 @@ fn serve(
             ),
         ));
     }
-    // The doorbell block starts zeroed (the eviction timing wrote over it).
+    // The doorbell block starts zeroed (sealed-program chunks went through there).
     let internal = |e: std::io::Error| Fatal::new(code::INTERNAL, e.to_string());
     shm.write_bytes(0, &[0u8; doorbell::BYTES])
         .map_err(internal)?;
@@ -973,8 +976,8 @@ fn serve(
         word(doorbell::ANS_SEQ)?,
         word(doorbell::EVENTS)?,
     );
-    let progress = shm.atomic_u64(doorbell::ANS_PROGRESS).map_err(internal)?;
     let in_progress = shm.atomic_u64(doorbell::REQ_PROGRESS).map_err(internal)?;
+    let out_progress = shm.atomic_u64(doorbell::ANS_PROGRESS).map_err(internal)?;
     let in_offset = doorbell::BYTES;
     let out_offset = (in_offset + max_batch * l.in_len * 4).div_ceil(64) * 64;
     // Effective budget: the tighter of the manifest's max_queries and the licence's.
@@ -1043,14 +1046,15 @@ fn serve(
                 .map_err(internal)?;
             let batch = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
             let flags = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
-            let arrival = Arrival {
-                progress: in_progress,
+            let posted = Posted {
                 seq,
+                input: in_progress,
+                output: out_progress,
                 events,
                 ctl,
                 args,
             };
-            let (status, left) = match srv.infer(batch, flags, Some(&arrival), Some(progress)) {
+            let (status, left) = match srv.infer(batch, flags, Some(&posted)) {
                 Ok(left) => (doorbell::STATUS_OK, left),
                 Err(e) => {
                     // The message goes as a frame, before the answer points to it.
@@ -1080,7 +1084,7 @@ fn serve(
                 r => r?,
             };
             match msg {
-                Msg::Infer { batch, flags } => match srv.infer(batch, flags, None, None) {
+                Msg::Infer { batch, flags } => match srv.infer(batch, flags, None) {
                     Ok(queries_left) => {
                         write_msg(
                             ctl,

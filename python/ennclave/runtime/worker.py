@@ -85,20 +85,21 @@ _INFER = struct.Struct("<IBII")  # a whole INFER frame: length, type, batch, fla
 _RESULT_HEAD = struct.Struct("<II")
 
 # The doorbell block at the start of the shared region (protocol.rs `doorbell`):
-# requests and answers without socket frames.
-DB_REQ_SEQ, DB_REQ_BATCH, DB_ANS_SEQ, DB_ANS_STATUS, DB_EVENTS = 0, 4, 64, 68, 128
-DB_REQ_PROGRESS = 16  # u64: seq << 32 | input floats in place so far
-DB_ANS_PROGRESS = 88  # u64: seq << 32 | output floats in place so far
+# requests and answers without socket frames. Byte offsets:
+DB_REQ_SEQ, DB_REQ_BATCH, DB_REQ_PROGRESS = 0, 4, 16  # progress: u64 seq << 32 | floats
+DB_ANS_SEQ, DB_ANS_STATUS, DB_ANS_PROGRESS = 64, 68, 88
+DB_EVENTS = 128
+DB_STATUS_OK = 0
+_DB_REQ = struct.Struct("<II")  # batch, flags
+_DB_ANS = struct.Struct("<IIIQ")  # status, batch, out_len, queries left
 # The host copies a doorbell request's input in after posting it, in chunks of this
 # many floats (32 KiB), so the worker copies each chunk while the next is written.
 # 64×512 round trip, interleaved: 37 µs (64 KiB chunks 37.5, one chunk 42).
 _IN_CHUNK = 8192
-DB_STATUS_OK = 0
-_DB_REQ = struct.Struct("<II")  # batch, flags
-_DB_ANS = struct.Struct("<IIIQ")  # status, batch, out_len, queries left
 # The doorbell relies on the host's plain stores becoming visible in program order
-# (the input before the sequence number): true on x86-64 (TSO), not on weaker memory
-# models, where Python cannot fence. Elsewhere requests go as INFER frames.
+# (the fields before the sequence number, each input chunk before its progress): true
+# on x86-64 (TSO), not on weaker memory models, where Python cannot fence. Elsewhere
+# requests go as INFER frames.
 DOORBELL_OK = platform.machine().lower() in ("x86_64", "amd64")
 # How long a sleeping host waits on the answer word before it checks that the worker
 # is still alive.
@@ -149,20 +150,20 @@ class _Doorbell:
     """The doorbell block's words, as ctypes views into the shared region (they hold
     exports of the mmap: drop this before closing it)."""
 
-    __slots__ = ("ans", "ans_addr", "events", "events_addr", "in_progress", "progress", "req")
+    __slots__ = ("ans", "ans_addr", "events", "events_addr", "in_progress", "out_progress", "req")
 
     def __init__(self, mm: mmap.mmap) -> None:
         self.req = ctypes.c_uint32.from_buffer(mm, DB_REQ_SEQ)
         self.ans = ctypes.c_uint32.from_buffer(mm, DB_ANS_SEQ)
         self.events = ctypes.c_uint32.from_buffer(mm, DB_EVENTS)
         self.in_progress = ctypes.c_uint64.from_buffer(mm, DB_REQ_PROGRESS)
-        self.progress = ctypes.c_uint64.from_buffer(mm, DB_ANS_PROGRESS)
+        self.out_progress = ctypes.c_uint64.from_buffer(mm, DB_ANS_PROGRESS)
         self.ans_addr = ctypes.addressof(self.ans)
         self.events_addr = ctypes.addressof(self.events)
 
     def ring(self) -> None:
-        """Tell the worker something was posted (a doorbell request or a frame): bump
-        the events word and wake it, in case it sleeps."""
+        """Tell the worker something was posted (a doorbell request's whole input, or a
+        frame): bump the events word and wake it, in case it sleeps."""
         self.events.value = (self.events.value + 1) & 0xFFFFFFFF
         _futex.wake(self.events_addr)
 
@@ -892,7 +893,7 @@ class WorkerClient:
             shm_in[a:e] = flat_in[a:e]
             in_progress.value = seq << 32 | e  # after the chunk
         db.ring()  # the whole input is in place
-        ans, progress = db.ans, db.progress
+        ans, progress = db.ans, db.out_progress
         total, done = dst.size, 0
         if spin_s > 0:
             now = time.perf_counter()
