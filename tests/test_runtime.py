@@ -391,11 +391,9 @@ def test_idle_worker_sleeps_and_every_message_wakes_it(enclave_bundle):
     The worker's own periodic check is set to 60 s here, so a lost wake would hang."""
     from ennclave.keys.keystore import Keystore
 
-    manifest = (enclave_bundle.path / "manifest.json").read_bytes()
-    key_id = json.loads(manifest)["private"]["key_id"]
-    release = wmod.local_key_release(Keystore(enclave_bundle.keystore), key_id)
+    release = wmod.local_key_release(Keystore(enclave_bundle.keystore), enclave_bundle.key_id)
     with wmod.WorkerClient(
-        manifest,
+        (enclave_bundle.path / "manifest.json").read_bytes(),
         enclave_bundle.path / "private.sealed",
         release,
         in_len=IN,

@@ -1041,11 +1041,12 @@ fn serve(
         let seq = req_seq.load(Ordering::Acquire);
         if seq != answered {
             answered = seq;
-            let mut req = [0u8; 8];
-            shm.read_into(doorbell::REQ_BATCH, &mut req)
-                .map_err(internal)?;
-            let batch = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
-            let flags = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+            let field = |at: usize| -> Result<u32, Fatal> {
+                let mut raw = [0u8; 4];
+                shm.read_into(at, &mut raw).map_err(internal)?;
+                Ok(u32::from_le_bytes(raw))
+            };
+            let (batch, flags) = (field(doorbell::REQ_BATCH)?, field(doorbell::REQ_FLAGS)?);
             let posted = Posted {
                 seq,
                 input: in_progress,
@@ -1062,13 +1063,17 @@ fn serve(
                     (doorbell::STATUS_ERROR, 0)
                 }
             };
-            let mut ans = [0u8; 20];
-            ans[0..4].copy_from_slice(&status.to_le_bytes());
-            ans[4..8].copy_from_slice(&batch.to_le_bytes());
-            ans[8..12].copy_from_slice(&(pout as u32).to_le_bytes());
-            ans[12..20].copy_from_slice(&left.to_le_bytes());
-            shm.write_bytes(doorbell::ANS_STATUS, &ans)
-                .map_err(internal)?;
+            // The answer's fields in one copy, laid out as in `doorbell`.
+            use doorbell::{ANS_BATCH, ANS_LEFT, ANS_OUT_LEN, ANS_STATUS};
+            let mut ans = [0u8; ANS_LEFT + 8 - ANS_STATUS];
+            let mut put = |at: usize, bytes: &[u8]| {
+                ans[at - ANS_STATUS..at - ANS_STATUS + bytes.len()].copy_from_slice(bytes)
+            };
+            put(ANS_STATUS, &status.to_le_bytes());
+            put(ANS_BATCH, &batch.to_le_bytes());
+            put(ANS_OUT_LEN, &(pout as u32).to_le_bytes());
+            put(ANS_LEFT, &left.to_le_bytes());
+            shm.write_bytes(ANS_STATUS, &ans).map_err(internal)?;
             ans_seq.store(seq, Ordering::Release);
             futex_wake(ans_seq);
             if status == doorbell::STATUS_OK {

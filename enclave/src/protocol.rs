@@ -77,8 +77,8 @@ pub mod doorbell {
     pub const ANS_PROGRESS: usize = 88;
     /// Floats per progress step (16 KiB).
     pub const PROGRESS_CHUNK: usize = 4096;
-    /// u32, host: bumped after every request and every frame the host sends; the
-    /// idle worker sleeps on it (futex) and the host wakes it.
+    /// u32, host: bumped after every request's whole input and every frame the host
+    /// sends; the idle worker sleeps on it (futex) and the host wakes it.
     pub const EVENTS: usize = 128;
     /// Size of the block; inputs start after it.
     pub const BYTES: usize = 256;

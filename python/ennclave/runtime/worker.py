@@ -135,10 +135,9 @@ class _Futex:
 
     def wait(self, addr: int, expected: int, timeout_s: float) -> None:
         """Sleep while the word holds `expected` (at most `timeout_s`; the GIL is
-        released meanwhile). Any outcome is fine: the caller re-reads the word."""
-        if self.nr is None:
-            time.sleep(min(timeout_s, 1e-3))
-            return
+        released meanwhile). Any outcome is fine: the caller re-reads the word. Only
+        the doorbell waits, and it runs only where the syscall number is known."""
+        assert self.nr is not None
         ts = (ctypes.c_long * 2)(int(timeout_s), int(timeout_s % 1 * 1e9))
         self._call(self.nr, addr, 0, expected, ctypes.addressof(ts), None, 0)  # FUTEX_WAIT
 
