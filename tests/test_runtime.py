@@ -285,6 +285,22 @@ def test_missing_binary(enclave_bundle, monkeypatch, tmp_path):
         ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every one of its threads has stopped: kill()
+    returns before they do, and a worker still running could answer the next call."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while True:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = [
+            open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] for t in tasks
+        ]
+        if all(s in "tT" for s in states):
+            return
+        assert time.monotonic() < deadline, f"the worker did not stop: thread states {states}"
+        time.sleep(0.001)
+
+
 @needs_worker
 @pytest.mark.parametrize("doorbell", PATHS)
 def test_crash_then_recovery(enclave_bundle, doorbell):
@@ -294,7 +310,7 @@ def test_crash_then_recovery(enclave_bundle, doorbell):
         m.worker._use_doorbell = doorbell
         # 1. killed while a call is in flight (stopped first so the call surely waits)
         pid = m.worker_pid
-        os.kill(pid, signal.SIGSTOP)
+        _stop(pid)
         errors: list[BaseException] = []
 
         def call():
