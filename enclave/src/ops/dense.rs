@@ -16,9 +16,10 @@
 //! Programs written by `ennclave split` store dense kernels pre-packed instead
 //! (`kernel_layout: panels32`, see [`Kernel::Panels`]): the owner's machine does the
 //! packing once, and the worker streams each panel contiguously at every batch size
-//! with no copy at load or at run time. While one panel block is computed, the
-//! AVX-512 kernel prefetches the next into L2 (batch 64 of the benchmark head ran
-//! 10% faster with it on an AMD EPYC VM). The row-major path above serves programs
+//! with no copy at load or at run time. For batches of more than `MR` rows, the
+//! AVX-512 kernel prefetches the next panel block into L2 while computing one (batch
+//! 64 of the benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an
+//! Intel Xeon VM; at batch 1 it cost 20%). The row-major path above serves programs
 //! without that attribute.
 //!
 //! An AVX-512 kernel is used where the CPU has it, else a portable one that LLVM
@@ -116,10 +117,15 @@ pub fn dense(
                     let kc = KC.min(k - k0);
                     let init = block_init(bias, k0, c0, ncols);
                     let wb = &panel[k0 * NR..(k0 + kc) * NR];
-                    // The block computed next: the rest of this panel, then the next
-                    // panel of this task (panels are contiguous).
+                    // The block computed next (the rest of this panel, then the next
+                    // panel of this task: panels are contiguous), prefetched while this
+                    // one computes. Only with several row blocks: a single one is
+                    // memory-bound, and the hardware prefetcher already streams the
+                    // panel (prefetching slowed batch 1 by 20%).
                     let next_at = p * k * NR + (k0 + kc) * NR;
-                    let next_end = if k0 + kc < k {
+                    let next_end = if m <= MR {
+                        next_at
+                    } else if k0 + kc < k {
                         next_at + KC.min(k - k0 - kc) * NR
                     } else if p + 1 < np * (t + 1) / parts {
                         next_at + KC.min(k) * NR
