@@ -217,8 +217,8 @@ fn with_gemm(
                 for p in np * t / parts..np * (t + 1) / parts {
                     let c0 = p * NR;
                     // SAFETY: panel p is k×32 (row stride 32) inside wp (asserted by
-                    // `dense_with`); columns c0..c0+ncols of y's m rows belong to this task
-                    // alone, and every task ends before our borrow of y does.
+                    // `dense_with`); the panel's columns of y's m rows belong to this
+                    // task alone, and every task ends before our borrow of y does.
                     unsafe {
                         gemm_block(
                             yp.get().add(c0),
@@ -528,7 +528,8 @@ fn has_avx2_fma() -> bool {
 
 /// One block of `rows` rows × one panel block (`kc` rows of `w`, `ncols` ≤ 32
 /// columns, row stride `ldw`). `x` holds the rows' `kc` inputs, `ldx` apart. `y`
-/// points at the block's first element; its rows are `ldy` apart.
+/// points at the block's first element; its rows are `ldy` apart. The AVX-512 kernel
+/// prefetches up to `kc` cache lines of `prefetch` into L2 on the way.
 ///
 /// # Safety
 /// `y + r*ldy .. + ncols` must be valid for reads and writes for every `r < rows`,
