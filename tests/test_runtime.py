@@ -76,6 +76,19 @@ def test_predict_matches_numpy(enclave_bundle, doorbell):
 
 
 @needs_worker
+def test_kernels_without_avx512_match_numpy(enclave_bundle, monkeypatch):
+    """ENNCLAVE_NO_AVX512=1: the worker computes as on a CPU without AVX-512 (the gemm
+    crate for batches, the portable kernel at batch 1), inside the same sandbox."""
+    monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        for n in (1, 2, 13, 300):
+            x = _x(n, seed=n)
+            np.testing.assert_allclose(
+                m.predict(x), reference(enclave_bundle.weights, x), atol=1e-5, rtol=1e-5
+            )
+
+
+@needs_worker
 @pytest.mark.parametrize("doorbell", PATHS)
 def test_outputs_of_many_chunks_arrive_whole(enclave_bundle, doorbell):
     """On the doorbell the worker writes a full output in 4096-float chunks and the

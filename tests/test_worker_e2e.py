@@ -22,8 +22,13 @@ from keras_models import nested_model, residual_cnn, sequential_cnn
 from op_cases import CASES
 
 
+@pytest.mark.parametrize("kernels", ["native", "no-avx512"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_op_worker_equals_reference(case, tmp_path):
+def test_every_op_worker_equals_reference(case, kernels, tmp_path, monkeypatch):
+    # no-avx512: the worker's dense/conv kernels as on a CPU without AVX-512 (the gemm
+    # crate, the portable kernel at batch 1), under the same sandbox.
+    if kernels == "no-avx512":
+        monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
     model = CASES[case]()
     adapter = KerasAdapter.from_model(model)
     program = optimize(adapter.lower_private(find_cut_points(adapter.graph)[0]))

@@ -145,6 +145,11 @@ class _Futex:
 _futex = _Futex()
 
 
+# The only environment the worker gets: diagnostics, and the switch that runs its
+# kernels without AVX-512 on any CPU (docs/worker-protocol.md, "Sandbox").
+_WORKER_ENV = ("ENNCLAVE_SECCOMP_LOG", "ENNCLAVE_TRACE", "ENNCLAVE_NO_AVX512", "RUST_BACKTRACE")
+
+
 class _Doorbell:
     """The doorbell block's words, as ctypes views into the shared region (they hold
     exports of the mmap: drop this before closing it)."""
@@ -432,11 +437,7 @@ class WorkerClient:
                     stdout=subprocess.DEVNULL,
                     stderr=self._stderr,
                     close_fds=True,
-                    env={
-                        k: v
-                        for k, v in os.environ.items()
-                        if k in ("ENNCLAVE_SECCOMP_LOG", "ENNCLAVE_TRACE", "RUST_BACKTRACE")
-                    },
+                    env={k: v for k, v in os.environ.items() if k in _WORKER_ENV},
                 )
             except OSError as e:
                 raise WorkerNotFound(
