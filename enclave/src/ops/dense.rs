@@ -640,7 +640,19 @@ fn portable(
     ncols: usize,
     acc: &mut [[f32; NR]; MR_PORTABLE],
 ) {
-    if ncols == NR {
+    if rows == 1 && ncols == NR {
+        // Batch 1: one row's accumulators fit in registers when they are a local (the
+        // general loop below keeps them in memory, as `rows` is not known).
+        let mut a = acc[0];
+        for i in 0..kc {
+            let wr: &[f32; NR] = w[i * ldw..i * ldw + NR].try_into().expect("NR floats");
+            let xv = x[i];
+            for (av, &wv) in a.iter_mut().zip(wr) {
+                *av += xv * wv;
+            }
+        }
+        acc[0] = a;
+    } else if ncols == NR {
         for i in 0..kc {
             let wr: &[f32; NR] = w[i * ldw..i * ldw + NR].try_into().expect("NR floats");
             for (r, a) in acc.iter_mut().enumerate().take(rows) {
