@@ -253,7 +253,11 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
-            "command": "python benchmarks/bench_head.py " + " ".join(sys.argv[1:]),
+            "command": "".join(
+                f"{k}={os.environ[k]} " for k in ("ENNCLAVE_NO_AVX512",) if k in os.environ
+            )
+            + "python benchmarks/bench_head.py "
+            + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "python": platform.python_version(),
             "ennclave": ennclave.__version__,
