@@ -896,14 +896,19 @@ mod tests {
 
     use proptest::prelude::*;
 
-    #[test]
-    fn shm_evict_keeps_bytes_and_checks_bounds() {
+    /// A fresh shared region of `len` bytes (a memfd of our own).
+    fn test_shm(len: libc::off_t) -> Shm {
         // SAFETY: a fresh memfd of ours, sized before Shm maps (and owns) it.
         let fd = unsafe { libc::memfd_create(c"shm-test".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
         // SAFETY: resizing our own fd.
-        assert_eq!(unsafe { libc::ftruncate(fd, 8192) }, 0);
-        let shm = Shm::map_fd(fd).unwrap();
+        assert_eq!(unsafe { libc::ftruncate(fd, len) }, 0);
+        Shm::map_fd(fd).unwrap()
+    }
+
+    #[test]
+    fn shm_evict_keeps_bytes_and_checks_bounds() {
+        let shm = test_shm(8192);
         let vals: Vec<f32> = (0..2048).map(|i| i as f32 * 0.5 - 7.0).collect();
         shm.write_f32(0, &vals).unwrap();
         for (off, n) in [
@@ -926,12 +931,7 @@ mod tests {
     #[test]
     fn shm_doorbell_words_are_shared_and_futex_wakes_the_sleeper() {
         use std::sync::atomic::Ordering;
-        // SAFETY: a fresh memfd of ours, sized before Shm maps (and owns) it.
-        let fd = unsafe { libc::memfd_create(c"shm-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: resizing our own fd.
-        assert_eq!(unsafe { libc::ftruncate(fd, 4096) }, 0);
-        let shm = Shm::map_fd(fd).unwrap();
+        let shm = test_shm(4096);
         assert!(shm.atomic_u32(4094).is_err(), "out of bounds");
         assert!(shm.atomic_u32(6).is_err(), "misaligned");
         let ev = shm.atomic_u32(doorbell::EVENTS).unwrap();

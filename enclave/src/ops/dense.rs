@@ -106,9 +106,7 @@ fn dense_with(
         with_gemm(x, w, bias, y, m, k, n, threads);
         return;
     }
-    // Enough panels per task to amortise the fork (≥ ~64 KiB of weights each).
-    let min_panels = (16384 / (k * NR)).max(1);
-    let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
+    let parts = panel_tasks(threads, np, k);
     let yp = SendPtr(y.as_mut_ptr());
     // SAFETY (both arms): columns c0..c0+ncols of y belong to this task alone (panels
     // are split between tasks); all tasks end before our borrow of y does.
@@ -170,6 +168,13 @@ fn dense_with(
     }
 }
 
+/// How many tasks share `np` panels of `k` rows: at most `threads`, with enough panels
+/// each to amortise the fork (≥ ~64 KiB of weights).
+fn panel_tasks(threads: usize, np: usize, k: usize) -> usize {
+    let min_panels = (16384 / (k * NR)).max(1);
+    threads.clamp(1, np.div_ceil(min_panels).max(1))
+}
+
 /// `y = x · w + bias` with the gemm crate: one call for a row-major kernel (the crate
 /// splits it between threads), one per panel for `panels32` (tasks own panel ranges).
 #[allow(clippy::too_many_arguments)]
@@ -211,8 +216,7 @@ fn with_gemm(
         },
         Kernel::Panels(wp) => {
             let np = n.div_ceil(NR);
-            let min_panels = (16384 / (k * NR)).max(1);
-            let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
+            let parts = panel_tasks(threads, np, k);
             par_for(parts, &|t| {
                 for p in np * t / parts..np * (t + 1) / parts {
                     let c0 = p * NR;

@@ -53,6 +53,9 @@ from ..errors import (
 )
 
 BINARY_NAME = "ennclave-enclave"
+# The only environment the worker gets: diagnostics, and the switch that runs its
+# kernels without AVX-512 on any CPU (docs/worker-protocol.md, "Sandbox").
+_WORKER_ENV = ("ENNCLAVE_SECCOMP_LOG", "ENNCLAVE_TRACE", "ENNCLAVE_NO_AVX512", "RUST_BACKTRACE")
 PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20
 # How long the host polls for an answer, when the previous one came within this time.
@@ -143,11 +146,6 @@ class _Futex:
 
 
 _futex = _Futex()
-
-
-# The only environment the worker gets: diagnostics, and the switch that runs its
-# kernels without AVX-512 on any CPU (docs/worker-protocol.md, "Sandbox").
-_WORKER_ENV = ("ENNCLAVE_SECCOMP_LOG", "ENNCLAVE_TRACE", "ENNCLAVE_NO_AVX512", "RUST_BACKTRACE")
 
 
 class _Doorbell:
