@@ -141,7 +141,7 @@ def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
             tw, to = timeit_pair(worker.infer, ort_run, x, seconds)
             results[f"worker_b{b}_ms"], results[f"ort_b{b}_ms"] = 1e3 * tw, 1e3 * to
     # Start → ready: spawn, handshake, key unwrap, unseal, parse, warm-up, sandbox.
-    from ennclave.keys.keystore import Keystore
+    from ennclave.keystore import Keystore
     from ennclave.runtime.worker import WorkerClient, local_key_release
 
     manifest_bytes = (tmp / "head" / "manifest.json").read_bytes()

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite  # noqa: E
 
 from ennclave.keyserver.client import KeyServerClient  # noqa: E402
 from ennclave.keyserver.evidence import evidence_hash  # noqa: E402
-from ennclave.runtime.worker import hpke_info  # noqa: E402
-from keyserver_util import KeyServerProc  # noqa: E402
+from ennclave.seal import hpke_info  # noqa: E402
+from support.keyserver_util import KeyServerProc  # noqa: E402
 
 
 def worker_loop(port, key_id, digest, data_key, stop_at, budget, stats, lock, window):

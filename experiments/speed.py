@@ -73,7 +73,7 @@ def identity_bundle(shape: list[Any], work: Path, ks: Path) -> Path:
 
 
 def worker_start_ms(bundle: Path, ks: Path, reps: int) -> float:
-    from ennclave.keys.keystore import Keystore
+    from ennclave.keystore import Keystore
     from ennclave.runtime.worker import WorkerClient, local_key_release
 
     raw = (bundle / "manifest.json").read_bytes()

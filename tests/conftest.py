@@ -17,7 +17,7 @@ except ImportError:
 @pytest.fixture
 def enclave_bundle(tmp_path):
     """A sealed 2-layer dense bundle (public=None) with its key in a tmp keystore."""
-    from enclave_bundle import write_bundle
+    from support.enclave_bundle import write_bundle
 
     return write_bundle(tmp_path / "bundle", tmp_path / "keystore.json")
 
@@ -25,7 +25,7 @@ def enclave_bundle(tmp_path):
 @pytest.fixture
 def make_enclave_bundle(tmp_path):
     """Factory: make_enclave_bundle(name, policy=..., seed=...) -> enclave_bundle.Bundle."""
-    from enclave_bundle import write_bundle
+    from support.enclave_bundle import write_bundle
 
     def make(name: str = "b", **kw):
         return write_bundle(tmp_path / name, tmp_path / "keystore.json", **kw)

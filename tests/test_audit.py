@@ -12,12 +12,12 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import ennclave  # noqa: E402
-from enclave_bundle import needs_worker  # noqa: E402
 from ennclave.audit import metrics  # noqa: E402
 from ennclave.audit.membership import attack_probs  # noqa: E402
 from ennclave.audit.oracle import Answers, OwnerView, query_api, soft_targets  # noqa: E402
 from ennclave.errors import AuthenticationError, QueryBudgetExhausted  # noqa: E402
 from ennclave.split import split_model  # noqa: E402
+from support.enclave_bundle import needs_worker  # noqa: E402
 
 IN, CLASSES = 8, 5
 

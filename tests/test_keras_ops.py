@@ -7,9 +7,9 @@ import pytest
 
 from ennclave.adapters.keras import KerasAdapter
 from ennclave.graph import find_cut_points
-from ennclave.lower import optimize
+from ennclave.passes import optimize
 from ennclave.reference import execute
-from op_cases import CASES
+from support.op_cases import CASES
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -18,7 +18,7 @@ from ennclave.graph import find_cut_points
 from ennclave.plan import make_plan
 from ennclave.program import Program
 from ennclave.split import split_model
-from keras_models import nested_model, residual_cnn, sequential_cnn, transfer_model
+from support.keras_models import nested_model, residual_cnn, sequential_cnn, transfer_model
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +100,14 @@ def test_legacy_h5_loads_and_splits(tmp_path):
 
 def test_batchnorm_is_folded_into_conv(saved, tmp_path):
     adapter = load_model(saved["seq"])
-    program = __import__("ennclave.lower", fromlist=["optimize"]).optimize(
+    program = __import__("ennclave.passes", fromlist=["optimize"]).optimize(
         adapter.lower_private(find_cut_points(adapter.graph)[0])
     )
     # c1 has a relu, so bn1 cannot fold into it; the residual model's bn follows a
     # linear conv and must fold.
     assert [n.op for n in program.nodes][:2] == ["conv", "scale_shift"]
     res = load_model(saved["res"])
-    folded = __import__("ennclave.lower", fromlist=["optimize"]).optimize(
+    folded = __import__("ennclave.passes", fromlist=["optimize"]).optimize(
         res.lower_private(find_cut_points(res.graph)[0])
     )
     assert "scale_shift" not in [n.op for n in folded.nodes]

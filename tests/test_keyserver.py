@@ -23,9 +23,8 @@ pytest.importorskip("sqlalchemy")
 pytest.importorskip("httpx")
 
 import ennclave
-from enclave_bundle import reference, write_bundle
+from ennclave import seal
 from ennclave.errors import QueryBudgetExhausted, WorkerNotFound
-from ennclave.keys.keystore import Keystore
 from ennclave.keyserver import evidence as ev
 from ennclave.keyserver import sgx
 from ennclave.keyserver.client import (
@@ -36,9 +35,11 @@ from ennclave.keyserver.client import (
     LicenceError,
 )
 from ennclave.keyserver.licence import Licence, check_licence_mac, licence_mac
+from ennclave.keystore import Keystore
 from ennclave.runtime import worker as wmod
 from ennclave.seal import canonical_manifest
-from keyserver_util import REPO, KeyServerProc, free_port
+from support.enclave_bundle import reference, write_bundle
+from support.keyserver_util import REPO, KeyServerProc, free_port
 
 try:
     WORKER = wmod.find_worker_binary()
@@ -117,7 +118,7 @@ class FakeWorker:
 
         suite = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
         ct = base64.b64decode(resp["enc"]) + base64.b64decode(resp["wrapped"])
-        return suite.decrypt(ct, self.sk, info=wmod.hpke_info(key_id))
+        return suite.decrypt(ct, self.sk, info=seal.hpke_info(key_id))
 
 
 def _refused(fn) -> KeyReleaseRefused:
@@ -415,7 +416,7 @@ SCAN = textwrap.dedent(
     sys.argv[3] = sys.argv[4] = ""
 
     sys.path.insert(0, TESTS_DIR)
-    from memscan import scan_self as scan
+    from support.memscan import scan_self as scan
 
     with ennclave.load(bundle, keyserver=url) as m:
         y = m.predict(np.ones((8, 8), np.float32))
@@ -558,7 +559,7 @@ def test_openapi_schema_is_current():
 # ------------------------------------------------------------------ the worker enforces the licence
 
 
-def _mint(b, hello, **over) -> wmod.WrappedKey:
+def _mint(b, hello, **over) -> seal.WrappedKey:
     """What the key server sends (a licence MACed under the data key), made with the
     test's copy of the key so that every field can be chosen."""
     now = int(time.time())
@@ -575,8 +576,8 @@ def _mint(b, hello, **over) -> wmod.WrappedKey:
     )
     fields.update(over)
     lic = Licence.new(**fields)
-    wk = wmod.wrap_data_key(hello.pubkey, b.data_key, b.key_id)
-    return wmod.WrappedKey(
+    wk = seal.wrap_data_key(hello.pubkey, b.data_key, b.key_id)
+    return seal.WrappedKey(
         wk.key_id,
         wk.enc,
         wk.wrapped,
@@ -686,7 +687,7 @@ def test_worker_refuses_to_start_with_a_forged_or_foreign_licence(registered, se
         d = json.loads(wk.licence)
         d["query_budget"] = 2000
         raw = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
-        return wmod.WrappedKey(wk.key_id, wk.enc, wk.wrapped, raw, wk.licence_mac)
+        return seal.WrappedKey(wk.key_id, wk.enc, wk.wrapped, raw, wk.licence_mac)
 
     wc = _client(b, forge, start=False)
     relay.bind(wc)
@@ -707,7 +708,7 @@ def test_worker_refuses_to_start_with_a_forged_or_foreign_licence(registered, se
 
     def no_mac(hello):  # a licence MACed under another key
         wk = _mint(lb, hello)
-        return wmod.WrappedKey(wk.key_id, wk.enc, wk.wrapped, wk.licence, os.urandom(32))
+        return seal.WrappedKey(wk.key_id, wk.enc, wk.wrapped, wk.licence, os.urandom(32))
 
     with pytest.raises(LicenceError, match="does not authenticate"):
         _client(lb, no_mac)
@@ -750,7 +751,7 @@ def test_offline_licence_cache_serves_when_the_server_is_down(registered, server
 
     # the worker itself enforces the cached licence's budget (no host check)
     blob = cache.load(b.key_id)["blob"]
-    with _client(b, lambda hello: wmod.CachedKey(b.key_id, blob)) as wc:
+    with _client(b, lambda hello: seal.CachedKey(b.key_id, blob)) as wc:
         assert "licence_budget:4" in wc.ready.policy
         wc.infer(np.ones((4, 8), np.float32))
         with pytest.raises(QueryBudgetExhausted):
@@ -782,7 +783,7 @@ def test_offline_cache_expires_and_binds_binary_and_offline_flag(tmp_path):
         pass
     [(kid, blob)] = rel.caches
     assert kid == b.key_id and b.data_key not in blob
-    cached = lambda hello: wmod.CachedKey(b.key_id, blob)
+    cached = lambda hello: seal.CachedKey(b.key_id, blob)
     with _client(b, cached) as wc:  # a fresh worker opens it (before expiry)
         wc.infer(X1)
     # another worker binary (same code, one byte appended) cannot open it

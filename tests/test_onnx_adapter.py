@@ -22,8 +22,9 @@ from ennclave import reference  # noqa: E402
 from ennclave.adapters.onnx import OnnxAdapter  # noqa: E402
 from ennclave.errors import ModelLoadError, UnsupportedOpError  # noqa: E402
 from ennclave.graph import CutPoint, find_cut_points  # noqa: E402
-from ennclave.lower import optimize  # noqa: E402
+from ennclave.passes import optimize  # noqa: E402
 from ennclave.program import Program  # noqa: E402
+from ennclave.runtime.public import PublicPart  # noqa: E402
 
 TOL = 1e-4
 RNG = np.random.default_rng(42)
@@ -41,7 +42,7 @@ def check_all_cuts(path: Path, tmp: Path, n: int = 3) -> list[CutPoint]:
         else:
             pub = tmp / f"{path.stem}_public_{cut.index}.onnx"
             ad.save_public(cut, pub)
-            hidden = OnnxAdapter.predict_public(pub, x)
+            hidden = PublicPart(pub, "onnx", ["CPUExecutionProvider"])(x)
         prog = ad.lower_private(cut)
         # As split uses it: through the shared optimizer and the sealed container form.
         shipped = Program.from_container(optimize(prog).to_container())
@@ -140,7 +141,7 @@ def test_nchw_conv_groups_bn_pools_gemm(tmp: Path) -> None:
     path = save_model(tmp, "nchw", nodes, [4, 9, 10], [3], inits)
     cuts = check_all_cuts(path, tmp)
     assert len(cuts) == len(nodes)
-    prog = OnnxAdapter(path).lower_private(cuts[0])
+    prog = optimize(OnnxAdapter(path).lower_private(cuts[0]))
     ops = [n.op for n in prog.nodes]
     # BN folded into the conv, relu fused; one transpose in (NCHW input), none between.
     assert "scale_shift" not in ops and ops.count("transpose") == 1, ops
@@ -419,7 +420,7 @@ def keras_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_keras_cnn(keras_models: dict[str, Path], tmp: Path) -> None:
     path = keras_models["cnn"]
     cuts = check_all_cuts(path, tmp)
-    prog = OnnxAdapter(path).lower_private(cuts[0])
+    prog = optimize(OnnxAdapter(path).lower_private(cuts[0]))
     # tf2onnx's NHWC->NCHW transposes around each conv cancel out entirely.
     assert "transpose" not in [n.op for n in prog.nodes]
 

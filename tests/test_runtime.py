@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import ennclave
-from enclave_bundle import IN, OUT, needs_worker, reference
 from ennclave.errors import (
     AuthenticationError,
     BundleError,
@@ -24,9 +23,10 @@ from ennclave.errors import (
     WorkerCrashed,
     WorkerNotFound,
 )
-from ennclave.keys.keystore import Keystore
+from ennclave.keystore import Keystore
 from ennclave.runtime import worker as wmod
 from ennclave.seal import new_data_key
+from support.enclave_bundle import IN, OUT, needs_worker, reference
 
 
 def _x(n: int, seed: int = 1) -> np.ndarray:
@@ -418,7 +418,7 @@ def test_idle_worker_sleeps_and_every_message_wakes_it(enclave_bundle):
     """Between requests the worker sleeps on the doorbell's events word (futex), not in
     a busy loop; a request or control frame posted while it sleeps wakes it at once.
     The worker's own periodic check is set to 60 s here, so a lost wake would hang."""
-    from ennclave.keys.keystore import Keystore
+    from ennclave.keystore import Keystore
 
     release = wmod.local_key_release(Keystore(enclave_bundle.keystore), enclave_bundle.key_id)
     with wmod.WorkerClient(

@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ennclave.errors import EnnclaveError, KeyNotFound
-from ennclave.keys.keystore import Keystore
+from ennclave.keystore import Keystore
 from ennclave.seal import SEAL_MAGIC, canonical_manifest, new_data_key, seal_container
 
 MANIFEST = {
@@ -111,6 +111,6 @@ def test_keystore_put_get_perms_and_repr(tmp_path, caplog):
 
 def test_keystore_default_path_uses_platformdirs(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    from ennclave.keys.keystore import default_keystore_path
+    from ennclave.keystore import default_keystore_path
 
     assert default_keystore_path() == tmp_path / "ennclave" / "keystore.json"

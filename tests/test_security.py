@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import ennclave
-from enclave_bundle import write_bundle
 from ennclave.errors import WorkerNotFound
 from ennclave.runtime import worker as wmod
+from support.enclave_bundle import write_bundle
 
 try:
     WORKER = wmod.find_worker_binary()
@@ -149,7 +149,7 @@ SCAN = textwrap.dedent(
     sys.argv[3] = sys.argv[4] = ""
 
     sys.path.insert(0, TESTS_DIR)
-    from memscan import scan_self as scan
+    from support.memscan import scan_self as scan
 
     with ennclave.load(bundle, keystore=keystore) as m:
         y = m.predict(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))

@@ -15,11 +15,11 @@ from ennclave.adapters import load_model
 from ennclave.adapters.keras import KerasAdapter
 from ennclave.errors import AuthenticationError, BundleError, EnnclaveError
 from ennclave.graph import find_cut_points
-from ennclave.lower import optimize
+from ennclave.passes import optimize
 from ennclave.reference import execute
 from ennclave.split import split_model
-from keras_models import nested_model, residual_cnn, sequential_cnn
-from op_cases import CASES
+from support.keras_models import nested_model, residual_cnn, sequential_cnn
+from support.op_cases import CASES
 
 
 @pytest.mark.parametrize("kernels", ["native", "no-avx512"])

@@ -77,7 +77,8 @@ def bench_bundle(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Measure the bundle; returns a JSON-able record (see `ennclave bench --json`)."""
-    from .runtime.model import load, read_manifest
+    from .bundle import read_manifest
+    from .runtime.model import load
 
     console = console or Console(stderr=True)
     rng = np.random.default_rng(0)

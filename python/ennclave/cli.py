@@ -10,14 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 
 from . import __version__
+from .console import console, err_console
 from .errors import EnnclaveError, InputError
-
-# Tables are wide: when piped (no terminal to measure), do not squeeze them to 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=160)
-err_console = Console(stderr=True)
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:

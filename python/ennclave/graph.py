@@ -129,12 +129,3 @@ def find_cut_points(graph: GraphView) -> list[CutPoint]:
         assert producer is not None
         cuts.append(CutPoint(len(cuts), graph.tensors[t], producer.name, producer.op_type, pos + 1))
     return cuts
-
-
-def nodes_after(graph: GraphView, cut: CutPoint) -> list[Node]:
-    """The private side of a cut, in topological order."""
-    return graph.nodes[cut.position :]
-
-
-def nodes_before(graph: GraphView, cut: CutPoint) -> list[Node]:
-    return graph.nodes[: cut.position]

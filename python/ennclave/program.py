@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +22,6 @@ from .graph import TensorInfo
 FORMAT = "ennclave-program"
 VERSION = 1
 CONTAINER_MAGIC = b"ENCPROG1"
-# Bytes of the sealed-file header (magic + nonce) that precede the container.
-SEALED_HEADER = 20
 
 ACTIVATIONS = (
     "linear relu relu6 leaky_relu elu selu gelu sigmoid hard_sigmoid tanh swish "
@@ -144,24 +141,18 @@ class Program:
             nodes.append(node)
         return Program(self.inputs, self.outputs, nodes, weights)
 
-    def to_container(self) -> bytes:
+    def to_container(self, offset: int = 0) -> bytes:
+        """The container bytes. `offset`: where the container will sit in the buffer the
+        worker decrypts into (`seal.HEADER_BYTES` for a sealed file): the worker uses the
+        tensor data in place, so program.json is padded with spaces until that data
+        starts 64-byte aligned there (else the worker first moves the container, a few
+        ms for a large model)."""
         shipped = self.shipped()
         j = shipped.json_bytes()
         w = shipped.weights_bytes()
-        # The worker decrypts the sealed file (20-byte ENCSEAL1 header, then this
-        # container) into a page-aligned buffer and uses the tensor data in place:
-        # pad program.json with spaces so that data starts 64-byte aligned there
-        # (else the worker first moves the container, a few ms for a large model).
         (hn,) = struct.unpack("<Q", w[:8])
-        j += b" " * (-(SEALED_HEADER + 16 + len(j) + 8 + hn) % 64)
+        j += b" " * (-(offset + 16 + len(j) + 8 + hn) % 64)
         return CONTAINER_MAGIC + struct.pack("<Q", len(j)) + j + w
-
-    def save_dir(self, path: Path) -> None:
-        """Unsealed form, for inspection and tests: program.json + weights.safetensors."""
-        path.mkdir(parents=True, exist_ok=True)
-        shipped = self.shipped()
-        (path / "program.json").write_bytes(shipped.json_bytes())
-        (path / "weights.safetensors").write_bytes(shipped.weights_bytes())
 
     @classmethod
     def from_parts(cls, graph_json: bytes, weights: bytes) -> Program:
@@ -207,12 +198,6 @@ class Program:
         if 16 + n > len(data):
             raise ProgramError("Enclave program container is truncated.")
         return cls.from_parts(data[16 : 16 + n], data[16 + n :])
-
-    @classmethod
-    def load_dir(cls, path: Path) -> Program:
-        return cls.from_parts(
-            (path / "program.json").read_bytes(), (path / "weights.safetensors").read_bytes()
-        )
 
     @property
     def num_params(self) -> int:

@@ -1,21 +1,41 @@
-"""Owner-side sealing of the enclave program (docs/bundle.md).
+"""The sealed container, both directions, and HPKE wrapping of its data key.
 
-AES-256-GCM under a fresh data key per bundle; the manifest (minus its `integrity`
-section) is the associated data, so editing the output policy, the cut or a shape in
-manifest.json makes unsealing fail inside the enclave. The host never decrypts.
+Sealed file (docs/bundle.md): ``ENCSEAL1`` ‖ 12-byte nonce ‖ AES-256-GCM(container,
+aad = canonical manifest). The manifest (minus its ``integrity`` section) is the
+associated data, so editing the output policy, the cut or a shape in manifest.json makes
+unsealing fail inside the enclave. On the client the host never unseals: only the worker
+does. `unseal_container` is for the owner's own tools (the audit's owner view) and tests.
+
+The data key travels to a worker only HPKE-wrapped to the worker's ephemeral X25519 key
+(`wrap_data_key`): the host does that for local-key bundles, the key server otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import AuthenticationError
 
 SEAL_MAGIC = b"ENCSEAL1"
 NONCE_BYTES = 12
+TAG_BYTES = 16
 KEY_BYTES = 32
+# Bytes before the ciphertext; the worker decrypts the container to just after them.
+HEADER_BYTES = len(SEAL_MAGIC) + NONCE_BYTES
+# The smallest well-formed sealed file: header and the tag of an empty container.
+MIN_SEALED_BYTES = HEADER_BYTES + TAG_BYTES
+
+HPKE_INFO_PREFIX = b"ennclave data key v1"
+HPKE_ENC_BYTES = 32  # X25519 encapsulated key
+
+
+# ------------------------------------------------------------------ manifest as AAD
 
 
 def _reject_floats(value: Any, path: str = "manifest") -> None:
@@ -45,6 +65,9 @@ def canonical_manifest(manifest: dict[str, Any]) -> bytes:
     ).encode("utf-8")
 
 
+# ------------------------------------------------------------------ the container
+
+
 def new_data_key() -> bytes:
     return AESGCM.generate_key(bit_length=256)
 
@@ -55,3 +78,63 @@ def seal_container(container: bytes, manifest: dict[str, Any], key: bytes) -> by
         raise ValueError("data key must be 32 bytes")
     nonce = os.urandom(NONCE_BYTES)
     return SEAL_MAGIC + nonce + AESGCM(key).encrypt(nonce, container, canonical_manifest(manifest))
+
+
+def looks_sealed(head: bytes, size: int) -> bool:
+    """Whether a file that starts with `head` and has `size` bytes can be a sealed file."""
+    return head[: len(SEAL_MAGIC)] == SEAL_MAGIC and size >= MIN_SEALED_BYTES
+
+
+def unseal_container(sealed: bytes, manifest: dict[str, Any], key: bytes, where: str) -> bytes:
+    """The inverse of `seal_container`; `where` names the bundle in the error."""
+    if not looks_sealed(sealed, len(sealed)):
+        raise AuthenticationError(f"{where} has no sealed program.")
+    nonce = sealed[len(SEAL_MAGIC) : HEADER_BYTES]
+    try:
+        return AESGCM(key).decrypt(nonce, sealed[HEADER_BYTES:], canonical_manifest(manifest))
+    except InvalidTag:
+        raise AuthenticationError(
+            f"The sealed program in {where} did not authenticate with the owner's key."
+        ) from None
+
+
+# ------------------------------------------------------------------ HPKE key wrapping
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """The data key HPKE-wrapped to the worker (KEY), with the key server's licence and
+    its MAC where there is one (sent as LICENCE before KEY; the worker verifies and
+    enforces it)."""
+
+    key_id: str
+    enc: bytes
+    wrapped: bytes
+    licence: bytes | None = None
+    licence_mac: bytes | None = None
+
+
+@dataclass(frozen=True)
+class CachedKey:
+    """An offline key cache the worker sealed earlier (KEY_CACHE), sent back instead of
+    KEY and LICENCE (CACHED_KEY). Ciphertext only."""
+
+    key_id: str
+    blob: bytes = field(repr=False)
+
+
+def hpke_info(key_id: str) -> bytes:
+    return HPKE_INFO_PREFIX + b"\x00" + key_id.encode("utf-8")
+
+
+def wrap_data_key(recipient_pubkey: bytes, data_key: bytes, key_id: str) -> WrappedKey:
+    """HPKE base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM, single
+    shot, info = "ennclave data key v1" ‖ 0 ‖ key_id (the host for local keys and the
+    key server both wrap this way)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+
+    suite = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
+    pk = X25519PublicKey.from_public_bytes(recipient_pubkey)
+    out = suite.encrypt(data_key, pk, info=hpke_info(key_id))
+    return WrappedKey(key_id, out[:HPKE_ENC_BYTES], out[HPKE_ENC_BYTES:])

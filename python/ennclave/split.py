@@ -6,31 +6,28 @@ when everything (verification included) succeeded, so a failed split leaves noth
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import secrets
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .adapters import ModelAdapter, load_model
-from .errors import BundleError, VerificationError
+from .bundle import (
+    VERIFICATION_FILE,
+    BundleWriter,
+    PublicSpec,
+    SourceSpec,
+    build_manifest,
+    check_destination,
+    manifest_digest,
+)
+from .errors import VerificationError
 from .graph import CutPoint
-from .lower import optimize
+from .passes import optimize
 from .plan import resolve_cut
-from .program import Program
 from .verify import Verification, verify_split
-
-BUNDLE_FORMAT = "ennclave-bundle"
-BUNDLE_VERSION = 1
-SEALED_FILE = "private.sealed"
-DEFAULT_OUTPUT_POLICY: dict[str, Any] = {"mode": "full"}
 
 
 @dataclass
@@ -40,14 +37,6 @@ class SplitResult:
     verification: Verification
     manifest: dict[str, Any]
     key_id: str
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def split_model(
@@ -71,36 +60,36 @@ def split_model(
     With `keyserver` (URL) the data key is registered on the owner's key server (owner
     token: `keyserver_token` or the saved owner config) and never written locally; the
     manifest says `key_source: "keyserver"` and names the URL."""
-    from .keys.keystore import Keystore
-    from .seal import new_data_key, seal_container
+    from .keystore import Keystore
+    from .seal import HEADER_BYTES, new_data_key, seal_container
 
-    adapter = model if isinstance(model, ModelAdapter) else load_model(model)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BundleError(
-            f"{out} already exists and is not empty; choose a new path or overwrite it."
-        )
+    check_destination(out, overwrite)  # before the model is loaded: that can take seconds
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model)
     point = resolve_cut(adapter, cut)
     program = optimize(adapter.lower_private(point))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        public_file = None
+    with BundleWriter(out, overwrite=overwrite) as writer:
+        public = None
         if point.index > 0:
-            public_file = f"public{adapter.public_suffix}"
-            adapter.save_public(point, tmp / public_file)
+            public = PublicSpec(
+                f"public{adapter.public_suffix}",
+                adapter.framework,
+                [t.to_json() for t in adapter.graph.inputs],
+                [point.tensor.to_json()],
+            )
+            adapter.save_public(point, writer.dir / public.file)
         verification = verify_split(
             adapter,
             point,
             program,
-            tmp / public_file if public_file else None,
+            writer.dir / public.file if public else None,
             samples=samples,
             tolerance=tolerance,
             n_random=n_random,
             seed=seed,
         )
-        (tmp / "verification.json").write_text(json.dumps(asdict(verification), indent=2) + "\n")
+        writer.write_json(VERIFICATION_FILE, asdict(verification))
         if not verification.passed:
             raise VerificationError(
                 f"The split model differs from the original by up to "
@@ -109,18 +98,20 @@ def split_model(
             )
         key, key_id = new_data_key(), secrets.token_hex(16)
         manifest = build_manifest(
-            adapter, point, program, public_file, key_id, output_policy or DEFAULT_OUTPUT_POLICY
+            source=SourceSpec.of(adapter.path, adapter.framework),
+            cut={"index": point.index, "name": point.name, "tensor": point.tensor.name},
+            public=public,
+            private_inputs=[t.to_json() for t in program.inputs],
+            private_outputs=[t.to_json() for t in program.outputs],
+            key_id=key_id,
+            output_policy=output_policy,
+            keyserver_url=keyserver,
         )
-        if keyserver:
-            manifest["private"]["key_source"] = "keyserver"
-            manifest["private"]["keyserver"] = {"url": keyserver.rstrip("/")}
-        container = program.to_container()
+        container = program.to_container(offset=HEADER_BYTES)
         manifest["private"]["plaintext_bytes"] = len(container)
-        (tmp / SEALED_FILE).write_bytes(seal_container(container, manifest, key))
+        sealed = seal_container(container, manifest, key)
         del container
-        files = [public_file, SEALED_FILE] if public_file else [SEALED_FILE]
-        manifest["integrity"] = {"files": {f: _digest_path(tmp / f) for f in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = writer.finish(manifest, sealed, public_file=public.file if public else None)
         # The key goes to the keystore last: a failed split registers nothing.
         if keyserver:
             _register_on_keyserver(
@@ -129,10 +120,7 @@ def split_model(
         else:
             Keystore(keystore).put(key_id, key)
         del key
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        writer.commit()
     return SplitResult(out, point, verification, manifest, key_id)
 
 
@@ -146,72 +134,7 @@ def _register_on_keyserver(
 ) -> None:
     from .keyserver.client import KeyServerClient
     from .keyserver.config import resolve_admin
-    from .seal import canonical_manifest
 
     cfg = resolve_admin(url, token)
-    digest = hashlib.sha256(canonical_manifest(manifest)).hexdigest()
     with KeyServerClient(cfg.url, cfg.token) as ks:
-        ks.register(key_id, key, digest, policy)
-
-
-def _digest_path(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's files in sorted order (SavedModel dirs)."""
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(f)))
-    return h.hexdigest()
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def build_manifest(
-    adapter: ModelAdapter,
-    point: CutPoint,
-    program: Program,
-    public_file: str | None,
-    key_id: str,
-    output_policy: dict[str, Any],
-) -> dict[str, Any]:
-    graph = adapter.graph
-    source = adapter.path
-    public = None
-    if public_file:
-        public = {
-            "file": public_file,
-            "framework": adapter.framework,
-            "inputs": [t.to_json() for t in graph.inputs],
-            "outputs": [point.tensor.to_json()],
-        }
-    return {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "created_by": f"ennclave {__version__}",
-        "source": {
-            "file": source.name,
-            "framework": adapter.framework,
-            "sha256": sha256_file(source) if source.is_file() else None,
-        },
-        "cut": {"index": point.index, "name": point.name, "tensor": point.tensor.name},
-        "public": public,
-        "private": {
-            "file": SEALED_FILE,
-            "program_version": 1,
-            "inputs": [t.to_json() for t in program.inputs],
-            "outputs": [t.to_json() for t in program.outputs],
-            "cipher": "AES-256-GCM",
-            "key_id": key_id,
-            "key_source": "local",
-        },
-        "output_policy": dict(output_policy),
-    }
+        ks.register(key_id, key, manifest_digest(manifest), policy)

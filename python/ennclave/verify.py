@@ -1,4 +1,7 @@
-"""Check a split before it ships: original model vs saved public part -> reference executor."""
+"""Check a split before it ships: original model vs saved public part -> reference executor.
+
+The saved public part runs through `runtime.public.PublicPart`, the object the client
+runtime uses, so what is verified is the code path that ships."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from .errors import InputError
 from .graph import CutPoint
 from .program import Program
 from .reference import execute
+from .runtime.public import PublicPart
 
 
 @dataclass
@@ -49,10 +53,15 @@ def verify_split(
                 f"(N, {', '.join(map(str, expected_shape))}); pass a batch of model inputs."
             )
         batches.append(samples.astype(batches[0].dtype))
+    public = (
+        PublicPart(public_path, adapter.framework, ["CPUExecutionProvider"])
+        if public_path
+        else None
+    )
     max_abs, max_rel, count = 0.0, 0.0, 0
     for x in batches:
         expected = adapter.predict(x)
-        mid = type(adapter).predict_public(public_path, x) if public_path else x
+        mid = public(x) if public is not None else x
         got = execute(program, np.asarray(mid, dtype=np.float32))
         if got.shape != expected.shape:
             return Verification(float("inf"), float("inf"), count + len(x), tolerance, False)

@@ -4,7 +4,9 @@ only this interface, so adding a framework means adding one file here."""
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,13 +44,44 @@ class ModelAdapter(abc.ABC):
 
         Raises UnsupportedOpError naming the first node that cannot be lowered."""
 
-    @classmethod
-    @abc.abstractmethod
-    def predict_public(cls, path: Path, x: np.ndarray) -> np.ndarray:
-        """Run a saved public part (as written by save_public)."""
-
     def random_inputs(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Inputs for verification: standard normal for float inputs."""
         (inp,) = self.graph.inputs
         shape = (n, *[int(d or 1) for d in inp.shape[1:]])
         return rng.standard_normal(shape).astype(np.float32)
+
+
+Translator = Callable[..., Any]
+
+
+class Translators:
+    """A registry from a layer or operator type to the function that translates it into
+    enclave-program ops, filled by decorating the translator:
+
+        OPS = Translators()
+
+        class _Lowering:
+            @OPS.register("MaxPool", "AveragePool")
+            def pool(self, node, attrs): ...
+
+    Both adapters dispatch through one of these, so what a framework supports is exactly
+    what is registered (`types()`)."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, Translator] = {}
+
+    def register(self, *types: str) -> Callable[[Translator], Translator]:
+        def add(fn: Translator) -> Translator:
+            for t in types:
+                if t in self._by_type:
+                    raise ValueError(f"{t} has two translators")
+                self._by_type[t] = fn
+            return fn
+
+        return add
+
+    def get(self, op_type: str) -> Translator | None:
+        return self._by_type.get(op_type)
+
+    def types(self) -> set[str]:
+        return set(self._by_type)

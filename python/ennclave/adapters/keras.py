@@ -19,7 +19,7 @@ from .._deps import require
 from ..errors import ModelLoadError, UnsupportedOpError
 from ..graph import CutPoint, GraphView, Node, TensorInfo
 from ..program import Program, ProgramBuilder, activation
-from .base import ModelAdapter
+from .base import ModelAdapter, Translators
 
 # Layers that only matter in training: identity at inference.
 IDENTITY_LAYERS = {
@@ -49,44 +49,7 @@ ACTIVATION_NAMES = {
     "silu",
 }
 MERGE_LAYERS = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate"}
-SUPPORTED_LAYERS = sorted(
-    {
-        "Dense",
-        "Conv1D",
-        "Conv2D",
-        "DepthwiseConv1D",
-        "DepthwiseConv2D",
-        "SeparableConv1D",
-        "SeparableConv2D",
-        "MaxPooling1D",
-        "MaxPooling2D",
-        "AveragePooling1D",
-        "AveragePooling2D",
-        "GlobalAveragePooling1D",
-        "GlobalAveragePooling2D",
-        "GlobalMaxPooling1D",
-        "GlobalMaxPooling2D",
-        "ZeroPadding1D",
-        "ZeroPadding2D",
-        "Flatten",
-        "Reshape",
-        "BatchNormalization",
-        "LayerNormalization",
-        "Add",
-        "Subtract",
-        "Multiply",
-        "Average",
-        "Maximum",
-        "Minimum",
-        "Concatenate",
-        "Activation",
-        "ReLU",
-        "LeakyReLU",
-        "ELU",
-        "Softmax",
-    }
-    | IDENTITY_LAYERS
-)
+LAYERS = Translators()  # layer type -> translator; filled by @LAYERS.register below
 
 
 @dataclass
@@ -294,12 +257,6 @@ class KerasAdapter(ModelAdapter):
     def save_public(self, cut: CutPoint, path: Path) -> None:
         self.build_public(cut).save(path)
 
-    @classmethod
-    def predict_public(cls, path: Path, x: np.ndarray) -> np.ndarray:
-        keras = require("keras")
-        model = keras.saving.load_model(path, compile=False)
-        return np.asarray(model(x, training=False), dtype=np.float32)
-
     def lower_private(self, cut: CutPoint) -> Program:
         lowerer = _Lowerer(self._tensor_info)
         for node in self._nodes[cut.position :]:
@@ -359,7 +316,7 @@ class _Lowerer:
     def lower(self, node: Node) -> None:
         layer = node.handle
         kind = node.op_type
-        method = getattr(self, f"_lower_{kind}", None)
+        method = LAYERS.get(kind)
         if kind in IDENTITY_LAYERS:
             self.env[node.outputs[0]] = self._in(node)
             return
@@ -379,14 +336,15 @@ class _Lowerer:
                 f"Layer {node.name!r} uses data_format='channels_first'; the enclave runs "
                 "channels-last layers only."
             )
-        out = method(node, layer)
+        out = method(self, node, layer)
         self.env[node.outputs[0]] = out
 
     def _act(self, layer: Any, node: Node) -> dict[str, Any] | None:
         return _activation_of(getattr(layer, "activation", None), node.name)
 
     # -- dense and convolutions ---------------------------------------------------
-    def _lower_Dense(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Dense")
+    def lower_Dense(self, node: Node, layer: Any) -> str:
         w = {"kernel": _to_numpy(layer.kernel)}
         if layer.use_bias:
             w["bias"] = _to_numpy(layer.bias)
@@ -431,7 +389,8 @@ class _Lowerer:
             attrs = {**attrs, "activation": act}
         return self.builder.add("conv", [x], name, attrs, w)
 
-    def _lower_Conv1D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Conv1D", "Conv2D")
+    def lower_Conv1D(self, node: Node, layer: Any) -> str:
         kernel = _to_numpy(layer.kernel)
         attrs = self._conv_attrs(node, layer, list(kernel.shape[:-2]))
         attrs["groups"] = int(getattr(layer, "groups", 1))
@@ -439,8 +398,6 @@ class _Lowerer:
         return self._conv(
             node, self._in(node), kernel, bias, attrs, self._act(layer, node), node.name
         )
-
-    _lower_Conv2D = _lower_Conv1D
 
     def _depthwise(
         self,
@@ -460,7 +417,8 @@ class _Lowerer:
         kernel = dk.reshape(*window, 1, cin * mult)
         return self._conv(node, x, kernel, bias, attrs, act, name)
 
-    def _lower_DepthwiseConv2D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("DepthwiseConv2D", "DepthwiseConv1D")
+    def lower_DepthwiseConv2D(self, node: Node, layer: Any) -> str:
         bias = _to_numpy(layer.bias) if layer.use_bias else None
         return self._depthwise(
             node,
@@ -472,9 +430,8 @@ class _Lowerer:
             self._act(layer, node),
         )
 
-    _lower_DepthwiseConv1D = _lower_DepthwiseConv2D
-
-    def _lower_SeparableConv2D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("SeparableConv2D", "SeparableConv1D")
+    def lower_SeparableConv2D(self, node: Node, layer: Any) -> str:
         dw = self._depthwise(
             node,
             layer,
@@ -491,8 +448,6 @@ class _Lowerer:
         return self._conv(
             node, dw, pk, bias, attrs, self._act(layer, node), f"{node.name}/pointwise"
         )
-
-    _lower_SeparableConv1D = _lower_SeparableConv2D
 
     # -- pooling and shape ----------------------------------------------------------
     def _pool(self, node: Node, layer: Any, kind: str) -> str:
@@ -513,45 +468,41 @@ class _Lowerer:
         }
         return self.builder.add("pool", [self._in(node)], node.name, attrs)
 
-    def _lower_MaxPooling2D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("MaxPooling2D", "MaxPooling1D")
+    def lower_MaxPooling2D(self, node: Node, layer: Any) -> str:
         return self._pool(node, layer, "max")
 
-    def _lower_AveragePooling2D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("AveragePooling2D", "AveragePooling1D")
+    def lower_AveragePooling2D(self, node: Node, layer: Any) -> str:
         return self._pool(node, layer, "avg")
-
-    _lower_MaxPooling1D = _lower_MaxPooling2D
-    _lower_AveragePooling1D = _lower_AveragePooling2D
 
     def _global(self, node: Node, layer: Any, kind: str) -> str:
         attrs = {"kind": kind, "keepdims": bool(getattr(layer, "keepdims", False))}
         return self.builder.add("global_pool", [self._in(node)], node.name, attrs)
 
-    def _lower_GlobalAveragePooling2D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("GlobalAveragePooling2D", "GlobalAveragePooling1D")
+    def lower_GlobalAveragePooling2D(self, node: Node, layer: Any) -> str:
         return self._global(node, layer, "avg")
 
-    def _lower_GlobalMaxPooling2D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("GlobalMaxPooling2D", "GlobalMaxPooling1D")
+    def lower_GlobalMaxPooling2D(self, node: Node, layer: Any) -> str:
         return self._global(node, layer, "max")
 
-    _lower_GlobalAveragePooling1D = _lower_GlobalAveragePooling2D
-    _lower_GlobalMaxPooling1D = _lower_GlobalMaxPooling2D
-
-    def _lower_ZeroPadding2D(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("ZeroPadding2D", "ZeroPadding1D")
+    def lower_ZeroPadding2D(self, node: Node, layer: Any) -> str:
         pads = [[int(a), int(b)] for a, b in np.reshape(layer.padding, (-1, 2))]
         return self.builder.add(
             "pad", [self._in(node)], node.name, {"pads": [*pads, [0, 0]], "value": 0.0}
         )
 
-    _lower_ZeroPadding1D = _lower_ZeroPadding2D
-
-    def _reshape_to_output(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Flatten", "Reshape")
+    def reshape_to_output(self, node: Node, layer: Any) -> str:
         target = [int(d) for d in self.tensors[node.outputs[0]].shape[1:]]
         return self.builder.add("reshape", [self._in(node)], node.name, {"shape": target})
 
-    _lower_Flatten = _reshape_to_output
-    _lower_Reshape = _reshape_to_output
-
     # -- normalisation ---------------------------------------------------------------
-    def _lower_BatchNormalization(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("BatchNormalization")
+    def lower_BatchNormalization(self, node: Node, layer: Any) -> str:
         var = _to_numpy(layer.moving_variance)
         mean = _to_numpy(layer.moving_mean)
         gamma = _to_numpy(layer.gamma) if layer.scale else np.ones_like(var)
@@ -568,7 +519,8 @@ class _Lowerer:
             {"scale": scale, "shift": shift},
         )
 
-    def _lower_LayerNormalization(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("LayerNormalization")
+    def lower_LayerNormalization(self, node: Node, layer: Any) -> str:
         if getattr(layer, "rms_scaling", False):
             raise UnsupportedOpError(f"Layer {node.name!r} uses rms_scaling, not supported.")
         rank = len(self._shape(node))
@@ -597,27 +549,34 @@ class _Lowerer:
         ins = [self._in(node, i) for i in range(len(node.inputs))]
         return self.builder.add(op, ins, node.name)
 
-    def _lower_Add(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Add")
+    def lower_Add(self, node: Node, layer: Any) -> str:
         return self._merge(node, "add")
 
-    def _lower_Subtract(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Subtract")
+    def lower_Subtract(self, node: Node, layer: Any) -> str:
         return self._merge(node, "sub")
 
-    def _lower_Multiply(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Multiply")
+    def lower_Multiply(self, node: Node, layer: Any) -> str:
         return self._merge(node, "mul")
 
-    def _lower_Maximum(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Maximum")
+    def lower_Maximum(self, node: Node, layer: Any) -> str:
         return self._merge(node, "max")
 
-    def _lower_Minimum(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Minimum")
+    def lower_Minimum(self, node: Node, layer: Any) -> str:
         return self._merge(node, "min")
 
-    def _lower_Average(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Average")
+    def lower_Average(self, node: Node, layer: Any) -> str:
         total = self._merge(node, "add")
         k = self.builder.constant(f"{node.name}/n", np.array(len(node.inputs), np.float32))
         return self.builder.add("div", [total, k], f"{node.name}/mean")
 
-    def _lower_Concatenate(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Concatenate")
+    def lower_Concatenate(self, node: Node, layer: Any) -> str:
         rank = len(self._shape(node))
         axis = layer.axis if layer.axis < 0 else layer.axis - rank
         ins = [self._in(node, i) for i in range(len(node.inputs))]
@@ -627,11 +586,13 @@ class _Lowerer:
     def _unary(self, node: Node, act: dict[str, Any]) -> str:
         return self.builder.add("activation", [self._in(node)], node.name, {"activation": act})
 
-    def _lower_Activation(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Activation")
+    def lower_Activation(self, node: Node, layer: Any) -> str:
         act = self._act(layer, node) or activation("linear")
         return self._unary(node, act)
 
-    def _lower_ReLU(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("ReLU")
+    def lower_ReLU(self, node: Node, layer: Any) -> str:
         max_value = layer.max_value
         slope = float(layer.negative_slope)
         if float(layer.threshold) != 0.0:
@@ -648,12 +609,19 @@ class _Lowerer:
             f"Layer {node.name!r}: ReLU with both negative_slope and max_value is not supported."
         )
 
-    def _lower_LeakyReLU(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("LeakyReLU")
+    def lower_LeakyReLU(self, node: Node, layer: Any) -> str:
         return self._unary(node, activation("leaky_relu", alpha=float(layer.negative_slope)))
 
-    def _lower_ELU(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("ELU")
+    def lower_ELU(self, node: Node, layer: Any) -> str:
         return self._unary(node, activation("elu", alpha=float(layer.alpha)))
 
-    def _lower_Softmax(self, node: Node, layer: Any) -> str:
+    @LAYERS.register("Softmax")
+    def lower_Softmax(self, node: Node, layer: Any) -> str:
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[-1]
         return self._unary(node, activation("softmax", axis=int(axis)))
+
+
+# Every layer type the private side can hold: the registered ones and the identities.
+SUPPORTED_LAYERS = sorted(LAYERS.types() | IDENTITY_LAYERS)

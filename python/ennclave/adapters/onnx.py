@@ -11,7 +11,6 @@ Transpose) therefore lowers without a single transpose node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ import numpy as np
 from .._deps import require
 from ..errors import CutError, ModelLoadError, UnsupportedOpError
 from ..graph import CutPoint, GraphView, Node, TensorInfo
-from ..program import Program, ProgramBuilder, ProgramNode, activation
-from .base import ModelAdapter
+from ..program import Program, ProgramBuilder, activation
+from .base import ModelAdapter, Translators
 
 MIN_OPSET = 13
 
@@ -54,12 +53,8 @@ _BINARY = {
 }
 _REDUCE = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min"}
 _ALIASES = ("Identity", "Dropout", "Cast")
-_OTHER = (
-    "Gemm MatMul Conv MaxPool AveragePool GlobalAveragePool GlobalMaxPool "
-    "BatchNormalization LayerNormalization LeakyRelu Elu Selu HardSigmoid HardSwish "
-    "Softmax Clip Gelu PRelu Concat Flatten Reshape Squeeze Unsqueeze Transpose Pad"
-).split()
-SUPPORTED_OPS = sorted({*_UNARY_ACTIVATIONS, *_BINARY, *_REDUCE, *_ALIASES, *_OTHER})
+# Operator type -> translator; filled by @OPS.register on `_Lowering` below.
+OPS = Translators()
 # Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
 _ROWWISE = {
     *_UNARY_ACTIVATIONS,
@@ -403,10 +398,6 @@ class OnnxAdapter(ModelAdapter):
             self._session = self._open_session(self.model.SerializeToString())
         return self._run(self._session, x, self.graph.inputs[0].name)
 
-    @classmethod
-    def predict_public(cls, path: Path, x: np.ndarray) -> np.ndarray:
-        return cls._run(cls._open_session(str(path)), x)
-
     # -- public part -------------------------------------------------------------
     def save_public(self, cut: CutPoint, path: Path) -> None:
         onnx = require("onnx")
@@ -711,9 +702,7 @@ class _Lowering:
             raise CutError(f"The private side of cut {cut.name!r} does not compute the output.")
         final = self.logical(self.env[out_name], g.nodes[-1])
         out_shape = self.shape(out_name, g.nodes[-1])
-        prog = self.b.build([TensorInfo(in_name, in_shape)], [TensorInfo(final.name, out_shape)])
-        _optimize(prog, self.pshape)
-        return prog
+        return self.b.build([TensorInfo(in_name, in_shape)], [TensorInfo(final.name, out_shape)])
 
     def lower_node(self, node: Node) -> None:
         op = node.op_type
@@ -724,7 +713,6 @@ class _Lowering:
                 f"custom domain {n.domain!r} is not supported; "
                 f"supported ops: {', '.join(SUPPORTED_OPS)}",
             )
-        handler: Callable[[Node, dict[str, Any]], _Val] | None = getattr(self, f"op_{op}", None)
         attrs = _attrs(n)
         ks = {self.merged.get(t, ()) for t in node.inputs if t in self.env}
         if ks and ks != {()}:
@@ -744,24 +732,29 @@ class _Lowering:
             if op != "Reshape":
                 for t in n.output:
                     self.merged[t] = k
-        if op in _UNARY_ACTIVATIONS:
-            v = self.dyn(node)
-            out = self.act(node, v, activation(_UNARY_ACTIVATIONS[op]))
-        elif op in _BINARY:
-            out = self.binary(node, _BINARY[op], list(node.inputs))
-        elif op in _REDUCE:
-            out = self.reduce(node, _REDUCE[op], attrs)
-        elif handler is not None:
-            out = handler(node, attrs)
-        else:
+        translate = OPS.get(op)
+        if translate is None:
             raise UnsupportedOpError(
                 f"Node {node.name!r} has op type {op}, which the enclave program does not "
                 f"support; supported ops: {', '.join(SUPPORTED_OPS)}."
             )
+        out = translate(self, node, attrs)
         extra = [t for t in n.output[1:] if t]
         if any(t in self.used for t in extra):
             raise self.unsupported(node, "only its first output can be lowered")
         self.env[n.output[0]] = out
+
+    @OPS.register(*_UNARY_ACTIVATIONS)
+    def lower_unary(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.act(node, self.dyn(node), activation(_UNARY_ACTIVATIONS[node.op_type]))
+
+    @OPS.register(*_BINARY)
+    def lower_binary(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.binary(node, _BINARY[node.op_type], list(node.inputs))
+
+    @OPS.register(*_REDUCE)
+    def lower_reduce(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.reduce(node, _REDUCE[node.op_type], a)
 
     def act(self, node: Node, v: _Val, act: dict[str, Any]) -> _Val:
         name = self.emit("activation", [v.name], node, v.pshape, {"activation": act})
@@ -807,27 +800,33 @@ class _Lowering:
         name = self.emit(op, names, node, pshape)
         return _Val(name, perm, out_shape)
 
-    def op_Identity(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Identity")
+    def lower_Identity(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.dyn(node)
 
-    def op_Dropout(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Dropout")
+    def lower_Dropout(self, node: Node, a: dict[str, Any]) -> _Val:
         training = self.opt_const(node, 2)
         if training is not None and bool(training.reshape(-1)[0]):
             raise self.unsupported(node, "training_mode=True")
         return self.dyn(node)  # inference: identity
 
-    def op_Cast(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Cast")
+    def lower_Cast(self, node: Node, a: dict[str, Any]) -> _Val:
         if a.get("to") != 1:
             raise self.unsupported(node, "only casts to float32 are supported")
         return self.dyn(node)
 
-    def op_LeakyRelu(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("LeakyRelu")
+    def lower_LeakyRelu(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.act(node, self.dyn(node), activation("leaky_relu", alpha=a.get("alpha", 0.01)))
 
-    def op_Elu(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Elu")
+    def lower_Elu(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.act(node, self.dyn(node), activation("elu", alpha=a.get("alpha", 1.0)))
 
-    def op_Selu(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Selu")
+    def lower_Selu(self, node: Node, a: dict[str, Any]) -> _Val:
         if (
             abs(a.get("alpha", 1.6732632) - 1.6732632423543772) > 1e-6
             or abs(a.get("gamma", 1.0507010) - 1.0507009873554805) > 1e-6
@@ -835,27 +834,32 @@ class _Lowering:
             raise self.unsupported(node, "only the standard alpha/gamma are supported")
         return self.act(node, self.dyn(node), activation("selu"))
 
-    def op_HardSigmoid(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("HardSigmoid")
+    def lower_HardSigmoid(self, node: Node, a: dict[str, Any]) -> _Val:
         act = activation("hard_sigmoid", alpha=a.get("alpha", 0.2), beta=a.get("beta", 0.5))
         return self.act(node, self.dyn(node), act)
 
-    def op_HardSwish(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("HardSwish")
+    def lower_HardSwish(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         hs = self.act(node, v, activation("hard_sigmoid", alpha=1 / 6, beta=0.5))
         return _Val(self.emit("mul", [v.name, hs.name], node, v.pshape), v.perm, v.shape)
 
-    def op_Gelu(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Gelu")
+    def lower_Gelu(self, node: Node, a: dict[str, Any]) -> _Val:
         approx = _s(a.get("approximate", "none"))
         return self.act(node, self.dyn(node), activation("gelu", approximate=approx == "tanh"))
 
-    def op_Softmax(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Softmax")
+    def lower_Softmax(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         axis = v.phys_axis(a.get("axis", -1))
         if axis == 0:
             raise self.unsupported(node, "softmax over the batch axis")
         return self.act(node, v, activation("softmax", axis=axis - v.rank))
 
-    def op_Clip(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Clip")
+    def lower_Clip(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         lo_c, hi_c = self.opt_const(node, 1), self.opt_const(node, 2)
         lo = float(lo_c.reshape(-1)[0]) if lo_c is not None else a.get("min")
@@ -874,7 +878,8 @@ class _Lowering:
             return _Val(self.emit("min", [v.name, c], node, v.pshape), v.perm, v.shape)
         return v
 
-    def op_PRelu(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("PRelu")
+    def lower_PRelu(self, node: Node, a: dict[str, Any]) -> _Val:
         # max(x, 0) + slope * min(x, 0), exactly.
         v = self.dyn(node)
         slope = self.opt_const(node, 1)
@@ -899,7 +904,8 @@ class _Lowering:
         name = self.emit("dense", [v.name], node, tuple(out_shape[p] for p in v.perm), weights=w)
         return _Val(name, v.perm, out_shape)
 
-    def op_MatMul(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("MatMul")
+    def lower_MatMul(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         if node.inputs[1] in self.env:
             raise self.unsupported(
@@ -913,7 +919,8 @@ class _Lowering:
             raise self.unsupported(node, "the constant right operand must be 2-D")
         return self.dense(node, v, k.astype(np.float32), None)
 
-    def op_Gemm(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Gemm")
+    def lower_Gemm(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         if a.get("transA", 0):
             raise self.unsupported(node, "transA=1 would transpose the batch axis")
@@ -957,7 +964,8 @@ class _Lowering:
             raise self.unsupported(node, f"auto_pad={auto}")
         return strides, dil, pairs
 
-    def op_Conv(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Conv")
+    def lower_Conv(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         if v.rank not in (3, 4):
             raise self.unsupported(node, "only 1-D and 2-D convolutions are supported")
@@ -1007,10 +1015,12 @@ class _Lowering:
         name = self.emit("pool", [v.name], node, tuple(out_shape[p] for p in perm), attrs)
         return _Val(name, perm, out_shape)
 
-    def op_MaxPool(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("MaxPool")
+    def lower_MaxPool(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.pool(node, a, "max")
 
-    def op_AveragePool(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("AveragePool")
+    def lower_AveragePool(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.pool(node, a, "avg")
 
     def global_pool(self, node: Node, kind: str) -> _Val:
@@ -1039,13 +1049,16 @@ class _Lowering:
         )
         return _Val(name, perm, out_shape)
 
-    def op_GlobalAveragePool(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("GlobalAveragePool")
+    def lower_GlobalAveragePool(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.global_pool(node, "avg")
 
-    def op_GlobalMaxPool(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("GlobalMaxPool")
+    def lower_GlobalMaxPool(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.global_pool(node, "max")
 
-    def op_BatchNormalization(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("BatchNormalization")
+    def lower_BatchNormalization(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         if a.get("training_mode", 0):
             raise self.unsupported(node, "training_mode=1")
@@ -1064,7 +1077,8 @@ class _Lowering:
         )
         return _Val(name, v.perm, v.shape)
 
-    def op_LayerNormalization(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("LayerNormalization")
+    def lower_LayerNormalization(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         axis = a.get("axis", -1) % v.rank
         if axis == 0:
@@ -1091,7 +1105,8 @@ class _Lowering:
         )  # type: ignore[arg-type]
         return _Val(name, _ident(len(out_shape)), out_shape)
 
-    def op_Reshape(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Reshape")
+    def lower_Reshape(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         k_in = self.merged.get(node.inputs[0], ())
         rest = [int(d) for d in v.shape[1 + len(k_in) :]]  # type: ignore[arg-type]
@@ -1131,7 +1146,8 @@ class _Lowering:
             self.merged.pop(node.outputs[0], None)
         return self.reshape_to(node, v, (None, *k_out, *tail))
 
-    def op_Flatten(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Flatten")
+    def lower_Flatten(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         axis = a.get("axis", 1) % max(v.rank, 1) if a.get("axis", 1) < 0 else a.get("axis", 1)
         if axis == 0 or any(d != 1 for d in v.shape[1:axis]):
@@ -1147,7 +1163,8 @@ class _Lowering:
             return None
         return sorted(int(x) % rank for x in np.asarray(axes).reshape(-1))
 
-    def op_Squeeze(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Squeeze")
+    def lower_Squeeze(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         axes = self._axes(node, a, v.rank)
         if axes is None:
@@ -1160,7 +1177,8 @@ class _Lowering:
         out_shape = tuple(d for i, d in enumerate(v.shape) if i not in axes)
         return self.phys_reshape(node, v, perm, out_shape)
 
-    def op_Unsqueeze(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Unsqueeze")
+    def lower_Unsqueeze(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         out_shape = self.shape(node.outputs[0], node)
         axes = self._axes(node, a, len(out_shape))
@@ -1187,7 +1205,8 @@ class _Lowering:
         )  # type: ignore[arg-type]
         return _Val(name, perm, out_shape)
 
-    def op_Transpose(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Transpose")
+    def lower_Transpose(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         t = tuple(a.get("perm", range(v.rank - 1, -1, -1)))
         if t[0] != 0:
@@ -1196,7 +1215,8 @@ class _Lowering:
         inv_t = _inv(t)
         return _Val(v.name, tuple(inv_t[p] for p in v.perm), tuple(v.shape[i] for i in t))
 
-    def op_Concat(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Concat")
+    def lower_Concat(self, node: Node, a: dict[str, Any]) -> _Val:
         ins = [t for t in node.inputs]
         if any(t not in self.env for t in ins):
             raise self.unsupported(
@@ -1220,7 +1240,8 @@ class _Lowering:
         )
         return _Val(name, perm, out_shape)
 
-    def op_Pad(self, node: Node, a: dict[str, Any]) -> _Val:
+    @OPS.register("Pad")
+    def lower_Pad(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         mode = _s(a.get("mode", "constant"))
         if mode != "constant":
@@ -1276,158 +1297,4 @@ class _Lowering:
         return _Val(name, perm, out_shape)
 
 
-# -- program clean-up ----------------------------------------------------------
-def _optimize(prog: Program, pshape: dict[str, tuple[int | None, ...]]) -> None:
-    """Peephole clean-up, exact up to float rounding: fold per-channel affine ops and
-    activations into the preceding dense/conv, merge reshape/transpose chains, turn
-    x * sigmoid(x) into swish, then drop nodes and weights nothing uses."""
-    out_name = prog.outputs[0].name
-    while _fuse_linear(prog, pshape, out_name) or _simplify(prog, pshape, out_name):
-        pass
-    needed = {out_name}
-    live: list[ProgramNode] = []
-    for n in reversed(prog.nodes):
-        if any(t in needed for t in n.outputs):
-            live.append(n)
-            needed.update(n.inputs)
-    prog.nodes[:] = list(reversed(live))
-    used = {k for n in prog.nodes for k in n.weights.values()}
-    for k in list(prog.weights):
-        if k not in used:
-            del prog.weights[k]
-
-
-def _consumers(prog: Program) -> dict[str, list[ProgramNode]]:
-    consumers: dict[str, list[ProgramNode]] = {}
-    for n in prog.nodes:
-        for t in n.inputs:
-            consumers.setdefault(t, []).append(n)
-    return consumers
-
-
-def _fuse_linear(prog: Program, pshape: dict[str, tuple[int | None, ...]], out_name: str) -> bool:
-    consumers = _consumers(prog)
-    const_of = {n.outputs[0]: n for n in prog.nodes if n.op == "constant"}
-    for lin in prog.nodes:
-        if lin.op not in ("dense", "conv") or lin.attrs.get("activation"):
-            continue
-        y = lin.outputs[0]
-        users = consumers.get(y, [])
-        if y == out_name or len(users) != 1:
-            continue
-        nxt = users[0]
-        if _fuse(prog, lin, nxt, const_of, pshape):
-            lin.outputs = list(nxt.outputs)
-            prog.nodes.remove(nxt)
-            return True
-    return False
-
-
-def _simplify(prog: Program, pshape: dict[str, tuple[int | None, ...]], out_name: str) -> bool:
-    consumers = _consumers(prog)
-    producers = {n.outputs[0]: n for n in prog.nodes}
-    for n in prog.nodes:
-        if n.op in ("reshape", "transpose"):
-            x, y = n.inputs[0], n.outputs[0]
-            in_shape = pshape.get(x)
-            identity = (
-                n.attrs["perm"] == sorted(n.attrs["perm"])
-                if n.op == "transpose"
-                else in_shape is not None and list(in_shape[1:]) == list(n.attrs["shape"])
-            )
-            if identity and y != out_name:
-                for m in consumers.get(y, []):
-                    m.inputs = [x if t == y else t for t in m.inputs]
-                prog.nodes.remove(n)
-                return True
-            src = producers.get(x)
-            if (
-                src is not None
-                and src.op == n.op
-                and x != out_name
-                and len(consumers.get(x, [])) == 1
-            ):
-                if n.op == "transpose":
-                    p1 = src.attrs["perm"]
-                    n.attrs["perm"] = [p1[i] for i in n.attrs["perm"]]
-                n.inputs = list(src.inputs)
-                prog.nodes.remove(src)
-                return True
-        if n.op == "mul" and len(n.inputs) == 2:
-            for a, b in (n.inputs, n.inputs[::-1]):
-                sig = producers.get(b)
-                if (
-                    sig is not None
-                    and sig.op == "activation"
-                    and sig.attrs["activation"]["fn"] == "sigmoid"
-                    and sig.inputs[0] == a
-                    and len(consumers.get(b, [])) == 1
-                    and b != out_name
-                ):
-                    n.op, n.inputs = "activation", [a]
-                    n.attrs = {"activation": activation("swish")}
-                    prog.nodes.remove(sig)
-                    return True
-    return False
-
-
-def _channel_vector(value: np.ndarray, cout: int) -> np.ndarray | None:
-    """`value` as a [cout] vector if it only varies along the last axis."""
-    if value.ndim and any(d != 1 for d in value.shape[:-1]):
-        return None
-    flat = value.reshape(-1)
-    if flat.size not in (1, cout):
-        return None
-    return np.broadcast_to(flat, (cout,)).astype(np.float64)
-
-
-def _fuse(
-    prog: Program,
-    lin: ProgramNode,
-    nxt: ProgramNode,
-    const_of: dict[str, ProgramNode],
-    pshape: dict[str, tuple[int | None, ...]],
-) -> bool:
-    w = prog.weights
-    kernel = w[lin.weights["kernel"]].astype(np.float64)
-    cout = kernel.shape[-1]
-    bias = w[lin.weights["bias"]].astype(np.float64) if "bias" in lin.weights else np.zeros(cout)
-    y = lin.outputs[0]
-    rank = len(pshape.get(y, ()))
-    if nxt.op == "activation":
-        lin.attrs["activation"] = nxt.attrs["activation"]
-        return True
-    if nxt.op == "scale_shift":
-        if rank == 0 or nxt.attrs.get("axis", -1) % rank != rank - 1:
-            return False
-        scale = w[nxt.weights["scale"]].astype(np.float64)
-        shift = w[nxt.weights["shift"]].astype(np.float64)
-        kernel, bias = kernel * scale, bias * scale + shift
-    elif nxt.op in ("mul", "add", "sub") and len(nxt.inputs) == 2:
-        other = [t for t in nxt.inputs if t != y]
-        if len(other) != 1 or other[0] not in const_of:
-            return False
-        if nxt.op == "sub" and nxt.inputs[0] != y:
-            return False  # c - x is not an affine fold into the bias alone
-        value = w[const_of[other[0]].weights["value"]].astype(np.float64)
-        if value.ndim > rank - 1:
-            return False
-        vec = _channel_vector(value, cout)
-        if vec is None:
-            return False
-        if nxt.op == "mul":
-            kernel, bias = kernel * vec, bias * vec
-        elif nxt.op == "add":
-            bias = bias + vec
-        else:
-            bias = bias - vec
-    else:
-        return False
-    w[lin.weights["kernel"]] = kernel.astype(np.float32)
-    if "bias" not in lin.weights:
-        key = f"{lin.name}.bias"
-        while key in w:
-            key += "_"
-        lin.weights["bias"] = key
-    w[lin.weights["bias"]] = bias.astype(np.float32)
-    return True
+SUPPORTED_OPS = sorted(OPS.types())

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AuthenticationError, InputError, QueryBudgetExhausted
+from ..errors import InputError, QueryBudgetExhausted
 from ..runtime.model import EnclavedModel, TopK
 
 Tick = Callable[[int], None]
@@ -142,30 +141,18 @@ class OwnerView:
     """The victim with full outputs, computed from the unsealed private program."""
 
     def __init__(self, bundle: str | Path, keystore: Any = None) -> None:
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        from ..keys.keystore import Keystore
+        from ..bundle import read_manifest, sealed_path
+        from ..keystore import Keystore
         from ..program import Program
-        from ..seal import NONCE_BYTES, SEAL_MAGIC, canonical_manifest
+        from ..seal import unseal_container
 
         self.bundle = Path(bundle)
-        manifest = json.loads((self.bundle / "manifest.json").read_text())
-        private = manifest["private"]
+        manifest, _ = read_manifest(self.bundle)
         ks = keystore if hasattr(keystore, "get") else Keystore(keystore)
-        key = ks.get(private["key_id"])
-        blob = (self.bundle / private.get("file", "private.sealed")).read_bytes()
-        if blob[: len(SEAL_MAGIC)] != SEAL_MAGIC:
-            raise AuthenticationError(f"{self.bundle} has no sealed program.")
-        nonce = blob[len(SEAL_MAGIC) : len(SEAL_MAGIC) + NONCE_BYTES]
-        try:
-            container = AESGCM(key).decrypt(
-                nonce, blob[len(SEAL_MAGIC) + NONCE_BYTES :], canonical_manifest(manifest)
-            )
-        except InvalidTag:
-            raise AuthenticationError(
-                f"The sealed program in {self.bundle} did not authenticate with the owner's key."
-            ) from None
+        key = ks.get(manifest["private"]["key_id"])
+        sealed = sealed_path(self.bundle, manifest).read_bytes()
+        container = unseal_container(sealed, manifest, key, str(self.bundle))
+        del key
         self.program = Program.from_container(container)
         self.manifest = manifest
 

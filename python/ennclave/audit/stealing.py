@@ -70,9 +70,9 @@ def surrogate_head(feature_shape: tuple[int, ...], n_classes: int, hidden: int) 
 def load_public_keras(bundle: str | Path) -> Any | None:
     """The bundle's public Keras model (any holder can load it), or None when the cut is
     at the input or the public part is ONNX (no architecture to clone in Keras)."""
-    import json
+    from ..bundle import read_manifest
 
-    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    manifest, _ = read_manifest(Path(bundle))
     pub = manifest.get("public")
     if not pub or pub.get("framework") != "keras":
         return None

@@ -44,7 +44,7 @@ def _when(ts: int | None) -> str:
 
 
 def _print_bundle(b: dict[str, Any]) -> None:
-    from ..cli import console
+    from ..console import console
 
     p = b["policy"]
     state = f"[red]revoked[/] ({b['revoked_reason']})" if b["revoked"] else "[green]active[/]"
@@ -85,7 +85,7 @@ def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from ..cli import console
+    from ..console import console
 
     with _client(args) as ks:
         if args.keys_cmd == "list":
@@ -100,16 +100,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
             b = ks.get(args.key_id)
             print(json.dumps(b, indent=2)) if args.json else _print_bundle(b)
         elif args.keys_cmd == "register":
-            import hashlib
             from pathlib import Path
 
-            from ..keys.keystore import Keystore
-            from ..runtime.model import read_manifest
-            from ..seal import canonical_manifest
+            from ..bundle import manifest_digest, read_manifest
+            from ..keystore import Keystore
 
             manifest, _ = read_manifest(Path(args.bundle))
             key_id = manifest["private"]["key_id"]
-            digest = hashlib.sha256(canonical_manifest(manifest)).hexdigest()
+            digest = manifest_digest(manifest)
             key = Keystore(args.keystore).get(key_id)
             b = ks.register(key_id, key, digest, policy_changes(args))
             del key

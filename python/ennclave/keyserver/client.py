@@ -206,7 +206,7 @@ class KeyserverRelease:
         cache.store(key_id, blob, held.raw, held.mac)
 
     def _from_cache(self, unreachable: KeyServerUnreachable) -> Any:
-        from ..runtime.worker import CachedKey
+        from ..seal import CachedKey
 
         c = cache.load(self.key_id)
         if c is None:
@@ -220,7 +220,7 @@ class KeyserverRelease:
         return CachedKey(self.key_id, c["blob"])
 
     def __call__(self, hello: Any) -> Any:
-        from ..runtime.worker import WrappedKey
+        from ..seal import WrappedKey
 
         if self._worker is None:
             raise EnnclaveError("KeyserverRelease is not bound to a worker; this is a bug.")

@@ -16,20 +16,16 @@ Output by the bundle's (authenticated) output policy:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..bundle import manifest_digest, output_policy, read_manifest, sealed_path
 from ..errors import BundleError, EnnclaveError, InputError
+from .public import PublicPart
 from .worker import WorkerClient, local_key_release
-
-BUNDLE_FORMAT = "ennclave-bundle"
-BUNDLE_VERSION = 1
-MANIFEST_FILE = "manifest.json"
 
 
 class TopK(NamedTuple):
@@ -37,166 +33,11 @@ class TopK(NamedTuple):
     indices: np.ndarray
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def digest_path(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's files in sorted order (as `split` writes)."""
-    if path.is_file():
-        return _sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path).as_posix().encode()
-        h.update(rel + b"\0" + bytes.fromhex(_sha256_file(f)))
-    return h.hexdigest()
-
-
 def _per_sample(shape: list[Any]) -> int:
     n = 1
     for d in shape[1:]:
         n *= int(d)
     return n
-
-
-def read_manifest(bundle: Path) -> tuple[dict[str, Any], bytes]:
-    """Parse and sanity-check manifest.json; verify the integrity digests."""
-    if not bundle.is_dir():
-        raise BundleError(
-            f"{bundle} is not a bundle directory; pass the folder `ennclave split` wrote."
-        )
-    mpath = bundle / MANIFEST_FILE
-    try:
-        raw = mpath.read_bytes()
-    except FileNotFoundError:
-        raise BundleError(
-            f"{bundle} has no {MANIFEST_FILE}; it is not a complete bundle."
-        ) from None
-    try:
-        manifest = json.loads(raw)
-    except ValueError:
-        raise BundleError(
-            f"{mpath} is not valid JSON; the bundle is damaged, download it again."
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{mpath} is not an ennclave bundle manifest.")
-    if manifest.get("version") != BUNDLE_VERSION:
-        raise BundleError(
-            f"{bundle} is bundle version {manifest.get('version')}, this ennclave reads version "
-            f"{BUNDLE_VERSION}; upgrade ennclave."
-        )
-    private = manifest.get("private")
-    if not isinstance(private, dict) or not isinstance(private.get("key_id"), str):
-        raise BundleError(f"{mpath} has no valid `private` section; the bundle is damaged.")
-    files = ((manifest.get("integrity") or {}).get("files")) or {}
-    needed = [private.get("file", "private.sealed")]
-    if manifest.get("public"):
-        needed.append(manifest["public"]["file"])
-    for name in needed:
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            raise BundleError(f"{mpath} names an invalid file {name!r}; the bundle is damaged.")
-        p = bundle / name
-        if not p.exists():
-            raise BundleError(f"{p} is missing; the bundle is incomplete, download it again.")
-        want = files.get(name)
-        if want is None:
-            raise BundleError(f"{mpath} has no integrity digest for {name}; the bundle is damaged.")
-        if digest_path(p) != want:
-            raise BundleError(
-                f"{p} does not match its SHA-256 digest in {MANIFEST_FILE}; the file is damaged "
-                "or was modified, download the bundle again."
-            )
-    _check_sealed_header(bundle / needed[0])
-    return manifest, raw
-
-
-def _check_sealed_header(path: Path) -> None:
-    """Catch a truncated or foreign private.sealed before a worker is spawned for it."""
-    from ..seal import NONCE_BYTES, SEAL_MAGIC
-
-    with path.open("rb") as f:
-        head = f.read(len(SEAL_MAGIC))
-        size = path.stat().st_size
-    if head != SEAL_MAGIC or size < len(SEAL_MAGIC) + NONCE_BYTES + 16:
-        raise BundleError(
-            f"{path} is truncated or not an ennclave sealed program; the bundle is damaged, "
-            "download it again."
-        )
-
-
-class _Public:
-    """The public part in its framework."""
-
-    def __init__(self, path: Path, framework: str, providers: list[str] | None) -> None:
-        self.framework = framework
-        if framework == "keras":
-            try:
-                import keras
-            except ImportError:
-                raise EnnclaveError(
-                    "This bundle's public part is a Keras model; install ennclave[keras]."
-                ) from None
-            try:
-                self._model = keras.saving.load_model(path, compile=False)
-            except Exception as e:
-                raise BundleError(
-                    f"Keras cannot load {path} ({e}); the bundle may need a newer Keras."
-                ) from None
-        elif framework == "onnx":
-            try:
-                import onnxruntime as ort
-            except ImportError:
-                raise EnnclaveError(
-                    "This bundle's public part is an ONNX model; install ennclave[onnx]."
-                ) from None
-            if providers is None:
-                avail = ort.get_available_providers()
-                gpu = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider") if p in avail]
-                providers = [*gpu, "CPUExecutionProvider"]
-            try:
-                self._sess = ort.InferenceSession(str(path), providers=providers)
-            except Exception as e:
-                raise BundleError(f"ONNX Runtime cannot load {path} ({e}).") from None
-            self._input = self._sess.get_inputs()[0].name
-        else:
-            raise BundleError(f"Unknown public framework {framework!r}; upgrade ennclave.")
-        self.on_gpu = self._detect_gpu()
-
-    def _detect_gpu(self) -> bool:
-        """Whether the public part runs on a GPU: ONNX Runtime's first provider, or the
-        device of the Keras backend (TensorFlow, JAX or PyTorch) in use."""
-        if self.framework == "onnx":
-            return self._sess.get_providers()[0] != "CPUExecutionProvider"
-        try:
-            import keras
-
-            backend = keras.backend.backend()
-            if backend == "tensorflow":
-                import tensorflow as tf
-
-                return bool(tf.config.list_logical_devices("GPU"))
-            if backend == "jax":
-                import jax
-
-                return jax.default_backend() in ("gpu", "cuda", "rocm")
-            if backend == "torch":
-                import torch
-
-                return bool(torch.cuda.is_available())
-        except Exception:  # a backend without GPU support installed
-            pass
-        return False
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.framework == "keras":
-            # predict_on_batch runs Keras's compiled predict function (a tf.function
-            # traced once per input shape): about twice as fast as an eager call here.
-            return np.asarray(self._model.predict_on_batch(x), dtype=np.float32)
-        return np.asarray(self._sess.run(None, {self._input: x})[0], dtype=np.float32)
 
 
 class EnclavedModel:
@@ -220,8 +61,7 @@ class EnclavedModel:
         self._out_shape = tuple(self._spec("private", "outputs")["shape"])
         pub = self.manifest.get("public")
         self.input_spec = self._spec("public", "inputs") if pub else self._spec("private", "inputs")
-        policy = self.manifest.get("output_policy") or {"mode": "full"}
-        self.output_policy: dict[str, Any] = dict(policy)
+        self.output_policy: dict[str, Any] = output_policy(self.manifest)
 
         source = private.get("key_source", "local")
         if keyserver is None and source == "keyserver":
@@ -232,10 +72,10 @@ class EnclavedModel:
         if keyserver:
             # Key-server mode: the host only relays HELLO/EVIDENCE and the wrapped key.
             from ..keyserver.client import KeyserverRelease
-            from ..seal import canonical_manifest
 
-            digest = hashlib.sha256(canonical_manifest(self.manifest)).hexdigest()
-            self._relay = KeyserverRelease(keyserver, private["key_id"], digest)
+            self._relay = KeyserverRelease(
+                keyserver, private["key_id"], manifest_digest(self.manifest)
+            )
             release: Any = self._relay
         elif source != "local":
             raise EnnclaveError(
@@ -243,18 +83,18 @@ class EnclavedModel:
                 "cannot use; ask the owner for a local-key or key-server bundle."
             )
         else:
-            from ..keys.keystore import Keystore
+            from ..keystore import Keystore
 
             ks = keystore if hasattr(keystore, "get") else Keystore(keystore)
             ks.get(private["key_id"])  # fail early and clearly (KeyNotFound) before spawning
             release = local_key_release(ks, private["key_id"])
 
         self._public = (
-            _Public(self.bundle / pub["file"], pub["framework"], providers) if pub else None
+            PublicPart(self.bundle / pub["file"], pub["framework"], providers) if pub else None
         )
         self._worker = WorkerClient(
             raw,
-            self.bundle / private.get("file", "private.sealed"),
+            sealed_path(self.bundle, self.manifest),
             release,
             binary=worker_binary,
             threads=threads,

@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from ..errors import (
     WorkerError,
     WorkerNotFound,
 )
+from ..seal import CachedKey, WrappedKey, wrap_data_key
 
 BINARY_NAME = "ennclave-enclave"
 # The only environment the worker gets: diagnostics, and the switch that runs its
@@ -67,7 +68,6 @@ SPIN_S = 1e-3
 # When the last answer came within this time, the host polls without yielding for this
 # long first: each yield adds a system call to a wait this short.
 HOT_SPIN_S = 50e-6
-HPKE_INFO_PREFIX = b"ennclave data key v1"
 
 # message types (protocol.rs `ty`)
 HELLO, CHALLENGE, EVIDENCE = 0x01, 0x02, 0x03
@@ -215,44 +215,6 @@ class Hello:
     pubkey: bytes
     binary_sha256: str
     secmem: str
-
-
-@dataclass(frozen=True)
-class WrappedKey:
-    """The data key HPKE-wrapped to the worker (KEY), with the key server's licence and
-    its MAC where there is one (sent as LICENCE before KEY; the worker verifies and
-    enforces it)."""
-
-    key_id: str
-    enc: bytes
-    wrapped: bytes
-    licence: bytes | None = None
-    licence_mac: bytes | None = None
-
-
-@dataclass(frozen=True)
-class CachedKey:
-    """An offline key cache the worker sealed earlier (KEY_CACHE), sent back instead of
-    KEY and LICENCE (CACHED_KEY). Ciphertext only."""
-
-    key_id: str
-    blob: bytes = field(repr=False)
-
-
-def hpke_info(key_id: str) -> bytes:
-    return HPKE_INFO_PREFIX + b"\x00" + key_id.encode("utf-8")
-
-
-def wrap_data_key(recipient_pubkey: bytes, data_key: bytes, key_id: str) -> WrappedKey:
-    """HPKE base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM, single
-    shot, info = "ennclave data key v1" ‖ 0 ‖ key_id (what a key server does, too)."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-    from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
-
-    suite = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
-    pk = X25519PublicKey.from_public_bytes(recipient_pubkey)
-    out = suite.encrypt(data_key, pk, info=hpke_info(key_id))
-    return WrappedKey(key_id, out[:32], out[32:])
 
 
 KeyRelease = Callable[[Hello], WrappedKey | CachedKey]

@@ -6,7 +6,6 @@ the split toolchain, so the runtime tests exercise only seal → worker → infe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import struct
@@ -18,8 +17,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
+from ennclave.bundle import SourceSpec, build_manifest
+from ennclave.bundle import write_bundle as write_bundle_files
 from ennclave.errors import WorkerNotFound
-from ennclave.keys.keystore import Keystore
+from ennclave.keystore import Keystore
 from ennclave.runtime import worker as wmod
 from ennclave.seal import new_data_key, seal_container
 
@@ -85,25 +86,17 @@ def reference(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 
 
 def manifest_for(key_id: str, policy: dict[str, Any], plaintext_bytes: int) -> dict[str, Any]:
-    return {
-        "format": "ennclave-bundle",
-        "version": 1,
-        "created_by": "ennclave tests",
-        "source": {"file": "handmade", "framework": "keras", "sha256": None},
-        "cut": {"index": 0, "name": "input", "tensor": "x"},
-        "public": None,
-        "private": {
-            "file": "private.sealed",
-            "program_version": 1,
-            "inputs": [{"name": "x", "shape": [None, IN], "dtype": "float32"}],
-            "outputs": [{"name": "y", "shape": [None, OUT], "dtype": "float32"}],
-            "cipher": "AES-256-GCM",
-            "key_id": key_id,
-            "key_source": "local",
-            "plaintext_bytes": plaintext_bytes,
-        },
-        "output_policy": policy,
-    }
+    manifest = build_manifest(
+        source=SourceSpec("handmade", "keras", None),
+        cut={"index": 0, "name": "input", "tensor": "x"},
+        public=None,
+        private_inputs=[{"name": "x", "shape": [None, IN], "dtype": "float32"}],
+        private_outputs=[{"name": "y", "shape": [None, OUT], "dtype": "float32"}],
+        key_id=key_id,
+        output_policy=policy,
+    )
+    manifest["private"]["plaintext_bytes"] = plaintext_bytes
+    return manifest
 
 
 @dataclass
@@ -132,9 +125,6 @@ def write_bundle(
     manifest["private"]["key_source"] = key_source
     sealed = seal_container(container, manifest, key)
     del container
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "private.sealed").write_bytes(sealed)
-    manifest["integrity"] = {"files": {"private.sealed": hashlib.sha256(sealed).hexdigest()}}
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_bundle_files(dest, manifest, sealed)
     Keystore(keystore).put(key_id, key)
     return Bundle(dest, keystore, key_id, w)

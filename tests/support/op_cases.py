@@ -10,7 +10,7 @@ from collections.abc import Callable
 import keras
 
 from ennclave.adapters.keras import ACTIVATION_NAMES
-from keras_models import L, randomize_bn
+from support.keras_models import L, randomize_bn
 
 
 def _single(shape: tuple[int, ...], *layers) -> keras.Model:

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import EnnclaveError, KeyNotFound
+from .errors import EnnclaveError, KeyNotFound
 
 __all__ = ["KeyNotFound", "Keystore", "default_keystore_path"]
 

@@ -1,1 +1,0 @@
-"""Owner-side key management: local keystore (key server: see docs)."""
