@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,7 @@ def read_manifest(bundle: Path) -> tuple[dict[str, Any], bytes]:
             f"{bundle} is not a bundle directory; pass the folder `ennclave split` wrote."
         )
     mpath = bundle / MANIFEST_FILE
+    _require_regular(mpath, directory_ok=False)
     try:
         raw = mpath.read_bytes()
     except FileNotFoundError:
@@ -241,7 +243,7 @@ def read_manifest(bundle: Path) -> tuple[dict[str, Any], bytes]:
         ) from None
     try:
         manifest = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise BundleError(
             f"{mpath} is not valid JSON; the bundle is damaged, download it again."
         ) from None
@@ -265,6 +267,8 @@ def read_manifest(bundle: Path) -> tuple[dict[str, Any], bytes]:
         p = bundle / name
         if not p.exists():
             raise BundleError(f"{p} is missing; the bundle is incomplete, download it again.")
+        # A FIFO or device here would block the digest (and the worker) forever.
+        _require_regular(p, directory_ok=name != needed[0])
         want = files.get(name)
         if want is None:
             raise BundleError(f"{mpath} has no integrity digest for {name}; the bundle is damaged.")
@@ -275,6 +279,21 @@ def read_manifest(bundle: Path) -> tuple[dict[str, Any], bytes]:
             )
     _check_sealed_header(bundle / needed[0])
     return manifest, raw
+
+
+def _require_regular(path: Path, *, directory_ok: bool) -> None:
+    """A bundle holds regular files (and, for a SavedModel public part, a directory of
+    them); anything else is refused before it is opened. A missing file passes: the
+    caller names what is missing."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode) or (directory_ok and stat.S_ISDIR(mode)):
+        return
+    raise BundleError(
+        f"{path} is not a regular file; a bundle holds only regular files, download it again."
+    )
 
 
 def sealed_path(bundle: Path, manifest: dict[str, Any]) -> Path:

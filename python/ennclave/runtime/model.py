@@ -33,6 +33,11 @@ class TopK(NamedTuple):
     indices: np.ndarray
 
 
+# More values in one sample than this (2^31 floats, 8 GiB) is no real model: a
+# manifest that declares it is damaged (and would overflow buffer sizes).
+MAX_SAMPLE_VALUES = 1 << 31
+
+
 def _per_sample(shape: list[Any]) -> int:
     n = 1
     for d in shape[1:]:
@@ -113,7 +118,11 @@ class EnclavedModel:
             specs = self.manifest[part][which]
             spec = specs[0]
             shape = spec["shape"]
-            if shape[0] is not None or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
+            if shape[0] is not None or any(
+                not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape[1:]
+            ):
+                raise ValueError
+            if _per_sample(shape) > MAX_SAMPLE_VALUES:
                 raise ValueError
             return spec
         except (KeyError, IndexError, TypeError, ValueError):
