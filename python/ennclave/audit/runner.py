@@ -122,13 +122,79 @@ def audit_bundle(
     label: str = "",
 ) -> BundleAudit:
     """Steal the private part of `bundle` at each budget and run membership inference."""
-    from ..runtime.model import load
-
-    cfg = config or AuditConfig()
-    prog = progress or Progress()
     t0 = time.perf_counter()
-    notes: list[str] = []
-    owner = OwnerView(bundle, keystore)
+    run = _AuditRun(
+        bundle,
+        keystore,
+        config or AuditConfig(),
+        progress or Progress(),
+        f"{label}: " if label else "",
+    )
+    victim = _open_owner_view(run)
+    budgets = _query_budgets(run, queries)
+    data = _attacker_data(run, victim, queries, test, budgets[-1])
+    stealing, surrogates = _model_stealing(run, victim, data, queries, test, budgets)
+    membership, mia_norm = (
+        _membership_inference(run, victim, surrogates, members, nonmembers)
+        if members is not None and nonmembers is not None
+        else ([], {})
+    )
+    return BundleAudit(
+        bundle=str(bundle),
+        policy=victim.policy,
+        cut=dict(victim.manifest.get("cut") or {}),
+        enclave_params=victim.owner.n_params,
+        n_classes=victim.n_classes,
+        victim_test_accuracy=data.victim_acc,
+        queries_asked=budgets[-1],
+        queries_answered=data.ans.n,
+        refusal=data.ans.refusal,
+        stealing=stealing,
+        membership=membership,
+        membership_normalised=mia_norm,
+        notes=run.notes,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+
+
+# -- the stages of audit_bundle, in the order it runs them ----------------------------
+
+
+@dataclass
+class _AuditRun:
+    """What every stage of one `audit_bundle` call shares."""
+
+    bundle: str | Path
+    keystore: Any
+    cfg: AuditConfig
+    prog: Progress
+    tag: str  # prefix of the progress bars' descriptions
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Victim:
+    """The bundle as its owner sees it (decrypted private part)."""
+
+    owner: OwnerView
+    manifest: dict[str, Any]
+    policy: dict[str, Any]
+    n_classes: int
+
+
+@dataclass
+class _AttackerData:
+    """What the attacker holds after querying the API, and the victim's test labels."""
+
+    fq: np.ndarray  # public features of the queries asked
+    ft: np.ndarray  # public features of the test set
+    ans: Answers
+    victim_labels: np.ndarray  # the victim's own predictions on the test set
+    victim_acc: float
+
+
+def _open_owner_view(run: _AuditRun) -> _Victim:
+    owner = OwnerView(run.bundle, run.keystore)
     manifest = owner.manifest
     policy = dict(manifest.get("output_policy") or {"mode": "full"})
     out_shape = manifest["private"]["outputs"][0]["shape"]
@@ -136,40 +202,61 @@ def audit_bundle(
         raise InputError(
             f"The audit handles classifiers with (N, classes) outputs, not {out_shape}."
         )
-    n_classes = int(out_shape[1])
-    budgets = sorted({min(int(b), len(queries.x)) for b in cfg.budgets if int(b) > 0})
+    return _Victim(owner, manifest, policy, int(out_shape[1]))
+
+
+def _query_budgets(run: _AuditRun, queries: Dataset) -> list[int]:
+    """The configured budgets, capped to the query set's size, ascending, distinct."""
+    budgets = sorted({min(int(b), len(queries.x)) for b in run.cfg.budgets if int(b) > 0})
     if not budgets:
         raise InputError("Give at least one positive query budget.")
-    if max(cfg.budgets) > len(queries.x):
-        notes.append(f"budgets above {len(queries.x)} (the query set's size) were capped to it")
-    n_max = budgets[-1]
-    tag = f"{label}: " if label else ""
+    if max(run.cfg.budgets) > len(queries.x):
+        run.notes.append(f"budgets above {len(queries.x)} (the query set's size) were capped to it")
+    return budgets
 
-    # -- the attacker's queries: one API session, as a client would hold it --------
-    with load(bundle, keystore=keystore) as m:
+
+def _attacker_data(
+    run: _AuditRun, victim: _Victim, queries: Dataset, test: Dataset, n_max: int
+) -> _AttackerData:
+    """The attacker's queries: one API session, as a client would hold it."""
+    from ..runtime.model import load
+
+    with load(run.bundle, keystore=run.keystore) as m:
         fq = m.public_features(queries.x[:n_max])
         ft = m.public_features(test.x)
-        with prog.task(f"{tag}querying the bundle", n_max) as tick:
-            ans = query_api(m, queries.x[:n_max], cfg.batch_size, tick)
+        with run.prog.task(f"{run.tag}querying the bundle", n_max) as tick:
+            ans = query_api(m, queries.x[:n_max], run.cfg.batch_size, tick)
     if ans.refusal:
-        notes.append(
+        run.notes.append(
             f"the bundle's query budget stopped the attacker after {ans.n} answers: {ans.refusal}"
         )
-    victim_test = owner.probs(ft)
-    victim_labels = victim_test.argmax(axis=1)
-    victim_acc = accuracy(victim_labels, test.y)
+    victim_labels = victim.owner.probs(ft).argmax(axis=1)
+    return _AttackerData(fq, ft, ans, victim_labels, accuracy(victim_labels, test.y))
 
-    public = load_public_keras(bundle)
-    can_blackbox = cfg.blackbox and (public is not None or not manifest.get("public"))
+
+def _model_stealing(
+    run: _AuditRun,
+    victim: _Victim,
+    data: _AttackerData,
+    queries: Dataset,
+    test: Dataset,
+    budgets: list[int],
+) -> tuple[list[StealingEntry], dict[str, Any]]:
+    """Train surrogates at each budget and target kind: on the public features (the
+    public-part attacker) and, when it can, a black-box clone from the raw inputs.
+    Returns the entries and the surrogates kept for membership inference."""
+    cfg, ans, n_classes = run.cfg, data.ans, victim.n_classes
+    public = load_public_keras(run.bundle)
+    can_blackbox = cfg.blackbox and (public is not None or not victim.manifest.get("public"))
     if cfg.blackbox and not can_blackbox:
-        notes.append("no black-box reference: the public part is not a Keras model to clone")
+        run.notes.append("no black-box reference: the public part is not a Keras model to clone")
     soft = soft_targets(ans, n_classes, ans.n)
     kinds = ([_target_kind(ans)] if soft is not None else []) + ["label"]
     runs = len(budgets) * len(kinds) * (2 if can_blackbox else 1)
 
     entries: list[StealingEntry] = []
     last: dict[str, Any] = {}
-    with prog.task(f"{tag}training surrogates", runs) as tick:
+    with run.prog.task(f"{run.tag}training surrogates", runs) as tick:
         for b in budgets:
             q = min(b, ans.n)
             if q == 0:
@@ -180,9 +267,18 @@ def audit_bundle(
                     if kind != "label" and soft is not None
                     else one_hot(ans.labels[:q], n_classes)
                 )
-                head = surrogate_head(tuple(fq.shape[1:]), n_classes, cfg.steal.hidden)
+                head = surrogate_head(tuple(data.fq.shape[1:]), n_classes, cfg.steal.hidden)
                 gray = fit_and_score(
-                    head, "public-part", kind, b, fq[:q], t, ft, test.y, victim_labels, cfg.steal
+                    head,
+                    "public-part",
+                    kind,
+                    b,
+                    data.fq[:q],
+                    t,
+                    data.ft,
+                    test.y,
+                    data.victim_labels,
+                    cfg.steal,
                 )
                 tick()
                 bb = None
@@ -199,7 +295,7 @@ def audit_bundle(
                         t,
                         test.x,
                         test.y,
-                        victim_labels,
+                        data.victim_labels,
                         cfg.steal,
                     )
                     tick()
@@ -214,83 +310,91 @@ def audit_bundle(
                         targets=kind,
                         public_part=gray,
                         blackbox=bb,
-                        accuracy=normalise(gray.accuracy, victim_acc, bb.accuracy) if bb else None,
+                        accuracy=(
+                            normalise(gray.accuracy, data.victim_acc, bb.accuracy) if bb else None
+                        ),
                         fidelity=normalise(gray.fidelity, 1.0, bb.fidelity) if bb else None,
                     )
                 )
+    return entries, last
 
+
+def _membership_inference(
+    run: _AuditRun,
+    victim: _Victim,
+    surrogates: dict[str, Any],
+    members: Dataset,
+    nonmembers: Dataset,
+) -> tuple[list[MembershipResult], dict[str, Normalised]]:
+    """Attack the API, the victim itself (white-box) and the surrogates `_model_stealing`
+    kept; normalise against the white-box and black-box attacks when both exist."""
+    from ..runtime.model import load
+
+    cfg, owner, n_classes = run.cfg, victim.owner, victim.n_classes
     membership: list[MembershipResult] = []
-    mia_norm: dict[str, Normalised] = {}
-    if members is not None and nonmembers is not None:
-        k = min(len(members.x), len(nonmembers.x), cfg.mia_samples)
-        xm, ym, xn, yn = members.x[:k], members.y[:k], nonmembers.x[:k], nonmembers.y[:k]
-        # A fresh session: the worker counts its budget per lifetime (docs/worker-protocol.md),
-        # so a new load() starts from zero — the audit relies on that, an attacker can too.
-        with prog.task(f"{tag}membership inference", 2 * k) as tick:
-            with load(bundle, keystore=keystore) as m:
-                fm, fn = m.public_features(xm), m.public_features(xn)
-                am = query_api(m, xm, cfg.batch_size, tick)
-                an = query_api(m, xn, cfg.batch_size, tick)
-        if am.n and an.n:
-            membership.append(attack_answers("api", am, ym, an, yn, n_classes))
-        else:
-            notes.append("membership inference on the API was refused by the query budget")
-        wb = attack_probs("victim (white-box)", owner.probs(fm), ym, owner.probs(fn), yn)
-        membership.append(wb)
-        gray_mia = (
-            attack_probs(
-                "surrogate (public-part attacker)",
-                predict_probs(last["public-part"], fm),
-                ym,
-                predict_probs(last["public-part"], fn),
-                yn,
-            )
-            if "public-part" in last
-            else None
+    k = min(len(members.x), len(nonmembers.x), cfg.mia_samples)
+    xm, ym, xn, yn = members.x[:k], members.y[:k], nonmembers.x[:k], nonmembers.y[:k]
+    # A fresh session: the worker counts its budget per lifetime (docs/worker-protocol.md),
+    # so a new load() starts from zero — the audit relies on that, an attacker can too.
+    with run.prog.task(f"{run.tag}membership inference", 2 * k) as tick:
+        with load(run.bundle, keystore=run.keystore) as m:
+            fm, fn = m.public_features(xm), m.public_features(xn)
+            am = query_api(m, xm, cfg.batch_size, tick)
+            an = query_api(m, xn, cfg.batch_size, tick)
+    if am.n and an.n:
+        membership.append(attack_answers("api", am, ym, an, yn, n_classes))
+    else:
+        run.notes.append("membership inference on the API was refused by the query budget")
+    wb = attack_probs("victim (white-box)", owner.probs(fm), ym, owner.probs(fn), yn)
+    membership.append(wb)
+    gray_mia = (
+        attack_probs(
+            "surrogate (public-part attacker)",
+            predict_probs(surrogates["public-part"], fm),
+            ym,
+            predict_probs(surrogates["public-part"], fn),
+            yn,
         )
-        bb_mia = (
-            attack_probs(
-                "surrogate (black-box attacker)",
-                predict_probs(last["blackbox"], xm),
-                ym,
-                predict_probs(last["blackbox"], xn),
-                yn,
-            )
-            if "blackbox" in last
-            else None
-        )
-        membership += [r for r in (gray_mia, bb_mia) if r is not None]
-        if bb_mia is not None and bb_mia.confidence and wb.confidence:
-            for r in membership:
-                if r.target in ("api", "surrogate (public-part attacker)") and r.confidence:
-                    mia_norm[f"{r.target}: confidence attack accuracy"] = normalise(
-                        r.confidence.best_accuracy,
-                        wb.confidence.best_accuracy,
-                        bb_mia.confidence.best_accuracy,
-                    )
-            api = next((r for r in membership if r.target == "api"), None)
-            if api is not None:
-                mia_norm["api: label-only attack accuracy"] = normalise(
-                    api.label_only.best_accuracy,
-                    wb.label_only.best_accuracy,
-                    bb_mia.label_only.best_accuracy,
-                )
-    return BundleAudit(
-        bundle=str(bundle),
-        policy=policy,
-        cut=dict(manifest.get("cut") or {}),
-        enclave_params=owner.n_params,
-        n_classes=n_classes,
-        victim_test_accuracy=victim_acc,
-        queries_asked=n_max,
-        queries_answered=ans.n,
-        refusal=ans.refusal,
-        stealing=entries,
-        membership=membership,
-        membership_normalised=mia_norm,
-        notes=notes,
-        seconds=round(time.perf_counter() - t0, 1),
+        if "public-part" in surrogates
+        else None
     )
+    bb_mia = (
+        attack_probs(
+            "surrogate (black-box attacker)",
+            predict_probs(surrogates["blackbox"], xm),
+            ym,
+            predict_probs(surrogates["blackbox"], xn),
+            yn,
+        )
+        if "blackbox" in surrogates
+        else None
+    )
+    membership += [r for r in (gray_mia, bb_mia) if r is not None]
+    return membership, _membership_normalised(membership, wb, bb_mia)
+
+
+def _membership_normalised(
+    membership: list[MembershipResult], wb: MembershipResult, bb_mia: MembershipResult | None
+) -> dict[str, Normalised]:
+    """The API's and the public-part surrogate's attack accuracies, normalised between the
+    white-box (victim) and black-box-surrogate attacks; empty without both references."""
+    mia_norm: dict[str, Normalised] = {}
+    if bb_mia is not None and bb_mia.confidence and wb.confidence:
+        for r in membership:
+            if r.target in ("api", "surrogate (public-part attacker)") and r.confidence:
+                mia_norm[f"{r.target}: confidence attack accuracy"] = normalise(
+                    r.confidence.best_accuracy,
+                    wb.confidence.best_accuracy,
+                    bb_mia.confidence.best_accuracy,
+                )
+        api = next((r for r in membership if r.target == "api"), None)
+        if api is not None:
+            mia_norm["api: label-only attack accuracy"] = normalise(
+                api.label_only.best_accuracy,
+                wb.label_only.best_accuracy,
+                bb_mia.label_only.best_accuracy,
+            )
+    return mia_norm
 
 
 # -- sweeps over temporary bundles ---------------------------------------------------

@@ -1,0 +1,12 @@
+"""The key server's routes, one `APIRouter` per concern; `create_app` includes them in
+this order.
+
+* `health`  — ``GET /v1/health``.
+* `release` — key requests: ``/v1/challenge``, ``/v1/release`` (no token; the evidence
+              and the policy decide).
+* `admin`   — the owner's calls: ``/v1/keys…``, ``/v1/audit`` (owner token).
+"""
+
+from . import admin, health, release
+
+ROUTERS = (health.router, release.router, admin.router)
