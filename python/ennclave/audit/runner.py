@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle import output_policy
 from ..errors import InputError
 from .membership import MembershipResult, attack_answers, attack_probs
 from .metrics import Normalised, accuracy, normalise, sweet_spot
@@ -196,7 +197,7 @@ class _AttackerData:
 def _open_owner_view(run: _AuditRun) -> _Victim:
     owner = OwnerView(run.bundle, run.keystore)
     manifest = owner.manifest
-    policy = dict(manifest.get("output_policy") or {"mode": "full"})
+    policy = output_policy(manifest)
     out_shape = manifest["private"]["outputs"][0]["shape"]
     if len(out_shape) != 2:
         raise InputError(
