@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from ennclave.errors import (
     KeyNotFound,
     QueryBudgetExhausted,
     WorkerCrashed,
+    WorkerError,
     WorkerNotFound,
 )
 from ennclave.keystore import Keystore
@@ -348,6 +350,44 @@ def test_crash_then_recovery(enclave_bundle, doorbell):
             m.predict(x)
         np.testing.assert_allclose(m.predict(x), ref, atol=1e-5)
         assert m.ping()["queries_used"] == 5
+
+
+@needs_worker
+@pytest.mark.parametrize("doorbell", PATHS)
+def test_stopped_worker_fails_the_call_at_its_deadline(enclave_bundle, doorbell):
+    """A SIGSTOPped worker used to make predict (and worker_pid) hang forever."""
+    x = _x(3)
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore, timeout=1.0) as m:
+        m.worker._use_doorbell = doorbell
+        pid = m.worker_pid
+        _stop(pid)
+        errors: list[BaseException] = []
+        t = threading.Thread(target=lambda: errors.append(_catch(m.predict, x)))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.2)
+        seen: list[int | None] = []  # worker_pid answers while the call waits
+        reader = threading.Thread(target=lambda: seen.append(m.worker_pid), daemon=True)
+        reader.start()
+        reader.join(2)
+        assert seen == [pid], "worker_pid blocked behind the stuck call"
+        t.join(15)
+        assert not t.is_alive(), "predict hung on a stopped worker"
+        assert 0.9 < time.monotonic() - t0 < 10
+        assert isinstance(errors[0], WorkerError) and "did not answer within 1 s" in str(errors[0])
+        with contextlib.suppress(FileNotFoundError):  # killed: gone, or a zombie
+            assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
+        # The next call starts a fresh worker and answers.
+        np.testing.assert_allclose(m.predict(x), reference(enclave_bundle.weights, x), atol=1e-5)
+        assert m.worker_pid != pid
+
+
+def _catch(fn, *args):
+    try:
+        fn(*args)
+    except BaseException as e:
+        return e
+    return None
 
 
 @needs_worker

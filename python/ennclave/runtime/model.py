@@ -25,7 +25,7 @@ import numpy as np
 from ..bundle import manifest_digest, output_policy, read_manifest, sealed_path
 from ..errors import BundleError, EnnclaveError, InputError
 from .public import PublicPart
-from .worker import WorkerClient, local_key_release
+from .worker import DEFAULT_CALL_TIMEOUT_S, WorkerClient, local_key_release
 
 
 class TopK(NamedTuple):
@@ -58,6 +58,7 @@ class EnclavedModel:
         max_batch: int = 256,
         providers: list[str] | None = None,
         keyserver: str | None = None,
+        timeout: float | None = DEFAULT_CALL_TIMEOUT_S,
     ) -> None:
         self.bundle = Path(bundle)
         self.manifest, raw = read_manifest(self.bundle)
@@ -107,6 +108,7 @@ class EnclavedModel:
             in_len=_per_sample(list(self._in_shape)),
             out_len=_per_sample(list(self._out_shape)),
             start=self._relay is None,
+            call_timeout=timeout,
         )
         if self._relay is not None:
             self._relay.bind(self._worker)

@@ -104,6 +104,9 @@ _IN_CHUNK = 8192
 # on x86-64 (TSO), not on weaker memory models, where Python cannot fence. Elsewhere
 # requests go as INFER frames.
 DOORBELL_OK = platform.machine().lower() in ("x86_64", "amd64")
+# How long one call may wait for the worker's answer before it fails and the worker is
+# replaced (a stopped or wedged worker). Generous: a large batch on a slow CPU is fine.
+DEFAULT_CALL_TIMEOUT_S = 600.0
 # How long a sleeping host waits on the answer word before it checks that the worker
 # is still alive.
 _LIVENESS_CHECK_S = 0.05
@@ -316,6 +319,7 @@ class WorkerClient:
         in_len: int | None = None,
         out_len: int | None = None,
         handshake_timeout: float = 300.0,
+        call_timeout: float | None = DEFAULT_CALL_TIMEOUT_S,
         doorbell: bool | None = None,
         idle_check_ms: int = 100,
         start: bool = True,
@@ -328,6 +332,7 @@ class WorkerClient:
         self._max_batch = int(max_batch)
         self._shm_bytes = shm_bytes or _shm_size(in_len or 1, out_len or 1, self._max_batch)
         self._handshake_timeout = handshake_timeout
+        self._call_timeout = call_timeout if call_timeout and call_timeout > 0 else None
         # None: the doorbell where the platform allows it; False: INFER frames only.
         self._use_doorbell = DOORBELL_OK if doorbell is None else bool(doorbell) and DOORBELL_OK
         self._idle_check_ms = int(idle_check_ms)
@@ -515,7 +520,8 @@ class WorkerClient:
         self._shm_in_flat = self._shm_in.reshape(-1)
         self._db = _Doorbell(self._mm)
         self._seq = 0
-        self._sock.settimeout(None)
+        # A stopped or wedged worker fails the call (and is replaced) after the deadline.
+        self._sock.settimeout(self._call_timeout)
 
     def _teardown(self, kill: bool) -> int | None:
         proc, self._proc = self._proc, None
@@ -664,11 +670,7 @@ class WorkerClient:
                     polling = time.perf_counter() < spin_until  # then block
                     continue
                 except TimeoutError:
-                    raise WorkerError(
-                        "The enclave worker did not answer in time; it was stopped, try again.",
-                        E_INTERNAL,
-                        True,
-                    ) from None
+                    raise self._late() from None
                 except OSError:
                     raise _Dead() from None
                 if not got:
@@ -743,10 +745,22 @@ class WorkerClient:
 
     # -- API ----------------------------------------------------------------------
 
+    def _late(self) -> WorkerError:
+        """The call's deadline passed (a stopped or wedged worker): fatal, so the worker
+        is killed and the next call starts a fresh one."""
+        return WorkerError(
+            f"The enclave worker did not answer within {self._call_timeout:g} s (it may have "
+            "been stopped); it was replaced, so try again, or pass a longer timeout to "
+            "ennclave.load(..., timeout=S).",
+            E_INTERNAL,
+            True,
+        )
+
     @property
     def pid(self) -> int | None:
-        with self._lock:
-            return self._proc.pid if self._proc is not None else None
+        # No lock: a call stuck on a stopped worker must not make this block too.
+        proc = self._proc
+        return proc.pid if proc is not None else None
 
     @property
     def ready(self) -> Ready:
@@ -871,10 +885,13 @@ class WorkerClient:
                     break
                 if now >= hot:
                     os.sched_yield()  # the worker's threads may need this core more
+        deadline = time.monotonic() + self._call_timeout if self._call_timeout else None
         while (seen := ans.value) != seq:
             _futex.wait(db.ans_addr, seen, _LIVENESS_CHECK_S)
             if ans.value != seq and self._proc is not None and self._proc.poll() is not None:
                 raise _Dead()
+            if deadline is not None and ans.value != seq and time.monotonic() > deadline:
+                raise self._late()
         status, got_b, got_len, _left = _DB_ANS.unpack_from(mm, DB_ANS_STATUS)
         if status != DB_STATUS_OK:  # the ERROR frame is already on the socket
             ty, p = self._recv()
