@@ -1,0 +1,571 @@
+//! The worker's handshake (docs/worker-protocol.md): HELLO → [CHALLENGE/EVIDENCE] →
+//! MANIFEST, SEALED_BEGIN, SEALED_CHUNK…, KEY or CACHED_KEY (any order after
+//! MANIFEST; LICENCE before KEY) → unseal → program → executor → seccomp.
+//!
+//! The stages, in order: `Identity::new` and `hello` (key pair, binary hash,
+//! HELLO), `receive` (the host's messages until manifest, sealed program and key are
+//! all in; the data key is admitted with its licence by `admit_licence`),
+//! `open_program` (unseal and parse), `load` (executor, manifest checks, output
+//! policy), then the seccomp filter.
+
+use std::os::unix::net::UnixStream;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::exec::Executor;
+use crate::keys::EphemeralKey;
+use crate::licence;
+use crate::policy::Policy;
+use crate::program::Program;
+use crate::protocol::{code, write_msg, FrameReader, Msg, ProtoError, Shm, PROTOCOL_VERSION};
+use crate::sandbox;
+use crate::seal;
+use crate::secmem::{Backing, SecretBuf};
+use crate::worker::{trace, Args, Fatal};
+
+/// Sealed programs larger than this are refused before allocating.
+const MAX_SEALED: u64 = 64 << 30;
+
+fn binary_sha256() -> [u8; 32] {
+    let mut h = Sha256::new();
+    if let Ok(bytes) = std::fs::read("/proc/self/exe") {
+        h.update(&bytes);
+    }
+    h.finalize().into()
+}
+
+fn backing_name(b: Backing) -> String {
+    b.as_str().to_string()
+}
+
+/// Placeholder evidence: a hash binding the nonce to this worker's key and binary.
+/// Unauthenticated (anyone can compute it); a TEE backend will put the same hash into
+/// the report data of a hardware quote.
+fn evidence_report(nonce: &[u8; 32], pubkey: &[u8; 32], bin: &[u8; 32]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"ennclave evidence v1\0");
+    h.update(nonce);
+    h.update(pubkey);
+    h.update(bin);
+    h.finalize().to_vec()
+}
+
+/// Product of the non-batch dims of the single tensor spec in `specs` (manifest).
+fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
+    let shape = m
+        .get(part)?
+        .get(which)?
+        .as_array()?
+        .first()?
+        .get("shape")?
+        .as_array()?;
+    shape
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+}
+
+/// A loaded program, ready to serve.
+pub struct Loaded {
+    /// The key server's licence, checked at start; enforced at every INFER.
+    pub(crate) licence: Option<licence::Licence>,
+    pub(crate) exec: Executor,
+    pub(crate) policy: Policy,
+    pub(crate) in_len: usize,
+    pub(crate) out_len: usize,
+    pub(crate) secmem: String,
+}
+
+/// Run the handshake on the control socket `ctl` (sealed-program chunks arrive in
+/// `shm`). `None`: the host hung up or sent SHUTDOWN before the program was loaded.
+/// On success the seccomp filter is on.
+pub fn handshake(
+    ctl: &mut UnixStream,
+    rd: &mut FrameReader,
+    shm: &Shm,
+    args: &Args,
+) -> Result<Option<Loaded>, Fatal> {
+    trace("handshake start");
+    let me = Identity::new();
+    hello(ctl, &me)?;
+    let Some(inbox) = receive(ctl, rd, shm, &me)? else {
+        return Ok(None);
+    };
+
+    // Everything is here: unseal, build, then lock down.
+    trace("manifest, sealed program and key received");
+    let (manifest, aad) = inbox.manifest.expect("checked above");
+    let sealed = inbox.sealed.expect("checked above");
+    let key = inbox.key.expect("checked above");
+    let program = open_program(sealed, &aad, key)?;
+    let loaded = load(program, &manifest, inbox.held_licence, args)?;
+    // Executor::new has already warmed up (thread pool, the executor's lazy state)
+    // before the filter goes on (the pool must not need open() for CPU counts
+    // afterwards).
+    sandbox::install_seccomp().map_err(|e| Fatal::new(code::SANDBOX, e.to_string()))?;
+    trace("seccomp installed");
+    Ok(Some(loaded))
+}
+
+/// This worker as the host and the key server see it.
+struct Identity {
+    ek: EphemeralKey,
+    pubkey: [u8; 32],
+    /// SHA-256 of this worker's binary.
+    bin: [u8; 32],
+    /// The offline key cache is bound to it (none without it).
+    machine_id: Option<Vec<u8>>,
+}
+
+impl Identity {
+    fn new() -> Identity {
+        let ek = EphemeralKey::generate();
+        let pubkey = ek.public_bytes();
+        let bin = binary_sha256();
+        // Read before seccomp: the offline key cache is bound to it (none without it).
+        let machine_id = licence::read_machine_id();
+        trace("binary hashed");
+        Identity {
+            ek,
+            pubkey,
+            bin,
+            machine_id,
+        }
+    }
+}
+
+/// Send HELLO (with the kind of secret memory this process gets).
+fn hello(ctl: &mut UnixStream, me: &Identity) -> Result<(), Fatal> {
+    let probe = SecretBuf::<u8>::new(1).map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
+    let secmem = backing_name(probe.backing());
+    drop(probe);
+    write_msg(
+        ctl,
+        &Msg::Hello {
+            version: PROTOCOL_VERSION,
+            pubkey: me.pubkey,
+            binary_sha256: me.bin,
+            secmem,
+        },
+    )?;
+    trace("HELLO sent");
+    Ok(())
+}
+
+/// What the host has sent so far.
+#[derive(Default)]
+struct Inbox {
+    /// The canonical manifest and its bytes (the AAD of the sealed program).
+    manifest: Option<(Value, Vec<u8>)>,
+    sealed: Option<seal::Incoming>,
+    /// Sealed-program bytes received so far.
+    received: u64,
+    key: Option<SecretBuf<u8>>,
+    /// A LICENCE waiting for its KEY.
+    licence_msg: Option<(Vec<u8>, [u8; 32])>,
+    /// The licence admitted with the key.
+    held_licence: Option<licence::Licence>,
+}
+
+/// Answer the host's messages until the manifest, the whole sealed program and the
+/// data key are in. `None`: the host hung up or sent SHUTDOWN.
+fn receive(
+    ctl: &mut UnixStream,
+    rd: &mut FrameReader,
+    shm: &Shm,
+    me: &Identity,
+) -> Result<Option<Inbox>, Fatal> {
+    let mut inbox = Inbox::default();
+    loop {
+        let msg = match rd.read(ctl) {
+            Err(ProtoError::Closed) => return Ok(None),
+            r => r?,
+        };
+        match msg {
+            Msg::Challenge { nonce } => write_msg(
+                ctl,
+                &Msg::Evidence {
+                    nonce,
+                    kind: "none".into(),
+                    report: evidence_report(&nonce, &me.pubkey, &me.bin),
+                },
+            )?,
+            Msg::Manifest { bytes } => inbox.manifest(&bytes)?,
+            Msg::SealedBegin { total_len } => inbox.sealed_begin(total_len)?,
+            Msg::SealedChunk { len } => inbox.sealed_chunk(ctl, shm, len)?,
+            Msg::Key {
+                key_id,
+                enc,
+                wrapped,
+            } => inbox.key(ctl, me, &key_id, &enc, &wrapped)?,
+            Msg::Licence { licence: raw, mac } => inbox.licence(raw, mac)?,
+            Msg::CachedKey { key_id, blob } => inbox.cached_key(ctl, me, &key_id, &blob)?,
+            Msg::Ping { nonce } => write_msg(
+                ctl,
+                &Msg::Pong {
+                    nonce,
+                    queries_used: 0,
+                },
+            )?,
+            Msg::Shutdown => {
+                write_msg(ctl, &Msg::Bye)?;
+                return Ok(None);
+            }
+            Msg::Infer { .. } => {
+                write_msg(
+                    ctl,
+                    &Msg::Error {
+                        code: code::PROTOCOL,
+                        fatal: false,
+                        message: "INFER before the program is loaded".into(),
+                    },
+                )?;
+            }
+            other => {
+                return Err(Fatal::new(
+                    code::PROTOCOL,
+                    format!(
+                        "unexpected message type 0x{:02x} during the handshake",
+                        other.type_byte()
+                    ),
+                ))
+            }
+        }
+        if inbox.complete() {
+            return Ok(Some(inbox));
+        }
+    }
+}
+
+impl Inbox {
+    /// Manifest, the whole sealed program and the key are in.
+    fn complete(&self) -> bool {
+        let sealed = matches!(&self.sealed, Some(b) if self.received as usize == b.len());
+        self.manifest.is_some() && sealed && self.key.is_some()
+    }
+
+    fn manifest(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
+        if self.manifest.is_some() {
+            return Err(Fatal::new(code::PROTOCOL, "MANIFEST sent twice"));
+        }
+        self.manifest = Some(
+            seal::canonical_manifest(bytes)
+                .map_err(|e| Fatal::new(code::MANIFEST, e.to_string()))?,
+        );
+        Ok(())
+    }
+
+    fn sealed_begin(&mut self, total_len: u64) -> Result<(), Fatal> {
+        if self.sealed.is_some() {
+            return Err(Fatal::new(code::PROTOCOL, "SEALED_BEGIN sent twice"));
+        }
+        if total_len < seal::MIN_SEALED_LEN as u64 || total_len > MAX_SEALED {
+            return Err(Fatal::new(
+                code::BAD_REQUEST,
+                format!("sealed program size {total_len} is out of range"),
+            ));
+        }
+        self.sealed = Some(seal::Incoming::new(total_len as usize).map_err(|e| {
+            Fatal::new(
+                code::INTERNAL,
+                format!("cannot allocate secret memory: {e}"),
+            )
+        })?);
+        Ok(())
+    }
+
+    /// The next `len` bytes of the sealed program, at the start of `shm`.
+    fn sealed_chunk(&mut self, ctl: &mut UnixStream, shm: &Shm, len: u32) -> Result<(), Fatal> {
+        let buf = self
+            .sealed
+            .as_mut()
+            .ok_or_else(|| Fatal::new(code::PROTOCOL, "SEALED_CHUNK before SEALED_BEGIN"))?;
+        let len = len as usize;
+        let start = self.received as usize;
+        if len == 0 || len > shm.len() || start + len > buf.len() {
+            return Err(Fatal::new(
+                code::BAD_REQUEST,
+                "SEALED_CHUNK length out of range",
+            ));
+        }
+        shm.read_into(0, &mut buf.cipher_mut()[start..start + len])
+            .map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
+        self.received += len as u64;
+        write_msg(
+            ctl,
+            &Msg::ChunkOk {
+                received: self.received,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// KEY: the data key wrapped to this worker's key pair, with the LICENCE sent
+    /// before it (if any).
+    fn key(
+        &mut self,
+        ctl: &mut UnixStream,
+        me: &Identity,
+        key_id: &str,
+        enc: &[u8],
+        wrapped: &[u8],
+    ) -> Result<(), Fatal> {
+        if self.key.is_some() {
+            return Err(Fatal::new(code::PROTOCOL, "the data key was sent twice"));
+        }
+        let (m, _) = self
+            .manifest
+            .as_ref()
+            .ok_or_else(|| Fatal::new(code::PROTOCOL, "KEY before MANIFEST"))?;
+        let want = m
+            .get("private")
+            .and_then(|p| p.get("key_id"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| Fatal::new(code::MANIFEST, "manifest has no private.key_id"))?;
+        if want != key_id {
+            return Err(Fatal::new(
+                code::KEY,
+                format!("KEY is for key id {key_id:?} but the manifest names {want:?}"),
+            ));
+        }
+        let k = me
+            .ek
+            .unwrap_data_key(enc, wrapped, key_id)
+            .map_err(|e| Fatal::new(code::KEY, e.to_string()))?;
+        self.held_licence = admit_licence(
+            ctl,
+            m,
+            key_id,
+            &k,
+            self.licence_msg.take(),
+            Some(&me.pubkey),
+            &me.bin,
+            me.machine_id.as_deref(),
+        )?;
+        self.key = Some(k);
+        Ok(())
+    }
+
+    fn licence(&mut self, raw: Vec<u8>, mac: [u8; 32]) -> Result<(), Fatal> {
+        if self.key.is_some() {
+            return Err(Fatal::new(
+                code::PROTOCOL,
+                "LICENCE after KEY (it must come before)",
+            ));
+        }
+        if self.licence_msg.is_some() || raw.len() > licence::MAX_LICENCE {
+            return Err(Fatal::new(
+                code::LICENCE_INVALID,
+                "LICENCE sent twice or too large",
+            ));
+        }
+        self.licence_msg = Some((raw, mac));
+        Ok(())
+    }
+
+    /// CACHED_KEY: the data key and licence from an offline key cache, instead of KEY
+    /// and LICENCE.
+    fn cached_key(
+        &mut self,
+        ctl: &mut UnixStream,
+        me: &Identity,
+        key_id: &str,
+        blob: &[u8],
+    ) -> Result<(), Fatal> {
+        if self.key.is_some() || self.licence_msg.is_some() {
+            return Err(Fatal::new(
+                code::PROTOCOL,
+                "CACHED_KEY replaces KEY and LICENCE; it cannot come with them",
+            ));
+        }
+        let (m, _) = self
+            .manifest
+            .as_ref()
+            .ok_or_else(|| Fatal::new(code::PROTOCOL, "CACHED_KEY before MANIFEST"))?;
+        let want = m.get("private").and_then(|p| p.get("key_id"));
+        if want.and_then(Value::as_str) != Some(key_id) {
+            return Err(Fatal::new(
+                code::KEY,
+                format!("CACHED_KEY is for key id {key_id:?}, not this manifest's"),
+            ));
+        }
+        let mid = me.machine_id.as_deref().ok_or_else(|| {
+            Fatal::new(
+                code::LICENCE_INVALID,
+                "this machine has no /etc/machine-id, so an offline key cache cannot be opened",
+            )
+        })?;
+        let c = licence::open_cache(mid, &me.bin, key_id, blob)
+            .map_err(|e| Fatal::new(code::LICENCE_INVALID, e.to_string()))?;
+        self.held_licence = admit_licence(
+            ctl,
+            m,
+            key_id,
+            &c.data_key,
+            Some((c.licence_raw, c.mac)),
+            None,
+            &me.bin,
+            None,
+        )?;
+        self.key = Some(c.data_key);
+        Ok(())
+    }
+}
+
+/// Licence checks when the data key arrives (docs/key-release.md "Licences"). A bundle
+/// whose authenticated manifest says `key_source: "keyserver"` needs a licence; one sent
+/// with a local-key bundle is checked and enforced the same way. `pubkey` is this
+/// worker's ephemeral key (None for a licence from the offline cache, issued to an
+/// earlier worker). With `offline: true` and a machine id, a fresh licence is sealed
+/// with the key into a KEY_CACHE frame for the host to store.
+#[allow(clippy::too_many_arguments)]
+fn admit_licence(
+    ctl: &mut UnixStream,
+    manifest: &Value,
+    key_id: &str,
+    data_key: &[u8],
+    sent: Option<(Vec<u8>, [u8; 32])>,
+    pubkey: Option<&[u8; 32]>,
+    bin: &[u8; 32],
+    machine_id: Option<&[u8]>,
+) -> Result<Option<licence::Licence>, Fatal> {
+    let required = manifest
+        .get("private")
+        .and_then(|p| p.get("key_source"))
+        .and_then(Value::as_str)
+        == Some("keyserver");
+    let Some((raw, mac)) = sent else {
+        if required {
+            return Err(Fatal::new(
+                code::LICENCE_INVALID,
+                "this bundle's key comes from a key server and needs its licence, but none was sent",
+            ));
+        }
+        return Ok(None);
+    };
+    let refuse = |e: licence::LicenceError| match e {
+        licence::LicenceError::Expired(_) => Fatal::new(
+            code::LICENCE_EXPIRED,
+            format!("{e}; ask the key server for a new one"),
+        ),
+        _ => Fatal::new(code::LICENCE_INVALID, e.to_string()),
+    };
+    licence::verify_mac(data_key, key_id, &raw, &mac).map_err(refuse)?;
+    let lic = licence::parse(&raw).map_err(refuse)?;
+    lic.check(key_id, pubkey, bin, licence::now_unix())
+        .map_err(refuse)?;
+    if pubkey.is_none() && !lic.offline {
+        return Err(Fatal::new(
+            code::LICENCE_INVALID,
+            "the cached licence does not allow offline use",
+        ));
+    }
+    if let (Some(_), true, Some(mid)) = (pubkey, lic.offline, machine_id) {
+        let blob = licence::seal_cache(mid, bin, key_id, data_key, &raw, &mac).map_err(refuse)?;
+        write_msg(
+            ctl,
+            &Msg::KeyCache {
+                key_id: key_id.to_string(),
+                blob,
+            },
+        )?;
+    }
+    Ok(Some(lic))
+}
+
+/// Unseal the program with the data key (which is zeroed as soon as it has been used)
+/// and parse it. The plaintext container goes into secret memory and stays there: the
+/// program uses the weights in place, and dropping it zeroes it.
+fn open_program(sealed: seal::Incoming, aad: &[u8], key: SecretBuf<u8>) -> Result<Program, Fatal> {
+    let (container, range) = sealed.unseal(aad, &key).map_err(|e| match e {
+        seal::SealError::Authentication => Fatal::new(code::AUTHENTICATION, e.to_string()),
+        seal::SealError::Memory(_) => Fatal::new(code::INTERNAL, e.to_string()),
+        _ => Fatal::new(code::BAD_REQUEST, e.to_string()),
+    })?;
+    drop(key);
+    trace("unsealed");
+    let program = Program::from_secret(container, range).map_err(|e| {
+        Fatal::new(
+            code::PROGRAM,
+            format!("the enclave program is invalid: {e}"),
+        )
+    })?;
+    trace("program parsed");
+    Ok(program)
+}
+
+/// Plan and warm up the executor, check the program against the manifest's tensor
+/// specs and read the output policy. The program itself is dropped at the end: the
+/// executor holds the weights.
+fn load(
+    program: Program,
+    manifest: &Value,
+    licence: Option<licence::Licence>,
+    args: &Args,
+) -> Result<Loaded, Fatal> {
+    let secmem = backing_name(program.weights_backing());
+    let threads = if args.threads > 0 {
+        args.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    let exec = Executor::new(&program, args.max_batch, threads)
+        .map_err(|e| Fatal::new(code::PROGRAM, format!("cannot prepare the program: {e}")))?;
+    trace("executor ready (buffers, thread pool, warm-up)");
+    let in_len = exec.input_len_per_sample();
+    let out_len = exec.output_len_per_sample();
+    for (part, which, have) in [
+        ("private", "inputs", in_len),
+        ("private", "outputs", out_len),
+    ] {
+        if let Some(want) = manifest_len(manifest, part, which) {
+            if want != have {
+                return Err(Fatal::new(
+                    code::MANIFEST,
+                    format!("manifest {part}.{which} has {want} values per sample but the program has {have}"),
+                ));
+            }
+        }
+    }
+    let policy =
+        Policy::from_manifest(manifest, out_len).map_err(|e| Fatal::new(code::MANIFEST, e))?;
+    drop(program);
+    Ok(Loaded {
+        licence,
+        exec,
+        policy,
+        in_len,
+        out_len,
+        secmem,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_len_of_specs() {
+        let m: Value = serde_json::from_str(
+            r#"{"private":{"inputs":[{"shape":[null,4,3]}],"outputs":[{"shape":[null]}],
+                "bad":[{"shape":[null,-1]}],"huge":[{"shape":[null,4294967296,4294967296]}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(manifest_len(&m, "private", "inputs"), Some(12));
+        assert_eq!(manifest_len(&m, "private", "outputs"), Some(1));
+        assert_eq!(manifest_len(&m, "private", "bad"), None);
+        assert_eq!(manifest_len(&m, "private", "huge"), None);
+        assert_eq!(manifest_len(&m, "private", "missing"), None);
+        assert_eq!(manifest_len(&m, "public", "inputs"), None);
+    }
+
+    #[test]
+    fn evidence_binds_nonce_key_and_binary() {
+        let r = evidence_report(&[1; 32], &[2; 32], &[3; 32]);
+        assert_eq!(r.len(), 32);
+        assert_ne!(r, evidence_report(&[0; 32], &[2; 32], &[3; 32]));
+        assert_ne!(r, evidence_report(&[1; 32], &[0; 32], &[3; 32]));
+        assert_ne!(r, evidence_report(&[1; 32], &[2; 32], &[0; 32]));
+    }
+}

@@ -1,0 +1,91 @@
+//! Pooling and reduction nodes.
+
+use super::builder::{batched, Builder, NodeCtx, NodeResult};
+use super::json::{axis, boolean, list, string};
+use super::linear::spatial_out;
+use super::{Op, TensorMeta};
+use crate::ops::misc::{Reduce, ReduceKind};
+
+impl Builder<'_> {
+    /// `pool`: max or average over a 1-D or 2-D window.
+    pub(super) fn pool(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
+        let d = &x.dims;
+        let (g, _) = self.window(ctx, d, None)?;
+        let max = match string(ctx.req("kind")?, &ctx.what("kind"))? {
+            "max" => true,
+            "avg" => false,
+            k => return ctx.e(format!("unknown pool kind {k:?}")),
+        };
+        let cip = match ctx.attr("count_include_pad") {
+            Some(v) => boolean(v, &ctx.what("count_include_pad"))?,
+            None => false,
+        };
+        let od = spatial_out(d, &g, g.c);
+        Ok((
+            Op::Pool {
+                g,
+                max,
+                count_include_pad: cip,
+            },
+            batched(od),
+        ))
+    }
+
+    /// `global_pool`: max or average over all spatial positions.
+    pub(super) fn global_pool(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
+        let d = &x.dims;
+        if d.len() < 2 {
+            return ctx.e("global_pool needs an input [N, spatial..., C]");
+        }
+        let max = match string(ctx.req("kind")?, &ctx.what("kind"))? {
+            "max" => true,
+            "avg" => false,
+            k => return ctx.e(format!("unknown global_pool kind {k:?}")),
+        };
+        let keep = match ctx.attr("keepdims") {
+            Some(v) => boolean(v, &ctx.what("keepdims"))?,
+            None => false,
+        };
+        let c = d[d.len() - 1];
+        let s = d[..d.len() - 1].iter().product();
+        let od = if keep {
+            let mut o = vec![1; d.len() - 1];
+            o.push(c);
+            o
+        } else {
+            vec![c]
+        };
+        Ok((Op::GlobalPool { s, c, max }, batched(od)))
+    }
+
+    /// `reduce`: mean, sum, max or min over non-batch axes.
+    pub(super) fn reduce(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
+        let d = &x.dims;
+        let rank = d.len() + 1;
+        let kind = match string(ctx.req("kind")?, &ctx.what("kind"))? {
+            "mean" => ReduceKind::Mean,
+            "sum" => ReduceKind::Sum,
+            "max" => ReduceKind::Max,
+            "min" => ReduceKind::Min,
+            k => return ctx.e(format!("unknown reduce kind {k:?}")),
+        };
+        let mut red = vec![false; d.len()];
+        for a in list(ctx.req("axes")?, &ctx.what("axes"))? {
+            let a = axis(a, rank, &ctx.what("axes"))?;
+            if a == 0 {
+                return ctx.e("cannot reduce over the batch axis");
+            }
+            red[a - 1] = true;
+        }
+        let keep = match ctx.attr("keepdims") {
+            Some(v) => boolean(v, &ctx.what("keepdims"))?,
+            None => false,
+        };
+        let od = d
+            .iter()
+            .zip(&red)
+            .filter_map(|(&v, &r)| if r { keep.then_some(1) } else { Some(v) })
+            .collect();
+        Ok((Op::Reduce(Reduce::new(kind, d, &red)), batched(od)))
+    }
+}
