@@ -1,0 +1,45 @@
+"""Shared set-up for the attack scripts: a small sealed bundle in a temporary folder,
+built with the same helpers the tests use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+try:  # a development checkout without an installed package
+    import ennclave  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(REPO / "python"))
+
+from support.enclave_bundle import Bundle, write_bundle  # noqa: E402
+
+
+def small_bundle(tmp: Path) -> Bundle:
+    return write_bundle(tmp / "bundle", tmp / "keystore.json")
+
+
+def step(text: str) -> None:
+    print(f"- {text}", flush=True)
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every one of its threads has stopped (kill()
+    returns before they do, and a thread still running could answer a call)."""
+    import os
+    import signal
+    import time
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while True:
+        states = [
+            Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            for t in os.listdir(f"/proc/{pid}/task")
+        ]
+        if all(s in "tT" for s in states):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} did not stop: thread states {states}")
+        time.sleep(0.001)
