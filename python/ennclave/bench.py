@@ -10,7 +10,6 @@ manifest (integer token ids in [0, 2) for integer inputs).
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from . import __version__
+from ._deps import require
 from .errors import InputError
 
 
@@ -97,7 +97,7 @@ def bench_bundle(
         manifest, _ = read_manifest(Path(bundle))
         framework = (manifest.get("public") or {}).get("framework")
         if framework in ("keras", "onnx"):
-            importlib.import_module("keras" if framework == "keras" else "onnxruntime")
+            require("keras" if framework == "keras" else "onnxruntime")
         import_ms = 1e3 * (time.perf_counter() - t)
         t = time.perf_counter()
         model = load(bundle, keystore=keystore)

@@ -8,12 +8,14 @@ runs the bundle and compares its predictions with the original model.
 
 from __future__ import annotations
 
+import shlex
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from ._deps import require
 
@@ -75,7 +77,21 @@ def build_demo_model(rng_seed: int = 0, epochs: int = 4):
     return model, xt, yt
 
 
-def run_demo(out_dir: Path | None, console: Console) -> None:
+def next_commands(work: Path) -> list[str]:
+    """What to try after the demo, on its files (`ennclave demo` prints these)."""
+    q = lambda name: shlex.quote(str(work / name))
+    ks = f"--keystore {q('keystore.json')}"
+    return [
+        f"ennclave run {q('bundle')} --input {q('sample_input.npy')} "
+        f"--output {q('predictions.npy')} {ks}",
+        f"ennclave bench {q('bundle')} --batch-sizes 1,64 --seconds 1 {ks}",
+        f"ennclave audit {q('bundle')} --queries {q('queries.npz')} --test {q('test.npz')} "
+        f"--budgets 50,500 --smoke {ks}",
+    ]
+
+
+def run_demo(out_dir: Path | None, console: Console) -> Path:
+    """Run the demo in `out_dir` (default: a new temporary directory); returns it."""
     from .adapters import load_model
     from .plan import make_plan
     from .report import print_plan, print_verification
@@ -89,7 +105,7 @@ def run_demo(out_dir: Path | None, console: Console) -> None:
         model_path = work / "demo.keras"
         model.save(model_path)
     acc = float(np.mean(np.argmax(model.predict(xt, verbose=0), axis=1) == yt))
-    console.print(f"[bold]1. Model[/] saved to {model_path} (test accuracy {acc:.3f})")
+    console.print(f"[bold]1. Model[/] saved to {escape(str(model_path))} (test accuracy {acc:.3f})")
 
     console.print("[bold]2. Plan[/]  ennclave plan demo.keras")
     adapter = load_model(model_path)
@@ -104,7 +120,11 @@ def run_demo(out_dir: Path | None, console: Console) -> None:
     )
     print_verification(result.verification, console)
     files = ", ".join(sorted(p.name for p in bundle.iterdir()))
-    console.print(f"Bundle {bundle}: {files}")
+    console.print(f"Bundle {escape(str(bundle))}: {files}")
+    console.print(
+        f"Its data key is in the keystore {escape(str(keystore))} (the owner's; pass it with "
+        "--keystore)."
+    )
 
     console.print("[bold]4. Run[/]   ennclave.load(bundle).predict(x)")
     from .runtime.model import load
@@ -119,4 +139,16 @@ def run_demo(out_dir: Path | None, console: Console) -> None:
         f"{float(np.mean(np.argmax(y, axis=1) == yt)):.3f}, agreement with the original "
         f"{agree:.3f}, max abs difference {float(np.abs(y - original).max()):.2g}."
     )
-    console.print(f"Done in {time.perf_counter() - t0:.1f} s. Files are in {work}.")
+
+    # Inputs for the next commands: a sample batch, the attacker's queries (inputs only:
+    # an attacker has no labels) and a labelled test set.
+    xq, _ = make_shapes(1000, np.random.default_rng(1))
+    np.save(work / "sample_input.npy", xt[:16])
+    np.savez(work / "queries.npz", x=xq)
+    np.savez(work / "test.npz", x=xt, y=yt)
+    console.print(
+        f"Done in {time.perf_counter() - t0:.1f} s. Files are in {escape(str(work))}; try next:"
+    )
+    for command in next_commands(work):
+        console.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
+    return work

@@ -221,6 +221,12 @@ def resolve_cut(model: ModelAdapter, spec: str | int, plan: Plan | None = None) 
         )
     pos = names.index(matches[0])
     before = [c for c in cuts if c.position <= pos]
+    if set(graph.nodes[pos].outputs) & {t.name for t in graph.outputs}:
+        last = f"{before[-1].name!r} (index {before[-1].index})" if before else "none"
+        raise CutError(
+            f"Cannot cut after {matches[0]!r}: it computes the model's output, so nothing would "
+            f"be left for the enclave; the last valid cut is {last} (see `ennclave plan`)."
+        )
     after = [c for c in cuts if c.position > pos + 1]
     nearest = []
     if before:

@@ -8,10 +8,13 @@ import json
 import time
 from typing import Any
 
+from .._deps import require
 from ..errors import InputError
 
 
 def cmd_keyserver(args: argparse.Namespace) -> int:
+    for module in ("fastapi", "uvicorn", "sqlalchemy"):
+        require(module)
     from .app import ServerSettings
     from .server import serve
 
@@ -30,6 +33,7 @@ def cmd_keyserver(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    require("httpx")
     from .client import KeyServerClient
     from .config import resolve_admin
 
@@ -44,10 +48,16 @@ def _when(ts: int | None) -> str:
 
 
 def _print_bundle(b: dict[str, Any]) -> None:
+    from rich.markup import escape
+
     from ..console import console
 
     p = b["policy"]
-    state = f"[red]revoked[/] ({b['revoked_reason']})" if b["revoked"] else "[green]active[/]"
+    state = (
+        f"[red]revoked[/] ({escape(str(b['revoked_reason']))})"
+        if b["revoked"]
+        else "[green]active[/]"
+    )
     console.print(
         f"[bold]{b['key_id']}[/]  {state}  clients {b['clients']}"
         f"{'/' + str(p['max_clients']) if p['max_clients'] else ''}  "
@@ -85,6 +95,8 @@ def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from ..console import console
 
     with _client(args) as ks:
@@ -102,10 +114,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.keys_cmd == "register":
             from pathlib import Path
 
-            from ..bundle import manifest_digest, read_manifest
+            from ..bundle import licence_required, manifest_digest, read_manifest
             from ..keystore import Keystore
 
+            if args.keystore and not Path(args.keystore).expanduser().exists():
+                raise InputError(
+                    f"The keystore {args.keystore} does not exist; pass the keystore file "
+                    "`ennclave split` stored the bundle's data key in."
+                )
             manifest, _ = read_manifest(Path(args.bundle))
+            if not licence_required(manifest):  # its sealed manifest lets it run unlicensed
+                raise InputError(
+                    f"{args.bundle} is a local-key bundle, which would run without a licence "
+                    "even with its key on the server; re-split the model with `ennclave split "
+                    "MODEL --cut ... --keyserver URL` instead."
+                )
             key_id = manifest["private"]["key_id"]
             digest = manifest_digest(manifest)
             key = Keystore(args.keystore).get(key_id)
@@ -129,10 +152,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
                         "%Y-%m-%d %H:%M:%S"
                     )
                     colour = "green" if r["decision"] in ("granted", "done") else "red"
+                    rest = (
+                        f" {r['reason']:<22} {r['key_id'] or '-'}  {r['evidence'] or ''} "
+                        f"{r['peer'] or ''} {r['detail'] or ''}"
+                    )
                     console.print(
-                        f"{t}  {r['event']:<8} [{colour}]{r['decision']:<8}[/] {r['reason']:<22} "
-                        f"{r['key_id'] or '-'}  {r['evidence'] or ''} {r['peer'] or ''} "
-                        f"{r['detail'] or ''}",
+                        f"{t}  {escape(r['event']):<8} [{colour}]{escape(r['decision']):<8}[/]"
+                        + escape(rest),
                         highlight=False,
                     )
     return 0
@@ -173,49 +199,80 @@ def _policy_opts(p: argparse.ArgumentParser) -> None:
         metavar="SHA256",
         help="accept only this worker binary (repeatable)",
     )
-    p.add_argument("--mrenclave", dest="mrenclaves", action="append", metavar="HEX")
-    p.add_argument("--mrsigner", dest="mrsigners", action="append", metavar="HEX")
+    p.add_argument(
+        "--mrenclave",
+        dest="mrenclaves",
+        action="append",
+        metavar="HEX",
+        help="accept only SGX enclaves with this MRENCLAVE (repeatable)",
+    )
+    p.add_argument(
+        "--mrsigner",
+        dest="mrsigners",
+        action="append",
+        metavar="HEX",
+        help="accept only SGX enclaves signed by this MRSIGNER (repeatable)",
+    )
     p.add_argument("--set", metavar="JSON", help="policy fields as a JSON object")
 
 
-def add_commands(sub: Any) -> None:
-    sk = sub.add_parser("keyserver", help="run the owner's key server (attested key release)")
-    sk.add_argument("--db", default="keys.db", help="SQLite file or database URL (postgresql://…)")
-    sk.add_argument("--host", default="127.0.0.1")
-    sk.add_argument("--port", type=int, default=8470)
-    sk.add_argument("--kek-file", metavar="PATH", help="key-encryption key (default: config dir)")
-    sk.add_argument("--rate", type=float, default=20.0, help="requests/s per client IP (0 = off)")
-    sk.add_argument("--burst", type=int, default=40, help="rate-limit burst")
-    sk.add_argument("--max-body", type=int, default=64 * 1024, help="largest request body, bytes")
-    sk.add_argument("--nonce-ttl", type=int, default=120, help="challenge validity, seconds")
-    sk.add_argument("--log-level", default="warning")
+def add_commands(sub: Any, parents: list[argparse.ArgumentParser] | None = None) -> None:
+    common = {"parents": parents or []}
+    sk = sub.add_parser(
+        "keyserver", help="run the owner's key server (attested key release)", **common
+    )
+    sk.add_argument(
+        "--db",
+        default="keys.db",
+        help="SQLite file or database URL (postgresql://…) (default keys.db)",
+    )
+    sk.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sk.add_argument("--port", type=int, default=8470, help="port to listen on (default 8470)")
+    sk.add_argument(
+        "--kek-file",
+        metavar="PATH",
+        help="key-encryption key for the stored data keys (default: in the config dir)",
+    )
+    sk.add_argument(
+        "--rate", type=float, default=20.0, help="requests/s per client IP (0 = off; default 20)"
+    )
+    sk.add_argument("--burst", type=int, default=40, help="rate-limit burst (default 40)")
+    sk.add_argument("--max-body", type=int, default=64 * 1024, help="largest request body in bytes")
+    sk.add_argument(
+        "--nonce-ttl", type=int, default=120, help="challenge validity in seconds (default 120)"
+    )
+    sk.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     sk.set_defaults(func=cmd_keyserver)
 
-    kp = sub.add_parser("keys", help="manage keys on the owner's key server")
-    ksub = kp.add_subparsers(dest="keys_cmd", required=True)
-    a = ksub.add_parser("list", help="list registered keys")
-    a.add_argument("--json", action="store_true")
+    kp = sub.add_parser("keys", help="manage keys on the owner's key server", **common)
+    ksub = kp.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    key_id = {"help": "the bundle's data key id (see `ennclave keys list`)"}
+    as_json = {"action": "store_true", "help": "print JSON"}
+    a = ksub.add_parser("list", help="list registered keys", **common)
+    a.add_argument("--json", **as_json)
     _admin_opts(a)
-    a = ksub.add_parser("show", help="one key's policy and state")
-    a.add_argument("key_id")
-    a.add_argument("--json", action="store_true")
+    a = ksub.add_parser("show", help="one key's policy and state", **common)
+    a.add_argument("key_id", **key_id)
+    a.add_argument("--json", **as_json)
     _admin_opts(a)
-    a = ksub.add_parser("register", help="register a local-keystore bundle's key on the server")
-    a.add_argument("bundle")
-    a.add_argument("--keystore", metavar="PATH")
+    a = ksub.add_parser(
+        "register", help="register a local-keystore bundle's key on the server", **common
+    )
+    a.add_argument("bundle", help="bundle directory written by `ennclave split`")
+    a.add_argument("--keystore", metavar="PATH", help="the keystore holding its data key")
     _admin_opts(a)
     _policy_opts(a)
-    a = ksub.add_parser("policy", help="change a key's release policy")
-    a.add_argument("key_id")
+    a = ksub.add_parser("policy", help="change a key's release policy", **common)
+    a.add_argument("key_id", **key_id)
     _admin_opts(a)
     _policy_opts(a)
-    a = ksub.add_parser("revoke", help="revoke a key: no further releases")
-    a.add_argument("key_id")
-    a.add_argument("--reason", default="revoked by the owner")
+    a = ksub.add_parser("revoke", help="revoke a key: no further releases", **common)
+    a.add_argument("key_id", **key_id)
+    a.add_argument("--reason", default="revoked by the owner", help="recorded in the audit log")
     _admin_opts(a)
-    a = ksub.add_parser("audit", help="show the audit log")
-    a.add_argument("key_id", nargs="?")
-    a.add_argument("--limit", type=int, default=50)
-    a.add_argument("--json", action="store_true")
+    a = ksub.add_parser("audit", help="show the audit log", **common)
+    a.add_argument("key_id", nargs="?", help="only this key's entries (default: all)")
+    a.add_argument("--limit", type=int, default=50, help="newest entries shown (default 50)")
+    a.add_argument("--json", **as_json)
     _admin_opts(a)
     kp.set_defaults(func=cmd_keys)

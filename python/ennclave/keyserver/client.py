@@ -232,20 +232,32 @@ class KeyserverRelease:
                 # Only when unreachable (never after a refusal): the offline key cache.
                 return self._from_cache(e)
             kind, report = self._worker.evidence_for(nonce)
-            resp = ks.release(
-                {
-                    "key_id": self.key_id,
-                    "nonce": nonce.hex(),
-                    "pubkey": hello.pubkey.hex(),
-                    "binary_sha256": hello.binary_sha256,
-                    "manifest_sha256": self.manifest_sha256,
-                    "client_id": client_id(),
-                    "evidence": {
-                        "kind": "software" if kind == "none" else kind,
-                        "report": base64.b64encode(report).decode(),
-                    },
-                }
-            )
+            try:
+                resp = ks.release(
+                    {
+                        "key_id": self.key_id,
+                        "nonce": nonce.hex(),
+                        "pubkey": hello.pubkey.hex(),
+                        "binary_sha256": hello.binary_sha256,
+                        "manifest_sha256": self.manifest_sha256,
+                        "client_id": client_id(),
+                        "evidence": {
+                            "kind": "software" if kind == "none" else kind,
+                            "report": base64.b64encode(report).decode(),
+                        },
+                    }
+                )
+            except KeyReleaseRefused as e:
+                if e.code != "software_not_allowed":
+                    raise
+                raise KeyReleaseRefused(
+                    f"The key server {self.url} refused key {self.key_id} to this worker: it "
+                    "runs without a TEE and the key's policy does not allow software workers; "
+                    "the owner can allow them with `ennclave keys policy "
+                    f"{self.key_id} --allow-software`.",
+                    e.code,
+                    e.status,
+                ) from None
         raw, mac = base64.b64decode(resp["licence"]), base64.b64decode(resp["licence_mac"])
         lic = Licence.from_bytes(raw)
         self.licence = ReleasedLicence(raw, mac, lic)

@@ -193,7 +193,8 @@ class EnclavedModel:
         arr = arr.astype(np.float32, copy=False)
         if not allow_nonfinite and not np.isfinite(arr).all():
             raise InputError(
-                "The input contains NaN or infinity; clean it or pass allow_nonfinite=True."
+                "The input contains NaN or infinity; clean it, or pass allow_nonfinite=True "
+                "(`ennclave run --allow-nonfinite`)."
             )
         return np.ascontiguousarray(arr)
 
@@ -277,7 +278,8 @@ class EnclavedModel:
             raise InputError("The input batch is empty; pass at least one sample.")
         if not allow_nonfinite and not np.isfinite(h).all():
             raise InputError(
-                "The input contains NaN or infinity; clean it or pass allow_nonfinite=True."
+                "The input contains NaN or infinity; clean it, or pass allow_nonfinite=True "
+                "(`ennclave run --allow-nonfinite`)."
             )
         return self._infer(h, allow_nonfinite)
 

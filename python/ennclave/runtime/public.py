@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError, EnnclaveError, InputError
+from .._deps import require
+from ..errors import BundleError, InputError
 
 
 class PublicPart:
@@ -22,12 +23,7 @@ class PublicPart:
     def __init__(self, path: Path, framework: str, providers: list[str] | None = None) -> None:
         self.framework = framework
         if framework == "keras":
-            try:
-                import keras
-            except ImportError:
-                raise EnnclaveError(
-                    "This bundle's public part is a Keras model; install ennclave[keras]."
-                ) from None
+            keras = require("keras")
             try:
                 self._model = keras.saving.load_model(path, compile=False)
             except Exception as e:
@@ -35,12 +31,7 @@ class PublicPart:
                     f"Keras cannot load {path} ({e}); the bundle may need a newer Keras."
                 ) from None
         elif framework == "onnx":
-            try:
-                import onnxruntime as ort
-            except ImportError:
-                raise EnnclaveError(
-                    "This bundle's public part is an ONNX model; install ennclave[onnx]."
-                ) from None
+            ort = require("onnxruntime")
             if providers is None:
                 avail = ort.get_available_providers()
                 gpu = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider") if p in avail]
