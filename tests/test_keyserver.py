@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import struct
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,6 @@ import ennclave
 from ennclave import seal
 from ennclave.errors import QueryBudgetExhausted, WorkerNotFound
 from ennclave.keyserver import evidence as ev
-from ennclave.keyserver import sgx
 from ennclave.keyserver.client import (
     KeyReleaseRefused,
     KeyServerClient,
@@ -446,106 +444,6 @@ def test_host_process_never_holds_the_data_key(registered, server):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["control"] >= 1, res
     assert res["found"] == 0 and res["after_close"] == 0, res
-
-
-# ------------------------------------------------------------------ SGX quote v3 (synthetic)
-
-
-def _p256():
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    k = ec.generate_private_key(ec.SECP256R1())
-    n = k.public_key().public_numbers()
-    return k, n.x.to_bytes(32, "big") + n.y.to_bytes(32, "big")
-
-
-def _sign(k, data: bytes) -> bytes:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
-    r, s = decode_dss_signature(k.sign(data, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def _body(mrenclave: bytes, mrsigner: bytes, report_data: bytes, *, debug=False, svn=3) -> bytes:
-    b = bytearray(384)
-    b[48] = 0x04 | (0x02 if debug else 0)  # attributes.flags: MODE64BIT (+ DEBUG)
-    b[64:96], b[128:160] = mrenclave, mrsigner
-    struct.pack_into("<HH", b, 256, 7, svn)
-    b[320:384] = report_data
-    return bytes(b)
-
-
-def synthetic_quote(report_data: bytes, mrenclave=b"\x11" * 32, mrsigner=b"\x22" * 32, **kw):
-    """A structurally exact v3 quote signed by throw-away attestation and "PCK" keys."""
-    att, att_pub = _p256()
-    pck, pck_pub = _p256()
-    header = struct.pack("<HHIHH", 3, 2, 0, 1, 1) + b"\x93\x9a\x72\x33" + bytes(12) + bytes(20)
-    body = _body(mrenclave, mrsigner, report_data, **kw)
-    auth = os.urandom(32)
-    qe = _body(b"\x33" * 32, b"\x44" * 32, hashlib.sha256(att_pub + auth).digest() + bytes(32))
-    cert = b"-----BEGIN CERTIFICATE-----\n(synthetic)\n-----END CERTIFICATE-----\n"
-    sig = (
-        _sign(att, header + body)
-        + att_pub
-        + qe
-        + _sign(pck, qe)
-        + struct.pack("<H", len(auth))
-        + auth
-        + struct.pack("<HI", 5, len(cert))
-        + cert
-    )
-    return header + body + struct.pack("<I", len(sig)) + sig, pck_pub
-
-
-def _sgx_claim(quote: bytes, nonce: bytes, pub: bytes, binsha: bytes) -> ev.Claim:
-    return ev.Claim(nonce, pub, binsha, "aa" * 32, ev.KIND_SGX, quote)
-
-
-def test_sgx_quote_v3_parse_and_policy():
-    nonce, pub, binsha = os.urandom(32), os.urandom(32), os.urandom(32)
-    rd = ev.evidence_hash(nonce, pub, binsha) + bytes(32)
-    quote, pck = synthetic_quote(rd)
-    q = sgx.parse_quote_v3(quote)
-    assert (q.version, q.att_key_type, q.tee_type, q.cert_type) == (3, 2, 0, 5)
-    assert q.body.mr_enclave == b"\x11" * 32 and q.body.isv_svn == 3 and not q.body.debug
-    sgx.verify_quote_signatures(q, pck)
-
-    pol = ev.Policy(mrenclaves=["11" * 32])
-    trust = lambda _q: pck  # stands in for a DCAP collateral verifier
-    v = ev.verify(
-        _sgx_claim(quote, nonce, pub, binsha), pol, registered_manifest="aa" * 32, collateral=trust
-    )
-    assert v.hardware and v.mrenclave == "11" * 32
-
-    def code(claim, policy=pol, collateral=trust):
-        with pytest.raises(ev.EvidenceRefused) as e:
-            ev.verify(claim, policy, registered_manifest="aa" * 32, collateral=collateral)
-        return e.value.code
-
-    good = _sgx_claim(quote, nonce, pub, binsha)
-    assert code(good, collateral=None) == "no_collateral_verifier"
-    assert code(good, ev.Policy(mrenclaves=["55" * 32])) == "measurement_not_allowed"
-    assert code(good, ev.Policy(mrsigners=["22" * 32], min_isv_svn=4)) == "isv_svn"
-    assert (
-        ev.verify(
-            good,
-            ev.Policy(mrsigners=["22" * 32], isv_prod_id=7),
-            registered_manifest="aa" * 32,
-            collateral=trust,
-        ).mrsigner
-        == "22" * 32
-    )
-    assert code(_sgx_claim(quote, os.urandom(32), pub, binsha)) == "quote_binding"  # other nonce
-    assert code(good, collateral=lambda _q: _p256()[1]) == "quote_signature"  # wrong PCK
-    tampered = bytearray(quote)
-    tampered[48 + 100] ^= 1  # a reserved byte of the signed body
-    assert code(_sgx_claim(bytes(tampered), nonce, pub, binsha)) == "quote_signature"
-    dbg, _ = synthetic_quote(rd, debug=True)
-    assert code(_sgx_claim(dbg, nonce, pub, binsha)) == "debug_enclave"
-    for bad in (quote[:-1], quote + b"\0", quote[:100], b"\x04" + quote[1:]):
-        assert code(_sgx_claim(bad, nonce, pub, binsha)) == "quote_malformed"
 
 
 def test_openapi_schema_is_current():

@@ -1,6 +1,6 @@
 """Evidence that a key request comes from an enclave worker, and the release policy.
 
-Every kind of evidence binds the same **evidence hash**
+Every kind of evidence binds the same **evidence hash** (`attest.binding`)
 
     H = SHA-256("ennclave evidence v1" ‖ 0x00 ‖ nonce ‖ worker X25519 public key ‖
                 SHA-256 of the worker binary)
@@ -13,99 +13,109 @@ nonce. What vouches for H differs:
   claimed binary hash and manifest digest; it does **not** prove that the key pair
   lives in an unmodified worker. Accepted only where the bundle's policy sets
   ``allow_software`` (default off); every such release is recorded as software.
-* ``sgx-dcap-v3`` — an SGX ECDSA quote (Gramine: written to
-  ``/dev/attestation/user_report_data``, read from ``/dev/attestation/quote``) whose
-  report_data is H ‖ 32 zero bytes; MRENCLAVE / MRSIGNER / ISV SVN / debug checked
-  against the policy. The last step — the PCK certificate chain to Intel's root and the
-  TCB status — needs a DCAP verifier (`CollateralVerifier`); without one configured the
-  server refuses SGX evidence. **Untested on hardware** (no SGX here); tested with
-  synthetic quotes.
+* ``sgx-dcap-v3`` (SGX quote v3), ``tdx-dcap`` (TDX quote v4/v5), ``sev-snp`` (SEV-SNP
+  report ‖ optional certificate table) — vendor-signed hardware evidence whose
+  REPORT_DATA is H ‖ 32 zero bytes, verified by `ennclave.attest` (vendor chain to the
+  pinned root, signatures, TCB) and accepted per the policy's `sgx` / `tdx` / `snp`
+  section. **Verified against real vendor samples; never run on SGX, TDX or SEV-SNP
+  hardware here.**
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from typing import Any
 
-from . import sgx
+from ..attest import binding, dcap, sgx, snp, software, tdx
+from ..attest import policy as ap
+from ..attest.binding import EVIDENCE_DOMAIN, evidence_hash
+from ..attest.certs import Anchors
+from ..attest.errors import EvidenceRefused
 
-EVIDENCE_DOMAIN = b"ennclave evidence v1\x00"
+__all__ = [
+    "EVIDENCE_DOMAIN",
+    "KINDS",
+    "Claim",
+    "CollateralVerifier",
+    "EvidenceRefused",
+    "Policy",
+    "Verified",
+    "evidence_hash",
+    "verify",
+]
+
 KIND_SOFTWARE = "software"
 KIND_SGX = "sgx-dcap-v3"
-KINDS = (KIND_SOFTWARE, KIND_SGX)
+KIND_TDX = "tdx-dcap"
+KIND_SNP = "sev-snp"
+KINDS = (KIND_SOFTWARE, KIND_SGX, KIND_TDX, KIND_SNP)
 HEX64 = 64
-
-
-class EvidenceRefused(Exception):
-    """Evidence does not verify or the policy does not accept it. `code` is a short
-    machine-readable reason, `str()` one sentence for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def evidence_hash(nonce: bytes, pubkey: bytes, binary_sha256: bytes) -> bytes:
-    return hashlib.sha256(EVIDENCE_DOMAIN + nonce + pubkey + binary_sha256).digest()
+# Flat SGX fields of policies written before the per-kind sections; read into `sgx`.
+LEGACY_SGX_FIELDS = ("mrenclaves", "mrsigners", "isv_prod_id", "min_isv_svn", "allow_debug")
+SECTIONS: dict[str, type[ap.SgxPolicy] | type[ap.TdxPolicy] | type[ap.SnpPolicy]] = {
+    "sgx": ap.SgxPolicy,
+    "tdx": ap.TdxPolicy,
+    "snp": ap.SnpPolicy,
+}
 
 
 @dataclass
 class Policy:
     """What a bundle's key may be released to. Integers only (no floats): times are
-    Unix seconds."""
+    Unix seconds. Hardware kinds are configured in their sections (`attest.policy`)."""
 
     allow_software: bool = False
     allowed_binaries: list[str] = field(default_factory=list)  # worker SHA-256 hex; [] = any
-    mrenclaves: list[str] = field(default_factory=list)  # SGX: [] = none accepted
-    mrsigners: list[str] = field(default_factory=list)
-    isv_prod_id: int | None = None
-    min_isv_svn: int = 0
-    allow_debug: bool = False
     expires_at: int | None = None  # no release after this time
     max_clients: int | None = None  # distinct client ids ever granted
     licence_ttl: int = 24 * 3600  # seconds a licence stays valid
     query_budget: int | None = None  # samples per licence (enforced in the worker)
     offline: bool = False  # licence allows an offline key cache until expiry
+    sgx: ap.SgxPolicy = field(default_factory=ap.SgxPolicy)
+    tdx: ap.TdxPolicy = field(default_factory=ap.TdxPolicy)
+    snp: ap.SnpPolicy = field(default_factory=ap.SnpPolicy)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Policy:
         data = dict(data or {})
+        legacy = {k: data.pop(k) for k in LEGACY_SGX_FIELDS if k in data}
+        if legacy:
+            data["sgx"] = {**(data.get("sgx") or {}), **legacy}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown policy field(s): {', '.join(unknown)}")
+        for name, section in SECTIONS.items():
+            v = data.get(name)
+            if v is not None and not isinstance(v, dict):
+                raise ValueError(f"policy.{name} must be an object")
+            data[name] = section.from_json(v, f"{name}.")
         p = cls(**data)
         p.validate()
         return p
 
     def merged(self, changes: dict[str, Any]) -> Policy:
+        """This policy with `changes` applied; a section given as an object is merged
+        field by field, so `{"tdx": {"mrtds": [...]}}` keeps the other TDX settings."""
         d = asdict(self)
-        d.update(changes)
+        for k, v in changes.items():
+            d[k] = {**d[k], **v} if k in SECTIONS and isinstance(v, dict) else v
         return Policy.from_json(d)
 
     def validate(self) -> None:
-        for name in ("allow_software", "allow_debug", "offline"):
+        for name in ("allow_software", "offline"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"policy.{name} must be true or false")
-        for name in ("allowed_binaries", "mrenclaves", "mrsigners"):
-            v = getattr(self, name)
-            if not isinstance(v, list) or not all(_is_hex(x, HEX64) for x in v):
-                raise ValueError(f"policy.{name} must be a list of 64-digit hex digests")
-            setattr(self, name, [x.lower() for x in v])
-        for name, lo in (
-            ("isv_prod_id", 0),
-            ("expires_at", 0),
-            ("max_clients", 1),
-            ("query_budget", 1),
-        ):
+        v = self.allowed_binaries
+        if not isinstance(v, list) or not all(_is_hex(x, HEX64) for x in v):
+            raise ValueError("policy.allowed_binaries must be a list of 64-digit hex digests")
+        self.allowed_binaries = [x.lower() for x in v]
+        for name, lo in (("expires_at", 0), ("max_clients", 1), ("query_budget", 1)):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < lo):
                 raise ValueError(f"policy.{name} must be an integer ≥ {lo} or null")
-        if not _is_int(self.min_isv_svn) or self.min_isv_svn < 0:
-            raise ValueError("policy.min_isv_svn must be a non-negative integer")
         if not _is_int(self.licence_ttl) or not 1 <= self.licence_ttl <= 366 * 86400:
             raise ValueError(
                 "policy.licence_ttl must be an integer number of seconds, 1 s to 1 year"
@@ -144,17 +154,29 @@ class Claim:
 
 @dataclass(frozen=True)
 class Verified:
+    """An accepted claim: for hardware kinds, the measurements and TCB status that the
+    policy accepted (for the audit log)."""
+
     kind: str
     hardware: bool
     binary_sha256: str
-    mrenclave: str | None = None
-    mrsigner: str | None = None
+    measurements: dict[str, str] = field(default_factory=dict)
+    tcb_status: str | None = None
+
+    @property
+    def mrenclave(self) -> str | None:
+        return self.measurements.get("mrenclave")
+
+    @property
+    def mrsigner(self) -> str | None:
+        return self.measurements.get("mrsigner")
 
 
-CollateralVerifier = Callable[[sgx.QuoteV3], bytes]
-"""Given a parsed quote, verify its PCK certificate chain to Intel's root CA and its
-TCB status, and return the PCK public key (64 B x‖y) — or raise. Not provided by
-ennclave (needs Intel collateral); tests inject one that trusts a synthetic PCK key."""
+CollateralVerifier = dcap.CollateralSource
+"""The key server's DCAP collateral (`ServerSettings.collateral`): a fixed
+`attest.dcap.Collateral` — e.g. `load_collateral([dir])`, which the operator keeps
+current — or a function FMSPC (hex) → collateral. None: no collateral, so SGX/TDX
+evidence is refused unless a policy sets `allow_missing_collateral`."""
 
 
 def verify(
@@ -163,8 +185,11 @@ def verify(
     *,
     registered_manifest: str | None,
     collateral: CollateralVerifier | None = None,
+    at: datetime | None = None,
+    anchors: Anchors | None = None,
 ) -> Verified:
-    """Check `claim` (whose nonce the caller has already consumed) against `policy`."""
+    """Check `claim` (whose nonce the caller has already consumed) against `policy` at
+    time `at` (default now). `anchors` replaces the pinned vendor roots (tests)."""
     if len(claim.pubkey) != 32 or len(claim.binary_sha256) != 32 or len(claim.nonce) != 32:
         raise EvidenceRefused("malformed", "The evidence has fields of the wrong size.")
     if registered_manifest is not None and not hmac.compare_digest(
@@ -176,11 +201,7 @@ def verify(
     h = evidence_hash(claim.nonce, claim.pubkey, claim.binary_sha256)
     binhex = claim.binary_sha256.hex()
     if claim.kind == KIND_SOFTWARE:
-        if not hmac.compare_digest(claim.report, h):
-            raise EvidenceRefused(
-                "evidence_invalid",
-                "The software evidence does not bind this nonce, key and binary.",
-            )
+        software.verify_software(claim.report, h)
         if not policy.allow_software:
             raise EvidenceRefused(
                 "software_not_allowed", "The bundle's policy does not allow software enclaves."
@@ -190,47 +211,40 @@ def verify(
                 "binary_not_allowed", "The worker binary's hash is not in the bundle's policy."
             )
         return Verified(KIND_SOFTWARE, False, binhex)
-    if claim.kind == KIND_SGX:
-        return _verify_sgx(claim, policy, h, binhex, collateral)
-    raise EvidenceRefused("unknown_kind", "Unknown evidence kind.")
+    if claim.kind not in HARDWARE:
+        raise EvidenceRefused("unknown_kind", "Unknown evidence kind.")
+    # Hardware: authenticity first, then the binding, then the policy's section.
+    e = _verify_hardware(claim.kind, claim.report, at or datetime.now(UTC), collateral, anchors)
+    binding.check_binding(e.report_data, h, HARDWARE[claim.kind])
+    if isinstance(e, snp.SnpEvidence):
+        ap.check_snp(e, policy.snp)
+    elif isinstance(e, tdx.TdxEvidence):
+        ap.check_tdx(e, policy.tdx)
+    else:
+        ap.check_sgx(e, policy.sgx)
+    return Verified(claim.kind, True, binhex, e.measurements(), e.tcb_status)
 
 
-def _verify_sgx(
-    claim: Claim,
-    policy: Policy,
-    h: bytes,
-    binhex: str,
+HARDWARE = {  # kind -> what its refusals call it
+    KIND_SGX: "SGX quote",
+    KIND_TDX: "TDX quote",
+    KIND_SNP: "SEV-SNP report",
+}
+
+
+def _verify_hardware(
+    kind: str,
+    report: bytes,
+    at: datetime,
     collateral: CollateralVerifier | None,
-) -> Verified:
-    try:
-        q = sgx.parse_quote_v3(claim.report)
-    except sgx.QuoteError as e:
-        raise EvidenceRefused("quote_malformed", f"The SGX quote is malformed: {e}.") from None
-    if not hmac.compare_digest(q.body.report_data, h + bytes(32)):
-        raise EvidenceRefused(
-            "quote_binding", "The SGX quote's report data does not bind this nonce and key."
-        )
-    mre, mrs = q.body.mr_enclave.hex(), q.body.mr_signer.hex()
-    if q.body.debug and not policy.allow_debug:
-        raise EvidenceRefused("debug_enclave", "The SGX enclave runs in debug mode.")
-    if mre not in policy.mrenclaves and mrs not in policy.mrsigners:
-        raise EvidenceRefused(
-            "measurement_not_allowed", "Neither MRENCLAVE nor MRSIGNER is in the bundle's policy."
-        )
-    if mre not in policy.mrenclaves:  # accepted by signer: check product and version
-        if policy.isv_prod_id is not None and q.body.isv_prod_id != policy.isv_prod_id:
-            raise EvidenceRefused("isv_prod_id", "The SGX enclave's product id is not allowed.")
-        if q.body.isv_svn < policy.min_isv_svn:
-            raise EvidenceRefused("isv_svn", "The SGX enclave's security version is too old.")
-    if collateral is None:
-        raise EvidenceRefused(
-            "no_collateral_verifier",
-            "This key server has no DCAP collateral verifier configured, so it cannot "
-            "verify SGX quotes.",
-        )
-    try:
-        pck = collateral(q)
-        sgx.verify_quote_signatures(q, pck)
-    except (sgx.QuoteError, ValueError) as e:
-        raise EvidenceRefused("quote_signature", f"The SGX quote does not verify: {e}.") from None
-    return Verified(KIND_SGX, True, binhex, mre, mrs)
+    anchors: Anchors | None,
+) -> snp.SnpEvidence | tdx.TdxEvidence | sgx.SgxEvidence:
+    """Authenticity only (`ennclave.attest`); the key server wants the exact quote."""
+    if kind == KIND_SNP:
+        raw, certs = snp.split_evidence(report)  # report ‖ its certificate table
+        return snp.verify_snp(raw, certs, at=at, anchors=anchors)
+    if kind == KIND_TDX:
+        return tdx.verify_tdx_quote(report, at=at, collateral=collateral, anchors=anchors)
+    return sgx.verify_sgx_quote(
+        report, at=at, collateral=collateral, anchors=anchors, versions=(3,)
+    )
