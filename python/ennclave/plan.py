@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import ModelAdapter
+from .errors import EnnclaveError
 from .graph import CutPoint, Node, find_cut_points
 
 MiB = 1024 * 1024
@@ -30,6 +31,9 @@ class CutReport:
     enclave_flops: int
     private_layers_inside: bool
     enclave_layers: int
+    # Whether `split` can lower this cut's private side, and if not the first reason.
+    splittable: bool = True
+    blocked_by: str | None = None
 
 
 @dataclass
@@ -102,6 +106,16 @@ def private_nodes(model: ModelAdapter, base: ModelAdapter | None) -> tuple[list[
     ]
 
 
+def lowering_blocker(model: ModelAdapter, cut: CutPoint) -> str | None:
+    """Why `split` cannot lower the private side of `cut` (the first reason, one
+    sentence), or None when it can: `plan` offers only what `split` can do."""
+    try:
+        model.lower_private(cut)
+    except EnnclaveError as e:
+        return str(e)
+    return None
+
+
 def _params(nodes: list[Node]) -> int:
     return sum(n.params for n in nodes)
 
@@ -121,6 +135,7 @@ def make_plan(
     for c in cuts:
         inside, outside = graph.nodes[c.position :], graph.nodes[: c.position]
         enclave_params = _params(inside)
+        blocked_by = lowering_blocker(model, c)
         reports.append(
             CutReport(
                 index=c.index,
@@ -134,6 +149,8 @@ def make_plan(
                 enclave_flops=sum(n.flops for n in inside),
                 private_layers_inside=c.position <= first_private,
                 enclave_layers=sum(1 for n in inside if n.params > 0),
+                splittable=blocked_by is None,
+                blocked_by=blocked_by,
             )
         )
     budget = int(budget_mib * MiB)
@@ -172,6 +189,13 @@ def _recommend(reports: list[CutReport], budget: int) -> tuple[int | None, str]:
             "No single-tensor cut puts every private layer inside the enclave (a private "
             "layer sits before the first valid cut, e.g. in a multi-input stem)."
         )
+    if not any(r.splittable for r in holding):
+        first = max(holding, key=lambda r: r.index)
+        return None, (
+            f"No cut that holds every private layer can be split: at cut {first.index} "
+            f"({first.name!r}) {first.blocked_by}"
+        )
+    holding = [r for r in holding if r.splittable]
     best = max(holding, key=lambda r: r.index)
     if best.enclave_bytes > budget:
         return None, (

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .plan import MiB, Plan
 from .verify import Verification
@@ -22,6 +23,12 @@ def _shape(shape: list[int | None]) -> str:
     return "×".join("N" if d is None else str(d) for d in shape)
 
 
+def _short(reason: str, width: int = 60) -> str:
+    """The first clause of a blocking reason, for a table cell (--json has it whole)."""
+    first = reason.split(";")[0].strip()
+    return first if len(first) <= width else first[: width - 1] + "…"
+
+
 def print_plan(plan: Plan, console: Console) -> None:
     total = max((c.enclave_params + c.public_params for c in plan.cut_points), default=0)
     table = Table(title=f"Cut points of {Path(plan.model).name} ({plan.framework})")
@@ -36,6 +43,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         ("share inside", "right"),
         ("enclave FLOPs/sample", "right"),
         ("private inside", "center"),
+        ("splittable", "left"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for c in plan.cut_points:
@@ -52,6 +60,7 @@ def print_plan(plan: Plan, console: Console) -> None:
             f"{100 * c.enclave_params / total:.1f}%" if total else "-",
             _si(c.enclave_flops),
             "yes" if c.private_layers_inside else "no",
+            "yes" if c.splittable else Text(f"no: {_short(c.blocked_by or '')}"),
             style=style,
         )
     console.print(table)
@@ -70,16 +79,19 @@ def print_plan(plan: Plan, console: Console) -> None:
 
 def print_verification(v: Verification, console: Console) -> None:
     table = Table(title="Verification: original vs public part → enclave program")
-    for col in ("samples", "max abs error", "max rel error", "tolerance", "result"):
+    for col in ("samples", "max abs error", "max rel error", "allowed", "result"):
         table.add_column(col)
     table.add_row(
         str(v.samples),
         f"{v.max_abs_error:.3g}",
         f"{v.max_rel_error:.3g}",
-        f"{v.tolerance:g}",
+        f"{v.allowed:.3g} (atol {v.tolerance:g} + rtol {v.rtol:g} × scale)",
         "[green]passed[/]" if v.passed else "[red]FAILED[/]",
     )
     console.print(table)
+    console.print(Text(f"Probe inputs: {v.probe}."))
+    for w in v.warnings:
+        console.print(Text.assemble(("warning: ", "yellow"), w))
 
 
 def plot_plan(plan: Plan, path: Path) -> None:

@@ -46,6 +46,7 @@ def split_model(
     *,
     samples: np.ndarray | None = None,
     tolerance: float = 1e-4,
+    rtol: float = 1e-4,
     n_random: int = 16,
     seed: int = 0,
     keystore: str | Path | None = None,
@@ -86,16 +87,19 @@ def split_model(
             writer.dir / public.file if public else None,
             samples=samples,
             tolerance=tolerance,
+            rtol=rtol,
             n_random=n_random,
             seed=seed,
         )
+        if program.num_params == 0:
+            verification.warnings.append(
+                f"the enclave of cut {point.index} ({point.name!r}) holds no weights, only "
+                f"{', '.join(sorted({n.op for n in program.nodes})) or 'nothing'}: it protects "
+                "nothing; cut earlier so that private layers are inside"
+            )
         writer.write_json(VERIFICATION_FILE, asdict(verification))
         if not verification.passed:
-            raise VerificationError(
-                f"The split model differs from the original by up to "
-                f"{verification.max_abs_error:.3g} (tolerance {tolerance:g}); nothing was written. "
-                "This is a bug in ennclave's lowering of a private layer: please report it."
-            )
+            raise VerificationError(_failure_sentence(verification))
         key, key_id = new_data_key(), secrets.token_hex(16)
         manifest = build_manifest(
             source=SourceSpec.of(adapter.path, adapter.framework),
@@ -138,3 +142,27 @@ def _register_on_keyserver(
     cfg = resolve_admin(url, token)
     with KeyServerClient(cfg.url, cfg.token) as ks:
         ks.register(key_id, key, manifest_digest(manifest), policy)
+
+
+def _failure_sentence(v: Verification) -> str:
+    """Why verification failed, in one sentence; a lowering bug is named only when the
+    float64 reference shows one."""
+    head = (
+        f"The split model differs from the original by up to {v.max_abs_error:.3g} "
+        f"(allowed {v.allowed:.3g}: atol {v.tolerance:g} + rtol {v.rtol:g} × output scale) "
+        f"on {v.probe}; nothing was written."
+    )
+    if v.lowering_bug:
+        return (
+            f"{head[:-1]}, and against a float64 run of the enclave program the split is off "
+            f"by {v.split_vs_float64:.3g} where the framework is off by "
+            f"{v.framework_vs_float64:.3g}: this is a bug in ennclave's lowering of a private "
+            "layer, please report it."
+        )
+    if v.split_vs_float64 is None:
+        return f"{head[:-1]}; the outputs are not finite, check the model and the samples."
+    return (
+        f"{head[:-1]}; a float64 run shows no lowering error (split off by "
+        f"{v.split_vs_float64:.3g}, framework by {v.framework_vs_float64:.3g}), so loosen "
+        "--tolerance or --rtol."
+    )

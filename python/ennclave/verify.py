@@ -1,11 +1,22 @@
-"""Check a split before it ships: original model vs saved public part -> reference executor.
+"""Check a split before it ships: original model vs saved public part -> enclave program.
 
 The saved public part runs through `runtime.public.PublicPart`, the object the client
-runtime uses, so what is verified is the code path that ships."""
+runtime uses, so what is verified is the code path that ships.
+
+What counts as correct: float32 is not exact, and deep networks amplify its rounding,
+so the split passes when
+
+    max |split − original| ≤ atol + rtol · max |original|
+
+(the output's own scale), or, failing that, when the split is no further from a float64
+run of the enclave program (`reference.execute(exact=True)`, on the same public
+output) than the framework itself is: then the difference is float32 noise on both
+sides, not a lowering bug. Only a split clearly worse than the framework fails.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +28,66 @@ from .program import Program
 from .reference import execute
 from .runtime.public import PublicPart
 
+# "Clearly worse": more than this many times the framework's own float32 error.
+WORSE_THAN_FRAMEWORK = 4.0
+
 
 @dataclass
 class Verification:
-    max_abs_error: float
-    max_rel_error: float
+    max_abs_error: float  # split vs original
+    max_rel_error: float  # the same, over max |original|
     samples: int
-    tolerance: float
+    tolerance: float  # atol
     passed: bool
+    rtol: float = 0.0
+    allowed: float = 0.0  # atol + rtol · max |original|
+    # Distance of the split and of the original from a float64 run of the program (on
+    # the same public output); None when the tolerance alone decided.
+    split_vs_float64: float | None = None
+    framework_vs_float64: float | None = None
+    probe: str = ""  # which inputs were used
+    warnings: list[str] = field(default_factory=list)
+    # The float64 reference shows the split itself is wrong (not float32 noise).
+    lowering_bug: bool = False
+
+
+def probe_batches(
+    adapter: ModelAdapter, samples: np.ndarray | None, n_random: int, seed: int
+) -> tuple[list[np.ndarray], str]:
+    """The verification inputs and a sentence that says what they are: the user's
+    samples first when given (plus random inputs scaled like them), else random inputs
+    in a realistic range."""
+    rng = np.random.default_rng(seed)
+    random = adapter.random_inputs(n_random, rng)
+    if samples is None:
+        kind = "integer ids" if random.dtype.kind in "iu" else "uniform in [0, 1)"
+        return [random], f"{len(random)} random inputs ({kind})"
+    samples = np.asarray(samples)
+    expected_shape = tuple(adapter.graph.inputs[0].shape[1:])
+    if samples.ndim == 0 or tuple(samples.shape[1:]) != expected_shape or len(samples) == 0:
+        raise InputError(
+            f"The samples have shape {samples.shape} but the model takes "
+            f"(N, {', '.join(map(str, expected_shape))}); pass a batch of model inputs."
+        )
+    samples = samples.astype(random.dtype)
+    if random.dtype.kind == "f":
+        # Random extras with the samples' mean and spread, so they probe the same range.
+        mean, std = float(samples.mean()), float(samples.std()) or 1.0
+        random = (mean + std * rng.standard_normal(random.shape)).astype(random.dtype)
+    elif len(random):
+        lo, hi = int(samples.min()), int(samples.max())
+        random = rng.integers(lo, hi + 1, size=random.shape).astype(random.dtype)
+    return [samples, random], f"{len(samples)} samples given + {len(random)} random like them"
+
+
+def _saturated(outputs: np.ndarray) -> bool:
+    """Probability outputs pinned at 0 or 1: every split agrees there, so agreement
+    says nothing about the logits behind them."""
+    v = outputs.astype(np.float64).ravel()
+    if not v.size or v.min() < 0 or v.max() > 1:
+        return False
+    pinned = np.minimum(v, 1 - v) < 1e-6
+    return bool(pinned.mean() > 0.99)
 
 
 def verify_split(
@@ -35,42 +98,64 @@ def verify_split(
     *,
     samples: np.ndarray | None = None,
     tolerance: float = 1e-4,
+    rtol: float = 1e-4,
     n_random: int = 16,
     seed: int = 0,
 ) -> Verification:
-    """Run both paths on random inputs (and the user's samples) and compare.
-
-    The public side runs from the file just written, so what is verified is exactly
-    what ships, not the in-memory model.
-    """
-    batches = [adapter.random_inputs(n_random, np.random.default_rng(seed))]
-    if samples is not None:
-        samples = np.asarray(samples)
-        expected_shape = tuple(adapter.graph.inputs[0].shape[1:])
-        if samples.ndim == 0 or tuple(samples.shape[1:]) != expected_shape or len(samples) == 0:
-            raise InputError(
-                f"The samples have shape {samples.shape} but the model takes "
-                f"(N, {', '.join(map(str, expected_shape))}); pass a batch of model inputs."
-            )
-        batches.append(samples.astype(batches[0].dtype))
+    """Run the original and the split on the probe inputs and compare (module doc)."""
+    batches, probe = probe_batches(adapter, samples, n_random, seed)
     public = (
         PublicPart(public_path, adapter.framework, ["CPUExecutionProvider"])
         if public_path
         else None
     )
-    max_abs, max_rel, count = 0.0, 0.0, 0
+    expected_all, got_all, mids = [], [], []
     for x in batches:
-        expected = adapter.predict(x)
+        expected = np.asarray(adapter.predict(x))
         mid = public(x) if public is not None else x
         got = execute(program, np.asarray(mid, dtype=np.float32))
         if got.shape != expected.shape:
-            return Verification(float("inf"), float("inf"), count + len(x), tolerance, False)
-        err = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-        abs_e = float(err.max()) if err.size else 0.0
-        scale = float(np.abs(expected).max()) if expected.size else 0.0
-        max_abs = max(max_abs, abs_e)
-        max_rel = max(max_rel, abs_e / scale if scale > 0 else abs_e)
-        count += len(x)
-    if not (np.isfinite(max_abs)):
-        return Verification(max_abs, max_rel, count, tolerance, False)
-    return Verification(max_abs, max_rel, count, tolerance, max_abs <= tolerance)
+            return Verification(
+                float("inf"), float("inf"), sum(map(len, batches)), tolerance, False, rtol,
+                probe=probe,
+                warnings=[f"the split's output shape {got.shape} is not the original's "
+                          f"{expected.shape}"],
+            )  # fmt: skip
+        expected_all.append(expected.astype(np.float64))
+        got_all.append(got.astype(np.float64))
+        mids.append(mid)
+    expected, got = np.concatenate(expected_all), np.concatenate(got_all)
+    count = len(expected)
+    err = np.abs(got - expected)
+    max_abs = float(err.max()) if err.size else 0.0
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    allowed = tolerance + rtol * scale
+    v = Verification(max_abs, max_rel, count, tolerance, False, rtol, allowed, probe=probe)
+    if _saturated(expected):
+        v.warnings.append(
+            "the outputs are saturated (probabilities of 0 or 1), so this verification "
+            "says little; pass --samples with real inputs, or verify a model without its "
+            "final softmax"
+        )
+    if not np.isfinite(max_abs) or not np.isfinite(expected).all():
+        return v
+    if max_abs <= allowed:
+        v.passed = True
+        return v
+    # Over the tolerance: is it the split, or float32 itself? Judge both against float64.
+    exact = np.concatenate(
+        [execute(program, np.asarray(m, dtype=np.float32), exact=True) for m in mids]
+    )
+    split64 = float(np.abs(got - exact).max())
+    framework64 = float(np.abs(expected - exact).max())
+    v.split_vs_float64, v.framework_vs_float64 = split64, framework64
+    v.lowering_bug = split64 > WORSE_THAN_FRAMEWORK * framework64 + max(tolerance, 0.0)
+    v.passed = tolerance >= 0 and not v.lowering_bug
+    if v.passed:
+        v.warnings.append(
+            f"the split differs from the original by {max_abs:.3g}, over atol + rtol·scale = "
+            f"{allowed:.3g}, but no more than the framework's own float32 result differs from "
+            f"a float64 run ({framework64:.3g}): float32 rounding, not a lowering error"
+        )
+    return v

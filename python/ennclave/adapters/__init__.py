@@ -11,23 +11,47 @@ KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 ONNX_SUFFIXES = (".onnx",)
 
 
-def load_model(path: str | Path) -> ModelAdapter:
-    """Open a model file with the adapter for its framework."""
+def load_model(
+    path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> ModelAdapter:
+    """Open a model file with the adapter for its framework. `input_shapes` fixes the
+    dynamic dimensions of named ONNX inputs (``--input-shape images=1x3x320x320``; the
+    first dimension is the batch and stays free)."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"Model file {p} does not exist; check the path.")
     suffix = p.suffix.lower()
     if suffix in KERAS_SUFFIXES:
+        if input_shapes:
+            raise ModelLoadError(
+                "--input-shape is for ONNX models; a Keras model's input shape is set when "
+                "it is built (keras.Input(shape=...))."
+            )
         from .keras import KerasAdapter
 
         return KerasAdapter(p)
     if suffix in ONNX_SUFFIXES:
         from .onnx import OnnxAdapter
 
-        return OnnxAdapter(p)
+        return OnnxAdapter(p, input_shapes)
     raise ModelLoadError(
         f"Cannot tell the framework of {p.name}: use a Keras (.keras, .h5) or ONNX (.onnx) file."
     )
 
 
-__all__ = ["ModelAdapter", "load_model"]
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """`NAME=1x3x320x320` -> ("NAME", (1, 3, 320, 320))."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise ModelLoadError(
+            f"--input-shape {text!r} is not NAME=DxDx…, e.g. images=1x3x320x320 (positive "
+            "sizes; the first is the batch)."
+        )
+    return name, shape
+
+
+__all__ = ["ModelAdapter", "load_model", "parse_input_shape"]

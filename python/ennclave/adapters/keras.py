@@ -76,21 +76,88 @@ def _functional(model: Any) -> Any:
     return f if f is not None else model
 
 
+# Arguments that Keras 2 / tf.keras wrote into layer configs and Keras 3 refuses, by
+# layer class: each is dropped only when it has its Keras 2 default (anything else
+# would change the layer, so it still fails and says why).
+LEGACY_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "DepthwiseConv2D": {"groups": 1},
+    "DepthwiseConv1D": {"groups": 1},
+    "Conv2DTranspose": {"groups": 1},
+    "Conv1DTranspose": {"groups": 1},
+    "Conv3DTranspose": {"groups": 1},
+}
+
+
+def _legacy_layers(keras: Any) -> dict[str, Any]:
+    """For `custom_objects` when reading a Keras 2 era .h5 file: stand-ins for the layers
+    in LEGACY_ARGUMENTS whose `from_config` drops those arguments and builds the plain
+    Keras 3 layer, so the model (and any public part saved from it) holds only
+    standard layers."""
+    patched: dict[str, Any] = {}
+    for name, defaults in LEGACY_ARGUMENTS.items():
+        base = getattr(keras.layers, name, None)
+        if base is None:
+            continue
+
+        def from_config(
+            cls: Any, config: dict[str, Any], _base: Any = base, _d: dict[str, Any] = defaults
+        ) -> Any:
+            config = {k: v for k, v in config.items() if not (k in _d and v == _d[k])}
+            return _base.from_config(config)
+
+        patched[name] = type(name, (base,), {"from_config": classmethod(from_config)})
+    return patched
+
+
+def _load_keras_file(path: Path) -> Any:
+    """Read a .keras or legacy .h5 file. Keras 2 era .h5 files go through tf_keras when
+    it is installed (it reads them natively); otherwise Keras 3 reads them with the
+    known renamed/removed arguments dropped. A file that still fails shows the
+    framework's own reason in full."""
+    keras = require("keras")
+    legacy = path.suffix.lower() in (".h5", ".hdf5")
+    errors: list[str] = []
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many unrelated types here
+        errors.append(f"{type(e).__name__}: {str(e).strip()}")
+    if legacy:
+        try:
+            return keras.saving.load_model(
+                path, compile=False, custom_objects=_legacy_layers(keras)
+            )
+        except Exception as e:
+            errors.append(f"with Keras 2 arguments dropped: {type(e).__name__}: {str(e).strip()}")
+        try:
+            import tf_keras  # Keras 2, if the user has it
+        except ImportError:
+            pass
+        else:
+            try:
+                model = tf_keras.models.load_model(path, compile=False)
+            except Exception as e:
+                errors.append(f"tf_keras: {type(e).__name__}: {str(e).strip()}")
+            else:
+                del model
+                raise ModelLoadError(
+                    f"{path.name} is a Keras 2 model (tf_keras reads it) that Keras 3 cannot "
+                    "read; re-save it as a Keras 3 .keras file (rebuild the architecture in "
+                    "Keras 3 and load the weights with `load_weights`), then split that. "
+                    "Keras 3 said: " + " | ".join(errors)
+                )
+    raise ModelLoadError(
+        f"Keras cannot read {path.name}; check that it is a Keras 3 .keras or legacy .h5 "
+        f"model and that custom layers are registered. The framework said: " + " | ".join(errors)
+    )
+
+
 class KerasAdapter(ModelAdapter):
     framework = "keras"
     public_suffix = ".keras"
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        keras = require("keras")
-        try:
-            model = keras.saving.load_model(path, compile=False)
-        except Exception as e:  # Keras raises many unrelated types here
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(
-                f"Keras cannot read {path.name} ({first[:300]}); check that it is a Keras 3 "
-                ".keras or legacy .h5 model and that custom layers are registered."
-            ) from None
+        model = _load_keras_file(path)
         self._init_from_model(model)
 
     @classmethod
@@ -233,7 +300,7 @@ class KerasAdapter(ModelAdapter):
                 default=2,
             )
             return rng.integers(0, vocab, size=shape).astype(inp.dtype)
-        return rng.standard_normal(shape).astype(np.float32)
+        return rng.random(shape, dtype=np.float32)  # see ModelAdapter.random_inputs
 
     def build_public(self, cut: CutPoint) -> Any:
         """A Keras model from the original input to the cut tensor."""
@@ -449,6 +516,43 @@ class _Lowerer:
             node, dw, pk, bias, attrs, self._act(layer, node), f"{node.name}/pointwise"
         )
 
+    @LAYERS.register("Conv2DTranspose", "Conv1DTranspose")
+    def lower_Conv2DTranspose(self, node: Node, layer: Any) -> str:
+        kernel = _to_numpy(layer.kernel)  # [k..., Cout, Cin]
+        nsp = kernel.ndim - 2
+        window = [int(k) for k in kernel.shape[:nsp]]
+        strides = _pair(layer.strides, nsp)
+        dil = _pair(layer.dilation_rate, nsp)
+        in_sp = [int(d) for d in self._shape(node)[1:-1]]
+        out_sp = [int(d) for d in self.tensors[node.outputs[0]].shape[1:-1]]
+        if layer.padding not in ("valid", "same"):
+            raise UnsupportedOpError(f"Layer {node.name!r} has unknown padding {layer.padding!r}.")
+        pads, extra = [], []
+        for i in range(nsp):
+            # TensorFlow's transposed conv with the output size Keras chose: the
+            # gradient of a conv from that size, so "same" crops as that conv pads.
+            full = (in_sp[i] - 1) * strides[i] + dil[i] * (window[i] - 1) + 1
+            begin = 0
+            if layer.padding == "same":
+                begin = max(full - out_sp[i], 0) // 2
+            end = full - begin - out_sp[i]
+            pads.append([begin, max(end, 0)])
+            extra.append(max(-end, 0))
+        attrs = {
+            "strides": strides,
+            "dilations": dil,
+            "pads": pads,
+            "output_padding": extra,
+            "groups": 1,
+        }
+        act = self._act(layer, node)
+        if act:
+            attrs["activation"] = act
+        w = {"kernel": np.transpose(kernel, (nsp + 1, *range(nsp), nsp))}  # [Cin, k..., Cout]
+        if layer.use_bias:
+            w["bias"] = _to_numpy(layer.bias)
+        return self.builder.add("conv_transpose", [self._in(node)], node.name, attrs, w)
+
     # -- pooling and shape ----------------------------------------------------------
     def _pool(self, node: Node, layer: Any, kind: str) -> str:
         nsp = len(self._shape(node)) - 2
@@ -495,12 +599,98 @@ class _Lowerer:
             "pad", [self._in(node)], node.name, {"pads": [*pads, [0, 0]], "value": 0.0}
         )
 
+    @LAYERS.register("Cropping2D", "Cropping1D")
+    def lower_Cropping2D(self, node: Node, layer: Any) -> str:
+        dims = [int(d) for d in self._shape(node)[1:]]
+        crops = [[int(a), int(b)] for a, b in np.reshape(layer.cropping, (-1, 2))]
+        starts = [c[0] for c in crops] + [0]
+        sizes = [d - a - b for d, (a, b) in zip(dims, crops, strict=False)] + [dims[-1]]
+        return self.builder.add(
+            "slice", [self._in(node)], node.name, {"starts": starts, "sizes": sizes}
+        )
+
+    @LAYERS.register("UpSampling2D", "UpSampling1D")
+    def lower_UpSampling2D(self, node: Node, layer: Any) -> str:
+        in_shape = self._shape(node)
+        factors = _pair(layer.size, len(in_shape) - 2)
+        interpolation = getattr(layer, "interpolation", "nearest")
+        if interpolation == "nearest":  # Keras repeats every row / column
+            attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric"}
+            attrs["nearest_mode"] = "floor"
+        elif interpolation == "bilinear":  # tf.image.resize: half-pixel centres
+            attrs = {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
+        else:
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} uses interpolation={interpolation!r}; the enclave "
+                "supports nearest and bilinear."
+            )
+        attrs["sizes"] = [int(d) * f for d, f in zip(in_shape[1:-1], factors, strict=True)]
+        attrs["scales"] = [float(f) for f in factors]
+        return self.builder.add("resize", [self._in(node)], node.name, attrs)
+
     @LAYERS.register("Flatten", "Reshape")
     def reshape_to_output(self, node: Node, layer: Any) -> str:
         target = [int(d) for d in self.tensors[node.outputs[0]].shape[1:]]
         return self.builder.add("reshape", [self._in(node)], node.name, {"shape": target})
 
     # -- normalisation ---------------------------------------------------------------
+    def _affine(self, node: Node, scale: Any, shift: Any) -> str:
+        """x · scale + shift, both broadcasting against the input (batch axis
+        included, as Keras broadcasts them): one `scale_shift` when they vary along
+        at most one axis, else a `mul` and an `add` by constants."""
+        shape = self._shape(node)
+        rank = len(shape)
+        arrs = []
+        for v in (scale, shift):
+            a = np.asarray(_to_numpy(v), dtype=np.float64)
+            if a.ndim > rank:
+                raise UnsupportedOpError(f"Layer {node.name!r}: its weights outrank its input.")
+            a = a.reshape((1,) * (rank - a.ndim) + a.shape)
+            if a.shape[0] != 1:
+                raise UnsupportedOpError(
+                    f"Layer {node.name!r}: its weights would broadcast over the batch axis."
+                )
+            arrs.append(a)
+        varying = sorted({i for a in arrs for i, d in enumerate(a.shape) if i and d != 1})
+        x = self._in(node)
+        if len(varying) <= 1:
+            axis = varying[0] if varying else rank - 1
+            c = int(shape[axis])
+            vecs = [np.broadcast_to(a.reshape(-1), (c,)) for a in arrs]
+            return self.builder.add(
+                "scale_shift",
+                [x],
+                node.name,
+                {"axis": axis - rank},
+                {"scale": vecs[0], "shift": vecs[1]},
+            )
+        scale_c = self.builder.constant(f"{node.name}/scale", arrs[0][0])
+        y = self.builder.add("mul", [x, scale_c], f"{node.name}/mul")
+        shift_c = self.builder.constant(f"{node.name}/shift", arrs[1][0])
+        return self.builder.add("add", [y, shift_c], node.name)
+
+    @LAYERS.register("Rescaling")
+    def lower_Rescaling(self, node: Node, layer: Any) -> str:
+        return self._affine(node, layer.scale, layer.offset)
+
+    @LAYERS.register("Normalization")
+    def lower_Normalization(self, node: Node, layer: Any) -> str:
+        if layer.mean is None or layer.variance is None:
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} (Normalization) has no mean and variance yet; adapt it."
+            )
+        mean = _to_numpy(layer.mean).astype(np.float64)
+        std = np.maximum(np.sqrt(_to_numpy(layer.variance).astype(np.float64)), 1e-7)
+        if getattr(layer, "invert", False):
+            return self._affine(node, std, mean)
+        return self._affine(node, 1 / std, -mean / std)
+
+    @LAYERS.register("LayerScale")
+    def lower_LayerScale(self, node: Node, layer: Any) -> str:
+        # keras.applications ConvNeXt: x * gamma, gamma one value per channel.
+        gamma = _to_numpy(layer.gamma)
+        return self._affine(node, gamma, np.zeros_like(gamma))
+
     @LAYERS.register("BatchNormalization")
     def lower_BatchNormalization(self, node: Node, layer: Any) -> str:
         var = _to_numpy(layer.moving_variance)
@@ -546,6 +736,13 @@ class _Lowerer:
 
     # -- merging ---------------------------------------------------------------------
     def _merge(self, node: Node, op: str) -> str:
+        if len(node.inputs) < 2:
+            # e.g. keras.ops.multiply(x, 3.0): the constant is no input tensor, and
+            # dropping it would be a silent approximation.
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} ({node.op_type}) combines one tensor with a constant; "
+                "only tensor operands are supported."
+            )
         ins = [self._in(node, i) for i in range(len(node.inputs))]
         return self.builder.add(op, ins, node.name)
 
@@ -616,6 +813,11 @@ class _Lowerer:
     @LAYERS.register("ELU")
     def lower_ELU(self, node: Node, layer: Any) -> str:
         return self._unary(node, activation("elu", alpha=float(layer.alpha)))
+
+    @LAYERS.register("Erf", "Erfc")
+    def lower_Erf(self, node: Node, layer: Any) -> str:
+        # keras.ops.erf / keras.ops.erfc in a functional model
+        return self._unary(node, activation(node.op_type.lower()))
 
     @LAYERS.register("Softmax")
     def lower_Softmax(self, node: Node, layer: Any) -> str:

@@ -24,6 +24,8 @@ from ..program import Program, ProgramBuilder, activation
 from .base import ModelAdapter, Translators
 
 MIN_OPSET = 13
+# Older models are upgraded to MIN_OPSET with the onnx version converter, which starts at 7.
+MIN_CONVERTIBLE_OPSET = 7
 
 # Batch sizes substituted for the symbolic batch dim when folding Shape-dependent
 # constants: a value that differs between the probes depends on the batch size.
@@ -76,6 +78,18 @@ _ROWWISE = {
 }
 # Ops whose outputs are static even for dynamic inputs (given static non-batch dims).
 _SHAPE_OPS = ("Shape", "Size")
+
+# ONNX Runtime's input type strings -> numpy dtypes (for feeding probe inputs).
+_ONNX_TYPE_TO_NP = {
+    "tensor(float)": np.float32,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(bool)": np.bool_,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+}
 
 _ONNX_TO_NP = {
     1: "float32",
@@ -138,11 +152,85 @@ def _s(v: Any) -> Any:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _as_shipped(model: Any, file: str, input_shapes: dict[str, tuple[int, ...]]) -> Any:
+    """A model as exporters ship it, made ready for splitting: batch dims written as
+    -1 or 0 become symbolic, dims fixed by `input_shapes` (``--input-shape``) are set,
+    opsets 7-12 are upgraded to 13 with the onnx version converter, and every graph
+    input must then have static non-batch dims."""
+    onnx = require("onnx")
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    # -1 / 0 are not valid dims (the converter and numpy reject them): make them free.
+    for vi in [*inputs, *model.graph.output, *model.graph.value_info]:
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.dim_param = "N" if i == 0 else f"{vi.name}_{i}"
+    unknown = set(input_shapes) - {i.name for i in inputs}
+    if unknown:
+        raise ModelLoadError(
+            f"--input-shape names {', '.join(sorted(unknown))}, which {file} does not take; "
+            f"its inputs are {', '.join(i.name for i in inputs)}."
+        )
+    for vi in inputs:
+        if vi.name not in input_shapes:
+            continue
+        dims, want = vi.type.tensor_type.shape.dim, input_shapes[vi.name]
+        if len(want) != len(dims):
+            raise ModelLoadError(
+                f"--input-shape gives {vi.name} {len(want)} dimensions, but it has {len(dims)}."
+            )
+        for i, (d, v) in enumerate(zip(dims, want, strict=True)):
+            if i == 0:
+                continue  # the batch stays free
+            if d.HasField("dim_value") and d.dim_value != v:
+                raise ModelLoadError(
+                    f"--input-shape sets dimension {i} of {vi.name} to {v}, but the model "
+                    f"fixes it at {d.dim_value}."
+                )
+            d.dim_value = int(v)
+        del model.graph.value_info[:]  # inferred for the old dims: infer again
+    opset = _opset(model)
+    if opset < MIN_CONVERTIBLE_OPSET:
+        raise ModelLoadError(
+            f"{file} uses ONNX opset {opset}; ennclave reads opset {MIN_CONVERTIBLE_OPSET} and "
+            "later, so re-export it with a newer opset."
+        )
+    if opset < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{file} uses ONNX opset {opset} and the onnx version converter cannot upgrade "
+                f"it to {MIN_OPSET} ({type(e).__name__}: {e}); re-export it with opset "
+                f"{MIN_OPSET} or later."
+            ) from None
+    for vi in (i for i in model.graph.input if i.name not in inits):
+        dims = vi.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims[1:]):
+            shown = "x".join(
+                d.dim_param or "?" if not d.HasField("dim_value") else str(d.dim_value)
+                for d in dims
+            )
+            example = "x".join(
+                ["1", *[str(d.dim_value) if d.HasField("dim_value") else "224" for d in dims[1:]]]
+            )
+            raise ModelLoadError(
+                f"The input {vi.name} of {file} has dynamic dimensions ({shown}) and the "
+                f"enclave needs static ones: fix them with --input-shape {vi.name}={example} "
+                "(your sizes; the first dimension is the batch and stays free)."
+            )
+    return model
+
+
 class OnnxAdapter(ModelAdapter):
     framework = "onnx"
     public_suffix = ".onnx"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         super().__init__(Path(path))
         onnx = require("onnx")
         try:
@@ -151,13 +239,8 @@ class OnnxAdapter(ModelAdapter):
             raise ModelLoadError(
                 f"{self.path.name} is not a readable ONNX model ({type(e).__name__}: {e})."
             ) from None
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if self.opset < MIN_OPSET:
-            raise ModelLoadError(
-                f"{self.path.name} uses ONNX opset {self.opset} but at least {MIN_OPSET} is "
-                f"needed; convert it with onnx.version_converter.convert_version(model, "
-                f"{MIN_OPSET})."
-            )
+        model = _as_shipped(model, self.path.name, input_shapes or {})
+        self.opset = _opset(model)
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as e:
@@ -258,6 +341,7 @@ class OnnxAdapter(ModelAdapter):
             for t in [*n.input, *n.output]:
                 if t and t not in tensors:
                     tensors[t] = info(t)
+        self._fill_shapes_by_running(tensors, const, graph_inputs)
 
         # Float leaves (initializers, Constant outputs) count as parameters once, at
         # their first consumer.
@@ -299,6 +383,29 @@ class OnnxAdapter(ModelAdapter):
         )
         view.uncuttable = self._batch_merged(view)
         return view
+
+    def _fill_shapes_by_running(
+        self, tensors: dict[str, TensorInfo], const: set[str], graph_inputs: list[str]
+    ) -> None:
+        """Shapes static inference left unknown (a Reshape to a computed shape, as
+        exporters write flattens) are read off one run of the model: a cut there needs
+        them, for the plan's table and for the public part's output."""
+        missing = [
+            t
+            for t, info in tensors.items()
+            if t not in const
+            and t not in graph_inputs
+            and (not info.shape or any(d is None for d in info.shape[1:]))
+        ]
+        if not missing or len(graph_inputs) != 1:
+            return
+        inp = tensors[graph_inputs[0]]
+        dims = (1, *[int(d or 1) for d in inp.shape[1:]])
+        # Zeros are valid for every integer input (ids index row 0).
+        x = np.zeros(dims, dtype=np.dtype(inp.dtype) if "int" in inp.dtype else np.float32)
+        for t, shape in self._probe_shapes(missing, x, inp.name).items():
+            if t in tensors and shape:
+                tensors[t] = TensorInfo(t, shape, tensors[t].dtype)
 
     def _batch_merged(self, view: GraphView) -> set[str]:
         """Tensors whose dim 0 is not the batch (a Reshape merged it with other dims,
@@ -370,7 +477,7 @@ class OnnxAdapter(ModelAdapter):
         inp = next(
             (i for i in session.get_inputs() if i.name == input_name), session.get_inputs()[0]
         )
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=_ONNX_TYPE_TO_NP.get(inp.type, np.float32))
         fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
         if fixed is None or fixed == len(x):
             return np.asarray(session.run(None, {inp.name: x})[0])
@@ -392,6 +499,24 @@ class OnnxAdapter(ModelAdapter):
         return ort.InferenceSession(
             model_bytes_or_path, sess_options=opts, providers=["CPUExecutionProvider"]
         )
+
+    def random_inputs(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Floats in [0, 1), or, for integer inputs (token ids, byte values), ids below
+        the row count of the smallest table a Gather looks them up in (2 without one)."""
+        (inp,) = self.graph.inputs
+        if inp.dtype not in ("int32", "int64", "uint8", "int8", "int16"):
+            return super().random_inputs(n, rng)
+        inits = self._initializers()
+        rows = [
+            int(inits[m.inputs[0]].dims[int(_attrs(m.handle).get("axis", 0))])
+            for m in self.graph.nodes
+            if m.op_type == "Gather"
+            and len(m.inputs) > 1
+            and m.inputs[1] == inp.name
+            and m.inputs[0] in inits
+        ]
+        shape = (n, *[int(d or 1) for d in inp.shape[1:]])
+        return rng.integers(0, min(rows, default=2), size=shape).astype(inp.dtype)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self._session is None:
@@ -417,10 +542,11 @@ class OnnxAdapter(ModelAdapter):
         if not keep:
             raise CutError(f"Nothing in the model computes the cut tensor {target!r}.")
         vinfo = {vi.name: vi for vi in [*g.input, *g.value_info, *g.output]}
-        if target in vinfo:
+        known = target in vinfo and vinfo[target].type.tensor_type.HasField("shape")
+        if known:
             out_vi = onnx.ValueInfoProto()
             out_vi.CopyFrom(vinfo[target])
-        else:
+        else:  # inference left it unknown: the shape read off a run of the model
             out_vi = onnx.helper.make_tensor_value_info(
                 target, onnx.TensorProto.FLOAT, [None if d is None else d for d in cut.tensor.shape]
             )
@@ -497,7 +623,9 @@ class OnnxAdapter(ModelAdapter):
         numpy_helper = require("onnx.numpy_helper")
         reference = require("onnx.reference")
         g = self.graph
-        shapes = {k: v.shape for k, v in g.tensors.items()}
+        # Probed shapes too: a Shape of a tensor that static inference left unknown
+        # (torch's x.view(x.size(0), -1)) is still known once the model has run.
+        shapes = self._shapes()
         base = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
         opsets = {o.domain or "": o.version for o in self.model.opset_import}
         # A fixed batch size is the only one the model knows; otherwise probe two, and
@@ -568,11 +696,14 @@ class OnnxAdapter(ModelAdapter):
                 f"The enclave program needs a model with one input and one output; this "
                 f"one has {len(g.inputs)} and {len(g.outputs)}."
             )
-        inp = g.inputs[0]
-        if inp.dtype != "float32" or g.outputs[0].dtype != "float32":
+        # What must be float32 is what crosses into the enclave and what comes out; the
+        # model's own input may be anything the public part turns into floats.
+        if cut.tensor.dtype != "float32" or g.outputs[0].dtype != "float32":
             raise UnsupportedOpError(
-                f"The enclave program computes in float32, but the model's input/output "
-                f"types are {inp.dtype}/{g.outputs[0].dtype}."
+                f"The enclave program computes in float32, but the tensor entering it "
+                f"({cut.tensor.name!r}) is {cut.tensor.dtype} and the model's output is "
+                f"{g.outputs[0].dtype}; cut after the layer that turns it into floats "
+                "(e.g. an embedding lookup)."
             )
         return _Lowering(self, cut).run()
 
@@ -739,6 +870,11 @@ class _Lowering:
                 f"support; supported ops: {', '.join(SUPPORTED_OPS)}."
             )
         out = translate(self, node, attrs)
+        if isinstance(out, list):  # one value per output (Split); None: an unread output
+            for name, val in zip(n.output, out, strict=True):
+                if name and val is not None:
+                    self.env[name] = val
+            return
         extra = [t for t in n.output[1:] if t]
         if any(t in self.used for t in extra):
             raise self.unsupported(node, "only its first output can be lowered")
@@ -1150,10 +1286,15 @@ class _Lowering:
     def lower_Flatten(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         axis = a.get("axis", 1) % max(v.rank, 1) if a.get("axis", 1) < 0 else a.get("axis", 1)
-        if axis == 0 or any(d != 1 for d in v.shape[1:axis]):
+        if axis == 0 or node.inputs[0] in self.merged:
             raise self.unsupported(node, f"axis={axis} would merge the batch axis")
         rest = int(np.prod([int(d) for d in v.shape[axis:]]))  # type: ignore[arg-type]
-        return self.reshape_to(node, v, (None, rest))
+        # [N, d1..d(a-1), ...] -> [N·d1·…, rest]: held unmerged as [N, d1, …, rest], like a
+        # Reshape that merges the batch (only row-wise ops may follow until it is undone).
+        lead = tuple(int(d) for d in v.shape[1:axis] if d != 1)  # type: ignore[arg-type]
+        if lead:
+            self.merged[node.outputs[0]] = lead
+        return self.reshape_to(node, v, (None, *lead, rest))
 
     def _axes(self, node: Node, a: dict[str, Any], rank: int) -> list[int] | None:
         axes = self.opt_const(node, 1) if len(node.handle.input) > 1 else None
@@ -1295,6 +1436,283 @@ class _Lowering:
             {"kind": kind, "axes": phys, "keepdims": keep},
         )
         return _Val(name, perm, out_shape)
+
+    # -- resampling, transposed conv, slicing --------------------------------------
+    def _resize(
+        self, node: Node, a: dict[str, Any], scales: np.ndarray | None, sizes: np.ndarray | None
+    ) -> _Val:
+        v = self.dyn(node)
+        if v.rank not in (3, 4):
+            raise self.unsupported(
+                node, "only 1-D and 2-D resizes [N, C, spatial...] are supported"
+            )
+        mode = _s(a.get("mode", "nearest"))
+        if mode not in ("nearest", "linear"):
+            raise self.unsupported(node, f"mode={mode}; only nearest and linear are supported")
+        coord = _s(a.get("coordinate_transformation_mode", "half_pixel"))
+        known = ("asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners")
+        if coord not in (*known, "tf_half_pixel_for_nn"):
+            raise self.unsupported(
+                node,
+                f"coordinate_transformation_mode={coord}; supported: {', '.join(known)}, "
+                "tf_half_pixel_for_nn",
+            )
+        if _s(a.get("keep_aspect_ratio_policy", "stretch")) != "stretch":
+            raise self.unsupported(node, "keep_aspect_ratio_policy other than stretch")
+        r = v.rank
+        axes = [int(x) % r for x in a.get("axes", range(r))]
+        in_dims = [1, *[int(d) for d in v.shape[1:]]]  # the batch (scale 1) counts as 1
+        full_scales: list[float] | None = None
+        if sizes is not None and sizes.size:
+            out = list(in_dims)
+            for ax, s in zip(axes, sizes.reshape(-1), strict=True):
+                out[ax] = int(s)
+        elif scales is not None and scales.size:
+            full_scales = [1.0] * r
+            for ax, s in zip(axes, scales.reshape(-1), strict=True):
+                full_scales[ax] = float(s)
+            # In float32, as ONNX Runtime computes it (10 · 0.7f is 7, not 6.99…).
+            out = [
+                int(np.floor(np.float32(d) * np.float32(s)))
+                for d, s in zip(in_dims, full_scales, strict=True)
+            ]
+        else:
+            raise self.unsupported(node, "neither constant scales nor sizes are given")
+        if full_scales is not None and full_scales[0] != 1.0:
+            raise self.unsupported(node, "it resizes the batch axis")
+        if out[1] != in_dims[1] or (full_scales is not None and full_scales[1] != 1.0):
+            raise self.unsupported(node, "it resizes the channel axis")
+        if min(out) < 1:
+            raise self.unsupported(node, "its output would be empty")
+        if (
+            a.get("antialias", 0)
+            and mode == "linear"
+            and any(o < i for o, i in zip(out, in_dims, strict=True))
+        ):
+            raise self.unsupported(node, "antialiased downsampling")
+        attrs: dict[str, Any] = {
+            "mode": mode,
+            "sizes": out[2:],
+            "coordinate_transformation_mode": coord,
+        }
+        if full_scales is not None:
+            attrs["scales"] = full_scales[2:]
+        if mode == "nearest":
+            attrs["nearest_mode"] = _s(a.get("nearest_mode", "round_prefer_floor"))
+            if attrs["nearest_mode"] not in (
+                "round_prefer_floor",
+                "round_prefer_ceil",
+                "floor",
+                "ceil",
+            ):
+                raise self.unsupported(node, f"nearest_mode={attrs['nearest_mode']}")
+        out_shape = (None, *out[1:])
+        if out_shape[1:] == v.shape[1:] and full_scales in (None, [1.0] * r):
+            return v  # resizing to the same size is the identity in every mode
+        v = self.to_layout(v, _channels_last(r), node)
+        perm = _channels_last(r)
+        name = self.emit("resize", [v.name], node, tuple(out_shape[p] for p in perm), attrs)
+        return _Val(name, perm, out_shape)
+
+    @OPS.register("Resize")
+    def lower_Resize(self, node: Node, a: dict[str, Any]) -> _Val:
+        if self.a.opset < 11:  # opset 10: Resize(X, scales), asymmetric, rounding down
+            a = {**a, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+            return self._resize(node, a, self.opt_const(node, 1), None)
+        return self._resize(node, a, self.opt_const(node, 2), self._sizes(node, 3))
+
+    def _sizes(self, node: Node, i: int) -> np.ndarray | None:
+        """A constant `sizes` input whose first entry may be the batch size (exporters
+        build it as Concat(Shape(x)[:2], [h, w])): that entry is returned as 1."""
+        n = node.handle
+        if i >= len(n.input) or not n.input[i]:
+            return None
+        if n.input[i] not in self.g.constant_tensors:
+            raise self.unsupported(node, f"input {i} must be a constant")
+        vals = [c.get(n.input[i]) for c in self.a._constants().values()]
+        if any(v is None for v in vals):
+            return self.opt_const(node, i)  # raises, naming what could not be evaluated
+        flat = [np.asarray(v).reshape(-1).astype(np.int64) for v in vals]
+        if "axes" not in _attrs(n) and all(len(f) > 1 for f in flat):
+            flat = [np.concatenate([[1], f[1:]]) for f in flat]
+        if any(not np.array_equal(f, flat[0]) for f in flat[1:]):
+            raise self.unsupported(node, "its sizes depend on the batch size")
+        return flat[0]
+
+    @OPS.register("Upsample")
+    def lower_Upsample(self, node: Node, a: dict[str, Any]) -> _Val:
+        # Deprecated (opset 7-9): asymmetric coordinates, nearest rounds down.
+        scales = self.opt_const(node, 1)
+        if scales is None:
+            scales = np.asarray(a.get("scales", []), dtype=np.float32)
+        a = {**a, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+        return self._resize(node, a, scales, None)
+
+    @OPS.register("ConvTranspose")
+    def lower_ConvTranspose(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        if v.rank not in (3, 4):
+            raise self.unsupported(node, "only 1-D and 2-D transposed convolutions are supported")
+        w = self.opt_const(node, 1)
+        assert w is not None
+        bias = self.opt_const(node, 2)
+        nd = v.rank - 2
+        window = [int(k) for k in w.shape[2:]]
+        in_sp = [int(d) for d in v.shape[2:]]
+        strides = [int(s) for s in a.get("strides", [1] * nd)]
+        dil = [int(d) for d in a.get("dilations", [1] * nd)]
+        extra = [int(p) for p in a.get("output_padding", [0] * nd)]
+        # Full output (before cropping), without output_padding.
+        base = [(in_sp[i] - 1) * strides[i] + dil[i] * (window[i] - 1) + 1 for i in range(nd)]
+        auto = _s(a.get("auto_pad", "NOTSET"))
+        want = a.get("output_shape")
+        if want is not None:
+            want = [int(d) for d in list(want)[-nd:]]
+        elif auto in ("SAME_UPPER", "SAME_LOWER"):
+            want = [in_sp[i] * strides[i] for i in range(nd)]
+        if want is not None:
+            # As the spec says: total = full - output_shape; SAME_UPPER crops the odd
+            # position at the end, otherwise at the start (C-style halving).
+            begins = []
+            for i in range(nd):
+                total = base[i] + extra[i] - want[i]
+                half = int(total / 2)
+                begins.append(half if auto == "SAME_UPPER" else total - half)
+        elif auto in ("NOTSET", "VALID"):
+            p = (
+                [int(x) for x in a.get("pads", [0] * (2 * nd))]
+                if auto == "NOTSET"
+                else [0] * 2 * nd
+            )
+            begins = p[:nd]
+            want = [base[i] + extra[i] - p[i] - p[i + nd] for i in range(nd)]
+        else:
+            raise self.unsupported(node, f"auto_pad={auto}")
+        if any(b < 0 for b in begins) or any(o < 1 for o in want):
+            raise self.unsupported(node, "its padding would extend the output at the start")
+        # Output index o is full index o + begin; full positions past `base` are zeros.
+        pads = [[begins[i], max(base[i] - begins[i] - want[i], 0)] for i in range(nd)]
+        more = [max(want[i] + begins[i] - base[i], 0) for i in range(nd)]
+        cin, groups = int(w.shape[0]), int(a.get("group", 1))
+        if cin != v.shape[1] or cin % groups:
+            raise self.unsupported(
+                node, f"its kernel of shape {list(w.shape)} does not fit the input"
+            )
+        attrs = {
+            "strides": strides,
+            "dilations": dil,
+            "pads": pads,
+            "output_padding": more,
+            "groups": groups,
+        }
+        weights = {"kernel": np.transpose(w, (0, *range(2, w.ndim), 1))}  # [Cin, k..., Cout/g]
+        if bias is not None:
+            weights["bias"] = bias
+        v = self.to_layout(v, _channels_last(v.rank), node)
+        out_shape = (None, int(w.shape[1]) * groups, *want)
+        perm = _channels_last(v.rank)
+        name = self.emit(
+            "conv_transpose", [v.name], node, tuple(out_shape[p] for p in perm), attrs, weights
+        )
+        return _Val(name, perm, out_shape)
+
+    def _slice(self, node: Node, v: _Val, spec: dict[int, tuple[int, int, int]]) -> _Val:
+        """Slice logical axes {axis: (start, step, size)} of `v`, in its layout."""
+        starts, steps, sizes = [], [], []
+        for p in v.perm[1:]:
+            d = int(v.shape[p])  # type: ignore[arg-type]
+            start, step, size = spec.get(p, (0, 1, d))
+            starts.append(start)
+            steps.append(step)
+            sizes.append(size)
+        out_shape = tuple(spec[i][2] if i in spec else d for i, d in enumerate(v.shape))
+        if out_shape == v.shape and all(s == 1 for s in steps):
+            return v
+        name = self.emit(
+            "slice",
+            [v.name],
+            node,
+            tuple(out_shape[p] for p in v.perm),
+            {"starts": starts, "sizes": sizes, "steps": steps},
+        )
+        return _Val(name, v.perm, out_shape)
+
+    @OPS.register("Slice")
+    def lower_Slice(self, node: Node, a: dict[str, Any]) -> _Val:
+        v = self.dyn(node)
+        if len(node.handle.input) > 1:  # opset 10+: starts, ends, axes, steps as inputs
+            starts, ends = self.opt_const(node, 1), self.opt_const(node, 2)
+            axes, steps = self.opt_const(node, 3), self.opt_const(node, 4)
+        else:
+            starts, ends = np.asarray(a.get("starts", [])), np.asarray(a.get("ends", []))
+            axes = np.asarray(a["axes"]) if "axes" in a else None
+            steps = None
+        if starts is None or ends is None:
+            raise self.unsupported(node, "starts and ends must be constants")
+        st = [int(x) for x in starts.reshape(-1)]
+        en = [int(x) for x in ends.reshape(-1)]
+        ax = (
+            [int(x) % v.rank for x in axes.reshape(-1)]
+            if axes is not None
+            else list(range(len(st)))
+        )
+        sp = [int(x) for x in steps.reshape(-1)] if steps is not None else [1] * len(st)
+        spec: dict[int, tuple[int, int, int]] = {}
+        for axis, start, end, step in zip(ax, st, en, sp, strict=True):
+            if step == 0:
+                raise self.unsupported(node, "a step of 0")
+            if axis == 0:
+                if start == 0 and step == 1 and end >= 2**31 - 1:
+                    continue  # the whole batch axis: nothing to do
+                raise self.unsupported(node, "slicing the batch axis")
+            d = int(v.shape[axis])  # type: ignore[arg-type]
+            start = start + d if start < 0 else start
+            end = end + d if end < 0 else end
+            if step > 0:
+                start, end = min(max(start, 0), d), min(max(end, 0), d)
+            else:
+                start, end = min(max(start, 0), d - 1), min(max(end, -1), d - 1)
+            size = max(0, -(-(end - start) // step))
+            if size == 0:
+                raise self.unsupported(node, f"axis {axis} would be empty")
+            spec[axis] = (start, step, size)
+        return self._slice(node, v, spec)
+
+    @OPS.register("Split")
+    def lower_Split(self, node: Node, a: dict[str, Any]) -> list[_Val | None]:
+        v = self.dyn(node)
+        axis = int(a.get("axis", 0)) % v.rank
+        if axis == 0:
+            raise self.unsupported(node, "splitting the batch axis")
+        d = int(v.shape[axis])  # type: ignore[arg-type]
+        outs = list(node.handle.output)
+        split = self.opt_const(node, 1) if len(node.handle.input) > 1 else None
+        if split is None and "split" in a:
+            split = np.asarray(a["split"])
+        if split is not None and split.size:
+            sizes = [int(x) for x in split.reshape(-1)]
+        elif a.get("num_outputs"):  # opset 18: equal parts, the last one smaller
+            part = -(-d // int(a["num_outputs"]))
+            sizes = [min(part, d - i * part) for i in range(int(a["num_outputs"]))]
+        else:
+            if d % len(outs):
+                raise self.unsupported(node, f"{d} does not split into {len(outs)} equal parts")
+            sizes = [d // len(outs)] * len(outs)
+        if len(sizes) != len(outs) or sum(sizes) != d or min(sizes) < 1:
+            raise self.unsupported(
+                node, f"split sizes {sizes} do not fit axis {axis} of length {d}"
+            )
+        vals: list[_Val | None] = []
+        start = 0
+        for t, size in zip(outs, sizes, strict=True):
+            # Only the outputs something reads become slices.
+            vals.append(self._slice(node, v, {axis: (start, 1, size)}) if t in self.used else None)
+            start += size
+        return vals
+
+    @OPS.register("Erfc")
+    def lower_Erfc(self, node: Node, a: dict[str, Any]) -> _Val:
+        return self.act(node, self.dyn(node), activation("erfc"))
 
 
 SUPPORTED_OPS = sorted(OPS.types())

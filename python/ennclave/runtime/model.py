@@ -190,6 +190,14 @@ class EnclavedModel:
                     f"The input has shape {arr.shape} but the model expects {list(want)} "
                     "(batch first); reshape it."
                 )
+        dtype = np.dtype(self.input_spec.get("dtype") or "float32")
+        if dtype.kind in "iu":  # token ids, byte values: the public part takes integers
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(
+                    f"The input has dtype {arr.dtype} but the model takes integer ids "
+                    f"({dtype}); pass an integer array."
+                )
+            return np.ascontiguousarray(arr.astype(dtype, copy=False))
         arr = arr.astype(np.float32, copy=False)
         if not allow_nonfinite and not np.isfinite(arr).all():
             raise InputError(
