@@ -245,8 +245,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with load(args.bundle, keystore=args.keystore) as model:
         y = model.predict(x, batch_size=args.batch_size, allow_nonfinite=args.allow_nonfinite)
-    np.save(out, np.asarray(y))
-    console.print(f"Wrote {np.shape(y)} predictions to {out}", markup=False, highlight=False)
+    if isinstance(y, tuple):  # top_k: scores and class indices, best first
+        out = out.with_suffix(".npz")
+        np.savez(out, values=y.values, indices=y.indices)
+        what = f"top-{y.values.shape[1]} scores and class indices (values, indices)"
+    else:
+        np.save(out, y)
+        what = f"{y.shape} predictions"
+    console.print(f"Wrote {what} to {out}", markup=False, highlight=False)
     return 0
 
 
@@ -436,7 +442,8 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ks_help = f"the owner's keystore file holding the data key (default {_default_keystore()})"
+    default_ks = _default_keystore()
+    ks_help = f"keystore file holding the bundle's data key (default {default_ks})"
     p = argparse.ArgumentParser(
         prog="ennclave",
         description="Split a trained model: public layers run in their framework, private "
@@ -494,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest absolute difference from the original model allowed (default 1e-4)",
     )
     ss.add_argument(
-        "--keystore", metavar="PATH", help=ks_help.replace("holding", "to store") + "; created"
+        "--keystore",
+        metavar="PATH",
+        help=f"keystore file to store the data key in, created if missing (default {default_ks})",
     )
     ss.add_argument(
         "--output-policy",
@@ -524,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="NPY",
-        help="where to write the predictions (.npy is added if missing)",
+        help="where to write the predictions (.npy is added if missing; a top_k bundle's "
+        "scores and class indices go to an .npz of that name instead)",
     )
     sr.add_argument(
         "--batch-size",
@@ -532,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="samples per call into the enclave (default 32)",
     )
-    sr.add_argument("--keystore", metavar="PATH", help=ks_help + "; bundles on a key server")
+    sr.add_argument(
+        "--keystore", metavar="PATH", help=ks_help + "; not used when the bundle names a key server"
+    )
     sr.add_argument(
         "--allow-nonfinite",
         action="store_true",
@@ -598,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="query budgets of the stealing attack (default 50,500,5000)",
     )
-    sa.add_argument("--keystore", metavar="PATH", help=ks_help + "; for the white-box reference")
+    sa.add_argument(
+        "--keystore", metavar="PATH", help=ks_help + "; the owner's, for the white-box reference"
+    )
     sa.add_argument("--model", metavar="MODEL", help="original model, for --cuts / --policies")
     sa.add_argument("--cuts", metavar="LIST", help="audit these cuts of --model (e.g. 0,3,5)")
     sa.add_argument("--cut", help="the cut for --policies (name, index or auto)")

@@ -86,7 +86,7 @@ def next_commands(work: Path) -> list[str]:
         f"--output {q('predictions.npy')} {ks}",
         f"ennclave bench {q('bundle')} --batch-sizes 1,64 --seconds 1 {ks}",
         f"ennclave audit {q('bundle')} --queries {q('queries.npz')} --test {q('test.npz')} "
-        f"--budgets 50,500 --smoke {ks}",
+        f"--budgets 50,200 --smoke {ks}",
     ]
 
 
