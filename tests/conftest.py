@@ -31,3 +31,39 @@ def make_enclave_bundle(tmp_path):
         return write_bundle(tmp_path / name, tmp_path / "keystore.json", **kw)
 
     return make
+
+
+# ------------------------------------------------------------------ key-server databases
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the whole session (tests/support/postgres.py), or
+    a skip saying why there is none — a failure under CI (env CI set), where
+    .ci/run installs PostgreSQL and a missing one must not pass silently."""
+    import os
+
+    from support.postgres import PostgresServer, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL for the key-server tests: {why}", pytrace=False)
+        pytest.skip(why)
+    server = PostgresServer.find()
+    assert server is not None
+    server.start()
+    yield server
+    server.stop()
+
+
+KEYSERVER_BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=KEYSERVER_BACKENDS)
+def keyserver_db(request, tmp_path):
+    """A fresh, empty key-server database: a SQLite file, or a new database on the
+    session's PostgreSQL server (a SQLAlchemy URL)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "keys.db")
+    return request.getfixturevalue("postgres").create_database()

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -47,11 +46,12 @@ needs_worker = pytest.mark.skipif(WORKER is None, reason="needs the built worker
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(tmp_path, monkeypatch, keyserver_db):
+    """A key server process on SQLite or PostgreSQL (conftest `keyserver_db`)."""
     cfg = tmp_path / "cfg"
     monkeypatch.setenv("ENNCLAVE_CONFIG_DIR", str(cfg))
     monkeypatch.setenv("ENNCLAVE_CACHE_DIR", str(tmp_path / "keycache"))
-    ks = KeyServerProc(str(tmp_path / "keys.db"), cfg, extra=["--rate", "0"]).start()
+    ks = KeyServerProc(keyserver_db, cfg, extra=["--rate", "0"]).start()
     yield ks
     ks.stop()
 
@@ -272,14 +272,18 @@ def test_restart_keeps_keys_policies_token_and_audit(registered, server):
 
     st = Store(server.db, b"\0" * 32)  # chain check needs no KEK
     assert st.verify_audit_chain() >= 3
-    con = sqlite3.connect(server.db)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        con.execute("DELETE FROM audit")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        con.execute("UPDATE audit SET decision='granted'")
-    con.close()
-    # the data key is not stored in clear in the database
-    assert b.data_key not in Path(server.db).read_bytes()
+    from sqlalchemy import text
+    from sqlalchemy.exc import DatabaseError
+
+    for sql in ("DELETE FROM audit", "UPDATE audit SET decision='granted'"):
+        with pytest.raises(DatabaseError, match="append-only"), st.engine.begin() as c:
+            c.execute(text(sql))
+    with st.read() as c:  # the data key is not stored in clear in the database
+        blobs = [bytes(r[0]) for r in c.execute(text("SELECT sealed_key FROM bundles"))]
+    assert blobs and all(b.data_key not in blob for blob in blobs)
+    if server.sqlite:
+        assert b.data_key not in Path(server.db).read_bytes()
+    st.close()
 
 
 def test_owner_cli_register_policy_revoke_audit(server, tmp_path, capsys):

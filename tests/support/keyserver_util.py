@@ -42,7 +42,13 @@ class KeyServerProc:
 
     @property
     def token(self) -> str:
-        return json.loads((self.config_dir / "keyserver-owner.json").read_text())["token"]
+        """This server's saved owner token (the config holds one entry per URL)."""
+        saved = json.loads((self.config_dir / "keyserver-owner.json").read_text())
+        return saved["servers"][self.url]["token"]
+
+    @property
+    def sqlite(self) -> bool:
+        return "://" not in self.db
 
     def start(self, timeout: float = 30.0) -> KeyServerProc:
         argv = [

@@ -13,20 +13,25 @@ the payloads in `schemas`, the shared state and its dependencies in `state`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from .. import __version__
 from .routes import ROUTERS
 from .schemas import Refusal
-from .state import TOKEN_META, NonceBook, ServerSettings, attach_state, hash_token
+from .state import TOKEN_META, JunkAudit, NonceBook, ServerSettings, attach_state, hash_token
 from .store import Store
 
 __all__ = [
@@ -45,7 +50,9 @@ __all__ = [
 
 
 class Guard:
-    """Pure-ASGI middleware: request-size limit (413) and a per-peer token bucket (429)."""
+    """Pure-ASGI middleware: request-size limit (413), a deadline for the body once the
+    headers are in (408; the header deadline is in `server`), and a per-peer token
+    bucket (429, per replica)."""
 
     def __init__(self, app: Any, settings: ServerSettings) -> None:
         self.app = app
@@ -86,16 +93,21 @@ class Guard:
         # Buffer the whole body (at most max_body) before the app sees it, so chunked
         # uploads are capped as well, with a clean 413.
         body = bytearray()
-        more = True
-        while more:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # client went away
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
-            if len(body) > self.s.max_body:
-                await _send_json(send, 413, "too_large", "The request body is too large.")
-                return
+        try:
+            async with asyncio.timeout(self.s.body_timeout):
+                more = True
+                while more:
+                    msg = await receive()
+                    if msg["type"] != "http.request":
+                        return  # client went away
+                    body += msg.get("body", b"")
+                    more = msg.get("more_body", False)
+                    if len(body) > self.s.max_body:
+                        await _send_json(send, 413, "too_large", "The request body is too large.")
+                        return
+        except TimeoutError:
+            await _send_json(send, 408, "too_slow", "The request body arrived too slowly.")
+            return
         sent = False
 
         async def replay() -> Any:
@@ -138,6 +150,48 @@ async def _invalid(_req: Request, e: RequestValidationError) -> JSONResponse:
     )
 
 
+async def _store_down(_req: Request, e: SQLAlchemyError) -> JSONResponse:
+    print(f"ennclave keyserver: database error: {e!r}", file=sys.stderr, flush=True)
+    return JSONResponse(
+        {"error": "store_unavailable", "reason": "The key server's database is unavailable."},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _failed(req: Request, e: Exception) -> JSONResponse:
+    """Any other failure: a 500 with a reason, and an audit row saying where."""
+    print(f"ennclave keyserver: {req.url.path} failed: {e!r}", file=sys.stderr, flush=True)
+    try:
+        req.app.state.store.audit(
+            "error",
+            "failed",
+            "internal_error",
+            detail=f"{req.method} {req.url.path}: {type(e).__name__}"[:500],
+            peer=req.client.host if req.client else "?",
+        )
+    except Exception as again:  # the database itself is the failure
+        print(f"ennclave keyserver: audit failed: {again!r}", file=sys.stderr, flush=True)
+    return JSONResponse(
+        {
+            "error": "internal_error",
+            "reason": f"The key server failed on this request ({type(e).__name__}).",
+        },
+        status_code=500,
+    )
+
+
+@asynccontextmanager
+async def _lifespan(api: FastAPI) -> AsyncIterator[None]:
+    yield
+    junk: JunkAudit | None = getattr(api.state, "junk", None)
+    if junk is not None:
+        try:
+            junk.flush()  # the last window's summed refusals
+        except Exception as e:
+            print(f"ennclave keyserver: audit flush failed: {e!r}", file=sys.stderr, flush=True)
+
+
 def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
     """The ASGI application (FastAPI wrapped by `Guard`); `.fastapi` is the inner app."""
     s = settings or ServerSettings()
@@ -145,10 +199,13 @@ def create_app(store: Store, settings: ServerSettings | None = None) -> Any:
         title="ennclave key server",
         version=__version__,
         description="Attested release of ennclave bundle data keys (docs/key-release.md).",
+        lifespan=_lifespan,
     )
     attach_state(api, store, s)
     api.add_exception_handler(Refusal, _refusal)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    api.add_exception_handler(SQLAlchemyError, _store_down)  # type: ignore[arg-type]
+    api.add_exception_handler(Exception, _failed)
     for router in ROUTERS:
         api.include_router(router)
     app = Guard(api, s)

@@ -3,8 +3,11 @@
 Both live in the owner's config directory (``platformdirs.user_config_dir("ennclave")``,
 ``$ENNCLAVE_CONFIG_DIR`` overrides), created 0600 in a 0700 directory:
 
-* ``keyserver-owner.json`` — ``{"url": …, "token": …}``, written by the server at its
-  first start, read by ``ennclave keys`` and ``ennclave split --keyserver``;
+* ``keyserver-owner.json`` — ``{"v": 2, "servers": {URL: {"token": …}}}``: one entry per
+  server URL, added by the server at its first start on a database (or by a replica
+  that finds its database's token saved under another URL), read by ``ennclave keys``
+  and ``ennclave split --keyserver``, which use the entry of the URL they talk to. The
+  first version's single ``{"url": …, "token": …}`` is read as one entry;
 * ``keyserver.kek`` — 32 random bytes (base64) encrypting the data keys in the database,
   so a database dump alone does not reveal them.
 """
@@ -67,21 +70,69 @@ class OwnerConfig:
         return f"OwnerConfig(url={self.url!r}, token=<hidden>)"
 
 
-def save_owner_config(url: str, token: str, directory: Path | None = None) -> Path:
-    path = (directory or config_dir()) / OWNER_FILE
-    _write_private(path, json.dumps({"url": url, "token": token}).encode())
-    return path
+def normalise_url(url: str) -> str:
+    return url.strip().rstrip("/")
 
 
-def load_owner_config(directory: Path | None = None) -> OwnerConfig | None:
+def split_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Several key-server URLs (replicas): comma-separated and/or a list, in order,
+    without duplicates."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        for u in item.split(","):
+            u = normalise_url(u)
+            if u and u not in out:
+                out.append(u)
+    return out
+
+
+def load_owner_tokens(directory: Path | None = None) -> dict[str, str]:
+    """Every saved owner token, by server URL."""
     path = (directory or config_dir()) / OWNER_FILE
     try:
         d = json.loads(_read_private(path))
     except FileNotFoundError:
-        return None
+        return {}
     except ValueError:
         raise EnnclaveError(f"{path} is damaged; delete it and pass --token.") from None
-    return OwnerConfig(str(d.get("url", "")), str(d.get("token", "")))
+    if not isinstance(d, dict):
+        raise EnnclaveError(f"{path} is damaged; delete it and pass --token.")
+    if "servers" in d:
+        servers = d["servers"] if isinstance(d["servers"], dict) else {}
+        return {
+            normalise_url(str(u)): str(e.get("token", ""))
+            for u, e in servers.items()
+            if isinstance(e, dict) and e.get("token")
+        }
+    if d.get("url") and d.get("token"):  # the first version: one server
+        return {normalise_url(str(d["url"])): str(d["token"])}
+    return {}
+
+
+def save_owner_config(url: str, token: str, directory: Path | None = None) -> Path:
+    """Add (or replace) the entry for `url`; entries of other servers are kept."""
+    path = (directory or config_dir()) / OWNER_FILE
+    tokens = load_owner_tokens(directory)
+    tokens[normalise_url(url)] = token
+    body = {"v": 2, "servers": {u: {"token": t} for u, t in sorted(tokens.items())}}
+    _write_private(path, json.dumps(body, indent=1).encode())
+    return path
+
+
+def load_owner_config(url: str | None = None, directory: Path | None = None) -> OwnerConfig | None:
+    """The saved entry for `url` (any of several, comma-separated: the first saved), or
+    — without a URL — the only saved entry (None when there are several)."""
+    tokens = load_owner_tokens(directory)
+    if url is None:
+        if len(tokens) != 1:
+            return None
+        [(u, t)] = tokens.items()
+        return OwnerConfig(u, t)
+    for u in split_urls(url):
+        if u in tokens:
+            return OwnerConfig(u, tokens[u])
+    return None
 
 
 def load_or_create_kek(path: Path | None = None) -> bytes:
@@ -98,13 +149,21 @@ def load_or_create_kek(path: Path | None = None) -> bytes:
 
 
 def resolve_admin(url: str | None, token: str | None) -> OwnerConfig:
-    """`--keyserver URL` / `--token` override the saved owner config."""
-    saved = load_owner_config()
-    u = url or (saved.url if saved else None) or f"http://127.0.0.1:{DEFAULT_PORT}"
+    """`--keyserver URL[,URL…]` / `--token` override the saved owner config; the token
+    is the saved one of the URL (of the first of several URLs that has one)."""
+    saved = load_owner_config(url) if url else load_owner_config()
+    if url:
+        u = ",".join(split_urls(url))
+    elif saved:
+        u = saved.url
+    else:
+        u = f"http://127.0.0.1:{DEFAULT_PORT}"
+        saved = load_owner_config(u)
     t = token or os.environ.get("ENNCLAVE_KEYSERVER_TOKEN") or (saved.token if saved else None)
     if not t:
         raise EnnclaveError(
-            "No key-server owner token: start `ennclave keyserver` once on this machine (it "
-            "saves the token) or pass --token."
+            f"No key-server owner token for {u}: start `ennclave keyserver` on this machine "
+            "once (it saves the token for its URL), pass --keyserver with that URL, or pass "
+            "--token."
         )
-    return OwnerConfig(u.rstrip("/"), t)
+    return OwnerConfig(u, t)

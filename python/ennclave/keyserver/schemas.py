@@ -100,5 +100,5 @@ class ErrorOut(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 422, 429)
+    s: {"model": ErrorOut} for s in (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503)
 }

@@ -1,27 +1,48 @@
 """Persistent state of the key server (SQLAlchemy Core; SQLite file or PostgreSQL URL).
 
-Tables: ``meta`` (owner-token hash), ``bundles`` (data key encrypted under the KEK with
-AES-256-GCM, aad = key id; manifest digest; policy JSON; revocation), ``clients``
-(distinct client ids granted per bundle) and ``audit`` (append-only: SQLite triggers
-refuse UPDATE/DELETE; every row carries the SHA-256 of the previous row, so an edit of
-the file is detectable with `verify_audit_chain`).
+Every piece of state that must be consistent lives here, so that several server
+processes (replicas) can share one database:
+
+* ``meta`` — the owner-token hash;
+* ``bundles`` — data key encrypted under the KEK with AES-256-GCM (aad = key id),
+  manifest digest, policy JSON, revocation;
+* ``clients`` — distinct client ids granted per bundle (`max_clients`);
+* ``nonces`` — outstanding challenge nonces (single use across replicas, expiry by
+  time, a cap per peer);
+* ``audit`` — append-only (triggers refuse UPDATE/DELETE on SQLite and PostgreSQL);
+  every row carries the SHA-256 of the previous row, so an edit is detectable with
+  `verify_audit_chain`.
+
+Concurrency: every write is one transaction that holds the database's own lock while
+it decides — ``BEGIN IMMEDIATE`` on SQLite (one writer per database file), and on
+PostgreSQL an advisory transaction lock for the audit chain and ``SELECT … FOR UPDATE``
+on the bundle row while a new client is counted against `max_clients`. A release's
+client admission and its audit row commit together or not at all.
+
+The schema is migrated with Alembic (`migrations/`) when a `Store` opens the database.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -29,19 +50,23 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .evidence import Policy
 
 metadata = MetaData()
 
+# The schema at the newest migration (migrations/versions/); the tables are made by
+# the migrations, never by `metadata.create_all`.
 meta_t = Table("meta", metadata, Column("k", String(64), primary_key=True), Column("v", Text))
 bundles_t = Table(
     "bundles",
@@ -62,11 +87,21 @@ clients_t = Table(
     Column("client_id", String(128), primary_key=True),
     Column("first_seen", Integer, nullable=False),
 )
+nonces_t = Table(
+    "nonces",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("key_id", String(128), nullable=False),
+    Column("peer", String(64), nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Index("ix_nonces_peer", "peer"),
+    Index("ix_nonces_expires_ms", "expires_ms"),
+)
 audit_t = Table(
     "audit",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("ts_ms", Integer, nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
     Column("event", String(32), nullable=False),
     Column("key_id", String(128)),
     Column("decision", String(16), nullable=False),
@@ -79,6 +114,7 @@ audit_t = Table(
     Column("licence_id", String(32)),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    Index("ix_audit_key_id", "key_id", "id"),
 )
 
 AUDIT_FIELDS = (
@@ -95,6 +131,11 @@ AUDIT_FIELDS = (
     "licence_id",
 )
 GENESIS = "0" * 64
+# PostgreSQL advisory lock ids (any fixed 64-bit numbers, distinct per purpose).
+AUDIT_LOCK = 0x656E_6E63_6C61_7601  # "ennclav" 1: extending the audit chain
+MIGRATE_LOCK = 0x656E_6E63_6C61_7602  # schema migrations at start-up
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+FIRST_REVISION = "0001"
 
 
 def _row_hash(prev: str, row: dict[str, Any]) -> str:
@@ -102,11 +143,31 @@ def _row_hash(prev: str, row: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def audit_row(event: str, decision: str, reason: str, **kw: Any) -> dict[str, Any]:
+    """An audit entry's fields (the chain hashes are added when it is appended)."""
+    row: dict[str, Any] = {f: kw.get(f) for f in AUDIT_FIELDS}
+    row.update(event=event, decision=decision, reason=reason, ts_ms=int(time.time() * 1000))
+    return row
+
+
 def db_url(db: str) -> str:
-    """A path → SQLite URL; anything with `://` is used as a SQLAlchemy URL."""
-    if "://" in db:
-        return db
-    return f"sqlite:///{Path(db).expanduser().resolve()}"
+    """A path → SQLite URL; anything with `://` is a SQLAlchemy URL. ``postgresql://``
+    without a driver means the psycopg (3) driver, the one the `server` extra installs."""
+    if "://" not in db:
+        return f"sqlite:///{Path(db).expanduser().resolve()}"
+    for bare in ("postgresql://", "postgres://"):
+        if db.startswith(bare):
+            return "postgresql+psycopg://" + db.removeprefix(bare)
+    return db
+
+
+class NonceLimit(Exception):
+    """A challenge was refused to protect the nonce table: `scope` is "peer" (this peer
+    has too many outstanding nonces) or "total" (the table is full)."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(scope)
+        self.scope = scope
 
 
 @dataclass(frozen=True)
@@ -134,9 +195,10 @@ class BundleRecord:
 
 
 class Store:
-    def __init__(self, db: str, kek: bytes) -> None:
+    def __init__(self, db: str, kek: bytes, *, migrate: bool = True) -> None:
         url = db_url(db)
         self.sqlite = url.startswith("sqlite")
+        self.postgresql = url.startswith("postgresql")
         kw: dict[str, Any] = {}
         if self.sqlite:
             kw["connect_args"] = {"check_same_thread": False}
@@ -145,49 +207,59 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 if not Path(path).exists():  # created 0600: it holds wrapped keys
                     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        else:
+            kw.update(pool_size=10, max_overflow=30, pool_timeout=10, pool_pre_ping=True)
         self.engine: Engine = create_engine(url, **kw)
         if self.sqlite:
-
-            @event.listens_for(self.engine, "connect")
-            def _pragmas(conn: Any, _rec: Any) -> None:
-                cur = conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.execute("PRAGMA busy_timeout=5000")
-                cur.close()
-
-        metadata.create_all(self.engine)
-        if self.sqlite:
-            with self.engine.begin() as c:
-                for op in ("UPDATE", "DELETE"):
-                    c.execute(
-                        text(
-                            f"CREATE TRIGGER IF NOT EXISTS audit_no_{op.lower()} BEFORE {op} ON audit "
-                            "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
-                        )
-                    )
+            _sqlite_transactions(self.engine)
+        # SQLite has one writer per file anyway: threads of this process queue here
+        # rather than in SQLite's busy handler (which sleeps and retries).
+        self._local = threading.Lock() if self.sqlite else None
         self._aead = AESGCM(kek)
-        self._lock = threading.RLock()  # one writer at a time (SQLite; keeps the chain linear)
-        with self.engine.connect() as c:
-            last = c.execute(select(audit_t.c.hash).order_by(audit_t.c.id.desc()).limit(1)).first()
-        self._last_hash = last[0] if last else GENESIS
+        if migrate:
+            upgrade_schema(self)
 
     def __repr__(self) -> str:
         return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
 
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ---------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction, holding the database's write lock on SQLite."""
+        with self._local or nullcontext(), self.engine.begin() as c:
+            yield c
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(ennclave_read=True) as c:
+            yield c
+
     # -- meta ---------------------------------------------------------------------
 
     def get_meta(self, k: str) -> str | None:
-        with self.engine.connect() as c:
+        with self.read() as c:
             r = c.execute(select(meta_t.c.v).where(meta_t.c.k == k)).first()
         return r[0] if r else None
 
     def set_meta(self, k: str, v: str) -> None:
-        with self._lock, self.engine.begin() as c:
+        with self.write() as c:
             if c.execute(select(meta_t.c.k).where(meta_t.c.k == k)).first():
                 c.execute(update(meta_t).where(meta_t.c.k == k).values(v=v))
             else:
                 c.execute(insert(meta_t).values(k=k, v=v))
+
+    def add_meta(self, k: str, v: str, audit: dict[str, Any] | None = None) -> bool:
+        """Insert `k` = `v` unless `k` exists (then False, nothing written)."""
+        with self.write() as c:
+            if not self._insert_new(c, meta_t, k=k, v=v):
+                return False
+            if audit:
+                self._append_audit(c, audit)
+        return True
 
     # -- bundles ------------------------------------------------------------------
 
@@ -199,25 +271,32 @@ class Store:
         return self._aead.decrypt(blob[:12], blob[12:], key_id.encode())
 
     def register(
-        self, key_id: str, key: bytes, manifest_sha256: str | None, policy: Policy
+        self,
+        key_id: str,
+        key: bytes,
+        manifest_sha256: str | None,
+        policy: Policy,
+        audit: dict[str, Any] | None = None,
     ) -> bool:
-        """Insert; False if the key id exists (keys are never replaced)."""
+        """Insert (and audit, in the same transaction); False if the key id exists
+        (keys are never replaced)."""
         now = int(time.time())
-        with self._lock, self.engine.begin() as c:
-            if c.execute(select(bundles_t.c.key_id).where(bundles_t.c.key_id == key_id)).first():
-                return False
-            c.execute(
-                insert(bundles_t).values(
-                    key_id=key_id,
-                    sealed_key=self._seal(key_id, key),
-                    manifest_sha256=manifest_sha256,
-                    policy=json.dumps(policy.to_json()),
-                    revoked=False,
-                    created_at=now,
-                    updated_at=now,
-                )
+        with self.write() as c:
+            ok = self._insert_new(
+                c,
+                bundles_t,
+                key_id=key_id,
+                sealed_key=self._seal(key_id, key),
+                manifest_sha256=manifest_sha256,
+                policy=json.dumps(policy.to_json()),
+                revoked=False,
+                created_at=now,
+                updated_at=now,
             )
-        return True
+            if audit:
+                outcome = ("done", "ok") if ok else ("refused", "exists")
+                self._append_audit(c, {**audit, "decision": outcome[0], "reason": outcome[1]})
+        return ok
 
     def _record(self, r: Any, clients: int = 0) -> BundleRecord:
         return BundleRecord(
@@ -232,7 +311,7 @@ class Store:
         )
 
     def get(self, key_id: str) -> BundleRecord | None:
-        with self.engine.connect() as c:
+        with self.read() as c:
             r = c.execute(select(bundles_t).where(bundles_t.c.key_id == key_id)).first()
             if r is None:
                 return None
@@ -242,7 +321,7 @@ class Store:
         return self._record(r, n)
 
     def list(self) -> list[BundleRecord]:
-        with self.engine.connect() as c:
+        with self.read() as c:
             counts = dict(
                 c.execute(
                     select(clients_t.c.key_id, func.count()).group_by(clients_t.c.key_id)
@@ -251,72 +330,164 @@ class Store:
             rows = c.execute(select(bundles_t).order_by(bundles_t.c.created_at)).all()
         return [self._record(r, counts.get(r.key_id, 0)) for r in rows]
 
-    def set_policy(self, key_id: str, policy: Policy) -> bool:
-        with self._lock, self.engine.begin() as c:
+    def set_policy(self, key_id: str, policy: Policy, audit: dict[str, Any] | None = None) -> bool:
+        with self.write() as c:
             res = c.execute(
                 update(bundles_t)
                 .where(bundles_t.c.key_id == key_id)
                 .values(policy=json.dumps(policy.to_json()), updated_at=int(time.time()))
             )
+            if res.rowcount and audit:
+                self._append_audit(c, audit)
         return bool(res.rowcount)
 
-    def revoke(self, key_id: str, reason: str) -> bool:
-        with self._lock, self.engine.begin() as c:
+    def revoke(self, key_id: str, reason: str, audit: dict[str, Any] | None = None) -> bool:
+        with self.write() as c:
             res = c.execute(
                 update(bundles_t)
                 .where(bundles_t.c.key_id == key_id)
                 .values(revoked=True, revoked_reason=reason, updated_at=int(time.time()))
             )
+            if res.rowcount and audit:
+                self._append_audit(c, audit)
         return bool(res.rowcount)
+
+    # -- challenge nonces ------------------------------------------------------------
+
+    def issue_nonce(self, key_id: str, peer: str, ttl_s: int, per_peer: int, total: int) -> bytes:
+        """A new single-use nonce for `key_id`, valid `ttl_s` seconds. Expired nonces
+        are deleted first; a peer with `per_peer` outstanding nonces, or a table with
+        `total`, gets `NonceLimit` — nobody's unexpired nonce is ever evicted."""
+        nonce = secrets.token_bytes(32)
+        now = _now_ms()
+        with self.write() as c:
+            c.execute(delete(nonces_t).where(nonces_t.c.expires_ms <= now))
+            mine = c.execute(
+                select(func.count()).select_from(nonces_t).where(nonces_t.c.peer == peer)
+            ).scalar_one()
+            if mine >= per_peer:
+                raise NonceLimit("peer")
+            if c.execute(select(func.count()).select_from(nonces_t)).scalar_one() >= total:
+                raise NonceLimit("total")
+            c.execute(
+                insert(nonces_t).values(
+                    nonce=nonce.hex(), key_id=key_id, peer=peer[:64], expires_ms=now + ttl_s * 1000
+                )
+            )
+        return nonce
+
+    def consume_nonce(self, nonce: bytes, key_id: str) -> bool:
+        """Remove the nonce (whatever the outcome: single use, also across replicas —
+        one DELETE decides); True if it existed, was unexpired and was for `key_id`."""
+        with self.write() as c:
+            got = c.execute(
+                delete(nonces_t)
+                .where(nonces_t.c.nonce == nonce.hex())
+                .returning(nonces_t.c.key_id, nonces_t.c.expires_ms)
+            ).first()
+        return (
+            got is not None
+            and got.expires_ms > _now_ms()
+            and hmac.compare_digest(got.key_id.encode(), key_id.encode())
+        )
+
+    def outstanding_nonces(self) -> int:
+        with self.read() as c:
+            return c.execute(select(func.count()).select_from(nonces_t)).scalar_one()
 
     # -- release ------------------------------------------------------------------
 
     def load_for_release(self, key_id: str) -> tuple[BundleRecord, bytes] | None:
-        with self.engine.connect() as c:
+        with self.read() as c:
             r = c.execute(select(bundles_t).where(bundles_t.c.key_id == key_id)).first()
         if r is None:
             return None
         return self._record(r), self._unseal(key_id, r.sealed_key)
 
+    def grant(
+        self, key_id: str, client_id: str, max_clients: int | None, audit: dict[str, Any]
+    ) -> bool:
+        """Admit `client_id` for `key_id` and append the grant's audit row, in one
+        transaction. False (nothing written) if a new client would exceed
+        `max_clients`."""
+        with self.write() as c:
+            if not self._admit(c, key_id, client_id, max_clients):
+                return False
+            self._append_audit(c, audit)
+        return True
+
     def admit_client(self, key_id: str, client_id: str, max_clients: int | None) -> bool:
         """Record `client_id` for `key_id`; False if that would exceed `max_clients`."""
-        with self._lock, self.engine.begin() as c:
-            known = c.execute(
-                select(clients_t.c.client_id).where(
-                    clients_t.c.key_id == key_id, clients_t.c.client_id == client_id
-                )
-            ).first()
-            if known:
-                return True
-            if max_clients is not None:
-                n = c.execute(
-                    select(func.count()).select_from(clients_t).where(clients_t.c.key_id == key_id)
-                ).scalar_one()
-                if n >= max_clients:
-                    return False
-            c.execute(
-                insert(clients_t).values(
-                    key_id=key_id, client_id=client_id, first_seen=int(time.time())
-                )
+        with self.write() as c:
+            return self._admit(c, key_id, client_id, max_clients)
+
+    def _admit(self, c: Connection, key_id: str, client_id: str, max_clients: int | None) -> bool:
+        known = c.execute(
+            select(clients_t.c.client_id).where(
+                clients_t.c.key_id == key_id, clients_t.c.client_id == client_id
             )
+        ).first()
+        if known:
+            return True
+        if max_clients is not None:
+            if self.postgresql:  # new clients of one key are counted one at a time
+                c.execute(
+                    select(bundles_t.c.key_id).where(bundles_t.c.key_id == key_id).with_for_update()
+                )
+            n = c.execute(
+                select(func.count()).select_from(clients_t).where(clients_t.c.key_id == key_id)
+            ).scalar_one()
+            if n >= max_clients:
+                return False
+        self._insert_new(
+            c, clients_t, key_id=key_id, client_id=client_id, first_seen=int(time.time())
+        )
         return True
+
+    def _insert_new(self, c: Connection, table: Table, **values: Any) -> bool:
+        """INSERT … ON CONFLICT DO NOTHING; True if the row was inserted."""
+        if self.sqlite:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        elif self.postgresql:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:  # another database: check first (under its own locking)
+            pk = {col.name: values[col.name] for col in table.primary_key}
+            if c.execute(select(table).filter_by(**pk)).first():
+                return False
+            c.execute(insert(table).values(**values))
+            return True
+        first = next(iter(table.primary_key))  # rowcount is -1 here on PostgreSQL: RETURNING
+        q = dialect_insert(table).values(**values).on_conflict_do_nothing().returning(first)
+        return c.execute(q).first() is not None
 
     # -- audit --------------------------------------------------------------------
 
+    def _append_audit(self, c: Connection, row: dict[str, Any]) -> None:
+        """Extend the chain inside transaction `c`, under the database lock: the last
+        hash is read and the new row inserted while no other writer can append."""
+        if self.postgresql:
+            c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _signed(AUDIT_LOCK)})
+        last = c.execute(select(audit_t.c.hash).order_by(audit_t.c.id.desc()).limit(1)).scalar()
+        prev = last or GENESIS
+        c.execute(insert(audit_t).values(**row, prev_hash=prev, hash=_row_hash(prev, row)))
+
     def audit(self, event: str, decision: str, reason: str, **kw: Any) -> None:
-        row: dict[str, Any] = {f: kw.get(f) for f in AUDIT_FIELDS}
-        row.update(event=event, decision=decision, reason=reason, ts_ms=int(time.time() * 1000))
-        with self._lock:
-            h = _row_hash(self._last_hash, row)
-            with self.engine.begin() as c:
-                c.execute(insert(audit_t).values(**row, prev_hash=self._last_hash, hash=h))
-            self._last_hash = h
+        with self.write() as c:
+            self._append_audit(c, audit_row(event, decision, reason, **kw))
+
+    def append_audit(self, row: dict[str, Any]) -> None:
+        with self.write() as c:
+            self._append_audit(c, row)
+
+    def audit_count(self) -> int:
+        with self.read() as c:
+            return c.execute(select(func.count()).select_from(audit_t)).scalar_one()
 
     def audit_log(self, key_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         q = select(audit_t).order_by(audit_t.c.id.desc()).limit(max(1, min(limit, 10000)))
         if key_id:
             q = q.where(audit_t.c.key_id == key_id)
-        with self.engine.connect() as c:
+        with self.read() as c:
             rows = c.execute(q).mappings().all()
         return [dict(r) for r in reversed(rows)]
 
@@ -324,10 +495,66 @@ class Store:
         """Re-hash the whole log; returns the row count, raises ValueError on a break."""
         prev = GENESIS
         n = 0
-        with self.engine.connect() as c:
+        with self.read() as c:
             for r in c.execute(select(audit_t).order_by(audit_t.c.id)).mappings():
                 if r["prev_hash"] != prev or _row_hash(prev, dict(r)) != r["hash"]:
                     raise ValueError(f"the audit log is broken at row {r['id']}")
                 prev = r["hash"]
                 n += 1
         return n
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _signed(k: int) -> int:
+    """A 64-bit lock id as PostgreSQL's signed bigint."""
+    return k - (1 << 64) if k >= 1 << 63 else k
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    """SQLite: WAL, and write transactions that take the write lock at BEGIN
+    (``BEGIN IMMEDIATE``), so that a transaction which read the chain's last hash is
+    the only writer until it commits; reads (`Store.read`) begin deferred."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(conn: Any, _rec: Any) -> None:
+        conn.isolation_level = None  # the driver leaves BEGIN to us (below)
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        read = conn.get_execution_options().get("ennclave_read", False)
+        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
+
+
+def schema_revision(store: Store) -> str | None:
+    """The database's Alembic revision (None before migrations existed or when empty)."""
+    with store.read() as c:
+        if "alembic_version" not in inspect(c).get_table_names():
+            return None
+        return c.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade_schema(store: Store) -> None:
+    """Bring the database to the newest schema, in one transaction holding the
+    migration lock (several replicas may start at once). A database made before
+    migrations existed is stamped with the first revision, whose schema it has."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with store.write() as c:
+        if store.postgresql:
+            c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _signed(MIGRATE_LOCK)})
+        cfg.attributes["connection"] = c
+        tables = set(inspect(c).get_table_names())
+        if "alembic_version" not in tables and "bundles" in tables:
+            command.stamp(cfg, FIRST_REVISION)
+        command.upgrade(cfg, "head")

@@ -7,11 +7,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from .. import evidence as ev
+from ..bounds import OutOfRange, check_policy_bounds
 from ..schemas import (
     ERRORS,
     KEY_ID,
@@ -22,7 +24,7 @@ from ..schemas import (
     RevokeRequest,
 )
 from ..state import StoreDep, peer, require_owner
-from ..store import Store
+from ..store import Store, audit_row
 
 router = APIRouter(dependencies=[Depends(require_owner)])
 
@@ -34,6 +36,19 @@ def _bundle(store: Store, key_id: str) -> BundleOut:
     return BundleOut(**rec.to_json())
 
 
+def _policy(make: Callable[[], ev.Policy], given: dict[str, Any]) -> ev.Policy:
+    """The policy `make` builds, after `given`'s numbers are checked against their
+    bounds (422 ``policy_out_of_range``); other invalid policies are 400 ``bad_policy``."""
+    try:
+        check_policy_bounds(given)
+    except OutOfRange as e:
+        raise Refusal(422, "policy_out_of_range", f"{e}.") from None
+    try:
+        return make()
+    except (TypeError, ValueError) as e:
+        raise Refusal(400, "bad_policy", f"Invalid policy: {e}.") from None
+
+
 @router.post("/v1/keys", response_model=BundleOut, status_code=201, responses=ERRORS)
 def register(body: RegisterRequest, req: Request, store: StoreDep) -> BundleOut:
     try:
@@ -42,21 +57,15 @@ def register(body: RegisterRequest, req: Request, store: StoreDep) -> BundleOut:
         key = b""
     if len(key) != 32:
         raise Refusal(400, "bad_key", "The data key must be 32 bytes, base64.")
-    try:
-        pol = ev.Policy.from_json(body.policy)
-    except (TypeError, ValueError) as e:
-        raise Refusal(400, "bad_policy", f"Invalid policy: {e}.") from None
+    pol = _policy(lambda: ev.Policy.from_json(body.policy), body.policy)
     ok = store.register(
-        body.key_id, key, body.manifest_sha256.lower() if body.manifest_sha256 else None, pol
+        body.key_id,
+        key,
+        body.manifest_sha256.lower() if body.manifest_sha256 else None,
+        pol,
+        audit=audit_row("register", "done", "ok", key_id=body.key_id, peer=peer(req)),
     )
     del key
-    store.audit(
-        "register",
-        "done" if ok else "refused",
-        "ok" if ok else "exists",
-        key_id=body.key_id,
-        peer=peer(req),
-    )
     if not ok:
         raise Refusal(409, "exists", "A key is already registered under this key id.")
     return _bundle(store, body.key_id)
@@ -77,12 +86,8 @@ def set_policy(key_id: str, changes: dict[str, Any], req: Request, store: StoreD
     rec = store.get(key_id)
     if rec is None:
         raise Refusal(404, "unknown_bundle", "No key is registered under this key id.")
-    try:
-        pol = rec.policy.merged(changes)
-    except (TypeError, ValueError) as e:
-        raise Refusal(400, "bad_policy", f"Invalid policy: {e}.") from None
-    store.set_policy(key_id, pol)
-    store.audit(
+    pol = _policy(lambda: rec.policy.merged(changes), changes)
+    row = audit_row(
         "policy",
         "done",
         "ok",
@@ -90,14 +95,16 @@ def set_policy(key_id: str, changes: dict[str, Any], req: Request, store: StoreD
         peer=peer(req),
         detail=json.dumps(changes, sort_keys=True)[:500],
     )
+    if not store.set_policy(key_id, pol, audit=row):
+        raise Refusal(404, "unknown_bundle", "No key is registered under this key id.")
     return _bundle(store, key_id)
 
 
 @router.post("/v1/keys/{key_id}/revoke", response_model=BundleOut, responses=ERRORS)
 def revoke(key_id: str, body: RevokeRequest, req: Request, store: StoreDep) -> BundleOut:
-    if not store.revoke(key_id, body.reason):
+    row = audit_row("revoke", "done", "ok", key_id=key_id, peer=peer(req), detail=body.reason)
+    if not store.revoke(key_id, body.reason, audit=row):
         raise Refusal(404, "unknown_bundle", "No key is registered under this key id.")
-    store.audit("revoke", "done", "ok", key_id=key_id, peer=peer(req), detail=body.reason)
     return _bundle(store, key_id)
 
 

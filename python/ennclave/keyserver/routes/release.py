@@ -3,17 +3,26 @@ releases a bundle's data key, HPKE-wrapped to the worker's ephemeral key, with a
 No token: the evidence and the policy decide. Every decision goes to the audit log.
 
 `release` runs its stages in this order, each refusing with its own code: the nonce,
-the registered key, `check_policy` (revoked, expired), `validate_evidence`,
-`admit_client`, then `issue_licence`, `wrap_key` and the grant's audit entry."""
+the registered key, `check_policy` (revoked, expired), `validate_pubkey` (malformed or
+low-order X25519 keys), `validate_evidence`, `issue_licence` and `wrap_key`; only then
+`Store.grant` admits the client (`max_clients`) and appends the grant's audit row in
+one transaction. Nothing is admitted for a request that is refused or fails; any
+unexpected failure is an audited 500 (or 503 when the database is unavailable) with a
+reason. Refusals without a valid nonce (anyone can send them) are audited through
+`JunkAudit`, which sums a flood into one row per peer and reason and window."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from fastapi import APIRouter, Request
+from sqlalchemy.exc import SQLAlchemyError
 
 from ...seal import wrap_data_key
 from .. import evidence as ev
@@ -26,17 +35,36 @@ from ..schemas import (
     ReleaseRequest,
     ReleaseResponse,
 )
-from ..state import NoncesDep, ServerSettings, SettingsDep, StoreDep, peer
-from ..store import BundleRecord, Store
+from ..state import JunkAudit, JunkDep, NoncesDep, ServerSettings, SettingsDep, StoreDep, peer
+from ..store import BundleRecord, NonceLimit, Store, audit_row
 
 router = APIRouter()
+
+# Refusals that need no valid nonce: audited through `JunkAudit`.
+JUNK = frozenset({"nonce_invalid"})
+X25519_P = 2**255 - 19
 
 
 @router.post("/v1/challenge", response_model=ChallengeResponse, responses=ERRORS)
 def challenge(
-    body: ChallengeRequest, nonces: NoncesDep, settings: SettingsDep
+    body: ChallengeRequest, req: Request, nonces: NoncesDep, settings: SettingsDep
 ) -> ChallengeResponse:
-    return ChallengeResponse(nonce=nonces.issue(body.key_id).hex(), expires_in=settings.nonce_ttl)
+    try:
+        nonce = nonces.issue(body.key_id, peer(req))
+    except NonceLimit as e:
+        if e.scope == "peer":
+            raise Refusal(
+                429,
+                "too_many_challenges",
+                "This client has too many outstanding challenges; use or let them expire.",
+            ) from None
+        raise Refusal(503, "busy", "The key server has too many outstanding challenges.") from None
+    except SQLAlchemyError:
+        raise Refusal(503, "store_unavailable", STORE_DOWN) from None
+    return ChallengeResponse(nonce=nonce.hex(), expires_in=settings.nonce_ttl)
+
+
+STORE_DOWN = "The key server's database is unavailable; try again shortly."
 
 
 @router.post("/v1/release", response_model=ReleaseResponse, responses=ERRORS)
@@ -46,8 +74,33 @@ def release(
     store: StoreDep,
     settings: SettingsDep,
     nonces: NoncesDep,
+    junk: JunkDep,
 ) -> ReleaseResponse:
-    log = ReleaseLog.of(store, body, req)
+    log = ReleaseLog.of(store, junk, body, req)
+    try:
+        return _release(body, store, settings, nonces, log)
+    except Refusal:
+        raise
+    except SQLAlchemyError as e:
+        print(f"ennclave keyserver: release failed: {e!r}", file=sys.stderr, flush=True)
+        raise log.refuse(503, "store_unavailable", STORE_DOWN) from None
+    except Exception as e:  # never a silent 500: audited, with a reason
+        print(f"ennclave keyserver: release failed: {e!r}", file=sys.stderr, flush=True)
+        raise log.refuse(
+            500,
+            "internal_error",
+            f"The key server failed on this request ({type(e).__name__}); nothing was "
+            "released and the failure is in the audit log.",
+        ) from None
+
+
+def _release(
+    body: ReleaseRequest,
+    store: Store,
+    settings: ServerSettings,
+    nonces: NoncesDep,
+    log: ReleaseLog,
+) -> ReleaseResponse:
     if not nonces.consume(bytes.fromhex(body.nonce), body.key_id):
         raise log.refuse(
             403,
@@ -60,13 +113,18 @@ def release(
     rec, data_key = loaded
     try:
         now = check_policy(rec, log)
+        validate_pubkey(bytes.fromhex(body.pubkey), log)
         claim, verified = validate_evidence(body, rec, settings, log)
-        admit_client(store, body.key_id, rec.policy, log)
         lic = issue_licence(body, rec.policy, verified, log, now)
         enc, wrapped, mac = wrap_key(claim, data_key, lic)
     finally:
         del data_key
-    log.granted(verified, lic)
+    if not store.grant(
+        body.key_id, log.client_id, rec.policy.max_clients, log.grant(verified, lic)
+    ):
+        raise log.refuse(
+            403, "too_many_clients", "The bundle's maximum number of clients is reached."
+        )
     b64 = lambda b: base64.b64encode(b).decode()
     return ReleaseResponse(
         key_id=body.key_id,
@@ -90,17 +148,19 @@ class ReleaseLog:
     with the same context (key, client, peer, evidence kind, binary)."""
 
     store: Store
-    ctx: dict[str, str]
+    junk: JunkAudit
+    ctx: dict[str, Any]
 
     @classmethod
-    def of(cls, store: Store, body: ReleaseRequest, req: Request) -> ReleaseLog:
+    def of(cls, store: Store, junk: JunkAudit, body: ReleaseRequest, req: Request) -> ReleaseLog:
         return cls(
             store,
+            junk,
             {
                 "key_id": body.key_id,
                 "client_id": body.client_id.lower(),
                 "peer": peer(req),
-                "evidence": body.evidence.kind,
+                "evidence": body.evidence.kind[:32],
                 "binary_sha256": body.binary_sha256.lower(),
             },
         )
@@ -110,12 +170,20 @@ class ReleaseLog:
         return self.ctx["client_id"]
 
     def refuse(self, status: int, code: str, reason: str) -> Refusal:
-        """Log the refusal; the caller raises what this returns."""
-        self.store.audit("release", "refused", code, detail=reason, **self.ctx)
+        """Log the refusal; the caller raises what this returns. When the database
+        itself fails, the answer still says why (503), unaudited: there is nowhere to
+        write."""
+        try:
+            if code not in JUNK or self.junk.admit(self.ctx["peer"], code, self.ctx):
+                self.store.audit("release", "refused", code, detail=reason, **self.ctx)
+        except SQLAlchemyError as e:
+            print(f"ennclave keyserver: audit failed: {e!r}", file=sys.stderr, flush=True)
+            return Refusal(503, "store_unavailable", STORE_DOWN)
         return Refusal(status, code, reason)
 
-    def granted(self, verified: ev.Verified, lic: Licence) -> None:
-        self.store.audit(
+    def grant(self, verified: ev.Verified, lic: Licence) -> dict[str, Any]:
+        """The grant's audit row (appended by `Store.grant` with the admission)."""
+        return audit_row(
             "release",
             "granted",
             "software" if not verified.hardware else "hardware",
@@ -164,11 +232,23 @@ def validate_evidence(
     return claim, verified
 
 
-def admit_client(store: Store, key_id: str, pol: ev.Policy, log: ReleaseLog) -> None:
-    if not store.admit_client(key_id, log.client_id, pol.max_clients):
+def validate_pubkey(pub: bytes, log: ReleaseLog) -> None:
+    """The worker's ephemeral X25519 key must be a canonical encoding (u < p once the
+    top bit is masked, RFC 7748) of a point outside the small subgroup: a low-order key
+    (the all-zero one among them) makes every shared secret zero, and the HPKE wrap
+    would fail or be worthless. A trial exchange with a throw-away key finds every
+    low-order point (`cryptography` refuses an all-zero shared secret)."""
+    u = int.from_bytes(pub, "little") & ((1 << 255) - 1)
+    if len(pub) != 32 or u >= X25519_P:
         raise log.refuse(
-            403, "too_many_clients", "The bundle's maximum number of clients is reached."
+            400, "bad_pubkey", "The worker's public key is not a canonical X25519 key."
         )
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(pub))
+    except ValueError:
+        raise log.refuse(
+            400, "bad_pubkey", "The worker's public key is a low-order X25519 point."
+        ) from None
 
 
 def issue_licence(
