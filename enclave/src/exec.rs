@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::ops::{binary, conv, dense, misc};
+use crate::ops::{binary, conv, conv_transpose, dense, misc, resize, slice};
 use crate::program::{Error, Node, Op, Program, TensorMeta, WRef, Weights};
 use crate::secmem::SecretBuf;
 
@@ -172,6 +172,10 @@ impl Executor {
                 }
                 op => {
                     if let Op::Conv { p, .. } = op {
+                        scratch_len = scratch_len.max(p.scratch_len(max_batch));
+                        warm_scratch = warm_scratch.max(p.scratch_len(warm));
+                    }
+                    if let Op::ConvTranspose { p, .. } = op {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch));
                         warm_scratch = warm_scratch.max(p.scratch_len(warm));
                     }
@@ -481,6 +485,20 @@ impl State {
                     threads,
                 );
             }
+            Op::ConvTranspose { p, kernel, bias } => {
+                conv_transpose::conv_transpose(
+                    x(0)?,
+                    w(*kernel),
+                    bias.map(w),
+                    y,
+                    batch,
+                    p,
+                    &mut self.scratch,
+                    threads,
+                );
+            }
+            Op::Resize(r) => resize::resize(x(0)?, y, batch, r, threads),
+            Op::Slice(s) => slice::slice(x(0)?, y, batch, s),
             Op::Pool {
                 g,
                 max,

@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use ennclave_enclave::program::Program;
 
 /// Naive channels-last 2-D conv, f64 accumulation.
 #[allow(clippy::too_many_arguments)]
@@ -662,4 +663,372 @@ fn reshapes_and_linear_activations_share_their_input_buffer() {
         let want: Vec<f32> = x.iter().map(|&v| v.tanh().max(0.0) + v).collect();
         assert_close(&y, &want, 1e-6);
     }
+}
+
+/// Naive channels-last 2-D transposed conv (kernel `[c, kh, kw, cout/groups]`),
+/// f64 accumulation: scatter every input into the full output, then crop.
+#[allow(clippy::too_many_arguments)]
+fn naive_conv_transpose(
+    x: &[f32],
+    (n, h, wd, c): (usize, usize, usize, usize),
+    k: &[f32],
+    (kh, kw, cout, groups): (usize, usize, usize, usize),
+    s: (usize, usize),
+    d: (usize, usize),
+    p: ((usize, usize), (usize, usize)),
+    extra: (usize, usize),
+    bias: &[f32],
+) -> (Vec<f32>, usize, usize) {
+    let fh = (h - 1) * s.0 + d.0 * (kh - 1) + 1 + extra.0;
+    let fw = (wd - 1) * s.1 + d.1 * (kw - 1) + 1 + extra.1;
+    let (cig, cog) = (c / groups, cout / groups);
+    let mut full = vec![0.0f64; n * fh * fw * cout];
+    for b in 0..n {
+        for i in 0..h {
+            for j in 0..wd {
+                for ci in 0..c {
+                    let g = ci / cig;
+                    let xv = x[((b * h + i) * wd + j) * c + ci] as f64;
+                    for a in 0..kh {
+                        for e in 0..kw {
+                            let (oi, oj) = (i * s.0 + a * d.0, j * s.1 + e * d.1);
+                            for co in 0..cog {
+                                let kv = k[((ci * kh + a) * kw + e) * cog + co] as f64;
+                                full[((b * fh + oi) * fw + oj) * cout + g * cog + co] += xv * kv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let oh = fh - p.0 .0 - p.0 .1;
+    let ow = fw - p.1 .0 - p.1 .1;
+    let mut y = Vec::with_capacity(n * oh * ow * cout);
+    for b in 0..n {
+        for i in 0..oh {
+            for j in 0..ow {
+                for o in 0..cout {
+                    let v = full[((b * fh + i + p.0 .0) * fw + j + p.1 .0) * cout + o];
+                    y.push((v + bias[o] as f64) as f32);
+                }
+            }
+        }
+    }
+    (y, oh, ow)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_conv_transpose(
+    (n, h, wd, c): (usize, usize, usize, usize),
+    (kh, kw, cout, groups): (usize, usize, usize, usize),
+    s: (usize, usize),
+    d: (usize, usize),
+    p: ((usize, usize), (usize, usize)),
+    extra: (usize, usize),
+    threads: usize,
+) {
+    let x = vals(n * h * wd * c, 7);
+    let k = vals(c * kh * kw * (cout / groups), 8);
+    let b = vals(cout, 9);
+    let (want, oh, ow) = naive_conv_transpose(
+        &x,
+        (n, h, wd, c),
+        &k,
+        (kh, kw, cout, groups),
+        s,
+        d,
+        p,
+        extra,
+        &b,
+    );
+    let (one_d, ins, outs) = if h == 1 && kh == 1 && s.0 == 1 && p.0 == (0, 0) {
+        (true, vec![wd, c], vec![ow, cout])
+    } else {
+        (false, vec![h, wd, c], vec![oh, ow, cout])
+    };
+    let attrs = if one_d {
+        format!(
+            r#"{{"strides": [{}], "dilations": [{}], "pads": [[{}, {}]], "output_padding": [{}], "groups": {groups}}}"#,
+            s.1, d.1, p.1 .0, p.1 .1, extra.1
+        )
+    } else {
+        format!(
+            r#"{{"strides": [{}, {}], "dilations": [{}, {}], "pads": [[{}, {}], [{}, {}]], "output_padding": [{}, {}], "groups": {groups}}}"#,
+            s.0, s.1, d.0, d.1, p.0 .0, p.0 .1, p.1 .0, p.1 .1, extra.0, extra.1
+        )
+    };
+    let json = one_node(
+        "conv_transpose",
+        &ins,
+        &outs,
+        &attrs,
+        r#"{"kernel": "k", "bias": "b"}"#,
+    );
+    let kshape: Vec<usize> = if one_d {
+        vec![c, kw, cout / groups]
+    } else {
+        vec![c, kh, kw, cout / groups]
+    };
+    let cont = container(&json, &[w("k", &kshape, k), w("b", &[cout], b)]);
+    let got = run(&cont, &x, n, threads);
+    assert_close(&got, &want, 1e-4);
+}
+
+#[test]
+fn conv_transpose_matches_naive() {
+    let none = ((0, 0), (0, 0));
+    check_conv_transpose((2, 3, 4, 3), (3, 3, 5, 1), (2, 2), (1, 1), none, (0, 0), 1);
+    check_conv_transpose(
+        (2, 4, 3, 4),
+        (3, 2, 6, 2),
+        (2, 1),
+        (1, 2),
+        ((1, 1), (0, 1)),
+        (1, 0),
+        2,
+    );
+    check_conv_transpose(
+        (3, 5, 5, 2),
+        (4, 4, 3, 1),
+        (2, 2),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        (0, 0),
+        2,
+    );
+    check_conv_transpose(
+        (1, 3, 3, 4),
+        (3, 3, 4, 4),
+        (1, 1),
+        (2, 2),
+        ((2, 2), (2, 2)),
+        (0, 0),
+        1,
+    ); // depthwise
+    check_conv_transpose(
+        (2, 1, 7, 3),
+        (1, 3, 4, 1),
+        (1, 3),
+        (1, 1),
+        ((0, 0), (1, 0)),
+        (0, 2),
+        2,
+    ); // 1-D
+}
+
+#[test]
+fn conv_transpose_large_batch_chunks() {
+    // 10 samples of 32x32x8 -> 64x64x32: the columns of all of them exceed the
+    // scratch target, so the batch runs in several chunks.
+    check_conv_transpose(
+        (10, 32, 32, 8),
+        (3, 3, 32, 1),
+        (2, 2),
+        (1, 1),
+        ((1, 0), (1, 0)),
+        (1, 1),
+        2,
+    );
+}
+
+#[test]
+fn conv_transpose_rejects_bad_geometry() {
+    let bad = |attrs: &str, kshape: &[usize]| {
+        let json = one_node(
+            "conv_transpose",
+            &[3, 3, 2],
+            &[5, 5, 4],
+            attrs,
+            r#"{"kernel": "k"}"#,
+        );
+        let n = kshape.iter().product();
+        let cont = container(&json, &[w("k", kshape, vec![0.0; n])]);
+        Program::from_container(&cont).unwrap_err().0
+    };
+    let e = bad(
+        r#"{"strides": [1, 1], "pads": [[0, 0], [0, 0]]}"#,
+        &[3, 3, 3, 4],
+    );
+    assert!(e.contains("[Cin, k..., Cout/groups]"), "{e}");
+    let e = bad(
+        r#"{"strides": [1, 1], "pads": [[3, 2], [0, 0]]}"#,
+        &[2, 3, 3, 4],
+    );
+    assert!(e.contains("crop all"), "{e}");
+    let e = bad(
+        r#"{"strides": [1, 1], "pads": [[0, 0], [0, 0]], "groups": 3}"#,
+        &[2, 3, 3, 4],
+    );
+    assert!(e.contains("groups"), "{e}");
+}
+
+#[test]
+fn slice_matches_numpy_semantics() {
+    // [3, 4, 2] -> rows 2, 0 (step -2), columns 1..4, channel 1
+    let x: Vec<f32> = (0..48).map(|v| v as f32).collect();
+    let json = one_node(
+        "slice",
+        &[3, 4, 2],
+        &[2, 3, 1],
+        r#"{"starts": [2, 1, 1], "steps": [-2, 1, 1], "sizes": [2, 3, 1]}"#,
+        "{}",
+    );
+    let got = run(&container(&json, &[]), &x, 2, 1);
+    let mut want = Vec::new();
+    for b in 0..2 {
+        for i in [2usize, 0] {
+            for j in 1..4 {
+                want.push(x[b * 24 + i * 8 + j * 2 + 1]);
+            }
+        }
+    }
+    assert_eq!(got, want);
+    for (attrs, msg) in [
+        (
+            r#"{"starts": [3, 0, 0], "sizes": [1, 1, 1]}"#,
+            "leaves axis 1",
+        ),
+        (
+            r#"{"starts": [0, 0, 0], "steps": [1, 0, 1], "sizes": [1, 1, 1]}"#,
+            "step 0",
+        ),
+        (
+            r#"{"starts": [1, 0, 0], "steps": [-1, 1, 1], "sizes": [3, 1, 1]}"#,
+            "leaves axis 1",
+        ),
+        (r#"{"starts": [0, 0], "sizes": [1, 1]}"#, "3 entries"),
+    ] {
+        let json = one_node("slice", &[3, 4, 2], &[1, 1, 1], attrs, "{}");
+        let e = Program::from_container(&container(&json, &[]))
+            .unwrap_err()
+            .0;
+        assert!(e.contains(msg), "{e}");
+    }
+}
+
+/// Naive 2-D resize at one output position per axis: (index, index, weight).
+fn naive_taps(
+    inl: usize,
+    outl: usize,
+    scale: f64,
+    mode: &str,
+    nearest: Option<&str>,
+) -> Vec<(usize, usize, f64)> {
+    (0..outl)
+        .map(|o| {
+            let o = o as f64;
+            let x = match mode {
+                "asymmetric" => o / scale,
+                "half_pixel" => (o + 0.5) / scale - 0.5,
+                "pytorch_half_pixel" if outl > 1 => (o + 0.5) / scale - 0.5,
+                "align_corners" if outl > 1 => o * (inl - 1) as f64 / (outl - 1) as f64,
+                _ => 0.0,
+            };
+            let last = (inl - 1) as f64;
+            match nearest {
+                Some("floor") => {
+                    let i = x.floor().clamp(0.0, last) as usize;
+                    (i, i, 0.0)
+                }
+                Some(_) => {
+                    let r = if x - x.floor() == 0.5 {
+                        x.floor()
+                    } else {
+                        x.round()
+                    };
+                    let i = r.clamp(0.0, last) as usize;
+                    (i, i, 0.0)
+                }
+                None => {
+                    let x = x.clamp(0.0, last);
+                    let i = x.floor() as usize;
+                    (i, (i + 1).min(inl - 1), x - i as f64)
+                }
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn resize_matches_naive() {
+    let (n, h, wd, c) = (2, 3, 4, 2);
+    let x = vals(n * h * wd * c, 11);
+    for (mode, nearest, oh, ow) in [
+        ("asymmetric", Some("floor"), 6, 8),
+        ("asymmetric", Some("round_prefer_floor"), 5, 7),
+        ("half_pixel", None, 6, 8),
+        ("half_pixel", Some("round_prefer_floor"), 7, 3),
+        ("align_corners", None, 5, 7),
+        ("pytorch_half_pixel", None, 1, 9),
+    ] {
+        let (sh, sw) = (oh as f64 / h as f64, ow as f64 / wd as f64);
+        let (rt, ct) = (
+            naive_taps(h, oh, sh, mode, nearest),
+            naive_taps(wd, ow, sw, mode, nearest),
+        );
+        let mut want = Vec::new();
+        for b in 0..n {
+            for &(r0, r1, fr) in &rt {
+                for &(c0, c1, fc) in &ct {
+                    for ch in 0..c {
+                        let at = |i: usize, j: usize| x[((b * h + i) * wd + j) * c + ch] as f64;
+                        let v = (1.0 - fr) * ((1.0 - fc) * at(r0, c0) + fc * at(r0, c1))
+                            + fr * ((1.0 - fc) * at(r1, c0) + fc * at(r1, c1));
+                        want.push(v as f32);
+                    }
+                }
+            }
+        }
+        let attrs = format!(
+            r#"{{"mode": "{}", "sizes": [{oh}, {ow}], "coordinate_transformation_mode": "{mode}", "nearest_mode": "{}"}}"#,
+            if nearest.is_some() {
+                "nearest"
+            } else {
+                "linear"
+            },
+            nearest.unwrap_or("floor")
+        );
+        let json = one_node("resize", &[h, wd, c], &[oh, ow, c], &attrs, "{}");
+        let got = run(&container(&json, &[]), &x, n, 2);
+        assert_close(&got, &want, 1e-5);
+    }
+    // 1-D, explicit scales: x2 nearest repeats each position.
+    let x1: Vec<f32> = (0..6).map(|v| v as f32).collect();
+    let json = one_node(
+        "resize",
+        &[3, 2],
+        &[6, 2],
+        r#"{"mode": "nearest", "sizes": [6], "scales": [2.0], "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}"#,
+        "{}",
+    );
+    assert_eq!(
+        run(&container(&json, &[]), &x1, 1, 1),
+        [0.0, 1.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0, 4.0, 5.0, 4.0, 5.0]
+    );
+    let json = one_node(
+        "resize",
+        &[3, 2],
+        &[6, 2],
+        r#"{"mode": "cubic", "sizes": [6]}"#,
+        "{}",
+    );
+    let e = Program::from_container(&container(&json, &[]))
+        .unwrap_err()
+        .0;
+    assert!(e.contains("unknown resize mode"), "{e}");
+}
+
+#[test]
+fn erfc_activation_keeps_the_tail() {
+    let json = one_node(
+        "activation",
+        &[3],
+        &[3],
+        r#"{"activation": {"fn": "erfc"}}"#,
+        "{}",
+    );
+    let got = run(&container(&json, &[]), &[-1.0, 0.5, 6.0], 1, 1);
+    assert_close(&got[..2], &[1.842_700_8, 0.479_500_1], 1e-6);
+    assert!((got[2] / 2.151_973_7e-17 - 1.0).abs() < 1e-5, "{}", got[2]);
 }

@@ -13,11 +13,20 @@ pub enum Act {
     Gelu,
     GeluTanh,
     Sigmoid,
-    HardSigmoid { alpha: f32, beta: f32 },
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
     Tanh,
     Swish,
-    Softmax { axis_len: usize, inner: usize },
-    Clip { min: f32, max: f32 },
+    Softmax {
+        axis_len: usize,
+        inner: usize,
+    },
+    Clip {
+        min: f32,
+        max: f32,
+    },
     Exp,
     Log,
     Sqrt,
@@ -25,6 +34,8 @@ pub enum Act {
     Neg,
     Reciprocal,
     Erf,
+    /// 1 − erf(x), computed directly (no cancellation for large x).
+    Erfc,
 }
 
 const SELU_ALPHA: f32 = 1.673_263_2;
@@ -80,6 +91,7 @@ impl Act {
             Act::Neg => map(x, |v| -v),
             Act::Reciprocal => map(x, |v| 1.0 / v),
             Act::Erf => map(x, libm::erff),
+            Act::Erfc => map(x, |v| libm::erfc(v as f64) as f32),
         }
     }
 }
@@ -176,6 +188,16 @@ mod tests {
         );
         close(&run(Act::Selu, &[1.0]), &[SELU_SCALE]);
         close(&run(Act::Erf, &[0.0, 1.0]), &[0.0, 0.842_700_8]);
+        close(
+            &run(Act::Erfc, &[0.0, 1.0, -1.0]),
+            &[1.0, 0.157_299_2, 1.842_700_8],
+        );
+        // Far in the tail 1 - erf(x) is 0 in float32; erfc keeps its relative accuracy.
+        let t = run(Act::Erfc, &[5.0, 9.0]);
+        close(
+            &[t[0] / 1.537_459_8e-12, t[1] / 4.137_031_7e-37],
+            &[1.0, 1.0],
+        );
         close(&run(Act::Gelu, &[0.0, 1.0]), &[0.0, 0.841_344_7]);
         close(&run(Act::GeluTanh, &[1.0]), &[0.841_192]);
         close(&run(Act::Reciprocal, &[4.0]), &[0.25]);

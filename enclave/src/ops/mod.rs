@@ -6,8 +6,11 @@
 pub mod act;
 pub mod binary;
 pub mod conv;
+pub mod conv_transpose;
 pub mod dense;
 pub mod misc;
+pub mod resize;
+pub mod slice;
 
 pub use act::Act;
 

@@ -309,6 +309,9 @@ impl<'d> Builder<'d> {
         let unary: fn(&mut Self, &NodeCtx, &TensorMeta) -> NodeResult = match op {
             "dense" => Self::dense,
             "conv" => Self::conv,
+            "conv_transpose" => Self::conv_transpose,
+            "resize" => Self::resize,
+            "slice" => Self::slice,
             "pool" => Self::pool,
             "global_pool" => Self::global_pool,
             "reduce" => Self::reduce,

@@ -160,6 +160,7 @@ impl Builder<'_> {
             "neg" => Act::Neg,
             "reciprocal" => Act::Reciprocal,
             "erf" => Act::Erf,
+            "erfc" => Act::Erfc,
             f => return fail(format!("{what}: unknown activation {f:?}")),
         })
     }

@@ -6,6 +6,7 @@ use super::builder::{batched, Builder, NodeCtx, NodeResult};
 use super::json::{checked_product, list_n, pos, string, uint};
 use super::{Error, Op, TensorMeta};
 use crate::ops::conv::{ConvParams, Geom};
+use crate::ops::conv_transpose::ConvTParams;
 use crate::ops::dense;
 
 impl Builder<'_> {
@@ -218,4 +219,95 @@ fn geom(
 /// A list of `n` positive integers.
 fn positives(v: &Value, n: usize, what: &str) -> Result<Vec<usize>, Error> {
     list_n(v, n, what)?.iter().map(|v| pos(v, what)).collect()
+}
+
+impl Builder<'_> {
+    /// `conv_transpose`: 1-D or 2-D, grouped, kernel `[Cin, k..., Cout/groups]`,
+    /// with optional bias and fused activation.
+    pub(super) fn conv_transpose(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
+        let d: &[usize] = &x.dims;
+        let ns = match d.len() {
+            2 => 1,
+            3 => 2,
+            _ => {
+                return ctx.e(format!(
+                    "expects a 1-D [N, W, C] or 2-D [N, H, W, C] input, got [N, {d:?}]"
+                ))
+            }
+        };
+        let Some(key) = ctx.weight_key("kernel")? else {
+            return ctx.e("missing weight \"kernel\"");
+        };
+        let (kernel, ks) = self.weight(key, ctx)?;
+        let cin = d[ns];
+        if ks.len() != ns + 2 || ks[0] != cin {
+            return ctx.e(format!(
+                "kernel shape {ks:?} does not fit input [N, {d:?}] (want [Cin, k..., Cout/groups])"
+            ));
+        }
+        let groups = match ctx.attr("groups") {
+            Some(v) => pos(v, &ctx.what("groups"))?,
+            None => 1,
+        };
+        if !cin.is_multiple_of(groups) {
+            return ctx.e(format!(
+                "{cin} input channels do not split into {groups} groups"
+            ));
+        }
+        let cout = ks[ns + 1]
+            .checked_mul(groups)
+            .ok_or_else(|| Error(format!("node {:?}: too many output channels", ctx.name)))?;
+        let win = &ks[1..=ns];
+        let strides = positives(ctx.req("strides")?, ns, &ctx.what("strides"))?;
+        let dil = match ctx.attr("dilations") {
+            Some(v) => positives(v, ns, &ctx.what("dilations"))?,
+            None => vec![1; ns],
+        };
+        let extra: Vec<usize> = match ctx.attr("output_padding") {
+            Some(v) => list_n(v, ns, &ctx.what("output_padding"))?
+                .iter()
+                .map(|v| uint(v, &ctx.what("output_padding")))
+                .collect::<Result<_, _>>()?,
+            None => vec![0; ns],
+        };
+        let mut pads = Vec::new();
+        let mut outs = Vec::new();
+        for (i, p) in list_n(ctx.req("pads")?, ns, &ctx.what("pads"))?
+            .iter()
+            .enumerate()
+        {
+            let p = list_n(p, 2, &ctx.what("pads"))?;
+            let (b, e) = (
+                uint(&p[0], &ctx.what("pads"))?,
+                uint(&p[1], &ctx.what("pads"))?,
+            );
+            // Every factor is ≤ 2^24: no overflow in 64 bits.
+            let full = (d[i] - 1) * strides[i] + dil[i] * (win[i] - 1) + 1 + extra[i];
+            if b + e >= full {
+                return ctx.e(format!(
+                    "pads [{b}, {e}] crop all {full} positions of spatial axis {i}"
+                ));
+            }
+            pads.push((b, e));
+            outs.push(full - b - e);
+        }
+        let g = geom(d, win, &strides, &dil, &pads, &outs);
+        let bias = self.weight_shaped(ctx, "bias", &[cout], false)?;
+        let od = spatial_out(d, &g, cout);
+        checked_product(&od, &format!("node {:?}: output", ctx.name))?;
+        let act = self.activation(ctx, ctx.attr("activation"), &od)?;
+        Ok((
+            Op::ConvTranspose {
+                p: ConvTParams {
+                    g,
+                    cout,
+                    groups,
+                    act,
+                },
+                kernel,
+                bias,
+            },
+            (od, true, None),
+        ))
+    }
 }

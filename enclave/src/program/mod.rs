@@ -14,7 +14,8 @@
 //! graph and dispatches each node to its op family (`linear`: dense, conv and the
 //! window geometry; `pool`: pooling and reductions; `elementwise`: binary ops and
 //! activations; `norm`: scale/shift and layer norm; `shape`: constant, reshape,
-//! transpose, pad, concat); `json` has the checked JSON accessors they share.
+//! transpose, pad, concat, slice; `resize`: nearest and linear resize); `json`
+//! has the checked JSON accessors they share.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -24,7 +25,10 @@ use serde_json::Value;
 
 use crate::ops::binary::{Bcast, BinKind};
 use crate::ops::conv::{ConvParams, Geom};
+use crate::ops::conv_transpose::ConvTParams;
 use crate::ops::misc::{Pad, Reduce, Transpose};
+use crate::ops::resize::Resize;
+use crate::ops::slice::Slice;
 use crate::ops::Act;
 use crate::secmem::{Backing, SecretBuf};
 
@@ -34,6 +38,7 @@ mod json;
 mod linear;
 mod norm;
 mod pool;
+mod resize;
 mod shape;
 
 use builder::Builder;
@@ -110,6 +115,14 @@ pub enum Op {
         kernel: WRef,
         bias: Option<WRef>,
     },
+    /// Kernel `[Cin, k..., Cout/groups]`.
+    ConvTranspose {
+        p: ConvTParams,
+        kernel: WRef,
+        bias: Option<WRef>,
+    },
+    Resize(Resize),
+    Slice(Slice),
     Pool {
         g: Geom,
         max: bool,

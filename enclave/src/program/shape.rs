@@ -1,9 +1,11 @@
-//! Nodes that move data without arithmetic: constant, reshape, transpose, pad, concat.
+//! Nodes that move data without arithmetic: constant, reshape, transpose, pad, concat,
+//! slice.
 
 use super::builder::{batched, Builder, NodeCtx, NodeResult};
-use super::json::{axis, checked_product, float, list, list_n, pos, uint};
+use super::json::{axis, checked_product, float, int, list, list_n, pos, uint};
 use super::{Error, Op, TensorMeta, MAX_RANK};
 use crate::ops::misc::{Pad, Transpose};
+use crate::ops::slice::Slice;
 
 impl Builder<'_> {
     /// `constant`: a weight as a tensor without a batch dimension.
@@ -131,5 +133,44 @@ impl Builder<'_> {
         }
         let outer = d0[..a - 1].iter().product();
         Ok((Op::Concat { outer, parts }, (od, true, None)))
+    }
+}
+
+impl Builder<'_> {
+    /// `slice`: per non-batch axis a start, a step (non-zero, may be negative) and a
+    /// size; every index taken must lie inside the axis.
+    pub(super) fn slice(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
+        let d = &x.dims;
+        if d.is_empty() {
+            return ctx.e("slice needs an input with a non-batch axis");
+        }
+        let starts = list_n(ctx.req("starts")?, d.len(), &ctx.what("starts"))?;
+        let sizes = list_n(ctx.req("sizes")?, d.len(), &ctx.what("sizes"))?;
+        let steps = match ctx.attr("steps") {
+            Some(v) => Some(list_n(v, d.len(), &ctx.what("steps"))?),
+            None => None,
+        };
+        let (mut b, mut st, mut sz) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..d.len() {
+            let start = uint(&starts[i], &ctx.what("starts"))?;
+            let size = pos(&sizes[i], &ctx.what("sizes"))?;
+            let step = match steps {
+                Some(s) => int(&s[i], &ctx.what("steps"))?,
+                None => 1,
+            };
+            // |step|, start, size ≤ 2^24: the last index fits in i64.
+            let last = start as i64 + (size as i64 - 1) * step;
+            if step == 0 || start >= d[i] || last < 0 || last >= d[i] as i64 {
+                return ctx.e(format!(
+                    "slice start {start}, step {step}, size {size} leaves axis {} of length {}",
+                    i + 1,
+                    d[i]
+                ));
+            }
+            b.push(start);
+            st.push(step as isize);
+            sz.push(size);
+        }
+        Ok((Op::Slice(Slice::new(d, &b, &st, &sz)), batched(sz)))
     }
 }
