@@ -25,12 +25,12 @@ CONTAINER_MAGIC = b"ENCPROG1"
 
 ACTIVATIONS = (
     "linear relu relu6 leaky_relu elu selu gelu sigmoid hard_sigmoid tanh swish "
-    "softmax clip exp log sqrt abs neg reciprocal erf"
+    "softmax clip exp log sqrt abs neg reciprocal erf erfc"
 ).split()
 
 OPS = (
-    "dense conv pool global_pool reduce pad reshape transpose scale_shift layer_norm "
-    "add sub mul div max min pow concat constant activation"
+    "dense conv conv_transpose pool global_pool reduce pad reshape transpose slice resize "
+    "scale_shift layer_norm add sub mul div max min pow concat constant activation"
 ).split()
 
 

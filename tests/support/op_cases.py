@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
+import numpy as np
 
 from ennclave.adapters.keras import ACTIVATION_NAMES
 from support.keras_models import L, randomize_bn
@@ -33,6 +34,35 @@ def _bn() -> keras.Model:
     m = _single((6, 6, 3), L.Conv2D(4, 3, activation="relu"), L.BatchNormalization())
     randomize_bn(m)
     return m
+
+
+def _normalization(axis: int | tuple[int, ...], invert: bool = False) -> keras.Model:
+    norm = L.Normalization(axis=axis, invert=invert)
+    norm.adapt(np.random.default_rng(5).normal(0.5, 2.0, (32, 3, 4)).astype("float32"))
+    return _single((3, 4), norm)
+
+
+def _layer_scale() -> keras.Model:
+    from keras.src.applications.convnext import LayerScale
+
+    m = _single((3, 3, 4), L.Conv2D(4, 1), LayerScale(1e-6, 4))
+    scale = m.layers[-1]
+    scale.gamma.assign(np.random.default_rng(6).uniform(0.5, 1.5, 4).astype("float32"))
+    return m
+
+
+def _erf_ops() -> keras.Model:
+    inp = keras.Input((5,))
+    a = keras.ops.erfc(L.Dense(4)(inp))
+    b = keras.ops.erf(L.Dense(4)(inp))
+    return keras.Model(inp, L.Add()([a, b]))
+
+
+def _squeeze_expand_ops() -> keras.Model:
+    inp = keras.Input((3, 4))
+    x = keras.ops.expand_dims(L.Dense(2)(inp), 2)  # [N, 3, 1, 2]
+    x = keras.ops.squeeze(L.Conv2D(3, (2, 1))(x), axis=2)  # [N, 2, 3]
+    return keras.Model(inp, L.Dense(2)(x))
 
 
 # Every activation the Keras adapter lowers.
@@ -93,5 +123,33 @@ CASES: dict[str, Callable[[], keras.Model]] = {
     "leakyrelu": lambda: _single((5,), L.Dense(4), L.LeakyReLU(negative_slope=0.1)),
     "elu_layer": lambda: _single((5,), L.Dense(4), L.ELU(alpha=0.5)),
     "softmax_axis1": lambda: _single((3, 4), L.Softmax(axis=1)),
+    "upsampling2d_nearest": lambda: _single((3, 4, 2), L.UpSampling2D((2, 3))),
+    "upsampling2d_bilinear": lambda: _single(
+        (3, 4, 2), L.UpSampling2D((2, 3), interpolation="bilinear")
+    ),
+    "upsampling1d": lambda: _single((4, 3), L.UpSampling1D(3)),
+    "conv2d_transpose_same": lambda: _single(
+        (4, 5, 3), L.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu")
+    ),
+    "conv2d_transpose_valid": lambda: _single((4, 4, 2), L.Conv2DTranspose(3, (2, 3), (1, 2))),
+    "conv2d_transpose_kernel_below_stride": lambda: _single(
+        (3, 3, 2), L.Conv2DTranspose(2, 2, strides=3)
+    ),
+    "conv2d_transpose_output_padding": lambda: _single(
+        (3, 4, 2), L.Conv2DTranspose(3, 4, strides=3, padding="same", output_padding=(2, 1))
+    ),
+    "conv1d_transpose": lambda: _single((5, 3), L.Conv1DTranspose(4, 3, strides=2, padding="same")),
+    "cropping2d": lambda: _single((6, 5, 2), L.Cropping2D(((1, 2), (0, 1))), L.Conv2D(2, 2)),
+    "cropping1d": lambda: _single((6, 3), L.Cropping1D((2, 1))),
+    "rescaling": lambda: _single((4, 4, 3), L.Rescaling(1 / 127.5, offset=-1.0)),
+    "rescaling_per_channel": lambda: _single(
+        (4, 3), L.Dense(3), L.Rescaling([0.5, 2.0, -1.0], offset=[0.1, 0.2, 0.3])
+    ),
+    "normalization": lambda: _normalization(-1),
+    "normalization_invert": lambda: _normalization(-1, invert=True),
+    "normalization_2axes": lambda: _normalization((1, 2)),
+    "layer_scale": _layer_scale,
+    "erf_erfc_ops": _erf_ops,
+    "squeeze_expand_dims_ops": _squeeze_expand_ops,
     **{f"act_{a}": (lambda a=a: _single((6,), L.Dense(5), L.Activation(a))) for a in ACTIVATIONS},
 }

@@ -628,9 +628,16 @@ class _Lowerer:
         attrs["scales"] = [float(f) for f in factors]
         return self.builder.add("resize", [self._in(node)], node.name, attrs)
 
-    @LAYERS.register("Flatten", "Reshape")
+    @LAYERS.register("Flatten", "Reshape", "Squeeze", "ExpandDims")
     def reshape_to_output(self, node: Node, layer: Any) -> str:
-        target = [int(d) for d in self.tensors[node.outputs[0]].shape[1:]]
+        # Squeeze / ExpandDims: keras.ops.squeeze / expand_dims in a functional model.
+        out_shape = self.tensors[node.outputs[0]].shape
+        if not out_shape or out_shape[0] is not None or any(d is None for d in out_shape[1:]):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} ({node.op_type}) gives shape {out_shape}: the batch "
+                "axis must stay first and every other dim be static."
+            )
+        target = [int(d) for d in out_shape[1:]]
         return self.builder.add("reshape", [self._in(node)], node.name, {"shape": target})
 
     # -- normalisation ---------------------------------------------------------------
