@@ -287,6 +287,31 @@ def tmp(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_keras_decoder_through_tf2onnx(tmp: Path, kernels: str) -> None:
+    """A Keras decoder exported by tf2onnx: Rescaling, Conv2DTranspose (same/valid),
+    UpSampling2D nearest (Unsqueeze -> Tile -> Reshape) and bilinear (Resize),
+    Cropping2D (Slice); every cut against ONNX Runtime, cut 0 through the worker."""
+    keras = pytest.importorskip("keras")
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 3))
+    x = L.Rescaling(1 / 127.5, offset=-1.0)(inp)
+    x = L.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu")(x)
+    x = L.UpSampling2D(2)(x)
+    x = L.Cropping2D(((1, 2), (2, 1)))(x)
+    x = L.UpSampling2D((1, 2), interpolation="bilinear")(x)
+    x = L.Conv2DTranspose(3, 4, strides=2, activation="relu")(x)
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    model(np.zeros((1, 4, 4, 3), np.float32))
+    path = tmp / "decoder.onnx"
+    model.export(path, format="onnx", verbose=False)
+    if kernels == "native":
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert {"ConvTranspose", "Resize", "Tile", "Slice"} <= ops, ops
+        check_all_cuts(path, tmp)
+    through_worker(path, tmp)
+
+
 def test_docs_list_every_supported_op() -> None:
     """docs/enclave-program.md lists exactly what the adapters translate."""
     import re

@@ -1710,6 +1710,33 @@ class _Lowering:
             start += size
         return vals
 
+    @OPS.register("Tile")
+    def lower_Tile(self, node: Node, a: dict[str, Any]) -> _Val:
+        # Tiling an axis r times is concatenating r copies along it (tf2onnx writes
+        # Keras's nearest UpSampling as Unsqueeze -> Tile -> Reshape).
+        v = self.dyn(node)
+        reps = self.opt_const(node, 1)
+        if reps is None:
+            raise self.unsupported(node, "its repeats must be a constant")
+        r = [int(x) for x in reps.reshape(-1)]
+        if len(r) != v.rank or min(r) < 1:
+            raise self.unsupported(node, f"repeats {r} do not fit rank {v.rank}")
+        if r[0] != 1:
+            raise self.unsupported(node, "tiling the batch axis")
+        for ax, k in enumerate(r):
+            if k == 1:
+                continue
+            shape = tuple(d * k if i == ax else d for i, d in enumerate(v.shape))  # type: ignore[operator]
+            name = self.emit(
+                "concat",
+                [v.name] * k,
+                node,
+                tuple(shape[p] for p in v.perm),
+                {"axis": v.phys_axis(ax)},
+            )
+            v = _Val(name, v.perm, shape)
+        return v
+
     @OPS.register("Erfc")
     def lower_Erfc(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.act(node, self.dyn(node), activation("erfc"))
