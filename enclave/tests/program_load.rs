@@ -165,6 +165,53 @@ fn conv_container() -> Vec<u8> {
     )
 }
 
+/// The newer ops (transposed conv, resize, slice), as fuzzing bases.
+fn new_op_container(which: usize) -> Vec<u8> {
+    match which {
+        0 => container(
+            &one_node(
+                "conv_transpose",
+                &[3, 3, 2],
+                &[6, 8, 4],
+                r#"{"strides": [2, 2], "dilations": [1, 1], "pads": [[1, 0], [0, 0]], "output_padding": [0, 1], "groups": 2, "activation": {"fn": "erfc"}}"#,
+                r#"{"kernel": "k", "bias": "b"}"#,
+            ),
+            &[w("k", &[2, 3, 3, 2], vals(36, 1)), w("b", &[4], vals(4, 2))],
+        ),
+        1 => container(
+            &one_node(
+                "resize",
+                &[3, 4, 2],
+                &[5, 9, 2],
+                r#"{"mode": "linear", "sizes": [5, 9], "scales": [1.5, 2.25], "coordinate_transformation_mode": "align_corners", "nearest_mode": "ceil"}"#,
+                "{}",
+            ),
+            &[],
+        ),
+        _ => container(
+            &one_node(
+                "slice",
+                &[4, 5, 2],
+                &[2, 3, 1],
+                r#"{"starts": [3, 0, 1], "steps": [-2, 2, 1], "sizes": [2, 3, 1]}"#,
+                "{}",
+            ),
+            &[],
+        ),
+    }
+}
+
+#[test]
+fn new_op_fuzz_bases_load_and_run() {
+    for k in 0..3 {
+        let p = Program::from_container(&new_op_container(k)).unwrap_or_else(|e| panic!("{e}"));
+        let mut ex = Executor::new(&p, 2, 1).unwrap();
+        let x = vec![0.5f32; ex.input_len_per_sample() * 2];
+        let mut y = vec![0.0f32; ex.output_len_per_sample() * 2];
+        ex.run(&x, 2, &mut y).unwrap();
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
@@ -179,11 +226,15 @@ proptest! {
 
     #[test]
     fn mutated_containers_never_panic(
-        which in 0..2usize,
+        which in 0..5usize,
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
         cut in proptest::option::of(any::<usize>()),
     ) {
-        let base = if which == 0 { good() } else { conv_container() };
+        let base = match which {
+            0 => good(),
+            1 => conv_container(),
+            k => new_op_container(k - 2),
+        };
         let c = mutate(base, &edits, cut);
         if let Ok(p) = Program::from_container(&c) {
             // Whatever loads must also plan and run.
@@ -201,11 +252,34 @@ proptest! {
         token in prop::sample::select(vec![
             "null", "-1", "0", "1", "99999999999", "1e300", "\"x\"", "[]", "{}", "[[0, 0]]",
             "-3", "true", "[null, 0]", "\"y\"", "\"conv\"", "\"pool\"", "\"softmax\"",
+            "\"linear\"", "\"nearest\"", "[-1, 1, 1]", "[0, 0, 0]", "1e-30", "[16777216, 1]",
         ]),
     ) {
         // Replace a JSON value-ish span with a token, keep the weights valid.
         let json = dense_json("k", 3, "dense");
         let p = pos % json.len();
+        // The newer ops' attributes too (their containers carry their weights).
+        for k in 0..3 {
+            let c = new_op_container(k);
+            let n = u64::from_le_bytes(c[8..16].try_into().unwrap()) as usize;
+            let (j, rest) = (std::str::from_utf8(&c[16..16 + n]).unwrap(), &c[16 + n..]);
+            let p = pos % j.len();
+            let q = j[p..].find([',', '}', ']']).map_or(j.len(), |i| p + i);
+            if j.is_char_boundary(p) && j.is_char_boundary(q) {
+                let m = format!("{}{}{}", &j[..p], token, &j[q..]);
+                let mut c2 = b"ENCPROG1".to_vec();
+                c2.extend_from_slice(&(m.len() as u64).to_le_bytes());
+                c2.extend_from_slice(m.as_bytes());
+                c2.extend_from_slice(rest);
+                if let Ok(prog) = Program::from_container(&c2) {
+                    if let Ok(mut ex) = Executor::new(&prog, 2, 1) {
+                        let x = vec![0.5f32; ex.input_len_per_sample() * 2];
+                        let mut y = vec![0.0f32; ex.output_len_per_sample() * 2];
+                        prop_assert!(ex.run(&x, 2, &mut y).is_ok());
+                    }
+                }
+            }
+        }
         let q = json[p..].find([',', '}', ']']).map_or(json.len(), |i| p + i);
         if json.is_char_boundary(p) && json.is_char_boundary(q) {
             let mutated = format!("{}{}{}", &json[..p], token, &json[q..]);
