@@ -33,7 +33,7 @@ def test_every_op_worker_equals_reference(case, kernels, tmp_path, monkeypatch):
     adapter = KerasAdapter.from_model(model)
     program = optimize(adapter.lower_private(find_cut_points(adapter.graph)[0]))
     split_model(adapter, 0, tmp_path / "b", keystore=tmp_path / "ks.json", n_random=4)
-    x = adapter.random_inputs(7, np.random.default_rng(1)) * 2
+    x = (adapter.random_inputs(7, np.random.default_rng(1)) - 0.5) * 4  # both signs
     with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
         got = m.predict(x, batch_size=4)  # 7 samples in batches of 4: a ragged last batch
     np.testing.assert_allclose(got, execute(program, x), atol=1e-4, rtol=1e-4)
