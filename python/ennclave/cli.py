@@ -73,17 +73,17 @@ def _writable_parent(path: Path, what: str) -> None:
         raise InputError(f"{what} {path} cannot be created: {parent} is not writable.")
 
 
-def _new_file(path: str, what: str, must_have_dir: bool = True) -> Path:
+def _new_file(path: str, what: str) -> None:
+    """An output file: its directory must exist (found before the work, not after)."""
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{what} {path} is a directory; give a file name.")
-    if must_have_dir and not p.absolute().parent.is_dir():
+    if not p.absolute().parent.is_dir():
         raise InputError(
             f"{what} {path} cannot be written: the directory {p.parent} does not exist; "
             "create it first."
         )
     _writable_parent(p, what)
-    return p
 
 
 def _check_bundle_destination(path: str, overwrite: bool) -> None:
@@ -302,7 +302,7 @@ def _load_queries(path: str) -> Any:
             x = np.asarray(f["x"], np.float32)
     except (ValueError, OSError) as e:
         raise InputError(f"Queries file {path} is not a readable .npz ({e}).") from None
-    if x.ndim < 2 or len(x) == 0:
+    if x.ndim == 0 or len(x) == 0:
         raise InputError(f"Queries file {path}: `x` must hold at least one input, batch first.")
     return Dataset(x, np.zeros(len(x), np.int64))  # labels are never read
 
