@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -169,7 +170,7 @@ def bench_bundle(
 
 def print_bench(rec: dict[str, Any], console: Console) -> None:
     table = Table(
-        title=f"{rec['bundle']}: load to first answer {rec['start_ms']:.0f} ms "
+        title=f"{escape(rec['bundle'])}: load to first answer {rec['start_ms']:.0f} ms "
         f"(after {rec['framework_import_ms']:.0f} ms importing the framework)"
     )
     for col in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -31,7 +32,7 @@ def _short(reason: str, width: int = 60) -> str:
 
 def print_plan(plan: Plan, console: Console) -> None:
     total = max((c.enclave_params + c.public_params for c in plan.cut_points), default=0)
-    table = Table(title=f"Cut points of {Path(plan.model).name} ({plan.framework})")
+    table = Table(title=escape(f"Cut points of {Path(plan.model).name} ({plan.framework})"))
     for col, justify in (
         ("#", "right"),
         ("after layer", "left"),
@@ -51,8 +52,8 @@ def print_plan(plan: Plan, console: Console) -> None:
         style = "bold green" if c.index == plan.recommended else None
         table.add_row(
             f"{mark}{c.index}",
-            c.name,
-            c.op_type,
+            escape(c.name),  # layer names are the user's text, not markup
+            escape(c.op_type),
             _shape(c.tensor_shape),
             f"{c.enclave_params:,}",
             f"{c.enclave_bytes / MiB:.2f}",
@@ -69,12 +70,12 @@ def print_plan(plan: Plan, console: Console) -> None:
         if plan.recommended is not None
         else "[bold red]No recommendation:[/]"
     )
-    console.print(f"{rec} {plan.reason}")
+    console.print(f"{rec} {escape(plan.reason)}")
     if plan.private_layers:
         shown = ", ".join(plan.private_layers[:8]) + (" …" if len(plan.private_layers) > 8 else "")
-        console.print(f"Private layers ({len(plan.private_layers)}): {shown}")
+        console.print(f"Private layers ({len(plan.private_layers)}): {escape(shown)}")
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 def print_verification(v: Verification, console: Console) -> None:
