@@ -19,7 +19,16 @@ def cmd_keyserver(args: argparse.Namespace) -> int:
     from .server import serve
 
     settings = ServerSettings(
-        rate=args.rate, burst=args.burst, max_body=args.max_body, nonce_ttl=args.nonce_ttl
+        rate=args.rate,
+        burst=args.burst,
+        max_body=args.max_body,
+        nonce_ttl=args.nonce_ttl,
+        max_nonces=args.max_nonces,
+        max_nonces_per_peer=args.max_nonces_per_peer,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_peer=args.max_connections_per_peer,
     )
     serve(
         args.db,
@@ -37,7 +46,7 @@ def _client(args: argparse.Namespace) -> Any:
     from .client import KeyServerClient
     from .config import resolve_admin
 
-    cfg = resolve_admin(args.keyserver, args.token)
+    cfg = resolve_admin(",".join(args.keyserver) if args.keyserver else None, args.token)
     return KeyServerClient(cfg.url, cfg.token)
 
 
@@ -166,7 +175,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def _admin_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--keyserver", metavar="URL", help="key server (default: the saved owner config)"
+        "--keyserver",
+        metavar="URL",
+        action="append",
+        help="key server; several (replicas) comma-separated or repeated, tried in order "
+        "(default: the saved owner config)",
     )
     p.add_argument("--token", help="owner token (default: the saved owner config)")
 
@@ -240,6 +253,33 @@ def add_commands(sub: Any, parents: list[argparse.ArgumentParser] | None = None)
     sk.add_argument("--max-body", type=int, default=64 * 1024, help="largest request body in bytes")
     sk.add_argument(
         "--nonce-ttl", type=int, default=120, help="challenge validity in seconds (default 120)"
+    )
+    sk.add_argument(
+        "--max-nonces", type=int, default=100_000, help="outstanding challenges (default 100000)"
+    )
+    sk.add_argument(
+        "--max-nonces-per-peer",
+        type=int,
+        default=256,
+        help="outstanding challenges per client IP (default 256)",
+    )
+    sk.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to send a request's headers (default 10)",
+    )
+    sk.add_argument(
+        "--body-timeout", type=float, default=10.0, help="seconds to send a body (default 10)"
+    )
+    sk.add_argument(
+        "--max-connections", type=int, default=1000, help="open connections (default 1000)"
+    )
+    sk.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=64,
+        help="open connections per client IP (default 64)",
     )
     sk.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     sk.set_defaults(func=cmd_keyserver)

@@ -60,18 +60,36 @@ def client_id() -> str:
 
 
 class KeyServerClient:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
-        import httpx
+    """Owner calls and key requests to one key server or several replicas: `url` may
+    name several (comma-separated, or a list), tried in order. A call that cannot
+    connect goes to the next URL, and the client stays with the first that answers;
+    a request already sent is repeated elsewhere only where that is harmless (GET,
+    challenges), never for a release or an owner change."""
 
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+    def __init__(
+        self, url: str | list[str], token: str | None = None, timeout: float = 10.0
+    ) -> None:
+        from .config import split_urls
+
+        self.urls = split_urls(url)
+        if not self.urls:
+            raise EnnclaveError("No key-server URL was given.")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._http: dict[str, Any] = {}
+        self._at = 0  # index of the URL that answered last
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._at]
 
     def __repr__(self) -> str:  # never show the token
-        return f"KeyServerClient({self.url!r})"
+        return f"KeyServerClient({','.join(self.urls)!r})"
 
     def close(self) -> None:
-        self._http.close()
+        for http in self._http.values():
+            http.close()
+        self._http.clear()
 
     def __enter__(self) -> KeyServerClient:
         return self
@@ -79,16 +97,38 @@ class KeyServerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, **kw: Any) -> Any:
+    def _client_for(self, url: str) -> Any:
         import httpx
 
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise KeyServerUnreachable(
-                f"The key server at {self.url} cannot be reached ({type(e).__name__}); check "
-                "the URL and that the server runs."
-            ) from None
+        if url not in self._http:
+            self._http[url] = httpx.Client(
+                base_url=url, headers=self._headers, timeout=self._timeout
+            )
+        return self._http[url]
+
+    def _send(self, method: str, path: str, repeatable: bool, **kw: Any) -> Any:
+        import httpx
+
+        failed: list[str] = []
+        for k in range(len(self.urls)):
+            i = (self._at + k) % len(self.urls)
+            try:
+                r = self._client_for(self.urls[i]).request(method, path, **kw)
+            except httpx.TransportError as e:
+                failed.append(f"{self.urls[i]} ({type(e).__name__})")
+                sent = not isinstance(e, httpx.ConnectError | httpx.ConnectTimeout)
+                if sent and not repeatable:
+                    break  # it may have been acted on: not repeated on another replica
+                continue
+            self._at = i
+            return r
+        where = failed[0] if len(failed) == 1 else "; ".join(failed)
+        raise KeyServerUnreachable(
+            f"The key server at {where} cannot be reached; check the URL and that the server runs."
+        )
+
+    def _call(self, method: str, path: str, *, repeatable: bool = False, **kw: Any) -> Any:
+        r = self._send(method, path, repeatable or method == "GET", **kw)
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -139,7 +179,8 @@ class KeyServerClient:
     # -- key requests (no token) ------------------------------------------------
 
     def challenge(self, key_id: str) -> bytes:
-        return bytes.fromhex(self._call("POST", "/v1/challenge", json={"key_id": key_id})["nonce"])
+        body = self._call("POST", "/v1/challenge", repeatable=True, json={"key_id": key_id})
+        return bytes.fromhex(body["nonce"])
 
     def release(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/v1/release", json=body)
