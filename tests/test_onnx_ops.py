@@ -164,11 +164,23 @@ def test_resize_unsupported_modes_name_the_node(tmp: Path) -> None:
     ad = OnnxAdapter(path)
     with pytest.raises(UnsupportedOpError, match=r"cubic_up.*mode=cubic"):
         ad.lower_private(find_cut_points(ad.graph)[0])
-    nodes = [_resize("chan", "x", "y", scales="s", mode="nearest")]
-    path = save_model(tmp, "chan", nodes, [2, 3, 3], [4, 3, 3], [c("s", [1, 2, 1, 1])])
+    nodes = [_resize("all_axes", "x", "y", scales="s", mode="nearest")]
+    path = save_model(tmp, "allaxes", nodes, [2, 3], [4, 6], [c("s", [1, 2, 2])])
     ad = OnnxAdapter(path)
-    with pytest.raises(UnsupportedOpError, match="channel axis"):
+    with pytest.raises(UnsupportedOpError, match=r"all_axes.*no channel axis"):
         ad.lower_private(find_cut_points(ad.graph)[0])
+
+
+def test_resize_channels_last_and_any_axes(tmp: Path) -> None:
+    # NHWC (scales on axes 1, 2: the last axis is the channel axis) and a resize of
+    # axis 1 of an NCHW tensor (then the last axis is the program's channel axis).
+    nodes = [
+        _resize("nhwc", "x", "r", scales="s1", mode="linear"),
+        _resize("axis1", "r", "y", scales="s2", mode="nearest", nearest_mode="floor"),
+    ]
+    inits = [c("s1", [1, 2, 1.5, 1]), c("s2", [1, 2, 1, 1])]
+    path = save_model(tmp, "nhwc", nodes, [3, 4, 2], [12, 6, 2], inits)
+    check_all_cuts(path, tmp)
 
 
 def conv_transpose_model(tmp: Path) -> Path:

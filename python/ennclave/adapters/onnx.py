@@ -1478,10 +1478,9 @@ class _Lowering:
             ]
         else:
             raise self.unsupported(node, "neither constant scales nor sizes are given")
-        if full_scales is not None and full_scales[0] != 1.0:
+        scale_of = full_scales or [o / d for o, d in zip(out, in_dims, strict=True)]
+        if scale_of[0] != 1.0:
             raise self.unsupported(node, "it resizes the batch axis")
-        if out[1] != in_dims[1] or (full_scales is not None and full_scales[1] != 1.0):
-            raise self.unsupported(node, "it resizes the channel axis")
         if min(out) < 1:
             raise self.unsupported(node, "its output would be empty")
         if (
@@ -1490,13 +1489,21 @@ class _Lowering:
             and any(o < i for o, i in zip(out, in_dims, strict=True))
         ):
             raise self.unsupported(node, "antialiased downsampling")
+        # One non-batch axis that keeps its size is the channel axis (axis 1 for NCHW,
+        # else the last, e.g. NHWC); the others are the spatial axes of the program op
+        # (ONNX maps every axis, so an axis of scale 1 maps exactly as it does there).
+        kept = [i for i in range(1, r) if out[i] == in_dims[i] and scale_of[i] == 1.0]
+        if not kept:
+            raise self.unsupported(node, "it resizes every non-batch axis (no channel axis)")
+        ch = 1 if 1 in kept else kept[-1]
+        spatial = [i for i in range(1, r) if i != ch]
         attrs: dict[str, Any] = {
             "mode": mode,
-            "sizes": out[2:],
+            "sizes": [out[i] for i in spatial],
             "coordinate_transformation_mode": coord,
         }
         if full_scales is not None:
-            attrs["scales"] = full_scales[2:]
+            attrs["scales"] = [full_scales[i] for i in spatial]
         if mode == "nearest":
             attrs["nearest_mode"] = _s(a.get("nearest_mode", "round_prefer_floor"))
             if attrs["nearest_mode"] not in (
@@ -1507,10 +1514,10 @@ class _Lowering:
             ):
                 raise self.unsupported(node, f"nearest_mode={attrs['nearest_mode']}")
         out_shape = (None, *out[1:])
-        if out_shape[1:] == v.shape[1:] and full_scales in (None, [1.0] * r):
-            return v  # resizing to the same size is the identity in every mode
-        v = self.to_layout(v, _channels_last(r), node)
-        perm = _channels_last(r)
+        if len(kept) == r - 1 and coord != "tf_half_pixel_for_nn":
+            return v  # every axis keeps its size at scale 1: the identity
+        perm = (0, *spatial, ch)
+        v = self.to_layout(v, perm, node)
         name = self.emit("resize", [v.name], node, tuple(out_shape[p] for p in perm), attrs)
         return _Val(name, perm, out_shape)
 
