@@ -9,6 +9,9 @@ where modules can be hidden and imports observed.
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -235,7 +238,7 @@ def test_software_not_allowed_names_the_policy_command(monkeypatch) -> None:
 
     class Server:
         def __init__(self, url: str, timeout: float = 10.0) -> None:
-            pass
+            self.url = url.split(",")[0]  # the one that answered
 
         def __enter__(self) -> Server:
             return self
@@ -254,7 +257,7 @@ def test_software_not_allowed_names_the_policy_command(monkeypatch) -> None:
             )
 
     monkeypatch.setattr(kc, "KeyServerClient", Server)
-    release = kc.KeyserverRelease("http://127.0.0.1:8470", "k123", "00" * 32)
+    release = kc.KeyserverRelease("http://127.0.0.1:8470,http://10.0.0.2:8470", "k123", "00" * 32)
     release.bind(SimpleNamespace(evidence_for=lambda nonce: ("none", b"report")))
     with pytest.raises(kc.KeyReleaseRefused) as e:
         release(SimpleNamespace(pubkey=b"\1" * 32, binary_sha256="00" * 32))
@@ -262,8 +265,36 @@ def test_software_not_allowed_names_the_policy_command(monkeypatch) -> None:
     assert str(e.value) == (
         "The key server http://127.0.0.1:8470 refused key k123 to this worker: it runs without "
         "a TEE and the key's policy does not allow software workers; the owner can allow them "
-        "with `ennclave keys policy k123 --allow-software`."
+        "with `ennclave keys policy k123 --allow-software --keyserver http://127.0.0.1:8470`."
     )
+
+
+@needs_worker
+def test_software_not_allowed_command_works_as_printed(files, tmp_path, monkeypatch, capsys):
+    """A real key server refuses a software worker; the command in the sentence fixes it."""
+    pytest.importorskip("fastapi")
+    from support.keyserver_util import KeyServerProc
+
+    config = tmp_path / "config"
+    config.mkdir()
+    monkeypatch.setenv("ENNCLAVE_CONFIG_DIR", str(config))
+    server = KeyServerProc(str(tmp_path / "keys.db"), config).start()
+    try:
+        b = tmp_path / "b"
+        split = ["split", str(files.model), "--cut", "flat", "-o", str(b)]
+        assert _main(capsys, [*split, "--keyserver", server.url])[0] == 0
+        key_id = json.loads((b / "manifest.json").read_text())["private"]["key_id"]
+        run = ["run", str(b), "--input", str(files.x), "--output", str(tmp_path / "y.npy")]
+        rc, _, err = _main(capsys, run)
+        assert rc == 2, err
+        found = re.search(r"`(ennclave keys policy [^`]+)`", err)
+        assert found, err
+        command = found.group(1)
+        assert command == f"ennclave keys policy {key_id} --allow-software --keyserver {server.url}"
+        assert _main(capsys, shlex.split(command)[1:])[0] == 0
+        assert _main(capsys, run)[0] == 0
+    finally:
+        server.stop()
 
 
 def _all_parsers(p: argparse.ArgumentParser, name: str = "ennclave"):

@@ -292,10 +292,10 @@ class KeyserverRelease:
                 if e.code != "software_not_allowed":
                     raise
                 raise KeyReleaseRefused(
-                    f"The key server {self.url} refused key {self.key_id} to this worker: it "
+                    f"The key server {ks.url} refused key {self.key_id} to this worker: it "
                     "runs without a TEE and the key's policy does not allow software workers; "
                     "the owner can allow them with `ennclave keys policy "
-                    f"{self.key_id} --allow-software`.",
+                    f"{self.key_id} --allow-software --keyserver {ks.url}`.",
                     e.code,
                     e.status,
                 ) from None
