@@ -347,3 +347,27 @@ def test_docs_list_every_supported_op() -> None:
     )
     missing = [t for t in SUPPORTED_LAYERS if not re.search(rf"\b{t}\b", expanded)]
     assert not missing, f"not in docs/enclave-program.md: {missing}"
+
+
+def test_squeeze_unsqueeze_any_non_batch_axis(tmp: Path) -> None:
+    nodes = [
+        N("Unsqueeze", ["x", "ax_u"], ["u"]),  # [N, 3, 4] -> [N, 3, 1, 4, 1]
+        N("Mul", ["u", "m"], ["t"]),
+        N("Squeeze", ["t", "ax_s"], ["s"]),  # negative axes: -> [N, 3, 4]
+        N("Unsqueeze", ["s", "ax_1"], ["cin"]),  # -> [N, 1, 3, 4]
+        N("Conv", ["cin", "k"], ["y"]),  # -> [N, 2, 2, 3]
+    ]
+    inits = [
+        c("ax_u", [-1, 2], I64),
+        w("m", 3, 1, 4, 1),
+        c("ax_s", [-1, -3], I64),
+        c("ax_1", [1], I64),
+        w("k", 2, 1, 2, 2),
+    ]
+    path = save_model(tmp, "squeeze", nodes, [3, 4], [2, 2, 3], inits)
+    check_all_cuts(path, tmp)
+    nodes = [N("Unsqueeze", ["x", "ax0"], ["y"], name="batch_unsqueeze")]
+    path = save_model(tmp, "unsq0", nodes, [4], [1, 4], [c("ax0", [0], I64)])
+    ad = OnnxAdapter(path)
+    with pytest.raises(UnsupportedOpError, match="batch_unsqueeze"):
+        ad.lower_private(find_cut_points(ad.graph)[0])
