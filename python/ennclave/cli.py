@@ -678,8 +678,7 @@ def _quiet_frameworks(verbose: bool) -> None:
     if verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # what TensorFlow logs after start-up
     _deps.QUIET_FRAMEWORKS = True
 
 
