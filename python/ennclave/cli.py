@@ -209,6 +209,7 @@ def cmd_split(args: argparse.Namespace) -> int:
             args.output,
             samples=samples,
             tolerance=args.tolerance,
+            rtol=args.rtol,
             keystore=args.keystore,
             output_policy=policy,
             overwrite=args.overwrite,
@@ -498,7 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=non_negative,
         default=1e-4,
-        help="largest absolute difference from the original model allowed (default 1e-4)",
+        metavar="ATOL",
+        help="absolute difference from the original model allowed (default 1e-4)",
+    )
+    ss.add_argument(
+        "--rtol",
+        type=non_negative,
+        default=1e-4,
+        help="plus this times the output's largest magnitude (default 1e-4)",
     )
     ss.add_argument(
         "--keystore",
