@@ -115,9 +115,10 @@ def run_demo(out_dir: Path | None, console: Console) -> Path:
     console.print("[bold]3. Split[/] ennclave split demo.keras --cut auto -o bundle")
     bundle = work / "bundle"
     keystore = work / "keystore.json"
-    result = split_model(
-        adapter, "auto", bundle, samples=xt[:64], keystore=keystore, overwrite=True
-    )
+    with console.status("Cutting, lowering, verifying and sealing…"):
+        result = split_model(
+            adapter, "auto", bundle, samples=xt[:64], keystore=keystore, overwrite=True
+        )
     print_verification(result.verification, console)
     files = ", ".join(sorted(p.name for p in bundle.iterdir()))
     console.print(f"Bundle {escape(str(bundle))}: {files}")
