@@ -24,7 +24,7 @@ VERSION = 1
 CONTAINER_MAGIC = b"ENCPROG1"
 
 ACTIVATIONS = (
-    "linear relu relu6 leaky_relu elu selu gelu sigmoid hard_sigmoid tanh swish "
+    "linear relu relu6 leaky_relu elu selu gelu sigmoid hard_sigmoid hard_swish tanh swish "
     "softmax clip exp log sqrt abs neg reciprocal erf erfc"
 ).split()
 

@@ -53,6 +53,8 @@ def apply_activation(x: np.ndarray, act: dict[str, Any] | None) -> np.ndarray:
         return 1 / (1 + np.exp(-x))
     if fn == "hard_sigmoid":
         return np.clip(act.get("alpha", 1 / 6) * x + act.get("beta", 0.5), 0, 1)
+    if fn == "hard_swish":
+        return x * np.clip(x / 6 + 0.5, 0, 1)
     if fn == "tanh":
         return np.tanh(x)
     if fn == "swish":

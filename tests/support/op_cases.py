@@ -58,6 +58,14 @@ def _erf_ops() -> keras.Model:
     return keras.Model(inp, L.Add()([a, b]))
 
 
+def _ops_with_constants() -> keras.Model:
+    # x + 3.0, 3.0 - x, x / 2, max(x, 0.5) · c: keras.ops calls on one tensor and constants.
+    inp = keras.Input((5,))
+    x = L.Dense(4)(inp)
+    y = keras.ops.maximum((3.0 - (x + 3.0)) / 2.0, 0.5) * np.array([1, 2, 3, 4], "float32")
+    return keras.Model(inp, L.Dense(2)(y))
+
+
 def _squeeze_expand_ops() -> keras.Model:
     inp = keras.Input((3, 4))
     x = keras.ops.expand_dims(L.Dense(2)(inp), 2)  # [N, 3, 1, 2]
@@ -151,5 +159,6 @@ CASES: dict[str, Callable[[], keras.Model]] = {
     "layer_scale": _layer_scale,
     "erf_erfc_ops": _erf_ops,
     "squeeze_expand_dims_ops": _squeeze_expand_ops,
+    "ops_with_constants": _ops_with_constants,
     **{f"act_{a}": (lambda a=a: _single((6,), L.Dense(5), L.Activation(a))) for a in ACTIVATIONS},
 }

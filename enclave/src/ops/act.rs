@@ -17,6 +17,8 @@ pub enum Act {
         alpha: f32,
         beta: f32,
     },
+    /// x · clip(x / 6 + 1/2, 0, 1) (Keras hard_silu, ONNX HardSwish).
+    HardSwish,
     Tanh,
     Swish,
     Softmax {
@@ -80,6 +82,7 @@ impl Act {
             }
             Act::Sigmoid => map(x, sigmoid),
             Act::HardSigmoid { alpha, beta } => map(x, |v| (alpha * v + beta).clamp(0.0, 1.0)),
+            Act::HardSwish => map(x, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
             Act::Tanh => map(x, f32::tanh),
             Act::Swish => map(x, |v| v * sigmoid(v)),
             Act::Softmax { axis_len, inner } => softmax(x, axis_len, inner),
@@ -181,6 +184,10 @@ mod tests {
             &[1.0 / 6.0, 0.5 - 0.5 / 6.0, 0.5, 0.5 + 0.5 / 6.0, 1.0],
         );
         close(&run(Act::Sigmoid, &[0.0]), &[0.5]);
+        close(
+            &run(Act::HardSwish, &[-4.0, -1.5, 0.0, 1.5, 4.0]),
+            &[0.0, -0.375, 0.0, 1.125, 4.0],
+        );
         close(&run(Act::Swish, &[0.0, 1.0]), &[0.0, 0.731_058_6]);
         close(
             &run(Act::Elu(1.0), &[-1.0, 2.0]),

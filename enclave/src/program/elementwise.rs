@@ -131,6 +131,7 @@ impl Builder<'_> {
                 alpha: p("alpha", Some(1.0 / 6.0))?,
                 beta: p("beta", Some(0.5))?,
             },
+            "hard_swish" => Act::HardSwish,
             "tanh" => Act::Tanh,
             "swish" | "silu" => Act::Swish,
             "softmax" => {

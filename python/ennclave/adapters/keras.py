@@ -43,12 +43,24 @@ ACTIVATION_NAMES = {
     "gelu",
     "sigmoid",
     "hard_sigmoid",
+    "hard_silu",
+    "hard_swish",
     "tanh",
     "softmax",
     "swish",
     "silu",
 }
-MERGE_LAYERS = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate"}
+MERGE_LAYERS = {
+    "Add",
+    "Subtract",
+    "Multiply",
+    "Average",
+    "Maximum",
+    "Minimum",
+    "Concatenate",
+    "TrueDivide",  # keras.ops.divide in a functional model
+    "Divide",
+}
 LAYERS = Translators()  # layer type -> translator; filled by @LAYERS.register below
 
 
@@ -325,7 +337,7 @@ class KerasAdapter(ModelAdapter):
         self.build_public(cut).save(path)
 
     def lower_private(self, cut: CutPoint) -> Program:
-        lowerer = _Lowerer(self._tensor_info)
+        lowerer = _Lowerer(self._tensor_info, self._records)
         for node in self._nodes[cut.position :]:
             lowerer.lower(node)
         (out,) = self._graph.outputs
@@ -356,7 +368,7 @@ def _activation_of(fn: Any, where: str) -> dict[str, Any] | None:
     name = keras.activations.serialize(fn) if fn is not None else "linear"
     if isinstance(name, dict):  # a configured activation object
         name = name.get("config", {}).get("name", str(name))
-    name = {"silu": "swish"}.get(name, name)
+    name = {"silu": "swish", "hard_silu": "hard_swish"}.get(name, name)
     if name not in ACTIVATION_NAMES:
         raise UnsupportedOpError(
             f"Layer {where!r} uses activation {name!r}, which the enclave does not support; "
@@ -368,8 +380,11 @@ def _activation_of(fn: Any, where: str) -> dict[str, Any] | None:
 class _Lowerer:
     """Translates Keras layers on the private side into program ops."""
 
-    def __init__(self, tensors: dict[str, TensorInfo]) -> None:
+    def __init__(
+        self, tensors: dict[str, TensorInfo], records: dict[str, _Record] | None = None
+    ) -> None:
         self.tensors = tensors
+        self.records = records or {}  # the call arguments: constants of keras.ops calls
         self.builder = ProgramBuilder()
         self.env: dict[str, str] = {}  # graph tensor -> program tensor
 
@@ -742,16 +757,39 @@ class _Lowerer:
         )
 
     # -- merging ---------------------------------------------------------------------
-    def _merge(self, node: Node, op: str) -> str:
-        if len(node.inputs) < 2:
-            # e.g. keras.ops.multiply(x, 3.0): the constant is no input tensor, and
-            # dropping it would be a silent approximation.
+    def _operands(self, node: Node) -> list[str]:
+        """The operands of a merge layer, or of a keras.ops call on one tensor and
+        constants (`x + 3.0`, `3.0 - x`, in the order written)."""
+        if len(node.inputs) != 1:
+            return [self._in(node, i) for i in range(len(node.inputs))]
+        rec = self.records.get(node.name)
+        args = list(rec.arguments.args) if rec is not None and not rec.arguments.kwargs else []
+        tensors = [a for a in args if hasattr(a, "shape") and hasattr(a, "_keras_history")]
+        consts = [a for a in args if not any(a is t for t in tensors)]
+        ok = len(args) >= 2 and len(tensors) == 1
+        ok = ok and all(np.asarray(c).dtype.kind in "fiub" for c in consts)
+        if not ok:
             raise UnsupportedOpError(
-                f"Layer {node.name!r} ({node.op_type}) combines one tensor with a constant; "
-                "only tensor operands are supported."
+                f"Layer {node.name!r} ({node.op_type}) combines one tensor with something "
+                "other than numeric constants; cut after it."
             )
-        ins = [self._in(node, i) for i in range(len(node.inputs))]
+        return [
+            self._in(node)
+            if any(a is t for t in tensors)
+            else self.builder.constant(f"{node.name}/const", np.asarray(a, np.float32))
+            for a in args
+        ]
+
+    def _merge(self, node: Node, op: str) -> str:
+        ins = self._operands(node)
+        if op in ("sub", "div") and len(ins) != 2:
+            raise UnsupportedOpError(f"Layer {node.name!r} ({node.op_type}) needs two operands.")
         return self.builder.add(op, ins, node.name)
+
+    @LAYERS.register("TrueDivide", "Divide")
+    def lower_TrueDivide(self, node: Node, layer: Any) -> str:
+        # keras.ops.divide / x / c in a functional model
+        return self._merge(node, "div")
 
     @LAYERS.register("Add")
     def lower_Add(self, node: Node, layer: Any) -> str:
