@@ -327,3 +327,20 @@ def test_random_probe_inputs_are_in_a_realistic_range(tmp_path: Path) -> None:
     path = opset11_torch_flatten(tmp_path)
     x = _probe(load_model(path), 64)
     assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() < 1.0
+
+
+def test_cli_input_shape(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = detector_dynamic_hw(tmp_path)
+    cmd = [sys.executable, "-m", "ennclave", "plan", str(path), "--json"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--input-shape images=1x3x" in run.stderr + run.stdout
+    run = subprocess.run(
+        [*cmd, "--input-shape", "images=1x3x10x10"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    plan = json.loads(run.stdout)
+    assert all(c["splittable"] for c in plan["cut_points"])
+    assert plan["cut_points"][1]["tensor_shape"] == [None, 4, 10, 10]

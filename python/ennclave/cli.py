@@ -159,6 +159,24 @@ def _check_top_k(policy: dict[str, Any], adapter: Any) -> None:
         )
 
 
+def _input_shape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=1x3x320x320",
+        help="fix the dynamic dimensions of an ONNX input (repeatable; the first "
+        "dimension is the batch and stays free)",
+    )
+
+
+def _input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]] | None:
+    from .adapters import parse_input_shape
+
+    shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    return shapes or None
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -174,8 +192,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import make_plan
     from .report import plot_plan, print_plan
 
-    model = load_model(args.model)
-    base = load_model(args.public_base) if args.public_base else None
+    model = load_model(args.model, _input_shapes(args))
+    base = load_model(args.public_base, _input_shapes(args)) if args.public_base else None
     plan = make_plan(model, args.budget, base)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
@@ -199,8 +217,9 @@ def cmd_split(args: argparse.Namespace) -> int:
     from .report import print_verification
     from .split import split_model
 
+    shapes = _input_shapes(args)  # a malformed --input-shape fails before the framework loads
     with console.status("Loading the model…"):
-        adapter = load_model(args.model)
+        adapter = load_model(args.model, shapes)
     _check_top_k(policy, adapter)
     with console.status("Cutting, lowering and verifying the split…"):
         result = split_model(
@@ -227,7 +246,7 @@ def cmd_split(args: argparse.Namespace) -> int:
         return 0
     keystore = args.keystore or _default_keystore()
     console.print(
-        f"Bundle written to {where}, tensor {list(c.tensor.shape)}); data key {result.key_id} "
+        f"Bundle written to {where}, tensor {escape(str(list(c.tensor.shape)))}); data key {result.key_id} "
         f"stored in the keystore {escape(str(keystore))}."
     )
     return 0
@@ -411,7 +430,7 @@ def _number(kind: type, minimum: float, what: str) -> Any:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value != value or value < minimum:
+        if value is None or value != value or value < minimum:  # value != value: NaN
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
@@ -474,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="the public pretrained model: layers whose weights differ are private",
     )
+    _input_shape_option(sp)
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sp.add_argument("--plot", metavar="PNG", help="draw params and FLOPs per cut point")
     sp.set_defaults(func=cmd_plan)
@@ -492,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BUNDLE_DIR",
         help="directory to write the bundle to (new or empty, unless --overwrite)",
     )
+    _input_shape_option(ss)
     ss.add_argument(
         "--samples", metavar="NPY", help="inputs to verify the split on, in addition to random ones"
     )
