@@ -1001,3 +1001,32 @@ def test_software_evidence_still_binds_nonce_key_and_binary():
         refused(ev.verify, replace(claim, kind="tpm"), ev.Policy(), registered_manifest=None).code
         == "unknown_kind"
     )
+
+
+def test_ennclave_attest_verify_command(samples, tmp_path):
+    """The operator's command as installed: fields and exit 0, one sentence and exit 2."""
+    import subprocess
+    import sys
+
+    report = samples / "sev-snp/gsg-milan/attestation.bin"
+    vcek = samples / "sev-snp/gsg-milan/vcek.der"
+    cmd = [sys.executable, "-m", "ennclave", "attest", "verify"]
+    ok = subprocess.run(
+        [*cmd, str(report), "--certs", str(vcek), "--at", SNP_AT, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert '"kind": "snp"' in ok.stdout and "b07af962" in ok.stdout
+    forged = tmp_path / "forged.bin"
+    forged.write_bytes(_flip(report.read_bytes(), 0x90))  # inside MEASUREMENT
+    bad = subprocess.run(
+        [*cmd, str(forged), "--certs", str(vcek), "--at", SNP_AT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    lines = [ln for ln in (bad.stdout + bad.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "signature" in lines[0], lines

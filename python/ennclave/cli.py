@@ -672,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .keyserver.cli import add_commands as _add_keyserver_commands
 
     _add_keyserver_commands(sub, common)
+    from .attest.cli import add_commands as _add_attest_commands
+
+    _add_attest_commands(sub, common)
     return p
 
 
