@@ -289,7 +289,8 @@ def test_restart_keeps_keys_policies_token_and_audit(registered, server):
 def test_owner_cli_register_policy_revoke_audit(server, tmp_path, capsys):
     from ennclave.cli import main
 
-    b = write_bundle(tmp_path / "cli-b", tmp_path / "cli-ks.json")
+    # `keys register` takes only a bundle whose sealed manifest requires a licence
+    b = write_bundle(tmp_path / "cli-b", tmp_path / "cli-ks.json", licence="required")
     assert (
         main(["keys", "register", str(b.path), "--keystore", str(b.keystore), "--max-clients", "2"])
         == 0
@@ -322,6 +323,49 @@ def test_owner_cli_register_policy_revoke_audit(server, tmp_path, capsys):
     assert main(["keys", "list", "--token", "not-the-token"]) == 2  # clear error, no traceback
     assert "unauthorized" in capsys.readouterr().err
     assert server.token not in json.dumps(rows)
+
+
+def test_keys_register_refuses_a_local_key_bundle(server, tmp_path, capsys):
+    """A local-key bundle's sealed manifest lets it run without a licence, so its key
+    on the server would be bypassed by a host that drops the licence (issue #14)."""
+    from ennclave.cli import main
+
+    for name, kw in [("plain", {}), ("none", {"licence": "none"})]:
+        b = write_bundle(tmp_path / name, tmp_path / f"{name}-ks.json", **kw)
+        assert main(["keys", "register", str(b.path), "--keystore", str(b.keystore)]) == 2
+        err = capsys.readouterr().err
+        assert "local-key bundle" in err and "--keyserver URL" in err, err
+        with _admin(server) as a:
+            assert all(r["key_id"] != b.key_id for r in a.list())  # nothing registered
+    b = write_bundle(tmp_path / "odd", tmp_path / "odd-ks.json", licence="optional")
+    assert main(["keys", "register", str(b.path), "--keystore", str(b.keystore)]) == 2
+    assert "private.licence" in capsys.readouterr().err
+
+
+def test_licence_required_follows_the_manifest():
+    from ennclave.bundle import SourceSpec, build_manifest, licence_required
+    from ennclave.errors import BundleError
+
+    def manifest(**kw):
+        return build_manifest(
+            source=SourceSpec("m", "keras", None),
+            cut={"index": 0},
+            public=None,
+            private_inputs=[],
+            private_outputs=[],
+            key_id="k",
+            **kw,
+        )
+
+    local, remote = manifest(), manifest(keyserver_url="https://ks.example/")
+    assert "licence" not in local["private"] and not licence_required(local)
+    assert remote["private"]["licence"] == "required" and licence_required(remote)
+    assert licence_required({"private": {"key_source": "keyserver"}})  # older bundles
+    assert licence_required({"private": {"key_source": "local", "licence": "required"}})
+    assert not licence_required({"private": {"key_source": "local", "licence": "none"}})
+    for bad in ["optional", None, True, "Required"]:
+        with pytest.raises(BundleError, match=r"private\.licence"):
+            licence_required({"private": {"licence": bad}})
 
 
 # ------------------------------------------------------------------ with the real worker
@@ -399,6 +443,7 @@ def test_split_with_keyserver_registers_and_never_writes_the_key(server, tmp_pat
     assert not ks_file.exists()
     priv = res.manifest["private"]
     assert priv["key_source"] == "keyserver" and priv["keyserver"] == {"url": server.url}
+    assert priv["licence"] == "required"
     x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
     with ennclave.load(tmp_path / "bundle") as m:  # URL from the manifest
         np.testing.assert_allclose(m.predict(x), model(x).numpy(), atol=1e-4)
@@ -624,6 +669,29 @@ def test_keyserver_bundle_needs_a_licence(tmp_path):
         _client(b, release)
     with _client(b, _Release(b)) as wc:  # with a valid licence it serves
         assert wc.infer(X1).shape == (1, 5)
+
+
+@needs_worker
+def test_licence_required_bundle_needs_a_licence_whatever_its_key_source(tmp_path):
+    """`private.licence: "required"` with `key_source: "local"` (issue #14): the key
+    alone is refused; with a valid licence it serves and the licence is enforced."""
+    b = _local(tmp_path, licence="required")
+    release = wmod.local_key_release(Keystore(b.keystore), b.key_id)  # key, no licence
+    with pytest.raises(LicenceError, match="needs its licence") as e:
+        _client(b, release)
+    assert e.value.code == 13 and e.value.fatal
+    with _client(b, _Release(b, query_budget=1)) as wc:
+        assert "licence_budget:1" in wc.ready.policy
+        wc.infer(X1)
+        with pytest.raises(QueryBudgetExhausted, match="licence's query budget of 1"):
+            wc.infer(X1)
+    n = _local(tmp_path, "n", licence="none")  # explicitly none: a local-key bundle
+    with _client(n, wmod.local_key_release(Keystore(n.keystore), n.key_id)) as wc:
+        assert wc.infer(X1).shape == (1, 5)
+    odd = _local(tmp_path, "odd", licence="optional")  # unknown: refused, even with one
+    for rel in (wmod.local_key_release(Keystore(odd.keystore), odd.key_id), _Release(odd)):
+        with pytest.raises(ennclave.errors.BundleError, match=r"private\.licence"):
+            _client(odd, rel)
 
 
 # ------------------------------------------------------------------ offline key cache

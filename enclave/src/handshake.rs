@@ -4,7 +4,8 @@
 //!
 //! The stages, in order: `Identity::new` and `hello` (key pair, binary hash,
 //! HELLO), `receive` (the host's messages until manifest, sealed program and key are
-//! all in; the data key is admitted with its licence by `admit_licence`),
+//! all in; the data key is admitted with its licence by `admit_licence`, which refuses
+//! it without one when the manifest requires one: `licence_required`),
 //! `open_program` (unseal and parse), `load` (executor, manifest checks, output
 //! policy), then the seccomp filter.
 
@@ -413,12 +414,41 @@ impl Inbox {
     }
 }
 
+/// Whether the authenticated manifest requires a licence with the data key:
+/// `private.licence: "required"` or `private.key_source: "keyserver"`. `licence` absent
+/// or `"none"` requires none; any other value is refused (MANIFEST), so that a value
+/// this worker does not know is never taken to mean "no licence".
+fn licence_required(manifest: &Value) -> Result<bool, Fatal> {
+    let private = manifest.get("private");
+    let by_source = private
+        .and_then(|p| p.get("key_source"))
+        .and_then(Value::as_str)
+        == Some("keyserver");
+    let by_field = match private.and_then(|p| p.get("licence")) {
+        None => false,
+        Some(v) => match v.as_str() {
+            Some("required") => true,
+            Some("none") => false,
+            _ => {
+                return Err(Fatal::new(
+                    code::MANIFEST,
+                    format!(
+                        "manifest private.licence is {v}, which this worker does not know \
+                         (\"required\" or \"none\")"
+                    ),
+                ))
+            }
+        },
+    };
+    Ok(by_source || by_field)
+}
+
 /// Licence checks when the data key arrives (docs/key-release.md "Licences"). A bundle
-/// whose authenticated manifest says `key_source: "keyserver"` needs a licence; one sent
-/// with a local-key bundle is checked and enforced the same way. `pubkey` is this
-/// worker's ephemeral key (None for a licence from the offline cache, issued to an
-/// earlier worker). With `offline: true` and a machine id, a fresh licence is sealed
-/// with the key into a KEY_CACHE frame for the host to store.
+/// whose authenticated manifest requires a licence (`licence_required`) gets no key
+/// without a valid one; one sent with a local-key bundle is checked and enforced the
+/// same way. `pubkey` is this worker's ephemeral key (None for a licence from the
+/// offline cache, issued to an earlier worker). With `offline: true` and a machine id,
+/// a fresh licence is sealed with the key into a KEY_CACHE frame for the host to store.
 #[allow(clippy::too_many_arguments)]
 fn admit_licence(
     ctl: &mut UnixStream,
@@ -430,16 +460,13 @@ fn admit_licence(
     bin: &[u8; 32],
     machine_id: Option<&[u8]>,
 ) -> Result<Option<licence::Licence>, Fatal> {
-    let required = manifest
-        .get("private")
-        .and_then(|p| p.get("key_source"))
-        .and_then(Value::as_str)
-        == Some("keyserver");
+    let required = licence_required(manifest)?;
     let Some((raw, mac)) = sent else {
         if required {
             return Err(Fatal::new(
                 code::LICENCE_INVALID,
-                "this bundle's key comes from a key server and needs its licence, but none was sent",
+                "this bundle needs its licence from the key server (its manifest requires one), \
+                 but only the key was sent",
             ));
         }
         return Ok(None);
@@ -558,6 +585,26 @@ mod tests {
         assert_eq!(manifest_len(&m, "private", "huge"), None);
         assert_eq!(manifest_len(&m, "private", "missing"), None);
         assert_eq!(manifest_len(&m, "public", "inputs"), None);
+    }
+
+    #[test]
+    fn licence_required_by_field_or_key_source_and_unknown_values_refused() {
+        let req = |j: &str| licence_required(&serde_json::from_str(j).unwrap()).map_err(|e| e.0);
+        assert!(!req(r#"{"private":{"key_source":"local"}}"#).unwrap());
+        assert!(!req(r#"{"private":{"key_source":"local","licence":"none"}}"#).unwrap());
+        assert!(req(r#"{"private":{"key_source":"local","licence":"required"}}"#).unwrap());
+        assert!(req(r#"{"private":{"key_source":"keyserver"}}"#).unwrap());
+        assert!(req(r#"{"private":{"key_source":"keyserver","licence":"none"}}"#).unwrap());
+        for bad in [
+            r#""optional""#,
+            "null",
+            "true",
+            r#"{"v":1}"#,
+            r#""Required""#,
+        ] {
+            let j = format!(r#"{{"private":{{"key_source":"local","licence":{bad}}}}}"#);
+            assert_eq!(req(&j), Err(code::MANIFEST), "{bad}");
+        }
     }
 
     #[test]

@@ -36,6 +36,24 @@ VERIFICATION_FILE = "verification.json"
 DEFAULT_OUTPUT_POLICY: dict[str, Any] = {"mode": "full"}
 
 
+LICENCE_REQUIRED = "required"
+
+
+def licence_required(manifest: dict[str, Any]) -> bool:
+    """Whether the worker gets the data key only with a key-server licence: the
+    authenticated `private.licence: "required"` or `private.key_source: "keyserver"`
+    (the worker checks both). `licence` absent or "none": no licence needed. Any other
+    value is refused, as the worker refuses it."""
+    private = manifest.get("private") or {}
+    value = private.get("licence", "none")
+    if value not in ("none", LICENCE_REQUIRED):
+        raise BundleError(
+            f"manifest.json says private.licence is {value!r}, which this ennclave does not "
+            "know; upgrade ennclave or ask the owner for a fresh bundle."
+        )
+    return value == LICENCE_REQUIRED or private.get("key_source") == "keyserver"
+
+
 def output_policy(manifest: dict[str, Any]) -> dict[str, Any]:
     """The bundle's output policy (a copy), the default where the manifest has none."""
     return dict(manifest.get("output_policy") or DEFAULT_OUTPUT_POLICY)
@@ -117,6 +135,9 @@ def build_manifest(
     }
     if keyserver_url:
         private["keyserver"] = {"url": keyserver_url.rstrip("/")}
+        # Authenticated: the worker refuses the key without a licence, whatever the
+        # key source says (docs/key-release.md "Licences").
+        private["licence"] = LICENCE_REQUIRED
     return {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,

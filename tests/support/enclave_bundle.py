@@ -116,6 +116,7 @@ def write_bundle(
     weights: dict[str, np.ndarray] | None = None,
     extra_manifest: dict[str, Any] | None = None,
     key_source: str = "local",
+    licence: str | None = None,
 ) -> Bundle:
     w = weights if weights is not None else make_weights(seed)
     container = program_container(w)
@@ -123,6 +124,8 @@ def write_bundle(
     manifest = manifest_for(key_id, policy or {"mode": "full"}, len(container))
     manifest.update(extra_manifest or {})
     manifest["private"]["key_source"] = key_source
+    if licence is not None:
+        manifest["private"]["licence"] = licence
     sealed = seal_container(container, manifest, key)
     del container
     write_bundle_files(dest, manifest, sealed)
