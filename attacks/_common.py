@@ -43,3 +43,28 @@ def stop(pid: int) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"pid {pid} did not stop: thread states {states}")
         time.sleep(0.001)
+
+
+class Hung(Exception):
+    """The call did not return in time: the attack succeeded in blocking the client."""
+
+
+def error_within(fn, seconds: float) -> BaseException | None:
+    """Run `fn()` in a thread; its exception (None if it returned), or Hung."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if not outcome:
+        raise Hung(f"ATTACK SUCCEEDED: the call did not return within {seconds:g} s")
+    return outcome[0]

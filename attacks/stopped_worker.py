@@ -5,11 +5,10 @@ sentence, the stopped worker is killed and the next call starts a fresh one."""
 from __future__ import annotations
 
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
-from _common import small_bundle, step, stop
+from _common import error_within, small_bundle, step, stop
 
 import ennclave
 from ennclave.errors import WorkerError
@@ -24,20 +23,7 @@ def main() -> None:
             pid = m.worker_pid
             stop(pid)
             step(f"stopped worker pid {pid}; calling predict with a 2 s deadline")
-            outcome: list[BaseException | None] = []
-
-            def call() -> None:
-                try:
-                    m.predict(x)
-                    outcome.append(None)
-                except BaseException as e:
-                    outcome.append(e)
-
-            t = threading.Thread(target=call, daemon=True)
-            t.start()
-            t.join(20)
-            assert outcome, "ATTACK SUCCEEDED: predict hung on the stopped worker"
-            err = outcome[0]
+            err = error_within(lambda: m.predict(x), 20)
             assert isinstance(err, WorkerError), f"ATTACK SUCCEEDED: predict returned {err!r}"
             step(f"the call failed: {err}")
             y = m.predict(x)
