@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     select,
     text,
     update,
@@ -171,6 +172,16 @@ class NonceLimit(Exception):
 
 
 @dataclass(frozen=True)
+class ReleaseStart:
+    """`Store.open_release`: the nonce's state and the bundle (None: not registered)."""
+
+    nonce_outstanding: bool
+    nonce_valid: bool
+    bundle: BundleRecord | None
+    data_key: bytes = field(repr=False, default=b"")
+
+
+@dataclass(frozen=True)
 class BundleRecord:
     key_id: str
     manifest_sha256: str | None
@@ -208,14 +219,28 @@ class Store:
                 if not Path(path).exists():  # created 0600: it holds wrapped keys
                     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         else:
-            kw.update(pool_size=10, max_overflow=30, pool_timeout=10, pool_pre_ping=True)
+            # No pre-ping (a round trip per checkout): a connection the server dropped
+            # fails its request with 503 and is replaced; idle ones are recycled.
+            kw.update(pool_size=10, max_overflow=30, pool_timeout=10, pool_recycle=600)
         self.engine: Engine = create_engine(url, **kw)
+        # Challenges on PostgreSQL commit without waiting for the disk (their own pool):
+        # a nonce lost in a database crash only makes its client ask again.
+        self._nonce_engine = (
+            create_engine(
+                url,
+                **{**kw, "pool_size": 5},
+                connect_args={"options": "-c synchronous_commit=off"},
+            )
+            if url.startswith("postgresql")
+            else self.engine
+        )
         if self.sqlite:
             _sqlite_transactions(self.engine)
         # SQLite has one writer per file anyway: threads of this process queue here
         # rather than in SQLite's busy handler (which sleeps and retries).
         self._local = threading.Lock() if self.sqlite else None
         self._aead = AESGCM(kek)
+        self._purged_ms = 0  # last deletion of expired nonces
         if migrate:
             upgrade_schema(self)
 
@@ -224,6 +249,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        self._nonce_engine.dispose()
 
     # -- transactions ---------------------------------------------------------------
 
@@ -356,40 +382,61 @@ class Store:
 
     def issue_nonce(self, key_id: str, peer: str, ttl_s: int, per_peer: int, total: int) -> bytes:
         """A new single-use nonce for `key_id`, valid `ttl_s` seconds. Expired nonces
-        are deleted first; a peer with `per_peer` outstanding nonces, or a table with
-        `total`, gets `NonceLimit` — nobody's unexpired nonce is ever evicted."""
+        are deleted (at most once a second per process); a peer with `per_peer`
+        outstanding nonces, or a table with `total`, gets `NonceLimit` — nobody's
+        unexpired nonce is ever evicted. On PostgreSQL the commit does not wait for
+        the disk: a nonce lost in a database crash only makes its client ask again."""
         nonce = secrets.token_bytes(32)
         now = _now_ms()
-        with self.write() as c:
-            c.execute(delete(nonces_t).where(nonces_t.c.expires_ms <= now))
-            mine = c.execute(
-                select(func.count()).select_from(nonces_t).where(nonces_t.c.peer == peer)
-            ).scalar_one()
-            if mine >= per_peer:
-                raise NonceLimit("peer")
-            if c.execute(select(func.count()).select_from(nonces_t)).scalar_one() >= total:
-                raise NonceLimit("total")
-            c.execute(
-                insert(nonces_t).values(
-                    nonce=nonce.hex(), key_id=key_id, peer=peer[:64], expires_ms=now + ttl_s * 1000
-                )
-            )
-        return nonce
+        live = nonces_t.c.expires_ms > now
+        mine = select(func.count()).select_from(nonces_t).where(nonces_t.c.peer == peer, live)
+        everyone = select(func.count()).select_from(nonces_t)
+        # one statement: insert only while both caps hold
+        row = select(
+            literal(nonce.hex()), literal(key_id), literal(peer[:64]), literal(now + ttl_s * 1000)
+        ).where(mine.scalar_subquery() < per_peer, everyone.scalar_subquery() < total)
+        q = (
+            insert(nonces_t)
+            .from_select(["nonce", "key_id", "peer", "expires_ms"], row)
+            .returning(nonces_t.c.nonce)
+        )
+        with self._local or nullcontext(), self._nonce_engine.begin() as c:
+            if now - self._purged_ms >= 1000:
+                c.execute(delete(nonces_t).where(nonces_t.c.expires_ms <= now))
+                self._purged_ms = now
+            if c.execute(q).first() is not None:
+                return nonce
+            full = c.execute(mine).scalar_one() >= per_peer
+        raise NonceLimit("peer" if full else "total")
+
+    @staticmethod
+    def _nonce_valid(row: Any, key_id: str) -> bool:
+        return (
+            row is not None
+            and row.expires_ms > _now_ms()
+            and hmac.compare_digest(row.key_id.encode(), key_id.encode())
+        )
 
     def consume_nonce(self, nonce: bytes, key_id: str) -> bool:
         """Remove the nonce (whatever the outcome: single use, also across replicas —
         one DELETE decides); True if it existed, was unexpired and was for `key_id`."""
         with self.write() as c:
-            got = c.execute(
-                delete(nonces_t)
-                .where(nonces_t.c.nonce == nonce.hex())
-                .returning(nonces_t.c.key_id, nonces_t.c.expires_ms)
-            ).first()
-        return (
-            got is not None
-            and got.expires_ms > _now_ms()
-            and hmac.compare_digest(got.key_id.encode(), key_id.encode())
-        )
+            got = self._delete_nonce(c, nonce)
+        return self._nonce_valid(got, key_id)
+
+    def _delete_nonce(self, c: Connection, nonce: bytes) -> Any:
+        return c.execute(
+            delete(nonces_t)
+            .where(nonces_t.c.nonce == nonce.hex())
+            .returning(nonces_t.c.key_id, nonces_t.c.expires_ms)
+        ).first()
+
+    def spend_nonce(self, nonce: bytes, audit: dict[str, Any] | None = None) -> None:
+        """Delete the nonce and (in the same transaction) append `audit`."""
+        with self.write() as c:
+            self._delete_nonce(c, nonce)
+            if audit:
+                self._append_audit(c, audit)
 
     def outstanding_nonces(self) -> int:
         with self.read() as c:
@@ -397,24 +444,55 @@ class Store:
 
     # -- release ------------------------------------------------------------------
 
-    def load_for_release(self, key_id: str) -> tuple[BundleRecord, bytes] | None:
+    def load_for_release(
+        self, key_id: str, nonce: bytes | None = None
+    ) -> tuple[BundleRecord, bytes] | None:
+        """The bundle and its data key (None if unknown); see `open_release` for the
+        nonce as well."""
+        got = self.open_release(key_id, nonce or b"")
+        return None if got.bundle is None else (got.bundle, got.data_key)
+
+    def open_release(self, key_id: str, nonce: bytes) -> ReleaseStart:
+        """What a release request needs to be decided, read together: whether its nonce
+        is outstanding (and valid for `key_id`), and the bundle with its data key. The
+        nonce is spent later, by `grant` or `spend_nonce`, in the transaction that
+        records the outcome."""
         with self.read() as c:
+            n = c.execute(
+                select(nonces_t.c.key_id, nonces_t.c.expires_ms).where(
+                    nonces_t.c.nonce == nonce.hex()
+                )
+            ).first()
             r = c.execute(select(bundles_t).where(bundles_t.c.key_id == key_id)).first()
-        if r is None:
-            return None
-        return self._record(r), self._unseal(key_id, r.sealed_key)
+        rec = None if r is None else self._record(r)
+        key = b"" if r is None else self._unseal(key_id, r.sealed_key)
+        return ReleaseStart(n is not None, self._nonce_valid(n, key_id), rec, key)
 
     def grant(
-        self, key_id: str, client_id: str, max_clients: int | None, audit: dict[str, Any]
-    ) -> bool:
-        """Admit `client_id` for `key_id` and append the grant's audit row, in one
-        transaction. False (nothing written) if a new client would exceed
-        `max_clients`."""
+        self,
+        key_id: str,
+        client_id: str,
+        max_clients: int | None,
+        audit: dict[str, Any],
+        nonce: bytes | None = None,
+        refused: dict[str, dict[str, Any]] | None = None,
+    ) -> str:
+        """Decide a release in one transaction: spend `nonce` (if given: another replica
+        may have spent it first → "nonce_invalid"), admit `client_id` for `key_id`
+        (a new client beyond `max_clients` → "too_many_clients") and append `audit`
+        (the grant) → "granted". A refusal appends `refused[outcome]` instead;
+        a grant's admission and audit row commit together or not at all."""
         with self.write() as c:
-            if not self._admit(c, key_id, client_id, max_clients):
-                return False
-            self._append_audit(c, audit)
-        return True
+            if nonce is not None and self._delete_nonce(c, nonce) is None:
+                outcome = "nonce_invalid"
+            elif not self._admit(c, key_id, client_id, max_clients):
+                outcome = "too_many_clients"
+            else:
+                self._append_audit(c, audit)
+                return "granted"
+            if refused is not None and outcome in refused:
+                self._append_audit(c, refused[outcome])
+        return outcome
 
     def admit_client(self, key_id: str, client_id: str, max_clients: int | None) -> bool:
         """Record `client_id` for `key_id`; False if that would exceed `max_clients`."""

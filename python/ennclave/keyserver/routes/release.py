@@ -73,12 +73,11 @@ def release(
     req: Request,
     store: StoreDep,
     settings: SettingsDep,
-    nonces: NoncesDep,
     junk: JunkDep,
 ) -> ReleaseResponse:
     log = ReleaseLog.of(store, junk, body, req)
     try:
-        return _release(body, store, settings, nonces, log)
+        return _release(body, store, settings, log)
     except Refusal:
         raise
     except SQLAlchemyError as e:
@@ -98,19 +97,21 @@ def _release(
     body: ReleaseRequest,
     store: Store,
     settings: ServerSettings,
-    nonces: NoncesDep,
     log: ReleaseLog,
 ) -> ReleaseResponse:
-    if not nonces.consume(bytes.fromhex(body.nonce), body.key_id):
+    nonce = bytes.fromhex(body.nonce)
+    start = store.open_release(body.key_id, nonce)
+    if start.nonce_outstanding:
+        log.nonce = nonce  # from here on, every outcome spends it
+    if not start.nonce_valid:
         raise log.refuse(
             403,
             "nonce_invalid",
             "The nonce is unknown, expired, already used or for another key; ask for a new challenge.",
         )
-    loaded = store.load_for_release(body.key_id)
-    if loaded is None:
+    rec, data_key = start.bundle, start.data_key
+    if rec is None:
         raise log.refuse(404, "unknown_bundle", "No key is registered under this key id.")
-    rec, data_key = loaded
     try:
         now = check_policy(rec, log)
         validate_pubkey(bytes.fromhex(body.pubkey), log)
@@ -118,13 +119,18 @@ def _release(
         lic = issue_licence(body, rec.policy, verified, log, now)
         enc, wrapped, mac = wrap_key(claim, data_key, lic)
     finally:
-        del data_key
-    if not store.grant(
-        body.key_id, log.client_id, rec.policy.max_clients, log.grant(verified, lic)
-    ):
-        raise log.refuse(
-            403, "too_many_clients", "The bundle's maximum number of clients is reached."
-        )
+        del data_key, start
+    outcome = store.grant(
+        body.key_id,
+        log.client_id,
+        rec.policy.max_clients,
+        log.grant(verified, lic),
+        nonce=nonce,
+        refused={code: log.row("refused", code, why) for code, why in REASONS.items()},
+    )
+    log.nonce = None  # spent, and the outcome audited, in that transaction
+    if outcome != "granted":
+        raise Refusal(403, outcome, REASONS[outcome])
     b64 = lambda b: base64.b64encode(b).decode()
     return ReleaseResponse(
         key_id=body.key_id,
@@ -139,17 +145,27 @@ def _release(
     )
 
 
+REASONS = {
+    "too_many_clients": "The bundle's maximum number of clients is reached.",
+    "nonce_invalid": "The nonce was used by another request at the same time; ask for a new "
+    "challenge.",
+}
+
+
 # ------------------------------------------------------------------ stages of a release
 
 
 @dataclass
 class ReleaseLog:
     """The audit trail of one release request: each refusal, or the grant, is appended
-    with the same context (key, client, peer, evidence kind, binary)."""
+    with the same context (key, client, peer, evidence kind, binary). While `nonce` is
+    set (the request's nonce is outstanding), a refusal also spends it, in the same
+    transaction."""
 
     store: Store
     junk: JunkAudit
     ctx: dict[str, Any]
+    nonce: bytes | None = None
 
     @classmethod
     def of(cls, store: Store, junk: JunkAudit, body: ReleaseRequest, req: Request) -> ReleaseLog:
@@ -169,13 +185,21 @@ class ReleaseLog:
     def client_id(self) -> str:
         return self.ctx["client_id"]
 
+    def row(self, decision: str, reason: str, detail: str, **kw: Any) -> dict[str, Any]:
+        return audit_row("release", decision, reason, detail=detail, **self.ctx, **kw)
+
     def refuse(self, status: int, code: str, reason: str) -> Refusal:
         """Log the refusal; the caller raises what this returns. When the database
         itself fails, the answer still says why (503), unaudited: there is nowhere to
         write."""
         try:
-            if code not in JUNK or self.junk.admit(self.ctx["peer"], code, self.ctx):
-                self.store.audit("release", "refused", code, detail=reason, **self.ctx)
+            audited = code not in JUNK or self.junk.admit(self.ctx["peer"], code, self.ctx)
+            row = self.row("refused", code, reason) if audited else None
+            if self.nonce is not None:
+                self.store.spend_nonce(self.nonce, row)
+                self.nonce = None
+            elif row is not None:
+                self.store.append_audit(row)
         except SQLAlchemyError as e:
             print(f"ennclave keyserver: audit failed: {e!r}", file=sys.stderr, flush=True)
             return Refusal(503, "store_unavailable", STORE_DOWN)
@@ -183,13 +207,11 @@ class ReleaseLog:
 
     def grant(self, verified: ev.Verified, lic: Licence) -> dict[str, Any]:
         """The grant's audit row (appended by `Store.grant` with the admission)."""
-        return audit_row(
-            "release",
+        return self.row(
             "granted",
             "software" if not verified.hardware else "hardware",
-            detail=f"licence until {lic.expires_at}",
+            f"licence until {lic.expires_at}",
             licence_id=lic.licence_id,
-            **self.ctx,
         )
 
 
