@@ -214,6 +214,7 @@ def cmd_split(args: argparse.Namespace) -> int:
         _needs_module("httpx")
 
     from .adapters import load_model
+    from .keyserver.cli import owner_token
     from .report import print_verification
     from .split import split_model
 
@@ -233,7 +234,7 @@ def cmd_split(args: argparse.Namespace) -> int:
             output_policy=policy,
             overwrite=args.overwrite,
             keyserver=args.keyserver,
-            keyserver_token=args.token,
+            keyserver_token=owner_token(args),
         )
     print_verification(result.verification, console)
     c = result.cut
@@ -552,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="register the data key on this key server instead of the local keystore",
     )
-    ss.add_argument("--token", help="key-server owner token (default: the saved owner config)")
+    from .keyserver.cli import add_token_options
+
+    add_token_options(ss)
     ss.set_defaults(func=cmd_split)
 
     sr = sub.add_parser("run", parents=common, help="run a bundle on inputs from a .npy file")
