@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from .._deps import require
@@ -46,8 +47,33 @@ def _client(args: argparse.Namespace) -> Any:
     from .client import KeyServerClient
     from .config import resolve_admin
 
-    cfg = resolve_admin(",".join(args.keyserver) if args.keyserver else None, args.token)
+    cfg = resolve_admin(",".join(args.keyserver) if args.keyserver else None, owner_token(args))
     return KeyServerClient(cfg.url, cfg.token)
+
+
+def owner_token(args: argparse.Namespace) -> str | None:
+    """The owner token from --token-file (or --token, which other users can read in the
+    process list); None: ENNCLAVE_OWNER_TOKEN or the saved owner config decides."""
+    path = getattr(args, "token_file", None)
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise InputError(
+                f"The token file {path} cannot be read ({e.strerror}); check the path."
+            ) from None
+        if not token:
+            raise InputError(f"The token file {path} is empty; write the owner token into it.")
+        return token
+    if getattr(args, "token", None):
+        from ..console import err_console
+
+        err_console.print(
+            "warning: --token is visible to other users in the process list; use "
+            "--token-file FILE or ENNCLAVE_OWNER_TOKEN instead.",
+            markup=False,
+        )
+    return getattr(args, "token", None)
 
 
 def _when(ts: int | None) -> str:
@@ -181,7 +207,20 @@ def _admin_opts(p: argparse.ArgumentParser) -> None:
         help="key server; several (replicas) comma-separated or repeated, tried in order "
         "(default: the saved owner config)",
     )
-    p.add_argument("--token", help="owner token (default: the saved owner config)")
+    add_token_options(p)
+
+
+def add_token_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the owner token (default: ENNCLAVE_OWNER_TOKEN, else the saved "
+        "owner config for the key server's URL)",
+    )
+    p.add_argument(
+        "--token",
+        help="owner token on the command line (visible to other users: prefer --token-file)",
+    )
 
 
 def _policy_opts(p: argparse.ArgumentParser) -> None:

@@ -159,11 +159,12 @@ def resolve_admin(url: str | None, token: str | None) -> OwnerConfig:
     else:
         u = f"http://127.0.0.1:{DEFAULT_PORT}"
         saved = load_owner_config(u)
-    t = token or os.environ.get("ENNCLAVE_KEYSERVER_TOKEN") or (saved.token if saved else None)
+    env = os.environ.get("ENNCLAVE_OWNER_TOKEN") or os.environ.get("ENNCLAVE_KEYSERVER_TOKEN")
+    t = token or env or (saved.token if saved else None)
     if not t:
         raise EnnclaveError(
             f"No key-server owner token for {u}: start `ennclave keyserver` on this machine "
-            "once (it saves the token for its URL), pass --keyserver with that URL, or pass "
-            "--token."
+            "once (it saves the token for its URL), pass --keyserver with that URL, or give the "
+            "token with --token-file FILE or ENNCLAVE_OWNER_TOKEN."
         )
     return OwnerConfig(u, t)
