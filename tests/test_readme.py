@@ -59,6 +59,8 @@ def test_command_line_examples_and_the_demos_next_commands(workdir, capsys, monk
     assert commands[0][0] == "demo", "the example block starts with the demo it uses"
     demo_out = _run(capsys, commands[0])
     assert "Its data key is in the keystore demo/keystore.json" in demo_out
+    with np.load("demo/queries.npz") as q:
+        assert list(q) == ["x"]  # the audit below takes the attacker's inputs alone
     for argv in commands[1:]:
         _run(capsys, argv)
     assert np.load("y.npy").shape == (16,)  # a label bundle: one class per sample
