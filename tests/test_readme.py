@@ -83,7 +83,11 @@ def test_command_table_names_only_real_options():
     parser = cli.build_parser()
     (subs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     rows = re.findall(r"^\| `ennclave (\w+)([^`]*)`", _section("Command line"), re.M)
-    assert {name for name, _ in rows} == set(subs.choices)
+    listed = {name for name, _ in rows}
+    assert listed == set(subs.choices), (
+        f"README's command table lacks {sorted(set(subs.choices) - listed)} "
+        f"or lists unknown {sorted(listed - set(subs.choices))}"
+    )
     for name, synopsis in rows:
         sub = subs.choices[name]
         known = _options(sub)
@@ -91,7 +95,7 @@ def test_command_table_names_only_real_options():
             if isinstance(inner, argparse._SubParsersAction):
                 known |= {s for p in inner.choices.values() for s in _options(p)}
         used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*|-o)\b", synopsis))
-        assert used <= known, (name, used - known)
+        assert used <= known, f"README's `ennclave {name}` row names unknown {used - known}"
 
 
 @needs_worker
