@@ -10,7 +10,7 @@ registers a key that allows software evidence with `max_clients`, and runs `--cl
 client threads, half on each replica, each looping the full release flow — POST
 /v1/challenge, software evidence for the nonce, POST /v1/release — over keep-alive
 connections for `--seconds` (it always stops by itself). The threads share a pool of
-`max_clients + 4` client ids, so a few requests are refused `too_many_clients` (an
+`max_clients + 2` client ids, so a few requests are refused `too_many_clients` (an
 expected answer, not an error). Every 50th release is HPKE-unwrapped and compared
 with the data key.
 
@@ -293,7 +293,7 @@ def main() -> int:
         print("PostgreSQL is not installed (apt-get install postgresql)", file=sys.stderr)
         return 2
     pg.start()
-    ids = [f"{i:032x}" for i in range(a.max_clients + 4)]
+    ids = [f"{i:032x}" for i in range(a.max_clients + 2)]
     results: dict[str, Any] = {}
     try:
         for name, kill in (("sustained", None), ("replica_killed_halfway", a.seconds / 2)):

@@ -134,21 +134,23 @@ def attach_state(api: FastAPI, store: Store, settings: ServerSettings) -> None:
 
 
 # ------------------------------------------------------------------ dependencies
+# `async def`: FastAPI runs a plain `def` dependency in its thread pool, a hop per
+# dependency per request; these only read `app.state`.
 
 
-def get_store(req: Request) -> Store:
+async def get_store(req: Request) -> Store:
     return req.app.state.store
 
 
-def get_settings(req: Request) -> ServerSettings:
+async def get_settings(req: Request) -> ServerSettings:
     return req.app.state.settings
 
 
-def get_nonces(req: Request) -> NonceBook:
+async def get_nonces(req: Request) -> NonceBook:
     return req.app.state.nonces
 
 
-def get_junk(req: Request) -> JunkAudit:
+async def get_junk(req: Request) -> JunkAudit:
     return req.app.state.junk
 
 

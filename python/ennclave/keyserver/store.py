@@ -24,6 +24,7 @@ The schema is migrated with Alembic (`migrations/`) when a `Store` opens the dat
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
@@ -49,13 +50,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
     func,
     insert,
     inspect,
-    literal,
     select,
     text,
     update,
@@ -221,17 +222,19 @@ class Store:
         else:
             # No pre-ping (a round trip per checkout): a connection the server dropped
             # fails its request with 503 and is replaced; idle ones are recycled.
-            kw.update(pool_size=10, max_overflow=30, pool_timeout=10, pool_recycle=600)
+            kw.update(pool_size=8, max_overflow=12, pool_timeout=10, pool_recycle=600)
         self.engine: Engine = create_engine(url, **kw)
-        # Challenges on PostgreSQL commit without waiting for the disk (their own pool):
-        # a nonce lost in a database crash only makes its client ask again.
-        self._nonce_engine = (
+        # PostgreSQL: reads and challenges run on their own pool in autocommit (no
+        # BEGIN/COMMIT round trips), and a challenge's commit does not wait for the
+        # disk: a nonce lost in a database crash only makes its client ask again.
+        self._auto = (
             create_engine(
                 url,
-                **{**kw, "pool_size": 5},
+                **kw,
+                isolation_level="AUTOCOMMIT",
                 connect_args={"options": "-c synchronous_commit=off"},
             )
-            if url.startswith("postgresql")
+            if self.postgresql
             else self.engine
         )
         if self.sqlite:
@@ -241,6 +244,7 @@ class Store:
         self._local = threading.Lock() if self.sqlite else None
         self._aead = AESGCM(kek)
         self._purged_ms = 0  # last deletion of expired nonces
+        self._policies: dict[str, Policy] = {}
         if migrate:
             upgrade_schema(self)
 
@@ -249,7 +253,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-        self._nonce_engine.dispose()
+        self._auto.dispose()
 
     # -- transactions ---------------------------------------------------------------
 
@@ -261,7 +265,8 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(ennclave_read=True) as c:
+        """Reads: deferred BEGIN on SQLite, autocommit on PostgreSQL."""
+        with self._auto.connect().execution_options(ennclave_read=True) as c:
             yield c
 
     # -- meta ---------------------------------------------------------------------
@@ -324,11 +329,20 @@ class Store:
                 self._append_audit(c, {**audit, "decision": outcome[0], "reason": outcome[1]})
         return ok
 
+    def _policy(self, text: str) -> Policy:
+        """The parsed policy (a copy; parsed once per distinct policy text)."""
+        pol = self._policies.get(text)
+        if pol is None:
+            if len(self._policies) >= 1024:
+                self._policies.clear()
+            pol = self._policies[text] = Policy.from_json(json.loads(text))
+        return copy.deepcopy(pol)
+
     def _record(self, r: Any, clients: int = 0) -> BundleRecord:
         return BundleRecord(
             r.key_id,
             r.manifest_sha256,
-            Policy.from_json(json.loads(r.policy)),
+            self._policy(r.policy),
             bool(r.revoked),
             r.revoked_reason,
             r.created_at,
@@ -388,26 +402,34 @@ class Store:
         the disk: a nonce lost in a database crash only makes its client ask again."""
         nonce = secrets.token_bytes(32)
         now = _now_ms()
-        live = nonces_t.c.expires_ms > now
-        mine = select(func.count()).select_from(nonces_t).where(nonces_t.c.peer == peer, live)
-        everyone = select(func.count()).select_from(nonces_t)
-        # one statement: insert only while both caps hold
-        row = select(
-            literal(nonce.hex()), literal(key_id), literal(peer[:64]), literal(now + ttl_s * 1000)
-        ).where(mine.scalar_subquery() < per_peer, everyone.scalar_subquery() < total)
-        q = (
-            insert(nonces_t)
-            .from_select(["nonce", "key_id", "peer", "expires_ms"], row)
-            .returning(nonces_t.c.nonce)
-        )
-        with self._local or nullcontext(), self._nonce_engine.begin() as c:
+        params = {
+            "n": nonce.hex(),
+            "k": key_id,
+            "p": peer[:64],
+            "now": now,
+            "exp": now + ttl_s * 1000,
+            "cap": per_peer,
+            "total": total,
+        }
+        # PostgreSQL: each statement its own transaction (autocommit); SQLite: one
+        # write transaction. The insert checks both caps in the same statement.
+        with self._local or nullcontext(), self._nonce_conn() as c:
             if now - self._purged_ms >= 1000:
-                c.execute(delete(nonces_t).where(nonces_t.c.expires_ms <= now))
+                c.execute(_PURGE_NONCES, params)
                 self._purged_ms = now
-            if c.execute(q).first() is not None:
+            if c.execute(_ISSUE_NONCE, params).first() is not None:
                 return nonce
-            full = c.execute(mine).scalar_one() >= per_peer
+            full = c.execute(_PEER_NONCES, params).scalar_one() >= per_peer
         raise NonceLimit("peer" if full else "total")
+
+    @contextmanager
+    def _nonce_conn(self) -> Iterator[Connection]:
+        if self.postgresql:
+            with self._auto.connect() as c:
+                yield c
+        else:
+            with self.engine.begin() as c:
+                yield c
 
     @staticmethod
     def _nonce_valid(row: Any, key_id: str) -> bool:
@@ -425,11 +447,7 @@ class Store:
         return self._nonce_valid(got, key_id)
 
     def _delete_nonce(self, c: Connection, nonce: bytes) -> Any:
-        return c.execute(
-            delete(nonces_t)
-            .where(nonces_t.c.nonce == nonce.hex())
-            .returning(nonces_t.c.key_id, nonces_t.c.expires_ms)
-        ).first()
+        return c.execute(_SPEND_NONCE, {"n": nonce.hex()}).first()
 
     def spend_nonce(self, nonce: bytes, audit: dict[str, Any] | None = None) -> None:
         """Delete the nonce and (in the same transaction) append `audit`."""
@@ -458,12 +476,8 @@ class Store:
         nonce is spent later, by `grant` or `spend_nonce`, in the transaction that
         records the outcome."""
         with self.read() as c:
-            n = c.execute(
-                select(nonces_t.c.key_id, nonces_t.c.expires_ms).where(
-                    nonces_t.c.nonce == nonce.hex()
-                )
-            ).first()
-            r = c.execute(select(bundles_t).where(bundles_t.c.key_id == key_id)).first()
+            n = c.execute(_GET_NONCE, {"n": nonce.hex()}).first()
+            r = c.execute(_GET_BUNDLE, {"k": key_id}).first()
         rec = None if r is None else self._record(r)
         key = b"" if r is None else self._unseal(key_id, r.sealed_key)
         return ReleaseStart(n is not None, self._nonce_valid(n, key_id), rec, key)
@@ -500,21 +514,12 @@ class Store:
             return self._admit(c, key_id, client_id, max_clients)
 
     def _admit(self, c: Connection, key_id: str, client_id: str, max_clients: int | None) -> bool:
-        known = c.execute(
-            select(clients_t.c.client_id).where(
-                clients_t.c.key_id == key_id, clients_t.c.client_id == client_id
-            )
-        ).first()
-        if known:
+        if c.execute(_KNOWN_CLIENT, {"k": key_id, "c": client_id}).first():
             return True
         if max_clients is not None:
             if self.postgresql:  # new clients of one key are counted one at a time
-                c.execute(
-                    select(bundles_t.c.key_id).where(bundles_t.c.key_id == key_id).with_for_update()
-                )
-            n = c.execute(
-                select(func.count()).select_from(clients_t).where(clients_t.c.key_id == key_id)
-            ).scalar_one()
+                c.execute(_LOCK_BUNDLE, {"k": key_id})
+            n = c.execute(_COUNT_CLIENTS, {"k": key_id}).scalar_one()
             if n >= max_clients:
                 return False
         self._insert_new(
@@ -544,10 +549,9 @@ class Store:
         """Extend the chain inside transaction `c`, under the database lock: the last
         hash is read and the new row inserted while no other writer can append."""
         if self.postgresql:
-            c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _signed(AUDIT_LOCK)})
-        last = c.execute(select(audit_t.c.hash).order_by(audit_t.c.id.desc()).limit(1)).scalar()
-        prev = last or GENESIS
-        c.execute(insert(audit_t).values(**row, prev_hash=prev, hash=_row_hash(prev, row)))
+            c.execute(_AUDIT_LOCK, {"k": _signed(AUDIT_LOCK)})
+        prev = c.execute(_LAST_HASH).scalar() or GENESIS
+        c.execute(_APPEND_AUDIT, {**row, "prev_hash": prev, "hash": _row_hash(prev, row)})
 
     def audit(self, event: str, decision: str, reason: str, **kw: Any) -> None:
         with self.write() as c:
@@ -580,6 +584,46 @@ class Store:
                 prev = r["hash"]
                 n += 1
         return n
+
+
+# Statements of the hot paths, built once (SQLAlchemy then reuses their compiled form).
+_LIVE = nonces_t.c.expires_ms > bindparam("now")
+_PEER_NONCES = (
+    select(func.count()).select_from(nonces_t).where(nonces_t.c.peer == bindparam("p"), _LIVE)
+)
+_ISSUE_NONCE = (
+    insert(nonces_t)
+    .from_select(
+        ["nonce", "key_id", "peer", "expires_ms"],
+        select(bindparam("n"), bindparam("k"), bindparam("p"), bindparam("exp")).where(
+            _PEER_NONCES.scalar_subquery() < bindparam("cap"),
+            select(func.count()).select_from(nonces_t).scalar_subquery() < bindparam("total"),
+        ),
+    )
+    .returning(nonces_t.c.nonce)
+)
+_PURGE_NONCES = delete(nonces_t).where(nonces_t.c.expires_ms <= bindparam("now"))
+_GET_NONCE = select(nonces_t.c.key_id, nonces_t.c.expires_ms).where(
+    nonces_t.c.nonce == bindparam("n")
+)
+_SPEND_NONCE = (
+    delete(nonces_t)
+    .where(nonces_t.c.nonce == bindparam("n"))
+    .returning(nonces_t.c.key_id, nonces_t.c.expires_ms)
+)
+_GET_BUNDLE = select(bundles_t).where(bundles_t.c.key_id == bindparam("k"))
+_KNOWN_CLIENT = select(clients_t.c.client_id).where(
+    clients_t.c.key_id == bindparam("k"), clients_t.c.client_id == bindparam("c")
+)
+_LOCK_BUNDLE = (
+    select(bundles_t.c.key_id).where(bundles_t.c.key_id == bindparam("k")).with_for_update()
+)
+_COUNT_CLIENTS = (
+    select(func.count()).select_from(clients_t).where(clients_t.c.key_id == bindparam("k"))
+)
+_LAST_HASH = select(audit_t.c.hash).order_by(audit_t.c.id.desc()).limit(1)
+_AUDIT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_APPEND_AUDIT = insert(audit_t)
 
 
 def _now_ms() -> int:
