@@ -33,13 +33,13 @@ LAYERS: list[list[str]] = [
     ["keystore"],
     ["bundle"],
     ["keyserver.licence", "keyserver.config", "keyserver.cache", "keyserver.client"],
-    ["runtime.worker"],
+    ["runtime.worker", "runtime.gramine"],  # gramine: the worker under Gramine
     ["runtime"],  # model, keras_layer, __init__
     ["split"],
     ["audit"],
     ["keyserver"],  # the service: app, routes, store, evidence, server, openapi
     ["report", "bench", "demo"],
-    ["cli", "keyserver.cli", "attest.cli", "__main__", "__init__"],
+    ["cli", "keyserver.cli", "attest.cli", "runtime.gramine_cli", "__main__", "__init__"],
 ]
 
 

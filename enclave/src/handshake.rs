@@ -17,10 +17,10 @@ use sha2::{Digest, Sha256};
 use crate::exec::Executor;
 use crate::keys::EphemeralKey;
 use crate::licence;
+use crate::platform;
 use crate::policy::Policy;
 use crate::program::Program;
 use crate::protocol::{code, write_msg, FrameReader, Msg, ProtoError, Shm, PROTOCOL_VERSION};
-use crate::sandbox;
 use crate::seal;
 use crate::secmem::{Backing, SecretBuf};
 use crate::worker::{trace, Args, Fatal};
@@ -104,8 +104,7 @@ pub fn handshake(
     // Executor::new has already warmed up (thread pool, the executor's lazy state)
     // before the filter goes on (the pool must not need open() for CPU counts
     // afterwards).
-    sandbox::install_seccomp().map_err(|e| Fatal::new(code::SANDBOX, e.to_string()))?;
-    trace("seccomp installed");
+    platform::lock_down()?;
     Ok(Some(loaded))
 }
 
@@ -148,6 +147,7 @@ fn hello(ctl: &mut UnixStream, me: &Identity) -> Result<(), Fatal> {
             pubkey: me.pubkey,
             binary_sha256: me.bin,
             secmem,
+            platform: platform::current().name().into(),
         },
     )?;
     trace("HELLO sent");
@@ -184,14 +184,18 @@ fn receive(
             r => r?,
         };
         match msg {
-            Msg::Challenge { nonce } => write_msg(
-                ctl,
-                &Msg::Evidence {
-                    nonce,
-                    kind: "none".into(),
-                    report: evidence_report(&nonce, &me.pubkey, &me.bin),
-                },
-            )?,
+            Msg::Challenge { nonce } => {
+                let (kind, report) =
+                    platform::evidence(&evidence_report(&nonce, &me.pubkey, &me.bin))?;
+                write_msg(
+                    ctl,
+                    &Msg::Evidence {
+                        nonce,
+                        kind,
+                        report,
+                    },
+                )?
+            }
             Msg::Manifest { bytes } => inbox.manifest(&bytes)?,
             Msg::SealedBegin { total_len } => inbox.sealed_begin(total_len)?,
             Msg::SealedChunk { len } => inbox.sealed_chunk(ctl, shm, len)?,

@@ -12,6 +12,7 @@
 //! * `licence`   — key-server licences (MAC, expiry, budget) and the offline key cache
 //! * `protocol`  — framed control messages with the host, shared-memory tensors
 //! * `sandbox`   — non-dumpable, no core, seccomp allow-list
+//! * `platform`  — native Linux or Gramine: transport, sandbox and evidence per platform
 //! * `worker`    — the worker's settings, its fatal error, start-up tracing; `run`
 //! * `handshake` — HELLO to READY: evidence, key and licence admission, unseal, load
 //! * `serve`     — the serve loop after READY: doorbell requests and control frames
@@ -25,6 +26,7 @@ pub mod handshake;
 pub mod keys;
 pub mod licence;
 pub mod ops;
+pub mod platform;
 pub mod policy;
 pub mod program;
 pub mod protocol;

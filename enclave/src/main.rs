@@ -3,10 +3,14 @@
 //! ```text
 //! ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B] [--spin-us U]
 //!                  [--idle-check-ms I]
+//! ennclave-enclave --platform gramine --ctl-port P --shm-path /dev/shm/NAME --shm-bytes S [...]
 //! ```
 //!
 //! `N` is an inherited AF_UNIX stream socket (control frames), `M` an inherited memfd
-//! (tensors, the sealed program and, after READY, the doorbell). The message flow is in
+//! (tensors, the sealed program and, after READY, the doorbell). Under Gramine
+//! (src/platform/gramine.rs) there are no inherited fds: the worker connects to the
+//! host on 127.0.0.1:P, sends the token the host wrote to its stdin, and maps the
+//! host's /dev/shm file. The message flow is in
 //! docs/worker-protocol.md: HELLO → [CHALLENGE/EVIDENCE] → MANIFEST, SEALED_BEGIN,
 //! SEALED_CHUNK…, KEY (any order after MANIFEST) → unseal → program → executor →
 //! seccomp → READY → INFER (on the doorbell or as a frame)/PING… → SHUTDOWN.
@@ -18,8 +22,8 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
+use ennclave_enclave::platform::{self, gramine, Platform};
 use ennclave_enclave::protocol::{write_msg, FrameReader, Msg, Shm, PROTOCOL_VERSION};
-use ennclave_enclave::sandbox;
 use ennclave_enclave::worker::{self, trace, Args, Fatal};
 
 const DEFAULT_MAX_BATCH: usize = 1024;
@@ -33,6 +37,8 @@ const DEFAULT_IDLE_CHECK_MS: u64 = 100;
 fn usage() -> String {
     "usage: ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B] [--spin-us U] \
      [--idle-check-ms I]\n\
+     \x20      ennclave-enclave --platform gramine --ctl-port P --shm-path /dev/shm/NAME --shm-bytes S [...] \
+     (token on stdin)\n\
      (started by the ennclave Python runtime; not meant to be run by hand)"
         .to_string()
 }
@@ -41,6 +47,10 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         ctl_fd: -1,
         shm_fd: -1,
+        ctl_port: 0,
+        shm_path: None,
+        shm_bytes: 0,
+        platform: Platform::Native,
         threads: 0,
         max_batch: DEFAULT_MAX_BATCH,
         spin_us: DEFAULT_SPIN_US,
@@ -60,18 +70,62 @@ fn parse_args() -> Result<Args, String> {
         let v = it
             .next()
             .ok_or_else(|| format!("{k} needs a value\n{}", usage()))?;
+        match k.as_str() {
+            "--platform" => {
+                a.platform = match v.as_str() {
+                    "native" => Platform::Native,
+                    // gramine-direct or gramine-sgx: `gramine::detect` tells them apart.
+                    "gramine" => Platform::Gramine { sgx: false },
+                    _ => return Err(format!("--platform expects native or gramine, got {v:?}")),
+                };
+                continue;
+            }
+            "--shm-path" => {
+                a.shm_path = Some(v);
+                continue;
+            }
+            _ => {}
+        }
         let n: i64 = v
             .parse()
             .map_err(|_| format!("{k} expects an integer, got {v:?}"))?;
         match k.as_str() {
             "--ctl-fd" => a.ctl_fd = n as i32,
             "--shm-fd" => a.shm_fd = n as i32,
+            "--ctl-port" => {
+                a.ctl_port = u16::try_from(n)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("--ctl-port expects a TCP port, got {v:?}"))?
+            }
+            "--shm-bytes" => a.shm_bytes = n.clamp(0, 1 << 40) as usize,
             "--threads" => a.threads = n.max(0) as usize,
             "--max-batch" => a.max_batch = n.max(1) as usize,
             "--spin-us" => a.spin_us = n.clamp(0, 10_000) as u64,
             "--idle-check-ms" => a.idle_check_ms = n.clamp(1, 3_600_000) as u64,
             _ => return Err(format!("unknown argument {k}\n{}", usage())),
         }
+    }
+    if a.platform.is_gramine() {
+        if a.ctl_port == 0
+            || a.shm_path.is_none()
+            || a.shm_bytes == 0
+            || a.ctl_fd != -1
+            || a.shm_fd != -1
+        {
+            return Err(format!(
+                "--platform gramine needs --ctl-port, --shm-path and --shm-bytes (and no \
+                 inherited fds)\n{}",
+                usage()
+            ));
+        }
+        return Ok(a);
+    }
+    if a.ctl_port != 0 || a.shm_path.is_some() || a.shm_bytes != 0 {
+        return Err(format!(
+            "--ctl-port, --shm-path and --shm-bytes are for --platform gramine\n{}",
+            usage()
+        ));
     }
     if a.ctl_fd < 3 || a.shm_fd < 3 || a.ctl_fd == a.shm_fd {
         return Err(format!(
@@ -92,34 +146,31 @@ fn fd_is(fd: i32, kind: libc::mode_t) -> bool {
 
 fn main() -> ExitCode {
     trace("main");
-    if let Err(e) = sandbox::harden_process() {
-        eprintln!("ennclave-enclave: cannot harden the process: {e}");
-        return ExitCode::from(3);
-    }
-    let args = match parse_args() {
+    let mut args = match parse_args() {
         Ok(a) => a,
         Err(m) => {
             eprintln!("{m}");
             return ExitCode::from(2);
         }
     };
-    if !fd_is(args.ctl_fd, libc::S_IFSOCK) {
-        eprintln!(
-            "ennclave-enclave: --ctl-fd {} is not an open socket",
-            args.ctl_fd
-        );
-        return ExitCode::from(2);
+    if args.platform.is_gramine() {
+        match gramine::detect() {
+            Ok(sgx) => args.platform = Platform::Gramine { sgx },
+            Err(m) => {
+                eprintln!("ennclave-enclave: {m}");
+                return ExitCode::from(2);
+            }
+        }
     }
-    // SAFETY: the fd was checked to be an open socket; it was handed to us by the host
-    // for this purpose and nothing else in this process owns it.
-    let mut ctl = unsafe { UnixStream::from_raw_fd(args.ctl_fd) };
-    let shm = match Shm::map_fd(args.shm_fd) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!(
-                "ennclave-enclave: cannot map the shared-memory fd {}: {e}",
-                args.shm_fd
-            );
+    platform::set(args.platform);
+    if let Err(e) = platform::harden() {
+        eprintln!("ennclave-enclave: cannot harden the process: {e}");
+        return ExitCode::from(3);
+    }
+    let (mut ctl, shm) = match channels(&args) {
+        Ok(c) => c,
+        Err(m) => {
+            eprintln!("ennclave-enclave: {m}");
             return ExitCode::from(2);
         }
     };
@@ -140,4 +191,32 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The control stream and the shared region: inherited fds (native), or a TCP
+/// connection to the host and its /dev/shm file (Gramine).
+fn channels(args: &Args) -> Result<(UnixStream, Shm), String> {
+    if let Some(path) = &args.shm_path {
+        // Map first: once the host has the token, it may unlink the file.
+        let shm = gramine::map_shm(path, args.shm_bytes)
+            .map_err(|e| format!("cannot map the shared-memory file {path}: {e}"))?;
+        let token =
+            gramine::read_token().map_err(|e| format!("cannot read the connection token: {e}"))?;
+        let ctl = gramine::connect(args.ctl_port, &token).map_err(|e| {
+            format!(
+                "cannot connect to the host on 127.0.0.1:{}: {e}",
+                args.ctl_port
+            )
+        })?;
+        return Ok((ctl, shm));
+    }
+    if !fd_is(args.ctl_fd, libc::S_IFSOCK) {
+        return Err(format!("--ctl-fd {} is not an open socket", args.ctl_fd));
+    }
+    // SAFETY: the fd was checked to be an open socket; it was handed to us by the host
+    // for this purpose and nothing else in this process owns it.
+    let ctl = unsafe { UnixStream::from_raw_fd(args.ctl_fd) };
+    let shm = Shm::map_fd(args.shm_fd)
+        .map_err(|e| format!("cannot map the shared-memory fd {}: {e}", args.shm_fd))?;
+    Ok((ctl, shm))
 }

@@ -134,6 +134,9 @@ pub enum Msg {
         pubkey: [u8; 32],
         binary_sha256: [u8; 32],
         secmem: String,
+        /// `native`, `gramine-direct` or `gramine-sgx` (platform.rs). Sent only when
+        /// not `native`, as a trailing string, so a native HELLO is unchanged.
+        platform: String,
     },
     Evidence {
         nonce: [u8; 32],
@@ -378,11 +381,15 @@ impl Msg {
                 pubkey,
                 binary_sha256,
                 secmem,
+                platform,
             } => {
                 e.u32(*version);
                 e.raw(pubkey);
                 e.raw(binary_sha256);
                 e.bytes(secmem.as_bytes());
+                if platform != "native" {
+                    e.bytes(platform.as_bytes());
+                }
             }
             Msg::Challenge { nonce } => e.raw(nonce),
             Msg::Evidence {
@@ -482,6 +489,11 @@ impl Msg {
                 pubkey: c.arr32()?,
                 binary_sha256: c.arr32()?,
                 secmem: c.string()?,
+                platform: if c.b.is_empty() {
+                    "native".into()
+                } else {
+                    c.string()?
+                },
             },
             ty::CHALLENGE => Msg::Challenge { nonce: c.arr32()? },
             ty::EVIDENCE => Msg::Evidence {
@@ -767,7 +779,18 @@ impl Shm {
                 "shared-memory fd is not a non-empty regular file",
             ));
         }
-        let len = st.st_size as usize;
+        Shm::map_fd_len(fd, st.st_size as usize)
+    }
+
+    /// Map the first `len` bytes of `fd` (a file of at least that size: under Gramine,
+    /// whose `untrusted_shm` files do not report their size, the host gives it).
+    /// Takes ownership of `fd`.
+    pub fn map_fd_len(fd: libc::c_int, len: usize) -> io::Result<Shm> {
+        if len == 0 {
+            // SAFETY: closing the fd we were given to own.
+            unsafe { libc::close(fd) };
+            return Err(io::Error::other("the shared-memory region is empty"));
+        }
         // SAFETY: new shared mapping of a file we hold; the kernel picks the address.
         let ptr = unsafe {
             libc::mmap(
@@ -957,6 +980,26 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(10));
     }
 
+    /// A native HELLO is byte for byte what it was before platforms existed: the
+    /// platform goes on the wire only when it is not `native`.
+    #[test]
+    fn native_hello_has_no_platform_field() {
+        let hello = |platform: &str| Msg::Hello {
+            version: 2,
+            pubkey: [1; 32],
+            binary_sha256: [2; 32],
+            secmem: "mlock".into(),
+            platform: platform.into(),
+        };
+        let native = hello("native").encode();
+        assert_eq!(native.len(), 4 + 1 + 4 + 32 + 32 + 4 + 5);
+        let g = hello("gramine-direct").encode();
+        assert_eq!(&g[9..native.len()], &native[9..]);
+        assert_eq!(&g[native.len()..], b"\x0e\0\0\0gramine-direct");
+        assert_eq!(parse_frame(&g).unwrap().unwrap().0, hello("gramine-direct"));
+        assert_eq!(parse_frame(&native).unwrap().unwrap().0, hello("native"));
+    }
+
     fn samples() -> Vec<Msg> {
         vec![
             Msg::Hello {
@@ -964,6 +1007,14 @@ mod tests {
                 pubkey: [1; 32],
                 binary_sha256: [2; 32],
                 secmem: "memfd_secret".into(),
+                platform: "native".into(),
+            },
+            Msg::Hello {
+                version: 2,
+                pubkey: [1; 32],
+                binary_sha256: [2; 32],
+                secmem: "mlock".into(),
+                platform: "gramine-direct".into(),
             },
             Msg::Challenge { nonce: [3; 32] },
             Msg::Evidence {

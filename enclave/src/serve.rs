@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::handshake::Loaded;
 use crate::licence;
+use crate::platform::{gramine, Platform};
 use crate::policy::Mode;
 use crate::protocol::{
     code, doorbell, eviction_pays, futex_wait, futex_wake, write_msg, FrameReader, Msg, ProtoError,
@@ -41,9 +42,9 @@ pub fn serve(
         // the wait at the bottom cannot sleep through a request.
         let seen = bell.events.load(Ordering::Acquire);
 
-        // A request on the doorbell.
+        // A request on the doorbell (not under Gramine: requests come as frames).
         let seq = bell.req_seq.load(Ordering::Acquire);
-        if seq != answered {
+        if args.platform == Platform::Native && seq != answered {
             answered = seq;
             srv.answer_posted(ctl, &bell, seq, args)?;
             continue;
@@ -56,7 +57,12 @@ pub fn serve(
                 ControlFlow::Break(()) => return Ok(()),
             }
         }
-        wait_for_event(bell.events, seen, bell.req_seq, answered, args);
+        if args.platform == Platform::Native {
+            wait_for_event(bell.events, seen, bell.req_seq, answered, args);
+        } else {
+            // Gramine has no futex shared with the host: sleep on the socket.
+            gramine::wait_readable(ctl, std::time::Duration::from_millis(args.idle_check_ms));
+        }
     }
 }
 

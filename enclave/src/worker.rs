@@ -28,6 +28,14 @@ pub fn trace(phase: &str) {
 pub struct Args {
     pub ctl_fd: i32,
     pub shm_fd: i32,
+    /// `--platform gramine`: the host's TCP port on 127.0.0.1 (else 0).
+    pub ctl_port: u16,
+    /// `--platform gramine`: the shared-memory file under /dev/shm.
+    pub shm_path: Option<String>,
+    /// `--platform gramine`: the size of that file.
+    pub shm_bytes: usize,
+    /// Where the worker runs (`--platform`, checked at start).
+    pub platform: crate::platform::Platform,
     /// Executor threads; 0: one per available CPU.
     pub threads: usize,
     pub max_batch: usize,

@@ -264,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .runtime.model import load
 
-    with load(args.bundle, keystore=args.keystore) as model:
+    with load(args.bundle, keystore=args.keystore, platform=args.platform) as model:
         y = model.predict(x, batch_size=args.batch_size, allow_nonfinite=args.allow_nonfinite)
     if isinstance(y, tuple):  # top_k: scores and class indices, best first
         out = out.with_suffix(".npz")
@@ -578,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keystore", metavar="PATH", help=ks_help + "; not used when the bundle names a key server"
     )
     sr.add_argument(
+        "--platform",
+        choices=("native", "gramine-direct", "gramine-sgx"),
+        default="native",
+        help="where the worker runs (default native; see docs/platforms.md)",
+    )
+    sr.add_argument(
         "--allow-nonfinite",
         action="store_true",
         help="pass NaN and infinity through instead of refusing them",
@@ -678,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .attest.cli import add_commands as _add_attest_commands
 
     _add_attest_commands(sub, common)
+    from .runtime.gramine_cli import add_commands as _add_gramine_commands
+
+    _add_gramine_commands(sub, common)
     return p
 
 

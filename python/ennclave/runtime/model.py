@@ -59,6 +59,8 @@ class EnclavedModel:
         providers: list[str] | None = None,
         keyserver: str | None = None,
         timeout: float | None = DEFAULT_CALL_TIMEOUT_S,
+        platform: str = "native",
+        gramine_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.bundle = Path(bundle)
         self.manifest, raw = read_manifest(self.bundle)
@@ -109,6 +111,8 @@ class EnclavedModel:
             out_len=_per_sample(list(self._out_shape)),
             start=self._relay is None,
             call_timeout=timeout,
+            platform=platform,
+            gramine_dir=gramine_dir,
         )
         if self._relay is not None:
             self._relay.bind(self._worker)

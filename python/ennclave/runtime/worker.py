@@ -1,7 +1,9 @@
 """Host side of the enclave worker protocol (docs/worker-protocol.md).
 
 `WorkerClient` spawns `ennclave-enclave` with one end of a socketpair (control frames)
-and a memfd (tensors and the sealed program), runs the handshake — the worker's
+and a memfd (tensors and the sealed program) — or, with `platform="gramine-direct"` or
+`"gramine-sgx"`, under Gramine with a TCP connection on 127.0.0.1 and a /dev/shm file
+instead (docs/platforms.md) — runs the handshake — the worker's
 ephemeral public key arrives in HELLO, the data key goes back wrapped to it with HPKE
 (RFC 9180) — and then serves `infer()` calls, posted on the doorbell in the shared
 region where the platform allows it (x86-64) and as INFER frames elsewhere. It never
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import hmac
 import mmap
 import os
 import platform
@@ -218,6 +221,11 @@ class Hello:
     pubkey: bytes
     binary_sha256: str
     secmem: str
+    # Where the worker says it runs: native, gramine-direct or gramine-sgx.
+    platform: str = "native"
+
+
+PLATFORMS = ("native", "gramine-direct", "gramine-sgx")
 
 
 KeyRelease = Callable[[Hello], WrappedKey | CachedKey]
@@ -322,8 +330,15 @@ class WorkerClient:
         call_timeout: float | None = DEFAULT_CALL_TIMEOUT_S,
         doorbell: bool | None = None,
         idle_check_ms: int = 100,
+        platform: str = "native",
+        gramine_dir: str | os.PathLike[str] | None = None,
         start: bool = True,
     ) -> None:
+        if platform not in PLATFORMS:
+            raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, not {platform!r}")
+        self._platform = platform
+        self._gramine_dir = Path(gramine_dir) if gramine_dir else None
+        self._shm_path: str | None = None
         self._manifest = bytes(manifest_bytes)
         self._sealed_path = Path(sealed_path)
         self._key_release = key_release
@@ -335,6 +350,10 @@ class WorkerClient:
         self._call_timeout = call_timeout if call_timeout and call_timeout > 0 else None
         # None: the doorbell where the platform allows it; False: INFER frames only.
         self._use_doorbell = DOORBELL_OK if doorbell is None else bool(doorbell) and DOORBELL_OK
+        # Gramine has no futex shared with the host: requests go as INFER frames there.
+        self._ring = platform == "native"
+        if not self._ring:
+            self._use_doorbell = False
         self._idle_check_ms = int(idle_check_ms)
         self._lock = threading.RLock()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -375,6 +394,9 @@ class WorkerClient:
     def _start(self) -> None:
         if self._closed:
             raise EnnclaveError("This enclaved model is closed; load the bundle again.")
+        if self._platform != "native":
+            self._start_gramine()
+            return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         memfd = os.memfd_create("ennclave-shm", os.MFD_CLOEXEC)
         try:
@@ -415,6 +437,9 @@ class WorkerClient:
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, WorkerClient._kill_quietly, [self._proc])
         self._sock = parent
+        self._handshake_or_teardown()
+
+    def _handshake_or_teardown(self) -> None:
         try:
             self._handshake()
         except _Dead:
@@ -422,6 +447,126 @@ class WorkerClient:
         except BaseException:
             self._teardown(kill=True)
             raise
+
+    def _start_gramine(self) -> None:
+        """Start the worker under gramine-direct or gramine-sgx (docs/platforms.md):
+        a /dev/shm file for tensors, a listening socket on 127.0.0.1 for control
+        frames, and a one-time token on the worker's stdin, which the worker sends
+        first: the host accepts only the connection that carries it."""
+        from . import gramine
+
+        launcher = "gramine-sgx" if self._platform == "gramine-sgx" else "gramine-direct"
+        if launcher == "gramine-sgx" and not gramine.SGX_DEVICE.exists():
+            raise WorkerError(
+                f"gramine-sgx needs an SGX machine, and this one has no {gramine.SGX_DEVICE}; "
+                "use platform gramine-direct (no protection) or native.",
+                E_SANDBOX,
+                True,
+            )
+        exe = gramine.need_tool(launcher)
+        gdir = self._gramine_dir or gramine.manifest_dir_for(self._binary)
+        if launcher == "gramine-sgx" and not (gdir / (gramine.MANIFEST + ".sgx")).is_file():
+            gramine.sign(gdir)
+        token = secrets.token_bytes(32)
+        self._shm_path = f"/dev/shm/ennclave-{os.getpid()}-{secrets.token_hex(8)}"
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            fd = os.open(self._shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self._shm_bytes)
+                self._mm = mmap.mmap(fd, self._shm_bytes, mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(4)
+            port = lsock.getsockname()[1]
+            self._stderr = tempfile.TemporaryFile()
+            argv = [
+                str(exe),
+                BINARY_NAME,
+                "--platform",
+                "gramine",
+                "--ctl-port",
+                str(port),
+                "--shm-path",
+                self._shm_path,
+                "--shm-bytes",
+                str(self._shm_bytes),
+                "--max-batch",
+                str(self._max_batch),
+                "--threads",
+                str(self._threads),
+                "--idle-check-ms",
+                str(self._idle_check_ms),
+            ]
+            try:
+                self._proc = subprocess.Popen(
+                    argv,
+                    cwd=gdir,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=self._stderr,
+                    close_fds=True,
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                )
+            except OSError as e:
+                raise WorkerNotFound(
+                    f"{exe} could not be started ({e.strerror}); check the Gramine install."
+                ) from None
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, WorkerClient._kill_quietly, [self._proc])
+            assert self._proc.stdin is not None
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write(token.hex().encode())
+                self._proc.stdin.close()
+            try:
+                self._sock = self._accept_worker(lsock, token)
+            except _Dead:
+                raise self._crashed("start-up") from None
+        except BaseException:
+            if self._proc is not None or self._mm is not None:
+                self._teardown(kill=True)
+            raise
+        finally:
+            lsock.close()
+            self._unlink_shm()  # the worker has mapped it (or is gone)
+        self._handshake_or_teardown()
+
+    def _accept_worker(self, lsock: socket.socket, token: bytes) -> socket.socket:
+        """The first connection on `lsock` that sends `token`; others are dropped."""
+        deadline = time.monotonic() + self._handshake_timeout
+        lsock.settimeout(0.1)
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                raise _Dead()
+            if time.monotonic() > deadline:
+                raise WorkerError(
+                    "The enclave worker under Gramine did not connect in time.", E_INTERNAL, True
+                )
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            try:
+                conn.settimeout(5.0)
+                got = b""
+                while len(got) < len(token):
+                    part = conn.recv(len(token) - len(got))
+                    if not part:
+                        break
+                    got += part
+            except OSError:
+                got = b""
+            if hmac.compare_digest(got, token):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return conn
+            conn.close()
+
+    def _unlink_shm(self) -> None:
+        path, self._shm_path = self._shm_path, None
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def _handshake(self) -> None:
         assert self._sock is not None and self._mm is not None
@@ -434,6 +579,7 @@ class WorkerClient:
         pubkey = r.take(32)
         binsha = r.take(32).hex()
         secmem = r.str_()
+        reported = r.str_() if r.i < len(r.p) else "native"
         if version != PROTOCOL_VERSION:
             raise WorkerError(
                 f"The enclave worker speaks protocol {version}, this ennclave speaks "
@@ -441,15 +587,24 @@ class WorkerClient:
                 E_PROTOCOL,
                 True,
             )
-        self.hello = Hello(version, pubkey, binsha, secmem)
+        if reported != self._platform:
+            raise WorkerError(
+                f"The enclave worker runs on {reported}, not on the {self._platform} asked for; "
+                "check the Gramine install and the worker binary.",
+                E_PROTOCOL,
+                True,
+            )
+        self.hello = Hello(version, pubkey, binsha, secmem, reported)
 
         # Freshness/evidence round trip (a key server checks this; locally we only
         # check that the worker answers for the key it announced).
         nonce = secrets.token_bytes(32)
-        _kind, report = self._evidence(nonce)
+        kind, report = self._evidence(nonce)
         expect = hashlib.sha256(
             b"ennclave evidence v1\x00" + nonce + pubkey + bytes.fromhex(binsha)
         ).digest()
+        if kind == "sgx-dcap-v3" and self._platform == "gramine-sgx":  # untested on SGX
+            report = _sgx_report_data(report)[:32] if _sgx_binds(report, expect) else b""
         if report != expect:
             raise WorkerError(
                 "The enclave worker's evidence does not match; reinstall ennclave.",
@@ -549,6 +704,7 @@ class WorkerClient:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+        self._unlink_shm()
         self._ready = None
         self._finalizer.detach()
         return rc
@@ -641,7 +797,7 @@ class WorkerClient:
             self._sock.sendall(frame)
         except OSError:
             raise _Dead() from None
-        if self._db is not None:  # serving: the idle worker sleeps on the doorbell
+        if self._db is not None and self._ring:  # serving: the idle worker sleeps on the doorbell
             self._db.ring()
 
     def _fill(self, need: int, spin_s: float = 0.0) -> None:
@@ -947,11 +1103,29 @@ class WorkerClient:
         return f"WorkerClient(binary={str(self._binary)!r}, pid={self.pid})"
 
 
+def _sgx_report_data(quote: bytes) -> bytes:
+    """The REPORT_DATA of an SGX quote (no signature check: the key server verifies the
+    quote; the host only checks the binding). Untested on SGX hardware."""
+    from ..attest import dcap
+
+    return bytes(
+        dcap.EnclaveReport.parse(dcap.parse_quote(quote, allow_trailing=True).body).report_data
+    )
+
+
+def _sgx_binds(quote: bytes, h: bytes) -> bool:
+    try:
+        return hmac.compare_digest(_sgx_report_data(quote), h + bytes(32))
+    except Exception:
+        return False
+
+
 class _Dead(Exception):
     """The control channel broke: the worker is gone."""
 
 
 __all__ = [
+    "PLATFORMS",
     "CachedKey",
     "Hello",
     "KeyNotFound",
