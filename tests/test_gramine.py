@@ -171,6 +171,7 @@ def test_worker_refuses_gramine_platform_outside_gramine(tmp_path):
     assert b"not running under Gramine" in r.stderr
 
 
+@needs_worker
 def test_gramine_sgx_needs_sgx_hardware(tmp_path):
     if gramine.SGX_DEVICE.exists():
         pytest.skip("this machine has SGX; gramine-sgx is untested here")

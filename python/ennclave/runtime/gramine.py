@@ -32,8 +32,12 @@ PREFIX = Path("/opt/gramine")
 TEMPLATE = Path(__file__).with_name(BINARY_NAME + ".manifest.template")
 MANIFEST = BINARY_NAME + ".manifest"
 ARCH_LIBDIR = "/lib/x86_64-linux-gnu"
-DEFAULTS = {"log_level": "error", "enclave_size": "1G", "max_threads": 32}
+MAX_THREADS = 32  # the manifest's default sgx.max_threads
+DEFAULTS = {"log_level": "error", "enclave_size": "1G", "max_threads": MAX_THREADS}
 SGX_DEVICE = Path("/dev/sgx_enclave")
+# Executor threads the host asks for by default under Gramine: the manifest's default
+# max_threads less the main thread and Gramine's own helpers.
+WORKER_THREADS_MAX = MAX_THREADS - 4
 
 
 class GramineError(EnnclaveError):
@@ -89,9 +93,9 @@ def write_manifest(
     out_dir: str | os.PathLike[str],
     binary: str | os.PathLike[str],
     *,
-    log_level: str = DEFAULTS["log_level"],
-    enclave_size: str = DEFAULTS["enclave_size"],
-    max_threads: int = DEFAULTS["max_threads"],
+    log_level: str = "error",
+    enclave_size: str = "1G",
+    max_threads: int = MAX_THREADS,
 ) -> Path:
     """Copy the worker binary into `out_dir` and render its manifest there with
     gramine-manifest (which hashes the trusted files now). Returns the manifest path."""

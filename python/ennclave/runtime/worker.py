@@ -495,7 +495,8 @@ class WorkerClient:
                 "--max-batch",
                 str(self._max_batch),
                 "--threads",
-                str(self._threads),
+                # SGX has a fixed number of thread slots (the manifest's max_threads).
+                str(self._threads or min(os.cpu_count() or 1, gramine.WORKER_THREADS_MAX)),
                 "--idle-check-ms",
                 str(self._idle_check_ms),
             ]
