@@ -204,11 +204,12 @@ def test_mrenclave_is_deterministic_and_follows_the_binary(gramine_dir, tmp_path
     gramine.write_manifest(other, changed)
     assert gramine.measure(other)["mr_enclave"] != first
     # The command prints the same value.
-    r = subprocess.run(
-        [sys.executable, "-m", "ennclave", "measure", str(again), "--json"],
+    r = subprocess.run(  # a relative DIR, as an owner would type it
+        [sys.executable, "-m", "ennclave", "measure", "again", "--json"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["mr_enclave"] == first

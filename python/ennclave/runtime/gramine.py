@@ -155,7 +155,7 @@ def sign(manifest_dir: str | os.PathLike[str], key: str | os.PathLike[str] | Non
     """Sign the directory's manifest (gramine-sgx-sign, date 0000-00-00 so the output is
     the same every day) with `key`, or with a throw-away key when none is given (the
     MRENCLAVE does not depend on the key; MRSIGNER does). Returns the .sig path."""
-    d = Path(manifest_dir)
+    d = Path(manifest_dir).resolve()
     if not (d / MANIFEST).is_file():
         raise GramineError(f"{d} has no {MANIFEST}; write it with `ennclave gramine {d}` first.")
     signer = need_tool("gramine-sgx-sign")
@@ -192,7 +192,7 @@ def measure(
     sig = sign(manifest_dir, key)
     out = _run(
         [str(need_tool("gramine-sgx-sigstruct-view")), "--output-format", "json", str(sig)],
-        Path(manifest_dir),
+        sig.parent,
         "gramine-sgx-sigstruct-view",
     )
     try:
