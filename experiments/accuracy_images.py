@@ -38,6 +38,7 @@ from common import (
     fashion_mnist,
     mean_std,
     mnist5k,
+    progress,
     record,
     split_and_run,
     stratified_split,
@@ -122,24 +123,24 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix=f"ennclave-acc-{args.task}-"))
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
-    for seed in range(args.runs):
-        for config in CONFIGS:
-            model = build(seed)
-            if config != "scratch":
-                for n in BACKBONE:
-                    model.get_layer(n).set_weights(pretrained[n])
-            if config == "frozen_head":
-                for n in BACKBONE:
-                    model.get_layer(n).trainable = False
-            epochs = compile_fit(model, d["x"], d["y"], args.epochs, early=not args.smoke)
-            r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
-            r.update(seed=seed, epochs_trained=epochs)
-            runs[config].append(r)
-            print(
-                f"{args.task} seed {seed} {config}: worker acc {r['worker_accuracy']:.4f} "
-                f"(cut {r['cut']['name']}, {r['enclave_params']:,} enclave params)",
-                flush=True,
-            )
+    jobs = [(seed, config) for seed in range(args.runs) for config in CONFIGS]
+    for seed, config in progress(jobs, f"{args.task}: train, split, run"):
+        model = build(seed)
+        if config != "scratch":
+            for n in BACKBONE:
+                model.get_layer(n).set_weights(pretrained[n])
+        if config == "frozen_head":
+            for n in BACKBONE:
+                model.get_layer(n).trainable = False
+        epochs = compile_fit(model, d["x"], d["y"], args.epochs, early=not args.smoke)
+        r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
+        r.update(seed=seed, epochs_trained=epochs)
+        runs[config].append(r)
+        print(
+            f"{args.task} seed {seed} {config}: worker acc {r['worker_accuracy']:.4f} "
+            f"(cut {r['cut']['name']}, {r['enclave_params']:,} enclave params)",
+            flush=True,
+        )
 
     summary = {
         c: {

@@ -43,6 +43,7 @@ from common import (
     early_stopping,
     glove,
     mean_std,
+    progress,
     record,
     rotten_tomatoes,
     split_and_run,
@@ -150,48 +151,48 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix=f"ennclave-acc-{args.task}-"))
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
-    for seed in range(args.runs):
-        for config in CONFIGS:
-            model = build(seed, vocab_size, seq_len)
-            if config != "scratch":
-                model.get_layer("glove").set_weights([d["matrix"]])
-            if config == "frozen_head":
-                model.get_layer("glove").trainable = False
-            model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-            hist = model.fit(
-                d["x"],
-                d["y"],
-                epochs=args.epochs,
-                batch_size=64,
-                validation_split=0.0 if args.smoke else 0.1,
-                callbacks=[] if args.smoke else [early_stopping(PATIENCE)],
-                verbose=0,
-            )
-            if config == "frozen_head":
-                r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
-                r["enclavable"] = True
-                r["accuracy"] = r["worker_accuracy"]
-            else:
-                from ennclave.adapters import load_model
-                from ennclave.plan import make_plan
+    jobs = [(seed, config) for seed in range(args.runs) for config in CONFIGS]
+    for seed, config in progress(jobs, f"{args.task}: train, split, run"):
+        model = build(seed, vocab_size, seq_len)
+        if config != "scratch":
+            model.get_layer("glove").set_weights([d["matrix"]])
+        if config == "frozen_head":
+            model.get_layer("glove").trainable = False
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        hist = model.fit(
+            d["x"],
+            d["y"],
+            epochs=args.epochs,
+            batch_size=64,
+            validation_split=0.0 if args.smoke else 0.1,
+            callbacks=[] if args.smoke else [early_stopping(PATIENCE)],
+            verbose=0,
+        )
+        if config == "frozen_head":
+            r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
+            r["enclavable"] = True
+            r["accuracy"] = r["worker_accuracy"]
+        else:
+            from ennclave.adapters import load_model
+            from ennclave.plan import make_plan
 
-                path = work / f"{config}-{seed}.keras"
-                model.save(path)
-                plan = make_plan(load_model(path))
-                rep = plan.cut_points[0]
-                acc = float(np.mean(model.predict(d["xt"], verbose=0).argmax(1) == d["yt"]))
-                r = {
-                    "enclavable": False,
-                    "why_not": "every layer is private, so the enclave would need the Embedding "
-                    "lookup on int32 token ids; the enclave takes float32 and has no Embedding op",
-                    "accuracy": acc,
-                    "keras_accuracy": acc,
-                    "enclave_params": int(rep.enclave_params),
-                    "enclave_mib": rep.enclave_bytes / 2**20,
-                }
-            r.update(seed=seed, epochs_trained=len(hist.history["loss"]))
-            runs[config].append(r)
-            print(f"{args.task} seed {seed} {config}: acc {r['accuracy']:.4f}", flush=True)
+            path = work / f"{config}-{seed}.keras"
+            model.save(path)
+            plan = make_plan(load_model(path))
+            rep = plan.cut_points[0]
+            acc = float(np.mean(model.predict(d["xt"], verbose=0).argmax(1) == d["yt"]))
+            r = {
+                "enclavable": False,
+                "why_not": "every layer is private, so the enclave would need the Embedding "
+                "lookup on int32 token ids; the enclave takes float32 and has no Embedding op",
+                "accuracy": acc,
+                "keras_accuracy": acc,
+                "enclave_params": int(rep.enclave_params),
+                "enclave_mib": rep.enclave_bytes / 2**20,
+            }
+        r.update(seed=seed, epochs_trained=len(hist.history["loss"]))
+        runs[config].append(r)
+        print(f"{args.task} seed {seed} {config}: acc {r['accuracy']:.4f}", flush=True)
 
     summary = {
         c: {

@@ -272,3 +272,12 @@ def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray,
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(y))
     return idx[n_test:], idx[:n_test]
+
+
+def progress(items: list[Any], what: str) -> Any:
+    """Iterate `items` under a progress bar on stderr (each item takes seconds to
+    minutes); the per-item result lines printed inside the loop appear above it."""
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, description=what, console=Console(stderr=True), transient=True)

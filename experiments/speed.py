@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from common import RESULTS, record, timeit_interleaved, write_json
+from common import RESULTS, progress, record, timeit_interleaved, write_json
 
 BATCHES = (1, 64)
 TEXT_VOCAB, TEXT_LEN = 20000, 48
@@ -118,7 +118,7 @@ def measure(kind: str, seconds: float, work: Path, smoke: bool = False) -> list[
     cut_points = plan.cut_points
     if smoke:  # the input, the first layer and the last cut are enough to exercise the code
         cut_points = [cut_points[0], cut_points[1], cut_points[-1]]
-    for rep in cut_points:
+    for rep in progress(cut_points, f"{kind}: split and time each cut"):
         pos = next(c.position for c in _cuts(adapter) if c.index == rep.index)
         base = {
             "model": kind,

@@ -222,7 +222,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     with console.status("Loading the model…"):
         adapter = load_model(args.model, shapes)
     _check_top_k(policy, adapter)
-    with console.status("Cutting, lowering and verifying the split…"):
+    with console.status("Cutting, lowering and verifying the split…") as status:
         result = split_model(
             adapter,
             args.cut,
@@ -235,6 +235,7 @@ def cmd_split(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             keyserver=args.keyserver,
             keyserver_token=owner_token(args),
+            progress=lambda text: status.update(escape(text)),
         )
     print_verification(result.verification, console)
     c = result.cut

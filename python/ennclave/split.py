@@ -7,6 +7,7 @@ when everything (verification included) succeeded, so a failed split leaves noth
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,19 +56,23 @@ def split_model(
     keyserver: str | None = None,
     keyserver_token: str | None = None,
     keyserver_policy: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> SplitResult:
     """Split `model` at `cut` (name, index or "auto") into the bundle `out_dir`.
 
     With `keyserver` (URL) the data key is registered on the owner's key server (owner
     token: `keyserver_token` or the saved owner config) and never written locally; the
-    manifest says `key_source: "keyserver"` and names the URL."""
+    manifest says `key_source: "keyserver"` and names the URL. `progress` is told each
+    step as it starts (the CLI shows it)."""
     from .keystore import Keystore
     from .seal import HEADER_BYTES, new_data_key, seal_container
 
     out = Path(out_dir)
     check_destination(out, overwrite)  # before the model is loaded: that can take seconds
     adapter = model if isinstance(model, ModelAdapter) else load_model(model)
+    step = progress or (lambda _text: None)
     point = resolve_cut(adapter, cut)
+    step(f"Lowering the private part (cut {point.index}, after {point.name!r})…")
     program = optimize(adapter.lower_private(point))
 
     with BundleWriter(out, overwrite=overwrite) as writer:
@@ -79,7 +84,9 @@ def split_model(
                 [t.to_json() for t in adapter.graph.inputs],
                 [point.tensor.to_json()],
             )
+            step("Saving the public part…")
             adapter.save_public(point, writer.dir / public.file)
+        step("Verifying the split against the original model…")
         verification = verify_split(
             adapter,
             point,
@@ -100,6 +107,7 @@ def split_model(
         writer.write_json(VERIFICATION_FILE, asdict(verification))
         if not verification.passed:
             raise VerificationError(_failure_sentence(verification))
+        step("Sealing the enclave program…")
         key, key_id = new_data_key(), secrets.token_hex(16)
         manifest = build_manifest(
             source=SourceSpec.of(adapter.path, adapter.framework),
