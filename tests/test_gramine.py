@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import ennclave
-from ennclave.errors import AuthenticationError, InputError, WorkerError
+from ennclave.errors import AuthenticationError, InputError, WorkerCrashed, WorkerError
 from ennclave.runtime import gramine
 from ennclave.runtime import worker as wmod
 from support.enclave_bundle import IN, needs_worker, reference, write_bundle
@@ -147,6 +147,19 @@ def test_host_accepts_only_the_connection_with_the_token():
         lsock.close()
         c._proc.kill()
         c._proc.wait()
+
+
+@needs_worker
+def test_a_worker_that_fails_under_gramine_says_why(gramine_dir, tmp_path):
+    """A manifest that is not ennclave's: the worker refuses to start, and the host's
+    error carries the worker's sentence (Gramine sends it to stdout)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(gramine_dir, bad)
+    m = bad / gramine.MANIFEST
+    m.write_text("".join(x for x in m.read_text().splitlines(True) if "ENNCLAVE_GRAMINE" not in x))
+    b = write_bundle(tmp_path / "b", tmp_path / "ks.json")
+    with pytest.raises(WorkerCrashed, match="the Gramine manifest is not ennclave's"):
+        ennclave.load(b.path, keystore=b.keystore, platform="gramine-direct", gramine_dir=bad)
 
 
 @needs_worker

@@ -505,7 +505,9 @@ class WorkerClient:
                     argv,
                     cwd=gdir,
                     stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
+                    # Gramine v1.9 hands the application's stderr to the host's stdout
+                    # (measured): both go to the file the crash report reads.
+                    stdout=self._stderr,
                     stderr=self._stderr,
                     close_fds=True,
                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
