@@ -54,9 +54,11 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
     inspect,
+    literal,
     select,
     text,
     update,
@@ -475,11 +477,12 @@ class Store:
         is outstanding (and valid for `key_id`), and the bundle with its data key. The
         nonce is spent later, by `grant` or `spend_nonce`, in the transaction that
         records the outcome."""
-        with self.read() as c:
-            n = c.execute(_GET_NONCE, {"n": nonce.hex()}).first()
-            r = c.execute(_GET_BUNDLE, {"k": key_id}).first()
-        rec = None if r is None else self._record(r)
-        key = b"" if r is None else self._unseal(key_id, r.sealed_key)
+        with self.read() as c:  # one statement: the nonce's columns, then the bundle's
+            r = c.execute(_OPEN_RELEASE, {"n": nonce.hex(), "k": key_id}).one()
+        n = None if r.nonce_key is None else _NonceRow(r.nonce_key, r.nonce_expires_ms)
+        found = r.key_id is not None
+        rec = self._record(r) if found else None
+        key = self._unseal(key_id, r.sealed_key) if found else b""
         return ReleaseStart(n is not None, self._nonce_valid(n, key_id), rec, key)
 
     def grant(
@@ -497,9 +500,16 @@ class Store:
         (the grant) → "granted". A refusal appends `refused[outcome]` instead;
         a grant's admission and audit row commit together or not at all."""
         with self.write() as c:
-            if nonce is not None and self._delete_nonce(c, nonce) is None:
+            known = None
+            if nonce is not None and self.postgresql:  # one round trip: spend, look up
+                spent, known = c.execute(
+                    _SPEND_AND_KNOWN, {"n": nonce.hex(), "k": key_id, "c": client_id}
+                ).one()
+            else:
+                spent = nonce is None or self._delete_nonce(c, nonce) is not None
+            if not spent:
                 outcome = "nonce_invalid"
-            elif not self._admit(c, key_id, client_id, max_clients):
+            elif not self._admit(c, key_id, client_id, max_clients, known):
                 outcome = "too_many_clients"
             else:
                 self._append_audit(c, audit)
@@ -513,8 +523,18 @@ class Store:
         with self.write() as c:
             return self._admit(c, key_id, client_id, max_clients)
 
-    def _admit(self, c: Connection, key_id: str, client_id: str, max_clients: int | None) -> bool:
-        if c.execute(_KNOWN_CLIENT, {"k": key_id, "c": client_id}).first():
+    def _admit(
+        self,
+        c: Connection,
+        key_id: str,
+        client_id: str,
+        max_clients: int | None,
+        known: bool | None = None,
+    ) -> bool:
+        """Admit `client_id` (`known`: whether it is already, if looked up)."""
+        if known is None:
+            known = c.execute(_KNOWN_CLIENT, {"k": key_id, "c": client_id}).first() is not None
+        if known:
             return True
         if max_clients is not None:
             if self.postgresql:  # new clients of one key are counted one at a time
@@ -603,17 +623,30 @@ _ISSUE_NONCE = (
     .returning(nonces_t.c.nonce)
 )
 _PURGE_NONCES = delete(nonces_t).where(nonces_t.c.expires_ms <= bindparam("now"))
-_GET_NONCE = select(nonces_t.c.key_id, nonces_t.c.expires_ms).where(
-    nonces_t.c.nonce == bindparam("n")
-)
 _SPEND_NONCE = (
     delete(nonces_t)
     .where(nonces_t.c.nonce == bindparam("n"))
     .returning(nonces_t.c.key_id, nonces_t.c.expires_ms)
 )
-_GET_BUNDLE = select(bundles_t).where(bundles_t.c.key_id == bindparam("k"))
+_ONE = select(literal(1).label("one")).subquery("one")
+_OPEN_RELEASE = select(
+    select(nonces_t.c.key_id)
+    .where(nonces_t.c.nonce == bindparam("n"))
+    .scalar_subquery()
+    .label("nonce_key"),
+    select(nonces_t.c.expires_ms)
+    .where(nonces_t.c.nonce == bindparam("n"))
+    .scalar_subquery()
+    .label("nonce_expires_ms"),
+    *bundles_t.c,
+).select_from(_ONE.outerjoin(bundles_t, bundles_t.c.key_id == bindparam("k")))
 _KNOWN_CLIENT = select(clients_t.c.client_id).where(
     clients_t.c.key_id == bindparam("k"), clients_t.c.client_id == bindparam("c")
+)
+_SPENT = _SPEND_NONCE.cte("spent")  # PostgreSQL: a DELETE in a WITH clause
+_SPEND_AND_KNOWN = select(
+    select(func.count()).select_from(_SPENT).scalar_subquery() > 0,
+    exists(_KNOWN_CLIENT),
 )
 _LOCK_BUNDLE = (
     select(bundles_t.c.key_id).where(bundles_t.c.key_id == bindparam("k")).with_for_update()
@@ -624,6 +657,12 @@ _COUNT_CLIENTS = (
 _LAST_HASH = select(audit_t.c.hash).order_by(audit_t.c.id.desc()).limit(1)
 _AUDIT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 _APPEND_AUDIT = insert(audit_t)
+
+
+@dataclass(frozen=True)
+class _NonceRow:
+    key_id: str
+    expires_ms: int
 
 
 def _now_ms() -> int:

@@ -52,7 +52,7 @@ _TRIAL_KEY = X25519PrivateKey.generate()
 @router.post("/v1/challenge", response_model=ChallengeResponse, responses=ERRORS)
 def challenge(
     body: ChallengeRequest, req: Request, nonces: NoncesDep, settings: SettingsDep
-) -> ChallengeResponse:
+) -> ChallengeResponse | JSONResponse:
     try:
         nonce = nonces.issue(body.key_id, peer(req))
     except NonceLimit as e:
@@ -65,7 +65,8 @@ def challenge(
         raise Refusal(503, "busy", "The key server has too many outstanding challenges.") from None
     except SQLAlchemyError:
         raise Refusal(503, "store_unavailable", STORE_DOWN) from None
-    return ChallengeResponse(nonce=nonce.hex(), expires_in=settings.nonce_ttl)
+    # a ChallengeResponse, sent as is
+    return JSONResponse({"nonce": nonce.hex(), "expires_in": settings.nonce_ttl})
 
 
 STORE_DOWN = "The key server's database is unavailable; try again shortly."
