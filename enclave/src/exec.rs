@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::ops::{binary, conv, conv_transpose, dense, misc, resize, slice};
+use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, resize, slice};
 use crate::program::{Error, Node, Op, Program, TensorMeta, WRef, Weights};
 use crate::secmem::SecretBuf;
 
@@ -542,6 +542,19 @@ impl State {
                 }
             }
             Op::Constant => {}
+            Op::Matmul(mm) => matmul::matmul(x(0)?, x(1)?, y, batch, mm, threads),
+            Op::Softmax { act, mask } => {
+                match mask {
+                    Some(bc) => {
+                        let (Some(b0), Some(b1)) = (bc.first(), bc.get(1)) else {
+                            return err("internal: softmax mask");
+                        };
+                        binary::binary(binary::BinKind::Add, y, (x(0)?, b0), (x(1)?, b1), nb);
+                    }
+                    None => y.copy_from_slice(x(0)?),
+                }
+                act.apply(y);
+            }
             Op::Activation(a) => {
                 y.copy_from_slice(x(0)?);
                 a.apply(y);

@@ -323,6 +323,17 @@ def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]
         return weight["value"]
     if op == "activation":
         return apply_activation(x, a["activation"])
+    if op == "matmul":
+        lhs, rhs = args
+        if a.get("transpose_a", False):
+            lhs = np.swapaxes(lhs, -1, -2)
+        if a.get("transpose_b", False):
+            rhs = np.swapaxes(rhs, -1, -2)
+        return lhs @ rhs
+    if op == "softmax":
+        if len(args) == 2:
+            x = x + args[1]
+        return apply_activation(x, {"fn": "softmax", "axis": a.get("axis", -1)})
     raise ProgramError(f"Unknown op {op!r} in node {node.name!r}.")
 
 

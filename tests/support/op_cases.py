@@ -73,6 +73,28 @@ def _squeeze_expand_ops() -> keras.Model:
     return keras.Model(inp, L.Dense(2)(x))
 
 
+def _mha(causal: bool = False, cross: bool = False) -> keras.Model:
+    inp = keras.Input((5, 8))
+    h = L.Dense(8)(inp)
+    mha = L.MultiHeadAttention(2, 4, value_dim=3, name="mha")
+    if cross:
+        other = L.Dense(6)(inp)
+        y = mha(h, other, use_causal_mask=causal)
+    else:
+        y = mha(h, h, use_causal_mask=causal)
+    return keras.Model(inp, y)
+
+
+def _encoder_block() -> keras.Model:
+    # Post-norm transformer block: attention, residual, layer norm, gelu MLP.
+    inp = keras.Input((6, 8))
+    a = L.MultiHeadAttention(2, 4)(inp, inp)
+    x = L.LayerNormalization(epsilon=1e-5)(L.Add()([inp, a]))
+    f = L.Dense(8)(L.Dense(16, activation="gelu")(x))
+    x = L.LayerNormalization(epsilon=1e-5)(L.Add()([x, f]))
+    return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+
+
 # Every activation the Keras adapter lowers.
 ACTIVATIONS = sorted(ACTIVATION_NAMES)
 
@@ -160,5 +182,19 @@ CASES: dict[str, Callable[[], keras.Model]] = {
     "erf_erfc_ops": _erf_ops,
     "squeeze_expand_dims_ops": _squeeze_expand_ops,
     "ops_with_constants": _ops_with_constants,
+    "einsum_dense_2d": lambda: _single((7,), L.EinsumDense("ab,bc->ac", 4, bias_axes="c")),
+    "einsum_dense_heads": lambda: _single(
+        (3, 6), L.EinsumDense("abc,cde->abde", (3, 2, 4), bias_axes="de", activation="relu")
+    ),
+    "einsum_dense_merge_heads": lambda: _single(
+        (3, 2, 4), L.EinsumDense("abcd,cde->abe", (3, 5), bias_axes="e")
+    ),
+    "einsum_dense_transposed_bias_seq": lambda: _single(
+        (3, 6), L.EinsumDense("abc,cd->adb", (4, 3), bias_axes="b")
+    ),
+    "einsum_dense_ellipsis": lambda: _single((3, 6), L.EinsumDense("...b,bc->...c", 4)),
+    "mha_self": _mha,
+    "mha_cross_causal": lambda: _mha(causal=True, cross=True),
+    "encoder_block": _encoder_block,
     **{f"act_{a}": (lambda a=a: _single((6,), L.Dense(5), L.Activation(a))) for a in ACTIVATIONS},
 }

@@ -8,6 +8,7 @@ pub mod binary;
 pub mod conv;
 pub mod conv_transpose;
 pub mod dense;
+pub mod matmul;
 pub mod misc;
 pub mod resize;
 pub mod slice;

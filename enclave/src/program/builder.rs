@@ -305,6 +305,12 @@ impl<'d> Builder<'d> {
         if op == "concat" {
             return self.concat(ctx, args);
         }
+        if op == "matmul" {
+            return self.matmul(ctx, args);
+        }
+        if op == "softmax" {
+            return self.softmax(ctx, args);
+        }
         // The rest take exactly one batched input.
         let unary: fn(&mut Self, &NodeCtx, &TensorMeta) -> NodeResult = match op {
             "dense" => Self::dense,

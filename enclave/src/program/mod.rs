@@ -26,12 +26,14 @@ use serde_json::Value;
 use crate::ops::binary::{Bcast, BinKind};
 use crate::ops::conv::{ConvParams, Geom};
 use crate::ops::conv_transpose::ConvTParams;
+use crate::ops::matmul::Matmul;
 use crate::ops::misc::{Pad, Reduce, Transpose};
 use crate::ops::resize::Resize;
 use crate::ops::slice::Slice;
 use crate::ops::Act;
 use crate::secmem::{Backing, SecretBuf};
 
+mod attention;
 mod builder;
 mod elementwise;
 mod json;
@@ -160,6 +162,14 @@ pub enum Op {
     },
     /// Output aliases a weight; nothing to run.
     Constant,
+    /// Product of two computed tensors, per batch × leading-axes slice.
+    Matmul(Matmul),
+    /// Softmax (`act` is an `Act::Softmax`) of x, or of x + mask (broadcasts of x and
+    /// the mask, as for `add`).
+    Softmax {
+        act: Act,
+        mask: Option<Vec<Bcast>>,
+    },
     Activation(Act),
 }
 

@@ -407,7 +407,7 @@ class _Lowerer:
                 f"Layer {node.name!r} of type {kind} cannot run in the enclave; supported "
                 f"layer types: {', '.join(SUPPORTED_LAYERS)}. Cut after it, or replace it."
             )
-        if kind not in MERGE_LAYERS and len(node.inputs) != 1:
+        if kind not in MERGE_LAYERS | {"MultiHeadAttention"} and len(node.inputs) != 1:
             # e.g. a Keras mask (Embedding(mask_zero=True)) travelling with the tensor.
             raise UnsupportedOpError(
                 f"Layer {node.name!r} ({kind}) receives {len(node.inputs)} tensors (a Keras "
@@ -755,6 +755,172 @@ class _Lowerer:
             {"axes": axes, "epsilon": float(layer.epsilon)},
             w,
         )
+
+    # -- attention -------------------------------------------------------------------
+    def _einsum_dense(
+        self,
+        x: str,
+        in_shape: tuple[int | None, ...],
+        equation: str,
+        kernel: np.ndarray,
+        bias: np.ndarray | None,
+        act: dict[str, Any] | None,
+        name: str,
+    ) -> tuple[str, tuple[int | None, ...]]:
+        """An EinsumDense equation `in,kernel->out` (batch first, kernel axes either
+        contracted with the input or new in the output) as transpose → reshape →
+        dense → reshape → transpose; returns the output and its shape."""
+        fail = UnsupportedOpError(
+            f"Layer {name!r}: einsum {equation!r} is not a dense-like pattern the enclave "
+            "lowers (batch axis first; each kernel axis contracted with the input or new "
+            "in the output; no axis shared by input, kernel and output)."
+        )
+        try:
+            lhs, out = equation.replace(" ", "").split("->")
+            ins, ks = lhs.split(",")
+        except ValueError:
+            raise fail from None
+        if "..." in ins or "..." in out:
+            free = sorted(set("abcdefghijklmnopqrstuvwxyz") - set(ins + ks + out))
+            n_ell = len(in_shape) - len(ins.replace("...", ""))
+            if n_ell < 0 or "..." in ks:
+                raise fail
+            ell = "".join(free[:n_ell])
+            ins, out = ins.replace("...", ell), out.replace("...", ell)
+        if len(ins) != len(in_shape) or len(ks) != kernel.ndim or ins[0] != out[0]:
+            raise fail
+        batch = ins[0]
+        free = [c for c in ins[1:] if c in out and c not in ks]
+        contracted = [c for c in ins[1:] if c in ks and c not in out]
+        new = [c for c in out if c in ks and c not in ins]
+        if batch in ks or len(free) + len(contracted) != len(ins) - 1:
+            raise fail
+        if set(ks) != set(contracted) | set(new) or sorted(out) != sorted([batch, *free, *new]):
+            raise fail
+        dims = dict(zip(ins, in_shape, strict=True))
+        dims.update(zip(ks, kernel.shape, strict=True))
+        cur = x
+        perm = [0] + [ins.index(c) for c in free] + [ins.index(c) for c in contracted]
+        if perm != list(range(len(ins))):
+            cur = self.builder.add("transpose", [cur], f"{name}/in_t", {"perm": perm})
+        kc = math.prod(int(dims[c]) for c in contracted)
+        free_dims = [int(dims[c]) for c in free]
+        if len(contracted) != 1 or perm != list(range(len(ins))):
+            cur = self.builder.add("reshape", [cur], f"{name}/in_r", {"shape": [*free_dims, kc]})
+        kt = np.transpose(kernel, [ks.index(c) for c in contracted] + [ks.index(c) for c in new])
+        kn = math.prod(int(dims[c]) for c in new)
+        w: dict[str, np.ndarray] = {"kernel": kt.reshape(kc, kn)}
+        new_dims = [int(dims[c]) for c in new]
+        order = [batch, *free, *new]  # the dense result's axes
+        extra_bias = None
+        if bias is not None:
+            out_dims = [int(dims[c]) for c in out[1:]]
+            full = np.broadcast_to(bias, out_dims)  # Keras aligns the bias to the last axes
+            full = np.transpose(full, [out[1:].index(c) for c in order[1:]])
+            per_new = full.reshape(-1, kn)
+            if np.all(per_new == per_new[:1]):
+                w["bias"] = per_new[0]
+            else:
+                extra_bias = np.ascontiguousarray(full)
+        attrs = {"activation": act} if act and extra_bias is None else {}
+        cur = self.builder.add("dense", [cur], name, attrs, w)
+        if len(new) != 1:
+            cur = self.builder.add(
+                "reshape", [cur], f"{name}/out_r", {"shape": free_dims + new_dims}
+            )
+        if extra_bias is not None:
+            cur = self.builder.add(
+                "add", [cur, self.builder.constant(f"{name}/bias", extra_bias)], f"{name}/bias_add"
+            )
+            if act:
+                cur = self.builder.add("activation", [cur], f"{name}/act", {"activation": act})
+        out_perm = [order.index(c) for c in out]
+        if out_perm != list(range(len(out))):
+            cur = self.builder.add("transpose", [cur], f"{name}/out_t", {"perm": out_perm})
+        return cur, (None, *[int(dims[c]) for c in out[1:]])
+
+    def _einsum_layer(
+        self, x: str, shape: tuple[int | None, ...], layer: Any, name: str, scale: float = 1.0
+    ) -> tuple[str, tuple[int | None, ...]]:
+        kernel = _to_numpy(layer.kernel) * np.float32(scale)
+        bias = _to_numpy(layer.bias) * np.float32(scale) if layer.bias is not None else None
+        act = _activation_of(getattr(layer, "activation", None), name)
+        return self._einsum_dense(x, shape, layer.equation, kernel, bias, act, name)
+
+    @LAYERS.register("EinsumDense")
+    def lower_EinsumDense(self, node: Node, layer: Any) -> str:
+        out, _ = self._einsum_layer(self._in(node), self._shape(node), layer, node.name)
+        return out
+
+    @LAYERS.register("MultiHeadAttention")
+    def lower_MultiHeadAttention(self, node: Node, layer: Any) -> str:
+        rec = self.records.get(node.name)
+        if rec is None:
+            raise UnsupportedOpError(f"Layer {node.name!r}: no call record.")
+        args, kwargs = list(rec.arguments.args), dict(rec.arguments.kwargs)
+        names = ["query", "value", "key"]
+        call = dict(zip(names, args, strict=False))
+        for k in names:
+            if k in kwargs:
+                call[k] = kwargs.pop(k)
+        causal = bool(kwargs.pop("use_causal_mask", False))
+        kwargs.pop("training", None)
+        if kwargs.pop("return_attention_scores", False):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} returns its attention scores; the enclave returns one "
+                "tensor, so cut after it."
+            )
+        if (
+            any(v is not None for v in kwargs.values())
+            or "query" not in call
+            or "value" not in call
+        ):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} (MultiHeadAttention) is called with "
+                f"{sorted(k for k, v in kwargs.items() if v is not None)}; the enclave lowers "
+                "query, value, key and use_causal_mask only (an attention_mask tensor cannot "
+                "cross into the enclave)."
+            )
+        if getattr(layer, "_use_gate", False) or getattr(layer, "_sliding_window", None):
+            raise UnsupportedOpError(f"Layer {node.name!r}: gated or sliding-window attention.")
+        call.setdefault("key", call["value"])
+
+        def tensor(k: str) -> tuple[str, tuple[int | None, ...]]:
+            t = call[k]
+            for i, tid in enumerate(rec.input_ids):
+                if tid == id(t):
+                    return self._in(node, i), self._shape(node, i)
+            raise UnsupportedOpError(f"Layer {node.name!r}: its {k} is not a graph tensor.")
+
+        (q, qs), (k, ks), (v, vs) = tensor("query"), tensor("key"), tensor("value")
+        if len(qs) != 3 or len(ks) != 3 or tuple(layer._attention_axes) != (1,):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r}: MultiHeadAttention is lowered for [batch, seq, features] "
+                "inputs attending over the sequence axis only."
+            )
+        n = node.name
+        scale = float(layer._inverse_sqrt_key_dim)
+        q, q4 = self._einsum_layer(q, qs, layer._query_dense, f"{n}/query", scale)
+        k, _ = self._einsum_layer(k, ks, layer._key_dense, f"{n}/key")
+        v, _ = self._einsum_layer(v, vs, layer._value_dense, f"{n}/value")
+        heads_first = {"perm": [0, 2, 1, 3]}
+        q = self.builder.add("transpose", [q], f"{n}/q_heads", heads_first)
+        k = self.builder.add("transpose", [k], f"{n}/k_heads", heads_first)
+        v = self.builder.add("transpose", [v], f"{n}/v_heads", heads_first)
+        scores = self.builder.add("matmul", [q, k], f"{n}/scores", {"transpose_b": True})
+        sm_in = [scores]
+        if causal:
+            t, s = int(qs[1]), int(vs[1])
+            mask = np.where(np.tril(np.ones((t, s), bool)), 0.0, -1e9).astype(np.float32)
+            sm_in.append(self.builder.constant(f"{n}/causal_mask", mask))
+        probs = self.builder.add("softmax", sm_in, f"{n}/softmax", {"axis": -1})
+        ctx = self.builder.add("matmul", [probs, v], f"{n}/context")
+        ctx = self.builder.add("transpose", [ctx], f"{n}/context_t", heads_first)
+        heads, dv = int(q4[2]), int(_to_numpy(layer._value_dense.kernel).shape[-1])
+        out, _ = self._einsum_layer(
+            ctx, (None, int(qs[1]), heads, dv), layer._output_dense, f"{n}/output"
+        )
+        return out
 
     # -- merging ---------------------------------------------------------------------
     def _operands(self, node: Node) -> list[str]:
