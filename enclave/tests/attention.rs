@@ -65,8 +65,7 @@ fn masked_attention_matches_naive() {
 
 fn load_err(json: &str, ws: &[W]) -> String {
     Program::from_container(&container(json, ws))
-        .err()
-        .expect("must be rejected")
+        .expect_err("must be rejected")
         .0
 }
 
