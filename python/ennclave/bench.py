@@ -50,8 +50,14 @@ def random_input(spec: dict[str, Any], n: int, rng: np.random.Generator) -> np.n
 
 
 def _times(
-    fn: Callable[[], Any], seconds: float, tick: Callable[[float], None], min_runs: int = 5
+    fn: Callable[[], Any],
+    seconds: float,
+    tick: Callable[[float], None],
+    min_runs: int = 5,
+    max_runs: int | None = None,
 ) -> list[float]:
+    """Call `fn` for `seconds` (at least `min_runs` times, at most `max_runs`, after one
+    warm-up call) and return each call's duration."""
     fn()  # warm-up
     out: list[float] = []
     start = time.perf_counter()
@@ -62,8 +68,21 @@ def _times(
         now = time.perf_counter()
         out.append(now - t)
         tick(min(now - start, seconds))
+        if max_runs is not None and len(out) >= max_runs:
+            return out
         if now >= end and len(out) >= min_runs:
             return out
+
+
+def _query_allowance(model: Any, phases: int) -> int | None:
+    """Samples one timing phase may send when the bundle has a query budget: half of
+    what is left, shared by all phases, so that benchmarking never uses it up (the
+    budget is the owner's, and it does not come back)."""
+    budget = model.output_policy.get("max_queries")
+    if not budget:
+        return None
+    left = int(budget) - int(model.ping().get("queries_used", 0))
+    return max(left // 2 // phases, 0)
 
 
 def machine() -> str:
@@ -109,9 +128,12 @@ def bench_bundle(
             progress.update(task, advance=1, info=f"ready in {start_ms:.0f} ms")
             public = model._public
             done = 1.0
+            allowance = _query_allowance(model, 2 * len(batch_sizes))
             for b in batch_sizes:
                 x = random_input(model.input_spec, b, rng)
                 base = done
+                # Calls this batch size may make per phase (the warm-up call counts).
+                cap = None if allowance is None else max(allowance // b - 1, 1)
 
                 def tick(s: float, b: int = b, base: float = base) -> None:
                     progress.update(task, completed=base + s, description=f"batch {b}")
@@ -120,6 +142,7 @@ def bench_bundle(
                     lambda x=x, b=b: model.predict(x, batch_size=b),
                     seconds,
                     lambda s, tick=tick: tick(s / 2),
+                    max_runs=cap,
                 )
                 h = public(x) if public is not None else x
                 pub = (
@@ -131,6 +154,7 @@ def bench_bundle(
                     lambda h=h: model.worker.infer(h),
                     seconds / 4,
                     lambda s, tick=tick: tick(seconds / 2 + 2 * s),
+                    max_runs=cap,
                 )
                 done = base + 2 * seconds
                 med = statistics.median(e2e)
@@ -143,6 +167,8 @@ def bench_bundle(
                     "samples_per_s": b / med,
                     "public_ms": 1e3 * statistics.median(pub),
                     "enclave_ms": 1e3 * statistics.median(enc),
+                    # Fewer calls than the time allowed: the bundle's query budget.
+                    "capped_by_query_budget": cap is not None and len(e2e) >= cap,
                 }
                 results.append(row)
                 progress.update(
@@ -196,3 +222,9 @@ def print_bench(rec: dict[str, Any], console: Console) -> None:
             f"{r['enclave_ms']:.3f} ms",
         )
     console.print(table)
+    if any(r.get("capped_by_query_budget") for r in rec["results"]):
+        console.print(
+            "note: the bundle has a query budget, so bench sent at most half of what was "
+            "left and some batch sizes made fewer calls than the time allowed.",
+            markup=False,
+        )
