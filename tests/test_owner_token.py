@@ -50,3 +50,31 @@ def test_token_from_file_env_or_argv(lone_server, tmp_path, monkeypatch, capsys)
 
     assert main(["keys", "list", *url, "--token", lone_server.token]) == 0
     assert "visible to other users" in capsys.readouterr().err
+
+
+def test_hardware_policy_flags_reach_the_key(lone_server, tmp_path, capsys):
+    """`keys policy` pins measurements per kind; the server keeps them in the key's
+    policy sections (attest/policy.py decides releases with them)."""
+    import json
+
+    from ennclave.cli import main
+    from support.enclave_bundle import write_bundle
+
+    token = tmp_path / "owner.token"
+    token.write_text(lone_server.token)
+    auth = ["--keyserver", lone_server.url, "--token-file", str(token)]
+    b = write_bundle(tmp_path / "b", tmp_path / "ks.json", licence="required")
+    assert main(["keys", "register", str(b.path), "--keystore", str(b.keystore), *auth]) == 0
+    mrtd, rtmr, meas = "ab" * 48, "cd" * 48, "EF" * 48
+    argv = ["keys", "policy", b.key_id, *auth, "--tdx-mrtd", mrtd, "--tdx-rtmr", f"2={rtmr}"]
+    argv += ["--snp-measurement", meas, "--accept-tcb", "SWHardeningNeeded"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["keys", "show", b.key_id, "--json", *auth]) == 0
+    out = capsys.readouterr().out
+    policy = json.loads(out[out.index("{") :])["policy"]
+    assert policy["tdx"]["mrtds"] == [mrtd] and policy["tdx"]["rtmrs"] == {"2": rtmr}
+    assert policy["snp"]["measurements"] == [meas.lower()]
+    assert "SWHardeningNeeded" in policy["sgx"]["accepted_tcb_statuses"]
+    assert not policy["tdx"].get("allow_debug")  # debug stays forbidden
+    assert main(["keys", "policy", b.key_id, *auth, "--tdx-rtmr", "7=00"]) == 2

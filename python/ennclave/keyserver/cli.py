@@ -126,7 +126,34 @@ def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, name)
         if v:
             ch[name] = v
+    ch.update(_hardware_policy(args))
     return ch
+
+
+def _hardware_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-kind sections (`sgx`, `tdx`, `snp`; docs/attestation.md) the flags set; the
+    server merges each section field by field into the key's policy."""
+    sgx: dict[str, Any] = {}
+    tdx: dict[str, Any] = {}
+    snp: dict[str, Any] = {}
+    if getattr(args, "min_isv_svn", None) is not None:
+        sgx["min_isv_svn"] = args.min_isv_svn
+    if getattr(args, "tdx_mrtds", None):
+        tdx["mrtds"] = [h.lower() for h in args.tdx_mrtds]
+    for item in getattr(args, "tdx_rtmrs", None) or []:
+        index, sep, value = item.partition("=")
+        if not sep or index not in ("0", "1", "2", "3") or not value:
+            raise InputError(f"--tdx-rtmr {item!r} is not N=HEX with N from 0 to 3.")
+        tdx.setdefault("rtmrs", {})[index] = value.lower()
+    if getattr(args, "snp_measurements", None):
+        snp["measurements"] = [h.lower() for h in args.snp_measurements]
+    if getattr(args, "snp_min_guest_svn", None) is not None:
+        snp["min_guest_svn"] = args.snp_min_guest_svn
+    if getattr(args, "accept_tcb", None):
+        statuses = ["UpToDate", *[t for t in args.accept_tcb if t != "UpToDate"]]
+        sgx["accepted_tcb_statuses"] = statuses
+        tdx["accepted_tcb_statuses"] = statuses
+    return {k: v for k, v in (("sgx", sgx), ("tdx", tdx), ("snp", snp)) if v}
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -264,6 +291,42 @@ def _policy_opts(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="HEX",
         help="accept only SGX enclaves signed by this MRSIGNER (repeatable)",
+    )
+    p.add_argument(
+        "--min-isv-svn", type=int, metavar="N", help="SGX: lowest ISVSVN accepted by MRSIGNER"
+    )
+    p.add_argument(
+        "--tdx-mrtd",
+        dest="tdx_mrtds",
+        action="append",
+        metavar="HEX",
+        help="accept only TDs with this MRTD (repeatable; none pinned: TDX refused)",
+    )
+    p.add_argument(
+        "--tdx-rtmr",
+        dest="tdx_rtmrs",
+        action="append",
+        metavar="N=HEX",
+        help="TDX: RTMR N (0-3) must equal HEX (repeatable)",
+    )
+    p.add_argument(
+        "--snp-measurement",
+        dest="snp_measurements",
+        action="append",
+        metavar="HEX",
+        help="accept only SEV-SNP guests with this launch MEASUREMENT (repeatable; none "
+        "pinned: SEV-SNP refused)",
+    )
+    p.add_argument(
+        "--snp-min-guest-svn", type=int, metavar="N", help="SEV-SNP: lowest GUEST_SVN accepted"
+    )
+    p.add_argument(
+        "--accept-tcb",
+        dest="accept_tcb",
+        action="append",
+        metavar="STATUS",
+        help="SGX/TDX: a TCB level to accept besides UpToDate, e.g. SWHardeningNeeded "
+        "(repeatable); debug enclaves and TDs stay refused unless --set allows them",
     )
     p.add_argument("--set", metavar="JSON", help="policy fields as a JSON object")
 
