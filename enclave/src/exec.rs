@@ -542,6 +542,10 @@ impl State {
                 }
             }
             Op::Constant => {}
+            Op::Gather(g) => {
+                matmul::gather(x(0)?, w(g.table), y, g)
+                    .map_err(|e| Error(format!("node {:?}: {e}", node.name)))?;
+            }
             Op::Matmul(mm) => matmul::matmul(x(0)?, x(1)?, y, batch, mm, threads),
             Op::Softmax { act, mask } => {
                 match mask {

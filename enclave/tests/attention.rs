@@ -116,3 +116,31 @@ fn softmax_mask_may_not_change_the_shape() {
     let e = load_err(json, &[w("mask", &[2, 3], vec![0.0; 6])]);
     assert!(e.contains("may not change x's shape"), "{e}");
 }
+
+#[test]
+fn gather_checks_every_id() {
+    let json = r#"{"format": "ennclave-program", "version": 1,
+  "inputs": [{"name": "x", "shape": [null, 3], "dtype": "int32"}],
+  "outputs": [{"name": "y", "shape": [null, 3, 2]}],
+  "nodes": [{"name": "emb", "op": "gather", "inputs": ["x"], "outputs": ["y"], "weights": {"table": "t"}}]}"#;
+    let table: Vec<f32> = (0..8).map(|v| v as f32).collect();
+    let c = container(json, &[w("t", &[4, 2], table)]);
+    let got = run(&c, &[3.0, 0.0, 1.0, 2.0, 2.0, 3.0], 2, 1);
+    assert_eq!(got, [6., 7., 0., 1., 2., 3., 4., 5., 4., 5., 6., 7.]);
+    let p = Program::from_container(&c).unwrap();
+    let mut ex = ennclave_enclave::exec::Executor::new(&p, 2, 1).unwrap();
+    let mut out = vec![0.0; 12];
+    for bad in [4.0, -1.0, 1.5, f32::NAN] {
+        let e = ex
+            .run(&[0.0, 1.0, 2.0, 3.0, bad, 0.0], 2, &mut out)
+            .expect_err("bad id");
+        assert!(
+            e.0.contains("(sample 1, position 1) is not an integer in 0..4"),
+            "{e}"
+        );
+    }
+    ex.run(&[0.0, 1.0, 2.0, 3.0, 0.0, 0.0], 2, &mut out)
+        .unwrap();
+    let bad = json.replace("int32", "int8");
+    assert!(load_err(&bad, &[w("t", &[4, 2], vec![0.0; 8])]).contains("float32 (or int32/int64)"));
+}

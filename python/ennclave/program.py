@@ -30,7 +30,7 @@ ACTIVATIONS = (
 
 OPS = (
     "dense conv conv_transpose pool global_pool reduce pad reshape transpose slice resize "
-    "scale_shift layer_norm add sub mul div max min pow concat constant activation matmul softmax"
+    "scale_shift layer_norm add sub mul div max min pow concat constant activation matmul softmax gather"
 ).split()
 
 

@@ -330,6 +330,16 @@ def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]
         if a.get("transpose_b", False):
             rhs = np.swapaxes(rhs, -1, -2)
         return lhs @ rhs
+    if op == "gather":
+        table = weight["table"]
+        ok = (x >= 0) & (x < table.shape[0]) & (x == np.floor(x))
+        if not ok.all():
+            bad = x[~ok].flat[0]
+            raise ProgramError(
+                f"Node {node.name!r}: id {bad} is not an integer in 0..{table.shape[0]} "
+                "(the rows of its table)."
+            )
+        return table[x.astype(np.int64)]
     if op == "softmax":
         if len(args) == 2:
             x = x + args[1]

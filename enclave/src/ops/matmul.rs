@@ -30,6 +30,35 @@ impl Matmul {
     }
 }
 
+/// An embedding lookup: `rows` rows of `row_len` floats at `table`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gather {
+    /// Ids per sample.
+    pub ids: usize,
+    pub rows: usize,
+    pub row_len: usize,
+    pub table: crate::program::WRef,
+}
+
+/// `y[i] = table[ids[i]]` for every id (float32 values that must be integers in
+/// `0..rows`); the first id that is not gives an error naming it and its place.
+pub fn gather(ids: &[f32], table: &[f32], y: &mut [f32], g: &Gather) -> Result<(), String> {
+    let d = g.row_len;
+    for (i, (&v, out)) in ids.iter().zip(y.chunks_exact_mut(d.max(1))).enumerate() {
+        if !(v >= 0.0 && v < g.rows as f32 && v.fract() == 0.0) {
+            return Err(format!(
+                "id {v} (sample {}, position {}) is not an integer in 0..{} (the rows of its table)",
+                i / g.ids.max(1),
+                i % g.ids.max(1),
+                g.rows
+            ));
+        }
+        let r = v as usize;
+        out.copy_from_slice(&table[r * d..(r + 1) * d]);
+    }
+    Ok(())
+}
+
 /// `y = a · b` for `batch` samples (shapes validated by `program`).
 pub fn matmul(a: &[f32], b: &[f32], y: &mut [f32], batch: usize, mm: &Matmul, threads: usize) {
     let (la, lb, ly) = mm.lens();

@@ -1,5 +1,5 @@
 //! Attention building blocks: `matmul` of two computed tensors and `softmax` with an
-//! optional additive mask.
+//! optional additive mask, and `gather` (embedding lookup).
 
 use serde_json::Value;
 
@@ -7,7 +7,7 @@ use super::builder::{batched, Builder, NodeCtx, NodeResult};
 use super::json::boolean;
 use super::{Op, TensorMeta};
 use crate::ops::binary::BinKind;
-use crate::ops::matmul::Matmul;
+use crate::ops::matmul::{Gather, Matmul};
 
 impl Builder<'_> {
     /// `matmul`: `[N, ..., M, K] × [N, ..., K, P] → [N, ..., M, P]`, `transpose_a` /
@@ -116,5 +116,39 @@ impl Builder<'_> {
             }
         };
         Ok((Op::Softmax { act, mask }, batched(x.dims.clone())))
+    }
+
+    /// `gather`: rows of the weight `table` `[V, D...]` picked by integer-valued ids
+    /// `[N, ...]` → `[N, ..., D...]`; ids are checked at run time.
+    pub(super) fn gather(&mut self, ctx: &NodeCtx, args: &[&TensorMeta]) -> NodeResult {
+        let [ids] = args else {
+            return ctx.e(format!(
+                "gather takes exactly 1 input (the ids), not {}",
+                args.len()
+            ));
+        };
+        if !ids.batched {
+            return ctx.e("gather needs ids with a batch dimension");
+        }
+        let Some(key) = ctx.weight_key("table")? else {
+            return ctx.e("missing weight \"table\"");
+        };
+        let (table, shape) = self.weight(key, ctx)?;
+        if shape.is_empty() {
+            return ctx.e("the table must have at least one dimension (its rows)");
+        }
+        let rows = shape[0];
+        let row_len = shape[1..].iter().product();
+        let mut od = ids.dims.clone();
+        od.extend_from_slice(&shape[1..]);
+        Ok((
+            Op::Gather(Gather {
+                ids: ids.sample_len(),
+                rows,
+                row_len,
+                table,
+            }),
+            batched(od),
+        ))
     }
 }

@@ -311,6 +311,9 @@ impl<'d> Builder<'d> {
         if op == "softmax" {
             return self.softmax(ctx, args);
         }
+        if op == "gather" {
+            return self.gather(ctx, args);
+        }
         // The rest take exactly one batched input.
         let unary: fn(&mut Self, &NodeCtx, &TensorMeta) -> NodeResult = match op {
             "dense" => Self::dense,
@@ -407,8 +410,18 @@ fn tensor_decl(v: &Value, what: &str) -> Result<Decl, Error> {
         &format!("graph {what} {name:?} shape"),
     )?;
     if let Some(dt) = o.get("dtype") {
-        if dt.as_str() != Some("float32") {
-            return fail(format!("graph {what} {name:?} must have dtype float32"));
+        // Integer inputs (token ids) travel as float32 values, exact below 2^24;
+        // `gather` checks each one is an integer inside its table.
+        let int_ok = what == "input" && matches!(dt.as_str(), Some("int32" | "int64"));
+        if dt.as_str() != Some("float32") && !int_ok {
+            return fail(format!(
+                "graph {what} {name:?} must have dtype float32{}",
+                if what == "input" {
+                    " (or int32/int64)"
+                } else {
+                    ""
+                }
+            ));
         }
     }
     if shape.is_empty() || !shape[0].is_null() || shape.len() > MAX_RANK {

@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::ops::binary::{Bcast, BinKind};
 use crate::ops::conv::{ConvParams, Geom};
 use crate::ops::conv_transpose::ConvTParams;
-use crate::ops::matmul::Matmul;
+use crate::ops::matmul::{Gather, Matmul};
 use crate::ops::misc::{Pad, Reduce, Transpose};
 use crate::ops::resize::Resize;
 use crate::ops::slice::Slice;
@@ -170,6 +170,8 @@ pub enum Op {
         act: Act,
         mask: Option<Vec<Bcast>>,
     },
+    /// Embedding lookup: one table row per id.
+    Gather(Gather),
     Activation(Act),
 }
 

@@ -341,12 +341,16 @@ class KerasAdapter(ModelAdapter):
         for node in self._nodes[cut.position :]:
             lowerer.lower(node)
         (out,) = self._graph.outputs
-        prog_in = TensorInfo(cut.tensor.name, cut.tensor.shape, "float32")
+        # Integer ids (token ids into an enclaved Embedding) travel as float32, exact
+        # below 2^24; the worker's gather checks each is an integer inside its table.
+        in_dtype = cut.tensor.dtype if cut.tensor.dtype in ("int32", "int64") else "float32"
+        prog_in = TensorInfo(cut.tensor.name, cut.tensor.shape, in_dtype)
         prog_out = TensorInfo(lowerer.env[out.name], out.shape, "float32")
-        if cut.tensor.dtype != "float32":
+        if cut.tensor.dtype not in ("float32", "int32", "int64"):
             raise UnsupportedOpError(
                 f"The cut tensor {cut.tensor.name!r} is {cut.tensor.dtype}; the enclave takes "
-                "float32 only, so cut after the layer that turns it into floats (e.g. Embedding)."
+                "float32 (or int32/int64 ids for an Embedding) only, so cut after the layer "
+                "that turns it into float32."
             )
         return lowerer.builder.build([prog_in], [prog_out])
 
@@ -846,6 +850,16 @@ class _Lowerer:
         bias = _to_numpy(layer.bias) * np.float32(scale) if layer.bias is not None else None
         act = _activation_of(getattr(layer, "activation", None), name)
         return self._einsum_dense(x, shape, layer.equation, kernel, bias, act, name)
+
+    @LAYERS.register("Embedding")
+    def lower_Embedding(self, node: Node, layer: Any) -> str:
+        if getattr(layer, "mask_zero", False):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} (Embedding) uses mask_zero; its mask cannot cross the "
+                "enclave, so cut after the layers that use it."
+            )
+        table = _to_numpy(layer.embeddings)
+        return self.builder.add("gather", [self._in(node)], node.name, weights={"table": table})
 
     @LAYERS.register("EinsumDense")
     def lower_EinsumDense(self, node: Node, layer: Any) -> str:

@@ -1,0 +1,103 @@
+"""Transformers in the enclave: token ids and embeddings, attention, encoder blocks.
+
+Small Keras encoders (random weights) built from Embedding, MultiHeadAttention,
+LayerNormalization and gelu MLPs split at every block boundary, verify, and run through
+the real worker with and without AVX-512 kernels."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import ennclave
+from ennclave.adapters.keras import KerasAdapter
+from ennclave.errors import ProgramError, WorkerError
+from ennclave.graph import find_cut_points
+from ennclave.passes import optimize
+from ennclave.reference import execute
+from ennclave.split import split_model
+
+L = keras.layers
+SEQ, VOCAB, HIDDEN = 6, 40, 16
+
+
+def _block(x, i: int, causal: bool = False):
+    a = L.MultiHeadAttention(2, HIDDEN // 2, name=f"attn{i}")(x, x, use_causal_mask=causal)
+    x = L.LayerNormalization(epsilon=1e-5, name=f"ln_a{i}")(L.Add(name=f"res_a{i}")([x, a]))
+    f = L.Dense(2 * HIDDEN, activation="gelu", name=f"ff1_{i}")(x)
+    f = L.Dense(HIDDEN, name=f"ff2_{i}")(f)
+    return L.LayerNormalization(epsilon=1e-5, name=f"ln_f{i}")(L.Add(name=f"res_f{i}")([x, f]))
+
+
+def encoder_classifier(blocks: int = 3, causal: bool = False) -> keras.Model:
+    """Token ids → embedding → `blocks` encoder blocks → mean pool → head."""
+    ids = keras.Input((SEQ,), dtype="int32", name="ids")
+    x = L.Embedding(VOCAB, HIDDEN, name="tok")(ids)
+    for i in range(blocks):
+        x = _block(x, i, causal)
+    x = L.GlobalAveragePooling1D(name="pool")(x)
+    return keras.Model(ids, L.Dense(3, name="head")(x))
+
+
+def _ids(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (n, SEQ)).astype("int32")
+
+
+def _block_cuts(adapter: KerasAdapter) -> list:
+    names = {f"ln_f{i}" for i in range(10)}
+    return [c for c in find_cut_points(adapter.graph) if c.tensor.name in names]
+
+
+def test_embedding_in_the_enclave_rejects_out_of_range_ids_and_keeps_serving(tmp_path):
+    ids = keras.Input((SEQ,), dtype="int32")
+    x = L.Embedding(VOCAB, HIDDEN)(ids)
+    model = keras.Model(ids, L.Dense(3)(_block(x, 0)))
+    adapter = KerasAdapter.from_model(model)
+    cut = find_cut_points(adapter.graph)[0]
+    program = optimize(adapter.lower_private(cut))
+    assert program.inputs[0].dtype == "int32"
+    x = _ids(5)
+    expected = np.asarray(model(x))
+    np.testing.assert_allclose(execute(program, x), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ProgramError, match=r"not an integer in 0\.\.40"):
+        execute(program, np.full((1, SEQ), VOCAB))
+    split_model(adapter, cut.index, tmp_path / "b", keystore=tmp_path / "ks.json", n_random=4)
+    with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
+        for bad in (VOCAB, -1, 2**31 - 1):
+            x_bad = x.copy()
+            x_bad[2, 3] = bad
+            with pytest.raises(WorkerError, match=r"sample 2, position 3\) is not an integer"):
+                m.predict(x_bad)
+        # the worker keeps serving
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["native", "no-avx512"])
+def test_encoder_splits_at_every_block_boundary(kernels, tmp_path, monkeypatch):
+    if kernels == "no-avx512":
+        monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+    model = encoder_classifier(3)
+    adapter = KerasAdapter.from_model(model)
+    cuts = _block_cuts(adapter)
+    assert [c.tensor.name for c in cuts] == ["ln_f0", "ln_f1", "ln_f2"]
+    x = _ids(7, seed=1)
+    expected = np.asarray(model(x))
+    for c in cuts[:2]:
+        out = tmp_path / f"b{c.index}"
+        split_model(adapter, c.index, out, keystore=tmp_path / "ks.json", n_random=4)
+        with ennclave.load(out, keystore=tmp_path / "ks.json") as m:
+            got = m.predict(x, batch_size=4)  # a ragged last batch
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_causal_encoder_matches_keras():
+    model = encoder_classifier(2, causal=True)
+    adapter = KerasAdapter.from_model(model)
+    (cut,) = [c for c in _block_cuts(adapter) if c.tensor.name == "ln_f0"]
+    program = optimize(adapter.lower_private(cut))
+    h = np.asarray(adapter.build_public(cut)(_ids(4, seed=2)))
+    np.testing.assert_allclose(
+        execute(program, h), np.asarray(model(_ids(4, seed=2))), atol=1e-5, rtol=1e-4
+    )
