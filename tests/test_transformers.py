@@ -101,3 +101,39 @@ def test_causal_encoder_matches_keras():
     np.testing.assert_allclose(
         execute(program, h), np.asarray(model(_ids(4, seed=2))), atol=1e-5, rtol=1e-4
     )
+
+
+def _keras_hub_classifier(blocks: int = 3) -> keras.Model:
+    keras_hub = pytest.importorskip("keras_hub")
+    ids = keras.Input((SEQ,), dtype="int32", name="ids")
+    x = keras_hub.layers.TokenAndPositionEmbedding(VOCAB, SEQ, HIDDEN, name="embed")(ids)
+    for i in range(blocks):
+        x = keras_hub.layers.TransformerEncoder(
+            2 * HIDDEN,
+            2,
+            activation="gelu",
+            layer_norm_epsilon=1e-5,
+            normalize_first=i % 2 == 1,
+            name=f"block{i}",
+        )(x)
+    x = L.GlobalAveragePooling1D(name="pool")(x)
+    return keras.Model(ids, L.Dense(3, name="head")(x))
+
+
+def test_keras_hub_encoder_splits_at_every_block_boundary(tmp_path):
+    # keras-hub with random weights (nothing downloaded); skipped where it is not installed.
+    model = _keras_hub_classifier(3)
+    adapter = KerasAdapter.from_model(model)
+    by_name = {c.tensor.name: c for c in find_cut_points(adapter.graph)}
+    cuts = [by_name[n] for n in ("ids", "embed", "block0", "block1", "block2")]
+    x = _ids(5, seed=3)
+    expected = np.asarray(model(x))
+    for c in cuts:
+        program = optimize(adapter.lower_private(c))
+        h = x if c.tensor.name == "ids" else np.asarray(adapter.build_public(c)(x))
+        np.testing.assert_allclose(execute(program, h), expected, atol=1e-5, rtol=1e-4)
+    for c in (cuts[0], cuts[2]):  # token ids into the enclave; a cut between blocks
+        out = tmp_path / f"b{c.index}"
+        split_model(adapter, c.index, out, keystore=tmp_path / "ks.json", n_random=4)
+        with ennclave.load(out, keystore=tmp_path / "ks.json") as m:
+            np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)

@@ -851,7 +851,7 @@ class _Lowerer:
         act = _activation_of(getattr(layer, "activation", None), name)
         return self._einsum_dense(x, shape, layer.equation, kernel, bias, act, name)
 
-    @LAYERS.register("Embedding")
+    @LAYERS.register("Embedding", "ReversibleEmbedding")
     def lower_Embedding(self, node: Node, layer: Any) -> str:
         if getattr(layer, "mask_zero", False):
             raise UnsupportedOpError(
@@ -895,8 +895,6 @@ class _Lowerer:
                 "query, value, key and use_causal_mask only (an attention_mask tensor cannot "
                 "cross into the enclave)."
             )
-        if getattr(layer, "_use_gate", False) or getattr(layer, "_sliding_window", None):
-            raise UnsupportedOpError(f"Layer {node.name!r}: gated or sliding-window attention.")
         call.setdefault("key", call["value"])
 
         def tensor(k: str) -> tuple[str, tuple[int | None, ...]]:
@@ -907,12 +905,27 @@ class _Lowerer:
             raise UnsupportedOpError(f"Layer {node.name!r}: its {k} is not a graph tensor.")
 
         (q, qs), (k, ks), (v, vs) = tensor("query"), tensor("key"), tensor("value")
+        return self._attention(layer, (q, qs), (k, ks), (v, vs), node.name, causal)
+
+    def _attention(
+        self,
+        layer: Any,
+        query: tuple[str, tuple[int | None, ...]],
+        key: tuple[str, tuple[int | None, ...]],
+        value: tuple[str, tuple[int | None, ...]],
+        n: str,
+        causal: bool = False,
+    ) -> str:
+        """A Keras MultiHeadAttention on program tensors: projections, scaled scores,
+        softmax (with a causal mask), the weighted values, the output projection."""
+        (q, qs), (k, ks), (v, vs) = query, key, value
+        if getattr(layer, "_use_gate", False) or getattr(layer, "_sliding_window", None):
+            raise UnsupportedOpError(f"Layer {n!r}: gated or sliding-window attention.")
         if len(qs) != 3 or len(ks) != 3 or tuple(layer._attention_axes) != (1,):
             raise UnsupportedOpError(
-                f"Layer {node.name!r}: MultiHeadAttention is lowered for [batch, seq, features] "
+                f"Layer {n!r}: MultiHeadAttention is lowered for [batch, seq, features] "
                 "inputs attending over the sequence axis only."
             )
-        n = node.name
         scale = float(layer._inverse_sqrt_key_dim)
         q, q4 = self._einsum_layer(q, qs, layer._query_dense, f"{n}/query", scale)
         k, _ = self._einsum_layer(k, ks, layer._key_dense, f"{n}/key")
@@ -935,6 +948,79 @@ class _Lowerer:
             ctx, (None, int(qs[1]), heads, dv), layer._output_dense, f"{n}/output"
         )
         return out
+
+    def _layer_norm(self, x: str, rank: int, layer: Any, name: str) -> str:
+        if getattr(layer, "rms_scaling", False):
+            raise UnsupportedOpError(f"Layer {name!r} uses rms_scaling, not supported.")
+        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+        axes = sorted(a - rank if a >= 0 else a for a in axes)
+        if axes != list(range(-len(axes), 0)):
+            raise UnsupportedOpError(
+                f"Layer {name!r} normalises over axes {axes}; only trailing axes are supported."
+            )
+        w = {}
+        if layer.scale:
+            w["gamma"] = _to_numpy(layer.gamma)
+        if layer.center:
+            w["beta"] = _to_numpy(layer.beta)
+        attrs = {"axes": axes, "epsilon": float(layer.epsilon)}
+        return self.builder.add("layer_norm", [x], name, attrs, w)
+
+    def _dense_layer(self, x: str, layer: Any, name: str) -> str:
+        w = {"kernel": _to_numpy(layer.kernel)}
+        if layer.use_bias:
+            w["bias"] = _to_numpy(layer.bias)
+        act = _activation_of(getattr(layer, "activation", None), name)
+        return self.builder.add("dense", [x], name, {"activation": act} if act else {}, w)
+
+    @LAYERS.register("TransformerEncoder")
+    def lower_TransformerEncoder(self, node: Node, layer: Any) -> str:
+        # keras-hub's encoder block, from its sublayers (dropouts are identities here).
+        rec = self.records.get(node.name)
+        kwargs = dict(rec.arguments.kwargs) if rec is not None else {}
+        used = [k for k in ("padding_mask", "attention_mask") if kwargs.get(k) is not None]
+        if used or kwargs.get("return_attention_scores"):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} (TransformerEncoder) is called with "
+                f"{used or ['return_attention_scores']}; a mask tensor cannot cross into the "
+                "enclave (programs take one input), so cut before the first block that uses one."
+            )
+        n, x, xs = node.name, self._in(node), self._shape(node)
+        rank, first = len(xs), bool(layer.normalize_first)
+        attn_ln, ff_ln = layer._self_attention_layer_norm, layer._feedforward_layer_norm
+        h = self._layer_norm(x, rank, attn_ln, f"{n}/attention_ln") if first else x
+        a = self._attention(
+            layer._self_attention_layer, (h, xs), (h, xs), (h, xs), f"{n}/attention"
+        )
+        x = self.builder.add("add", [a, x], f"{n}/attention_residual")
+        if not first:
+            x = self._layer_norm(x, rank, attn_ln, f"{n}/attention_ln")
+        h = self._layer_norm(x, rank, ff_ln, f"{n}/ffn_ln") if first else x
+        h = self._dense_layer(h, layer._feedforward_intermediate_dense, f"{n}/ffn_in")
+        h = self._dense_layer(h, layer._feedforward_output_dense, f"{n}/ffn_out")
+        x = self.builder.add("add", [h, x], f"{n}/ffn_residual")
+        if not first:
+            x = self._layer_norm(x, rank, ff_ln, f"{n}/ffn_ln")
+        return x
+
+    @LAYERS.register("TokenAndPositionEmbedding")
+    def lower_TokenAndPositionEmbedding(self, node: Node, layer: Any) -> str:
+        # keras-hub: token embedding + the first `seq` rows of the position table.
+        if getattr(layer.token_embedding, "mask_zero", False):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} uses mask_zero; its mask cannot cross the enclave."
+            )
+        seq = int(self._shape(node)[1])
+        tok = self.builder.add(
+            "gather",
+            [self._in(node)],
+            f"{node.name}/token",
+            weights={"table": _to_numpy(layer.token_embedding.embeddings)},
+        )
+        pos = _to_numpy(layer.position_embedding.position_embeddings)[:seq]
+        return self.builder.add(
+            "add", [tok, self.builder.constant(f"{node.name}/position", pos)], node.name
+        )
 
     # -- merging ---------------------------------------------------------------------
     def _operands(self, node: Node) -> list[str]:
