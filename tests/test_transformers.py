@@ -137,3 +137,52 @@ def test_keras_hub_encoder_splits_at_every_block_boundary(tmp_path):
         split_model(adapter, c.index, out, keystore=tmp_path / "ks.json", n_random=4)
         with ennclave.load(out, keystore=tmp_path / "ks.json") as m:
             np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_attention_matmul_of_computed_tensors(tmp_path, monkeypatch):
+    # Self-attention as exporters write it: MatMul/Reshape/Transpose/Softmax chains, the
+    # keys' Transpose read in place by matmul (transpose_b), an additive causal mask.
+    pytest.importorskip("onnxruntime")
+    from onnx import helper
+
+    from test_onnx_adapter import c, check_all_cuts, save_model, w
+    from test_onnx_ops import through_worker
+
+    n = helper.make_node
+    heads = [0, 4, 2, 4]
+    nodes = [
+        n("MatMul", ["x", "wq"], ["q"]),
+        n("MatMul", ["x", "wk"], ["k"]),
+        n("MatMul", ["x", "wv"], ["v"]),
+        n("Reshape", ["q", "heads"], ["q4"]),
+        n("Reshape", ["k", "heads"], ["k4"]),
+        n("Reshape", ["v", "heads"], ["v4"]),
+        n("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+        n("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+        n("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
+        n("MatMul", ["qh", "kt"], ["s"]),
+        n("Div", ["s", "sqrt_d"], ["s2"]),
+        n("Add", ["s2", "mask"], ["s3"]),
+        n("Softmax", ["s3"], ["p"], axis=-1),
+        n("MatMul", ["p", "vh"], ["o"]),
+        n("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+        n("Reshape", ["ot", "merged"], ["om"]),
+        n("MatMul", ["om", "wo"], ["y"]),
+    ]
+    mask = np.where(np.tril(np.ones((4, 4), bool)), 0.0, -1e9)
+    inits = [
+        w("wq", 8, 8),
+        w("wk", 8, 8),
+        w("wv", 8, 8),
+        w("wo", 8, 5),
+        c("heads", heads, np.int64),
+        c("merged", [0, 4, 8], np.int64),
+        c("sqrt_d", 2.0),
+        c("mask", mask),
+    ]
+    path = save_model(tmp_path, "attention", nodes, [4, 8], [4, 5], inits)
+    check_all_cuts(path, tmp_path)
+    through_worker(path, tmp_path)
+    monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+    (tmp_path / "noavx").mkdir()
+    through_worker(path, tmp_path / "noavx")

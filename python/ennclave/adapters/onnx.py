@@ -1044,16 +1044,35 @@ class _Lowering:
     def lower_MatMul(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
         if node.inputs[1] in self.env:
-            raise self.unsupported(
-                node,
-                "a product of two computed tensors (e.g. attention) "
-                "is not supported; only constant right operands",
-            )
+            return self.matmul_computed(node, v, self.env[node.inputs[1]])
         k = self.opt_const(node, 1)
         assert k is not None
         if k.ndim != 2:
             raise self.unsupported(node, "the constant right operand must be 2-D")
         return self.dense(node, v, k.astype(np.float32), None)
+
+    def matmul_computed(self, node: Node, a: _Val, b: _Val) -> _Val:
+        """MatMul of two computed tensors (attention) → `matmul`; an operand held with
+        its last two axes swapped (e.g. a Transpose of K) is read transposed in place."""
+        if a.rank != b.rank or a.rank < 3 or a.shape[1:-2] != b.shape[1:-2]:
+            raise self.unsupported(
+                node,
+                f"a product of computed tensors of shapes {list(a.shape)} and {list(b.shape)}: "
+                "the enclave multiplies tensors of one rank (at least 3) with equal leading "
+                "axes, without broadcasting",
+            )
+        ident = _ident(a.rank)
+        swapped = (*ident[:-2], ident[-1], ident[-2])
+        attrs: dict[str, Any] = {}
+        names = []
+        for v, flag in ((a, "transpose_a"), (b, "transpose_b")):
+            if v.perm == swapped:
+                attrs[flag] = True
+            elif v.perm != ident:
+                v = self.logical(v, node)
+            names.append(v.name)
+        out_shape = (*a.shape[:-1], b.shape[-1])
+        return _Val(self.emit("matmul", names, node, out_shape, attrs), ident, out_shape)
 
     @OPS.register("Gemm")
     def lower_Gemm(self, node: Node, a: dict[str, Any]) -> _Val:
