@@ -293,12 +293,23 @@ def test_unsupported_op_names_node(tmp: Path) -> None:
     assert reference.execute(tail, np.ones((2, 4), np.float32)).shape == (2, 4)
 
 
-def test_dynamic_matmul_is_unsupported(tmp: Path) -> None:
+def test_dynamic_matmul_lowers_to_matmul(tmp: Path) -> None:
+    # A product of two computed tensors (attention) is a `matmul` (tests/test_transformers.py
+    # has the attention graph); one that would broadcast is an error naming the node.
     N = helper.make_node
     nodes = [N("Relu", ["x"], ["r"]), N("MatMul", ["r", "r"], ["y"], name="attn")]
     path = save_model(tmp, "mm", nodes, [4, 4], [4, 4], [])
+    check_all_cuts(path, tmp)
     ad = OnnxAdapter(path)
-    with pytest.raises(UnsupportedOpError, match="attn"):
+    assert [n.op for n in ad.lower_private(find_cut_points(ad.graph)[0]).nodes][-1] == "matmul"
+    nodes = [
+        N("Relu", ["x"], ["r"]),
+        N("ReduceMean", ["r"], ["m"], axes=[1], keepdims=0),
+        N("MatMul", ["m", "r"], ["y"], name="attn"),
+    ]
+    path = save_model(tmp, "mm_bcast", nodes, [3, 4, 4], [3, 4, 4], [], opset=13)
+    ad = OnnxAdapter(path)
+    with pytest.raises(UnsupportedOpError, match=r"attn.*without broadcasting"):
         ad.lower_private(find_cut_points(ad.graph)[0])
 
 
