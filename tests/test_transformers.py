@@ -186,3 +186,47 @@ def test_onnx_attention_matmul_of_computed_tensors(tmp_path, monkeypatch):
     monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
     (tmp_path / "noavx").mkdir()
     through_worker(path, tmp_path / "noavx")
+
+
+def test_onnx_token_ids_gather_and_cls_pooling(tmp_path):
+    # int64 token ids → Cast → Gather of an embedding table → dense → Gather of position 0
+    # ([CLS] pooling) → dense: the ids may enter the enclave, every cut matches ONNX Runtime.
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper
+
+    from test_onnx_adapter import c, check_all_cuts, w
+    from test_onnx_ops import through_worker
+
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["x"], ["ids"], to=TensorProto.INT32),
+        n("Gather", ["table", "ids"], ["e"], axis=0),
+        n("MatMul", ["e", "w1"], ["h"]),
+        n("Gather", ["h", "zero"], ["cls"], axis=1),
+        n("Gather", ["h", "pair"], ["two"], axis=1),
+        n("ReduceMean", ["two"], ["m"], axes=[1], keepdims=0),
+        n("Add", ["cls", "m"], ["s"]),
+        n("MatMul", ["s", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ids",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=[
+            w("table", 30, 8),
+            w("w1", 8, 8),
+            w("w2", 8, 3),
+            c("zero", 0, np.int64),
+            c("pair", [-1, 2], np.int64),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "ids.onnx"
+    onnx.save(model, str(path))
+    cuts = check_all_cuts(path, tmp_path)
+    assert cuts[0].tensor.dtype == "int64"
+    through_worker(path, tmp_path)

@@ -698,7 +698,8 @@ class OnnxAdapter(ModelAdapter):
             )
         # What must be float32 is what crosses into the enclave and what comes out; the
         # model's own input may be anything the public part turns into floats.
-        if cut.tensor.dtype != "float32" or g.outputs[0].dtype != "float32":
+        ids = cut.tensor.dtype in ("int32", "int64")  # token ids: only a Gather reads them
+        if (cut.tensor.dtype != "float32" and not ids) or g.outputs[0].dtype != "float32":
             raise UnsupportedOpError(
                 f"The enclave program computes in float32, but the tensor entering it "
                 f"({cut.tensor.name!r}) is {cut.tensor.dtype} and the model's output is "
@@ -725,6 +726,7 @@ class _Lowering:
         # may touch them until a Reshape splits the batch out again.
         self.merged: dict[str, tuple[int, ...]] = {}
         self.used = {t for m in self.g.nodes for t in m.inputs} | {o.name for o in self.g.outputs}
+        self.int_ids: set[str] = set()  # casts of the token ids (still ids)
 
     # -- helpers -----------------------------------------------------------------
     def shape(self, tensor: str, node: Node) -> tuple[int | None, ...]:
@@ -833,7 +835,11 @@ class _Lowering:
             raise CutError(f"The private side of cut {cut.name!r} does not compute the output.")
         final = self.logical(self.env[out_name], g.nodes[-1])
         out_shape = self.shape(out_name, g.nodes[-1])
-        return self.b.build([TensorInfo(in_name, in_shape)], [TensorInfo(final.name, out_shape)])
+        # Integer ids travel as float32 (exact below 2^24); `gather` checks every one.
+        in_dtype = cut.tensor.dtype if cut.tensor.dtype in ("int32", "int64") else "float32"
+        return self.b.build(
+            [TensorInfo(in_name, in_shape, in_dtype)], [TensorInfo(final.name, out_shape)]
+        )
 
     def lower_node(self, node: Node) -> None:
         op = node.op_type
@@ -949,9 +955,63 @@ class _Lowering:
 
     @OPS.register("Cast")
     def lower_Cast(self, node: Node, a: dict[str, Any]) -> _Val:
-        if a.get("to") != 1:
-            raise self.unsupported(node, "only casts to float32 are supported")
-        return self.dyn(node)
+        v = self.dyn(node)
+        ints = self.cut.tensor.dtype in ("int32", "int64") and (
+            node.inputs[0] == self.cut.tensor.name or node.inputs[0] in self.int_ids
+        )
+        if a.get("to") == 1 or (a.get("to") in (6, 7) and ints):
+            # to float32; or token ids between int32 and int64 (their values unchanged)
+            if a.get("to") != 1:
+                self.int_ids.add(node.outputs[0])
+            return v
+        raise self.unsupported(node, "only casts to float32 (or of token ids) are supported")
+
+    @OPS.register("Gather")
+    def lower_Gather(self, node: Node, a: dict[str, Any]) -> _Val:
+        if node.inputs[0] in self.env:
+            return self.gather_constant_indices(node, a)
+        # An embedding lookup: a constant table, computed integer ids.
+        ids = self.dyn(node, 1)
+        if int(a.get("axis", 0)) != 0:
+            raise self.unsupported(node, "only lookups along axis 0 of a constant table")
+        table = self.opt_const(node, 0)
+        assert table is not None
+        if ids.perm != _ident(ids.rank):
+            ids = self.logical(ids, node)
+        out_shape = (*ids.shape, *[int(d) for d in table.shape[1:]])
+        w = {"table": table.astype(np.float32)}
+        name = self.emit("gather", [ids.name], node, out_shape, weights=w)
+        return _Val(name, _ident(len(out_shape)), out_shape)
+
+    def gather_constant_indices(self, node: Node, a: dict[str, Any]) -> _Val:
+        """Gather of a computed tensor at constant indices (e.g. the [CLS] position) →
+        one `slice` per index, `concat`enated; a scalar index drops the axis."""
+        v = self.logical(self.dyn(node), node)
+        axis = int(a.get("axis", 0)) % v.rank
+        if axis == 0:
+            raise self.unsupported(node, "a Gather along the batch axis")
+        idx = self.opt_const(node, 1)
+        assert idx is not None
+        if idx.ndim > 1:
+            raise self.unsupported(node, "indices of rank above 1")
+        size = int(v.shape[axis])
+        parts = []
+        for i in idx.reshape(-1):
+            i = int(i) + (size if int(i) < 0 else 0)
+            if not 0 <= i < size:
+                raise self.unsupported(node, f"index {int(i)} is outside an axis of {size}")
+            starts = [i if ax == axis else 0 for ax in range(1, v.rank)]
+            sizes = [1 if ax == axis else int(v.shape[ax]) for ax in range(1, v.rank)]
+            shp = (*v.shape[:axis], 1, *v.shape[axis + 1 :])
+            parts.append(
+                self.emit("slice", [v.name], node, shp, {"starts": starts, "sizes": sizes})
+            )
+        shp = (*v.shape[:axis], len(parts), *v.shape[axis + 1 :])
+        out = parts[0] if len(parts) == 1 else self.emit("concat", parts, node, shp, {"axis": axis})
+        if idx.ndim == 0:
+            shp = (*v.shape[:axis], *v.shape[axis + 1 :])
+            out = self.emit("reshape", [out], node, shp, {"shape": [int(d) for d in shp[1:]]})
+        return _Val(out, _ident(len(shp)), shp)
 
     @OPS.register("LeakyRelu")
     def lower_LeakyRelu(self, node: Node, a: dict[str, Any]) -> _Val:
