@@ -230,3 +230,32 @@ def test_onnx_token_ids_gather_and_cls_pooling(tmp_path):
     cuts = check_all_cuts(path, tmp_path)
     assert cuts[0].tensor.dtype == "int64"
     through_worker(path, tmp_path)
+
+
+def test_keras_hub_padding_mask_from_the_ids(tmp_path):
+    # The padding mask computed from the enclaved token ids (not_equal(ids, 0)) masks the
+    # padded keys; padded and unpadded rows match Keras, in the reference and the worker.
+    keras_hub = pytest.importorskip("keras_hub")
+    ids = keras.Input((SEQ,), dtype="int32", name="ids")
+    mask = keras.ops.not_equal(ids, 0)
+    x = keras_hub.layers.TokenAndPositionEmbedding(VOCAB, SEQ, HIDDEN)(ids)
+    for i in range(2):
+        x = keras_hub.layers.TransformerEncoder(
+            2 * HIDDEN, 2, normalize_first=i == 1, name=f"block{i}"
+        )(x, padding_mask=mask)
+    model = keras.Model(ids, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+    adapter = KerasAdapter.from_model(model)
+    x = _ids(4, seed=4) % (VOCAB - 1) + 1
+    x[1, 3:] = 0
+    x[2, 1:] = 0
+    expected = np.asarray(model(x))
+    unmasked = np.asarray(model(np.where(x == 0, 7, x)))
+    assert not np.allclose(expected[1:3], unmasked[1:3], atol=1e-3)  # the mask matters
+    cut = find_cut_points(adapter.graph)[0]
+    program = optimize(adapter.lower_private(cut))
+    np.testing.assert_allclose(execute(program, x), expected, atol=1e-5, rtol=1e-4)
+    split_model(adapter, cut.index, tmp_path / "b", keystore=tmp_path / "ks.json", n_random=4)
+    with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
+    # Between blocks the mask would be a second tensor crossing the cut: no cut there.
+    assert "block0" not in {c.tensor.name for c in find_cut_points(adapter.graph)}

@@ -391,6 +391,7 @@ class _Lowerer:
         self.records = records or {}  # the call arguments: constants of keras.ops calls
         self.builder = ProgramBuilder()
         self.env: dict[str, str] = {}  # graph tensor -> program tensor
+        self.id_masks: set[str] = set()  # 0/1 masks computed from the token ids
 
     def _in(self, node: Node, i: int = 0) -> str:
         t = node.inputs[i]
@@ -411,7 +412,8 @@ class _Lowerer:
                 f"Layer {node.name!r} of type {kind} cannot run in the enclave; supported "
                 f"layer types: {', '.join(SUPPORTED_LAYERS)}. Cut after it, or replace it."
             )
-        if kind not in MERGE_LAYERS | {"MultiHeadAttention"} and len(node.inputs) != 1:
+        multi = MERGE_LAYERS | {"MultiHeadAttention", "TransformerEncoder"}
+        if kind not in multi and len(node.inputs) != 1:
             # e.g. a Keras mask (Embedding(mask_zero=True)) travelling with the tensor.
             raise UnsupportedOpError(
                 f"Layer {node.name!r} ({kind}) receives {len(node.inputs)} tensors (a Keras "
@@ -915,6 +917,7 @@ class _Lowerer:
         value: tuple[str, tuple[int | None, ...]],
         n: str,
         causal: bool = False,
+        key_mask: str | None = None,
     ) -> str:
         """A Keras MultiHeadAttention on program tensors: projections, scaled scores,
         softmax (with a causal mask), the weighted values, the output projection."""
@@ -940,6 +943,11 @@ class _Lowerer:
             t, s = int(qs[1]), int(vs[1])
             mask = np.where(np.tril(np.ones((t, s), bool)), 0.0, -1e9).astype(np.float32)
             sm_in.append(self.builder.constant(f"{n}/causal_mask", mask))
+        if key_mask is not None:  # additive [N, 1, 1, S]: 0 where attended, -1e9 where not
+            if len(sm_in) == 2:
+                sm_in = [scores, self.builder.add("add", [key_mask, sm_in[1]], f"{n}/mask")]
+            else:
+                sm_in.append(key_mask)
         probs = self.builder.add("softmax", sm_in, f"{n}/softmax", {"axis": -1})
         ctx = self.builder.add("matmul", [probs, v], f"{n}/context")
         ctx = self.builder.add("transpose", [ctx], f"{n}/context_t", heads_first)
@@ -977,20 +985,56 @@ class _Lowerer:
     def lower_TransformerEncoder(self, node: Node, layer: Any) -> str:
         # keras-hub's encoder block, from its sublayers (dropouts are identities here).
         rec = self.records.get(node.name)
-        kwargs = dict(rec.arguments.kwargs) if rec is not None else {}
-        used = [k for k in ("padding_mask", "attention_mask") if kwargs.get(k) is not None]
-        if used or kwargs.get("return_attention_scores"):
+        if rec is None:
+            raise UnsupportedOpError(f"Layer {node.name!r}: no call record.")
+        args, kwargs = list(rec.arguments.args), dict(rec.arguments.kwargs)
+        inputs = args[0] if args else kwargs.get("inputs")
+        padding = args[1] if len(args) > 1 else kwargs.get("padding_mask")
+        if kwargs.get("attention_mask") is not None or kwargs.get("return_attention_scores"):
             raise UnsupportedOpError(
-                f"Layer {node.name!r} (TransformerEncoder) is called with "
-                f"{used or ['return_attention_scores']}; a mask tensor cannot cross into the "
-                "enclave (programs take one input), so cut before the first block that uses one."
+                f"Layer {node.name!r} (TransformerEncoder) is called with an attention_mask "
+                "or return_attention_scores; the enclave lowers a padding_mask only."
             )
-        n, x, xs = node.name, self._in(node), self._shape(node)
+
+        def index(t: Any) -> int:
+            for i, tid in enumerate(rec.input_ids):
+                if tid == id(t):
+                    return i
+            raise UnsupportedOpError(f"Layer {node.name!r}: an argument is not a graph tensor.")
+
+        n, i = node.name, index(inputs)
+        x, xs = self._in(node, i), self._shape(node, i)
+        key_mask = None
+        if padding is not None:
+            # The mask must come from the token ids inside the enclave (a NotEqual of the
+            # ids, 0/1): a mask from the public side is a second tensor crossing the cut,
+            # which a one-input program cannot take.
+            j = index(padding)
+            m = self._in(node, j)
+            if m not in self.id_masks:
+                raise UnsupportedOpError(
+                    f"Layer {node.name!r} (TransformerEncoder) takes a padding_mask the "
+                    "enclave cannot compute: it lowers masks computed from the enclaved "
+                    "token ids (keras.ops.not_equal(ids, pad_id)); a mask from the public "
+                    "side would be a second tensor crossing the cut."
+                )
+            seq = int(self._shape(node, j)[1])
+            off = self.builder.add(
+                "sub", [m, self.builder.constant(f"{n}/one", np.float32(1.0))], f"{n}/mask_off"
+            )
+            big = self.builder.constant(f"{n}/big", np.float32(1e9))
+            add = self.builder.add("mul", [off, big], f"{n}/mask_add")
+            key_mask = self.builder.add("reshape", [add], f"{n}/mask_keys", {"shape": [1, 1, seq]})
         rank, first = len(xs), bool(layer.normalize_first)
         attn_ln, ff_ln = layer._self_attention_layer_norm, layer._feedforward_layer_norm
         h = self._layer_norm(x, rank, attn_ln, f"{n}/attention_ln") if first else x
         a = self._attention(
-            layer._self_attention_layer, (h, xs), (h, xs), (h, xs), f"{n}/attention"
+            layer._self_attention_layer,
+            (h, xs),
+            (h, xs),
+            (h, xs),
+            f"{n}/attention",
+            key_mask=key_mask,
         )
         x = self.builder.add("add", [a, x], f"{n}/attention_residual")
         if not first:
@@ -1002,6 +1046,36 @@ class _Lowerer:
         if not first:
             x = self._layer_norm(x, rank, ff_ln, f"{n}/ffn_ln")
         return x
+
+    @LAYERS.register("NotEqual", "Equal")
+    def lower_NotEqual(self, node: Node, layer: Any) -> str:
+        # keras.ops.not_equal(ids, pad) on integer token ids: min(|ids - pad|, 1) is
+        # exactly 1 where they differ and 0 where equal (ids are integers; gather checks).
+        rec = self.records.get(node.name)
+        args = list(rec.arguments.args) if rec is not None and not rec.arguments.kwargs else []
+        consts = [a for a in args if not hasattr(a, "_keras_history")]
+        dtype = self.tensors[node.inputs[0]].dtype if len(node.inputs) == 1 else ""
+        if len(args) != 2 or len(consts) != 1 or np.asarray(consts[0]).size != 1:
+            dtype = ""
+        if "int" not in dtype:
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} ({node.op_type}): the enclave compares integer token "
+                "ids with one constant only (a padding mask)."
+            )
+        pad = float(np.asarray(consts[0]).reshape(()))
+        x = self._in(node)
+        if pad != 0.0:
+            x = self.builder.add(
+                "sub", [x, self.builder.constant(f"{node.name}/pad", np.float32(pad))], node.name
+            )
+        d = self.builder.add("activation", [x], node.name, {"activation": activation("abs")})
+        clip = activation("clip", min=0.0, max=1.0)
+        m = self.builder.add("activation", [d], node.name, {"activation": clip})
+        if node.op_type == "Equal":
+            one = self.builder.constant(f"{node.name}/one", np.float32(1.0))
+            m = self.builder.add("sub", [one, m], node.name)
+        self.id_masks.add(m)
+        return m
 
     @LAYERS.register("TokenAndPositionEmbedding")
     def lower_TokenAndPositionEmbedding(self, node: Node, layer: Any) -> str:
