@@ -89,10 +89,17 @@ def test_a_failure_inside_a_release_is_an_audited_500_and_admits_nobody(server):
     with engine.begin() as c:
         c.execute(text("UPDATE bundles SET sealed_key = :b"), {"b": os.urandom(60)})
     engine.dispose()
-    status, code = release(server.url, "k", MANIFEST, SoftwareWorker())
-    assert (status, code) == (500, "internal_error")
-    last = _audit(server, "k")[-1]
-    assert (last["decision"], last["reason"]) == ("refused", "internal_error")
+    w = SoftwareWorker()
+    nonce = challenge(server.url, "k")
+    status, body = post(server.url, "/v1/release", w.body("k", nonce, MANIFEST))
+    assert (status, body["error"]) == (500, "internal_error")
+    again = post(server.url, "/v1/release", w.body("k", nonce, MANIFEST))  # nonce spent
+    assert (again[0], again[1]["error"]) == (403, "nonce_invalid")
+    last = _audit(server, "k")[-2:]
+    assert [(r["decision"], r["reason"]) for r in last] == [
+        ("refused", "internal_error"),
+        ("refused", "nonce_invalid"),
+    ]
     with KeyServerClient(server.url, server.token) as c:
         assert c.get("k")["clients"] == 0
 

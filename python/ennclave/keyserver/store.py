@@ -181,7 +181,7 @@ class ReleaseStart:
     nonce_outstanding: bool
     nonce_valid: bool
     bundle: BundleRecord | None
-    data_key: bytes = field(repr=False, default=b"")
+    sealed_key: bytes = field(repr=False, default=b"")  # `Store.unseal` opens it
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,10 @@ class Store:
     def _seal(self, key_id: str, key: bytes) -> bytes:
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, key, key_id.encode())
+
+    def unseal(self, key_id: str, blob: bytes) -> bytes:
+        """The data key from its stored form (raises if the KEK does not open it)."""
+        return self._unseal(key_id, blob)
 
     def _unseal(self, key_id: str, blob: bytes) -> bytes:
         return self._aead.decrypt(blob[:12], blob[12:], key_id.encode())
@@ -470,7 +474,9 @@ class Store:
         """The bundle and its data key (None if unknown); see `open_release` for the
         nonce as well."""
         got = self.open_release(key_id, nonce or b"")
-        return None if got.bundle is None else (got.bundle, got.data_key)
+        if got.bundle is None:
+            return None
+        return got.bundle, self.unseal(key_id, got.sealed_key)
 
     def open_release(self, key_id: str, nonce: bytes) -> ReleaseStart:
         """What a release request needs to be decided, read together: whether its nonce
@@ -482,8 +488,8 @@ class Store:
         n = None if r.nonce_key is None else _NonceRow(r.nonce_key, r.nonce_expires_ms)
         found = r.key_id is not None
         rec = self._record(r) if found else None
-        key = self._unseal(key_id, r.sealed_key) if found else b""
-        return ReleaseStart(n is not None, self._nonce_valid(n, key_id), rec, key)
+        sealed = bytes(r.sealed_key) if found else b""
+        return ReleaseStart(n is not None, self._nonce_valid(n, key_id), rec, sealed)
 
     def grant(
         self,

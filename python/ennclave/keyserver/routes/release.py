@@ -90,6 +90,8 @@ def release(
         raise log.refuse(503, "store_unavailable", STORE_DOWN) from None
     except Exception as e:  # never a silent 500: audited, with a reason
         print(f"ennclave keyserver: release failed: {e!r}", file=sys.stderr, flush=True)
+        if log.nonce is None and log.spent is False:  # failed before it was looked at
+            log.nonce = bytes.fromhex(body.nonce)  # spent with the audit row
         raise log.refuse(
             500,
             "internal_error",
@@ -108,15 +110,18 @@ def _release(
     start = store.open_release(body.key_id, nonce)
     if start.nonce_outstanding:
         log.nonce = nonce  # from here on, every outcome spends it
+    else:
+        log.spent = True  # nothing to spend
     if not start.nonce_valid:
         raise log.refuse(
             403,
             "nonce_invalid",
             "The nonce is unknown, expired, already used or for another key; ask for a new challenge.",
         )
-    rec, data_key = start.bundle, start.data_key
+    rec = start.bundle
     if rec is None:
         raise log.refuse(404, "unknown_bundle", "No key is registered under this key id.")
+    data_key = store.unseal(body.key_id, start.sealed_key)
     try:
         now = check_policy(rec, log)
         validate_pubkey(bytes.fromhex(body.pubkey), log)
@@ -133,7 +138,7 @@ def _release(
         nonce=nonce,
         refused={code: log.row("refused", code, why) for code, why in REASONS.items()},
     )
-    log.nonce = None  # spent, and the outcome audited, in that transaction
+    log.nonce, log.spent = None, True  # spent, and the outcome audited, in that transaction
     if outcome != "granted":
         raise Refusal(403, outcome, REASONS[outcome])
     b64 = lambda b: base64.b64encode(b).decode()
@@ -174,6 +179,7 @@ class ReleaseLog:
     junk: JunkAudit
     ctx: dict[str, Any]
     nonce: bytes | None = None
+    spent: bool = False  # the nonce was spent (or found absent) and the outcome recorded
 
     @classmethod
     def of(cls, store: Store, junk: JunkAudit, body: ReleaseRequest, req: Request) -> ReleaseLog:
@@ -206,6 +212,7 @@ class ReleaseLog:
             if self.nonce is not None:
                 self.store.spend_nonce(self.nonce, row)
                 self.nonce = None
+                self.spent = True
             elif row is not None:
                 self.store.append_audit(row)
         except SQLAlchemyError as e:
