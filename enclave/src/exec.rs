@@ -471,7 +471,7 @@ impl State {
                     dense::Kernel::Rows(w(*kernel))
                 };
                 dense::dense(x(0)?, kernel, bias.map(w), y, batch * rows, *k, *n, threads);
-                act.apply(y);
+                act.apply_par(y, threads);
             }
             Op::Conv { p, kernel, bias } => {
                 conv::conv(
@@ -557,11 +557,11 @@ impl State {
                     }
                     None => y.copy_from_slice(x(0)?),
                 }
-                act.apply(y);
+                act.apply_par(y, threads);
             }
             Op::Activation(a) => {
                 y.copy_from_slice(x(0)?);
-                a.apply(y);
+                a.apply_par(y, threads);
             }
         }
         Ok(())

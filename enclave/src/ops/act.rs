@@ -61,6 +61,25 @@ impl Act {
     }
 
     /// Apply in place to `x`.
+    /// Apply on `threads` threads (of the current rayon pool) when `x` is large and the
+    /// function costly; softmax blocks are never split.
+    pub fn apply_par(&self, x: &mut [f32], threads: usize) {
+        let cheap = matches!(
+            self,
+            Act::Linear | Act::Relu | Act::Relu6 | Act::LeakyRelu(_) | Act::Clip { .. }
+        );
+        let block = match self {
+            Act::Softmax { axis_len, inner } => axis_len * inner,
+            _ => 1,
+        };
+        if cheap || threads < 2 || block == 0 || x.len() < 1 << 14 || !x.len().is_multiple_of(block)
+        {
+            self.apply(x);
+            return;
+        }
+        super::par_row_ranges(x, block, threads, &|_, rows| self.apply(rows));
+    }
+
     pub fn apply(&self, x: &mut [f32]) {
         match *self {
             Act::Linear => {}
@@ -209,6 +228,35 @@ mod tests {
         close(&run(Act::GeluTanh, &[1.0]), &[0.841_192]);
         close(&run(Act::Reciprocal, &[4.0]), &[0.25]);
         close(&run(Act::Sqrt, &[4.0]), &[2.0]);
+    }
+
+    #[test]
+    fn apply_par_equals_apply() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let x: Vec<f32> = (0..96 * 400)
+            .map(|i| ((i * 37 % 101) as f32) / 25.0 - 2.0)
+            .collect();
+        let acts = [
+            Act::Gelu,
+            Act::Tanh,
+            Act::Softmax {
+                axis_len: 96,
+                inner: 1,
+            },
+            Act::Softmax {
+                axis_len: 8,
+                inner: 12,
+            },
+        ];
+        for a in acts {
+            let (mut want, mut got) = (x.clone(), x.clone());
+            a.apply(&mut want);
+            pool.install(|| a.apply_par(&mut got, 3));
+            assert_eq!(got, want, "{a:?}");
+        }
     }
 
     #[test]
