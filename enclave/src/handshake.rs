@@ -137,9 +137,9 @@ impl Identity {
 
 /// Send HELLO (with the kind of secret memory this process gets).
 fn hello(ctl: &mut UnixStream, me: &Identity) -> Result<(), Fatal> {
-    let probe = SecretBuf::<u8>::new(1).map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
-    let secmem = backing_name(probe.backing());
-    drop(probe);
+    let secmem = backing_name(
+        SecretBuf::<u8>::probe().map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?,
+    );
     write_msg(
         ctl,
         &Msg::Hello {
@@ -254,10 +254,13 @@ impl Inbox {
         if self.manifest.is_some() {
             return Err(Fatal::new(code::PROTOCOL, "MANIFEST sent twice"));
         }
-        self.manifest = Some(
-            seal::canonical_manifest(bytes)
-                .map_err(|e| Fatal::new(code::MANIFEST, e.to_string()))?,
-        );
+        let (m, aad) = seal::canonical_manifest(bytes)
+            .map_err(|e| Fatal::new(code::MANIFEST, e.to_string()))?;
+        // Whether secrets may live in unlocked memory (issue #14, item 4). Read before
+        // SEALED_BEGIN allocates; a forged value cannot help: the manifest is the AAD,
+        // so unsealing fails (the GCM tag is checked before anything is decrypted).
+        crate::secmem::allow_unlocked(unlocked_memory_allowed(&m)?);
+        self.manifest = Some((m, aad));
         Ok(())
     }
 
@@ -334,10 +337,11 @@ impl Inbox {
                 format!("KEY is for key id {key_id:?} but the manifest names {want:?}"),
             ));
         }
+        no_tracer()?;
         let k = me
             .ek
             .unwrap_data_key(enc, wrapped, key_id)
-            .map_err(|e| Fatal::new(code::KEY, e.to_string()))?;
+            .map_err(|e| memory_fatal(code::KEY, e.to_string()))?;
         self.held_licence = admit_licence(
             ctl,
             m,
@@ -401,6 +405,7 @@ impl Inbox {
                 "this machine has no /etc/machine-id, so an offline key cache cannot be opened",
             )
         })?;
+        no_tracer()?;
         let c = licence::open_cache(mid, &me.bin, key_id, blob)
             .map_err(|e| Fatal::new(code::LICENCE_INVALID, e.to_string()))?;
         self.held_licence = admit_licence(
@@ -445,6 +450,41 @@ fn licence_required(manifest: &Value) -> Result<bool, Fatal> {
         },
     };
     Ok(by_source || by_field)
+}
+
+/// Just before the data key is unwrapped: no tracer attached (checked at start too;
+/// main.rs). Gramine's /proc may lack TracerPid: only natively is that a refusal.
+fn no_tracer() -> Result<(), Fatal> {
+    crate::sandbox::check_no_tracer(!platform::current().is_gramine())
+        .map_err(|m| Fatal::new(code::SANDBOX, m))
+}
+
+/// `private.memory` in the manifest: absent (locked secret memory required) or
+/// `"unlocked-ok"` (the owner allows plain memory where nothing can be locked, e.g.
+/// `split --allow-unlocked-memory`); any other value is refused (MANIFEST), never read
+/// as either.
+fn unlocked_memory_allowed(manifest: &Value) -> Result<bool, Fatal> {
+    match manifest.get("private").and_then(|p| p.get("memory")) {
+        None => Ok(false),
+        Some(v) if v.as_str() == Some("unlocked-ok") => Ok(true),
+        Some(v) => Err(Fatal::new(
+            code::MANIFEST,
+            format!(
+                "manifest private.memory is {v}, which this worker does not know \
+                 (\"unlocked-ok\" or absent)"
+            ),
+        )),
+    }
+}
+
+/// A failure to get secret memory becomes the SANDBOX refusal with its one sentence
+/// (`secmem::UNLOCKED_REFUSED`); anything else keeps `code` and `msg`.
+fn memory_fatal(code: u16, msg: String) -> Fatal {
+    if msg.contains(crate::secmem::UNLOCKED_REFUSED) {
+        Fatal::new(code::SANDBOX, crate::secmem::UNLOCKED_REFUSED)
+    } else {
+        Fatal::new(code, msg)
+    }
 }
 
 /// Licence checks when the data key arrives (docs/key-release.md "Licences"). A bundle
@@ -511,13 +551,13 @@ fn admit_licence(
 fn open_program(sealed: seal::Incoming, aad: &[u8], key: SecretBuf<u8>) -> Result<Program, Fatal> {
     let (container, range) = sealed.unseal(aad, &key).map_err(|e| match e {
         seal::SealError::Authentication => Fatal::new(code::AUTHENTICATION, e.to_string()),
-        seal::SealError::Memory(_) => Fatal::new(code::INTERNAL, e.to_string()),
+        seal::SealError::Memory(_) => memory_fatal(code::INTERNAL, e.to_string()),
         _ => Fatal::new(code::BAD_REQUEST, e.to_string()),
     })?;
     drop(key);
     trace("unsealed");
     let program = Program::from_secret(container, range).map_err(|e| {
-        Fatal::new(
+        memory_fatal(
             code::PROGRAM,
             format!("the enclave program is invalid: {e}"),
         )
@@ -542,7 +582,7 @@ fn load(
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
     let exec = Executor::new(&program, args.max_batch, threads)
-        .map_err(|e| Fatal::new(code::PROGRAM, format!("cannot prepare the program: {e}")))?;
+        .map_err(|e| memory_fatal(code::PROGRAM, format!("cannot prepare the program: {e}")))?;
     trace("executor ready (buffers, thread pool, warm-up)");
     let in_len = exec.input_len_per_sample();
     let out_len = exec.output_len_per_sample();

@@ -89,11 +89,27 @@ pub struct Licence {
     pub offline: bool,
 }
 
-/// Seconds since the Unix epoch (CLOCK_REALTIME via the vDSO; allowed under seccomp).
+/// Seconds since the Unix epoch: CLOCK_REALTIME through the raw system call, not
+/// libc's (vDSO-backed) `clock_gettime`, so a preloaded or patched libc symbol cannot
+/// freeze the licence clock (issue #14). seccomp allows `clock_gettime`. On failure
+/// (never expected) `u64::MAX`: every licence then reads as expired, not as eternal.
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(CLOCK_REALTIME, &mut ts) writes one timespec into a local.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clock_gettime,
+            libc::CLOCK_REALTIME as libc::c_long,
+            &mut ts as *mut libc::timespec,
+        )
+    };
+    if r != 0 || ts.tv_sec < 0 {
+        return u64::MAX;
+    }
+    ts.tv_sec as u64
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -321,6 +337,15 @@ pub fn open_cache(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn raw_clock_matches_system_time() {
+        let sys = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(now_unix().abs_diff(sys) <= 2);
+    }
+
     use super::*;
 
     fn lic(budget: &str, offline: bool) -> Vec<u8> {

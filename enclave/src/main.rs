@@ -24,6 +24,7 @@ use std::process::ExitCode;
 
 use ennclave_enclave::platform::{self, gramine, Platform};
 use ennclave_enclave::protocol::{write_msg, FrameReader, Msg, Shm, PROTOCOL_VERSION};
+use ennclave_enclave::sandbox;
 use ennclave_enclave::worker::{self, trace, Args, Fatal};
 
 const DEFAULT_MAX_BATCH: usize = 1024;
@@ -174,6 +175,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Refuse to run compromised (issue #14, item 3), before HELLO and long before any
+    // key: the refusal goes to the host as a fatal SANDBOX error.
+    if let Err(message) = refuse_if_compromised(&args) {
+        let _ = write_msg(
+            &mut ctl,
+            &Msg::Error {
+                code: ennclave_enclave::protocol::code::SANDBOX,
+                fatal: true,
+                message: message.clone(),
+            },
+        );
+        eprintln!("ennclave-enclave: {message}");
+        return ExitCode::from(1);
+    }
+    trace("environment, mappings and tracer checked");
     let mut rd = FrameReader::new();
     let result = worker::run(&mut ctl, &mut rd, &shm, &args);
     match result {
@@ -191,6 +207,26 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The start-up checks: no dynamic-loader variable in the environment, no foreign
+/// code mapped (native only: Gramine's loader maps its own libraries into the
+/// process), no tracer (after `harden`, so none can attach later as the same user).
+fn refuse_if_compromised(args: &Args) -> Result<(), String> {
+    let native = !args.platform.is_gramine();
+    // Under Gramine the environment is the measured manifest's (it sets LD_LIBRARY_PATH).
+    let allowed: &[&str] = if native { &[] } else { &["LD_LIBRARY_PATH"] };
+    sandbox::check_environment(std::env::vars_os().map(|(k, _)| k), allowed)?;
+    if native {
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
+            format!("the enclave worker cannot read /proc/self/maps ({e}); it refuses to run")
+        })?;
+        let exe = std::fs::read_link("/proc/self/exe").map_err(|e| {
+            format!("the enclave worker cannot read /proc/self/exe ({e}); it refuses to run")
+        })?;
+        sandbox::check_mappings(&maps, &exe.to_string_lossy())?;
+    }
+    sandbox::check_no_tracer(native)
 }
 
 /// The control stream and the shared region: inherited fds (native), or a TCP

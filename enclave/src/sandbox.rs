@@ -35,6 +35,118 @@ use seccompiler::{
 use std::collections::BTreeMap;
 use std::io;
 
+/// Refuse to run with a dynamic-loader variable in the environment (issue #14): any
+/// `LD_*` (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, LD_DEBUG, …) can load or trace code
+/// inside this process. The host passes none (runtime/worker.py `_WORKER_ENV`), so one
+/// here means someone else started the worker. (Preloaded code has already run by
+/// now; the check makes sure it gets no key — and `check_mappings` catches a library
+/// that removed its variable again.) `allowed`: names set by a measured manifest
+/// (Gramine's `loader.env.LD_LIBRARY_PATH`: Gramine passes no host variables, and the
+/// libraries it loads are trusted files hashed in its manifest).
+pub fn check_environment<I, K>(vars: I, allowed: &[&str]) -> Result<(), String>
+where
+    I: IntoIterator<Item = K>,
+    K: AsRef<std::ffi::OsStr>,
+{
+    for k in vars {
+        let k = k.as_ref().to_string_lossy();
+        if k.starts_with("LD_") && !allowed.contains(&k.as_ref()) {
+            return Err(format!(
+                "the enclave worker refuses to run with {k} in its environment (a dynamic-loader \
+                 variable that can put foreign code into it); start it through ennclave, which \
+                 passes no such variable"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The only shared objects the worker links (`ldd`): the C library, libm, libgcc_s
+/// (unwinding) and the dynamic loader itself. They must come from the system library
+/// directories (LD_LIBRARY_PATH could supply a look-alike elsewhere).
+const ALLOWED_LIBS: &[&str] = &[
+    "libc.so.6",
+    "libm.so.6",
+    "libgcc_s.so.1",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+];
+const SYSTEM_LIB_DIRS: &[&str] = &["/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/"];
+
+/// Refuse if any *executable* mapping in `maps` (the text of /proc/self/maps) is
+/// something other than this binary (`exe`), an allowed system library, `[vdso]` or
+/// `[vsyscall]`: a preloaded or audit library, or code copied into anonymous memory.
+/// Non-executable mappings (data, the shared memfd, locale files) are not code.
+pub fn check_mappings(maps: &str, exe: &str) -> Result<(), String> {
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let perms = f.nth(1).unwrap_or("");
+        if !perms.contains('x') {
+            continue;
+        }
+        // address perms offset dev inode [path…]; a path may contain spaces.
+        let path = line
+            .split_whitespace()
+            .skip(5)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let path = path.trim_end_matches(" (deleted)");
+        let ok = path == exe
+            || path == "[vdso]"
+            || path == "[vsyscall]"
+            || (SYSTEM_LIB_DIRS.iter().any(|d| path.starts_with(d))
+                && !path.contains("/../")
+                && path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|name| ALLOWED_LIBS.contains(&name)));
+        if !ok {
+            let what = if path.is_empty() {
+                "anonymous memory"
+            } else {
+                path
+            };
+            return Err(format!(
+                "the enclave worker refuses to run with foreign code mapped into it ({what}; \
+                 only its own binary and the system's libc, libm, libgcc_s and dynamic loader \
+                 are expected); start it through ennclave without LD_PRELOAD or LD_AUDIT"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// This process's tracer from /proc/self/status (`TracerPid:`); None if the field is
+/// missing.
+pub fn tracer_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Refuse while a tracer is attached (issue #14): PR_SET_DUMPABLE 0 does not detach a
+/// tracer that attached before it (e.g. one that started the worker with
+/// PTRACE_TRACEME), and a tracer can read and rewrite everything. `field_required`:
+/// a missing TracerPid (or an unreadable file) is refused too (native Linux always has
+/// it; Gramine's /proc may not).
+pub fn check_no_tracer(field_required: bool) -> Result<(), String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    match tracer_pid(&status) {
+        Some(0) => Ok(()),
+        None if !field_required => Ok(()),
+        Some(pid) => Err(format!(
+            "the enclave worker refuses to run while process {pid} traces it (ptrace); start \
+             it through ennclave, not under a debugger or tracer"
+        )),
+        None => Err(
+            "the enclave worker cannot read its TracerPid from /proc/self/status, so \
+                     it cannot tell whether it is traced; it refuses to run"
+                .into(),
+        ),
+    }
+}
+
 /// Non-dumpable, no core files, no new privileges.
 pub fn harden_process() -> io::Result<()> {
     // SAFETY: prctl/setrlimit with integer arguments and a pointer to a local struct.
@@ -237,6 +349,63 @@ pub fn install_seccomp() -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loader_variables_are_refused() {
+        assert!(check_environment(["PATH", "ENNCLAVE_TRACE", "HOME"], &[]).is_ok());
+        for v in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "LD_AUDIT",
+            "LD_DEBUG",
+            "LD_BIND_NOW",
+        ] {
+            let e = check_environment(["PATH", v], &[]).unwrap_err();
+            assert!(e.contains(v), "{e}");
+        }
+        let gramine = ["LD_LIBRARY_PATH"];
+        assert!(check_environment(["LD_LIBRARY_PATH"], &gramine).is_ok());
+        assert!(check_environment(["LD_LIBRARY_PATH", "LD_PRELOAD"], &gramine).is_err());
+    }
+
+    #[test]
+    fn only_expected_code_is_mapped() {
+        let exe = "/opt/x/ennclave-enclave";
+        let good = "\
+55dc4db8f000-55dc4db94000 r-xp 00002000 fe:00 1 /opt/x/ennclave-enclave
+55dc4db94000-55dc4db95000 rw-p 00002000 fe:00 1 /opt/x/ennclave-enclave
+7f35df331000-7f35df487000 r-xp 00026000 fe:00 2 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f35df331000-7f35df487000 r-xp 00026000 fe:00 2 /lib/x86_64-linux-gnu/libgcc_s.so.1
+7f35df000000-7f35df100000 rw-s 00000000 00:01 3 /memfd:ennclave-shm (deleted)
+7f35df4fe000-7f35df500000 r-xp 00000000 00:00 0 [vdso]
+7f35df501000-7f35df527000 r-xp 00001000 fe:00 4 /lib64/ld-linux-x86-64.so.2
+7f35df600000-7f35df601000 rw-p 00000000 00:00 0
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
+";
+        check_mappings(good, exe).unwrap();
+        for bad in [
+            "7f0000000000-7f0000001000 r-xp 00000000 fe:00 9 /tmp/evil.so",
+            "7f0000000000-7f0000001000 r-xp 00000000 fe:00 9 /tmp/libc.so.6",
+            "7f0000000000-7f0000001000 r-xp 00000000 fe:00 9 /usr/lib/x86_64-linux-gnu/libz.so.1",
+            "7f0000000000-7f0000001000 rwxp 00000000 00:00 0",
+        ] {
+            assert!(
+                check_mappings(&format!("{good}{bad}\n"), exe).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn tracer_pid_is_read() {
+        assert_eq!(tracer_pid("Name:\tx\nTracerPid:\t0\nUid:\t0\n"), Some(0));
+        assert_eq!(tracer_pid("Name:\tx\nTracerPid:\t4242\n"), Some(4242));
+        assert_eq!(tracer_pid("Name:\tx\n"), None);
+        // This test process is not traced (unless run under a debugger).
+        if tracer_pid(&std::fs::read_to_string("/proc/self/status").unwrap()) == Some(0) {
+            check_no_tracer(true).unwrap();
+        }
+    }
+
     use super::*;
 
     #[test]

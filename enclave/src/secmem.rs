@@ -7,8 +7,41 @@
 //! `mlock`ed (never swapped) and excluded from core dumps; `SecretBuf::backing`
 //! reports which one was used so the host can tell the user. Contents are zeroed on
 //! drop.
+//!
+//! Fails closed (issue #14): when neither memfd_secret nor mlock works (both are
+//! charged to RLIMIT_MEMLOCK for an unprivileged user), `SecretBuf::new` refuses with
+//! [`UNLOCKED_REFUSED`] unless the bundle's authenticated manifest allows unlocked
+//! memory (`private.memory: "unlocked-ok"`, see `allow_unlocked`).
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set from the authenticated manifest (`private.memory: "unlocked-ok"`) before any
+/// large secret is allocated; false (locked memory required) until then.
+static ALLOW_UNLOCKED: AtomicBool = AtomicBool::new(false);
+
+/// Let later allocations fall back to plain, swappable memory (the owner allowed it).
+pub fn allow_unlocked(yes: bool) {
+    ALLOW_UNLOCKED.store(yes, Ordering::SeqCst);
+}
+
+/// The refusal, one sentence for the user (the host shows it as it is).
+pub const UNLOCKED_REFUSED: &str = "the enclave worker cannot lock its secret memory \
+    (memfd_secret and mlock both failed: the locked-memory limit RLIMIT_MEMLOCK is too low \
+    for this program), so it refuses to unseal it; raise the limit (`ulimit -l unlimited` \
+    in the shell, or `LimitMEMLOCK=infinity` in a systemd unit) or ask the model owner for \
+    a bundle split with --allow-unlocked-memory";
+
+/// What to do when memfd_secret was unavailable and `mlock` returned `locked`: the
+/// backing to use, or None to refuse (unit-tested; memfd_secret cannot be switched off
+/// here without root or seccomp).
+fn fallback(locked: bool, allow_unlocked: bool) -> Option<Backing> {
+    match (locked, allow_unlocked) {
+        (true, _) => Some(Backing::Mlocked),
+        (false, true) => Some(Backing::Anonymous),
+        (false, false) => None,
+    }
+}
 
 /// Which kernel mechanism backs a secret buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,8 +95,19 @@ fn page_size() -> usize {
 }
 
 impl<T: Pod> SecretBuf<T> {
-    /// Allocate `len` zeroed elements. Tries memfd_secret, then mlock, then plain.
+    /// Allocate `len` zeroed elements. Tries memfd_secret, then mlock, then (only if
+    /// the owner allowed it: `allow_unlocked`) plain memory; otherwise an error whose
+    /// text is [`UNLOCKED_REFUSED`].
     pub fn new(len: usize) -> std::io::Result<Self> {
+        Self::alloc(len, ALLOW_UNLOCKED.load(Ordering::SeqCst))
+    }
+
+    /// Which backing this process gets now (for HELLO): never refuses.
+    pub fn probe() -> std::io::Result<Backing> {
+        Self::alloc(1, true).map(|b| b.backing)
+    }
+
+    fn alloc(len: usize, allow_unlocked: bool) -> std::io::Result<Self> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| std::io::Error::other("secret buffer size overflows"))?;
@@ -87,15 +131,18 @@ impl<T: Pod> SecretBuf<T> {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: ptr/map_len is the mapping we just created.
-        let backing = unsafe {
+        let locked = unsafe {
             libc::madvise(ptr, map_len, libc::MADV_DONTDUMP);
-            if libc::mlock(ptr, map_len) == 0 {
-                Backing::Mlocked
-            } else {
-                Backing::Anonymous
-            }
+            libc::mlock(ptr, map_len) == 0
         };
-        Ok(Self::from_raw(ptr, len, map_len, backing))
+        match fallback(locked, allow_unlocked) {
+            Some(backing) => Ok(Self::from_raw(ptr, len, map_len, backing)),
+            None => {
+                // SAFETY: unmap exactly the fresh mapping above; nothing was written.
+                unsafe { libc::munmap(ptr, map_len) };
+                Err(std::io::Error::other(UNLOCKED_REFUSED))
+            }
+        }
     }
 
     fn map_secret(map_len: usize) -> Option<*mut libc::c_void> {
@@ -221,6 +268,18 @@ mod tests {
         b[999] = 3.5;
         assert_eq!(b[999], 3.5);
         assert_eq!(b.len(), 1000);
+    }
+
+    #[test]
+    fn unlocked_memory_only_when_allowed() {
+        // The decision when memfd_secret is unavailable (e.g. ENOSYS under seccomp).
+        assert_eq!(fallback(true, false), Some(Backing::Mlocked));
+        assert_eq!(fallback(true, true), Some(Backing::Mlocked));
+        assert_eq!(fallback(false, true), Some(Backing::Anonymous));
+        assert_eq!(fallback(false, false), None);
+        assert!(
+            UNLOCKED_REFUSED.contains("ulimit -l") && UNLOCKED_REFUSED.contains("LimitMEMLOCK")
+        );
     }
 
     #[test]

@@ -39,6 +39,10 @@ DEFAULT_OUTPUT_POLICY: dict[str, Any] = {"mode": "full"}
 LICENCE_REQUIRED = "required"
 
 
+MEMORY_UNLOCKED_OK = "unlocked-ok"
+"""`private.memory`: the owner lets the worker run in unlocked memory (issue #14)."""
+
+
 def licence_required(manifest: dict[str, Any]) -> bool:
     """Whether the worker gets the data key only with a key-server licence: the
     authenticated `private.licence: "required"` or `private.key_source: "keyserver"`
@@ -121,9 +125,12 @@ def build_manifest(
     key_id: str,
     output_policy: dict[str, Any] | None = None,
     keyserver_url: str | None = None,
+    allow_unlocked_memory: bool = False,
 ) -> dict[str, Any]:
     """The manifest of a new bundle, without `plaintext_bytes` and `integrity` (the
-    writer adds both once the sealed file exists)."""
+    writer adds both once the sealed file exists). `allow_unlocked_memory`: the worker
+    may keep the decrypted program in plain, swappable memory where it can lock none
+    (authenticated `private.memory: "unlocked-ok"`; absent, it refuses to unseal)."""
     private: dict[str, Any] = {
         "file": SEALED_FILE,
         "program_version": PROGRAM_VERSION,
@@ -138,6 +145,8 @@ def build_manifest(
         # Authenticated: the worker refuses the key without a licence, whatever the
         # key source says (docs/key-release.md "Licences").
         private["licence"] = LICENCE_REQUIRED
+    if allow_unlocked_memory:
+        private["memory"] = MEMORY_UNLOCKED_OK
     return {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,

@@ -235,6 +235,7 @@ def cmd_split(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             keyserver=args.keyserver,
             keyserver_token=owner_token(args),
+            allow_unlocked_memory=args.allow_unlocked_memory,
             progress=lambda text: status.update(escape(text)),
         )
     print_verification(result.verification, console)
@@ -549,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the enclave refuses after answering this many samples (default: no limit)",
     )
     ss.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    ss.add_argument(
+        "--allow-unlocked-memory",
+        action="store_true",
+        help="let the enclave worker keep the decrypted program in swappable memory where "
+        "it can lock none (default: it refuses to unseal)",
+    )
     ss.add_argument(
         "--keyserver",
         metavar="URL",

@@ -56,6 +56,7 @@ def split_model(
     keyserver: str | None = None,
     keyserver_token: str | None = None,
     keyserver_policy: dict[str, Any] | None = None,
+    allow_unlocked_memory: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> SplitResult:
     """Split `model` at `cut` (name, index or "auto") into the bundle `out_dir`.
@@ -118,6 +119,7 @@ def split_model(
             key_id=key_id,
             output_policy=output_policy,
             keyserver_url=keyserver,
+            allow_unlocked_memory=allow_unlocked_memory,
         )
         container = program.to_container(offset=HEADER_BYTES)
         manifest["private"]["plaintext_bytes"] = len(container)

@@ -1,0 +1,123 @@
+"""Attack: start the allowed, unmodified worker binary with LD_PRELOAD (bypassing the
+host, which passes no such variable), so that attacker code runs inside it — its hash
+still matches `allowed_binaries` — and can read the data key or freeze the licence
+clock. Also: a preloaded library that removes LD_PRELOAD from the environment again to
+hide, LD_LIBRARY_PATH and LD_AUDIT. Claim: the worker refuses before HELLO (a fatal
+SANDBOX error), so the host never releases the key; the preloaded constructor runs (its
+marker file shows it) but finds nothing to take."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _common import step
+
+from ennclave.errors import WorkerError
+from ennclave.keystore import Keystore
+from ennclave.runtime.worker import Hello, WorkerClient, find_worker_binary, local_key_release
+from support.enclave_bundle import IN, OUT, Bundle, write_bundle
+
+EVIL_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((constructor)) static void evil(void) {
+    FILE *f = fopen(getenv("EVIL_MARKER"), "a");
+    if (f) { fprintf(f, "constructor ran in pid %d\n", (int)getpid()); fclose(f); }
+#ifdef HIDE
+    unsetenv("LD_PRELOAD");  /* hide from an environment check */
+#endif
+}
+"""
+
+
+def build_evil(tmp: Path, hide: bool) -> Path:
+    src = tmp / "evil.c"
+    src.write_text(EVIL_C)
+    out = tmp / ("evil-hide.so" if hide else "evil.so")
+    cmd = ["gcc", "-shared", "-fPIC", "-O1", "-o", str(out), str(src)]
+    subprocess.run(cmd + (["-DHIDE"] if hide else []), check=True)
+    return out
+
+
+def launcher(tmp: Path, name: str, env: str) -> Path:
+    """What the attacker runs instead of the host's clean start: the real worker binary
+    (a copy: identical bytes) with `env` in its environment."""
+    worker = tmp / "ennclave-enclave"
+    if not worker.exists():
+        shutil.copy2(find_worker_binary(), worker)
+    p = tmp / name
+    p.write_text(f'#!/bin/sh\n{env} exec {worker} "$@"\n')
+    p.chmod(p.stat().st_mode | stat.S_IXUSR)
+    return p
+
+
+def attempt(b: Bundle, binary: Path) -> tuple[WorkerError, bool]:
+    """Start the worker through `binary`; the refusal, and whether the key was released."""
+    released = []
+    inner = local_key_release(Keystore(b.keystore), b.key_id)
+
+    def release(hello: Hello):
+        released.append(hello)
+        return inner(hello)
+
+    wc = None
+    try:
+        wc = WorkerClient(
+            (b.path / "manifest.json").read_bytes(),
+            b.path / "private.sealed",
+            release,
+            in_len=IN,
+            out_len=OUT,
+            binary=binary,
+            call_timeout=30.0,
+        )
+        y = wc.infer(np.ones((1, IN), np.float32))
+        raise AssertionError(f"ATTACK SUCCEEDED: the preloaded worker answered: {y}")
+    except WorkerError as e:
+        return e, bool(released)
+    finally:
+        if wc is not None:
+            wc.close()
+
+
+def main() -> None:
+    if shutil.which("gcc") is None:
+        raise SystemExit("ld_preload: needs gcc to build the preloaded library")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        b = write_bundle(tmp / "bundle", tmp / "keystore.json")
+        marker = tmp / "marker.txt"
+        evil, hide = build_evil(tmp, False), build_evil(tmp, True)
+        cases = [
+            ("LD_PRELOAD", f"EVIL_MARKER={marker} LD_PRELOAD={evil}", "LD_PRELOAD", True),
+            (
+                "LD_PRELOAD, removed again by the library's constructor",
+                f"EVIL_MARKER={marker} LD_PRELOAD={hide}",
+                "foreign code mapped",
+                True,
+            ),
+            ("LD_LIBRARY_PATH", f"LD_LIBRARY_PATH={tmp}", "LD_LIBRARY_PATH", False),
+            ("LD_AUDIT", f"LD_AUDIT={evil}", "LD_AUDIT", False),
+        ]
+        for i, (what, env, expect, constructor) in enumerate(cases):
+            marker.unlink(missing_ok=True)
+            step(f"worker started with {what}")
+            err, released = attempt(b, launcher(tmp, f"launch{i}", env))
+            assert err.code == 11 and err.fatal, f"refused oddly: {err!r}"
+            assert expect in str(err), err
+            assert not released, "ATTACK SUCCEEDED: the host released the key to it"
+            ran = marker.read_text().strip() if marker.exists() else "no marker"
+            if constructor:
+                assert "constructor ran" in ran, ran
+            step(f"refused before HELLO, key never released (marker: {ran}): {err}")
+    print("ld_preload: the attack failed, as it should")
+
+
+if __name__ == "__main__":
+    main()
