@@ -259,3 +259,35 @@ def test_keras_hub_padding_mask_from_the_ids(tmp_path):
         np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
     # Between blocks the mask would be a second tensor crossing the cut: no cut there.
     assert "block0" not in {c.tensor.name for c in find_cut_points(adapter.graph)}
+
+
+def test_onnx_integer_arithmetic_on_ids_is_refused(tmp_path):
+    # Integer Div rounds differently from float32 division: ids may only be looked up.
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ennclave.adapters.onnx import OnnxAdapter
+    from ennclave.errors import UnsupportedOpError
+    from test_onnx_adapter import c, w
+
+    n = helper.make_node
+    nodes = [
+        n("Div", ["x", "two"], ["half"], name="halve"),
+        n("Gather", ["table", "half"], ["e"], axis=0),
+        n("ReduceMean", ["e"], ["y"], axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ids_div",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[w("table", 30, 4), c("two", 2, np.int64)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "ids_div.onnx"
+    onnx.save(model, str(path))
+    ad = OnnxAdapter(path)
+    with pytest.raises(UnsupportedOpError, match=r"halve.*integer tensor"):
+        ad.lower_private(find_cut_points(ad.graph)[0])

@@ -851,6 +851,18 @@ class _Lowering:
                 f"supported ops: {', '.join(SUPPORTED_OPS)}",
             )
         attrs = _attrs(n)
+        ids = self.int_ids | (
+            {self.cut.tensor.name} if self.cut.tensor.dtype in ("int32", "int64") else set()
+        )
+        for i, t in enumerate(node.inputs):
+            # Integer ids travel as floats: only a lookup or a cast may read them (integer
+            # arithmetic, e.g. Div, would round differently).
+            if t in ids and not (op == "Cast" or (op == "Gather" and i == 1)):
+                raise self.unsupported(
+                    node,
+                    f"it reads the integer tensor {t!r}; in the enclave integer ids may only "
+                    "be looked up (Gather) or cast; cut after this node",
+                )
         ks = {self.merged.get(t, ()) for t in node.inputs if t in self.env}
         if ks and ks != {()}:
             if len(ks) != 1 or op not in _ROWWISE:
