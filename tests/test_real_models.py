@@ -308,6 +308,9 @@ APPLICATIONS = {
 @pytest.mark.parametrize("arch", sorted(APPLICATIONS))
 def test_keras_applications_split(arch: str, tmp_path: Path) -> None:
     ctor = getattr(keras.applications, arch)
+    # Seeded: with unseeded random weights one run in many drew a model whose float32
+    # rounding (in Keras and in the worker alike) was far above the usual.
+    keras.utils.set_random_seed(1)
     model = ctor(weights=None, input_shape=(32, 32, 3), classes=10)
     x = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
     _recalibrate_batchnorm(model, x)
