@@ -1030,3 +1030,26 @@ def test_ennclave_attest_verify_command(samples, tmp_path):
     assert bad.returncode == 2
     lines = [ln for ln in (bad.stdout + bad.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and "signature" in lines[0], lines
+
+
+def test_the_audit_row_of_a_hardware_release_records_what_was_accepted():
+    """Issue #16: the audit log keeps kind, measurements and TCB status of each release."""
+    from types import SimpleNamespace
+
+    from ennclave.keyserver.routes.release import ReleaseLog
+
+    log = ReleaseLog(None, None, {"key_id": "k", "client_id": "c", "peer": "127.0.0.1"})  # type: ignore[arg-type]
+    lic = SimpleNamespace(expires_at=123, licence_id="L1")
+    hw = ev.Verified(
+        "tdx-dcap", True, "ab" * 32, {"mrtd": "61" * 48, "rtmr0": "70" * 48}, "UpToDate"
+    )
+    row = log.grant(hw, lic)  # type: ignore[arg-type]
+    assert row["decision"] == "granted" and row["reason"] == "hardware"
+    accepted = json.loads(row["detail"].split("; accepted ", 1)[1])
+    assert accepted == {
+        "kind": "tdx-dcap",
+        "measurements": {"mrtd": "61" * 48, "rtmr0": "70" * 48},
+        "tcb_status": "UpToDate",
+    }
+    soft = log.grant(ev.Verified("none", False, "ab" * 32), lic)  # type: ignore[arg-type]
+    assert soft["reason"] == "software" and "accepted" not in soft["detail"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -221,11 +222,21 @@ class ReleaseLog:
         return Refusal(status, code, reason)
 
     def grant(self, verified: ev.Verified, lic: Licence) -> dict[str, Any]:
-        """The grant's audit row (appended by `Store.grant` with the admission)."""
+        """The grant's audit row (appended by `Store.grant` with the admission). For
+        hardware evidence it records what the policy accepted: the evidence kind, the
+        measurements and the TCB status (docs/attestation.md)."""
+        detail = f"licence until {lic.expires_at}"
+        if verified.hardware:
+            accepted = {
+                "kind": verified.kind,
+                "measurements": verified.measurements,
+                "tcb_status": verified.tcb_status,
+            }
+            detail += "; accepted " + json.dumps(accepted, sort_keys=True, separators=(",", ":"))
         return self.row(
             "granted",
             "software" if not verified.hardware else "hardware",
-            f"licence until {lic.expires_at}",
+            detail,
             licence_id=lic.licence_id,
         )
 
