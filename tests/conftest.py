@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,40 @@ def make_enclave_bundle(tmp_path):
         return write_bundle(tmp_path / name, tmp_path / "keystore.json", **kw)
 
     return make
+
+
+# ------------------------------------------------------------------ worker platform
+
+# `ENNCLAVE_TEST_PLATFORM=gramine-direct python -m pytest tests/test_worker_e2e.py` runs
+# the end-to-end suite a second time with every worker under gramine-direct (the
+# README's test command does): each WorkerClient the tests make starts there.
+TEST_PLATFORM = os.environ.get("ENNCLAVE_TEST_PLATFORM", "native")
+
+
+@pytest.fixture(scope="session", autouse=TEST_PLATFORM != "native")
+def _workers_on_test_platform(tmp_path_factory):
+    if TEST_PLATFORM == "native":
+        yield
+        return
+    from ennclave.runtime import gramine
+    from ennclave.runtime import worker as wmod
+
+    directory = tmp_path_factory.mktemp("gramine-worker")
+    gramine.write_manifest(directory, wmod.find_worker_binary())
+    original = wmod.WorkerClient.__init__
+    moved: list[int] = []
+
+    def on_platform(self, *args, **kwargs):
+        if kwargs.get("platform", "native") == "native":  # EnclavedModel passes it
+            kwargs["platform"] = TEST_PLATFORM
+            kwargs["gramine_dir"] = kwargs.get("gramine_dir") or directory
+            moved.append(1)
+        original(self, *args, **kwargs)
+
+    wmod.WorkerClient.__init__ = on_platform
+    yield
+    wmod.WorkerClient.__init__ = original
+    assert moved, f"ENNCLAVE_TEST_PLATFORM={TEST_PLATFORM}: no test started a worker there"
 
 
 # ------------------------------------------------------------------ key-server databases

@@ -18,6 +18,7 @@ import ennclave
 from ennclave.errors import (
     AuthenticationError,
     BundleError,
+    EnnclaveError,
     InputError,
     KeyNotFound,
     QueryBudgetExhausted,
@@ -550,3 +551,31 @@ def test_doorbell_input_may_arrive_after_the_request(enclave_bundle):
             assert ty == wmod.PONG and struct.unpack("<QQ", p) == (7, 3)
         assert w.ping()["queries_used"] == 3
         np.testing.assert_allclose(m.predict(x), reference(enclave_bundle.weights, x), atol=1e-5)
+
+
+@needs_worker
+def test_tsm_evidence_needs_a_confidential_vm(enclave_bundle):
+    """`evidence="tsm"` (configfs-tsm reports inside a TDX/SEV-SNP VM, untested on
+    hardware) is refused where configfs-tsm is absent, by the host and by the worker."""
+    import subprocess
+
+    if os.path.isdir(wmod.TSM_ROOT):
+        pytest.skip("this machine has configfs-tsm: a confidential VM")
+    with pytest.raises(EnnclaveError, match="configfs-tsm"):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore, evidence="tsm")
+    r, w = os.pipe(), os.pipe()
+    try:
+        run = subprocess.run(
+            [
+                str(wmod.find_worker_binary()),
+                *("--ctl-fd", str(r[0]), "--shm-fd", str(w[0]), "--evidence", "tsm"),
+            ],
+            pass_fds=(r[0], w[0]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        for fd in (*r, *w):
+            os.close(fd)
+    assert run.returncode == 2 and "configfs-tsm" in run.stderr, run.stderr

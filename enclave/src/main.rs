@@ -37,7 +37,7 @@ const DEFAULT_IDLE_CHECK_MS: u64 = 100;
 
 fn usage() -> String {
     "usage: ennclave-enclave --ctl-fd N --shm-fd M [--threads T] [--max-batch B] [--spin-us U] \
-     [--idle-check-ms I]\n\
+     [--idle-check-ms I] [--evidence software|tsm]\n\
      \x20      ennclave-enclave --platform gramine --ctl-port P --shm-path /dev/shm/NAME --shm-bytes S [...] \
      (token on stdin)\n\
      (started by the ennclave Python runtime; not meant to be run by hand)"
@@ -52,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         shm_path: None,
         shm_bytes: 0,
         platform: Platform::Native,
+        tsm_evidence: false,
         threads: 0,
         max_batch: DEFAULT_MAX_BATCH,
         spin_us: DEFAULT_SPIN_US,
@@ -83,6 +84,14 @@ fn parse_args() -> Result<Args, String> {
             }
             "--shm-path" => {
                 a.shm_path = Some(v);
+                continue;
+            }
+            "--evidence" => {
+                a.tsm_evidence = match v.as_str() {
+                    "software" => false,
+                    "tsm" => true,
+                    _ => return Err(format!("--evidence expects software or tsm, got {v:?}")),
+                };
                 continue;
             }
             _ => {}
@@ -164,6 +173,18 @@ fn main() -> ExitCode {
         }
     }
     platform::set(args.platform);
+    if args.tsm_evidence {
+        if args.platform.is_gramine() || !platform::tsm::available() {
+            eprintln!(
+                "ennclave-enclave: --evidence tsm needs Linux configfs-tsm ({}) inside a TDX, \
+                 SEV-SNP or CCA confidential VM, natively; this machine has none, so use \
+                 software evidence",
+                platform::tsm::ROOT
+            );
+            return ExitCode::from(2);
+        }
+        platform::use_tsm_evidence();
+    }
     if let Err(e) = platform::harden() {
         eprintln!("ennclave-enclave: cannot harden the process: {e}");
         return ExitCode::from(3);

@@ -36,6 +36,9 @@ pub struct Args {
     pub shm_bytes: usize,
     /// Where the worker runs (`--platform`, checked at start).
     pub platform: crate::platform::Platform,
+    /// `--evidence tsm`: answer challenges with a hardware report from configfs-tsm
+    /// (inside a TDX / SEV-SNP / CCA confidential VM) instead of software evidence.
+    pub tsm_evidence: bool,
     /// Executor threads; 0: one per available CPU.
     pub threads: usize,
     pub max_batch: usize,

@@ -53,6 +53,13 @@ impl Platform {
 }
 
 static CURRENT: OnceLock<Platform> = OnceLock::new();
+static TSM_EVIDENCE: OnceLock<()> = OnceLock::new();
+
+/// Answer challenges with configfs-tsm reports (`--evidence tsm`, checked at start:
+/// native only, and only where configfs-tsm exists). Set once; untested on hardware.
+pub fn use_tsm_evidence() {
+    let _ = TSM_EVIDENCE.set(());
+}
 
 /// Record the platform (once, at start-up). Later calls are ignored.
 pub fn set(p: Platform) {
@@ -89,7 +96,8 @@ pub fn lock_down() -> Result<(), Fatal> {
 
 /// The EVIDENCE answer (kind, report) for evidence hash `h` (handshake.rs
 /// `evidence_report`; docs/key-release.md). Native and `gramine-direct`: the software
-/// report, `h` itself (kind `none`). `gramine-sgx`: an SGX DCAP quote whose
+/// report, `h` itself (kind `none`); native with `--evidence tsm`: the confidential
+/// VM's report from configfs-tsm (`tsm`, **untested on hardware**). `gramine-sgx`: an SGX DCAP quote whose
 /// REPORT_DATA is `h ‖ 32 zero bytes` (kind `sgx-dcap-v3`) — **untested on SGX
 /// hardware**; a failure to get one is fatal rather than a silent downgrade.
 pub fn evidence(h: &[u8]) -> Result<(String, Vec<u8>), Fatal> {
@@ -103,6 +111,16 @@ pub fn evidence(h: &[u8]) -> Result<(String, Vec<u8>), Fatal> {
                 )
             })?;
             Ok(("sgx-dcap-v3".into(), quote))
+        }
+        Platform::Native if TSM_EVIDENCE.get().is_some() => {
+            // A confidential VM's report over h ‖ zeros (TDX quote, SEV-SNP report +
+            // certificate table); a failure is fatal, never a silent downgrade.
+            tsm::report(&report_data(h)).map_err(|e| {
+                Fatal::new(
+                    code::INTERNAL,
+                    format!("cannot get a report from configfs-tsm ({}): {e}", tsm::ROOT),
+                )
+            })
         }
         _ => Ok(("none".into(), h.to_vec())),
     }

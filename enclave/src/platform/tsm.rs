@@ -1,8 +1,10 @@
 //! Evidence from Linux configfs-tsm (`/sys/kernel/config/tsm/report`), the kernel's
 //! one interface to TDX, SEV-SNP and Arm CCA guest reports inside a confidential VM.
-//! **Untested on TDX, SEV-SNP or CCA hardware**, and not yet used by the handshake
-//! (docs/platforms.md): the tests drive [`report_in`] against an ordinary directory
-//! laid out like configfs, so everything above the kernel's files is exercised.
+//! Used for EVIDENCE when the host starts the worker with `--evidence tsm`
+//! (`ennclave.load(..., evidence="tsm")`). **Untested on TDX, SEV-SNP or CCA
+//! hardware** (docs/platforms.md): the tests drive [`report_in`] against an ordinary
+//! directory laid out like configfs, so everything above the kernel's files is
+//! exercised.
 //!
 //! One report: create an entry directory, write the 64-byte `inblob` (REPORT_DATA),
 //! read `provider` and `outblob` (and, for SEV-SNP, `auxblob`: the certificate table

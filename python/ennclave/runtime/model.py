@@ -60,6 +60,7 @@ class EnclavedModel:
         keyserver: str | None = None,
         timeout: float | None = DEFAULT_CALL_TIMEOUT_S,
         platform: str = "native",
+        evidence: str = "software",
         gramine_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.bundle = Path(bundle)
@@ -112,6 +113,7 @@ class EnclavedModel:
             start=self._relay is None,
             call_timeout=timeout,
             platform=platform,
+            evidence=evidence,
             gramine_dir=gramine_dir,
         )
         if self._relay is not None:
