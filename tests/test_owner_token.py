@@ -48,7 +48,8 @@ def test_token_from_file_env_or_argv(lone_server, tmp_path, monkeypatch, capsys)
     assert main(["keys", "list", *url]) == 0
     monkeypatch.delenv("ENNCLAVE_OWNER_TOKEN")
 
-    assert main(["keys", "list", *url, "--token", lone_server.token]) == 0
+    # --token=VALUE: a token may start with "-", which argparse would read as an option
+    assert main(["keys", "list", *url, f"--token={lone_server.token}"]) == 0
     assert "visible to other users" in capsys.readouterr().err
 
 

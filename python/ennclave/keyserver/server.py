@@ -41,7 +41,7 @@ def ensure_owner_token(store: Store, url: str) -> str | None:
     machine's config holds it for another URL. Returns the config path written, or None."""
     want = store.get_meta(TOKEN_META)
     if want is None:
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_hex(32)  # hex: never starts with "-", which argv would misread
         if store.add_meta(
             TOKEN_META, hash_token(token), audit=audit_row("owner_token", "done", "created")
         ):
