@@ -68,3 +68,41 @@ def error_within(fn, seconds: float) -> BaseException | None:
     if not outcome:
         raise Hung(f"ATTACK SUCCEEDED: the call did not return within {seconds:g} s")
     return outcome[0]
+
+
+def start_hostile_worker(b: Bundle, binary: Path, what: str):
+    """Start the worker through `binary` (a launcher that compromises it) with a local
+    key release. Returns the worker's refusal and whether the key was released; an
+    answered inference means the attack succeeded."""
+    import numpy as np
+
+    from ennclave.errors import WorkerError
+    from ennclave.keystore import Keystore
+    from ennclave.runtime.worker import WorkerClient, local_key_release
+    from support.enclave_bundle import IN, OUT
+
+    released = []
+    inner = local_key_release(Keystore(b.keystore), b.key_id)
+
+    def release(hello):
+        released.append(hello)
+        return inner(hello)
+
+    wc = None
+    try:
+        wc = WorkerClient(
+            (b.path / "manifest.json").read_bytes(),
+            b.path / "private.sealed",
+            release,
+            in_len=IN,
+            out_len=OUT,
+            binary=binary,
+            call_timeout=30.0,
+        )
+        y = wc.infer(np.ones((1, IN), np.float32))
+        raise AssertionError(f"ATTACK SUCCEEDED: the {what} worker answered: {y}")
+    except WorkerError as e:
+        return e, bool(released)
+    finally:
+        if wc is not None:
+            wc.close()

@@ -14,13 +14,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from _common import step
+from _common import start_hostile_worker, step
 
-from ennclave.errors import WorkerError
-from ennclave.keystore import Keystore
-from ennclave.runtime.worker import Hello, WorkerClient, find_worker_binary, local_key_release
-from support.enclave_bundle import IN, OUT, Bundle, write_bundle
+from ennclave.runtime.worker import find_worker_binary
+from support.enclave_bundle import write_bundle
 
 EVIL_C = r"""
 #include <stdio.h>
@@ -57,35 +54,6 @@ def launcher(tmp: Path, name: str, env: str) -> Path:
     return p
 
 
-def attempt(b: Bundle, binary: Path) -> tuple[WorkerError, bool]:
-    """Start the worker through `binary`; the refusal, and whether the key was released."""
-    released = []
-    inner = local_key_release(Keystore(b.keystore), b.key_id)
-
-    def release(hello: Hello):
-        released.append(hello)
-        return inner(hello)
-
-    wc = None
-    try:
-        wc = WorkerClient(
-            (b.path / "manifest.json").read_bytes(),
-            b.path / "private.sealed",
-            release,
-            in_len=IN,
-            out_len=OUT,
-            binary=binary,
-            call_timeout=30.0,
-        )
-        y = wc.infer(np.ones((1, IN), np.float32))
-        raise AssertionError(f"ATTACK SUCCEEDED: the preloaded worker answered: {y}")
-    except WorkerError as e:
-        return e, bool(released)
-    finally:
-        if wc is not None:
-            wc.close()
-
-
 def main() -> None:
     if shutil.which("gcc") is None:
         raise SystemExit("ld_preload: needs gcc to build the preloaded library")
@@ -108,7 +76,7 @@ def main() -> None:
         for i, (what, env, expect, constructor) in enumerate(cases):
             marker.unlink(missing_ok=True)
             step(f"worker started with {what}")
-            err, released = attempt(b, launcher(tmp, f"launch{i}", env))
+            err, released = start_hostile_worker(b, launcher(tmp, f"launch{i}", env), "preloaded")
             assert err.code == 11 and err.fatal, f"refused oddly: {err!r}"
             assert expect in str(err), err
             assert not released, "ATTACK SUCCEEDED: the host released the key to it"

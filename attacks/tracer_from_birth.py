@@ -15,13 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from _common import step
+from _common import start_hostile_worker, step
 
-from ennclave.errors import WorkerError
-from ennclave.keystore import Keystore
-from ennclave.runtime.worker import Hello, WorkerClient, find_worker_binary, local_key_release
-from support.enclave_bundle import IN, Bundle, write_bundle
+from ennclave.runtime.worker import find_worker_binary
+from support.enclave_bundle import write_bundle
 
 # The tracer: forks; the child asks to be traced (PTRACE_TRACEME) and execs the worker;
 # the parent continues it through every stop (passing signals on) and exits as it does.
@@ -91,34 +88,6 @@ def launcher(tmp: Path) -> tuple[Path, str]:
     return p, who
 
 
-def attempt(b: Bundle, binary: Path) -> tuple[WorkerError, bool]:
-    released = []
-    inner = local_key_release(Keystore(b.keystore), b.key_id)
-
-    def release(hello: Hello):
-        released.append(hello)
-        return inner(hello)
-
-    wc = None
-    try:
-        wc = WorkerClient(
-            (b.path / "manifest.json").read_bytes(),
-            b.path / "private.sealed",
-            release,
-            in_len=IN,
-            out_len=5,
-            binary=binary,
-            call_timeout=30.0,
-        )
-        y = wc.infer(np.ones((1, IN), np.float32))
-        raise AssertionError(f"ATTACK SUCCEEDED: the traced worker answered: {y}")
-    except WorkerError as e:
-        return e, bool(released)
-    finally:
-        if wc is not None:
-            wc.close()
-
-
 def main() -> None:
     if not ptrace_possible():
         step(
@@ -131,7 +100,7 @@ def main() -> None:
         b = write_bundle(tmp / "bundle", tmp / "keystore.json")
         binary, who = launcher(tmp / "bin")
         step(f"worker started under a tracer from birth (PTRACE_TRACEME, as {who})")
-        err, released = attempt(b, binary)
+        err, released = start_hostile_worker(b, binary, "traced")
         assert err.code == 11 and err.fatal, f"refused oddly: {err!r}"
         assert "traces it" in str(err), err
         assert not released, "ATTACK SUCCEEDED: the host released the key to it"
