@@ -55,6 +55,10 @@ _BINARY = {
 }
 _REDUCE = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min"}
 _ALIASES = ("Identity", "Dropout", "Cast")
+# Ops that only move or compare values: exact on integer ids (which travel as floats),
+# so they may read them; the shape ops' outputs are still ids.
+_ID_SHAPE_OPS = ("Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Flatten")
+_ID_EXACT_OPS = (*_ID_SHAPE_OPS, "Cast", "Equal", "Where", "Not")
 # Operator type -> translator; filled by @OPS.register on `_Lowering` below.
 OPS = Translators()
 # Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
@@ -75,6 +79,9 @@ _ROWWISE = {
     "PRelu",
     "Softmax",
     "LayerNormalization",
+    "Equal",
+    "Where",
+    "Not",
 }
 # Ops whose outputs are static even for dynamic inputs (given static non-batch dims).
 _SHAPE_OPS = ("Shape", "Size")
@@ -727,6 +734,7 @@ class _Lowering:
         self.merged: dict[str, tuple[int, ...]] = {}
         self.used = {t for m in self.g.nodes for t in m.inputs} | {o.name for o in self.g.outputs}
         self.int_ids: set[str] = set()  # casts of the token ids (still ids)
+        self.bools: set[str] = set()  # tensors known to hold only 0 and 1 (comparisons)
 
     # -- helpers -----------------------------------------------------------------
     def shape(self, tensor: str, node: Node) -> tuple[int | None, ...]:
@@ -855,14 +863,17 @@ class _Lowering:
             {self.cut.tensor.name} if self.cut.tensor.dtype in ("int32", "int64") else set()
         )
         for i, t in enumerate(node.inputs):
-            # Integer ids travel as floats: only a lookup or a cast may read them (integer
-            # arithmetic, e.g. Div, would round differently).
-            if t in ids and not (op == "Cast" or (op == "Gather" and i == 1)):
+            # Integer ids travel as floats: only a lookup, a cast, a comparison or a
+            # shape op may read them (integer arithmetic, e.g. Div, would round
+            # differently).
+            if t in ids and not (op in _ID_EXACT_OPS or (op == "Gather" and i == 1)):
                 raise self.unsupported(
                     node,
                     f"it reads the integer tensor {t!r}; in the enclave integer ids may only "
-                    "be looked up (Gather) or cast; cut after this node",
+                    "be looked up (Gather), cast, compared or reshaped; cut after this node",
                 )
+        if op in _ID_SHAPE_OPS and node.inputs and node.inputs[0] in ids:
+            self.int_ids.update(t for t in n.output if t)
         ks = {self.merged.get(t, ()) for t in node.inputs if t in self.env}
         if ks and ks != {()}:
             if len(ks) != 1 or op not in _ROWWISE:
@@ -949,8 +960,10 @@ class _Lowering:
         pshape = tuple(out_shape[p] for p in perm)
         if len(names) == 1:
             return _Val(names[0], perm, out_shape)  # variadic op with one input
-        if op in ("sub", "div", "pow") and len(names) != 2:
+        if op in ("sub", "div", "pow", "equal") and len(names) != 2:
             raise self.unsupported(node, "expected exactly two inputs")
+        if op == "where" and len(names) != 3:
+            raise self.unsupported(node, "expected exactly three inputs")
         name = self.emit(op, names, node, pshape)
         return _Val(name, perm, out_shape)
 
@@ -968,15 +981,65 @@ class _Lowering:
     @OPS.register("Cast")
     def lower_Cast(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
-        ints = self.cut.tensor.dtype in ("int32", "int64") and (
-            node.inputs[0] == self.cut.tensor.name or node.inputs[0] in self.int_ids
+        src = node.inputs[0]
+        ints = src in self.int_ids or (
+            src == self.cut.tensor.name and self.cut.tensor.dtype in ("int32", "int64")
         )
-        if a.get("to") == 1 or (a.get("to") in (6, 7) and ints):
-            # to float32; or token ids between int32 and int64 (their values unchanged)
-            if a.get("to") != 1:
+        to = a.get("to")
+        if to == 1 or (to in (6, 7) and ints) or (to == 9 and src in self.bools):
+            # Values unchanged: to float32 (everything travels as float32), token ids
+            # between int32 and int64, a 0/1 tensor to bool.
+            if to in (6, 7):
                 self.int_ids.add(node.outputs[0])
+            if to == 9 or (to == 1 and src in self.bools):
+                self.bools.add(node.outputs[0])
             return v
-        raise self.unsupported(node, "only casts to float32 (or of token ids) are supported")
+        names = {9: "bool", 6: "int32", 7: "int64"}
+        if to not in names:
+            raise self.unsupported(
+                node, "only casts to float32, bool, int32 and int64 are supported"
+            )
+        if to == 9:
+            self.bools.add(node.outputs[0])
+        name = self.emit("cast", [v.name], node, v.pshape, {"to": names[to]})
+        return _Val(name, v.perm, v.shape)
+
+    @OPS.register("Equal")
+    def lower_Equal(self, node: Node, a: dict[str, Any]) -> _Val:
+        self.bools.add(node.outputs[0])
+        return self.binary(node, "equal", list(node.inputs))
+
+    @OPS.register("Not")
+    def lower_Not(self, node: Node, a: dict[str, Any]) -> _Val:
+        # On a 0/1 tensor, not x is 1 − x; a cast to bool first makes any tensor 0/1.
+        v = self.dyn(node)
+        if node.inputs[0] not in self.bools:
+            v = _Val(self.emit("cast", [v.name], node, v.pshape, {"to": "bool"}), v.perm, v.shape)
+        one = self.constant(node, np.array(1.0, np.float32))
+        self.bools.add(node.outputs[0])
+        return _Val(self.emit("sub", [one, v.name], node, v.pshape), v.perm, v.shape)
+
+    @OPS.register("Where")
+    def lower_Where(self, node: Node, a: dict[str, Any]) -> _Val:
+        if node.inputs[1] in self.bools and node.inputs[2] in self.bools:
+            self.bools.add(node.outputs[0])
+        return self.binary(node, "where", list(node.inputs))
+
+    @OPS.register("Expand")
+    def lower_Expand(self, node: Node, a: dict[str, Any]) -> _Val:
+        # The target shape may be built from Shape ops (torch's attention masks): the
+        # output shape that shape inference (or a run) found is what counts.
+        v = self.dyn(node)
+        out_shape = self.shape(node.outputs[0], node)
+        if v.rank != len(out_shape):
+            raise self.unsupported(node, "expanding to a higher rank would move the batch axis")
+        if node.inputs[0] in self.bools:
+            self.bools.add(node.outputs[0])
+        if tuple(out_shape[1:]) == tuple(v.shape[1:]):
+            return v
+        pshape = tuple(out_shape[p] for p in v.perm)
+        attrs = {"shape": [int(d) for d in pshape[1:]]}  # type: ignore[arg-type]
+        return _Val(self.emit("expand", [v.name], node, pshape, attrs), v.perm, out_shape)
 
     @OPS.register("Gather")
     def lower_Gather(self, node: Node, a: dict[str, Any]) -> _Val:
