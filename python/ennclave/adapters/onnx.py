@@ -82,6 +82,7 @@ _ROWWISE = {
     "Equal",
     "Where",
     "Not",
+    "Transpose",
 }
 # Ops whose outputs are static even for dynamic inputs (given static non-batch dims).
 _SHAPE_OPS = ("Shape", "Size")
@@ -230,7 +231,31 @@ def _as_shipped(model: Any, file: str, input_shapes: dict[str, tuple[int, ...]])
                 f"enclave needs static ones: fix them with --input-shape {vi.name}={example} "
                 "(your sizes; the first dimension is the batch and stays free)."
             )
+    _replace_erfc(model)
     return model
+
+
+def _replace_erfc(model: Any) -> None:
+    """tf2onnx cannot convert TensorFlow's Erfc (Keras's exact gelu is
+    0.5·x·erfc(−x/√2)) and leaves it in the default domain, where ONNX has no such
+    operator and ONNX Runtime refuses the model: rewrite each as 1 − Erf(x), which
+    ONNX Runtime runs and the passes fuse back into gelu."""
+    onnx = require("onnx")
+    g = model.graph
+    if not any(n.op_type == "Erfc" and n.domain in ("", "ai.onnx") for n in g.node):
+        return
+    one = "ennclave_erfc_one"
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), one))
+    nodes = []
+    for n in g.node:
+        if n.op_type != "Erfc" or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        erf = f"{n.output[0]}_erf"
+        nodes.append(onnx.helper.make_node("Erf", [n.input[0]], [erf], name=f"{n.name}_erf"))
+        nodes.append(onnx.helper.make_node("Sub", [one, erf], [n.output[0]], name=n.name))
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 class OnnxAdapter(ModelAdapter):
@@ -679,9 +704,20 @@ class OnnxAdapter(ModelAdapter):
         self._const_cache = result
         return result
 
-    def _const(self, name: str, node: Node) -> np.ndarray:
-        """A constant operand; it must not depend on the batch size."""
-        vals = [c.get(name) for c in self._constants().values()]
+    def _const(self, name: str, node: Node, per_sample: bool = False) -> np.ndarray:
+        """A constant operand; it must not depend on the batch size. `per_sample`: an
+        elementwise operand, which may also be one value repeated over the batch (as
+        tf2onnx's BroadcastTo of a position embedding to [N, S, H]): that value is
+        returned with a leading 1."""
+        consts = self._constants()
+        vals = [c.get(name) for c in consts.values()]
+        if per_sample and all(v is not None for v in vals) and len(vals) > 1:
+            rows = [np.asarray(v) for v in vals]
+            if all(
+                r.ndim and r.shape[0] == batch and (r == r[:1]).all()
+                for r, batch in zip(rows, consts, strict=True)
+            ) and all(np.array_equal(r[:1], rows[0][:1]) for r in rows):
+                return rows[0][:1]
         if any(v is None for v in vals):
             raise UnsupportedOpError(
                 f"Node {node.name!r} ({node.op_type}) uses {name!r}, a constant ennclave "
@@ -945,7 +981,7 @@ class _Lowering:
             if t in self.env:
                 names.append(self.to_layout(self.env[t], perm, node).name)
                 continue
-            c = np.asarray(self.a._const(t, node))
+            c = np.asarray(self.a._const(t, node, per_sample=True))
             if c.dtype.kind not in "fiub":
                 raise self.unsupported(node, f"constant {t!r} is not numeric")
             if c.ndim > r:
@@ -1506,6 +1542,9 @@ class _Lowering:
         t = tuple(a.get("perm", range(v.rank - 1, -1, -1)))
         if t[0] != 0:
             raise self.unsupported(node, f"perm {list(t)} moves the batch axis")
+        k = self.merged.get(node.inputs[0], ())
+        if k:  # batch merged with k (tf2onnx's einsum): those axes stay in front
+            t = (*range(len(k) + 1), *[p + len(k) for p in t[1:]])
         # No program node: the data stays put, only its labels change.
         inv_t = _inv(t)
         return _Val(v.name, tuple(inv_t[p] for p in v.perm), tuple(v.shape[i] for i in t))
