@@ -58,7 +58,12 @@ _ALIASES = ("Identity", "Dropout", "Cast")
 # Ops that only move or compare values: exact on integer ids (which travel as floats),
 # so they may read them; the shape ops' outputs are still ids.
 _ID_SHAPE_OPS = ("Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Flatten")
-_ID_EXACT_OPS = (*_ID_SHAPE_OPS, "Cast", "Equal", "Where", "Not")
+_COMPARE = ("Less", "Greater", "LessOrEqual", "GreaterOrEqual")
+# Integer Add/Sub/Mul of ids, 0/1 flags and integer constants are exact in float32
+# below 2^24 (Keras's Embedding wraps negative ids as where(ids < 0, ids + V, ids));
+# Div, Pow, Mod would round differently.
+_ID_ARITH = ("Add", "Sub", "Mul")
+_ID_EXACT_OPS = (*_ID_SHAPE_OPS, *_ID_ARITH, *_COMPARE, "Cast", "Equal", "Where", "Not")
 # Operator type -> translator; filled by @OPS.register on `_Lowering` below.
 OPS = Translators()
 # Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
@@ -771,6 +776,7 @@ class _Lowering:
         self.used = {t for m in self.g.nodes for t in m.inputs} | {o.name for o in self.g.outputs}
         self.int_ids: set[str] = set()  # casts of the token ids (still ids)
         self.bools: set[str] = set()  # tensors known to hold only 0 and 1 (comparisons)
+        self.integers: set[str] = set()  # integer-valued tensors (ids, also cast to float)
 
     # -- helpers -----------------------------------------------------------------
     def shape(self, tensor: str, node: Node) -> tuple[int | None, ...]:
@@ -847,6 +853,20 @@ class _Lowering:
             raise self.unsupported(node, f"input {i} must be a constant")
         return self.a._const(n.input[i], node)
 
+    def integral(self, t: str, ids: set[str]) -> bool:
+        """Whether `t` holds integers only: ids (also cast to float), 0/1 flags, their
+        integer sums and products, or an integer-valued constant."""
+        if t in ids or t in self.bools or t in self.integers:
+            return True
+        if t in self.g.constant_tensors:
+            vals = [v.get(t) for v in self.a._constants().values()]
+            return all(
+                v is not None and np.asarray(v).dtype.kind in "iub"
+                or np.array_equal(np.asarray(v), np.round(np.asarray(v)))
+                for v in vals
+            )
+        return False
+
     # -- driver ------------------------------------------------------------------
     def run(self) -> Program:
         g, cut = self.g, self.cut
@@ -910,6 +930,16 @@ class _Lowering:
                 )
         if op in _ID_SHAPE_OPS and node.inputs and node.inputs[0] in ids:
             self.int_ids.update(t for t in n.output if t)
+        if op in _ID_ARITH and any(t in ids for t in node.inputs):
+            if not all(self.integral(t, ids) for t in node.inputs):
+                raise self.unsupported(
+                    node,
+                    "it mixes integer ids with floats; in the enclave ids may only be "
+                    "combined with integers",
+                )
+            self.int_ids.update(t for t in n.output if t)
+        if op == "Where" and all(t in ids for t in node.inputs[1:]):
+            self.int_ids.update(t for t in n.output if t)
         ks = {self.merged.get(t, ()) for t in node.inputs if t in self.env}
         if ks and ks != {()}:
             if len(ks) != 1 or op not in _ROWWISE:
@@ -935,6 +965,13 @@ class _Lowering:
                 f"support; supported ops: {', '.join(SUPPORTED_OPS)}."
             )
         out = translate(self, node, attrs)
+        # Integer values survive moves, casts and integer sums and products.
+        ins = node.inputs[1:] if op == "Where" else node.inputs[:1]
+        if op in (*_ID_SHAPE_OPS, *_ID_ARITH, "Cast", "Where"):
+            if op in _ID_ARITH:
+                ins = node.inputs
+            if all(self.integral(t, ids) for t in ins):
+                self.integers.update(t for t in n.output if t)
         if isinstance(out, list):  # one value per output (Split); None: an unread output
             for name, val in zip(n.output, out, strict=True):
                 if name and val is not None:
@@ -1022,12 +1059,16 @@ class _Lowering:
             src == self.cut.tensor.name and self.cut.tensor.dtype in ("int32", "int64")
         )
         to = a.get("to")
-        if to == 1 or (to in (6, 7) and ints) or (to == 9 and src in self.bools):
+        if (
+            to == 1
+            or (to in (6, 7) and (ints or src in self.bools))
+            or (to == 9 and src in self.bools)
+        ):
             # Values unchanged: to float32 (everything travels as float32), token ids
             # between int32 and int64, a 0/1 tensor to bool.
             if to in (6, 7):
                 self.int_ids.add(node.outputs[0])
-            if to == 9 or (to == 1 and src in self.bools):
+            if src in self.bools:
                 self.bools.add(node.outputs[0])
             return v
         names = {9: "bool", 6: "int32", 7: "int64"}
@@ -1044,6 +1085,24 @@ class _Lowering:
     def lower_Equal(self, node: Node, a: dict[str, Any]) -> _Val:
         self.bools.add(node.outputs[0])
         return self.binary(node, "equal", list(node.inputs))
+
+    @OPS.register(*_COMPARE)
+    def lower_compare(self, node: Node, a: dict[str, Any]) -> _Val:
+        # On integers a < b is clip(b − a, 0, 1) and a ≤ b is clip(b − a + 1, 0, 1),
+        # exactly; float operands would need a comparison op the format lacks.
+        ids = self.int_ids | (
+            {self.cut.tensor.name} if self.cut.tensor.dtype in ("int32", "int64") else set()
+        )
+        if not all(self.integral(t, ids) for t in node.inputs):
+            raise self.unsupported(node, "comparisons are supported on integer tensors only")
+        x, y = node.inputs
+        lo, hi = (x, y) if node.op_type in ("Less", "LessOrEqual") else (y, x)
+        d = self.binary(node, "sub", [hi, lo])
+        if node.op_type.endswith("OrEqual"):
+            one = self.constant(node, np.array(1.0, np.float32))
+            d = _Val(self.emit("add", [d.name, one], node, d.pshape), d.perm, d.shape)
+        self.bools.add(node.outputs[0])
+        return self.act(node, d, activation("clip", min=0.0, max=1.0))
 
     @OPS.register("Not")
     def lower_Not(self, node: Node, a: dict[str, Any]) -> _Val:
