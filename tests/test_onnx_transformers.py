@@ -98,13 +98,12 @@ def _block_outputs(ad: OnnxAdapter) -> dict[int, object]:
 def test_tf2onnx_keras_hub_classifier_splits_at_every_block_boundary(
     hub_onnx: Path, tmp_path: Path
 ) -> None:
+    import ennclave
     from ennclave.plan import make_plan
     from ennclave.reference import execute
     from ennclave.runtime.public import PublicPart
     from ennclave.split import split_model
     from test_transformers import _ids
-
-    import ennclave
 
     ad = OnnxAdapter(hub_onnx)
     blocks = _block_outputs(ad)

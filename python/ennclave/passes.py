@@ -278,8 +278,7 @@ def _regions(prog: Program, pshape: Shapes, x: str) -> list[list[ProgramNode]]:
         nodes = [n for n in region[: i + 1] if n.outputs[0] in members]
         names = {id(n) for n in nodes}
         closed = all(
-            n is end or all(id(m) in names for m in consumers.get(n.outputs[0], []))
-            for n in nodes
+            n is end or all(id(m) in names for m in consumers.get(n.outputs[0], [])) for n in nodes
         )
         if closed and len(nodes) >= 3 and pshape.get(end.outputs[0]) == pshape.get(x):
             out.append(nodes)
@@ -373,9 +372,7 @@ def _fuse_regions(prog: Program, pshape: Shapes, out_name: str) -> bool:
                 found = _as_layer_norm(prog, nodes, x, shape)
                 if found is not None:
                     best = (nodes, "layer_norm", found)
-            elif any(
-                n.op == "activation" and n.attrs["activation"]["fn"] in fns for n in nodes
-            ):
+            elif any(n.op == "activation" and n.attrs["activation"]["fn"] in fns for n in nodes):
                 act = _as_gelu(prog, nodes, x, shape)
                 if act is not None:
                     best = (nodes, "gelu", act)

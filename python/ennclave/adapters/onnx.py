@@ -861,8 +861,11 @@ class _Lowering:
         if t in self.g.constant_tensors:
             vals = [v.get(t) for v in self.a._constants().values()]
             return all(
-                v is not None and np.asarray(v).dtype.kind in "iub"
-                or np.array_equal(np.asarray(v), np.round(np.asarray(v)))
+                v is not None
+                and (
+                    np.asarray(v).dtype.kind in "iub"
+                    or np.array_equal(np.asarray(v), np.round(np.asarray(v)))
+                )
                 for v in vals
             )
         return False
