@@ -205,6 +205,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_QUERIES_LOCAL = (
+    "--max-queries is counted per worker start: with a local key the client's host holds "
+    "the data key and can start as many workers as it likes, so a local-key bundle cannot "
+    "be metered against its own host. For a total budget, register the key on a key "
+    "server (--keyserver URL) and set `ennclave keys policy KEY --query-budget N`."
+)
+MAX_QUERIES_KEYSERVER = (
+    "--max-queries is counted per worker start; the key's total over all workers is the "
+    "key server's query budget: `ennclave keys policy KEY --query-budget N`."
+)
+
+
+def _warn_max_queries(keyserver: bool) -> None:
+    """`split --max-queries`: say what it does not bound (docs/threat-model.md)."""
+    msg = MAX_QUERIES_KEYSERVER if keyserver else MAX_QUERIES_LOCAL
+    err_console.print(Text.assemble(("warning: ", "bold yellow"), msg), soft_wrap=True)
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     _need_file(args.model, "The model")
     _check_bundle_destination(args.output, args.overwrite)
@@ -215,6 +233,8 @@ def cmd_split(args: argparse.Namespace) -> int:
     policy = parse_output_policy(args.output_policy, args.max_queries)
     if args.keyserver:
         _needs_module("httpx")
+    if args.max_queries is not None:
+        _warn_max_queries(bool(args.keyserver))
 
     from .adapters import load_model
     from .keyserver.cli import owner_token
