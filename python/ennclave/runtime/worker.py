@@ -60,12 +60,14 @@ BINARY_NAME = "ennclave-enclave"
 # Linux configfs-tsm, where a confidential VM's guest reports come from (platform/tsm.rs).
 TSM_ROOT = "/sys/kernel/config/tsm/report"
 # The only environment the worker gets: diagnostics, and the switches that choose its
-# fp32 kernel family (docs/worker-protocol.md, "Sandbox").
+# fp32 kernel family and cap the quantised-kernel path (docs/worker-protocol.md,
+# "Sandbox").
 _WORKER_ENV = (
     "ENNCLAVE_SECCOMP_LOG",
     "ENNCLAVE_TRACE",
     "ENNCLAVE_NO_AVX512",
     "ENNCLAVE_KERNEL",
+    "ENNCLAVE_QKERNEL",
     "RUST_BACKTRACE",
 )
 # ENNCLAVE_KERNEL's values: the worker's fp32 kernel families (ops/dense.rs `Isa`).
