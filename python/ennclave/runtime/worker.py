@@ -59,9 +59,16 @@ from ..seal import CachedKey, WrappedKey, wrap_data_key
 BINARY_NAME = "ennclave-enclave"
 # Linux configfs-tsm, where a confidential VM's guest reports come from (platform/tsm.rs).
 TSM_ROOT = "/sys/kernel/config/tsm/report"
-# The only environment the worker gets: diagnostics, and the switch that runs its
-# kernels without AVX-512 on any CPU (docs/worker-protocol.md, "Sandbox").
-_WORKER_ENV = ("ENNCLAVE_SECCOMP_LOG", "ENNCLAVE_TRACE", "ENNCLAVE_NO_AVX512", "RUST_BACKTRACE")
+# The only environment the worker gets: diagnostics, and the switches that run its
+# kernels without AVX-512 on any CPU and cap the quantised-kernel path
+# (docs/worker-protocol.md, "Sandbox").
+_WORKER_ENV = (
+    "ENNCLAVE_SECCOMP_LOG",
+    "ENNCLAVE_TRACE",
+    "ENNCLAVE_NO_AVX512",
+    "ENNCLAVE_QKERNEL",
+    "RUST_BACKTRACE",
+)
 PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20
 # How long the host polls for an answer, when the previous one came within this time.
