@@ -74,8 +74,9 @@ fn manifest_lens(m: &Value, part: &str, which: &str) -> Option<Vec<usize>> {
 
 /// A loaded program, ready to serve.
 pub struct Loaded {
-    /// The key server's licence, checked at start; enforced at every INFER.
-    pub(crate) licence: Option<licence::Licence>,
+    /// The key server's licence, checked at start; enforced at every INFER (with,
+    /// when metered, what signs its usage report at SHUTDOWN).
+    pub(crate) licence: Option<licence::Held>,
     pub(crate) exec: Executor,
     pub(crate) policy: Policy,
     pub(crate) in_len: usize,
@@ -171,7 +172,7 @@ struct Inbox {
     /// A LICENCE waiting for its KEY.
     licence_msg: Option<(Vec<u8>, [u8; 32])>,
     /// The licence admitted with the key.
-    held_licence: Option<licence::Licence>,
+    held_licence: Option<licence::Held>,
 }
 
 /// Answer the host's messages until the manifest, the whole sealed program and the
@@ -508,7 +509,7 @@ fn admit_licence(
     pubkey: Option<&[u8; 32]>,
     bin: &[u8; 32],
     machine_id: Option<&[u8]>,
-) -> Result<Option<licence::Licence>, Fatal> {
+) -> Result<Option<licence::Held>, Fatal> {
     let required = licence_required(manifest)?;
     let Some((raw, mac)) = sent else {
         if required {
@@ -537,7 +538,17 @@ fn admit_licence(
             "the cached licence does not allow offline use",
         ));
     }
-    if let (Some(_), true, Some(mid)) = (pubkey, lic.offline, machine_id) {
+    // A metered licence (a slice of the key's total budget) is for one worker: a cache
+    // would restart it with a fresh allowance each time (docs/key-release.md).
+    let metered = lic.query_budget.is_some();
+    if pubkey.is_none() && metered {
+        return Err(Fatal::new(
+            code::LICENCE_INVALID,
+            "the cached licence carries a query budget, which an offline key cache cannot \
+             meter",
+        ));
+    }
+    if let (Some(_), true, false, Some(mid)) = (pubkey, lic.offline, metered, machine_id) {
         let blob = licence::seal_cache(mid, bin, key_id, data_key, &raw, &mac).map_err(refuse)?;
         write_msg(
             ctl,
@@ -547,7 +558,7 @@ fn admit_licence(
             },
         )?;
     }
-    Ok(Some(lic))
+    licence::Held::new(lic, data_key).map(Some).map_err(refuse)
 }
 
 /// Unseal the program with the data key (which is zeroed as soon as it has been used)
@@ -577,7 +588,7 @@ fn open_program(sealed: seal::Incoming, aad: &[u8], key: SecretBuf<u8>) -> Resul
 fn load(
     program: Program,
     manifest: &Value,
-    licence: Option<licence::Licence>,
+    licence: Option<licence::Held>,
     args: &Args,
 ) -> Result<Loaded, Fatal> {
     let secmem = backing_name(program.weights_backing());
@@ -682,5 +693,65 @@ mod tests {
         assert_ne!(r, evidence_report(&[0; 32], &[2; 32], &[3; 32]));
         assert_ne!(r, evidence_report(&[1; 32], &[0; 32], &[3; 32]));
         assert_ne!(r, evidence_report(&[1; 32], &[2; 32], &[0; 32]));
+    }
+
+    /// Metered licences (a `query_budget`): never sealed into an offline key cache, and
+    /// refused from one; an admitted one carries its usage signer.
+    #[test]
+    fn metered_licences_are_never_cached_and_sign_their_usage() {
+        use std::io::Read;
+        let dk = [7u8; 32];
+        let (pk, bin) = ([1u8; 32], [2u8; 32]);
+        let m: Value = serde_json::from_str(r#"{"private":{"licence":"required"}}"#).unwrap();
+        let lic = |budget: &str| {
+            let raw = format!(
+                r#"{{"binary_sha256":"{}","client_id":"ab","evidence":"software","expires_at":4000000000,"issued_at":1,"key_id":"k1","licence_id":"0a","offline":true,"pubkey":"{}","query_budget":{budget},"v":1}}"#,
+                licence::hex(&bin),
+                licence::hex(&pk)
+            )
+            .into_bytes();
+            let mac = licence::compute_mac(&dk, "k1", &raw).unwrap();
+            (raw, mac)
+        };
+        let (mut ctl, mut host) = UnixStream::pair().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let mut sent = Vec::new();
+        // fresh, offline, metered: admitted with a signer, and no KEY_CACHE
+        let held = admit_licence(
+            &mut ctl,
+            &m,
+            "k1",
+            &dk,
+            Some(lic("5")),
+            Some(&pk),
+            &bin,
+            Some(b"mid"),
+        )
+        .unwrap_or_else(|e| panic!("{}", e.1))
+        .unwrap();
+        assert!(held.usage.is_some() && held.licence.licence_id == "0a");
+        assert!(host.read_to_end(&mut sent).is_err() && sent.is_empty());
+        // the same licence from a cache: refused
+        let e = admit_licence(&mut ctl, &m, "k1", &dk, Some(lic("5")), None, &bin, None)
+            .err()
+            .unwrap();
+        assert_eq!(e.0, code::LICENCE_INVALID);
+        assert!(e.1.contains("query budget"), "{}", e.1);
+        // unmetered and offline: cached (KEY_CACHE sent), no signer
+        let held = admit_licence(
+            &mut ctl,
+            &m,
+            "k1",
+            &dk,
+            Some(lic("null")),
+            Some(&pk),
+            &bin,
+            Some(b"mid"),
+        )
+        .unwrap_or_else(|e| panic!("{}", e.1))
+        .unwrap();
+        assert!(held.usage.is_none());
+        let _ = host.read_to_end(&mut sent);
+        assert_eq!(sent.get(4), Some(&crate::protocol::ty::KEY_CACHE));
     }
 }
