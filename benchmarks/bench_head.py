@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
+from _common import ort_session, record, timeit, timeit_pair
 from rich.console import Console
 from rich.table import Table
 
@@ -61,7 +61,6 @@ def build_identity(path: Path) -> None:
 
 
 def ort_head(weights: list[np.ndarray]):
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [
@@ -85,47 +84,7 @@ def ort_head(weights: list[np.ndarray]):
     )
     # IR version 9 (opset 17): loadable by older ONNX Runtime releases too.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"x": x})[0]
-
-
-def timeit(fn, x, seconds: float, min_runs: int = 20) -> float:
-    """Median seconds per call after warm-up."""
-    for _ in range(10):
-        fn(x)
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < min_runs:
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def timeit_pair(fa, fb, x, seconds: float, block_s: float = 0.25) -> tuple[float, float]:
-    """Median seconds per call of `fa` and `fb`, timed in alternating blocks of
-    `block_s`, so both see the same machine state: on a shared VM the speed drifts by
-    tens of percent within a minute, which back-to-back runs would mistake for a
-    difference between the two. The first calls of each block are not timed (the other
-    side's threads may still be spinning, as ONNX Runtime's do after a run)."""
-    ta: list[float] = []
-    tb: list[float] = []
-    end = time.perf_counter() + 2 * seconds
-    while time.perf_counter() < end:
-        for fn, times in ((fa, ta), (fb, tb)):
-            for _ in range(5):
-                fn(x)
-            stop = time.perf_counter() + block_s
-            while True:
-                t = time.perf_counter()
-                fn(x)
-                times.append(time.perf_counter() - t)
-                if t >= stop:
-                    break
-    return statistics.median(ta), statistics.median(tb)
+    return ort_session(model, THREADS)
 
 
 def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
@@ -252,19 +211,11 @@ def main() -> int:
     console.print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "command": "".join(
-                f"{k}={os.environ[k]} " for k in ("ENNCLAVE_NO_AVX512",) if k in os.environ
-            )
-            + "python benchmarks/bench_head.py "
-            + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "python": platform.python_version(),
-            "ennclave": ennclave.__version__,
-            "results": {k: round(v, 4) for k, v in results.items()},
-            "runs": [{k: round(v, 4) for k, v in run.items()} for run in runs],
-        }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        rounded = [{k: round(v, 4) for k, v in run.items()} for run in runs]
+        record_ = record(
+            "bench_head.py", {k: round(v, 4) for k, v in results.items()}, runs=rounded
+        )
+        args.json.write_text(json.dumps(record_, indent=2) + "\n")
     return 0
 
 

@@ -511,7 +511,7 @@ fn axpy_portable(x: &[f32], w: &[f32], yc: &mut [f32], k: usize, n: usize, c0: u
 /// Whether the AVX-512 kernel runs: the CPU has AVX-512F, and `ENNCLAVE_NO_AVX512=1`
 /// is not set (that switch lets tests and benchmarks run the other path on any CPU).
 /// Decided once, during the executor's warm-up, before the sandbox goes on.
-fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USE.get_or_init(|| {
         let off = std::env::var_os("ENNCLAVE_NO_AVX512").is_some_and(|v| v == "1");
@@ -527,7 +527,7 @@ fn has_avx512() -> bool {
     })
 }
 
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod misc;
 pub mod resize;
 pub mod slice;
+pub mod vmath;
 
 pub use act::Act;
 
