@@ -564,6 +564,8 @@ impl State {
                 }
                 act.apply_par(y, threads);
             }
+            Op::Where(s) => binary::select(y, x(0)?, x(1)?, x(2)?, s, nb),
+            Op::Expand(bc) => binary::broadcast_copy(y, (x(0)?, bc), batch),
             Op::Activation(a) => {
                 y.copy_from_slice(x(0)?);
                 a.apply_par(y, threads);

@@ -30,7 +30,8 @@ ACTIVATIONS = (
 
 OPS = (
     "dense conv conv_transpose pool global_pool reduce pad reshape transpose slice resize "
-    "scale_shift layer_norm add sub mul div max min pow concat constant activation matmul softmax gather"
+    "scale_shift layer_norm add sub mul div max min pow equal where cast expand concat constant "
+    "activation matmul softmax gather"
 ).split()
 
 

@@ -255,7 +255,23 @@ def _binary(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         "max": np.maximum,
         "min": np.minimum,
         "pow": np.power,
+        "equal": lambda x, y: (x == y).astype(np.float64),
     }[op](a, b)
+
+
+def cast(x: np.ndarray, to: str) -> np.ndarray:
+    """`cast`: values stay float; bool is x ≠ 0 (NaN too), integers truncate toward
+    zero, clamped to the type's range, NaN → 0."""
+    if to == "float32":
+        return x
+    if to == "bool":
+        return (x != 0).astype(np.float64)
+    if to in ("int32", "int64"):
+        info = np.iinfo(to)
+        # The range as float32 sees it (the worker clamps in float32).
+        lo, hi = float(np.float32(info.min)), float(np.float32(info.max))
+        return np.nan_to_num(np.clip(np.trunc(x), lo, hi), nan=0.0)
+    raise ProgramError(f"Unknown cast target {to!r}.")
 
 
 def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]) -> np.ndarray:
@@ -312,6 +328,15 @@ def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]
         if "beta" in weight:
             y = y + weight["beta"]
         return y
+    if op == "equal":
+        return _binary(op, args[0], args[1])
+    if op == "where":
+        cond, xv, yv = args
+        return np.where(cond != 0, xv, yv)
+    if op == "cast":
+        return cast(x, a["to"])
+    if op == "expand":
+        return np.broadcast_to(x, (x.shape[0], *a["shape"]))
     if op in ("add", "sub", "mul", "div", "max", "min", "pow"):
         y = args[0]
         for b in args[1:]:

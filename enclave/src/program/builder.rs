@@ -314,6 +314,9 @@ impl<'d> Builder<'d> {
         if op == "gather" {
             return self.gather(ctx, args);
         }
+        if op == "where" {
+            return self.where_node(ctx, args);
+        }
         // The rest take exactly one batched input.
         let unary: fn(&mut Self, &NodeCtx, &TensorMeta) -> NodeResult = match op {
             "dense" => Self::dense,
@@ -330,6 +333,8 @@ impl<'d> Builder<'d> {
             "scale_shift" => Self::scale_shift,
             "layer_norm" => Self::layer_norm,
             "activation" => Self::activation_node,
+            "expand" => Self::expand,
+            "cast" => Self::cast,
             _ => return ctx.e(format!("unknown op {op:?}")),
         };
         if args.len() != 1 {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::ops::binary::{Bcast, BinKind};
+use crate::ops::binary::{Bcast, BinKind, Select};
 use crate::ops::conv::{ConvParams, Geom};
 use crate::ops::conv_transpose::ConvTParams;
 use crate::ops::matmul::{Gather, Matmul};
@@ -172,6 +172,10 @@ pub enum Op {
     },
     /// Embedding lookup: one table row per id.
     Gather(Gather),
+    /// `where(cond, x, y)`, broadcasting.
+    Where(Select),
+    /// The input broadcast to a larger shape.
+    Expand(Bcast),
     Activation(Act),
 }
 
