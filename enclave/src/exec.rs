@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, resize, slice};
-use crate::program::{Error, Node, Op, Program, TensorMeta, WRef, Weights};
+use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, qdense, resize, slice};
+use crate::program::{Error, Node, Op, Program, QWeight, TensorMeta, WRef, Weights};
 use crate::secmem::SecretBuf;
 
 /// Where a tensor lives.
@@ -178,6 +178,10 @@ impl Executor {
                     if let Op::Matmul(mm) = op {
                         scratch_len = scratch_len.max(mm.scratch_len(threads));
                         warm_scratch = warm_scratch.max(mm.scratch_len(threads));
+                    }
+                    if let Op::QConv { p, .. } = op {
+                        scratch_len = scratch_len.max(p.scratch_len(max_batch));
+                        warm_scratch = warm_scratch.max(p.scratch_len(warm));
                     }
                     if let Op::ConvTranspose { p, .. } = op {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch));
@@ -397,6 +401,17 @@ fn prefault(b: &mut [f32]) {
 }
 
 /// Data of tensor `t` for a batch of `batch`.
+/// A quantised kernel's slices of the weight buffer.
+fn qkernel<'a>(q: &QWeight, w: &impl Fn(WRef) -> &'a [f32]) -> qdense::QKernel<'a> {
+    match *q {
+        QWeight::Bf16(d) => qdense::QKernel::Bf16(qdense::as_u16(w(d))),
+        QWeight::Int8 { data, scale } => qdense::QKernel::Int8 {
+            q: qdense::as_i8(w(data)),
+            scale: w(scale),
+        },
+    }
+}
+
 fn view<'a>(
     slots: &'a [Option<SecretBuf<f32>>],
     weights: &'a Weights,
@@ -488,6 +503,23 @@ impl State {
                     &mut self.scratch,
                     threads,
                 );
+            }
+            Op::QDense {
+                rows,
+                k,
+                n,
+                kernel,
+                bias,
+                act,
+            } => {
+                let q = qkernel(kernel, &w);
+                qdense::qdense(x(0)?, q, bias.map(w), y, batch * rows, *k, *n, threads);
+                act.apply_par(y, threads);
+            }
+            Op::QConv { p, kernel, bias } => {
+                let q = qkernel(kernel, &w);
+                let s = &mut self.scratch;
+                qdense::qconv(x(0)?, q, bias.map(w), y, batch, p, s, threads);
             }
             Op::ConvTranspose { p, kernel, bias } => {
                 conv_transpose::conv_transpose(

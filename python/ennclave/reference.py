@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ProgramError
-from .program import Program, ProgramNode
+from .program import Program, ProgramNode, bf16_round
 
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
@@ -379,6 +379,11 @@ def execute(program: Program, x: np.ndarray, *, exact: bool = False) -> np.ndarr
     env: dict[str, np.ndarray] = {program.inputs[0].name: np.asarray(x, dtype=np.float64)}
     for node in program.nodes:
         args = [env[t] for t in node.inputs]
+        q = program.quant.get(node.weights.get("kernel", ""))
+        if q is not None and q.dtype == "bf16":
+            # bf16 kernels multiply bf16 inputs (as AVX512_BF16's vdpbf16ps does; every
+            # kernel path of the worker rounds x the same way), summing in float32.
+            args[0] = bf16_round(args[0].astype(np.float32)).astype(np.float64)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             y = run_node(node, args, program.weights)
         y = np.asarray(y, dtype=np.float64)

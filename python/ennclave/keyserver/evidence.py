@@ -54,6 +54,9 @@ KINDS = (KIND_SOFTWARE, KIND_SGX, KIND_TDX, KIND_SNP)
 HEX64 = 64
 # Flat SGX fields of policies written before the per-kind sections; read into `sgx`.
 LEGACY_SGX_FIELDS = ("mrenclaves", "mrsigners", "isv_prod_id", "min_isv_svn", "allow_debug")
+# Samples in one release's slice of a metered budget unless the policy sets
+# `budget_slice` (never more than remains): what a crashed worker can lose at most.
+DEFAULT_SLICE = 1000
 SECTIONS: dict[str, type[ap.SgxPolicy] | type[ap.TdxPolicy] | type[ap.SnpPolicy]] = {
     "sgx": ap.SgxPolicy,
     "tdx": ap.TdxPolicy,
@@ -71,7 +74,9 @@ class Policy:
     expires_at: int | None = None  # no release after this time
     max_clients: int | None = None  # distinct client ids ever granted
     licence_ttl: int = 24 * 3600  # seconds a licence stays valid
-    query_budget: int | None = None  # samples per licence (enforced in the worker)
+    query_budget: int | None = None  # the key's total samples over all releases (metered)
+    client_budget: int | None = None  # each client's total samples (metered)
+    budget_slice: int | None = None  # samples per release of a metered key (DEFAULT_SLICE)
     offline: bool = False  # licence allows an offline key cache until expiry
     sgx: ap.SgxPolicy = field(default_factory=ap.SgxPolicy)
     tdx: ap.TdxPolicy = field(default_factory=ap.TdxPolicy)
@@ -112,7 +117,8 @@ class Policy:
         if not isinstance(v, list) or not all(_is_hex(x, HEX64) for x in v):
             raise ValueError("policy.allowed_binaries must be a list of 64-digit hex digests")
         self.allowed_binaries = [x.lower() for x in v]
-        for name, lo in (("expires_at", 0), ("max_clients", 1), ("query_budget", 1)):
+        budgets = (("query_budget", 1), ("client_budget", 1), ("budget_slice", 1))
+        for name, lo in (("expires_at", 0), ("max_clients", 1), *budgets):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < lo):
                 raise ValueError(f"policy.{name} must be an integer ≥ {lo} or null")
@@ -120,6 +126,11 @@ class Policy:
             raise ValueError(
                 "policy.licence_ttl must be an integer number of seconds, 1 s to 1 year"
             )
+
+    @property
+    def metered(self) -> bool:
+        """Whether releases hand out slices of a total budget (docs/key-release.md)."""
+        return self.query_budget is not None or self.client_budget is not None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
