@@ -34,7 +34,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-from _common import ort_session, record, timeit_pair
+from _common import ort_run, record, timeit_pair
 from rich.console import Console
 from rich.table import Table
 
@@ -197,18 +197,18 @@ def main() -> int:
         split_model(adapter, cut.index, bundle, keystore=ks, n_random=2)
         ort_model = onnx_private(model, k)
         for t in threads:
-            ort_run = ort_session(ort_model, t)
+            ort_fn = ort_run(ort_model.SerializeToString(), t)
             with ennclave.load(bundle, keystore=ks, threads=t, max_batch=BIG_BATCH) as m:
                 worker = m.worker.infer
-                for name, fn in (("worker", worker), ("ONNX Runtime", ort_run)):
+                for name, fn in (("worker", worker), ("ONNX Runtime", ort_fn)):
                     np.testing.assert_allclose(
                         fn(hidden), expected, atol=1e-3, rtol=1e-3, err_msg=name
                     )
                 warm = 2 if t > 1 else 0  # ONNX Runtime's threads spin after a run
-                w1, o1 = timeit_pair(worker, ort_run, hidden[:1], args.seconds, warmup=warm)
+                w1, o1 = timeit_pair(worker, ort_fn, hidden[:1], args.seconds, warmup=warm)
                 w32, o32 = timeit_pair(
                     worker,
-                    ort_run,
+                    ort_fn,
                     hidden,
                     0,
                     block_s=0,

@@ -70,9 +70,9 @@ fn gelu_tanh_one(x: f32) -> f32 {
     x / (1.0 + exp(-2.0 * u))
 }
 
-/// A function whose body is compiled three times: for AVX-512 (used where the dense
-/// kernels use it: 16 lanes ran gelu 1.5× faster than 8), for AVX2+FMA, and for the
-/// baseline target; the best the CPU has runs.
+/// A function whose body is compiled three times: for AVX-512 (16 lanes ran gelu 1.5×
+/// faster than 8), for AVX2+FMA, and for the baseline target; the one of the kernel
+/// family in use runs (`dense::isa()`, so `ENNCLAVE_KERNEL` chooses it here too).
 macro_rules! dispatch {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         pub fn $name($($arg: $ty),*) {
@@ -84,21 +84,19 @@ macro_rules! dispatch {
                 fn avx512($($arg: $ty),*) {
                     imp($($arg),*)
                 }
-                if super::dense::has_avx512() {
-                    // SAFETY: the CPU supports AVX-512F (checked just above).
-                    unsafe { avx512($($arg),*) };
-                    return;
-                }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) {
                     imp($($arg),*)
                 }
-                if super::dense::has_avx2_fma() {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    unsafe { avx2($($arg),*) };
-                    return;
+                match super::dense::isa() {
+                    // SAFETY: the family is only chosen where the CPU supports it.
+                    super::dense::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                    // SAFETY: as above (AVX2 and FMA).
+                    super::dense::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                    super::dense::Isa::Portable => imp($($arg),*),
                 }
             }
+            #[cfg(not(target_arch = "x86_64"))]
             imp($($arg),*)
         }
     };
