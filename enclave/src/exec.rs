@@ -189,6 +189,10 @@ impl Executor {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch));
                         warm_scratch = warm_scratch.max(p.scratch_len(warm));
                     }
+                    if let Op::Matmul(mm) = op {
+                        scratch_len = scratch_len.max(mm.scratch_len(threads));
+                        warm_scratch = warm_scratch.max(mm.scratch_len(threads));
+                    }
                     if let Op::QConv { p, .. } = op {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch));
                         warm_scratch = warm_scratch.max(p.scratch_len(warm));
@@ -226,7 +230,7 @@ impl Executor {
         }
         let scratch = SecretBuf::<f32>::new(scratch_len).map_err(|e| {
             Error(format!(
-                "cannot allocate {scratch_len} floats of conv scratch ({e})"
+                "cannot allocate {scratch_len} floats of scratch ({e})"
             ))
         })?;
         let in_len = program
@@ -631,8 +635,7 @@ impl State {
                 gamma,
                 beta,
             } => {
-                y.copy_from_slice(x(0)?);
-                misc::layer_norm(y, *inner, *eps, gamma.map(w), beta.map(w));
+                misc::layer_norm(x(0)?, y, *inner, *eps, gamma.map(w), beta.map(w));
             }
             Op::Binary { kind, bcasts } => {
                 let (Some(b0), Some(b1)) = (bcasts.first(), bcasts.get(1)) else {
@@ -656,7 +659,9 @@ impl State {
                 matmul::gather(x(0)?, w(g.table), y, g)
                     .map_err(|e| Error(format!("node {:?}: {e}", node.name)))?;
             }
-            Op::Matmul(mm) => matmul::matmul(x(0)?, x(1)?, y, batch, mm, threads),
+            Op::Matmul(mm) => {
+                matmul::matmul(x(0)?, x(1)?, y, batch, mm, &mut self.scratch, threads)
+            }
             Op::Softmax { act, mask } => {
                 match mask {
                     Some(bc) => {
