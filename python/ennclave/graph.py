@@ -131,6 +131,8 @@ def find_cut_points(graph: GraphView) -> list[CutPoint]:
     """
     last_use: dict[str, int] = {}
     for pos, node in enumerate(graph.nodes):
+        if node.outputs and all(t in graph.constant_tensors for t in node.outputs):
+            continue  # e.g. an ONNX Shape: it reads only static dims, not the values
         for t in node.inputs:
             last_use[t] = pos
     n = len(graph.nodes)
