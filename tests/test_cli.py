@@ -427,3 +427,22 @@ def test_tensorflow_start_up_logs_are_silenced(files) -> None:
         if re.match(r"[IWEF]\d{4} ", line) or "absl::InitializeLog" in line
     ]
     assert not logs, r.stderr
+
+
+@pytest.mark.parametrize("keyserver", [False, True])
+def test_split_max_queries_warns_that_it_counts_per_worker_start(capsys, tmp_path, keyserver):
+    """Issue #14: a local-key bundle cannot be metered against its own host; the warning
+    comes before the model is loaded (this one is not a model at all)."""
+    model = tmp_path / "junk.keras"
+    model.write_bytes(b"not a model")
+    argv = ["split", str(model), "--cut", "0", "-o", str(tmp_path / "out")]
+    ks = ["--keyserver", "http://127.0.0.1:9"] if keyserver else []
+    rc, _, err = _main(capsys, [*argv, *ks, "--max-queries", "5"])
+    assert rc != 0 and "warning: --max-queries is counted per worker start" in err
+    flat = " ".join(err.split())
+    if keyserver:
+        assert "the key server's query budget: `ennclave keys policy KEY --query-budget N`" in flat
+    else:
+        assert "a local-key bundle cannot be metered against its own host" in flat
+    rc, _, err = _main(capsys, [*argv, *ks])
+    assert rc != 0 and "warning" not in err

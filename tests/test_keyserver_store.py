@@ -19,7 +19,7 @@ from ennclave.keyserver.store import NonceLimit, Store, audit_row, schema_revisi
 from support.keyserver_v0 import make_v0_database
 
 KEK = bytes(range(32))
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _url(db: str) -> str:

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, resize, slice};
-use crate::program::{Error, Node, Op, Program, TensorMeta, WRef, Weights};
+use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, qdense, resize, slice};
+use crate::program::{Error, Node, Op, Program, QWeight, TensorMeta, WRef, Weights};
 use crate::secmem::SecretBuf;
 
 /// Where a tensor lives.
@@ -172,6 +172,10 @@ impl Executor {
                 }
                 op => {
                     if let Op::Conv { p, .. } = op {
+                        scratch_len = scratch_len.max(p.scratch_len(max_batch));
+                        warm_scratch = warm_scratch.max(p.scratch_len(warm));
+                    }
+                    if let Op::QConv { p, .. } = op {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch));
                         warm_scratch = warm_scratch.max(p.scratch_len(warm));
                     }
@@ -393,6 +397,17 @@ fn prefault(b: &mut [f32]) {
 }
 
 /// Data of tensor `t` for a batch of `batch`.
+/// A quantised kernel's slices of the weight buffer.
+fn qkernel<'a>(q: &QWeight, w: &impl Fn(WRef) -> &'a [f32]) -> qdense::QKernel<'a> {
+    match *q {
+        QWeight::Bf16(d) => qdense::QKernel::Bf16(qdense::as_u16(w(d))),
+        QWeight::Int8 { data, scale } => qdense::QKernel::Int8 {
+            q: qdense::as_i8(w(data)),
+            scale: w(scale),
+        },
+    }
+}
+
 fn view<'a>(
     slots: &'a [Option<SecretBuf<f32>>],
     weights: &'a Weights,
@@ -485,6 +500,23 @@ impl State {
                     threads,
                 );
             }
+            Op::QDense {
+                rows,
+                k,
+                n,
+                kernel,
+                bias,
+                act,
+            } => {
+                let q = qkernel(kernel, &w);
+                qdense::qdense(x(0)?, q, bias.map(w), y, batch * rows, *k, *n, threads);
+                act.apply_par(y, threads);
+            }
+            Op::QConv { p, kernel, bias } => {
+                let q = qkernel(kernel, &w);
+                let s = &mut self.scratch;
+                qdense::qconv(x(0)?, q, bias.map(w), y, batch, p, s, threads);
+            }
             Op::ConvTranspose { p, kernel, bias } => {
                 conv_transpose::conv_transpose(
                     x(0)?,
@@ -559,6 +591,8 @@ impl State {
                 }
                 act.apply_par(y, threads);
             }
+            Op::Where(s) => binary::select(y, x(0)?, x(1)?, x(2)?, s, nb),
+            Op::Expand(bc) => binary::broadcast_copy(y, (x(0)?, bc), batch),
             Op::Activation(a) => {
                 y.copy_from_slice(x(0)?);
                 a.apply_par(y, threads);

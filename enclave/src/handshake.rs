@@ -121,8 +121,9 @@ fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
 
 /// A loaded program, ready to serve.
 pub struct Loaded {
-    /// The key server's licence, checked at start; enforced at every INFER.
-    pub(crate) licence: Option<licence::Licence>,
+    /// The key server's licence, checked at start; enforced at every INFER (with,
+    /// when metered, what signs its usage report at SHUTDOWN).
+    pub(crate) licence: Option<licence::Held>,
     pub(crate) exec: Executor,
     pub(crate) policy: Policy,
     pub(crate) in_len: usize,
@@ -218,7 +219,7 @@ struct Inbox {
     /// A LICENCE waiting for its KEY.
     licence_msg: Option<(Vec<u8>, [u8; 32])>,
     /// The licence admitted with the key.
-    held_licence: Option<licence::Licence>,
+    held_licence: Option<licence::Held>,
 }
 
 /// Answer the host's messages until the manifest, the whole sealed program and the
@@ -562,7 +563,7 @@ fn admit_licence(
     pubkey: Option<&[u8; 32]>,
     bin: &[u8; 32],
     machine_id: Option<&[u8]>,
-) -> Result<Option<licence::Licence>, Fatal> {
+) -> Result<Option<licence::Held>, Fatal> {
     let required = licence_required(manifest)?;
     let Some((raw, mac)) = sent else {
         if required {
@@ -591,7 +592,17 @@ fn admit_licence(
             "the cached licence does not allow offline use",
         ));
     }
-    if let (Some(_), true, Some(mid)) = (pubkey, lic.offline, machine_id) {
+    // A metered licence (a slice of the key's total budget) is for one worker: a cache
+    // would restart it with a fresh allowance each time (docs/key-release.md).
+    let metered = lic.query_budget.is_some();
+    if pubkey.is_none() && metered {
+        return Err(Fatal::new(
+            code::LICENCE_INVALID,
+            "the cached licence carries a query budget, which an offline key cache cannot \
+             meter",
+        ));
+    }
+    if let (Some(_), true, false, Some(mid)) = (pubkey, lic.offline, metered, machine_id) {
         let blob = licence::seal_cache(mid, bin, key_id, data_key, &raw, &mac).map_err(refuse)?;
         write_msg(
             ctl,
@@ -601,7 +612,7 @@ fn admit_licence(
             },
         )?;
     }
-    Ok(Some(lic))
+    licence::Held::new(lic, data_key).map(Some).map_err(refuse)
 }
 
 /// Unseal the program with the data key (which is zeroed as soon as it has been used)
@@ -631,7 +642,7 @@ fn open_program(sealed: seal::Incoming, aad: &[u8], key: SecretBuf<u8>) -> Resul
 fn load(
     program: Program,
     manifest: &Value,
-    licence: Option<licence::Licence>,
+    licence: Option<licence::Held>,
     args: &Args,
 ) -> Result<Loaded, Fatal> {
     let secmem = backing_name(program.weights_backing());

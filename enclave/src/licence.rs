@@ -21,7 +21,22 @@
 //! binary; it is **not** resistant to root or to the same user (both can read the
 //! machine id and the binary and so derive the cache key).
 //!
-//! Derived keys (licence MAC key, cache key) and the cache plaintext live in
+//! Usage reports (docs/key-release.md "Metered budgets"): a worker holding a licence
+//! with a `query_budget` (its slice of the key's total) reports, at SHUTDOWN, how many
+//! samples it answered, as the canonical JSON
+//!
+//! ```text
+//! {"final":true,"key_id":str,"licence_id":hex,"used":n,"v":1}
+//! ```
+//!
+//! authenticated by `HMAC-SHA256(usage_key, report bytes)` with
+//! `usage_key = HKDF-SHA256(ikm = data key, salt = none, info = "ennclave usage v1" ‖ 0 ‖ key_id)`
+//! (a key of its own, so a report can never pass as a licence or the reverse). The key
+//! is derived while the data key is at hand and kept in secret memory; after sending
+//! the report the worker answers nothing more, so the server may credit back what the
+//! slice did not use.
+//!
+//! Derived keys (licence MAC key, usage key, cache key) and the cache plaintext live in
 //! [`SecretBuf`]s. As for the program unsealing (`seal`), the RustCrypto primitives'
 //! own transient state (HKDF/HMAC state, the AES key schedule) lives briefly on the
 //! stack and is not zeroed by those crates.
@@ -38,6 +53,7 @@ use std::fmt;
 use crate::secmem::SecretBuf;
 
 pub const MAC_INFO: &[u8] = b"ennclave licence v1";
+pub const USAGE_INFO: &[u8] = b"ennclave usage v1";
 pub const CACHE_INFO: &[u8] = b"ennclave key cache v1";
 pub const CACHE_MAGIC: &[u8; 8] = b"ENCKC1\0\0";
 pub const MAC_LEN: usize = 32;
@@ -82,6 +98,7 @@ impl std::error::Error for LicenceError {}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Licence {
     pub key_id: String,
+    pub licence_id: String,
     pub expires_at: u64,
     pub query_budget: Option<u64>,
     pub pubkey: String,
@@ -124,12 +141,64 @@ fn info(prefix: &[u8], key_id: &str) -> Vec<u8> {
     v
 }
 
-fn mac_key(data_key: &[u8], key_id: &str) -> Result<SecretBuf<u8>, LicenceError> {
+fn derive(data_key: &[u8], prefix: &[u8], key_id: &str) -> Result<SecretBuf<u8>, LicenceError> {
     let mut k = SecretBuf::<u8>::new(KEY_LEN).map_err(LicenceError::Memory)?;
     Hkdf::<Sha256>::new(None, data_key)
-        .expand(&info(MAC_INFO, key_id), &mut k)
+        .expand(&info(prefix, key_id), &mut k)
         .map_err(|_| LicenceError::Format("HKDF output length".into()))?;
     Ok(k)
+}
+
+fn mac_key(data_key: &[u8], key_id: &str) -> Result<SecretBuf<u8>, LicenceError> {
+    derive(data_key, MAC_INFO, key_id)
+}
+
+/// A licence admitted with the data key, and (for a metered licence: one with a
+/// `query_budget`) what signs its final usage report.
+pub struct Held {
+    pub licence: Licence,
+    pub usage: Option<UsageSigner>,
+}
+
+impl Held {
+    /// Derive the usage key from `data_key` now (the data key is dropped after
+    /// unsealing) when the licence is metered.
+    pub fn new(licence: Licence, data_key: &[u8]) -> Result<Held, LicenceError> {
+        let usage = match licence.query_budget {
+            Some(_) => Some(UsageSigner {
+                key: derive(data_key, USAGE_INFO, &licence.key_id)?,
+                key_id: licence.key_id.clone(),
+                licence_id: licence.licence_id.clone(),
+            }),
+            None => None,
+        };
+        Ok(Held { licence, usage })
+    }
+}
+
+/// Signs the one final usage report of a metered licence (module docs).
+pub struct UsageSigner {
+    key: SecretBuf<u8>,
+    key_id: String,
+    licence_id: String,
+}
+
+impl UsageSigner {
+    /// The report for `used` samples and its MAC.
+    pub fn report(&self, used: u64) -> ([u8; MAC_LEN], Vec<u8>) {
+        // serde_json quotes the strings (key ids are [A-Za-z0-9._-], licence ids hex).
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+        let raw = format!(
+            r#"{{"final":true,"key_id":{},"licence_id":{},"used":{used},"v":1}}"#,
+            q(&self.key_id),
+            q(&self.licence_id)
+        )
+        .into_bytes();
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .expect("HMAC takes a key of any length");
+        m.update(&raw);
+        (m.finalize().into_bytes().into(), raw)
+    }
 }
 
 /// Verify `mac` over `raw` in constant time (the `Mac::verify_slice` API).
@@ -184,6 +253,7 @@ pub fn parse(raw: &[u8]) -> Result<Licence, LicenceError> {
     };
     Ok(Licence {
         key_id: s("key_id")?,
+        licence_id: s("licence_id")?,
         expires_at: n("expires_at")?,
         query_budget,
         pubkey: s("pubkey")?.to_ascii_lowercase(),
@@ -394,6 +464,27 @@ mod tests {
         assert!(parse(&lic("-1", true)).is_err());
         assert!(parse(&lic("1.5", true)).is_err());
         assert!(parse(b"[]").is_err());
+    }
+
+    const USAGE_KAT: &str = "a473472c5218380ebc3dcbcbe0ef2a94da098976f3527ba179ba6ff55aa7a11b";
+
+    #[test]
+    fn usage_report_matches_python_derivation() {
+        // Known answer computed with python/ennclave/keyserver/licence.py:
+        // usage_mac(bytes(range(32)), "k1", report) over the report below.
+        let dk: Vec<u8> = (0u8..32).collect();
+        let l = parse(&lic("5", false)).unwrap();
+        let h = Held::new(l, &dk).unwrap();
+        let (mac, raw) = h.usage.as_ref().unwrap().report(3);
+        assert_eq!(
+            std::str::from_utf8(&raw).unwrap(),
+            r#"{"final":true,"key_id":"k1","licence_id":"00","used":3,"v":1}"#
+        );
+        assert_eq!(hex(&mac), USAGE_KAT);
+        // a different key from the licence MAC's, over the same bytes
+        assert_ne!(compute_mac(&dk, "k1", &raw).unwrap(), mac);
+        let unmetered = Held::new(parse(&lic("null", false)).unwrap(), &dk).unwrap();
+        assert!(unmetered.usage.is_none());
     }
 
     #[test]

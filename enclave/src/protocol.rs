@@ -169,6 +169,12 @@ pub enum Msg {
         queries_used: u64,
     },
     Bye,
+    /// After SHUTDOWN, before BYE, under a metered licence: the final usage report
+    /// (`licence::UsageSigner`); the worker answers nothing more after it.
+    Usage {
+        report: Vec<u8>,
+        mac: [u8; 32],
+    },
     /// An offline key cache sealed by the worker (licence with `offline: true`).
     KeyCache {
         key_id: String,
@@ -234,6 +240,7 @@ pub mod ty {
     pub const RESULT: u8 = 0x21;
     pub const PING: u8 = 0x22;
     pub const PONG: u8 = 0x23;
+    pub const USAGE: u8 = 0x2D;
     pub const SHUTDOWN: u8 = 0x2E;
     pub const BYE: u8 = 0x2F;
     pub const ERROR: u8 = 0x7F;
@@ -370,6 +377,7 @@ impl Msg {
             Msg::Result { .. } => ty::RESULT,
             Msg::Ping { .. } => ty::PING,
             Msg::Pong { .. } => ty::PONG,
+            Msg::Usage { .. } => ty::USAGE,
             Msg::Shutdown => ty::SHUTDOWN,
             Msg::Bye => ty::BYE,
             Msg::Error { .. } => ty::ERROR,
@@ -437,7 +445,11 @@ impl Msg {
                 e.bytes(secmem.as_bytes());
                 e.bytes(policy.as_bytes());
             }
-            Msg::Licence { licence, mac } => {
+            Msg::Licence { licence, mac }
+            | Msg::Usage {
+                report: licence,
+                mac,
+            } => {
                 e.bytes(licence);
                 e.raw(mac);
             }
@@ -553,6 +565,10 @@ impl Msg {
             ty::PONG => Msg::Pong {
                 nonce: c.u64()?,
                 queries_used: c.u64()?,
+            },
+            ty::USAGE => Msg::Usage {
+                report: c.bytes()?,
+                mac: c.arr32()?,
             },
             ty::SHUTDOWN => Msg::Shutdown,
             ty::BYE => Msg::Bye,
@@ -1073,6 +1089,10 @@ mod tests {
                 nonce: 9,
                 queries_used: 4,
             },
+            Msg::Usage {
+                report: b"{}".to_vec(),
+                mac: [9; 32],
+            },
             Msg::Shutdown,
             Msg::Bye,
             Msg::Error {
@@ -1172,7 +1192,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_garbage_never_panics(t in prop::sample::select(vec![1u8,2,3,0x10,0x11,0x12,0x13,0x14,0x15,0x16,0x17,0x18,0x20,0x21,0x22,0x23,0x2E,0x2F,0x7F]),
+        fn typed_garbage_never_panics(t in prop::sample::select(vec![1u8,2,3,0x10,0x11,0x12,0x13,0x14,0x15,0x16,0x17,0x18,0x20,0x21,0x22,0x23,0x2D,0x2E,0x2F,0x7F]),
                                       payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut body = vec![t];
             body.extend_from_slice(&payload);

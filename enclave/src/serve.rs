@@ -169,6 +169,8 @@ struct Server<'a> {
     evict_max: usize,
     budget: Option<u64>,
     used: u64,
+    /// The final usage report was sent: nothing more is answered under this licence.
+    reported: bool,
     polbuf: Vec<f32>,
     order: Vec<usize>,
 }
@@ -198,7 +200,7 @@ impl<'a> Server<'a> {
         let in_offset = doorbell::BYTES;
         let out_offset = (in_offset + max_batch * l.in_len * 4).div_ceil(64) * 64;
         // Effective budget: the tighter of the manifest's max_queries and the licence's.
-        let licence_budget = l.licence.as_ref().and_then(|x| x.query_budget);
+        let licence_budget = l.licence.as_ref().and_then(|x| x.licence.query_budget);
         let budget = match (l.policy.max_queries, licence_budget) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -214,6 +216,7 @@ impl<'a> Server<'a> {
             evict_max,
             budget,
             used: 0,
+            reported: false,
             polbuf: vec![0f32; max_batch * pout],
             order: Vec::with_capacity(out_len),
         })
@@ -223,7 +226,7 @@ impl<'a> Server<'a> {
     fn ready(&self, ctl: &mut UnixStream) -> Result<(), Fatal> {
         let l = &self.l;
         let mut policy = l.policy.describe();
-        if let Some(lic) = &l.licence {
+        if let Some(lic) = l.licence.as_ref().map(|h| &h.licence) {
             policy.push_str(&format!(";licence_expires_at:{}", lic.expires_at));
             if let Some(b) = lic.query_budget {
                 policy.push_str(&format!(";licence_budget:{b}"));
@@ -315,6 +318,13 @@ impl<'a> Server<'a> {
                 },
             )?,
             Msg::Shutdown => {
+                // A metered licence's final usage report, then nothing more: the key
+                // server credits back what the slice did not use.
+                if let Some(signer) = self.l.licence.as_ref().and_then(|h| h.usage.as_ref()) {
+                    let (mac, report) = signer.report(self.used);
+                    self.reported = true;
+                    write_msg(ctl, &Msg::Usage { report, mac })?;
+                }
                 write_msg(ctl, &Msg::Bye)?;
                 return Ok(ControlFlow::Break(()));
             }
@@ -375,7 +385,13 @@ impl<'a> Server<'a> {
                 format!("batch of {b} samples is outside 1..={}", self.max_batch),
             ));
         }
-        if let Some(lic) = &self.l.licence {
+        if self.reported {
+            return Err((
+                code::BUDGET_EXHAUSTED,
+                "this worker has reported its usage and answers nothing more".into(),
+            ));
+        }
+        if let Some(lic) = self.l.licence.as_ref().map(|h| &h.licence) {
             if licence::now_unix() >= lic.expires_at {
                 return Err((
                     code::LICENCE_EXPIRED,

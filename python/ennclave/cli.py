@@ -205,13 +205,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_QUERIES_LOCAL = (
+    "--max-queries is counted per worker start: with a local key the client's host holds "
+    "the data key and can start as many workers as it likes, so a local-key bundle cannot "
+    "be metered against its own host. For a total budget, register the key on a key "
+    "server (--keyserver URL) and set `ennclave keys policy KEY --query-budget N`."
+)
+MAX_QUERIES_KEYSERVER = (
+    "--max-queries is counted per worker start; the key's total over all workers is the "
+    "key server's query budget: `ennclave keys policy KEY --query-budget N`."
+)
+
+
+def _warn_max_queries(keyserver: bool) -> None:
+    """`split --max-queries`: say what it does not bound (docs/threat-model.md)."""
+    msg = MAX_QUERIES_KEYSERVER if keyserver else MAX_QUERIES_LOCAL
+    err_console.print(Text.assemble(("warning: ", "bold yellow"), msg), soft_wrap=True)
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     _need_file(args.model, "The model")
     _check_bundle_destination(args.output, args.overwrite)
     samples = _load_npy(args.samples, "The samples") if args.samples else None
+    labels = _load_npy(args.labels, "The labels") if args.labels else None
+    if labels is not None and samples is None:
+        raise InputError("--labels needs --samples: the labels are those samples' classes.")
     policy = parse_output_policy(args.output_policy, args.max_queries)
     if args.keyserver:
         _needs_module("httpx")
+    if args.max_queries is not None:
+        _warn_max_queries(bool(args.keyserver))
 
     from .adapters import load_model
     from .keyserver.cli import owner_token
@@ -228,6 +251,8 @@ def cmd_split(args: argparse.Namespace) -> int:
             args.cut,
             args.output,
             samples=samples,
+            labels=labels,
+            weights=args.weights,
             tolerance=args.tolerance,
             rtol=args.rtol,
             keystore=args.keystore,
@@ -518,6 +543,20 @@ def build_parser() -> argparse.ArgumentParser:
     _input_shape_option(ss)
     ss.add_argument(
         "--samples", metavar="NPY", help="inputs to verify the split on, in addition to random ones"
+    )
+    ss.add_argument(
+        "--labels",
+        metavar="NPY",
+        help="the samples' classes (indices or one-hot): report the accuracy of the original "
+        "and of the shipped split (useful with --weights)",
+    )
+    ss.add_argument(
+        "--weights",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="how dense and conv kernels are stored in the enclave: fp32 (default), bf16 "
+        "(half the bytes) or int8 (per-channel scales, about a quarter); the error and "
+        "accuracy change are reported",
     )
     ss.add_argument(
         "--tolerance",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .program import Program, ProgramNode, activation
-from .reference import run_node
+from .reference import apply_activation, run_node
 
 Shapes = dict[str, tuple[int | None, ...]]
 
@@ -47,12 +47,19 @@ def infer_shapes(program: Program) -> Shapes:
 def optimize(program: Program) -> Program:
     """Peephole clean-up, exact up to float rounding: fold per-channel affine ops
     (batch norm's scale_shift, constant mul/add/sub) and activations into the preceding
-    dense/conv, merge reshape/transpose chains, turn x * sigmoid(x) into swish, then
-    drop nodes and weights nothing uses. Returns a new program; `program` is unchanged."""
+    dense/conv, merge reshape/transpose chains, turn x * sigmoid(x) into swish, fuse
+    add(x, mask) → softmax into a masked softmax and exporters' decomposed layer norms
+    and gelus back into `layer_norm` and `gelu`, then drop nodes and weights nothing
+    uses. Returns a new program; `program` is unchanged."""
     prog = _copy(program)
     pshape = infer_shapes(prog)
     out_name = prog.outputs[0].name
-    while _fuse_linear(prog, pshape, out_name) or _simplify(prog, pshape, out_name):
+    while (
+        _fuse_linear(prog, pshape, out_name)
+        or _simplify(prog, pshape, out_name)
+        or _fuse_softmax_mask(prog, pshape, out_name)
+        or _fuse_regions(prog, pshape, out_name)
+    ):
         pass
     needed = {out_name}
     live: list[ProgramNode] = []
@@ -202,3 +209,191 @@ def _fuse(
         lin.weights["bias"] = key
     w[lin.weights["bias"]] = bias.astype(np.float32)
     return True
+
+
+def _fuse_softmax_mask(prog: Program, pshape: Shapes, out_name: str) -> bool:
+    """softmax(add(x, mask)) → softmax(x, mask): the attention mask is added in the
+    softmax pass instead of in a tensor of its own."""
+    consumers = _consumers(prog)
+    producers = {n.outputs[0]: n for n in prog.nodes}
+    for sm in prog.nodes:
+        if sm.op != "activation" or sm.attrs["activation"]["fn"] != "softmax":
+            continue
+        add = producers.get(sm.inputs[0])
+        s = sm.inputs[0]
+        if add is None or add.op != "add" or len(add.inputs) != 2 or s == out_name:
+            continue
+        if len(consumers.get(s, [])) != 1:
+            continue
+        full = [t for t in add.inputs if pshape.get(t) == pshape.get(s)]
+        if not full or pshape.get(full[0], (1,))[0] is not None:
+            continue  # x must be the batched operand of the sum's own shape
+        x = full[0]
+        mask = add.inputs[1] if add.inputs[0] == x else add.inputs[0]
+        sm.op, sm.inputs = "softmax", [x, mask]
+        sm.attrs = {"axis": sm.attrs["activation"].get("axis", -1)}
+        prog.nodes.remove(add)
+        return True
+    return False
+
+
+_ELEMENTWISE = ("add", "sub", "mul", "div", "pow", "max", "min")
+_REGION_LIMIT = 24  # nodes: exporters' layer norm is about a dozen
+
+
+def _regions(prog: Program, pshape: Shapes, x: str) -> list[list[ProgramNode]]:
+    """Closed elementwise regions starting at x, smallest first: node sets whose only
+    computed input is x, built from elementwise ops, activations and mean reductions
+    over the last axis, whose only output read outside is the last node's."""
+    consumers = _consumers(prog)
+    const = {n.outputs[0] for n in prog.nodes if n.op == "constant"}
+    rank = len(pshape.get(x, ()))
+    inside, region = {x}, []
+    for n in prog.nodes:
+        if len(region) >= _REGION_LIMIT:
+            break
+        if not any(t in inside for t in n.inputs) or not all(
+            t in inside or t in const for t in n.inputs
+        ):
+            continue
+        ok = (
+            n.op in _ELEMENTWISE
+            or (n.op == "activation" and n.attrs["activation"]["fn"] != "softmax")
+            or (
+                n.op == "reduce"
+                and n.attrs.get("kind") == "mean"
+                and [a % rank for a in n.attrs.get("axes", [])] == [rank - 1]
+                and n.attrs.get("keepdims", False)
+            )
+        )
+        if ok and pshape.get(n.outputs[0], ())[:1] == (None,):
+            region.append(n)
+            inside.add(n.outputs[0])
+    out: list[list[ProgramNode]] = []
+    for i, end in enumerate(region):
+        members = {end.outputs[0]}
+        for n in reversed(region[: i + 1]):
+            if n.outputs[0] in members:
+                members.update(t for t in n.inputs if t != x)
+        nodes = [n for n in region[: i + 1] if n.outputs[0] in members]
+        names = {id(n) for n in nodes}
+        closed = all(
+            n is end or all(id(m) in names for m in consumers.get(n.outputs[0], [])) for n in nodes
+        )
+        if closed and len(nodes) >= 3 and pshape.get(end.outputs[0]) == pshape.get(x):
+            out.append(nodes)
+    return out
+
+
+def _run_region(prog: Program, nodes: list[ProgramNode], x: str, value: np.ndarray) -> np.ndarray:
+    env = {x: value}
+    for n in prog.nodes:
+        if n.op == "constant":
+            env[n.outputs[0]] = run_node(n, [], prog.weights)
+    with np.errstate(all="ignore"):
+        for n in nodes:
+            env[n.outputs[0]] = np.asarray(run_node(n, [env[t] for t in n.inputs], prog.weights))
+    return env[nodes[-1].outputs[0]]
+
+
+def _as_gelu(prog: Program, nodes: list[ProgramNode], x: str, shape: tuple) -> dict | None:
+    """The gelu activation the region computes (exact or tanh form), if it is one."""
+    values = np.linspace(-8.0, 8.0, 1601)
+    per_sample = int(np.prod(shape[1:]))
+    rows = -(-values.size // per_sample)  # enough samples to hold every probe value
+    probe = np.resize(values, (rows, *shape[1:]))
+    got = _run_region(prog, nodes, x, probe)
+    for approximate in (False, True):
+        act = activation("gelu", approximate=approximate)
+        want = apply_activation(probe, act)
+        if np.allclose(got, want, rtol=1e-5, atol=1e-6):
+            return act
+    return None
+
+
+def _as_layer_norm(
+    prog: Program, nodes: list[ProgramNode], x: str, shape: tuple
+) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """(epsilon, gamma, beta) of the layer norm over the last axis the region
+    computes, if it is one; epsilon is one of the region's scalar constants."""
+    eps_candidates = sorted(
+        {
+            float(prog.weights[n.weights["value"]].reshape(-1)[0])
+            for n in prog.nodes
+            if n.op == "constant"
+            and prog.weights[n.weights["value"]].size == 1
+            and any(n.outputs[0] in m.inputs for m in nodes)
+        }
+    )
+    eps_candidates = [e for e in eps_candidates if 0 < e < 0.1]
+    rng = np.random.default_rng(0)
+    h = int(shape[-1])
+    rows = max(8, 64 // max(1, int(np.prod(shape[1:-1])) or 1))
+    # Rows of very different scales: small ones tell epsilon apart.
+    scales = np.logspace(-3, 1, rows).reshape(rows, *[1] * (len(shape) - 1))
+    probe = rng.standard_normal((rows, *shape[1:])) * scales + rng.standard_normal(h)
+    got = _run_region(prog, nodes, x, probe)
+    flat_x, flat_y = probe.reshape(-1, h), got.reshape(-1, h)
+    mean = flat_x.mean(axis=1, keepdims=True)
+    var = ((flat_x - mean) ** 2).mean(axis=1, keepdims=True)
+    for eps in eps_candidates:
+        z = (flat_x - mean) / np.sqrt(var + eps)
+        # Per channel, y = gamma·z + beta by least squares, then checked everywhere.
+        zm, ym = z.mean(axis=0), flat_y.mean(axis=0)
+        cov = ((z - zm) * (flat_y - ym)).mean(axis=0)
+        gamma = cov / np.maximum(((z - zm) ** 2).mean(axis=0), 1e-300)
+        beta = ym - gamma * zm
+        if np.allclose(z * gamma + beta, flat_y, rtol=1e-4, atol=1e-5):
+            return eps, gamma, beta
+    return None
+
+
+def _fuse_regions(prog: Program, pshape: Shapes, out_name: str) -> bool:
+    """Exporters' decomposed layer norm (ReduceMean, Sub, Pow or Mul, ReduceMean, Add
+    eps, Sqrt, Div or Reciprocal·Mul, Mul gamma, Add beta, in tf2onnx's and torch's
+    orders) → `layer_norm` on the last axis, and decomposed gelu (x·0.5·(1 + erf(x/√2)),
+    0.5·x·erfc(−x/√2) as 1 − erf, the tanh form) → the `gelu` activation. A region is
+    recognised by what it computes, not by its node order: it is run in float64 on
+    probe inputs and compared with the fused op (layer norm's gamma and beta are fitted
+    per channel, epsilon is one of the region's constants)."""
+    consumers = _consumers(prog)
+    fns = {"erf", "tanh"}
+    starts = [prog.inputs[0].name, *[n.outputs[0] for n in prog.nodes if n.op != "constant"]]
+    for x in starts:
+        shape = pshape.get(x)
+        if not shape or len(consumers.get(x, [])) < 2 or x == out_name:
+            continue
+        best = None
+        for nodes in _regions(prog, pshape, x):
+            if any(n.outputs[0] == out_name for n in nodes[:-1]):
+                continue
+            has_reduce = any(n.op == "reduce" for n in nodes)
+            if has_reduce:
+                found = _as_layer_norm(prog, nodes, x, shape)
+                if found is not None:
+                    best = (nodes, "layer_norm", found)
+            elif any(n.op == "activation" and n.attrs["activation"]["fn"] in fns for n in nodes):
+                act = _as_gelu(prog, nodes, x, shape)
+                if act is not None:
+                    best = (nodes, "gelu", act)
+        if best is None:
+            continue
+        nodes, kind, found = best
+        end = nodes[-1]
+        for n in nodes[:-1]:
+            prog.nodes.remove(n)
+        end.inputs = [x]
+        if kind == "gelu":
+            end.op, end.attrs, end.weights = "activation", {"activation": found}, {}
+        else:
+            eps, gamma, beta = found
+            end.op, end.attrs = "layer_norm", {"axes": [-1], "epsilon": eps}
+            end.weights = {}
+            for role, value in (("gamma", gamma), ("beta", beta)):
+                key = f"{end.name}.{role}"
+                while key in prog.weights:
+                    key += "_"
+                prog.weights[key] = value.astype(np.float32)
+                end.weights[role] = key
+        return True
+    return False

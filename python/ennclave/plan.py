@@ -34,6 +34,21 @@ class CutReport:
     # Whether `split` can lower this cut's private side, and if not the first reason.
     splittable: bool = True
     blocked_by: str | None = None
+    # The enclave's weight bytes with `split --weights bf16` / `int8`: an estimate that
+    # counts every parameter of dense and conv layers (`QUANTISED_TYPES`) at 2 / 1
+    # bytes and the rest at 4 (`split` reports the exact bytes: panel padding, int8
+    # scales and float32 biases make them a little more).
+    enclave_bytes_bf16: int = 0
+    enclave_bytes_int8: int = 0
+
+
+# Layer / operator types whose kernels `--weights bf16|int8` stores quantised.
+QUANTISED_TYPES = frozenset("Dense EinsumDense Conv1D Conv2D Gemm MatMul Conv".split())
+
+
+def _bytes_as(nodes: list[Node], per_kernel_param: int) -> int:
+    q = sum(n.params for n in nodes if n.op_type in QUANTISED_TYPES)
+    return per_kernel_param * q + 4 * (_params(nodes) - q)
 
 
 @dataclass
@@ -151,6 +166,8 @@ def make_plan(
                 enclave_layers=sum(1 for n in inside if n.params > 0),
                 splittable=blocked_by is None,
                 blocked_by=blocked_by,
+                enclave_bytes_bf16=_bytes_as(inside, 2),
+                enclave_bytes_int8=_bytes_as(inside, 1),
             )
         )
     budget = int(budget_mib * MiB)

@@ -1,8 +1,11 @@
-"""The enclave program: the private part as a tiny op graph plus float32 weights.
+"""The enclave program: the private part as a tiny op graph plus its weights.
 
 The format is specified in docs/enclave-program.md. `ProgramBuilder` is what lowering
 uses to write one; `Program` is the in-memory form the reference executor runs and
-the container (`to_container` / `from_container`) is what gets sealed.
+the container (`to_container` / `from_container`) is what gets sealed. Weights are
+float32, except that `Program.quantised` stores dense and conv kernels as bf16 or int8
+(`--weights`): the in-memory form then keeps their dequantised float32 values (what
+the reference executor multiplies with) and the quantised data in `Program.quant`.
 """
 
 from __future__ import annotations
@@ -30,11 +33,19 @@ ACTIVATIONS = (
 
 OPS = (
     "dense conv conv_transpose pool global_pool reduce pad reshape transpose slice resize "
-    "scale_shift layer_norm add sub mul div max min pow concat constant activation matmul softmax gather"
+    "scale_shift layer_norm add sub mul div max min pow equal where cast expand concat constant "
+    "activation matmul softmax gather"
 ).split()
 
 
 PANEL = 32  # columns per panel of the panels32 dense-kernel layout
+
+WEIGHT_DTYPES = ("fp32", "bf16", "int8")
+# Quantised kernels are packed in panels of 32 columns whose rows come in groups of G
+# consecutive input rows, interleaved (docs/enclave-program.md): the shape the
+# AVX512_BF16 (G = 2) and VNNI (G = 4) dot-product instructions read.
+QUANT_LAYOUT = {"bf16": ("panels32x2", 2), "int8": ("panels32x4", 4)}
+LAYOUT_DTYPE = {layout: dtype for dtype, (layout, _) in QUANT_LAYOUT.items()}
 
 
 def pack_panels(kernel: np.ndarray) -> np.ndarray:
@@ -57,6 +68,90 @@ def unpack_panels(panels: np.ndarray, units: int) -> np.ndarray:
             f"A panels32 dense kernel of shape {list(panels.shape)} does not fit {units} units."
         )
     return np.ascontiguousarray(panels.transpose(1, 0, 2).reshape(k, p * PANEL)[:, :units])
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns (uint16), rounded to nearest, ties to even; NaN
+    stays a (quiet) NaN."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(a, dtype=np.float32))
+    bits[nan] = ((u[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)
+    return bits
+
+
+def bf16_value(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns → their (exact) float32 values."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """`a` rounded to the nearest bfloat16, as float32."""
+    return bf16_value(bf16_bits(a))
+
+
+def quantise_int8(kernel2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: for each column j, scale[j] = max|w[:, j]| / 127
+    and q = round-half-even(w / scale[j]) in −127 … 127 (a zero column: scale 0, q 0)."""
+    w = np.asarray(kernel2d, dtype=np.float32)
+    scale = (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def pack_groups(kernel2d: np.ndarray, group: int) -> np.ndarray:
+    """`[in, out]` → `[ceil(out/32), ceil(in/G), 32, G]`: element `[i, 32p + j]` at
+    `[p, i // G, j, i % G]`, zero-padded (the quantised layouts `panels32x2/x4`)."""
+    k, n = kernel2d.shape
+    kg, panels = -(-k // group), -(-n // PANEL)
+    padded = np.zeros((kg * group, panels * PANEL), dtype=kernel2d.dtype)
+    padded[:k, :n] = kernel2d
+    return np.ascontiguousarray(padded.reshape(kg, group, panels, PANEL).transpose(2, 0, 3, 1))
+
+
+def unpack_groups(packed: np.ndarray, k: int, n: int, group: int) -> np.ndarray:
+    """The inverse of `pack_groups`."""
+    want = (-(-n // PANEL), -(-k // group), PANEL, group)
+    if packed.shape != want:
+        raise ProgramError(
+            f"A quantised kernel of shape {list(packed.shape)} does not fit a {k}×{n} "
+            f"kernel (expected {list(want)})."
+        )
+    p, kg = want[0], want[1]
+    return np.ascontiguousarray(packed.transpose(1, 3, 0, 2).reshape(kg * group, p * PANEL)[:k, :n])
+
+
+@dataclass
+class QuantWeight:
+    """A kernel stored quantised: `data` is `[in, out]` (the kernel as a matrix: a conv
+    kernel `[k..., Cin, Cout]` flattened to `[k·Cin, Cout]`), uint16 bf16 bit patterns or
+    int8 values; `scale` `[out]` for int8. `shape` is the kernel's own shape."""
+
+    dtype: str
+    data: np.ndarray
+    scale: np.ndarray | None
+    shape: tuple[int, ...]
+
+    def dequantised(self) -> np.ndarray:
+        if self.dtype == "bf16":
+            w = bf16_value(self.data)
+        else:
+            assert self.scale is not None
+            w = self.data.astype(np.float32) * self.scale
+        return np.ascontiguousarray(w.reshape(self.shape), dtype=np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0))
+
+
+def quantisable(node: ProgramNode) -> bool:
+    """The nodes whose kernel `--weights bf16|int8` stores quantised: dense, and conv
+    with one group (grouped and depthwise kernels are small and stay float32)."""
+    if "kernel" not in node.weights:
+        return False
+    return node.op == "dense" or (node.op == "conv" and node.attrs.get("groups", 1) == 1)
 
 
 @dataclass
@@ -85,6 +180,9 @@ class Program:
     outputs: list[TensorInfo]
     nodes: list[ProgramNode]
     weights: dict[str, np.ndarray]
+    # Kernels stored quantised (weight key → data); their float32 form in `weights`
+    # holds the dequantised values.
+    quant: dict[str, QuantWeight] = field(default_factory=dict)
 
     # -- serialisation -----------------------------------------------------------
     def graph_json(self) -> dict[str, Any]:
@@ -100,8 +198,49 @@ class Program:
         return json.dumps(self.graph_json(), indent=1).encode()
 
     def weights_bytes(self) -> bytes:
+        if any(v.dtype in (np.uint16, np.int8) for v in self.weights.values()):
+            return _save_mixed(self.weights)
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.weights.items()}
         return st_save(tensors, metadata={"format": FORMAT})
+
+    def quantised(self, dtype: str) -> Program:
+        """This program with every dense and single-group conv kernel stored as `dtype`
+        (`bf16`: rounded to nearest even; `int8`: `quantise_int8`); biases, norms and
+        every other weight stay float32. `fp32` returns the program itself."""
+        if dtype == "fp32":
+            return self
+        if dtype not in QUANT_LAYOUT:
+            raise ProgramError(f"Unknown weight type {dtype!r}; use one of {WEIGHT_DTYPES}.")
+        weights, quant = dict(self.weights), dict(self.quant)
+        for node in self.nodes:
+            key = node.weights.get("kernel")
+            if not quantisable(node) or key in quant or key is None:
+                continue
+            kernel = np.asarray(self.weights[key], dtype=np.float32)
+            mat = kernel.reshape(-1, kernel.shape[-1])
+            if dtype == "bf16":
+                q = QuantWeight("bf16", bf16_bits(mat), None, kernel.shape)
+            else:
+                data, scale = quantise_int8(mat)
+                q = QuantWeight("int8", data, scale, kernel.shape)
+            quant[key] = q
+            weights[key] = q.dequantised()
+        return Program(self.inputs, self.outputs, self.nodes, weights, quant)
+
+    @property
+    def weights_dtype(self) -> str:
+        """`fp32`, or the type of the quantised kernels (one type per program)."""
+        kinds = {q.dtype for q in self.quant.values()}
+        return kinds.pop() if len(kinds) == 1 else "fp32" if not kinds else "mixed"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights as shipped (quantised kernels at their stored size)."""
+        total = 0
+        for key, w in self.weights.items():
+            q = self.quant.get(key)
+            total += q.nbytes if q is not None else w.size * 4
+        return int(total)
 
     def shipped(self) -> Program:
         """The form that is sealed: every dense kernel packed into 32-column panels
@@ -110,7 +249,9 @@ class Program:
         nodes, weights = [], dict(self.weights)
         for node in self.nodes:
             key = node.weights.get("kernel")
-            if node.op == "dense" and key is not None and "kernel_layout" not in node.attrs:
+            if key is not None and key in self.quant:
+                node = _ship_quantised(node, self.quant[key], weights)
+            elif node.op == "dense" and key is not None and "kernel_layout" not in node.attrs:
                 kernel = weights[key]
                 weights[key] = pack_panels(kernel)
                 attrs = {**node.attrs, "kernel_layout": "panels32", "units": int(kernel.shape[1])}
@@ -122,9 +263,11 @@ class Program:
 
     def unpacked(self) -> Program:
         """The inverse of `shipped`: dense kernels back to `[in, out]`."""
-        nodes, weights = [], dict(self.weights)
+        nodes, weights, quant = [], dict(self.weights), {}
         for node in self.nodes:
-            if node.op == "dense" and node.attrs.get("kernel_layout") == "panels32":
+            if node.attrs.get("kernel_layout") in LAYOUT_DTYPE:
+                node = _unship_quantised(node, weights, quant)
+            elif node.op == "dense" and node.attrs.get("kernel_layout") == "panels32":
                 key = node.weights["kernel"]
                 attrs = dict(node.attrs)
                 del attrs["kernel_layout"]
@@ -139,7 +282,7 @@ class Program:
                     node.name, node.op, node.inputs, node.outputs, attrs, node.weights
                 )
             nodes.append(node)
-        return Program(self.inputs, self.outputs, nodes, weights)
+        return Program(self.inputs, self.outputs, nodes, weights, quant)
 
     def to_container(self, offset: int = 0) -> bytes:
         """The container bytes. `offset`: where the container will sit in the buffer the
@@ -166,7 +309,9 @@ class Program:
                 f"(format={g.get('format')!r}, version={g.get('version')!r})."
             )
         try:
-            w = st_load(weights)
+            w = _load_mixed(weights) if _has_quantised(weights) else st_load(weights)
+        except ProgramError:
+            raise
         except Exception as e:  # safetensors raises its own error types
             raise ProgramError(f"weights.safetensors is unreadable ({e}).") from None
 
@@ -202,6 +347,125 @@ class Program:
     @property
     def num_params(self) -> int:
         return int(sum(v.size for v in self.weights.values()))
+
+
+def _ship_quantised(node: ProgramNode, q: QuantWeight, weights: dict) -> ProgramNode:
+    """The shipped form of a node with a quantised kernel: the kernel packed as
+    `panels32x2` (bf16) or `panels32x4` (int8, with its `kernel_scale`)."""
+    layout, group = QUANT_LAYOUT[q.dtype]
+    key = node.weights["kernel"]
+    weights[key] = pack_groups(q.data, group)
+    refs = dict(node.weights)
+    attrs = {**node.attrs, "kernel_layout": layout, "kernel_shape": [int(d) for d in q.shape]}
+    if q.scale is not None:
+        skey = f"{key}.scale"
+        while skey in weights:
+            skey += "_"
+        weights[skey] = q.scale
+        refs["kernel_scale"] = skey
+    return ProgramNode(node.name, node.op, node.inputs, node.outputs, attrs, refs)
+
+
+def _unship_quantised(node: ProgramNode, weights: dict, quant: dict) -> ProgramNode:
+    """The inverse of `_ship_quantised`: `quant` gets the kernel's data, `weights` its
+    dequantised float32 form."""
+    layout = node.attrs["kernel_layout"]
+    dtype = LAYOUT_DTYPE[layout]
+    group = QUANT_LAYOUT[dtype][1]
+    attrs = dict(node.attrs)
+    del attrs["kernel_layout"]
+    key = node.weights.get("kernel")
+    ks = attrs.pop("kernel_shape", None)
+    ok = isinstance(ks, list) and len(ks) >= 2 and all(isinstance(d, int) and d > 0 for d in ks)
+    shape = tuple(ks) if ok else None
+    want = np.uint16 if dtype == "bf16" else np.int8
+    if node.op not in ("dense", "conv") or shape is None or key not in weights:
+        raise ProgramError(
+            f"Node {node.name!r} has a {layout} kernel without its shape attribute or "
+            "kernel; the program is malformed."
+        )
+    if weights[key].dtype != want:
+        raise ProgramError(
+            f"Node {node.name!r}: a {layout} kernel must be stored as {dtype}, not "
+            f"{weights[key].dtype}; the program is malformed."
+        )
+    refs = dict(node.weights)
+    k = int(np.prod(shape[:-1]))
+    data = unpack_groups(weights[key], k, shape[-1], group)
+    scale = None
+    if dtype == "int8":
+        skey = refs.pop("kernel_scale", None)
+        if skey is None or skey not in weights or weights[skey].shape != (shape[-1],):
+            raise ProgramError(
+                f"Node {node.name!r}: an int8 kernel needs a float32 kernel_scale of "
+                f"shape [{shape[-1]}]; the program is malformed."
+            )
+        scale = np.asarray(weights.pop(skey), dtype=np.float32)
+    q = QuantWeight(dtype, data, scale, tuple(int(d) for d in shape))
+    quant[key] = q
+    weights[key] = q.dequantised()
+    return ProgramNode(node.name, node.op, node.inputs, node.outputs, attrs, refs)
+
+
+_ST_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2"), "I8": np.dtype("i1")}
+_ST_NAMES = {np.dtype("<f4"): "F32", np.dtype("<u2"): "BF16", np.dtype("i1"): "I8"}
+
+
+def _has_quantised(data: bytes) -> bool:
+    if len(data) < 8:
+        return False
+    (n,) = struct.unpack("<Q", data[:8])
+    head = data[8 : 8 + min(n, len(data))]
+    return b'"BF16"' in head or b'"I8"' in head
+
+
+def _save_mixed(weights: dict[str, np.ndarray]) -> bytes:
+    """safetensors bytes of float32, bf16 (held as uint16 bit patterns) and int8
+    tensors. (The safetensors package's numpy API has no bfloat16.) Tensors are laid
+    out by alignment, widest first, as the safetensors library does, so each stays
+    4-byte aligned (every quantised kernel is a multiple of 128 bytes)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    for k, v in arrays.items():
+        if v.dtype not in _ST_NAMES:
+            arrays[k] = np.ascontiguousarray(v, dtype=np.float32)
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT}}
+    at = 0
+    for k in order:
+        v = arrays[k]
+        header[k] = {
+            "dtype": _ST_NAMES[v.dtype],
+            "shape": list(v.shape),
+            "data_offsets": [at, at + v.nbytes],
+        }
+        at += v.nbytes
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(arrays[k].tobytes() for k in order)
+
+
+def _load_mixed(data: bytes) -> dict[str, np.ndarray]:
+    """The inverse of `_save_mixed` (bf16 as uint16 bit patterns), with the checks of a
+    safetensors reader: known dtypes, sizes that match the shapes, data in bounds."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise ProgramError("weights.safetensors is unreadable (header runs past the end).")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProgramError(f"weights.safetensors is unreadable ({e}).") from None
+    body = memoryview(data)[8 + n :]
+    out: dict[str, np.ndarray] = {}
+    for k, t in header.items():
+        if k == "__metadata__":
+            continue
+        dt = _ST_DTYPES.get(t.get("dtype"))
+        shape = tuple(t.get("shape", ()))
+        b, e = t.get("data_offsets", (0, -1))
+        if dt is None or not 0 <= b <= e <= len(body) or e - b != int(np.prod(shape)) * dt.itemsize:
+            raise ProgramError(f"weights.safetensors is unreadable (tensor {k!r} is malformed).")
+        out[k] = np.frombuffer(body[b:e], dtype=dt).reshape(shape).copy()
+    return out
 
 
 class ProgramBuilder:

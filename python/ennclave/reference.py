@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ProgramError
-from .program import Program, ProgramNode
+from .program import Program, ProgramNode, bf16_round
 
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
@@ -255,7 +255,23 @@ def _binary(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         "max": np.maximum,
         "min": np.minimum,
         "pow": np.power,
+        "equal": lambda x, y: (x == y).astype(np.float64),
     }[op](a, b)
+
+
+def cast(x: np.ndarray, to: str) -> np.ndarray:
+    """`cast`: values stay float; bool is x ≠ 0 (NaN too), integers truncate toward
+    zero, clamped to the type's range, NaN → 0."""
+    if to == "float32":
+        return x
+    if to == "bool":
+        return (x != 0).astype(np.float64)
+    if to in ("int32", "int64"):
+        info = np.iinfo(to)
+        # The range as float32 sees it (the worker clamps in float32).
+        lo, hi = float(np.float32(info.min)), float(np.float32(info.max))
+        return np.nan_to_num(np.clip(np.trunc(x), lo, hi), nan=0.0)
+    raise ProgramError(f"Unknown cast target {to!r}.")
 
 
 def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]) -> np.ndarray:
@@ -312,6 +328,15 @@ def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]
         if "beta" in weight:
             y = y + weight["beta"]
         return y
+    if op == "equal":
+        return _binary(op, args[0], args[1])
+    if op == "where":
+        cond, xv, yv = args
+        return np.where(cond != 0, xv, yv)
+    if op == "cast":
+        return cast(x, a["to"])
+    if op == "expand":
+        return np.broadcast_to(x, (x.shape[0], *a["shape"]))
     if op in ("add", "sub", "mul", "div", "max", "min", "pow"):
         y = args[0]
         for b in args[1:]:
@@ -354,6 +379,11 @@ def execute(program: Program, x: np.ndarray, *, exact: bool = False) -> np.ndarr
     env: dict[str, np.ndarray] = {program.inputs[0].name: np.asarray(x, dtype=np.float64)}
     for node in program.nodes:
         args = [env[t] for t in node.inputs]
+        q = program.quant.get(node.weights.get("kernel", ""))
+        if q is not None and q.dtype == "bf16":
+            # bf16 kernels multiply bf16 inputs (as AVX512_BF16's vdpbf16ps does; every
+            # kernel path of the worker rounds x the same way), summing in float32.
+            args[0] = bf16_round(args[0].astype(np.float32)).astype(np.float64)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             y = run_node(node, args, program.weights)
         y = np.asarray(y, dtype=np.float64)

@@ -39,7 +39,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         ("type", "left"),
         ("tensor into enclave", "left"),
         ("enclave params", "right"),
-        ("enclave MiB", "right"),
+        ("enclave MiB fp32 / bf16 / int8", "right"),
         ("public params", "right"),
         ("share inside", "right"),
         ("enclave FLOPs/sample", "right"),
@@ -56,7 +56,8 @@ def print_plan(plan: Plan, console: Console) -> None:
             escape(c.op_type),
             _shape(c.tensor_shape),
             f"{c.enclave_params:,}",
-            f"{c.enclave_bytes / MiB:.2f}",
+            f"{c.enclave_bytes / MiB:.2f} / {c.enclave_bytes_bf16 / MiB:.2f} / "
+            f"{c.enclave_bytes_int8 / MiB:.2f}",
             f"{c.public_params:,}",
             f"{100 * c.enclave_params / total:.1f}%" if total else "-",
             _si(c.enclave_flops),
@@ -91,6 +92,25 @@ def print_verification(v: Verification, console: Console) -> None:
     )
     console.print(table)
     console.print(Text(f"Probe inputs: {v.probe}."))
+    mib = 1024 * 1024
+    if v.weights != "fp32" and v.quantised_max_abs_error is not None:
+        console.print(
+            Text(
+                f"Weights stored as {v.weights}: {v.weight_bytes / mib:.2f} MiB in the enclave "
+                f"(fp32: {v.weight_bytes_fp32 / mib:.2f} MiB); the shipped split differs from "
+                f"the original by up to {v.quantised_max_abs_error:.3g} "
+                f"(relative {v.quantised_max_rel_error:.3g})."
+            )
+        )
+    if v.accuracy_fp32 is not None and v.accuracy_shipped is not None:
+        console.print(
+            Text(
+                f"Accuracy on the {v.accuracy_samples} labelled samples: original "
+                f"{100 * v.accuracy_fp32:.2f}%, shipped split ({v.weights}) "
+                f"{100 * v.accuracy_shipped:.2f}% "
+                f"({100 * (v.accuracy_shipped - v.accuracy_fp32):+.2f} points)."
+            )
+        )
     for w in v.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
 

@@ -24,10 +24,11 @@ from .bundle import (
     check_destination,
     manifest_digest,
 )
-from .errors import VerificationError
+from .errors import InputError, VerificationError
 from .graph import CutPoint
 from .passes import optimize
 from .plan import resolve_cut
+from .program import WEIGHT_DTYPES
 from .verify import Verification, verify_split
 
 
@@ -46,6 +47,8 @@ def split_model(
     out_dir: str | Path,
     *,
     samples: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    weights: str = "fp32",
     tolerance: float = 1e-4,
     rtol: float = 1e-4,
     n_random: int = 16,
@@ -64,10 +67,17 @@ def split_model(
     With `keyserver` (URL) the data key is registered on the owner's key server (owner
     token: `keyserver_token` or the saved owner config) and never written locally; the
     manifest says `key_source: "keyserver"` and names the URL. `progress` is told each
-    step as it starts (the CLI shows it)."""
+    step as it starts (the CLI shows it).
+
+    `weights` (`fp32`, `bf16`, `int8`) is how dense and conv kernels are stored in the
+    sealed program (docs/enclave-program.md); the float32 program is verified against
+    the model as always, and the verification also reports the shipped program's error
+    and, with `labels` for the `samples`, both accuracies."""
     from .keystore import Keystore
     from .seal import HEADER_BYTES, new_data_key, seal_container
 
+    if weights not in WEIGHT_DTYPES:
+        raise InputError(f"Unknown weight type {weights!r}; use one of {', '.join(WEIGHT_DTYPES)}.")
     out = Path(out_dir)
     check_destination(out, overwrite)  # before the model is loaded: that can take seconds
     adapter = model if isinstance(model, ModelAdapter) else load_model(model)
@@ -75,6 +85,7 @@ def split_model(
     point = resolve_cut(adapter, cut)
     step(f"Lowering the private part (cut {point.index}, after {point.name!r})…")
     program = optimize(adapter.lower_private(point))
+    shipped = program.quantised(weights)
 
     with BundleWriter(out, overwrite=overwrite) as writer:
         public = None
@@ -98,6 +109,8 @@ def split_model(
             rtol=rtol,
             n_random=n_random,
             seed=seed,
+            quantised=shipped if shipped is not program else None,
+            labels=labels,
         )
         if program.num_params == 0:
             verification.warnings.append(
@@ -121,7 +134,7 @@ def split_model(
             keyserver_url=keyserver,
             allow_unlocked_memory=allow_unlocked_memory,
         )
-        container = program.to_container(offset=HEADER_BYTES)
+        container = shipped.to_container(offset=HEADER_BYTES)
         manifest["private"]["plaintext_bytes"] = len(container)
         sealed = seal_container(container, manifest, key)
         del container

@@ -49,6 +49,20 @@ class Verification:
     warnings: list[str] = field(default_factory=list)
     # The float64 reference shows the split itself is wrong (not float32 noise).
     lowering_bug: bool = False
+    # `--weights bf16|int8`: the shipped program's kernels are quantised. The fields
+    # above judge the float32 program (the lowering); these say what quantising costs:
+    # the shipped program (reference executor, same quantised weights) vs the original.
+    weights: str = "fp32"
+    quantised_max_abs_error: float | None = None
+    quantised_max_rel_error: float | None = None
+    # Bytes of the enclave's weights: float32, and as shipped.
+    weight_bytes_fp32: int = 0
+    weight_bytes: int = 0
+    # With --labels: top-1 accuracy on the given samples of the original model and of
+    # the shipped (quantised) split, and how many samples that is.
+    accuracy_fp32: float | None = None
+    accuracy_shipped: float | None = None
+    accuracy_samples: int = 0
 
 
 def probe_batches(
@@ -80,6 +94,21 @@ def probe_batches(
     return [samples, random], f"{len(samples)} samples given + {len(random)} random like them"
 
 
+def _check_labels(labels: np.ndarray, samples: np.ndarray | None) -> np.ndarray:
+    """Class indices, one per sample (one-hot rows are read by their argmax)."""
+    if samples is None:
+        raise InputError("Labels were given without samples; pass --samples with them.")
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        labels = labels.argmax(-1)
+    if labels.ndim != 1 or len(labels) != len(samples) or labels.dtype.kind not in "iuf":
+        raise InputError(
+            f"The labels have shape {labels.shape} but there are {len(samples)} samples; pass "
+            "one class index (or one-hot row) per sample."
+        )
+    return labels.astype(np.int64)
+
+
 def _saturated(outputs: np.ndarray) -> bool:
     """Probability outputs pinned at 0 or 1: every split agrees there, so agreement
     says nothing about the logits behind them."""
@@ -101,19 +130,27 @@ def verify_split(
     rtol: float = 1e-4,
     n_random: int = 16,
     seed: int = 0,
+    quantised: Program | None = None,
+    labels: np.ndarray | None = None,
 ) -> Verification:
-    """Run the original and the split on the probe inputs and compare (module doc)."""
+    """Run the original and the split on the probe inputs and compare (module doc).
+    With `quantised` (the program as shipped with bf16/int8 kernels) also measure its
+    error against the original, and with `labels` (one per sample) both accuracies."""
+    if labels is not None:
+        labels = _check_labels(labels, samples)
     batches, probe = probe_batches(adapter, samples, n_random, seed)
     public = (
         PublicPart(public_path, adapter.framework, ["CPUExecutionProvider"])
         if public_path
         else None
     )
-    expected_all, got_all, mids = [], [], []
+    expected_all, got_all, mids, shipped_all = [], [], [], []
     for x in batches:
         expected = np.asarray(adapter.predict(x))
         mid = public(x) if public is not None else x
         got = execute(program, np.asarray(mid, dtype=np.float32))
+        if quantised is not None:
+            shipped_all.append(execute(quantised, np.asarray(mid, dtype=np.float32)))
         if got.shape != expected.shape:
             return Verification(
                 float("inf"), float("inf"), sum(map(len, batches)), tolerance, False, rtol,
@@ -132,6 +169,25 @@ def verify_split(
     max_rel = max_abs / scale if scale > 0 else max_abs
     allowed = tolerance + rtol * scale
     v = Verification(max_abs, max_rel, count, tolerance, False, rtol, allowed, probe=probe)
+    v.weight_bytes_fp32 = v.weight_bytes = program.weight_bytes
+    shipped = np.concatenate(shipped_all).astype(np.float64) if shipped_all else got
+    if quantised is not None:
+        v.weights = quantised.weights_dtype
+        v.weight_bytes = quantised.weight_bytes
+        q_abs = float(np.abs(shipped - expected).max()) if expected.size else 0.0
+        v.quantised_max_abs_error = q_abs
+        v.quantised_max_rel_error = q_abs / scale if scale > 0 else q_abs
+    if labels is not None:
+        n = len(labels)
+        if expected.ndim != 2:
+            v.warnings.append(
+                f"--labels ignored: accuracy needs class scores of shape (N, classes), the "
+                f"model outputs {expected.shape[1:]} per sample"
+            )
+        else:
+            v.accuracy_samples = n
+            v.accuracy_fp32 = float((expected[:n].argmax(-1) == labels).mean())
+            v.accuracy_shipped = float((shipped[:n].argmax(-1) == labels).mean())
     if _saturated(expected):
         v.warnings.append(
             "the outputs are saturated (probabilities of 0 or 1), so this verification "

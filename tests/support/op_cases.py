@@ -95,6 +95,17 @@ def _encoder_block() -> keras.Model:
     return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
 
 
+def _where_cast() -> keras.Model:
+    # keras.ops.cast to int32 (truncation) and bool, keras.ops.where with a tensor and a
+    # constant branch: the `cast` and `where` program ops.
+    inp = keras.Input((3, 5))
+    d = L.Dense(4)(inp)
+    flag = keras.ops.cast(keras.ops.cast(d * 2.0, "int32"), "bool")
+    y = keras.ops.where(flag, d, -0.25)
+    z = keras.ops.where(keras.ops.cast(d, "bool"), y, d * 3.0)
+    return keras.Model(inp, L.Dense(2)(z + keras.ops.cast(d * 4.0, "int32")))
+
+
 # Every activation the Keras adapter lowers.
 ACTIVATIONS = sorted(ACTIVATION_NAMES)
 
@@ -196,5 +207,6 @@ CASES: dict[str, Callable[[], keras.Model]] = {
     "mha_self": _mha,
     "mha_cross_causal": lambda: _mha(causal=True, cross=True),
     "encoder_block": _encoder_block,
+    "where_cast_ops": _where_cast,
     **{f"act_{a}": (lambda a=a: _single((6,), L.Dense(5), L.Activation(a))) for a in ACTIVATIONS},
 }

@@ -38,6 +38,14 @@ pub enum Act {
     Erf,
     /// 1 − erf(x), computed directly (no cancellation for large x).
     Erfc,
+    /// `cast` to bool: 1 where x ≠ 0 (NaN included), else 0.
+    CastBool,
+    /// `cast` to an integer type: truncation toward zero, clamped to `[min, max]`
+    /// (the type's range as float32); NaN becomes 0.
+    CastInt {
+        min: f32,
+        max: f32,
+    },
 }
 
 const SELU_ALPHA: f32 = 1.673_263_2;
@@ -114,6 +122,14 @@ impl Act {
             Act::Reciprocal => map(x, |v| 1.0 / v),
             Act::Erf => map(x, libm::erff),
             Act::Erfc => map(x, |v| libm::erfc(v as f64) as f32),
+            Act::CastBool => map(x, |v| if v != 0.0 { 1.0 } else { 0.0 }),
+            Act::CastInt { min, max } => map(x, |v| {
+                if v.is_nan() {
+                    0.0
+                } else {
+                    v.trunc().clamp(min, max)
+                }
+            }),
         }
     }
 }
@@ -228,6 +244,16 @@ mod tests {
         close(&run(Act::GeluTanh, &[1.0]), &[0.841_192]);
         close(&run(Act::Reciprocal, &[4.0]), &[0.25]);
         close(&run(Act::Sqrt, &[4.0]), &[2.0]);
+        let x = [-2.5, -0.5, 0.0, 0.7, 3e9, f32::NAN];
+        assert_eq!(run(Act::CastBool, &x), [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]);
+        let i32_range = Act::CastInt {
+            min: i32::MIN as f32,
+            max: i32::MAX as f32,
+        };
+        assert_eq!(
+            run(i32_range, &x),
+            [-2.0, -0.0, 0.0, 0.0, i32::MAX as f32, 0.0]
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub enum BinKind {
     Max,
     Min,
     Pow,
+    /// 1 where a == b, else 0 (`equal`).
+    Equal,
 }
 
 impl BinKind {
@@ -25,6 +27,7 @@ impl BinKind {
             "max" => BinKind::Max,
             "min" => BinKind::Min,
             "pow" => BinKind::Pow,
+            "equal" => BinKind::Equal,
             _ => return None,
         })
     }
@@ -60,6 +63,13 @@ fn f(kind: BinKind, a: f32, b: f32) -> f32 {
             }
         }
         BinKind::Pow => a.powf(b),
+        BinKind::Equal => {
+            if a == b {
+                1.0
+            } else {
+                0.0
+            }
+        }
     }
 }
 
@@ -185,14 +195,109 @@ pub fn binary(
             }
         });
     } else {
-        runs(abc, batch, |o, ao, len, s| {
-            if s == 1 {
-                out[o..o + len].copy_from_slice(&a[ao..ao + len]);
-            } else {
-                out[o..o + len].fill(a[ao]);
-            }
-        });
+        broadcast_copy(out, (a, abc), batch);
         inplace(kind, out, (b, bbc), batch);
+    }
+}
+
+/// `out = a` broadcast to the output (`expand`).
+pub fn broadcast_copy(out: &mut [f32], a: (&[f32], &Bcast), batch: usize) {
+    let (a, bc) = a;
+    runs(bc, batch, |o, ao, len, s| {
+        if s == 1 {
+            out[o..o + len].copy_from_slice(&a[ao..ao + len]);
+        } else {
+            out[o..o + len].fill(a[ao]);
+        }
+    });
+}
+
+/// `where(cond, x, y)`: the three operands' strides along the output's per-sample
+/// dims (0 where broadcast) and per sample (0 for constants).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Select {
+    pub dims: Vec<usize>,
+    pub strides: [Vec<usize>; 3],
+    pub batch_strides: [usize; 3],
+}
+
+impl Select {
+    /// `op_dims`: each operand's dims aligned to `out_dims` (same length, each equal
+    /// or 1); `batched`: whether it has a batch dim.
+    pub fn new(out_dims: &[usize], op_dims: [&[usize]; 3], batched: [bool; 3]) -> Self {
+        let mut strides: [Vec<usize>; 3] = Default::default();
+        let mut batch_strides = [0; 3];
+        for k in 0..3 {
+            let d = op_dims[k];
+            let mut st = vec![0usize; d.len()];
+            let mut s = 1usize;
+            for i in (0..d.len()).rev() {
+                st[i] = if d[i] == 1 { 0 } else { s };
+                s *= d[i];
+            }
+            batch_strides[k] = if batched[k] { s } else { 0 };
+            strides[k] = st;
+        }
+        let mut dims = out_dims.to_vec();
+        if dims.is_empty() {
+            dims.push(1);
+            strides.iter_mut().for_each(|s| s.push(0));
+        }
+        Select {
+            dims,
+            strides,
+            batch_strides,
+        }
+    }
+}
+
+/// `out[i] = if c[i] != 0 { x[i] } else { y[i] }` with broadcasting (NaN counts as
+/// true, as a cast to bool does).
+pub fn select(out: &mut [f32], c: &[f32], x: &[f32], y: &[f32], s: &Select, batch: usize) {
+    let r = s.dims.len();
+    let inner = s.dims[r - 1];
+    let per: usize = s.dims.iter().product();
+    let ops = [c, x, y];
+    let mut idx = [0usize; 16];
+    debug_assert!(r <= 16);
+    for n in 0..batch {
+        let mut off = s.batch_strides.map(|b| n * b);
+        let mut o = n * per;
+        idx.fill(0);
+        'sample: loop {
+            let is = [
+                s.strides[0][r - 1],
+                s.strides[1][r - 1],
+                s.strides[2][r - 1],
+            ];
+            for j in 0..inner {
+                let cv = ops[0][off[0] + j * is[0]];
+                out[o + j] = if cv != 0.0 {
+                    ops[1][off[1] + j * is[1]]
+                } else {
+                    ops[2][off[2] + j * is[2]]
+                };
+            }
+            o += inner;
+            let mut d = r - 1;
+            loop {
+                if d == 0 {
+                    break 'sample;
+                }
+                d -= 1;
+                idx[d] += 1;
+                for (o, st) in off.iter_mut().zip(&s.strides) {
+                    *o += st[d];
+                }
+                if idx[d] < s.dims[d] {
+                    break;
+                }
+                for (o, st) in off.iter_mut().zip(&s.strides) {
+                    *o -= st[d] * s.dims[d];
+                }
+                idx[d] = 0;
+            }
+        }
     }
 }
 
@@ -250,6 +355,38 @@ mod tests {
         inplace(BinKind::Max, &mut y, (&[7.0, 0.0], &col), 2);
         assert_eq!(y[..6], [7.0, 7.0, 7.0, 5.0, 5.0, 5.0]);
         assert_eq!(y[6..], [7.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn equal_where_and_expand() {
+        // cond [2, 1] (batched), x [1, 3] constant, y scalar constant, out [2, 3]
+        let out_dims = [2, 3];
+        let s = Select::new(&out_dims, [&[2, 1], &[1, 3], &[1, 1]], [true, false, false]);
+        let c = [1.0, 0.0, f32::NAN, 0.0];
+        let mut y = vec![0.0; 12];
+        select(&mut y, &c, &[1.0, 2.0, 3.0], &[-9.0], &s, 2);
+        assert_eq!(y[..6], [1.0, 2.0, 3.0, -9.0, -9.0, -9.0]);
+        assert_eq!(y[6..], [1.0, 2.0, 3.0, -9.0, -9.0, -9.0]);
+        let full = Bcast::new(&[3], &[3], true);
+        let mut e = vec![0.0; 3];
+        binary(
+            BinKind::Equal,
+            &mut e,
+            (&[1.0, 2.0, 0.0], &full),
+            (&[2.0], &Bcast::new(&[3], &[1], false)),
+            1,
+        );
+        assert_eq!(e, [0.0, 1.0, 0.0]);
+        let mut x = vec![0.0; 12];
+        broadcast_copy(
+            &mut x,
+            (&[1.0, 2.0, 3.0, 4.0], &Bcast::new(&[3, 2], &[1, 2], true)),
+            2,
+        );
+        assert_eq!(
+            x,
+            [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 3.0, 4.0]
+        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub struct ConvParams {
 const SCRATCH_TARGET: usize = 1 << 21;
 
 impl ConvParams {
-    fn k_len(&self) -> usize {
+    pub(crate) fn k_len(&self) -> usize {
         self.g.kh * self.g.kw * (self.g.c / self.groups)
     }
     pub fn is_depthwise(&self) -> bool {
@@ -74,7 +74,7 @@ impl ConvParams {
             && g.ow == g.w
     }
     /// Rows of the im2col matrix per chunk for a batch of `batch`.
-    fn chunk_rows(&self, batch: usize) -> usize {
+    pub(crate) fn chunk_rows(&self, batch: usize) -> usize {
         let rows = batch * self.g.oh * self.g.ow;
         (SCRATCH_TARGET / self.k_len().max(1)).clamp(1, rows.max(1))
     }
@@ -240,7 +240,7 @@ fn gemm_rows(
 
 /// Fill `cols` (rows r0.. of the im2col matrix, `kh*kw*cing` wide) for channels
 /// `c0..c0+cing`.
-fn im2col(
+pub(crate) fn im2col(
     x: &[f32],
     cols: &mut [f32],
     r0: usize,

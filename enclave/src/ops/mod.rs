@@ -10,6 +10,7 @@ pub mod conv_transpose;
 pub mod dense;
 pub mod matmul;
 pub mod misc;
+pub mod qdense;
 pub mod resize;
 pub mod slice;
 

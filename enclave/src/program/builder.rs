@@ -112,20 +112,31 @@ impl<'d> Builder<'d> {
         }
     }
 
-    /// Look up (and reserve space for) a weight; returns its place and shape.
+    /// Look up (and reserve space for) a float32 weight; returns its place and shape.
     pub(super) fn weight(&mut self, key: &str, ctx: &NodeCtx) -> Result<(WRef, Vec<usize>), Error> {
-        if let Some(w) = self.weights.get(key) {
-            return Ok(w.clone());
-        }
+        self.weight_of(key, ctx, Dtype::F32)
+    }
+
+    /// [`Self::weight`] for a weight of type `dtype` (F32, or BF16 / I8 for a
+    /// quantised kernel, whose `WRef` then counts its bytes / 4: see `quant`).
+    pub(super) fn weight_of(
+        &mut self,
+        key: &str,
+        ctx: &NodeCtx,
+        dtype: Dtype,
+    ) -> Result<(WRef, Vec<usize>), Error> {
         let view = match self.st.tensor(key) {
             Ok(v) => v,
             Err(_) => return ctx.e(format!("weight {key:?} is not in weights.safetensors")),
         };
-        if view.dtype() != Dtype::F32 {
+        if view.dtype() != dtype {
             return ctx.e(format!(
-                "weight {key:?} has dtype {:?}, not F32",
+                "weight {key:?} has dtype {:?}, not {dtype:?}",
                 view.dtype()
             ));
+        }
+        if let Some(w) = self.weights.get(key) {
+            return Ok(w.clone());
         }
         let shape = view.shape().to_vec();
         if shape.len() > MAX_RANK {
@@ -137,10 +148,13 @@ impl<'d> Builder<'d> {
         if shape.contains(&0) {
             return ctx.e(format!("weight {key:?} has an empty dimension {shape:?}"));
         }
-        let len = checked_product(&shape, &format!("node {:?}: weight {key:?}", ctx.name))?;
-        if view.data().len() != len * 4 {
+        let elems = checked_product(&shape, &format!("node {:?}: weight {key:?}", ctx.name))?;
+        let size = dtype.bitsize() / 8;
+        // Quantised kernels are whole 128-byte panel rows, so `len` floats hold them.
+        if view.data().len() != elems * size || !view.data().len().is_multiple_of(4) {
             return ctx.e(format!("weight {key:?} has the wrong data length"));
         }
+        let len = view.data().len() / 4;
         if let Some(base) = self.base {
             let at = view.data().as_ptr() as usize - base;
             let w = (WRef { off: at / 4, len }, shape);
@@ -314,6 +328,9 @@ impl<'d> Builder<'d> {
         if op == "gather" {
             return self.gather(ctx, args);
         }
+        if op == "where" {
+            return self.where_node(ctx, args);
+        }
         // The rest take exactly one batched input.
         let unary: fn(&mut Self, &NodeCtx, &TensorMeta) -> NodeResult = match op {
             "dense" => Self::dense,
@@ -330,6 +347,8 @@ impl<'d> Builder<'d> {
             "scale_shift" => Self::scale_shift,
             "layer_norm" => Self::layer_norm,
             "activation" => Self::activation_node,
+            "expand" => Self::expand,
+            "cast" => Self::cast,
             _ => return ctx.e(format!("unknown op {op:?}")),
         };
         if args.len() != 1 {

@@ -4,9 +4,9 @@
 use serde_json::Value;
 
 use super::builder::{batched, Builder, NodeCtx, NodeResult};
-use super::json::{axis, boolean, float, obj, string};
-use super::{fail, Error, Op, TensorMeta};
-use crate::ops::binary::{Bcast, BinKind};
+use super::json::{axis, boolean, checked_product, float, list, obj, pos, string};
+use super::{fail, Error, Op, TensorMeta, MAX_RANK};
+use crate::ops::binary::{Bcast, BinKind, Select};
 use crate::ops::Act;
 
 impl Builder<'_> {
@@ -29,59 +29,79 @@ impl Builder<'_> {
                 args.len()
             ));
         }
-        let batched = args.iter().any(|t| t.batched);
-        // Per-sample rank of the result.
-        let rank = if batched {
-            let r = args.iter().find(|t| t.batched).map_or(0, |t| t.dims.len());
-            for t in args {
-                if t.batched && t.dims.len() != r {
-                    return ctx.e("batched operands must have the same rank");
-                }
-                if !t.batched && t.dims.len() > r + 1 {
-                    return ctx.e(format!("constant operand of shape {:?} has a higher rank than the batched operands", t.dims));
-                }
-                if !t.batched && t.dims.len() == r + 1 && t.dims[0] != 1 {
-                    return ctx.e(format!(
-                        "constant operand of shape {:?} would broadcast against the batch axis",
-                        t.dims
-                    ));
-                }
-            }
-            r
-        } else {
-            args.iter().map(|t| t.dims.len()).max().unwrap_or(0)
-        };
-        // Align every operand's dims to `rank` (left-pad with 1, drop a leading 1).
-        let aligned: Vec<Vec<usize>> = args
-            .iter()
-            .map(|t| {
-                let s: &[usize] = if t.dims.len() > rank {
-                    &t.dims[t.dims.len() - rank..]
-                } else {
-                    &t.dims
-                };
-                let mut v = vec![1; rank - s.len()];
-                v.extend_from_slice(s);
-                v
-            })
-            .collect();
-        let mut od = vec![1usize; rank];
-        for a in &aligned {
-            for (o, &v) in od.iter_mut().zip(a) {
-                if *o == 1 {
-                    *o = v;
-                } else if v != 1 && v != *o {
-                    let shapes: Vec<&Vec<usize>> = args.iter().map(|t| &t.dims).collect();
-                    return ctx.e(format!("operand shapes {shapes:?} do not broadcast"));
-                }
-            }
-        }
+        let (aligned, od, batched) = broadcast(ctx, args)?;
         let bcasts = aligned
             .iter()
             .zip(args)
             .map(|(a, t)| Bcast::new(&od, a, t.batched))
             .collect();
         Ok((Op::Binary { kind, bcasts }, (od, batched, None)))
+    }
+
+    /// `where`: cond, x, y broadcast together (numpy rules); cond ≠ 0 picks x.
+    pub(super) fn where_node(&mut self, ctx: &NodeCtx, args: &[&TensorMeta]) -> NodeResult {
+        if args.len() != 3 {
+            return ctx.e(format!(
+                "where takes exactly 3 inputs (cond, x, y), not {}",
+                args.len()
+            ));
+        }
+        let (aligned, od, batched) = broadcast(ctx, args)?;
+        let sel = Select::new(
+            &od,
+            [&aligned[0], &aligned[1], &aligned[2]],
+            [args[0].batched, args[1].batched, args[2].batched],
+        );
+        Ok((Op::Where(sel), (od, batched, None)))
+    }
+
+    /// `expand`: x broadcast (numpy rules) to the per-sample dims `shape`.
+    pub(super) fn expand(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
+        let shape = list(ctx.req("shape")?, &ctx.what("shape"))?;
+        if shape.len() + 1 > MAX_RANK {
+            return ctx.e("expand target rank is too large");
+        }
+        let od: Vec<usize> = shape
+            .iter()
+            .map(|v| pos(v, &ctx.what("shape")))
+            .collect::<Result<_, _>>()?;
+        checked_product(&od, &ctx.what("shape"))?;
+        let d = &x.dims;
+        if d.len() > od.len() {
+            return ctx.e(format!(
+                "cannot expand [N, {d:?}] to fewer axes [N, {od:?}]"
+            ));
+        }
+        let mut aligned = vec![1; od.len() - d.len()];
+        aligned.extend_from_slice(d);
+        if aligned.iter().zip(&od).any(|(&a, &o)| a != 1 && a != o) {
+            return ctx.e(format!("[N, {d:?}] does not broadcast to [N, {od:?}]"));
+        }
+        let bc = Bcast::new(&od, &aligned, true);
+        Ok((Op::Expand(bc), batched(od)))
+    }
+
+    /// `cast`: to `float32` (the identity), `bool` (x ≠ 0 → 1, else 0) or `int32` /
+    /// `int64` (truncation toward zero, clamped to the type's range, NaN → 0).
+    pub(super) fn cast(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
+        let act = match string(ctx.req("to")?, &ctx.what("to"))? {
+            "float32" => Act::Linear,
+            "bool" => Act::CastBool,
+            "int32" => Act::CastInt {
+                min: i32::MIN as f32,
+                max: i32::MAX as f32,
+            },
+            "int64" => Act::CastInt {
+                min: i64::MIN as f32,
+                max: i64::MAX as f32,
+            },
+            t => {
+                return ctx.e(format!(
+                    "cast to {t:?}: only float32, bool, int32 and int64 are supported"
+                ))
+            }
+        };
+        Ok((Op::Activation(act), batched(x.dims.clone())))
     }
 
     /// `activation`: one activation function applied elementwise.
@@ -165,4 +185,65 @@ impl Builder<'_> {
             f => return fail(format!("{what}: unknown activation {f:?}")),
         })
     }
+}
+
+/// Each operand's dims aligned to the output's, the output's per-sample dims, and
+/// whether the output is batched.
+type Broadcast = (Vec<Vec<usize>>, Vec<usize>, bool);
+
+/// Numpy broadcasting of `args` (batched operands share one rank; constants may not
+/// broadcast against the batch axis): each operand's dims aligned to the output's,
+/// the output's per-sample dims, and whether it is batched.
+fn broadcast(ctx: &NodeCtx, args: &[&TensorMeta]) -> Result<Broadcast, Error> {
+    let batched = args.iter().any(|t| t.batched);
+    // Per-sample rank of the result.
+    let rank = if batched {
+        let r = args.iter().find(|t| t.batched).map_or(0, |t| t.dims.len());
+        for t in args {
+            if t.batched && t.dims.len() != r {
+                return ctx.e("batched operands must have the same rank");
+            }
+            if !t.batched && t.dims.len() > r + 1 {
+                return ctx.e(format!(
+                    "constant operand of shape {:?} has a higher rank than the batched operands",
+                    t.dims
+                ));
+            }
+            if !t.batched && t.dims.len() == r + 1 && t.dims[0] != 1 {
+                return ctx.e(format!(
+                    "constant operand of shape {:?} would broadcast against the batch axis",
+                    t.dims
+                ));
+            }
+        }
+        r
+    } else {
+        args.iter().map(|t| t.dims.len()).max().unwrap_or(0)
+    };
+    // Align every operand's dims to `rank` (left-pad with 1, drop a leading 1).
+    let aligned: Vec<Vec<usize>> = args
+        .iter()
+        .map(|t| {
+            let s: &[usize] = if t.dims.len() > rank {
+                &t.dims[t.dims.len() - rank..]
+            } else {
+                &t.dims
+            };
+            let mut v = vec![1; rank - s.len()];
+            v.extend_from_slice(s);
+            v
+        })
+        .collect();
+    let mut od = vec![1usize; rank];
+    for a in &aligned {
+        for (o, &v) in od.iter_mut().zip(a) {
+            if *o == 1 {
+                *o = v;
+            } else if v != 1 && v != *o {
+                let shapes: Vec<&Vec<usize>> = args.iter().map(|t| &t.dims).collect();
+                return ctx.e(format!("operand shapes {shapes:?} do not broadcast"));
+            }
+        }
+    }
+    Ok((aligned, od, batched))
 }

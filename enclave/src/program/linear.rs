@@ -16,6 +16,9 @@ impl Builder<'_> {
         let Some(&k) = d.last() else {
             return ctx.e("dense needs an input of rank >= 2");
         };
+        if let Some(l) = quant_layout(ctx)? {
+            return self.qdense(ctx, x, l);
+        }
         let Some(key) = ctx.weight_key("kernel")? else {
             return ctx.e("missing weight \"kernel\"");
         };
@@ -69,6 +72,9 @@ impl Builder<'_> {
     /// `conv`: 1-D or 2-D, grouped, with optional bias and fused activation.
     pub(super) fn conv(&mut self, ctx: &NodeCtx, x: &TensorMeta) -> NodeResult {
         let d: &[usize] = &x.dims;
+        if let Some(l) = quant_layout(ctx)? {
+            return self.qconv(ctx, x, l);
+        }
         let Some(key) = ctx.weight_key("kernel")? else {
             return ctx.e("missing weight \"kernel\"");
         };
@@ -158,6 +164,17 @@ impl Builder<'_> {
             outs.push((padded - eff) / strides[i] + 1);
         }
         Ok((geom(d, &win, &strides, &dil, &pads, &outs), ns))
+    }
+}
+
+/// `panels32x2` / `panels32x4` when the node's kernel is stored quantised.
+fn quant_layout<'a>(ctx: &NodeCtx<'a>) -> Result<Option<&'a str>, Error> {
+    match ctx.attr("kernel_layout") {
+        Some(v) => match string(v, &ctx.what("kernel_layout"))? {
+            l @ ("panels32x2" | "panels32x4") => Ok(Some(l)),
+            _ => Ok(None),
+        },
+        None => Ok(None),
     }
 }
 

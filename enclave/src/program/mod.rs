@@ -23,7 +23,7 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::ops::binary::{Bcast, BinKind};
+use crate::ops::binary::{Bcast, BinKind, Select};
 use crate::ops::conv::{ConvParams, Geom};
 use crate::ops::conv_transpose::ConvTParams;
 use crate::ops::matmul::{Gather, Matmul};
@@ -40,6 +40,7 @@ mod json;
 mod linear;
 mod norm;
 mod pool;
+mod quant;
 mod resize;
 mod shape;
 
@@ -80,6 +81,14 @@ pub struct WRef {
     pub len: usize,
 }
 
+/// A quantised kernel: its packed data (`WRef` counting bytes / 4) and, for int8, the
+/// per-column scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QWeight {
+    Bf16(WRef),
+    Int8 { data: WRef, scale: WRef },
+}
+
 /// A tensor of the graph. `dims` excludes the batch dim; `batched` is false only
 /// for constants (and elementwise results of constants only).
 #[derive(Clone, Debug, PartialEq)]
@@ -115,6 +124,21 @@ pub enum Op {
     Conv {
         p: ConvParams,
         kernel: WRef,
+        bias: Option<WRef>,
+    },
+    /// A dense node whose kernel is stored as bf16 or int8 (`panels32x2` / `x4`).
+    QDense {
+        rows: usize,
+        k: usize,
+        n: usize,
+        kernel: QWeight,
+        bias: Option<WRef>,
+        act: Act,
+    },
+    /// A one-group conv whose kernel is stored as bf16 or int8.
+    QConv {
+        p: ConvParams,
+        kernel: QWeight,
         bias: Option<WRef>,
     },
     /// Kernel `[Cin, k..., Cout/groups]`.
@@ -172,6 +196,10 @@ pub enum Op {
     },
     /// Embedding lookup: one table row per id.
     Gather(Gather),
+    /// `where(cond, x, y)`, broadcasting.
+    Where(Select),
+    /// The input broadcast to a larger shape.
+    Expand(Bcast),
     Activation(Act),
 }
 
@@ -290,7 +318,8 @@ impl Program {
         let base = in_place.filter(|_| {
             cfg!(target_endian = "little")
                 && st.iter().all(|(_, v)| {
-                    v.dtype() != Dtype::F32 || (v.data().as_ptr() as usize).is_multiple_of(4)
+                    !matches!(v.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::I8)
+                        || (v.data().as_ptr() as usize).is_multiple_of(4)
                 })
         });
         Builder::new(st, base).build(&g)

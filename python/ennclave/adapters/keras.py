@@ -60,6 +60,7 @@ MERGE_LAYERS = {
     "Concatenate",
     "TrueDivide",  # keras.ops.divide in a functional model
     "Divide",
+    "Where",  # keras.ops.where(cond, x, y)
 }
 LAYERS = Translators()  # layer type -> translator; filled by @LAYERS.register below
 
@@ -1203,6 +1204,45 @@ class _Lowerer:
     def lower_Erf(self, node: Node, layer: Any) -> str:
         # keras.ops.erf / keras.ops.erfc in a functional model
         return self._unary(node, activation(node.op_type.lower()))
+
+    @LAYERS.register("Cast")
+    def lower_Cast(self, node: Node, layer: Any) -> str:
+        # keras.ops.cast: every tensor travels as float32, so a cast to float32 (or of
+        # integers to another integer type) changes no value.
+        keras = require("keras")
+        to = keras.backend.standardize_dtype(layer.dtype)
+        src = self.tensors[node.inputs[0]].dtype if node.inputs else ""
+        x = self._in(node)
+        if to == "float32" or (to in ("int32", "int64") and "int" in src):
+            return x
+        if to not in ("bool", "int32", "int64"):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} casts to {to}; the enclave casts to float32, bool, "
+                "int32 and int64 only."
+            )
+        return self.builder.add("cast", [x], node.name, {"to": to})
+
+    @LAYERS.register("Where")
+    def lower_Where(self, node: Node, layer: Any) -> str:
+        # keras.ops.where(cond, x, y): tensors or numeric constants.
+        rec = self.records.get(node.name)
+        args = list(rec.arguments.args) if rec is not None and not rec.arguments.kwargs else []
+        if len(args) != 3:
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} (Where) needs cond, x and y as positional arguments."
+            )
+        ins, k = [], 0
+        for a in args:
+            if hasattr(a, "_keras_history"):
+                ins.append(self._in(node, k))
+                k += 1
+            elif np.asarray(a).dtype.kind in "fiub":
+                ins.append(self.builder.constant(f"{node.name}/const", np.asarray(a, np.float32)))
+            else:
+                raise UnsupportedOpError(
+                    f"Layer {node.name!r} (Where) takes tensors and numeric constants only."
+                )
+        return self.builder.add("where", ins, node.name)
 
     @LAYERS.register("Softmax")
     def lower_Softmax(self, node: Node, layer: Any) -> str:

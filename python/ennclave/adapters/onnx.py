@@ -55,6 +55,15 @@ _BINARY = {
 }
 _REDUCE = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min"}
 _ALIASES = ("Identity", "Dropout", "Cast")
+# Ops that only move or compare values: exact on integer ids (which travel as floats),
+# so they may read them; the shape ops' outputs are still ids.
+_ID_SHAPE_OPS = ("Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Flatten")
+_COMPARE = ("Less", "Greater", "LessOrEqual", "GreaterOrEqual")
+# Integer Add/Sub/Mul of ids, 0/1 flags and integer constants are exact in float32
+# below 2^24 (Keras's Embedding wraps negative ids as where(ids < 0, ids + V, ids));
+# Div, Pow, Mod would round differently.
+_ID_ARITH = ("Add", "Sub", "Mul")
+_ID_EXACT_OPS = (*_ID_SHAPE_OPS, *_ID_ARITH, *_COMPARE, "Cast", "Equal", "Where", "Not")
 # Operator type -> translator; filled by @OPS.register on `_Lowering` below.
 OPS = Translators()
 # Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
@@ -75,6 +84,10 @@ _ROWWISE = {
     "PRelu",
     "Softmax",
     "LayerNormalization",
+    "Equal",
+    "Where",
+    "Not",
+    "Transpose",
 }
 # Ops whose outputs are static even for dynamic inputs (given static non-batch dims).
 _SHAPE_OPS = ("Shape", "Size")
@@ -223,7 +236,31 @@ def _as_shipped(model: Any, file: str, input_shapes: dict[str, tuple[int, ...]])
                 f"enclave needs static ones: fix them with --input-shape {vi.name}={example} "
                 "(your sizes; the first dimension is the batch and stays free)."
             )
+    _replace_erfc(model)
     return model
+
+
+def _replace_erfc(model: Any) -> None:
+    """tf2onnx cannot convert TensorFlow's Erfc (Keras's exact gelu is
+    0.5·x·erfc(−x/√2)) and leaves it in the default domain, where ONNX has no such
+    operator and ONNX Runtime refuses the model: rewrite each as 1 − Erf(x), which
+    ONNX Runtime runs and the passes fuse back into gelu."""
+    onnx = require("onnx")
+    g = model.graph
+    if not any(n.op_type == "Erfc" and n.domain in ("", "ai.onnx") for n in g.node):
+        return
+    one = "ennclave_erfc_one"
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), one))
+    nodes = []
+    for n in g.node:
+        if n.op_type != "Erfc" or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        erf = f"{n.output[0]}_erf"
+        nodes.append(onnx.helper.make_node("Erf", [n.input[0]], [erf], name=f"{n.name}_erf"))
+        nodes.append(onnx.helper.make_node("Sub", [one, erf], [n.output[0]], name=n.name))
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 class OnnxAdapter(ModelAdapter):
@@ -672,9 +709,20 @@ class OnnxAdapter(ModelAdapter):
         self._const_cache = result
         return result
 
-    def _const(self, name: str, node: Node) -> np.ndarray:
-        """A constant operand; it must not depend on the batch size."""
-        vals = [c.get(name) for c in self._constants().values()]
+    def _const(self, name: str, node: Node, per_sample: bool = False) -> np.ndarray:
+        """A constant operand; it must not depend on the batch size. `per_sample`: an
+        elementwise operand, which may also be one value repeated over the batch (as
+        tf2onnx's BroadcastTo of a position embedding to [N, S, H]): that value is
+        returned with a leading 1."""
+        consts = self._constants()
+        vals = [c.get(name) for c in consts.values()]
+        if per_sample and all(v is not None for v in vals) and len(vals) > 1:
+            rows = [np.asarray(v) for v in vals]
+            if all(
+                r.ndim and r.shape[0] == batch and (r == r[:1]).all()
+                for r, batch in zip(rows, consts, strict=True)
+            ) and all(np.array_equal(r[:1], rows[0][:1]) for r in rows):
+                return rows[0][:1]
         if any(v is None for v in vals):
             raise UnsupportedOpError(
                 f"Node {node.name!r} ({node.op_type}) uses {name!r}, a constant ennclave "
@@ -727,6 +775,8 @@ class _Lowering:
         self.merged: dict[str, tuple[int, ...]] = {}
         self.used = {t for m in self.g.nodes for t in m.inputs} | {o.name for o in self.g.outputs}
         self.int_ids: set[str] = set()  # casts of the token ids (still ids)
+        self.bools: set[str] = set()  # tensors known to hold only 0 and 1 (comparisons)
+        self.integers: set[str] = set()  # integer-valued tensors (ids, also cast to float)
 
     # -- helpers -----------------------------------------------------------------
     def shape(self, tensor: str, node: Node) -> tuple[int | None, ...]:
@@ -803,6 +853,23 @@ class _Lowering:
             raise self.unsupported(node, f"input {i} must be a constant")
         return self.a._const(n.input[i], node)
 
+    def integral(self, t: str, ids: set[str]) -> bool:
+        """Whether `t` holds integers only: ids (also cast to float), 0/1 flags, their
+        integer sums and products, or an integer-valued constant."""
+        if t in ids or t in self.bools or t in self.integers:
+            return True
+        if t in self.g.constant_tensors:
+            vals = [v.get(t) for v in self.a._constants().values()]
+            return all(
+                v is not None
+                and (
+                    np.asarray(v).dtype.kind in "iub"
+                    or np.array_equal(np.asarray(v), np.round(np.asarray(v)))
+                )
+                for v in vals
+            )
+        return False
+
     # -- driver ------------------------------------------------------------------
     def run(self) -> Program:
         g, cut = self.g, self.cut
@@ -855,14 +922,27 @@ class _Lowering:
             {self.cut.tensor.name} if self.cut.tensor.dtype in ("int32", "int64") else set()
         )
         for i, t in enumerate(node.inputs):
-            # Integer ids travel as floats: only a lookup or a cast may read them (integer
-            # arithmetic, e.g. Div, would round differently).
-            if t in ids and not (op == "Cast" or (op == "Gather" and i == 1)):
+            # Integer ids travel as floats: only a lookup, a cast, a comparison or a
+            # shape op may read them (integer arithmetic, e.g. Div, would round
+            # differently).
+            if t in ids and not (op in _ID_EXACT_OPS or (op == "Gather" and i == 1)):
                 raise self.unsupported(
                     node,
                     f"it reads the integer tensor {t!r}; in the enclave integer ids may only "
-                    "be looked up (Gather) or cast; cut after this node",
+                    "be looked up (Gather), cast, compared or reshaped; cut after this node",
                 )
+        if op in _ID_SHAPE_OPS and node.inputs and node.inputs[0] in ids:
+            self.int_ids.update(t for t in n.output if t)
+        if op in _ID_ARITH and any(t in ids for t in node.inputs):
+            if not all(self.integral(t, ids) for t in node.inputs):
+                raise self.unsupported(
+                    node,
+                    "it mixes integer ids with floats; in the enclave ids may only be "
+                    "combined with integers",
+                )
+            self.int_ids.update(t for t in n.output if t)
+        if op == "Where" and all(t in ids for t in node.inputs[1:]):
+            self.int_ids.update(t for t in n.output if t)
         ks = {self.merged.get(t, ()) for t in node.inputs if t in self.env}
         if ks and ks != {()}:
             if len(ks) != 1 or op not in _ROWWISE:
@@ -888,6 +968,13 @@ class _Lowering:
                 f"support; supported ops: {', '.join(SUPPORTED_OPS)}."
             )
         out = translate(self, node, attrs)
+        # Integer values survive moves, casts and integer sums and products.
+        ins = node.inputs[1:] if op == "Where" else node.inputs[:1]
+        if op in (*_ID_SHAPE_OPS, *_ID_ARITH, "Cast", "Where"):
+            if op in _ID_ARITH:
+                ins = node.inputs
+            if all(self.integral(t, ids) for t in ins):
+                self.integers.update(t for t in n.output if t)
         if isinstance(out, list):  # one value per output (Split); None: an unread output
             for name, val in zip(n.output, out, strict=True):
                 if name and val is not None:
@@ -934,7 +1021,7 @@ class _Lowering:
             if t in self.env:
                 names.append(self.to_layout(self.env[t], perm, node).name)
                 continue
-            c = np.asarray(self.a._const(t, node))
+            c = np.asarray(self.a._const(t, node, per_sample=True))
             if c.dtype.kind not in "fiub":
                 raise self.unsupported(node, f"constant {t!r} is not numeric")
             if c.ndim > r:
@@ -949,8 +1036,10 @@ class _Lowering:
         pshape = tuple(out_shape[p] for p in perm)
         if len(names) == 1:
             return _Val(names[0], perm, out_shape)  # variadic op with one input
-        if op in ("sub", "div", "pow") and len(names) != 2:
+        if op in ("sub", "div", "pow", "equal") and len(names) != 2:
             raise self.unsupported(node, "expected exactly two inputs")
+        if op == "where" and len(names) != 3:
+            raise self.unsupported(node, "expected exactly three inputs")
         name = self.emit(op, names, node, pshape)
         return _Val(name, perm, out_shape)
 
@@ -968,15 +1057,87 @@ class _Lowering:
     @OPS.register("Cast")
     def lower_Cast(self, node: Node, a: dict[str, Any]) -> _Val:
         v = self.dyn(node)
-        ints = self.cut.tensor.dtype in ("int32", "int64") and (
-            node.inputs[0] == self.cut.tensor.name or node.inputs[0] in self.int_ids
+        src = node.inputs[0]
+        ints = src in self.int_ids or (
+            src == self.cut.tensor.name and self.cut.tensor.dtype in ("int32", "int64")
         )
-        if a.get("to") == 1 or (a.get("to") in (6, 7) and ints):
-            # to float32; or token ids between int32 and int64 (their values unchanged)
-            if a.get("to") != 1:
+        to = a.get("to")
+        if (
+            to == 1
+            or (to in (6, 7) and (ints or src in self.bools))
+            or (to == 9 and src in self.bools)
+        ):
+            # Values unchanged: to float32 (everything travels as float32), token ids
+            # between int32 and int64, a 0/1 tensor to bool.
+            if to in (6, 7):
                 self.int_ids.add(node.outputs[0])
+            if src in self.bools:
+                self.bools.add(node.outputs[0])
             return v
-        raise self.unsupported(node, "only casts to float32 (or of token ids) are supported")
+        names = {9: "bool", 6: "int32", 7: "int64"}
+        if to not in names:
+            raise self.unsupported(
+                node, "only casts to float32, bool, int32 and int64 are supported"
+            )
+        if to == 9:
+            self.bools.add(node.outputs[0])
+        name = self.emit("cast", [v.name], node, v.pshape, {"to": names[to]})
+        return _Val(name, v.perm, v.shape)
+
+    @OPS.register("Equal")
+    def lower_Equal(self, node: Node, a: dict[str, Any]) -> _Val:
+        self.bools.add(node.outputs[0])
+        return self.binary(node, "equal", list(node.inputs))
+
+    @OPS.register(*_COMPARE)
+    def lower_compare(self, node: Node, a: dict[str, Any]) -> _Val:
+        # On integers a < b is clip(b − a, 0, 1) and a ≤ b is clip(b − a + 1, 0, 1),
+        # exactly; float operands would need a comparison op the format lacks.
+        ids = self.int_ids | (
+            {self.cut.tensor.name} if self.cut.tensor.dtype in ("int32", "int64") else set()
+        )
+        if not all(self.integral(t, ids) for t in node.inputs):
+            raise self.unsupported(node, "comparisons are supported on integer tensors only")
+        x, y = node.inputs
+        lo, hi = (x, y) if node.op_type in ("Less", "LessOrEqual") else (y, x)
+        d = self.binary(node, "sub", [hi, lo])
+        if node.op_type.endswith("OrEqual"):
+            one = self.constant(node, np.array(1.0, np.float32))
+            d = _Val(self.emit("add", [d.name, one], node, d.pshape), d.perm, d.shape)
+        self.bools.add(node.outputs[0])
+        return self.act(node, d, activation("clip", min=0.0, max=1.0))
+
+    @OPS.register("Not")
+    def lower_Not(self, node: Node, a: dict[str, Any]) -> _Val:
+        # On a 0/1 tensor, not x is 1 − x; a cast to bool first makes any tensor 0/1.
+        v = self.dyn(node)
+        if node.inputs[0] not in self.bools:
+            v = _Val(self.emit("cast", [v.name], node, v.pshape, {"to": "bool"}), v.perm, v.shape)
+        one = self.constant(node, np.array(1.0, np.float32))
+        self.bools.add(node.outputs[0])
+        return _Val(self.emit("sub", [one, v.name], node, v.pshape), v.perm, v.shape)
+
+    @OPS.register("Where")
+    def lower_Where(self, node: Node, a: dict[str, Any]) -> _Val:
+        if node.inputs[1] in self.bools and node.inputs[2] in self.bools:
+            self.bools.add(node.outputs[0])
+        return self.binary(node, "where", list(node.inputs))
+
+    @OPS.register("Expand")
+    def lower_Expand(self, node: Node, a: dict[str, Any]) -> _Val:
+        # The target shape may be built from Shape ops (torch's attention masks): the
+        # output shape that shape inference (or a run) found is what counts.
+        v = self.dyn(node)
+        out_shape = self.shape(node.outputs[0], node)
+        if v.rank != len(out_shape):
+            raise self.unsupported(node, "expanding to a higher rank would move the batch axis")
+        if node.inputs[0] in self.bools:
+            self.bools.add(node.outputs[0])
+        if tuple(out_shape[1:]) == tuple(v.shape[1:]):
+            return v
+        pshape = tuple(out_shape[p] for p in v.perm)
+        attrs = {"shape": [int(d) for d in pshape[1:]]}  # type: ignore[arg-type]
+        return _Val(self.emit("expand", [v.name], node, pshape, attrs), v.perm, out_shape)
 
     @OPS.register("Gather")
     def lower_Gather(self, node: Node, a: dict[str, Any]) -> _Val:
@@ -1443,6 +1604,9 @@ class _Lowering:
         t = tuple(a.get("perm", range(v.rank - 1, -1, -1)))
         if t[0] != 0:
             raise self.unsupported(node, f"perm {list(t)} moves the batch axis")
+        k = self.merged.get(node.inputs[0], ())
+        if k:  # batch merged with k (tf2onnx's einsum): those axes stay in front
+            t = (*range(len(k) + 1), *[p + len(k) for p in t[1:]])
         # No program node: the data stays put, only its labels change.
         inv_t = _inv(t)
         return _Val(v.name, tuple(inv_t[p] for p in v.perm), tuple(v.shape[i] for i in t))

@@ -19,6 +19,8 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "max_clients": (1, 1_000_000_000),
     "licence_ttl": (1, 366 * 86400),
     "query_budget": (1, INT63),
+    "client_budget": (1, INT63),
+    "budget_slice": (1, INT63),
 }
 
 

@@ -12,6 +12,11 @@ licence's `expires_at`.
 The blob is ciphertext; the host never holds the data key. It is **not** resistant to
 root or to the same user: both can read the machine id and the binary and so derive
 the cache key.
+
+Next to it, `<cache dir>/usage-pending/<key_id>.json` holds workers' usage reports of
+metered licences that could not be sent to the key server yet (docs/key-release.md
+"Metered budgets"). Losing them is safe for the owner: an unreported slice counts as
+spent.
 """
 
 from __future__ import annotations
@@ -81,3 +86,40 @@ def remove(key_id: str) -> None:
     p = cache_path(key_id)
     if p is not None:
         p.unlink(missing_ok=True)
+
+
+def usage_path(key_id: str) -> Path | None:
+    if not _KEY_ID.fullmatch(key_id):
+        return None
+    return cache_dir() / "usage-pending" / f"{key_id}.json"
+
+
+def load_usage(key_id: str) -> list[tuple[bytes, bytes]]:
+    """Pending usage reports `(report, mac)` (none when absent or unreadable)."""
+    p = usage_path(key_id)
+    if p is None or not p.is_file():
+        return []
+    try:
+        d = json.loads(_read_private(p))
+        return [
+            (
+                base64.b64decode(r["report"], validate=True),
+                base64.b64decode(r["mac"], validate=True),
+            )
+            for r in d["reports"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def store_usage(key_id: str, reports: list[tuple[bytes, bytes]]) -> None:
+    """Replace the pending reports of `key_id` (none: the file is removed)."""
+    p = usage_path(key_id)
+    if p is None:
+        return
+    if not reports:
+        p.unlink(missing_ok=True)
+        return
+    b64 = lambda b: base64.b64encode(b).decode()
+    body = {"v": 1, "reports": [{"report": b64(r), "mac": b64(m)} for r, m in reports[-1000:]]}
+    _write_private(p, json.dumps(body, sort_keys=True).encode())

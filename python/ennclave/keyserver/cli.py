@@ -82,6 +82,17 @@ def _when(ts: int | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _budget(b: dict[str, Any]) -> str:
+    p = b["policy"]
+    if p.get("query_budget") is None:
+        text = "unlimited"
+    else:
+        text = f"{b.get('budget_left', p['query_budget'])} of {p['query_budget']} left"
+    if p.get("client_budget") is not None:
+        text += f", {p['client_budget']} per client"
+    return text
+
+
 def _print_bundle(b: dict[str, Any]) -> None:
     from rich.markup import escape
 
@@ -97,7 +108,7 @@ def _print_bundle(b: dict[str, Any]) -> None:
         f"[bold]{b['key_id']}[/]  {state}  clients {b['clients']}"
         f"{'/' + str(p['max_clients']) if p['max_clients'] else ''}  "
         f"expires {_when(p['expires_at'])}  software {'yes' if p['allow_software'] else 'no'}  "
-        f"licence {p['licence_ttl']} s  budget {p['query_budget'] or 'unlimited'}  "
+        f"licence {p['licence_ttl']} s  budget {_budget(b)}  "
         f"offline {'yes' if p['offline'] else 'no'}  "
         f"requires {', '.join(p.get('require_protections') or []) or 'no protections'}",
         highlight=False,
@@ -119,7 +130,7 @@ def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
         ch["expires_at"] = int(time.time()) + int(args.expires_in)
     if args.expires_at is not None:
         ch["expires_at"] = int(args.expires_at)
-    for name in ("max_clients", "licence_ttl", "query_budget"):
+    for name in ("max_clients", "licence_ttl", "query_budget", "client_budget", "budget_slice"):
         v = getattr(args, name)
         if v is not None:
             ch[name] = None if v == 0 and name != "licence_ttl" else v
@@ -286,7 +297,22 @@ def _policy_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clients", type=int, metavar="N", help="distinct clients (0 = unlimited)")
     p.add_argument("--licence-ttl", type=int, metavar="S", help="licence lifetime in seconds")
     p.add_argument(
-        "--query-budget", type=int, metavar="N", help="samples per licence (0 = unlimited)"
+        "--query-budget",
+        type=int,
+        metavar="N",
+        help="the key's total samples over all releases and workers (0 = unlimited)",
+    )
+    p.add_argument(
+        "--client-budget",
+        type=int,
+        metavar="N",
+        help="each client's total samples (0 = unlimited)",
+    )
+    p.add_argument(
+        "--budget-slice",
+        type=int,
+        metavar="N",
+        help="samples handed out per release of a metered key (default 1000; 0 = default)",
     )
     p.add_argument(
         "--allowed-binary",

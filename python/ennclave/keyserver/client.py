@@ -8,6 +8,12 @@ worker (LICENCE frame), which verifies its MAC and enforces expiry and query bud
 copy is kept in `.licence` for the host's own check (docs/key-release.md). With an
 offline licence the worker's sealed key cache is stored (`cache`) and used when the key
 server cannot be reached.
+
+Metered keys (docs/key-release.md "Metered budgets"): the licence's `query_budget` is
+one slice of the key's total. When the worker stops in order it sends a usage report
+(authenticated under the data key), which `report_usage` relays to the key server
+(``POST /v1/usage``); if the server cannot be reached the report waits in
+`<cache dir>/usage-pending/<key_id>.json` and is sent before the next release.
 """
 
 from __future__ import annotations
@@ -185,6 +191,13 @@ class KeyServerClient:
     def release(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/v1/release", json=body)
 
+    def usage(self, key_id: str, report: bytes, mac: bytes) -> dict[str, Any]:
+        """Relay a worker's usage report. Safe to repeat on another replica: a licence's
+        report counts once."""
+        b64 = lambda b: base64.b64encode(b).decode()
+        body = {"key_id": key_id, "report": b64(report), "mac": b64(mac)}
+        return self._call("POST", "/v1/usage", repeatable=True, json=body)
+
 
 @dataclass
 class ReleasedLicence:
@@ -192,6 +205,15 @@ class ReleasedLicence:
     mac: bytes
     licence: Licence
     used: int = 0
+    # What this client may still get from the key server after this licence's slice
+    # (None: not metered, or not said).
+    budget_left: int | None = None
+
+    @property
+    def left(self) -> int | None:
+        """Samples left under this licence (None: no budget)."""
+        b = self.licence.query_budget
+        return None if b is None else max(0, b - self.used)
 
 
 class KeyserverRelease:
@@ -231,6 +253,14 @@ class KeyserverRelease:
                 12,
             )
         if lic.query_budget is not None and held.used + samples > lic.query_budget:
+            if held.budget_left == 0:
+                raise QueryBudgetExhausted(
+                    f"The licence's query budget of {lic.query_budget} samples is exhausted "
+                    f"({held.used} used) and the key's query budget is spent; ask the "
+                    "model owner to raise it.",
+                    4,
+                    False,
+                )
             raise QueryBudgetExhausted(
                 f"The licence's query budget of {lic.query_budget} samples is exhausted "
                 f"({held.used} used); ask the model owner for a new licence.",
@@ -238,6 +268,43 @@ class KeyserverRelease:
                 False,
             )
         held.used += samples
+
+    @property
+    def renewable(self) -> bool:
+        """Whether a new release may bring another slice: the licence is metered and
+        the key server said this client had more after it."""
+        held = self.licence
+        return held is not None and bool(held.budget_left)
+
+    def report_usage(self, report: bytes, mac: bytes) -> None:
+        """The worker's final usage report (`WorkerClient` at close or restart): sent
+        to the key server, or kept pending when it cannot be reached."""
+        pending = [*cache.load_usage(self.key_id), (report, mac)]
+        cache.store_usage(self.key_id, self._send_usage(pending))
+
+    def _send_usage(self, reports: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Send each report; returns those still pending (the server was unreachable).
+        A refused report (a replay, or one that does not authenticate) is dropped:
+        sending it again would not change the answer."""
+        if not reports:
+            return []
+        left: list[tuple[bytes, bytes]] = []
+        with KeyServerClient(self.url, timeout=self.timeout) as ks:
+            for i, (report, mac) in enumerate(reports):
+                try:
+                    ks.usage(self.key_id, report, mac)
+                except KeyServerUnreachable:
+                    left = reports[i:]
+                    break
+                except KeyReleaseRefused:
+                    continue
+        return left
+
+    def flush_usage(self) -> None:
+        """Send the reports left pending by earlier runs (before a new release)."""
+        pending = cache.load_usage(self.key_id)
+        if pending:
+            cache.store_usage(self.key_id, self._send_usage(pending))
 
     def store_key_cache(self, key_id: str, blob: bytes) -> None:
         """The worker's KEY_CACHE (offline licence): keep it with the licence."""
@@ -266,6 +333,7 @@ class KeyserverRelease:
         if self._worker is None:
             raise EnnclaveError("KeyserverRelease is not bound to a worker; this is a bug.")
         self.licence = None
+        self.flush_usage()  # what earlier workers used, before the next slice is charged
         with KeyServerClient(self.url, timeout=self.timeout) as ks:
             try:
                 nonce = ks.challenge(self.key_id)
@@ -303,7 +371,7 @@ class KeyserverRelease:
                 ) from None
         raw, mac = base64.b64decode(resp["licence"]), base64.b64decode(resp["licence_mac"])
         lic = Licence.from_bytes(raw)
-        self.licence = ReleasedLicence(raw, mac, lic)
+        self.licence = ReleasedLicence(raw, mac, lic, budget_left=resp.get("budget_left"))
         if not lic.offline:
             cache.remove(self.key_id)  # the owner no longer allows offline use
         return WrappedKey(

@@ -73,6 +73,9 @@ REQUIREMENTS: dict[str, Any] = {
     "static_binary": lambda p: p.get("static_binary") is True,
 }
 MAX_PROTECTIONS_BYTES = 1024
+# Samples in one release's slice of a metered budget unless the policy sets
+# `budget_slice` (never more than remains): what a crashed worker can lose at most.
+DEFAULT_SLICE = 1000
 SECTIONS: dict[str, type[ap.SgxPolicy] | type[ap.TdxPolicy] | type[ap.SnpPolicy]] = {
     "sgx": ap.SgxPolicy,
     "tdx": ap.TdxPolicy,
@@ -90,7 +93,9 @@ class Policy:
     expires_at: int | None = None  # no release after this time
     max_clients: int | None = None  # distinct client ids ever granted
     licence_ttl: int = 24 * 3600  # seconds a licence stays valid
-    query_budget: int | None = None  # samples per licence (enforced in the worker)
+    query_budget: int | None = None  # the key's total samples over all releases (metered)
+    client_budget: int | None = None  # each client's total samples (metered)
+    budget_slice: int | None = None  # samples per release of a metered key (DEFAULT_SLICE)
     offline: bool = False  # licence allows an offline key cache until expiry
     # protections the worker's evidence must report (names of REQUIREMENTS)
     require_protections: list[str] = field(default_factory=list)
@@ -143,7 +148,8 @@ class Policy:
                 "policy.require_protections must be a list of distinct names among "
                 + ", ".join(REQUIREMENTS)
             )
-        for name, lo in (("expires_at", 0), ("max_clients", 1), ("query_budget", 1)):
+        budgets = (("query_budget", 1), ("client_budget", 1), ("budget_slice", 1))
+        for name, lo in (("expires_at", 0), ("max_clients", 1), *budgets):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < lo):
                 raise ValueError(f"policy.{name} must be an integer ≥ {lo} or null")
@@ -151,6 +157,11 @@ class Policy:
             raise ValueError(
                 "policy.licence_ttl must be an integer number of seconds, 1 s to 1 year"
             )
+
+    @property
+    def metered(self) -> bool:
+        """Whether releases hand out slices of a total budget (docs/key-release.md)."""
+        return self.query_budget is not None or self.client_budget is not None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

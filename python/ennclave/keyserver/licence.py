@@ -13,6 +13,13 @@ authenticated with HMAC-SHA256 under a key derived from the bundle's **data key*
 Only holders of the data key — the key server (and the owner) — can issue a licence,
 and the worker can check it as soon as it has unwrapped the key. The host relays the
 licence but cannot forge or change it (it never holds the data key in key-server mode).
+
+A metered licence (`query_budget` set: a slice of the key's total) ends with the
+worker's **usage report** (docs/key-release.md "Metered budgets"), the canonical JSON
+``{"final": true, "key_id": …, "licence_id": …, "used": n, "v": 1}`` authenticated with
+HMAC-SHA256 under a key of its own:
+
+    usage_key = HKDF-SHA256(ikm = data key, salt = none, info = "ennclave usage v1" ‖ 0 ‖ key_id)
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 LICENCE_INFO = b"ennclave licence v1"
+USAGE_INFO = b"ennclave usage v1"
 LICENCE_VERSION = 1
 
 
@@ -57,12 +65,16 @@ class Licence:
         return cls(licence_id=secrets.token_hex(8), **kw)
 
 
-def _mac_key(data_key: bytes, key_id: str) -> bytes:
+def _derive(data_key: bytes, prefix: bytes, key_id: str) -> bytes:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    info = LICENCE_INFO + b"\x00" + key_id.encode()
+    info = prefix + b"\x00" + key_id.encode()
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(data_key)
+
+
+def _mac_key(data_key: bytes, key_id: str) -> bytes:
+    return _derive(data_key, LICENCE_INFO, key_id)
 
 
 def licence_mac(data_key: bytes, licence: Licence) -> bytes:
@@ -77,3 +89,39 @@ def check_licence_mac(data_key: bytes, raw: bytes, mac: bytes) -> Licence:
     if not hmac.compare_digest(licence_mac(data_key, lic), mac):
         raise ValueError("licence MAC does not verify")
     return lic
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """A worker's final usage report of one metered licence."""
+
+    key_id: str
+    licence_id: str
+    used: int
+    final: bool = True
+    v: int = LICENCE_VERSION
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+def usage_mac(data_key: bytes, key_id: str, raw: bytes) -> bytes:
+    """The MAC a worker puts on usage report `raw` (what enclave/src/licence.rs does)."""
+    return hmac.new(_derive(data_key, USAGE_INFO, key_id), raw, hashlib.sha256).digest()
+
+
+def check_usage(data_key: bytes, key_id: str, raw: bytes, mac: bytes) -> UsageReport:
+    """Verify (constant time) and parse a usage report; ValueError says what is wrong."""
+    if not hmac.compare_digest(usage_mac(data_key, key_id, raw), mac):
+        raise ValueError("the usage report does not authenticate under the key")
+    try:
+        d = json.loads(raw)
+        rep = UsageReport(**d)
+    except (ValueError, TypeError):
+        raise ValueError("the usage report is malformed") from None
+    ok_used = isinstance(rep.used, int) and not isinstance(rep.used, bool) and rep.used >= 0
+    if rep.v != LICENCE_VERSION or rep.final is not True or not ok_used:
+        raise ValueError("the usage report is malformed")
+    if rep.key_id != key_id:
+        raise ValueError("the usage report is for another key")
+    return rep

@@ -58,7 +58,25 @@ class ReleaseResponse(BaseModel):
     evidence: str
     software: bool
     expires_at: int
-    query_budget: int | None
+    query_budget: int | None = Field(
+        description="this licence's slice of a metered key's budget (null: unmetered)"
+    )
+    budget_left: int | None = Field(
+        default=None, description="what this client may still get after this slice"
+    )
+
+
+class UsageRequest(BaseModel):
+    key_id: str = Field(pattern=KEY_ID)
+    report: str = Field(max_length=1024, description="base64: the worker's usage report JSON")
+    mac: str = Field(max_length=64, description="base64: its HMAC-SHA256 under the usage key")
+
+
+class UsageResponse(BaseModel):
+    licence_id: str
+    used: int
+    credited: int = Field(description="samples of the slice credited back to the budget")
+    budget_left: int | None
 
 
 class RegisterRequest(BaseModel):
@@ -77,6 +95,8 @@ class BundleOut(BaseModel):
     created_at: int
     updated_at: int
     clients: int
+    budget_spent: int = 0
+    budget_left: int | None = None
 
 
 class RevokeRequest(BaseModel):

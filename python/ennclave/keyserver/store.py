@@ -6,7 +6,11 @@ processes (replicas) can share one database:
 * ``meta`` — the owner-token hash;
 * ``bundles`` — data key encrypted under the KEK with AES-256-GCM (aad = key id),
   manifest digest, policy JSON, revocation;
-* ``clients`` — distinct client ids granted per bundle (`max_clients`);
+* ``clients`` — distinct client ids granted per bundle (`max_clients`), each with what
+  it has been charged of its `client_budget`;
+* ``slices`` — every slice of a metered key's budget handed out in a licence, and the
+  worker's final usage report once it arrives (credited once; a slice that never
+  reports stays charged in full);
 * ``nonces`` — outstanding challenge nonces (single use across replicas, expiry by
   time, a cap per peer);
 * ``audit`` — append-only (triggers refuse UPDATE/DELETE on SQLite and PostgreSQL);
@@ -16,8 +20,9 @@ processes (replicas) can share one database:
 Concurrency: every write is one transaction that holds the database's own lock while
 it decides — ``BEGIN IMMEDIATE`` on SQLite (one writer per database file), and on
 PostgreSQL an advisory transaction lock for the audit chain and ``SELECT … FOR UPDATE``
-on the bundle row while a new client is counted against `max_clients`. A release's
-client admission and its audit row commit together or not at all.
+on the bundle row while a new client is counted against `max_clients` and while a
+slice of a metered budget is charged (`Store.grant`). A release's client admission,
+its budget slice and its audit row commit together or not at all.
 
 The schema is migrated with Alembic (`migrations/`) when a `Store` opens the database.
 """
@@ -83,6 +88,7 @@ bundles_t = Table(
     Column("revoked_reason", Text),
     Column("created_at", Integer, nullable=False),
     Column("updated_at", Integer, nullable=False),
+    Column("budget_spent", BigInteger, nullable=False, default=0),
 )
 clients_t = Table(
     "clients",
@@ -90,6 +96,19 @@ clients_t = Table(
     Column("key_id", String(128), primary_key=True),
     Column("client_id", String(128), primary_key=True),
     Column("first_seen", Integer, nullable=False),
+    Column("budget_spent", BigInteger, nullable=False, default=0),
+)
+slices_t = Table(
+    "slices",
+    metadata,
+    Column("licence_id", String(32), primary_key=True),
+    Column("key_id", String(128), nullable=False),
+    Column("client_id", String(128), nullable=False),
+    Column("slice", BigInteger, nullable=False),
+    Column("issued_ms", BigInteger, nullable=False),
+    Column("used", BigInteger),
+    Column("reported_ms", BigInteger),
+    Index("ix_slices_key_id", "key_id"),
 )
 nonces_t = Table(
     "nonces",
@@ -194,6 +213,12 @@ class BundleRecord:
     created_at: int
     updated_at: int
     clients: int = 0
+    budget_spent: int = 0  # samples charged against policy.query_budget
+
+    @property
+    def budget_left(self) -> int | None:
+        total = self.policy.query_budget
+        return None if total is None else max(0, total - self.budget_spent)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -205,7 +230,39 @@ class BundleRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "clients": self.clients,
+            "budget_spent": self.budget_spent,
+            "budget_left": self.budget_left,
         }
+
+
+@dataclass(frozen=True)
+class Slice:
+    """`Store.grant`'s charge for one release: `size` samples (the licence's
+    `query_budget`; None: the key is not metered), and what this client may still get
+    after it (`left`: the smaller of the key's and the client's remainders). `size` 0:
+    nothing was left; `spent` says whose budget ("key" or "client") of `total`."""
+
+    size: int | None
+    left: int | None = None
+    spent: str = ""
+    total: int | None = None
+
+
+class _BudgetSpent(Exception):
+    def __init__(self, got: Slice) -> None:
+        super().__init__("budget spent")
+        self.got = got
+
+
+@dataclass(frozen=True)
+class UsageOutcome:
+    """`Store.report_usage`: "credited" (`credited` samples back), "replayed" (this
+    licence's report was already counted), "unknown_licence" or "exceeds_slice"."""
+
+    outcome: str
+    credited: int = 0
+    slice: int = 0
+    key_left: int | None = None
 
 
 class Store:
@@ -354,6 +411,7 @@ class Store:
             r.created_at,
             r.updated_at,
             clients,
+            int(r.budget_spent or 0),
         )
 
     def get(self, key_id: str) -> BundleRecord | None:
@@ -499,30 +557,134 @@ class Store:
         audit: dict[str, Any],
         nonce: bytes | None = None,
         refused: dict[str, dict[str, Any]] | None = None,
+        slice_out: list[Slice] | None = None,
     ) -> str:
         """Decide a release in one transaction: spend `nonce` (if given: another replica
         may have spent it first → "nonce_invalid"), admit `client_id` for `key_id`
-        (a new client beyond `max_clients` → "too_many_clients") and append `audit`
-        (the grant) → "granted". A refusal appends `refused[outcome]` instead;
-        a grant's admission and audit row commit together or not at all."""
+        (a new client beyond `max_clients` → "too_many_clients"), charge a slice of a
+        metered budget for the licence `audit["licence_id"]` (nothing left →
+        "budget_spent"; the slice goes to `slice_out`) and append `audit` (the grant)
+        → "granted". A refusal appends `refused[outcome]` instead; a grant's
+        admission, slice and audit row commit together or not at all."""
+        try:
+            with self.write() as c:
+                known = None
+                if nonce is not None and self.postgresql:  # one round trip: spend, look up
+                    spent, known = c.execute(
+                        _SPEND_AND_KNOWN, {"n": nonce.hex(), "k": key_id, "c": client_id}
+                    ).one()
+                else:
+                    spent = nonce is None or self._delete_nonce(c, nonce) is not None
+                if not spent:
+                    outcome = "nonce_invalid"
+                elif not self._admit(c, key_id, client_id, max_clients, known):
+                    outcome = "too_many_clients"
+                else:
+                    got = self._charge(c, key_id, client_id, audit.get("licence_id") or "")
+                    if slice_out is not None:
+                        slice_out.append(got)
+                    if got.size == 0:
+                        raise _BudgetSpent(got)  # rolls back: nothing admitted or charged
+                    if got.size is not None:
+                        left = "unlimited" if got.left is None else got.left
+                        detail = f"{audit.get('detail') or ''}; slice {got.size}, left {left}"
+                        audit = {**audit, "detail": detail}
+                    self._append_audit(c, audit)
+                    return "granted"
+                if refused is not None and outcome in refused:
+                    self._append_audit(c, refused[outcome])
+            return outcome
+        except _BudgetSpent as e:
+            row = (refused or {}).get("budget_spent")
+            row = {**row, "detail": spent_reason(key_id, e.got)} if row else None
+            if nonce is not None:
+                self.spend_nonce(nonce, row)
+            elif row is not None:
+                self.append_audit(row)
+            return "budget_spent"
+
+    def _charge(self, c: Connection, key_id: str, client_id: str, licence_id: str) -> Slice:
+        """Inside the grant's transaction: charge one slice of the key's (and the
+        client's) remaining budget. The bundle and client rows are locked (SQLite: the
+        write lock taken at BEGIN; PostgreSQL: ``FOR UPDATE``) and the policy is read
+        under that lock, so concurrent releases on any replica never hand out more than
+        the total together."""
+        from .evidence import DEFAULT_SLICE
+
+        b = c.execute(_LOCK_BUDGET, {"k": key_id}).first()
+        if b is None:
+            return Slice(None)
+        pol = self._policy(b.policy)
+        total, per_client = pol.query_budget, pol.client_budget
+        if total is None and per_client is None:
+            return Slice(None)
+        size = pol.budget_slice or DEFAULT_SLICE
+        lefts: list[int] = []
+        if total is not None:
+            lefts.append(max(0, total - int(b.budget_spent)))
+            if lefts[-1] == 0:
+                return Slice(0, 0, "key", total)
+        if per_client is not None:
+            spent = c.execute(_LOCK_CLIENT_BUDGET, {"k": key_id, "c": client_id}).scalar() or 0
+            lefts.append(max(0, per_client - int(spent)))
+            if lefts[-1] == 0:
+                return Slice(0, 0, "client", per_client)
+            c.execute(_CHARGE_CLIENT, {"k": key_id, "c": client_id, "n": min(size, *lefts)})
+        size = min(size, *lefts)
+        c.execute(_CHARGE_KEY, {"k": key_id, "n": size})
+        c.execute(
+            insert(slices_t).values(
+                licence_id=licence_id,
+                key_id=key_id,
+                client_id=client_id,
+                slice=size,
+                issued_ms=_now_ms(),
+            )
+        )
+        return Slice(size, min(lefts) - size, "", total)
+
+    def report_usage(
+        self, key_id: str, licence_id: str, used: int, audit: dict[str, Any]
+    ) -> UsageOutcome:
+        """Count one licence's final usage report, once, in one transaction: mark its
+        slice reported (a conditional UPDATE: only the first report of a licence
+        matches) and credit what it did not use back to the key and the client. A
+        report for more than the slice credits nothing. `audit` is appended with the
+        outcome."""
         with self.write() as c:
-            known = None
-            if nonce is not None and self.postgresql:  # one round trip: spend, look up
-                spent, known = c.execute(
-                    _SPEND_AND_KNOWN, {"n": nonce.hex(), "k": key_id, "c": client_id}
-                ).one()
+            row = c.execute(
+                select(slices_t).where(
+                    slices_t.c.licence_id == licence_id, slices_t.c.key_id == key_id
+                )
+            ).first()
+            if row is None:
+                out = UsageOutcome("unknown_licence")
+            elif used > row.slice:
+                out = UsageOutcome("exceeds_slice", slice=int(row.slice))
             else:
-                spent = nonce is None or self._delete_nonce(c, nonce) is not None
-            if not spent:
-                outcome = "nonce_invalid"
-            elif not self._admit(c, key_id, client_id, max_clients, known):
-                outcome = "too_many_clients"
-            else:
-                self._append_audit(c, audit)
-                return "granted"
-            if refused is not None and outcome in refused:
-                self._append_audit(c, refused[outcome])
-        return outcome
+                marked = c.execute(
+                    update(slices_t)
+                    .where(slices_t.c.licence_id == licence_id, slices_t.c.reported_ms.is_(None))
+                    .values(used=used, reported_ms=_now_ms())
+                ).rowcount
+                if not marked:
+                    out = UsageOutcome("replayed", slice=int(row.slice))
+                else:
+                    back = int(row.slice) - used
+                    p = {"k": key_id, "c": row.client_id, "n": -back}
+                    c.execute(_CHARGE_KEY, p)
+                    c.execute(_CHARGE_CLIENT, p)
+                    b = c.execute(_LOCK_BUDGET, {"k": key_id}).first()
+                    total = self._policy(b.policy).query_budget if b is not None else None
+                    left = None if total is None else max(0, total - int(b.budget_spent))
+                    out = UsageOutcome("credited", back, int(row.slice), left)
+            decision = "done" if out.outcome == "credited" else "refused"
+            detail = f"used {used} of slice {out.slice}; credited {out.credited}"
+            self._append_audit(
+                c,
+                {**audit, "decision": decision, "reason": out.outcome, "detail": detail},
+            )
+        return out
 
     def admit_client(self, key_id: str, client_id: str, max_clients: int | None) -> bool:
         """Record `client_id` for `key_id`; False if that would exceed `max_clients`."""
@@ -657,6 +819,26 @@ _SPEND_AND_KNOWN = select(
 _LOCK_BUNDLE = (
     select(bundles_t.c.key_id).where(bundles_t.c.key_id == bindparam("k")).with_for_update()
 )
+_LOCK_BUDGET = (
+    select(bundles_t.c.policy, bundles_t.c.budget_spent)
+    .where(bundles_t.c.key_id == bindparam("k"))
+    .with_for_update()
+)
+_LOCK_CLIENT_BUDGET = (
+    select(clients_t.c.budget_spent)
+    .where(clients_t.c.key_id == bindparam("k"), clients_t.c.client_id == bindparam("c"))
+    .with_for_update()
+)
+_CHARGE_KEY = (
+    update(bundles_t)
+    .where(bundles_t.c.key_id == bindparam("k"))
+    .values(budget_spent=bundles_t.c.budget_spent + bindparam("n"))
+)
+_CHARGE_CLIENT = (
+    update(clients_t)
+    .where(clients_t.c.key_id == bindparam("k"), clients_t.c.client_id == bindparam("c"))
+    .values(budget_spent=clients_t.c.budget_spent + bindparam("n"))
+)
 _COUNT_CLIENTS = (
     select(func.count()).select_from(clients_t).where(clients_t.c.key_id == bindparam("k"))
 )
@@ -669,6 +851,19 @@ _APPEND_AUDIT = insert(audit_t)
 class _NonceRow:
     key_id: str
     expires_ms: int
+
+
+def spent_reason(key_id: str, got: Slice) -> str:
+    """The one sentence a release refused for a spent budget carries."""
+    if got.spent == "client":
+        return (
+            f"This client's query budget of {got.total} samples for key {key_id} is spent; "
+            f"ask the owner to raise it (ennclave keys policy {key_id} --client-budget N)."
+        )
+    return (
+        f"The key's query budget of {got.total} samples is spent; ask the owner to raise "
+        f"it (ennclave keys policy {key_id} --query-budget N)."
+    )
 
 
 def _now_ms() -> int:

@@ -298,9 +298,44 @@ class EnclavedModel:
         return self._infer(h, allow_nonfinite)
 
     def _infer(self, h: np.ndarray, allow_nonfinite: bool, poll: bool = True) -> np.ndarray:
-        if self._relay is not None:
-            self._relay.spend(int(h.shape[0]) if h.ndim else 1)
-        return self._worker.infer(h, allow_nonfinite=allow_nonfinite, poll=poll)
+        relay = self._relay
+        if relay is None:
+            return self._worker.infer(h, allow_nonfinite=allow_nonfinite, poll=poll)
+        n = int(h.shape[0]) if h.ndim else 1
+        outs: list[np.ndarray] = []
+        s = 0
+        while s < n:
+            # A metered key's licence holds one slice of its budget: when the slice runs
+            # out and the key server has more, the worker is replaced in order (its usage
+            # report credits back what it did not use) and the fresh one gets the next
+            # slice. Without more, the whole batch is refused before any of it is run.
+            held = relay.licence
+            left = held.left if held is not None else None
+            take = n - s
+            if left is not None and left < take and relay.renewable:
+                if left == 0:
+                    self._renew()
+                    continue
+                take = left
+            relay.spend(take)
+            outs.append(
+                self._worker.infer(h[s : s + take], allow_nonfinite=allow_nonfinite, poll=poll)
+            )
+            s += take
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def _renew(self) -> None:
+        """The next slice of a metered budget: a fresh worker and key release. A key
+        server that has nothing left after all refuses with the reason."""
+        from ..errors import QueryBudgetExhausted
+        from ..keyserver.client import KeyReleaseRefused
+
+        try:
+            self._worker.restart()
+        except KeyReleaseRefused as e:
+            if e.code != "budget_spent":
+                raise
+            raise QueryBudgetExhausted(str(e), 4, False) from None
 
     def _shape_output(self, raw: np.ndarray) -> np.ndarray | TopK:
         mode = self.output_policy.get("mode", "full")

@@ -60,9 +60,16 @@ from ..seal import CachedKey, WrappedKey, wrap_data_key
 BINARY_NAME = "ennclave-enclave"
 # Linux configfs-tsm, where a confidential VM's guest reports come from (platform/tsm.rs).
 TSM_ROOT = "/sys/kernel/config/tsm/report"
-# The only environment the worker gets: diagnostics, and the switch that runs its
-# kernels without AVX-512 on any CPU (docs/worker-protocol.md, "Sandbox").
-_WORKER_ENV = ("ENNCLAVE_SECCOMP_LOG", "ENNCLAVE_TRACE", "ENNCLAVE_NO_AVX512", "RUST_BACKTRACE")
+# The only environment the worker gets: diagnostics, and the switches that run its
+# kernels without AVX-512 on any CPU and cap the quantised-kernel path
+# (docs/worker-protocol.md, "Sandbox").
+_WORKER_ENV = (
+    "ENNCLAVE_SECCOMP_LOG",
+    "ENNCLAVE_TRACE",
+    "ENNCLAVE_NO_AVX512",
+    "ENNCLAVE_QKERNEL",
+    "RUST_BACKTRACE",
+)
 # 3: EVIDENCE carries the worker's protections, bound into the evidence hash.
 PROTOCOL_VERSION = 3
 MAX_FRAME = 1 << 20
@@ -81,6 +88,7 @@ HELLO, CHALLENGE, EVIDENCE = 0x01, 0x02, 0x03
 MANIFEST, SEALED_BEGIN, SEALED_CHUNK, CHUNK_OK, KEY, READY = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
 LICENCE, KEY_CACHE, CACHED_KEY = 0x16, 0x17, 0x18
 INFER, RESULT, PING, PONG, SHUTDOWN, BYE, ERROR = 0x20, 0x21, 0x22, 0x23, 0x2E, 0x2F, 0x7F
+USAGE = 0x2D  # after SHUTDOWN, before BYE: a metered licence's final usage report
 
 # error codes (protocol.rs `code`)
 E_BAD_REQUEST, E_BAD_INPUT_SIZE, E_NONFINITE, E_BUDGET = 1, 2, 3, 4
@@ -1130,20 +1138,46 @@ class WorkerClient:
 
             return self._call(go, "a health check")
 
+    def _stop(self, timeout: float) -> None:
+        """Ask the worker to exit (SHUTDOWN → [USAGE] → BYE), hand a metered licence's
+        usage report to the key release (`report_usage`: the key server credits back
+        what the slice did not use; the worker answers nothing after it), then reap it."""
+        usage: tuple[bytes, bytes] | None = None
+        if self._proc is not None and self._proc.poll() is None and self._sock is not None:
+            with contextlib.suppress(Exception):
+                self._sock.settimeout(timeout)
+                self._send(_frame(SHUTDOWN))
+                ty, p = self._recv()
+                if ty == USAGE:
+                    r = _Reader(p)
+                    usage = (r.bytes_(), r.take(32))
+                    self._recv()  # BYE
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=timeout)
+        self._teardown(kill=True)
+        report = getattr(self._key_release, "report_usage", None)
+        if usage is not None and report is not None:
+            with contextlib.suppress(Exception):  # never fails a close: kept pending instead
+                report(*usage)
+
+    def restart(self, timeout: float = 5.0) -> None:
+        """Stop the worker in order (its usage report goes to the key release) and
+        start a fresh one: a new key release, so a new licence (a metered key's next
+        slice)."""
+        with self._lock:
+            if self._closed:
+                raise EnnclaveError("This enclaved model is closed; load the bundle again.")
+            self._stop(timeout)
+            self.restarts += 1
+            self._call(self._start, "start-up")
+
     def close(self, timeout: float = 5.0) -> None:
-        """Ask the worker to exit (SHUTDOWN → BYE), then reap it. Idempotent."""
+        """Ask the worker to exit (`_stop`), then reap it. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            if self._proc is not None and self._proc.poll() is None and self._sock is not None:
-                with contextlib.suppress(Exception):
-                    self._sock.settimeout(timeout)
-                    self._send(_frame(SHUTDOWN))
-                    self._recv()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(timeout=timeout)
-            self._teardown(kill=True)
+            self._stop(timeout)
 
     def __enter__(self) -> WorkerClient:
         return self

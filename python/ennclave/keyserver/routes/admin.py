@@ -44,9 +44,18 @@ def _policy(make: Callable[[], ev.Policy], given: dict[str, Any]) -> ev.Policy:
     except OutOfRange as e:
         raise Refusal(422, "policy_out_of_range", f"{e}.") from None
     try:
-        return make()
+        pol = make()
     except (TypeError, ValueError) as e:
         raise Refusal(400, "bad_policy", f"Invalid policy: {e}.") from None
+    if pol.offline and pol.metered:
+        raise Refusal(
+            400,
+            "bad_policy",
+            "A key with a query budget cannot allow offline licences: an offline key "
+            "cache would restart the worker with a fresh allowance each time; set "
+            "offline to false or remove the budget.",
+        )
+    return pol
 
 
 @router.post("/v1/keys", response_model=BundleOut, status_code=201, responses=ERRORS)

@@ -4,9 +4,10 @@ No token: the evidence and the policy decide. Every decision goes to the audit l
 
 `release` runs its stages in this order, each refusing with its own code: the nonce,
 the registered key, `check_policy` (revoked, expired), `validate_pubkey` (malformed or
-low-order X25519 keys), `validate_evidence`, `issue_licence` and `wrap_key`; only then
-`Store.grant` admits the client (`max_clients`) and appends the grant's audit row in
-one transaction. Nothing is admitted for a request that is refused or fails; any
+low-order X25519 keys), `validate_evidence` and `issue_licence`; only then `Store.grant`
+admits the client (`max_clients`), charges a slice of a metered budget (nothing left:
+``budget_spent``) and appends the grant's audit row in one transaction, and `wrap_key`
+wraps the key and MACs the licence, whose `query_budget` is that slice. Nothing is admitted for a request that is refused or fails; any
 unexpected failure is an audited 500 (or 503 when the database is unavailable) with a
 reason. Refusals without a valid nonce (anyone can send them) are audited through
 `JunkAudit`, which sums a flood into one row per peer and reason and window."""
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import sys
 import time
@@ -38,7 +40,7 @@ from ..schemas import (
     ReleaseResponse,
 )
 from ..state import JunkAudit, JunkDep, NoncesDep, ServerSettings, SettingsDep, StoreDep, peer
-from ..store import BundleRecord, NonceLimit, Store, audit_row
+from ..store import BundleRecord, NonceLimit, Slice, Store, audit_row, spent_reason
 
 router = APIRouter()
 
@@ -128,20 +130,27 @@ def _release(
         validate_pubkey(bytes.fromhex(body.pubkey), log)
         claim, verified = validate_evidence(body, rec, settings, log)
         lic = issue_licence(body, rec.policy, verified, log, now)
+        got: list[Slice] = []
+        outcome = store.grant(
+            body.key_id,
+            log.client_id,
+            rec.policy.max_clients,
+            log.grant(verified, lic),
+            nonce=nonce,
+            refused={code: log.row("refused", code, why) for code, why in REASONS.items()},
+            slice_out=got,
+        )
+        log.nonce, log.spent = None, True  # spent, and the outcome audited, in that transaction
+        if outcome == "budget_spent":
+            raise Refusal(403, outcome, spent_reason(body.key_id, got[-1]))
+        if outcome != "granted":
+            raise Refusal(403, outcome, REASONS[outcome])
+        charged = got[-1] if got else Slice(None)
+        if charged.size is not None:  # metered: the licence carries its slice, never offline
+            lic = dataclasses.replace(lic, query_budget=charged.size, offline=False)
         enc, wrapped, mac = wrap_key(claim, data_key, lic)
     finally:
         del data_key, start
-    outcome = store.grant(
-        body.key_id,
-        log.client_id,
-        rec.policy.max_clients,
-        log.grant(verified, lic),
-        nonce=nonce,
-        refused={code: log.row("refused", code, why) for code, why in REASONS.items()},
-    )
-    log.nonce, log.spent = None, True  # spent, and the outcome audited, in that transaction
-    if outcome != "granted":
-        raise Refusal(403, outcome, REASONS[outcome])
     b64 = lambda b: base64.b64encode(b).decode()
     # a ReleaseResponse, sent as is (not validated a second time on the way out)
     return JSONResponse(
@@ -155,6 +164,7 @@ def _release(
             "software": not verified.hardware,
             "expires_at": lic.expires_at,
             "query_budget": lic.query_budget,
+            "budget_left": charged.left,
         }
     )
 
@@ -163,6 +173,7 @@ REASONS = {
     "too_many_clients": "The bundle's maximum number of clients is reached.",
     "nonce_invalid": "The nonce was used by another request at the same time; ask for a new "
     "challenge.",
+    "budget_spent": "The key's query budget is spent; ask the owner to raise it.",
 }
 
 
@@ -306,6 +317,8 @@ def validate_pubkey(pub: bytes, log: ReleaseLog) -> None:
 def issue_licence(
     body: ReleaseRequest, pol: ev.Policy, verified: ev.Verified, log: ReleaseLog, now: int
 ) -> Licence:
+    """The licence, before its budget: a metered key's slice is set once `Store.grant`
+    has charged it; an unmetered key's licences carry no budget."""
     expires = now + pol.licence_ttl
     if pol.expires_at is not None:
         expires = min(expires, pol.expires_at)
@@ -313,11 +326,11 @@ def issue_licence(
         key_id=body.key_id,
         issued_at=now,
         expires_at=expires,
-        query_budget=pol.query_budget,
+        query_budget=None,
         pubkey=body.pubkey.lower(),
         binary_sha256=verified.binary_sha256,
         client_id=log.client_id,
-        offline=pol.offline,
+        offline=pol.offline and not pol.metered,  # a cache would restart a metered budget
         evidence=verified.kind,
     )
 

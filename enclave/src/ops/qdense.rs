@@ -1,0 +1,973 @@
+//! Dense products with quantised kernels: `y[m, n] = x[m, k] · w[k, n] (+ bias[n])`
+//! with `w` stored as bf16 (`panels32x2`) or int8 with per-column scales
+//! (`panels32x4`), see docs/enclave-program.md.
+//!
+//! Both layouts are 32-column panels whose rows come in groups of G = 2 (bf16) or
+//! G = 4 (int8) consecutive input rows, interleaved: one 64-byte load holds 16
+//! columns × G rows, the operand shape of AVX512_BF16's `vdpbf16ps` (and of VNNI's
+//! `vpdpbusd`). The weights are streamed at that size (half or a quarter of the
+//! float32 bytes) on every path:
+//!
+//! * bf16 — `x` is rounded to bf16 too (nearest, ties to even) and the products are
+//!   summed in float32. With AVX512_BF16, `vdpbf16ps` does two products per lane per
+//!   instruction; with AVX-512F only, each 64-byte load is widened to two float32
+//!   vectors by a shift and a mask (exact) and multiplied with FMA; the portable
+//!   path does the same in plain Rust (compiled a second time with AVX2+FMA enabled,
+//!   which LLVM vectorises).
+//! * int8 — weights-only quantisation: `x` stays float32, each 64-byte load is
+//!   widened (sign-extending shifts, then int→float, exact) and the float32 sums are
+//!   multiplied by the column scale at the end. Dynamic activation quantisation with
+//!   VNNI would do 4 products per lane per instruction but adds a second rounding
+//!   (of `x`); the weights-only kernel streams the same quarter-size weights, so at
+//!   batch 1, where the product is memory-bound, it is as fast (see the README's
+//!   quantised-weights section for the measurements).
+//!
+//! Work is split across threads by panels; rows come in chunks of `RB`, staged (bf16:
+//! converted) in a stack buffer `KC` inputs at a time, and computed in blocks of up to
+//! `MR` rows per micro-kernel call.
+
+use std::sync::OnceLock;
+
+use super::conv::ConvParams;
+use super::dense::NR;
+use super::{conv, par_for, par_row_ranges, Act, SendPtr};
+
+/// Rows per AVX-512 micro-kernel call (12 × 2 accumulators + weights fit 32 zmm).
+const MR: usize = 12;
+/// Rows per portable micro-kernel call.
+const MR_PORTABLE: usize = 4;
+/// Rows of `x` staged at once (a multiple of `MR` and `MR_PORTABLE`).
+const RB: usize = 48;
+/// Inputs staged at once, bf16 (a multiple of 4): RB × KC/2 u32 = 24 KiB of stack.
+const KC_BF16: usize = 256;
+/// Inputs staged at once, int8 (a multiple of 4): RB × KC f32 = 24 KiB of stack.
+const KC_INT8: usize = 128;
+
+/// A quantised dense kernel, `k × n`, packed (module doc).
+#[derive(Clone, Copy)]
+pub enum QKernel<'a> {
+    /// `[ceil(n/32), ceil(k/2), 32, 2]` bf16 bit patterns.
+    Bf16(&'a [u16]),
+    /// `[ceil(n/32), ceil(k/4), 32, 4]` int8 values and `scale[n]`.
+    Int8 { q: &'a [i8], scale: &'a [f32] },
+}
+
+/// The kernel code that runs, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Path {
+    Portable,
+    /// The portable code compiled with AVX2+FMA.
+    Avx2,
+    /// AVX-512F: bf16 and int8 widened to float32 in registers.
+    Avx512,
+    /// AVX512_BF16 `vdpbf16ps` for bf16 (int8 runs the `Avx512` kernel).
+    Avx512Bf16,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            Path::Avx2 => "avx2",
+            Path::Avx512 => "avx512",
+            Path::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+/// Every path this CPU can run, best first.
+pub fn available() -> Vec<Path> {
+    let mut v = vec![Path::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            v.push(Path::Avx2);
+        }
+        if has!("avx512f") {
+            v.push(Path::Avx512);
+            if has!("avx512bf16") {
+                v.push(Path::Avx512Bf16);
+            }
+        }
+    }
+    v.reverse();
+    v
+}
+
+/// The path used: the best available, capped by `ENNCLAVE_NO_AVX512=1` (at most
+/// `avx2`) and by `ENNCLAVE_QKERNEL=avx512bf16|avx512|avx2|portable` (at most that
+/// one; tests use it to run every path in the worker).
+pub fn path() -> Path {
+    static PATH: OnceLock<Path> = OnceLock::new();
+    *PATH.get_or_init(|| {
+        let mut cap = match std::env::var("ENNCLAVE_QKERNEL").as_deref() {
+            Ok("portable") => Path::Portable,
+            Ok("avx2") => Path::Avx2,
+            Ok("avx512") => Path::Avx512,
+            _ => Path::Avx512Bf16,
+        };
+        if std::env::var_os("ENNCLAVE_NO_AVX512").is_some_and(|v| v == "1") {
+            cap = cap.min(Path::Avx2);
+        }
+        available()
+            .into_iter()
+            .find(|&p| p <= cap)
+            .unwrap_or(Path::Portable)
+    })
+}
+
+/// The weight buffer's floats viewed as bf16 bit patterns.
+pub fn as_u16(w: &[f32]) -> &[u16] {
+    // SAFETY: the same bytes (len · 4 = 2 · len · 2) at an alignment of 4 ≥ 2; every
+    // bit pattern is a valid u16; the lifetime is w's.
+    unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u16>(), w.len() * 2) }
+}
+
+/// The weight buffer's floats viewed as int8 values.
+pub fn as_i8(w: &[f32]) -> &[i8] {
+    // SAFETY: the same bytes at an alignment of 4 ≥ 1; every bit pattern is a valid
+    // i8; the lifetime is w's.
+    unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<i8>(), w.len() * 4) }
+}
+
+/// float32 → bf16, round to nearest, ties to even; NaN stays a quiet NaN.
+#[inline]
+pub fn bf16_bits(f: f32) -> u16 {
+    let u = f.to_bits();
+    if f.is_nan() {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// `y = x · w + bias` on the path [`path`] chose.
+#[allow(clippy::too_many_arguments)]
+pub fn qdense(
+    x: &[f32],
+    w: QKernel<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    qdense_with(path(), x, w, bias, y, m, k, n, threads)
+}
+
+/// [`qdense`] on a given path (which the CPU must support; `available()`).
+#[allow(clippy::too_many_arguments)]
+pub fn qdense_with(
+    path: Path,
+    x: &[f32],
+    w: QKernel<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    assert!(available().contains(&path));
+    let np = n.div_ceil(NR);
+    let w_ok = match w {
+        QKernel::Bf16(w) => w.len() >= np * k.div_ceil(2) * 2 * NR,
+        QKernel::Int8 { q, scale } => q.len() >= np * k.div_ceil(4) * 4 * NR && scale.len() >= n,
+    };
+    assert!(x.len() >= m * k && y.len() >= m * n && w_ok);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in y[..m * n].chunks_exact_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(&b[..n]),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
+    // Enough panels per task to amortise the fork (≥ ~32 KiB of weights).
+    let min_panels = (32768 / (k * NR)).max(1);
+    let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
+    let yp = SendPtr(y.as_mut_ptr());
+    par_for(parts, &|t| {
+        let panels = np * t / parts..np * (t + 1) / parts;
+        for r0 in (0..m).step_by(RB) {
+            let rb = RB.min(m - r0);
+            match w {
+                QKernel::Bf16(wb) => bf16_rows(path, x, wb, bias, yp, r0, rb, k, n, &panels),
+                QKernel::Int8 { q, scale } => {
+                    int8_rows(path, x, q, scale, bias, yp, r0, rb, k, n, &panels)
+                }
+            }
+        }
+    });
+}
+
+/// Rows `r0..r0+rb` of `y` for the panels `panels`, bf16 kernel.
+#[allow(clippy::too_many_arguments)]
+fn bf16_rows(
+    path: Path,
+    x: &[f32],
+    w: &[u16],
+    bias: Option<&[f32]>,
+    yp: SendPtr,
+    r0: usize,
+    rb: usize,
+    k: usize,
+    n: usize,
+    panels: &std::ops::Range<usize>,
+) {
+    // The dot-product path reads x as bf16 pairs (one u32 per two inputs, the lower
+    // input in the low half), the others as the rounded values' float32 bits (one u32
+    // per input): broadcasts straight from memory, no unpacking per row.
+    const LDX: usize = KC_BF16;
+    let pairs = path == Path::Avx512Bf16;
+    let kpairs = k.div_ceil(2);
+    let mut xb = [0u32; RB * LDX];
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC_BF16.min(k - k0);
+        let kp = kc.div_ceil(2);
+        for i in 0..rb {
+            let xr = &x[(r0 + i) * k + k0..(r0 + i) * k + k0 + kc];
+            let row = &mut xb[i * LDX..(i + 1) * LDX];
+            if pairs {
+                for (r, d) in row[..kp].iter_mut().enumerate() {
+                    let a = bf16_bits(xr[2 * r]) as u32;
+                    let b = xr.get(2 * r + 1).map_or(0, |&v| bf16_bits(v) as u32);
+                    *d = a | (b << 16);
+                }
+            } else {
+                for (d, &v) in row[..kc].iter_mut().zip(xr) {
+                    *d = (bf16_bits(v) as u32) << 16;
+                }
+                row[kc..2 * kp].fill(0);
+            }
+        }
+        for p in panels.clone() {
+            let c0 = p * NR;
+            let ncols = NR.min(n - c0);
+            let wb = &w[(p * kpairs + k0 / 2) * 2 * NR..][..kp * 2 * NR];
+            let b = bias.filter(|_| k0 == 0).map(|b| &b[c0..c0 + ncols]);
+            let step = if path >= Path::Avx512 {
+                MR
+            } else {
+                MR_PORTABLE
+            };
+            for i0 in (0..rb).step_by(step) {
+                let r = step.min(rb - i0);
+                let blk = Block {
+                    first: k0 == 0,
+                    bias: b,
+                    scale: None,
+                    // SAFETY (pointer arithmetic only): row r0+i0, column c0 of y.
+                    y: unsafe { yp.get().add((r0 + i0) * n + c0) },
+                    ldy: n,
+                    ncols,
+                };
+                let xs = &xb[i0 * LDX..];
+                // SAFETY: the block's rows and columns of y belong to this task alone
+                // (its panels) and lie inside y (asserted by qdense_with); xs holds r
+                // rows of LDX ≥ 2·kp values; wb holds kp pair rows of 64 values; the
+                // path's CPU features were checked by qdense_with.
+                unsafe { bf16_block(path, r, xs, LDX, wb, kp, &blk) };
+            }
+        }
+        k0 += kc;
+    }
+}
+
+/// Rows `r0..r0+rb` of `y` for the panels `panels`, int8 kernel.
+#[allow(clippy::too_many_arguments)]
+fn int8_rows(
+    path: Path,
+    x: &[f32],
+    q: &[i8],
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    yp: SendPtr,
+    r0: usize,
+    rb: usize,
+    k: usize,
+    n: usize,
+    panels: &std::ops::Range<usize>,
+) {
+    const LDX: usize = KC_INT8;
+    let kquads = k.div_ceil(4);
+    let mut xs = [0f32; RB * LDX];
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC_INT8.min(k - k0);
+        let kq = kc.div_ceil(4);
+        // x's block, zero-padded to whole groups of 4 (the padded weights are 0 too).
+        for i in 0..rb {
+            let d = &mut xs[i * LDX..i * LDX + kq * 4];
+            d[..kc].copy_from_slice(&x[(r0 + i) * k + k0..(r0 + i) * k + k0 + kc]);
+            d[kc..].fill(0.0);
+        }
+        for p in panels.clone() {
+            let c0 = p * NR;
+            let ncols = NR.min(n - c0);
+            let wb = &q[(p * kquads + k0 / 4) * 4 * NR..][..kq * 4 * NR];
+            let b = bias.filter(|_| k0 == 0).map(|b| &b[c0..c0 + ncols]);
+            let step = if path >= Path::Avx512 {
+                MR
+            } else {
+                MR_PORTABLE
+            };
+            for i0 in (0..rb).step_by(step) {
+                let r = step.min(rb - i0);
+                let blk = Block {
+                    first: k0 == 0,
+                    bias: b,
+                    scale: Some(&scale[c0..c0 + ncols]),
+                    // SAFETY (pointer arithmetic only): row r0+i0, column c0 of y.
+                    y: unsafe { yp.get().add((r0 + i0) * n + c0) },
+                    ldy: n,
+                    ncols,
+                };
+                // SAFETY: as in bf16_rows; xs holds r rows of LDX ≥ 4·kq floats.
+                unsafe { int8_block(path, r, &xs[i0 * LDX..], LDX, wb, kq, &blk) };
+            }
+        }
+        k0 += kc;
+    }
+}
+
+/// Where a micro-kernel's `r × ncols` result goes: `y = base + acc · scale`, with
+/// `base` the bias (or 0) on the first k-block and `y` itself after that.
+struct Block<'a> {
+    first: bool,
+    bias: Option<&'a [f32]>,
+    scale: Option<&'a [f32]>,
+    y: *mut f32,
+    ldy: usize,
+    ncols: usize,
+}
+
+impl Block<'_> {
+    /// Store one row of portable accumulators.
+    ///
+    /// # Safety
+    /// `y` row `i` must be valid for `ncols` writes.
+    #[inline(always)]
+    unsafe fn store_row(&self, i: usize, acc: &[f32; NR]) {
+        // SAFETY: the caller's contract.
+        let yr = unsafe { std::slice::from_raw_parts_mut(self.y.add(i * self.ldy), self.ncols) };
+        for (j, d) in yr.iter_mut().enumerate() {
+            let base = if self.first {
+                self.bias.map_or(0.0, |b| b[j])
+            } else {
+                *d
+            };
+            *d = base + acc[j] * self.scale.map_or(1.0, |s| s[j]);
+        }
+    }
+}
+
+macro_rules! by_rows {
+    ($r:expr, $f:ident, $($a:expr),*) => {
+        match $r {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            5 => $f::<5>($($a),*),
+            6 => $f::<6>($($a),*),
+            7 => $f::<7>($($a),*),
+            8 => $f::<8>($($a),*),
+            9 => $f::<9>($($a),*),
+            10 => $f::<10>($($a),*),
+            11 => $f::<11>($($a),*),
+            _ => $f::<12>($($a),*),
+        }
+    };
+}
+
+/// One bf16 micro-kernel call: `r` rows (≤ `MR`, ≤ `MR_PORTABLE` on the portable
+/// paths), `kp` pair rows.
+///
+/// # Safety
+/// `blk.y` must be valid for `r` rows of `blk.ncols` writes (row stride `blk.ldy`),
+/// `xs` must hold `r` rows of `ldx ≥ 2·kp` values (bf16_rows), `w` at least `kp · 64`
+/// values, and the CPU must support `path`.
+unsafe fn bf16_block(
+    path: Path,
+    r: usize,
+    xs: &[u32],
+    ldx: usize,
+    w: &[u16],
+    kp: usize,
+    blk: &Block,
+) {
+    assert!(xs.len() >= (r - 1) * ldx + 2 * kp && w.len() >= kp * 2 * NR);
+    // SAFETY: the caller's contract, and the lengths just asserted.
+    unsafe {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 => by_rows!(r, bf16_dot, xs.as_ptr(), ldx, w.as_ptr(), kp, blk),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => by_rows!(r, bf16_wide, xs.as_ptr(), ldx, w.as_ptr(), kp, blk),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => bf16_portable_avx2(r, xs, ldx, w, kp, blk),
+            _ => bf16_portable(r, xs, ldx, w, kp, blk),
+        }
+    }
+}
+
+/// One int8 micro-kernel call: as [`bf16_block`], with `kq` quad rows (`xs`: `r` rows
+/// of `ldx ≥ 4·kq` floats, `w`: at least `kq · 128` values).
+///
+/// # Safety
+/// As [`bf16_block`].
+unsafe fn int8_block(
+    path: Path,
+    r: usize,
+    xs: &[f32],
+    ldx: usize,
+    w: &[i8],
+    kq: usize,
+    blk: &Block,
+) {
+    assert!(xs.len() >= (r - 1) * ldx + 4 * kq && w.len() >= kq * 4 * NR);
+    // SAFETY: the caller's contract, and the lengths just asserted.
+    unsafe {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 | Path::Avx512 => {
+                by_rows!(r, int8_wide, xs.as_ptr(), ldx, w.as_ptr(), kq, blk)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => int8_portable_avx2(r, xs, ldx, w, kq, blk),
+            _ => int8_portable(r, xs, ldx, w, kq, blk),
+        }
+    }
+}
+
+// ---- portable kernels (also compiled with AVX2+FMA) ---------------------------------
+
+#[inline(always)]
+fn bf16_portable_rows<const R: usize>(
+    xs: &[u32],
+    ldx: usize,
+    w: &[u16],
+    kp: usize,
+) -> [[f32; NR]; R] {
+    let mut acc = [[0f32; NR]; R];
+    for (r, wr) in w[..kp * 2 * NR].chunks_exact(2 * NR).enumerate() {
+        let mut lo = [0f32; NR];
+        let mut hi = [0f32; NR];
+        for j in 0..NR {
+            lo[j] = f32::from_bits((wr[2 * j] as u32) << 16);
+            hi[j] = f32::from_bits((wr[2 * j + 1] as u32) << 16);
+        }
+        for (i, a) in acc.iter_mut().enumerate() {
+            let (x0, x1) = (
+                f32::from_bits(xs[i * ldx + 2 * r]),
+                f32::from_bits(xs[i * ldx + 2 * r + 1]),
+            );
+            for j in 0..NR {
+                a[j] += x0 * lo[j] + x1 * hi[j];
+            }
+        }
+    }
+    acc
+}
+
+#[inline(always)]
+fn int8_portable_rows<const R: usize>(
+    xs: &[f32],
+    ldx: usize,
+    w: &[i8],
+    kq: usize,
+) -> [[f32; NR]; R] {
+    let mut acc = [[0f32; NR]; R];
+    for (r, wr) in w[..kq * 4 * NR].chunks_exact(4 * NR).enumerate() {
+        for e in 0..4 {
+            let mut wv = [0f32; NR];
+            for j in 0..NR {
+                wv[j] = wr[4 * j + e] as f32;
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = xs[i * ldx + 4 * r + e];
+                for j in 0..NR {
+                    a[j] += xv * wv[j];
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// # Safety
+/// As [`bf16_block`] (portable rows: `r ≤ MR_PORTABLE`).
+#[inline(always)]
+unsafe fn bf16_portable(r: usize, xs: &[u32], ldx: usize, w: &[u16], kp: usize, blk: &Block) {
+    macro_rules! go {
+        ($n:literal) => {{
+            let acc = bf16_portable_rows::<$n>(xs, ldx, w, kp);
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe { blk.store_row(i, a) };
+            }
+        }};
+    }
+    match r {
+        1 => go!(1),
+        2 => go!(2),
+        3 => go!(3),
+        _ => go!(4),
+    }
+}
+
+/// # Safety
+/// As [`int8_block`] (portable rows: `r ≤ MR_PORTABLE`).
+#[inline(always)]
+unsafe fn int8_portable(r: usize, xs: &[f32], ldx: usize, w: &[i8], kq: usize, blk: &Block) {
+    macro_rules! go {
+        ($n:literal) => {{
+            let acc = int8_portable_rows::<$n>(xs, ldx, w, kq);
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe { blk.store_row(i, a) };
+            }
+        }};
+    }
+    match r {
+        1 => go!(1),
+        2 => go!(2),
+        3 => go!(3),
+        _ => go!(4),
+    }
+}
+
+/// # Safety
+/// As [`bf16_portable`], and the CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_portable_avx2(r: usize, xs: &[u32], ldx: usize, w: &[u16], kp: usize, blk: &Block) {
+    // SAFETY: the caller's contract.
+    unsafe { bf16_portable(r, xs, ldx, w, kp, blk) }
+}
+
+/// # Safety
+/// As [`int8_portable`], and the CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int8_portable_avx2(r: usize, xs: &[f32], ldx: usize, w: &[i8], kq: usize, blk: &Block) {
+    // SAFETY: the caller's contract.
+    unsafe { int8_portable(r, xs, ldx, w, kq, blk) }
+}
+
+// ---- AVX-512 kernels -----------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Column masks of the two 16-column halves of a panel with `ncols` columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn masks(ncols: usize) -> (__mmask16, __mmask16) {
+    let m = |c: usize| -> __mmask16 {
+        if c >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << c) - 1) as __mmask16
+        }
+    };
+    (m(ncols), m(ncols.saturating_sub(16)))
+}
+
+/// `y = base + acc · scale` for `R` rows of two 16-column accumulators.
+///
+/// # Safety
+/// As [`bf16_block`]; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], blk: &Block) {
+    let (m0, m1) = masks(blk.ncols);
+    // SAFETY: masked loads and stores touch only the block's ncols columns of its R
+    // rows of y, and of the bias and scale slices (ncols long).
+    unsafe {
+        let ld = |p: *const f32, m: __mmask16| _mm512_maskz_loadu_ps(m, p);
+        let (s0, s1) = match blk.scale {
+            Some(s) => (ld(s.as_ptr(), m0), ld(s.as_ptr().add(16), m1)),
+            None => (_mm512_set1_ps(1.0), _mm512_set1_ps(1.0)),
+        };
+        for (i, a) in acc.iter().enumerate() {
+            let y = blk.y.add(i * blk.ldy);
+            let (b0, b1) = if blk.first {
+                match blk.bias {
+                    Some(b) => (ld(b.as_ptr(), m0), ld(b.as_ptr().add(16), m1)),
+                    None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+                }
+            } else {
+                (ld(y, m0), ld(y.add(16), m1))
+            };
+            _mm512_mask_storeu_ps(y, m0, _mm512_fmadd_ps(a[0], s0, b0));
+            _mm512_mask_storeu_ps(y.add(16), m1, _mm512_fmadd_ps(a[1], s1, b1));
+        }
+    }
+}
+
+/// bf16 with `vdpbf16ps`: per pair row, two 64-byte weight loads, and per row one
+/// broadcast pair and two dot products.
+///
+/// # Safety
+/// As [`bf16_block`]; the CPU must have AVX-512F and AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_dot<const R: usize>(
+    xs: *const u32,
+    ldx: usize,
+    w: *const u16,
+    kp: usize,
+    blk: &Block,
+) {
+    // SAFETY: reads stay inside xs (R rows of ldx ≥ kp pairs) and w (kp · 64 values);
+    // __m512i and __m512bh are both 64 bytes of plain data.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for r in 0..kp {
+            let wr = w.add(r * 2 * NR);
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.cast()));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.add(NR).cast()));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xp: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*xs.add(i * ldx + r) as i32));
+                a[0] = _mm512_dpbf16_ps(a[0], xp, w0);
+                a[1] = _mm512_dpbf16_ps(a[1], xp, w1);
+            }
+        }
+        store::<R>(&acc, blk);
+    }
+}
+
+/// bf16 widened: each 64-byte load (16 columns × 2 rows) becomes two float32 vectors
+/// (a shift for the low halves, a mask for the high ones), used by FMA; `xs` holds
+/// the rounded inputs' float32 bits.
+///
+/// # Safety
+/// As [`bf16_block`]; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bf16_wide<const R: usize>(
+    xs: *const u32,
+    ldx: usize,
+    w: *const u16,
+    kp: usize,
+    blk: &Block,
+) {
+    // SAFETY: as bf16_dot.
+    unsafe {
+        let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for r in 0..kp {
+            let wr = w.add(r * 2 * NR);
+            let v0 = _mm512_loadu_si512(wr.cast());
+            let v1 = _mm512_loadu_si512(wr.add(NR).cast());
+            let (a0, b0) = (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v0)),
+                _mm512_castsi512_ps(_mm512_and_si512(v0, hi)),
+            );
+            let (a1, b1) = (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v1)),
+                _mm512_castsi512_ps(_mm512_and_si512(v1, hi)),
+            );
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xr = xs.add(i * ldx + 2 * r).cast::<f32>();
+                let x0 = _mm512_set1_ps(*xr);
+                let x1 = _mm512_set1_ps(*xr.add(1));
+                a[0] = _mm512_fmadd_ps(x1, b0, _mm512_fmadd_ps(x0, a0, a[0]));
+                a[1] = _mm512_fmadd_ps(x1, b1, _mm512_fmadd_ps(x0, a1, a[1]));
+            }
+        }
+        store::<R>(&acc, blk);
+    }
+}
+
+/// int8 widened: each 64-byte load (16 columns × 4 rows) becomes four float32
+/// vectors (byte `e` of each lane: shift left, arithmetic shift right, convert).
+///
+/// # Safety
+/// As [`int8_block`]; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn int8_wide<const R: usize>(
+    xs: *const f32,
+    ldx: usize,
+    w: *const i8,
+    kq: usize,
+    blk: &Block,
+) {
+    // SAFETY: reads stay inside xs (R rows of ldx ≥ 4·kq floats) and w (kq · 128).
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for r in 0..kq {
+            let wr = w.add(r * 4 * NR);
+            let v0 = _mm512_loadu_si512(wr.cast());
+            let v1 = _mm512_loadu_si512(wr.add(2 * NR).cast());
+            macro_rules! step {
+                ($e:literal, $shl:literal) => {{
+                    let w0 =
+                        _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<$shl>(v0)));
+                    let w1 =
+                        _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<$shl>(v1)));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_set1_ps(*xs.add(i * ldx + 4 * r + $e));
+                        a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                        a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    }
+                }};
+            }
+            step!(0, 24);
+            step!(1, 16);
+            step!(2, 8);
+            step!(3, 0);
+        }
+        store::<R>(&acc, blk);
+    }
+}
+
+// ---- convolution ---------------------------------------------------------------------
+
+/// `conv` (one group) with a quantised kernel `[kh·kw·c, cout]`: im2col (as the
+/// float32 conv does) and [`qdense`], rows split across threads.
+#[allow(clippy::too_many_arguments)]
+pub fn qconv(
+    x: &[f32],
+    w: QKernel<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    batch: usize,
+    p: &ConvParams,
+    scratch: &mut [f32],
+    threads: usize,
+) {
+    let g = &p.g;
+    let cout = p.cout;
+    let rows = batch * g.oh * g.ow;
+    assert!(p.groups == 1 && x.len() >= batch * g.in_len() && y.len() >= rows * cout);
+    let y = &mut y[..rows * cout];
+    let fused = !matches!(p.act, Act::Softmax { .. });
+    let act = if fused { &p.act } else { &Act::Linear };
+    let kl = p.k_len();
+    let run = |cols: &[f32], yc: &mut [f32]| {
+        let parts = threads.min(yc.len() / cout / 64).max(1);
+        par_row_ranges(yc, cout, parts, &|first, yr| {
+            let m = yr.len() / cout;
+            qdense(
+                &cols[first * kl..(first + m) * kl],
+                w,
+                bias,
+                yr,
+                m,
+                kl,
+                cout,
+                1,
+            );
+            act.apply(yr);
+        });
+    };
+    if p.is_pointwise() {
+        run(&x[..rows * g.c], y);
+    } else {
+        let chunk = p.chunk_rows(batch);
+        assert!(scratch.len() >= chunk * kl);
+        for r0 in (0..rows).step_by(chunk) {
+            let nr = chunk.min(rows - r0);
+            let cols = &mut scratch[..nr * kl];
+            conv::im2col(x, cols, r0, 0, g.c, g, threads);
+            run(cols, &mut y[r0 * cout..(r0 + nr) * cout]);
+        }
+    }
+    if !fused {
+        p.act.apply(y);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Pack a row-major `k × n` matrix into `[ceil(n/32), ceil(k/g), 32, g]`.
+    fn pack<T: Copy + Default>(w: &[T], k: usize, n: usize, g: usize) -> Vec<T> {
+        let (np, kg) = (n.div_ceil(NR), k.div_ceil(g));
+        let mut out = vec![T::default(); np * kg * NR * g];
+        for i in 0..k {
+            for j in 0..n {
+                out[((j / NR * kg + i / g) * NR + j % NR) * g + i % g] = w[i * n + j];
+            }
+        }
+        out
+    }
+
+    fn bf(v: u16) -> f64 {
+        f32::from_bits((v as u32) << 16) as f64
+    }
+
+    #[test]
+    fn rounding_is_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3F80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3F80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3F82);
+        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7F80);
+    }
+
+    /// Every path against a float64 product of the same bf16 / int8 values, over shapes
+    /// with partial panels, odd k, k-blocks and row chunks.
+    #[test]
+    fn every_path_matches_float64() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 7, 33),
+            (3, 300, 70),
+            (13, 513, 64),
+            (50, 129, 31),
+            (64, 64, 96),
+        ] {
+            let x = vals(m * k, 1);
+            let wf = vals(k * n, 2);
+            let bias = vals(n, 3);
+            let wb: Vec<u16> = wf.iter().map(|&v| bf16_bits(v)).collect();
+            let q: Vec<i8> = wf.iter().map(|&v| (v * 127.0).round() as i8).collect();
+            let scale: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+            let (pb, pq) = (pack(&wb, k, n, 2), pack(&q, k, n, 4));
+            for path in available() {
+                for threads in [1, 2] {
+                    let mut y = vec![f32::NAN; m * n];
+                    qdense_with(
+                        path,
+                        &x,
+                        QKernel::Bf16(&pb),
+                        Some(&bias),
+                        &mut y,
+                        m,
+                        k,
+                        n,
+                        threads,
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = bias[j] as f64
+                                + (0..k)
+                                    .map(|l| bf(bf16_bits(x[i * k + l])) * bf(wb[l * n + j]))
+                                    .sum::<f64>();
+                            let got = y[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "bf16 {path:?} {m}x{k}x{n} [{i},{j}] {got} vs {want}"
+                            );
+                        }
+                    }
+                    let mut y = vec![f32::NAN; m * n];
+                    let w = QKernel::Int8 {
+                        q: &pq,
+                        scale: &scale,
+                    };
+                    qdense_with(path, &x, w, None, &mut y, m, k, n, threads);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = scale[j] as f64
+                                * (0..k)
+                                    .map(|l| x[i * k + l] as f64 * q[l * n + j] as f64)
+                                    .sum::<f64>();
+                            let got = y[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "int8 {path:?} {m}x{k}x{n} [{i},{j}] {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// `cargo test --release --lib qdense::bench -- --ignored --nocapture`: the best of
+    /// many runs of each path against the float32 dense kernel (single thread).
+    #[test]
+    #[ignore]
+    fn timings() {
+        let (k, n) = (2048, 2048);
+        let wf: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let wp = crate::ops::dense::pack_panels(&wf, k, n);
+        let wb = vec![0x3F80u16; n.div_ceil(NR) * k.div_ceil(2) * 2 * NR];
+        let q = vec![3i8; n.div_ceil(NR) * k.div_ceil(4) * 4 * NR];
+        let scale = vec![0.01f32; n];
+        for m in [1usize, 64] {
+            let x = vec![0.5f32; m * k];
+            let mut y = vec![0f32; m * n];
+            let best = |f: &mut dyn FnMut()| {
+                let mut b = f64::MAX;
+                for _ in 0..(if m == 1 { 200 } else { 20 }) {
+                    let t = std::time::Instant::now();
+                    f();
+                    b = b.min(t.elapsed().as_secs_f64());
+                }
+                b * 1e3
+            };
+            let t = best(&mut || {
+                crate::ops::dense::dense(
+                    &x,
+                    crate::ops::dense::Kernel::Panels(&wp),
+                    None,
+                    &mut y,
+                    m,
+                    k,
+                    n,
+                    1,
+                )
+            });
+            println!("m={m} fp32 {t:.3} ms");
+            for path in available() {
+                let t = best(&mut || {
+                    qdense_with(path, &x, QKernel::Bf16(&wb), None, &mut y, m, k, n, 1)
+                });
+                let t8 = best(&mut || {
+                    qdense_with(
+                        path,
+                        &x,
+                        QKernel::Int8 {
+                            q: &q,
+                            scale: &scale,
+                        },
+                        None,
+                        &mut y,
+                        m,
+                        k,
+                        n,
+                        1,
+                    )
+                });
+                println!("m={m} {path:?} bf16 {t:.3} ms int8 {t8:.3} ms");
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+"""`split --weights bf16|int8`: quantised dense and conv kernels in the sealed program.
+
+The worker runs them on every kernel path this CPU has (ENNCLAVE_QKERNEL caps the
+path) and must agree with the numpy reference executor on the *same* quantised
+program; the shipped bytes, the worker's secret memory and the verification report
+follow from the quantised weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ennclave
+from ennclave import cli
+from ennclave.adapters.keras import KerasAdapter
+from ennclave.errors import ProgramError
+from ennclave.graph import TensorInfo, find_cut_points
+from ennclave.passes import optimize
+from ennclave.program import Program, ProgramBuilder, bf16_round, quantise_int8
+from ennclave.reference import execute
+from ennclave.split import split_model
+from support.enclave_bundle import needs_worker
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+FLAGS = _cpu_flags()
+PATH_NEEDS = {
+    "avx512bf16": {"avx512f", "avx512_bf16"},
+    "avx512": {"avx512f"},
+    "avx2": {"avx2", "fma"},
+    "portable": set(),
+}
+
+
+def _cnn():
+    import keras
+
+    inp = keras.Input((9, 9, 3))
+    h = keras.layers.Conv2D(40, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.Conv2D(33, 1, activation="relu")(h)  # pointwise
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(70, activation="relu")(h)
+    return keras.Model(inp, keras.layers.Dense(5)(h))
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = _cnn()
+    adapter = KerasAdapter.from_model(model)
+    program = optimize(adapter.lower_private(find_cut_points(adapter.graph)[0]))
+    x = np.random.default_rng(1).standard_normal((13, 9, 9, 3)).astype(np.float32)
+    return adapter, program, x
+
+
+@needs_worker
+@pytest.mark.parametrize("path", sorted(PATH_NEEDS))
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_worker_equals_reference_of_the_quantised_program(
+    cnn, weights, path, tmp_path, monkeypatch
+):
+    if not PATH_NEEDS[path] <= FLAGS:
+        pytest.skip(f"this CPU cannot run the {path} kernels")
+    monkeypatch.setenv("ENNCLAVE_QKERNEL", path)
+    adapter, program, x = cnn
+    split_model(adapter, 0, tmp_path / "b", keystore=tmp_path / "ks.json", weights=weights)
+    with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
+        got = m.predict(x, batch_size=8)  # 13 samples: a full and a ragged batch
+    want = execute(program.quantised(weights), x)
+    scale = float(np.abs(want).max())
+    # bf16 rounds every dense/conv input as well, so a value on a rounding boundary
+    # may land on either side: a little more slack than int8, far below a wrong kernel.
+    tol = (2e-3 if weights == "bf16" else 1e-4) * scale
+    np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+    # The quantised weights are what ran: the float32 program is clearly further off.
+    off_fp32 = float(np.abs(got - execute(program, x)).max())
+    assert off_fp32 > 3 * float(np.abs(got - want).max())
+
+
+def _head(k: int = 512, h: int = 2048, out: int = 67):
+    import keras
+
+    inp = keras.Input((k,))
+    x = keras.layers.Dense(h, activation="relu")(inp)
+    x = keras.layers.Dense(h, activation="relu")(x)
+    return keras.Model(inp, keras.layers.Dense(out)(x))
+
+
+def _locked_kib(pid: int) -> int:
+    """The worker's locked memory (memfd_secret pages count as locked; so do mlocked
+    ones on the fallback), from /proc."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Locked:"):
+            return int(line.split()[1])
+    raise AssertionError("no Locked: line")
+
+
+@needs_worker
+def test_secret_memory_half_and_quarter(tmp_path):
+    adapter = KerasAdapter.from_model(_head())
+    x = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    kib = {}
+    for weights in ("fp32", "bf16", "int8"):
+        out = tmp_path / weights
+        split_model(adapter, 0, out, keystore=tmp_path / "ks.json", n_random=2, weights=weights)
+        with ennclave.load(out, keystore=tmp_path / "ks.json") as m:
+            m.predict(x)
+            try:
+                kib[weights] = _locked_kib(m.worker_pid)
+            except OSError:
+                pytest.skip("the worker's /proc/PID/smaps_rollup is not readable here")
+    assert kib["fp32"] > 20_000  # 21.5 MB of float32 weights
+    assert 0.45 < kib["bf16"] / kib["fp32"] < 0.58, kib
+    assert 0.2 < kib["int8"] / kib["fp32"] < 0.32, kib
+
+
+def test_container_round_trip_and_bytes():
+    rng = np.random.default_rng(0)
+    b = ProgramBuilder()
+    kernel = rng.standard_normal((37, 70)).astype(np.float32)
+    h = b.add("dense", ["x"], "fc", weights={"kernel": kernel, "bias": np.ones(70, np.float32)})
+    b.add("conv", [b.add("reshape", [h], "r", {"shape": [7, 10, 1]})], "c",
+          {"strides": [1, 1], "pads": [[1, 1], [1, 1]], "groups": 1},
+          {"kernel": rng.standard_normal((3, 3, 1, 5)).astype(np.float32)}, output="y")  # fmt: skip
+    p = b.build([TensorInfo("x", (None, 37))], [TensorInfo("y", (None, 7, 10, 5))])
+    x = rng.standard_normal((3, 37)).astype(np.float32)
+    for weights in ("bf16", "int8"):
+        q = p.quantised(weights)
+        back = Program.from_container(q.to_container())
+        assert back.weights_dtype == weights and set(back.quant) == set(q.quant)
+        for key, w in q.quant.items():
+            np.testing.assert_array_equal(back.quant[key].data, w.data)
+            np.testing.assert_array_equal(back.weights[key], q.weights[key])
+        np.testing.assert_array_equal(execute(back, x), execute(q, x))
+    # bf16: half the kernel bytes; int8: a quarter plus one float32 scale per column.
+    kb = 4 * (kernel.size + 45)
+    assert p.weight_bytes - p.quantised("bf16").weight_bytes == kb // 2
+    assert p.weight_bytes - p.quantised("int8").weight_bytes == 3 * kb // 4 - 4 * (70 + 5)
+    # An old (float32) container is written exactly as before quantisation existed.
+    assert p.quantised("fp32").to_container() == p.to_container()
+
+
+def test_quantisers():
+    a = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -3.14159, np.inf], np.float32)
+    np.testing.assert_array_equal(bf16_round(a), [1.0, 1.0, 1 + 2**-6, -3.140625, np.inf])
+    assert np.isnan(bf16_round(np.array([np.nan], np.float32)))[0]
+    w = np.array([[0.5, 0.0], [-1.27, 0.0], [0.01, 0.0]], np.float32)
+    q, scale = quantise_int8(w)
+    np.testing.assert_allclose(scale, [0.01, 0.0])
+    np.testing.assert_array_equal(q[:, 0], [50, -127, 1])
+    assert not q[:, 1].any()
+
+
+def test_malformed_quantised_container_is_one_sentence():
+    b = ProgramBuilder()
+    b.add("dense", ["x"], "fc", weights={"kernel": np.ones((4, 3), np.float32)}, output="y")
+    q = b.build([TensorInfo("x", (None, 4))], [TensorInfo("y", (None, 3))]).quantised("int8")
+    shipped = q.shipped()
+    del shipped.weights["fc.kernel.scale"]
+    del shipped.nodes[0].weights["kernel_scale"]
+    data = shipped.json_bytes(), shipped.weights_bytes()
+    with pytest.raises(ProgramError, match="kernel_scale"):
+        Program.from_parts(*data)
+
+
+@needs_worker
+def test_cli_split_reports_error_accuracy_and_bytes(cnn, tmp_path, capsys):
+    adapter, program, x = cnn
+    model_path = tmp_path / "m.keras"
+    adapter.model.save(model_path)
+    labels = np.asarray(adapter.predict(x)).argmax(-1)
+    labels[:3] = (labels[:3] + 1) % 5  # the original gets 10 of 13 right
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", labels)
+    argv = ["split", str(model_path), "--cut", "0", "-o", str(tmp_path / "b"),
+            "--keystore", str(tmp_path / "ks.json"), "--weights", "int8",
+            "--samples", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    v = json.loads((tmp_path / "b" / "verification.json").read_text())
+    assert v["weights"] == "int8" and v["accuracy_samples"] == 13
+    assert v["accuracy_fp32"] == pytest.approx(10 / 13)
+    shipped = execute(program.quantised("int8"), x)
+    assert v["accuracy_shipped"] == pytest.approx(float((shipped.argmax(-1) == labels).mean()))
+    want = float(np.abs(shipped - np.asarray(adapter.predict(x))).max())
+    assert 0 < want <= v["quantised_max_abs_error"]  # the samples plus random inputs
+    assert v["weight_bytes"] < 0.3 * v["weight_bytes_fp32"]
+    assert "Weights stored as int8" in out and "Accuracy on the 13 labelled samples" in out
+    assert cli.main(["plan", str(model_path), "--json"]) == 0
+    c0 = json.loads(capsys.readouterr().out)["cut_points"][0]
+    assert c0["enclave_bytes_int8"] < 0.3 * c0["enclave_bytes"]
+    assert 0.45 < c0["enclave_bytes_bf16"] / c0["enclave_bytes"] < 0.55
