@@ -60,8 +60,22 @@ def build_identity(path: Path) -> None:
     keras.Model(inp, keras.layers.Activation("linear")(inp)).save(path)
 
 
+def make_bundles(tmp: Path) -> list[np.ndarray]:
+    """Build the head and the identity model into `tmp` and split them (everything
+    private) into `tmp/head` and `tmp/identity`, keys in `tmp/keystore.json`; the
+    head's weights are also saved in `tmp/weights.npz`. Returns them."""
+    from ennclave.split import split_model
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    weights = build_head(tmp / "head.keras")
+    build_identity(tmp / "identity.keras")
+    for name in ("head", "identity"):
+        split_model(tmp / f"{name}.keras", 0, tmp / name, keystore=tmp / "keystore.json")
+    np.savez(tmp / "weights.npz", **{f"w{i}": w for i, w in enumerate(weights)})
+    return weights
+
+
 def ort_head(weights: list[np.ndarray]):
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [
@@ -85,11 +99,20 @@ def ort_head(weights: list[np.ndarray]):
     )
     # IR version 9 (opset 17): loadable by older ONNX Runtime releases too.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return ort_run(model.SerializeToString())
+
+
+def ort_run(model: bytes):
+    """`x -> y` for a one-input, one-output ONNX model in ONNX Runtime (CPU, `THREADS`
+    intra-op threads)."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"x": x})[0]
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
 
 
 def timeit(fn, x, seconds: float, min_runs: int = 20) -> float:
@@ -106,26 +129,62 @@ def timeit(fn, x, seconds: float, min_runs: int = 20) -> float:
 
 
 def timeit_pair(fa, fb, x, seconds: float, block_s: float = 0.25) -> tuple[float, float]:
-    """Median seconds per call of `fa` and `fb`, timed in alternating blocks of
-    `block_s`, so both see the same machine state: on a shared VM the speed drifts by
+    """Median seconds per call of `fa` and `fb`, timed in alternating blocks (see
+    `timeit_blocks`)."""
+    ta, tb = timeit_blocks([fa, fb], x, seconds, block_s)
+    return ta, tb
+
+
+def timeit_blocks(fns, x, seconds: float, block_s: float = 0.25) -> list[float]:
+    """Median seconds per call of each of `fns`, timed in alternating blocks of
+    `block_s`, so all see the same machine state: on a shared VM the speed drifts by
     tens of percent within a minute, which back-to-back runs would mistake for a
-    difference between the two. The first calls of each block are not timed (the other
+    difference between them. The first calls of each block are not timed (the other
     side's threads may still be spinning, as ONNX Runtime's do after a run)."""
-    ta: list[float] = []
-    tb: list[float] = []
-    end = time.perf_counter() + 2 * seconds
+    times: list[list[float]] = [[] for _ in fns]
+    end = time.perf_counter() + len(fns) * seconds
     while time.perf_counter() < end:
-        for fn, times in ((fa, ta), (fb, tb)):
+        for fn, ts in zip(fns, times, strict=True):
             for _ in range(5):
                 fn(x)
             stop = time.perf_counter() + block_s
             while True:
                 t = time.perf_counter()
                 fn(x)
-                times.append(time.perf_counter() - t)
+                ts.append(time.perf_counter() - t)
                 if t >= stop:
                     break
-    return statistics.median(ta), statistics.median(tb)
+    return [statistics.median(ts) for ts in times]
+
+
+def worker_start_ms(bundle: Path, ks: Path, in_len: int, out_len: int, reps: int = 10) -> float:
+    """Median start → ready of the bundle's worker: spawn, handshake, key unwrap,
+    unseal, parse, warm-up, sandbox."""
+    from ennclave.keystore import Keystore
+    from ennclave.runtime.worker import WorkerClient, local_key_release
+
+    manifest_bytes = (bundle / "manifest.json").read_bytes()
+    key_id = json.loads(manifest_bytes)["private"]["key_id"]
+    starts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        w = WorkerClient(
+            manifest_bytes,
+            bundle / "private.sealed",
+            local_key_release(Keystore(ks), key_id),
+            in_len=in_len,
+            out_len=out_len,
+            threads=THREADS,
+        )
+        starts.append(time.perf_counter() - t)
+        w.close()
+    return 1e3 * statistics.median(starts)
+
+
+def roundtrip_us(identity: Path, ks: Path, x: np.ndarray, seconds: float) -> float:
+    """Median host↔worker round trip of `x` through an identity program."""
+    with ennclave.load(identity, keystore=ks, threads=THREADS) as ident:
+        return 1e6 * timeit(ident.worker.infer, x, seconds)
 
 
 def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
@@ -140,28 +199,8 @@ def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
         for b, x in ((1, x1), (64, x64)):
             tw, to = timeit_pair(worker.infer, ort_run, x, seconds)
             results[f"worker_b{b}_ms"], results[f"ort_b{b}_ms"] = 1e3 * tw, 1e3 * to
-    # Start → ready: spawn, handshake, key unwrap, unseal, parse, warm-up, sandbox.
-    from ennclave.keystore import Keystore
-    from ennclave.runtime.worker import WorkerClient, local_key_release
-
-    manifest_bytes = (tmp / "head" / "manifest.json").read_bytes()
-    key_id = json.loads(manifest_bytes)["private"]["key_id"]
-    starts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        w = WorkerClient(
-            manifest_bytes,
-            tmp / "head" / "private.sealed",
-            local_key_release(Keystore(ks), key_id),
-            in_len=512,
-            out_len=67,
-            threads=THREADS,
-        )
-        starts.append(time.perf_counter() - t)
-        w.close()
-    results["worker_start_ms"] = 1e3 * statistics.median(starts)
-    with ennclave.load(tmp / "identity", keystore=ks, threads=THREADS) as ident:
-        results["roundtrip_64x512_us"] = 1e6 * timeit(ident.worker.infer, x64, seconds)
+    results["worker_start_ms"] = worker_start_ms(tmp / "head", ks, 512, 67)
+    results["roundtrip_64x512_us"] = roundtrip_us(tmp / "identity", ks, x64, seconds)
     results["b1_latency_ratio"] = results["worker_b1_ms"] / results["ort_b1_ms"]
     results["b64_throughput_ratio"] = results["ort_b64_ms"] / results["worker_b64_ms"]
     return results
@@ -187,15 +226,8 @@ def main() -> int:
         with np.load(tmp / "weights.npz") as f:
             weights = [f[f"w{i}"] for i in range(len(f.files))]
     else:
-        from ennclave.split import split_model
-
         tmp = args.save_bundles or Path(tempfile.mkdtemp(prefix="ennclave-bench-"))
-        tmp.mkdir(parents=True, exist_ok=True)
-        weights = build_head(tmp / "head.keras")
-        build_identity(tmp / "identity.keras")
-        for name in ("head", "identity"):
-            split_model(tmp / f"{name}.keras", 0, tmp / name, keystore=tmp / "keystore.json")
-        np.savez(tmp / "weights.npz", **{f"w{i}": w for i, w in enumerate(weights)})
+        weights = make_bundles(tmp)
         if args.save_bundles:
             console.print(f"bundles saved in {tmp}; run with --bundles {tmp}")
             return 0

@@ -762,4 +762,64 @@ mod tests {
         // No start-up checks ran in this test process.
         assert_eq!(o["tracer_check"], false);
     }
+
+    /// Metered licences (a `query_budget`): never sealed into an offline key cache, and
+    /// refused from one; an admitted one carries its usage signer.
+    #[test]
+    fn metered_licences_are_never_cached_and_sign_their_usage() {
+        use std::io::Read;
+        let dk = [7u8; 32];
+        let (pk, bin) = ([1u8; 32], [2u8; 32]);
+        let m: Value = serde_json::from_str(r#"{"private":{"licence":"required"}}"#).unwrap();
+        let lic = |budget: &str| {
+            let raw = format!(
+                r#"{{"binary_sha256":"{}","client_id":"ab","evidence":"software","expires_at":4000000000,"issued_at":1,"key_id":"k1","licence_id":"0a","offline":true,"pubkey":"{}","query_budget":{budget},"v":1}}"#,
+                licence::hex(&bin),
+                licence::hex(&pk)
+            )
+            .into_bytes();
+            let mac = licence::compute_mac(&dk, "k1", &raw).unwrap();
+            (raw, mac)
+        };
+        let (mut ctl, mut host) = UnixStream::pair().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let mut sent = Vec::new();
+        // fresh, offline, metered: admitted with a signer, and no KEY_CACHE
+        let held = admit_licence(
+            &mut ctl,
+            &m,
+            "k1",
+            &dk,
+            Some(lic("5")),
+            Some(&pk),
+            &bin,
+            Some(b"mid"),
+        )
+        .unwrap_or_else(|e| panic!("{}", e.1))
+        .unwrap();
+        assert!(held.usage.is_some() && held.licence.licence_id == "0a");
+        assert!(host.read_to_end(&mut sent).is_err() && sent.is_empty());
+        // the same licence from a cache: refused
+        let e = admit_licence(&mut ctl, &m, "k1", &dk, Some(lic("5")), None, &bin, None)
+            .err()
+            .unwrap();
+        assert_eq!(e.0, code::LICENCE_INVALID);
+        assert!(e.1.contains("query budget"), "{}", e.1);
+        // unmetered and offline: cached (KEY_CACHE sent), no signer
+        let held = admit_licence(
+            &mut ctl,
+            &m,
+            "k1",
+            &dk,
+            Some(lic("null")),
+            Some(&pk),
+            &bin,
+            Some(b"mid"),
+        )
+        .unwrap_or_else(|e| panic!("{}", e.1))
+        .unwrap();
+        assert!(held.usage.is_none());
+        let _ = host.read_to_end(&mut sent);
+        assert_eq!(sent.get(4), Some(&crate::protocol::ty::KEY_CACHE));
+    }
 }

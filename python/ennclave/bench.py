@@ -85,8 +85,31 @@ def _query_allowance(model: Any, phases: int) -> int | None:
     return max(left // 2 // phases, 0)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted: Sequence[str]) -> list[str]:
+    """Which of the `wanted` CPU flags (/proc/cpuinfo names) this CPU has."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    have = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return [f for f in wanted if f in have]
+
+
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    return f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
 
 
 def bench_bundle(

@@ -60,16 +60,19 @@ from ..seal import CachedKey, WrappedKey, wrap_data_key
 BINARY_NAME = "ennclave-enclave"
 # Linux configfs-tsm, where a confidential VM's guest reports come from (platform/tsm.rs).
 TSM_ROOT = "/sys/kernel/config/tsm/report"
-# The only environment the worker gets: diagnostics, and the switches that run its
-# kernels without AVX-512 on any CPU and cap the quantised-kernel path
-# (docs/worker-protocol.md, "Sandbox").
+# The only environment the worker gets: diagnostics, and the switches that choose its
+# fp32 kernel family and cap the quantised-kernel path (docs/worker-protocol.md,
+# "Sandbox").
 _WORKER_ENV = (
     "ENNCLAVE_SECCOMP_LOG",
     "ENNCLAVE_TRACE",
     "ENNCLAVE_NO_AVX512",
+    "ENNCLAVE_KERNEL",
     "ENNCLAVE_QKERNEL",
     "RUST_BACKTRACE",
 )
+# ENNCLAVE_KERNEL's values: the worker's fp32 kernel families (ops/dense.rs `Isa`).
+KERNEL_FAMILIES = ("avx512", "avx2", "portable")
 # 3: EVIDENCE carries the worker's protections, bound into the evidence hash.
 PROTOCOL_VERSION = 3
 MAX_FRAME = 1 << 20
@@ -433,6 +436,12 @@ class WorkerClient:
     def _start(self) -> None:
         if self._closed:
             raise EnnclaveError("This enclaved model is closed; load the bundle again.")
+        kernel = os.environ.get("ENNCLAVE_KERNEL")
+        if kernel is not None and kernel not in KERNEL_FAMILIES:
+            raise InputError(
+                f"ENNCLAVE_KERNEL must be one of {', '.join(KERNEL_FAMILIES)}, got {kernel!r}; "
+                "unset it to use the best kernels this CPU has."
+            )
         if self._platform != "native":
             self._start_gramine()
             return
