@@ -49,7 +49,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_head
-from bench_head import THREADS, ort_head, ort_run, roundtrip_us, timeit_blocks, worker_start_ms
+from _common import timeit_blocks
+from bench_head import THREADS, ort_head, ort_run, roundtrip_us, worker_start_ms
 
 import ennclave
 from ennclave.bench import cpu_flags, cpu_model, parse_batch_sizes

@@ -106,17 +106,22 @@ fn protections_json(
 
 /// Product of the non-batch dims of the single tensor spec in `specs` (manifest).
 fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
-    let shape = m
-        .get(part)?
-        .get(which)?
-        .as_array()?
-        .first()?
-        .get("shape")?
-        .as_array()?;
-    shape
+    manifest_lens(m, part, which)?.first().copied()
+}
+
+/// Values per sample of every spec in `m[part][which]` (None if any is malformed).
+fn manifest_lens(m: &Value, part: &str, which: &str) -> Option<Vec<usize>> {
+    let specs = m.get(part)?.get(which)?.as_array()?;
+    specs
         .iter()
-        .skip(1)
-        .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+        .map(|spec| {
+            spec.get("shape")?
+                .as_array()?
+                .iter()
+                .skip(1)
+                .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+        })
+        .collect()
 }
 
 /// A loaded program, ready to serve.
@@ -656,10 +661,22 @@ fn load(
     trace("executor ready (buffers, thread pool, warm-up)");
     let in_len = exec.input_len_per_sample();
     let out_len = exec.output_len_per_sample();
-    for (part, which, have) in [
-        ("private", "inputs", in_len),
-        ("private", "outputs", out_len),
-    ] {
+    let in_lens: Vec<usize> = exec
+        .input_shapes()
+        .iter()
+        .map(|d| d.iter().product())
+        .collect();
+    if let Some(want) = manifest_lens(manifest, "private", "inputs") {
+        if want != in_lens {
+            return Err(Fatal::new(
+                code::MANIFEST,
+                format!(
+                    "manifest private.inputs has {want:?} values per sample but the program's inputs have {in_lens:?}"
+                ),
+            ));
+        }
+    }
+    for (part, which, have) in [("private", "outputs", out_len)] {
         if let Some(want) = manifest_len(manifest, part, which) {
             if want != have {
                 return Err(Fatal::new(
@@ -699,6 +716,13 @@ mod tests {
         assert_eq!(manifest_len(&m, "private", "huge"), None);
         assert_eq!(manifest_len(&m, "private", "missing"), None);
         assert_eq!(manifest_len(&m, "public", "inputs"), None);
+        let two: Value = serde_json::from_str(
+            r#"{"private":{"inputs":[{"shape":[null,8,16]},{"shape":[null,8]}],
+                "bad":[{"shape":[null,8]},{"shape":[null,-1]}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(manifest_lens(&two, "private", "inputs"), Some(vec![128, 8]));
+        assert_eq!(manifest_lens(&two, "private", "bad"), None);
     }
 
     #[test]

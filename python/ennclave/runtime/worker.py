@@ -322,6 +322,21 @@ class Ready:
     policy: str
 
 
+def _pack_inputs(xs: list[np.ndarray] | tuple[np.ndarray, ...]) -> np.ndarray:
+    """Several program inputs as the worker takes them: `(batch, sum of values per
+    sample)`, each sample's first input, then its second, ... (float32)."""
+    arrs = [np.asarray(a) for a in xs]
+    if not arrs or any(a.ndim == 0 for a in arrs):
+        raise InputError("The input batch is empty; pass at least one sample.")
+    sizes = [a.shape[0] for a in arrs]
+    if len(set(sizes)) > 1:
+        raise InputError(
+            f"The private inputs have different batch sizes {sizes}; pass the same number "
+            "of samples for every input."
+        )
+    return np.concatenate([a.reshape(sizes[0], -1).astype(np.float32) for a in arrs], axis=1)
+
+
 def _shm_size(in_len: int, out_len: int, max_batch: int) -> int:
     per_sample = (in_len + out_len) * 4
     want = per_sample * max_batch + 4096
@@ -1014,11 +1029,17 @@ class WorkerClient:
             raise
 
     def infer(
-        self, x: np.ndarray, *, allow_nonfinite: bool = False, poll: bool = True
+        self,
+        x: np.ndarray | list[np.ndarray],
+        *,
+        allow_nonfinite: bool = False,
+        poll: bool = True,
     ) -> np.ndarray:
         """Run the private part on `x` (batch first; any trailing shape with the right
         number of values). Returns float32 `(batch, out_len)` after the output policy.
-        Batches larger than the shared-memory region are streamed in chunks.
+        Batches larger than the shared-memory region are streamed in chunks. A program
+        of several inputs takes a list of arrays in its input order, all of one batch:
+        they travel packed per sample (docs/worker-protocol.md).
 
         `poll=False` always sleeps until the answer instead of polling for a fast one:
         for callers with other Python threads at work (a polling thread keeps taking
@@ -1029,6 +1050,8 @@ class WorkerClient:
     def _infer(self, x: np.ndarray, allow_nonfinite: bool, poll: bool) -> np.ndarray:
         # A start-up failure after a crash is a start-up error, not an inference one.
         rd = self._ensure()
+        if isinstance(x, (list, tuple)):
+            x = _pack_inputs(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0] if x.ndim else 0
         if n == 0:
