@@ -61,8 +61,7 @@ def build_identity(path: Path) -> None:
 
 
 def ort_head(weights: list[np.ndarray]):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     inits = [
         numpy_helper.from_array(w.astype(np.float32), n)
@@ -76,6 +75,13 @@ def ort_head(weights: list[np.ndarray]):
         helper.make_node("Gemm", ["h2", "k3", "b3"], ["g3"]),
         helper.make_node("Softmax", ["g3"], ["y"], axis=-1),
     ]
+    return ort_run(head_model(nodes, inits).SerializeToString())
+
+
+def head_model(nodes: list, inits: list):
+    """The ONNX model of the head's `nodes` (input x [N, 512], output y [N, 67])."""
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         nodes,
         "head",
@@ -84,11 +90,17 @@ def ort_head(weights: list[np.ndarray]):
         inits,
     )
     # IR version 9 (opset 17): loadable by older ONNX Runtime releases too.
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def ort_run(model: bytes | str):
+    """`x -> y` with an ONNX Runtime session of `model` on THREADS intra-op threads."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {"x": x})[0]
 
 
