@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _common
 import numpy as np
+from _common import record, timeit, timeit_pair
 from rich.console import Console
 from rich.table import Table
 
@@ -60,8 +61,28 @@ def build_identity(path: Path) -> None:
     keras.Model(inp, keras.layers.Activation("linear")(inp)).save(path)
 
 
+def make_bundles(tmp: Path) -> list[np.ndarray]:
+    """Build the head and the identity model into `tmp` and split them (everything
+    private) into `tmp/head` and `tmp/identity`, keys in `tmp/keystore.json`; the
+    head's weights are also saved in `tmp/weights.npz`. Returns them."""
+    from ennclave.split import split_model
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    weights = build_head(tmp / "head.keras")
+    build_identity(tmp / "identity.keras")
+    for name in ("head", "identity"):
+        split_model(tmp / f"{name}.keras", 0, tmp / name, keystore=tmp / "keystore.json")
+    np.savez(tmp / "weights.npz", **{f"w{i}": w for i, w in enumerate(weights)})
+    return weights
+
+
 def ort_head(weights: list[np.ndarray]):
-    from onnx import helper, numpy_helper
+    return ort_run(head_onnx(weights))
+
+
+def head_onnx(weights: list[np.ndarray]) -> bytes:
+    """The head as a serialised ONNX model (Gemm, Relu, Softmax)."""
+    from onnx import TensorProto, helper, numpy_helper
 
     inits = [
         numpy_helper.from_array(w.astype(np.float32), n)
@@ -75,13 +96,6 @@ def ort_head(weights: list[np.ndarray]):
         helper.make_node("Gemm", ["h2", "k3", "b3"], ["g3"]),
         helper.make_node("Softmax", ["g3"], ["y"], axis=-1),
     ]
-    return ort_run(head_model(nodes, inits).SerializeToString())
-
-
-def head_model(nodes: list, inits: list):
-    """The ONNX model of the head's `nodes` (input x [N, 512], output y [N, 67])."""
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph(
         nodes,
         "head",
@@ -90,54 +104,43 @@ def head_model(nodes: list, inits: list):
         inits,
     )
     # IR version 9 (opset 17): loadable by older ONNX Runtime releases too.
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString()
 
 
-def ort_run(model: bytes | str):
-    """`x -> y` with an ONNX Runtime session of `model` on THREADS intra-op threads."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"x": x})[0]
+def ort_run(model: bytes):
+    """ONNX Runtime on `THREADS` threads (see `_common.ort_run`)."""
+    return _common.ort_run(model, THREADS)
 
 
-def timeit(fn, x, seconds: float, min_runs: int = 20) -> float:
-    """Median seconds per call after warm-up."""
-    for _ in range(10):
-        fn(x)
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < min_runs:
+def worker_start_ms(bundle: Path, ks: Path, in_len: int, out_len: int, reps: int = 10) -> float:
+    """Median start → ready of the bundle's worker: spawn, handshake, key unwrap,
+    unseal, parse, warm-up, sandbox."""
+    from ennclave.keystore import Keystore
+    from ennclave.runtime.worker import WorkerClient, local_key_release
+
+    manifest_bytes = (bundle / "manifest.json").read_bytes()
+    key_id = json.loads(manifest_bytes)["private"]["key_id"]
+    starts = []
+    for _ in range(reps):
         t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        w = WorkerClient(
+            manifest_bytes,
+            bundle / "private.sealed",
+            local_key_release(Keystore(ks), key_id),
+            in_len=in_len,
+            out_len=out_len,
+            threads=THREADS,
+        )
+        starts.append(time.perf_counter() - t)
+        w.close()
+    return 1e3 * statistics.median(starts)
 
 
-def timeit_pair(fa, fb, x, seconds: float, block_s: float = 0.25) -> tuple[float, float]:
-    """Median seconds per call of `fa` and `fb`, timed in alternating blocks of
-    `block_s`, so both see the same machine state: on a shared VM the speed drifts by
-    tens of percent within a minute, which back-to-back runs would mistake for a
-    difference between the two. The first calls of each block are not timed (the other
-    side's threads may still be spinning, as ONNX Runtime's do after a run)."""
-    ta: list[float] = []
-    tb: list[float] = []
-    end = time.perf_counter() + 2 * seconds
-    while time.perf_counter() < end:
-        for fn, times in ((fa, ta), (fb, tb)):
-            for _ in range(5):
-                fn(x)
-            stop = time.perf_counter() + block_s
-            while True:
-                t = time.perf_counter()
-                fn(x)
-                times.append(time.perf_counter() - t)
-                if t >= stop:
-                    break
-    return statistics.median(ta), statistics.median(tb)
+def roundtrip_us(identity: Path, ks: Path, x: np.ndarray, seconds: float) -> float:
+    """Median host↔worker round trip of `x` through an identity program."""
+    with ennclave.load(identity, keystore=ks, threads=THREADS) as ident:
+        return 1e6 * timeit(ident.worker.infer, x, seconds)
 
 
 def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
@@ -152,28 +155,8 @@ def measure(tmp: Path, ks: Path, ort_run, seconds: float) -> dict[str, float]:
         for b, x in ((1, x1), (64, x64)):
             tw, to = timeit_pair(worker.infer, ort_run, x, seconds)
             results[f"worker_b{b}_ms"], results[f"ort_b{b}_ms"] = 1e3 * tw, 1e3 * to
-    # Start → ready: spawn, handshake, key unwrap, unseal, parse, warm-up, sandbox.
-    from ennclave.keystore import Keystore
-    from ennclave.runtime.worker import WorkerClient, local_key_release
-
-    manifest_bytes = (tmp / "head" / "manifest.json").read_bytes()
-    key_id = json.loads(manifest_bytes)["private"]["key_id"]
-    starts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        w = WorkerClient(
-            manifest_bytes,
-            tmp / "head" / "private.sealed",
-            local_key_release(Keystore(ks), key_id),
-            in_len=512,
-            out_len=67,
-            threads=THREADS,
-        )
-        starts.append(time.perf_counter() - t)
-        w.close()
-    results["worker_start_ms"] = 1e3 * statistics.median(starts)
-    with ennclave.load(tmp / "identity", keystore=ks, threads=THREADS) as ident:
-        results["roundtrip_64x512_us"] = 1e6 * timeit(ident.worker.infer, x64, seconds)
+    results["worker_start_ms"] = worker_start_ms(tmp / "head", ks, 512, 67)
+    results["roundtrip_64x512_us"] = roundtrip_us(tmp / "identity", ks, x64, seconds)
     results["b1_latency_ratio"] = results["worker_b1_ms"] / results["ort_b1_ms"]
     results["b64_throughput_ratio"] = results["ort_b64_ms"] / results["worker_b64_ms"]
     return results
@@ -199,15 +182,8 @@ def main() -> int:
         with np.load(tmp / "weights.npz") as f:
             weights = [f[f"w{i}"] for i in range(len(f.files))]
     else:
-        from ennclave.split import split_model
-
         tmp = args.save_bundles or Path(tempfile.mkdtemp(prefix="ennclave-bench-"))
-        tmp.mkdir(parents=True, exist_ok=True)
-        weights = build_head(tmp / "head.keras")
-        build_identity(tmp / "identity.keras")
-        for name in ("head", "identity"):
-            split_model(tmp / f"{name}.keras", 0, tmp / name, keystore=tmp / "keystore.json")
-        np.savez(tmp / "weights.npz", **{f"w{i}": w for i, w in enumerate(weights)})
+        weights = make_bundles(tmp)
         if args.save_bundles:
             console.print(f"bundles saved in {tmp}; run with --bundles {tmp}")
             return 0
@@ -264,19 +240,11 @@ def main() -> int:
     console.print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "command": "".join(
-                f"{k}={os.environ[k]} " for k in ("ENNCLAVE_NO_AVX512",) if k in os.environ
-            )
-            + "python benchmarks/bench_head.py "
-            + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "python": platform.python_version(),
-            "ennclave": ennclave.__version__,
-            "results": {k: round(v, 4) for k, v in results.items()},
-            "runs": [{k: round(v, 4) for k, v in run.items()} for run in runs],
-        }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        rounded = [{k: round(v, 4) for k, v in run.items()} for run in runs]
+        record_ = record(
+            "bench_head.py", {k: round(v, 4) for k, v in results.items()}, runs=rounded
+        )
+        args.json.write_text(json.dumps(record_, indent=2) + "\n")
     return 0
 
 

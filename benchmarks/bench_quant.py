@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -35,50 +34,26 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_head
+from _common import record, timeit_pair
 
 import ennclave
-from ennclave.bench import machine
+from ennclave.bench import cpu_model
 
 THREADS = bench_head.THREADS
 KINDS = ("fp32", "bf16", "int8")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def ort_int8_head(weights: list[np.ndarray], tmp: Path):
-    """ONNX Runtime's own int8 version of the head: MatMul + Add, quantised by
+    """ONNX Runtime's own int8 version of the head: bench_head's model quantised by
     `quantize_dynamic` with its defaults (int8 weights per tensor, activations
     quantised dynamically to uint8 per call)."""
     import onnx
-    from onnx import helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    names = ["k1", "b1", "k2", "b2", "k3", "b3"]
-    inits = [
-        numpy_helper.from_array(w.astype(np.float32), n)
-        for w, n in zip(weights, names, strict=True)
-    ]
-    nodes, h = [], "x"
-    for i in (1, 2, 3):
-        nodes.append(helper.make_node("MatMul", [h, f"k{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]))
-        if i < 3:
-            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"]))
-            h = f"h{i}"
-    nodes.append(helper.make_node("Softmax", ["a3"], ["y"], axis=-1))
-    onnx.save(bench_head.head_model(nodes, inits), tmp / "head_fp32.onnx")
+    (tmp / "head_fp32.onnx").write_bytes(bench_head.head_onnx(weights))
     quantize_dynamic(tmp / "head_fp32.onnx", tmp / "head_int8.onnx", weight_type=QuantType.QInt8)
-    run = bench_head.ort_run(str(tmp / "head_int8.onnx"))
     ops = sorted({n.op_type for n in onnx.load(tmp / "head_int8.onnx").graph.node})
-    return run, ops
+    return bench_head.ort_run((tmp / "head_int8.onnx").read_bytes()), ops
 
 
 def locked_kib(pid: int) -> int | None:
@@ -119,7 +94,7 @@ def main() -> int:
     ref = ort_fp32(xs[64])
     res: dict[str, float] = {"ort_int8_rel_err": rel_err(ort_int8(xs[64]), ref)}
     for b, x in xs.items():
-        tw, to = bench_head.timeit_pair(ort_int8, ort_fp32, x, args.seconds)
+        tw, to = timeit_pair(ort_int8, ort_fp32, x, args.seconds)
         res[f"ort_int8_b{b}_ms"], res[f"ort_fp32_b{b}_ms"] = 1e3 * tw, 1e3 * to
     for kind in KINDS:
         with ennclave.load(tmp / kind, keystore=ks, threads=THREADS) as model:
@@ -128,10 +103,10 @@ def main() -> int:
             res[f"{kind}_locked_kib"] = locked_kib(model.worker_pid) or 0
             res[f"{kind}_weight_bytes"] = bytes_[kind]
             for b, x in xs.items():
-                tw, to = bench_head.timeit_pair(infer, ort_fp32, x, args.seconds)
+                tw, to = timeit_pair(infer, ort_fp32, x, args.seconds)
                 res[f"{kind}_b{b}_ms"], res[f"{kind}_ort_fp32_b{b}_ms"] = 1e3 * tw, 1e3 * to
                 if kind == "int8":
-                    tw, to = bench_head.timeit_pair(infer, ort_int8, x, args.seconds)
+                    tw, to = timeit_pair(infer, ort_int8, x, args.seconds)
                     res[f"int8_vs_int8_b{b}_ms"], res[f"int8_ort_int8_b{b}_ms"] = 1e3 * tw, 1e3 * to
     # Speed-ups: ONNX Runtime's time over the worker's, each from its own alternating pair.
     for kind in KINDS:
@@ -193,22 +168,13 @@ def main() -> int:
         console.print(f"{'met' if ok else 'NOT met'}: {name}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "command": "".join(
-                f"{k}={os.environ[k]} "
-                for k in ("ENNCLAVE_NO_AVX512", "ENNCLAVE_QKERNEL")
-                if k in os.environ
-            )
-            + "python benchmarks/bench_quant.py "
-            + " ".join(sys.argv[1:]),
-            "cpu": cpu_model(),
-            "machine": machine(),
-            "ennclave": ennclave.__version__,
-            "ort_int8_ops": int8_ops,
-            "results": {k: float(f"{v:.5g}") for k, v in res.items()},
-            "targets_met": targets,
-        }
-        args.json.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        rec = record(
+            "bench_quant.py",
+            {k: float(f"{v:.5g}") for k, v in res.items()},
+            ort_int8_ops=int8_ops,
+            targets_met=targets,
+        )
+        args.json.write_text(json.dumps(rec, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 

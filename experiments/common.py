@@ -160,15 +160,9 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.platform()}, no GPU used"
+    from ennclave.bench import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.platform()}, no GPU used"
 
 
 def record(results: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ennclave.adapters.onnx import OnnxAdapter  # noqa: E402
 from ennclave.errors import ModelLoadError, UnsupportedOpError  # noqa: E402
 from ennclave.graph import find_cut_points  # noqa: E402
 from ennclave.split import split_model  # noqa: E402
+from support import kernels as kernel_families  # noqa: E402
 from test_onnx_adapter import c, check_all_cuts, save_model, w  # noqa: E402
 
 N = helper.make_node
@@ -36,10 +37,11 @@ def through_worker(path: Path, tmp: Path) -> None:
     np.testing.assert_allclose(got, ad.predict(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(params=["native", "no-avx512"])
+@pytest.fixture(params=kernel_families.KERNELS)
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "no-avx512":
-        monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+    """Each fp32 kernel family of the worker; the checks that do not involve the worker
+    run with the best one only."""
+    kernel_families.use(request.param, monkeypatch)
     return request.param
 
 
@@ -116,7 +118,7 @@ def resize_model(tmp: Path) -> Path:
 
 def test_resize_modes(tmp: Path, kernels: str) -> None:
     path = resize_model(tmp)
-    if kernels == "native":
+    if kernels == kernel_families.best():
         cuts = check_all_cuts(path, tmp)
         assert len(cuts) >= 7
     through_worker(path, tmp)
@@ -223,7 +225,7 @@ def conv_transpose_model(tmp: Path) -> Path:
 
 def test_conv_transpose(tmp: Path, kernels: str) -> None:
     path = conv_transpose_model(tmp)
-    if kernels == "native":
+    if kernels == kernel_families.best():
         check_all_cuts(path, tmp)
     through_worker(path, tmp)
 
@@ -273,7 +275,7 @@ def slice_split_model(tmp: Path) -> Path:
 
 def test_slice_and_split(tmp: Path, kernels: str) -> None:
     path = slice_split_model(tmp)
-    if kernels == "native":
+    if kernels == kernel_families.best():
         cuts = check_all_cuts(path, tmp)
         assert "b" not in {cut.tensor.name for cut in cuts}  # a Split output is no cut
     through_worker(path, tmp)
@@ -317,7 +319,7 @@ def test_keras_decoder_through_tf2onnx(tmp: Path, kernels: str) -> None:
     model(np.zeros((1, 4, 4, 3), np.float32))
     path = tmp / "decoder.onnx"
     model.export(path, format="onnx", verbose=False)
-    if kernels == "native":
+    if kernels == kernel_families.best():
         ops = {n.op_type for n in onnx.load(str(path)).graph.node}
         assert {"ConvTranspose", "Resize", "Tile", "Slice"} <= ops, ops
         check_all_cuts(path, tmp)

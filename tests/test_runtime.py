@@ -29,6 +29,7 @@ from ennclave.errors import (
 from ennclave.keystore import Keystore
 from ennclave.runtime import worker as wmod
 from ennclave.seal import new_data_key
+from support import kernels as kernel_families
 from support.enclave_bundle import IN, OUT, needs_worker, reference
 
 
@@ -79,16 +80,27 @@ def test_predict_matches_numpy(enclave_bundle, doorbell):
 
 
 @needs_worker
-def test_kernels_without_avx512_match_numpy(enclave_bundle, monkeypatch):
-    """ENNCLAVE_NO_AVX512=1: the worker computes as on a CPU without AVX-512 (the gemm
-    crate for batches, the portable kernel at batch 1), inside the same sandbox."""
-    monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+@pytest.mark.parametrize("kernels", [*kernel_families.KERNELS, "no-avx512"])
+def test_every_kernel_family_matches_numpy(enclave_bundle, monkeypatch, kernels):
+    """ENNCLAVE_KERNEL=avx512|avx2|portable, and the older ENNCLAVE_NO_AVX512=1: the
+    worker computes with those kernels inside the same sandbox (and says which in its
+    start-up trace)."""
+    if kernels == "no-avx512":
+        monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+        expected = next(k for k in kernel_families.available() if k != "avx512")
+    else:
+        kernel_families.use(kernels, monkeypatch)
+        expected = kernels
+    monkeypatch.setenv("ENNCLAVE_TRACE", "1")
     with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
         for n in (1, 2, 13, 300):
             x = _x(n, seed=n)
             np.testing.assert_allclose(
                 m.predict(x), reference(enclave_bundle.weights, x), atol=1e-5, rtol=1e-5
             )
+        m.worker._stderr.seek(0)
+        trace = m.worker._stderr.read().decode()
+    assert f"fp32 kernels {expected}\n" in trace
 
 
 @needs_worker
@@ -435,6 +447,13 @@ def test_worker_refuses_to_run_by_hand():
 
     r = subprocess.run([str(wmod.find_worker_binary())], capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "not meant to be run by hand" in r.stderr
+
+
+@needs_worker
+def test_an_unknown_kernel_family_is_refused_in_one_sentence(enclave_bundle, monkeypatch):
+    monkeypatch.setenv("ENNCLAVE_KERNEL", "avx1024")
+    with pytest.raises(InputError, match="ENNCLAVE_KERNEL must be one of avx512, avx2, portable"):
+        ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore)
 
 
 @needs_worker

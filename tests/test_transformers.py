@@ -19,6 +19,7 @@ from ennclave.graph import find_cut_points
 from ennclave.passes import optimize
 from ennclave.reference import execute
 from ennclave.split import split_model
+from support import kernels as kernel_families
 
 L = keras.layers
 SEQ, VOCAB, HIDDEN = 6, 40, 16
@@ -76,10 +77,9 @@ def test_embedding_in_the_enclave_rejects_out_of_range_ids_and_keeps_serving(tmp
         np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernels", ["native", "no-avx512"])
+@pytest.mark.parametrize("kernels", kernel_families.KERNELS)
 def test_encoder_splits_at_every_block_boundary(kernels, tmp_path, monkeypatch):
-    if kernels == "no-avx512":
-        monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+    kernel_families.use(kernels, monkeypatch)
     model = encoder_classifier(3)
     adapter = KerasAdapter.from_model(model)
     cuts = _block_cuts(adapter)
@@ -187,10 +187,10 @@ def test_onnx_attention_matmul_of_computed_tensors(tmp_path, monkeypatch):
     ]
     path = save_model(tmp_path, "attention", nodes, [4, 8], [4, 5], inits)
     check_all_cuts(path, tmp_path)
-    through_worker(path, tmp_path)
-    monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
-    (tmp_path / "noavx").mkdir()
-    through_worker(path, tmp_path / "noavx")
+    for kernel in kernel_families.available():
+        monkeypatch.setenv("ENNCLAVE_KERNEL", kernel)
+        (tmp_path / kernel).mkdir()
+        through_worker(path, tmp_path / kernel)
 
 
 def test_onnx_token_ids_gather_and_cls_pooling(tmp_path):
@@ -265,8 +265,15 @@ def test_keras_hub_padding_mask_from_the_ids(tmp_path):
     split_model(adapter, cut.index, tmp_path / "b", keystore=tmp_path / "ks.json", n_random=4)
     with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
         np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
-    # Between blocks the mask would be a second tensor crossing the cut: no cut there.
-    assert "block0" not in {c.tensor.name for c in find_cut_points(adapter.graph)}
+    # Between blocks the ids cross the cut beside the residual stream, and the enclave
+    # computes the mask again from them.
+    (between,) = [c for c in find_cut_points(adapter.graph) if c.tensor.name == "block0"]
+    assert [t.name for t in between.extra_inputs] == ["ids"]
+    program = optimize(adapter.lower_private(between))
+    assert [t.name for t in program.inputs] == ["block0", "ids"]
+    split_model(adapter, between.index, tmp_path / "c", keystore=tmp_path / "ks.json", n_random=4)
+    with ennclave.load(tmp_path / "c", keystore=tmp_path / "ks.json") as m:
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_onnx_integer_arithmetic_on_ids_is_refused(tmp_path):

@@ -18,17 +18,17 @@ from ennclave.graph import find_cut_points
 from ennclave.passes import optimize
 from ennclave.reference import execute
 from ennclave.split import split_model
+from support import kernels as kernel_families
 from support.keras_models import nested_model, residual_cnn, sequential_cnn
 from support.op_cases import CASES
 
 
-@pytest.mark.parametrize("kernels", ["native", "no-avx512"])
+@pytest.mark.parametrize("kernels", kernel_families.KERNELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_op_worker_equals_reference(case, kernels, tmp_path, monkeypatch):
-    # no-avx512: the worker's dense/conv kernels as on a CPU without AVX-512 (the gemm
-    # crate, the portable kernel at batch 1), under the same sandbox.
-    if kernels == "no-avx512":
-        monkeypatch.setenv("ENNCLAVE_NO_AVX512", "1")
+    # Every fp32 kernel family of the worker (ENNCLAVE_KERNEL) this CPU can run, under
+    # the same sandbox.
+    kernel_families.use(kernels, monkeypatch)
     model = CASES[case]()
     adapter = KerasAdapter.from_model(model)
     program = optimize(adapter.lower_private(find_cut_points(adapter.graph)[0]))

@@ -54,17 +54,22 @@ fn evidence_report(nonce: &[u8; 32], pubkey: &[u8; 32], bin: &[u8; 32]) -> Vec<u
 
 /// Product of the non-batch dims of the single tensor spec in `specs` (manifest).
 fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
-    let shape = m
-        .get(part)?
-        .get(which)?
-        .as_array()?
-        .first()?
-        .get("shape")?
-        .as_array()?;
-    shape
+    manifest_lens(m, part, which)?.first().copied()
+}
+
+/// Values per sample of every spec in `m[part][which]` (None if any is malformed).
+fn manifest_lens(m: &Value, part: &str, which: &str) -> Option<Vec<usize>> {
+    let specs = m.get(part)?.get(which)?.as_array()?;
+    specs
         .iter()
-        .skip(1)
-        .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+        .map(|spec| {
+            spec.get("shape")?
+                .as_array()?
+                .iter()
+                .skip(1)
+                .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+        })
+        .collect()
 }
 
 /// A loaded program, ready to serve.
@@ -597,10 +602,22 @@ fn load(
     trace("executor ready (buffers, thread pool, warm-up)");
     let in_len = exec.input_len_per_sample();
     let out_len = exec.output_len_per_sample();
-    for (part, which, have) in [
-        ("private", "inputs", in_len),
-        ("private", "outputs", out_len),
-    ] {
+    let in_lens: Vec<usize> = exec
+        .input_shapes()
+        .iter()
+        .map(|d| d.iter().product())
+        .collect();
+    if let Some(want) = manifest_lens(manifest, "private", "inputs") {
+        if want != in_lens {
+            return Err(Fatal::new(
+                code::MANIFEST,
+                format!(
+                    "manifest private.inputs has {want:?} values per sample but the program's inputs have {in_lens:?}"
+                ),
+            ));
+        }
+    }
+    for (part, which, have) in [("private", "outputs", out_len)] {
         if let Some(want) = manifest_len(manifest, part, which) {
             if want != have {
                 return Err(Fatal::new(
@@ -640,6 +657,13 @@ mod tests {
         assert_eq!(manifest_len(&m, "private", "huge"), None);
         assert_eq!(manifest_len(&m, "private", "missing"), None);
         assert_eq!(manifest_len(&m, "public", "inputs"), None);
+        let two: Value = serde_json::from_str(
+            r#"{"private":{"inputs":[{"shape":[null,8,16]},{"shape":[null,8]}],
+                "bad":[{"shape":[null,8]},{"shape":[null,-1]}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(manifest_lens(&two, "private", "inputs"), Some(vec![128, 8]));
+        assert_eq!(manifest_lens(&two, "private", "bad"), None);
     }
 
     #[test]
@@ -669,5 +693,65 @@ mod tests {
         assert_ne!(r, evidence_report(&[0; 32], &[2; 32], &[3; 32]));
         assert_ne!(r, evidence_report(&[1; 32], &[0; 32], &[3; 32]));
         assert_ne!(r, evidence_report(&[1; 32], &[2; 32], &[0; 32]));
+    }
+
+    /// Metered licences (a `query_budget`): never sealed into an offline key cache, and
+    /// refused from one; an admitted one carries its usage signer.
+    #[test]
+    fn metered_licences_are_never_cached_and_sign_their_usage() {
+        use std::io::Read;
+        let dk = [7u8; 32];
+        let (pk, bin) = ([1u8; 32], [2u8; 32]);
+        let m: Value = serde_json::from_str(r#"{"private":{"licence":"required"}}"#).unwrap();
+        let lic = |budget: &str| {
+            let raw = format!(
+                r#"{{"binary_sha256":"{}","client_id":"ab","evidence":"software","expires_at":4000000000,"issued_at":1,"key_id":"k1","licence_id":"0a","offline":true,"pubkey":"{}","query_budget":{budget},"v":1}}"#,
+                licence::hex(&bin),
+                licence::hex(&pk)
+            )
+            .into_bytes();
+            let mac = licence::compute_mac(&dk, "k1", &raw).unwrap();
+            (raw, mac)
+        };
+        let (mut ctl, mut host) = UnixStream::pair().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let mut sent = Vec::new();
+        // fresh, offline, metered: admitted with a signer, and no KEY_CACHE
+        let held = admit_licence(
+            &mut ctl,
+            &m,
+            "k1",
+            &dk,
+            Some(lic("5")),
+            Some(&pk),
+            &bin,
+            Some(b"mid"),
+        )
+        .unwrap_or_else(|e| panic!("{}", e.1))
+        .unwrap();
+        assert!(held.usage.is_some() && held.licence.licence_id == "0a");
+        assert!(host.read_to_end(&mut sent).is_err() && sent.is_empty());
+        // the same licence from a cache: refused
+        let e = admit_licence(&mut ctl, &m, "k1", &dk, Some(lic("5")), None, &bin, None)
+            .err()
+            .unwrap();
+        assert_eq!(e.0, code::LICENCE_INVALID);
+        assert!(e.1.contains("query budget"), "{}", e.1);
+        // unmetered and offline: cached (KEY_CACHE sent), no signer
+        let held = admit_licence(
+            &mut ctl,
+            &m,
+            "k1",
+            &dk,
+            Some(lic("null")),
+            Some(&pk),
+            &bin,
+            Some(b"mid"),
+        )
+        .unwrap_or_else(|e| panic!("{}", e.1))
+        .unwrap();
+        assert!(held.usage.is_none());
+        let _ = host.read_to_end(&mut sent);
+        assert_eq!(sent.get(4), Some(&crate::protocol::ty::KEY_CACHE));
     }
 }

@@ -185,6 +185,7 @@ impl<'a> Server<'a> {
             "cache eviction after each answer {}",
             if evict_max > 0 { "on" } else { "off" }
         ));
+        trace(&format!("fp32 kernels {}", crate::ops::dense::isa().name()));
         let per_sample = (l.in_len + pout) * 4;
         let fit = shm.len().saturating_sub(doorbell::BYTES + 64) / per_sample.max(1);
         let max_batch = args.max_batch.min(fit);

@@ -22,10 +22,16 @@
 //! Intel Xeon VM; at batch 1 it cost 20%). The row-major path above serves programs
 //! without that attribute.
 //!
-//! An AVX-512 kernel is used where the CPU has it. Elsewhere batches go to the `gemm`
-//! crate (its AVX2+FMA and NEON kernels: 2.4× faster than our portable kernel at
-//! batch 64), and batch 1 to a portable kernel that LLVM vectorises (with AVX2+FMA
-//! when available): memory-bound, it needs no more.
+//! Three kernel families ([`Isa`]), chosen once per process by the CPU (or by
+//! `ENNCLAVE_KERNEL=avx512|avx2|portable`, for tests and benchmarks):
+//! * AVX-512: the 12×32 micro-kernel above and an AVX-512 GEMV.
+//! * AVX2+FMA (CPUs without AVX-512: Intel desktop CPUs since Alder Lake, AMD before
+//!   Zen 4): 6×16 tiles of ymm accumulators (12 accumulators, 2 weight vectors and one
+//!   broadcast fill 15 of the 16 registers) over each half of a 32-column panel, 2×32
+//!   tiles for one or two rows, and a streaming GEMV.
+//! * Portable (other CPUs): batches go to the `gemm` crate (its NEON kernels on ARM;
+//!   its own dispatch on x86), batch 1 to a portable kernel that LLVM vectorises for
+//!   the baseline target: memory-bound, it needs no more.
 
 use super::{par_for, parallelism, SendPtr};
 
@@ -34,6 +40,11 @@ pub const NR: usize = 32;
 /// Rows per AVX-512 micro-kernel call (12×2 accumulators + 2 weights + 1 broadcast
 /// fit the 32 zmm registers).
 const MR: usize = 12;
+/// Rows per AVX2 micro-kernel call over a 16-column half panel (6×2 accumulators).
+const MR_AVX2: usize = 6;
+/// Up to this many rows, the AVX2 kernel covers a whole 32-column panel per call
+/// (rows×4 accumulators): each weight row is then read once, as one stream.
+const MR_AVX2_WIDE: usize = 2;
 /// Rows per portable micro-kernel call.
 const MR_PORTABLE: usize = 4;
 /// Rows of `w` per k-block of the blocked kernel.
@@ -69,14 +80,13 @@ pub fn dense(
     n: usize,
     threads: usize,
 ) {
-    dense_with(has_avx512(), x, w, bias, y, m, k, n, threads)
+    dense_with(isa(), x, w, bias, y, m, k, n, threads)
 }
 
-/// [`dense`], with the AVX-512 kernel or without it (tests run both paths wherever
-/// the CPU allows).
+/// [`dense`] with the given kernel family (tests run every one the CPU has).
 #[allow(clippy::too_many_arguments)]
 fn dense_with(
-    avx512: bool,
+    isa: Isa,
     x: &[f32],
     w: Kernel<'_>,
     bias: Option<&[f32]>,
@@ -97,12 +107,12 @@ fn dense_with(
         return;
     }
     if let (Kernel::Rows(w), 1) = (w, m) {
-        gemv(&x[..k], w, bias, &mut y[..n], k, n, threads);
+        gemv(isa, &x[..k], w, bias, &mut y[..n], k, n, threads);
         return;
     }
-    if !avx512 && m > 1 {
-        // Without AVX-512, batches go to the gemm crate's kernels (AVX2+FMA, NEON):
-        // the portable kernel reached 40% of their speed at batch 64.
+    if isa == Isa::Portable && m > 1 {
+        // On other CPUs, batches go to the gemm crate's kernels (NEON on ARM): the
+        // portable kernel reached 40% of their speed at batch 64.
         with_gemm(x, w, bias, y, m, k, n, threads);
         return;
     }
@@ -122,9 +132,7 @@ fn dense_with(
                     // The panel block: rows k0..k0+kc, columns c0..c0+ncols of w.
                     let wb = &w[k0 * n + c0..(k0 + kc - 1) * n + c0 + ncols];
                     // SAFETY: see above the match.
-                    unsafe {
-                        row_blocks(avx512, x, m, k, k0, kc, wb, n, &[], init, yp, n, c0, ncols)
-                    };
+                    unsafe { row_blocks(isa, x, m, k, k0, kc, wb, n, &[], init, yp, n, c0, ncols) };
                 }
                 k0 += kc;
             }
@@ -145,7 +153,7 @@ fn dense_with(
                     // memory-bound, and the hardware prefetcher already streams the
                     // panel (prefetching slowed batch 1 by 20%).
                     let next_at = p * k * NR + (k0 + kc) * NR;
-                    let next_end = if m <= MR {
+                    let next_end = if m <= isa.rows() {
                         next_at
                     } else if k0 + kc < k {
                         next_at + KC.min(k - k0 - kc) * NR
@@ -157,9 +165,7 @@ fn dense_with(
                     let next = &wp[next_at..next_end];
                     // SAFETY: see above the match.
                     unsafe {
-                        row_blocks(
-                            avx512, x, m, k, k0, kc, wb, NR, next, init, yp, n, c0, ncols,
-                        )
+                        row_blocks(isa, x, m, k, k0, kc, wb, NR, next, init, yp, n, c0, ncols)
                     };
                     k0 += kc;
                 }
@@ -326,17 +332,22 @@ fn degenerate(bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize)
     true
 }
 
-/// Multiply every block of up to `MR` rows of `x` (columns `k0..k0+kc`) by one panel
-/// block `wb` (`kc` rows `ldw` apart, `ncols` ≤ 32 columns) into columns
-/// `c0..c0+ncols` of `y` (`m × n`, at `yp`). `next` is the weight block computed
-/// after this one (contiguous, or empty): it is prefetched meanwhile.
+/// Multiply every block of rows of `x` (columns `k0..k0+kc`) by one panel block `wb`
+/// (`kc` rows `ldw` apart, `ncols` ≤ 32 columns) into columns `c0..c0+ncols` of `y`
+/// (`m × n`, at `yp`). `next` is the weight block computed after this one
+/// (contiguous, or empty): it is prefetched meanwhile, a share per micro-kernel call.
+///
+/// Row blocks are of [`Isa::rows`] rows. The AVX2 kernel, for more than
+/// `MR_AVX2_WIDE` rows, covers one 16-column half of the panel per call, every row
+/// block of the first half before the second (each half block, 16 KiB at `KC`, stays
+/// in L1 for all of them).
 ///
 /// # Safety
 /// `yp` must point at `m × n` floats, and columns `c0..c0+ncols` of every row must not
 /// be read or written by anyone else during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_blocks(
-    avx512: bool,
+    isa: Isa,
     x: &[f32],
     m: usize,
     k: usize,
@@ -351,36 +362,51 @@ unsafe fn row_blocks(
     c0: usize,
     ncols: usize,
 ) {
-    let step = if avx512 { MR } else { MR_PORTABLE };
-    let blocks = m.div_ceil(step);
-    let mut r0 = 0;
-    while r0 < m {
-        let rows = step.min(m - r0);
-        // Each row block prefetches its share of the next weight block into L2 (in
-        // the AVX-512 kernel), so that block streams in while this one computes
-        // instead of stalling the first row block that reads it.
-        let b = r0 / step;
-        let pf = &next[next.len() * b / blocks..next.len() * (b + 1) / blocks];
-        let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
-        // SAFETY: rows r0..r0+rows, columns c0..c0+ncols lie inside y (caller's
-        // contract: m × n at yp) and are ours alone for the call.
-        unsafe {
-            micro(
-                avx512,
-                rows,
-                xs,
-                k,
-                kc,
-                wb,
-                ldw,
-                pf,
-                init,
-                yp.get().add(r0 * n + c0),
-                n,
-                ncols,
-            )
+    let step = isa.rows();
+    let half = if isa == Isa::Avx2 && m > MR_AVX2_WIDE {
+        NR / 2
+    } else {
+        NR
+    };
+    let parts = ncols.div_ceil(half);
+    let calls = m.div_ceil(step) * parts;
+    let mut call = 0;
+    for h in 0..parts {
+        let hc = h * half;
+        let hn = half.min(ncols - hc);
+        let init = match init {
+            Init::Bias(b) => Init::Bias(&b[hc..hc + hn]),
+            other => other,
         };
-        r0 += rows;
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = step.min(m - r0);
+            // Each call prefetches its share of the next weight block into L2, so that
+            // block streams in while this one computes instead of stalling the first
+            // row block that reads it.
+            let pf = &next[next.len() * call / calls..next.len() * (call + 1) / calls];
+            call += 1;
+            let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
+            // SAFETY: rows r0..r0+rows, columns c0+hc..c0+hc+hn lie inside y (caller's
+            // contract: m × n at yp) and are ours alone for the call.
+            unsafe {
+                micro(
+                    isa,
+                    rows,
+                    xs,
+                    k,
+                    kc,
+                    &wb[hc..],
+                    ldw,
+                    pf,
+                    init,
+                    yp.get().add(r0 * n + c0 + hc),
+                    n,
+                    hn,
+                )
+            };
+            r0 += rows;
+        }
     }
 }
 
@@ -404,11 +430,20 @@ enum Init<'a> {
 }
 
 /// Batch 1: `y[n] = x[k] · w[k × n] + bias`.
-fn gemv(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], k: usize, n: usize, t: usize) {
+#[allow(clippy::too_many_arguments)]
+fn gemv(
+    isa: Isa,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    k: usize,
+    n: usize,
+    t: usize,
+) {
     // Column chunks: multiples of 16 floats, ≥ ~64 KiB of weights per task.
     let min_cols = (16384 / k).max(64);
     let parts = t.clamp(1, n.div_ceil(min_cols).max(1));
-    let avx512 = has_avx512();
     let yp = SendPtr(y.as_mut_ptr());
     par_for(parts, &|p| {
         let c0 = (n * p / parts) / 16 * 16;
@@ -427,60 +462,37 @@ fn gemv(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], k: usize, n: 
             Some(b) => yc.copy_from_slice(&b[c0..c1]),
             None => yc.fill(0.0),
         }
-        gemv_cols(avx512, x, w, yc, k, n, c0);
+        gemv_cols(isa, x, w, yc, k, n, c0);
     });
 }
 
 /// `yc += x · w[.., c0..c0 + yc.len()]`, `GEMV_ROWS` rows of `w` per pass over `yc`.
-fn gemv_cols(avx512: bool, x: &[f32], w: &[f32], yc: &mut [f32], k: usize, n: usize, c0: usize) {
+fn gemv_cols(isa: Isa, x: &[f32], w: &[f32], yc: &mut [f32], k: usize, n: usize, c0: usize) {
     let len = yc.len();
     debug_assert!(c0 + len <= n && w.len() >= k * n && x.len() >= k);
-    let mut i = 0;
     #[cfg(target_arch = "x86_64")]
-    if avx512 {
-        while i + GEMV_ROWS <= k {
-            // SAFETY: avx512f is available; rows i..i+GEMV_ROWS < k of w have ≥ c0+len
-            // columns (row stride n ≥ c0+len), and yc holds len floats.
-            unsafe {
-                avx512::axpy_rows::<GEMV_ROWS>(
-                    yc.as_mut_ptr(),
-                    w.as_ptr().add(i * n + c0),
-                    n,
-                    &x[i..i + GEMV_ROWS],
-                    len,
-                )
-            };
-            i += GEMV_ROWS;
-        }
+    if isa != Isa::Portable {
+        let avx512 = isa == Isa::Avx512;
+        let mut i = 0;
         while i < k {
-            // SAFETY: as above, one row.
+            let r = if i + GEMV_ROWS <= k { GEMV_ROWS } else { 1 };
+            let (yp, wp, xs) = (yc.as_mut_ptr(), w[i * n + c0..].as_ptr(), &x[i..i + r]);
+            // SAFETY: the CPU has the ISA (`isa()` checked it); rows i..i+r ≤ k of w
+            // have ≥ c0+len columns (row stride n ≥ c0+len), and yc holds len floats.
             unsafe {
-                avx512::axpy_rows::<1>(
-                    yc.as_mut_ptr(),
-                    w.as_ptr().add(i * n + c0),
-                    n,
-                    &x[i..i + 1],
-                    len,
-                )
+                match (avx512, r) {
+                    (true, GEMV_ROWS) => avx512::axpy_rows::<GEMV_ROWS>(yp, wp, n, xs, len),
+                    (true, _) => avx512::axpy_rows::<1>(yp, wp, n, xs, len),
+                    (false, GEMV_ROWS) => avx2::axpy_rows::<GEMV_ROWS>(yp, wp, n, xs, len),
+                    (false, _) => avx2::axpy_rows::<1>(yp, wp, n, xs, len),
+                }
             };
-            i += 1;
+            i += r;
         }
         return;
     }
-    let _ = avx512;
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { axpy_portable_avx2(x, w, yc, k, n, c0) };
-        return;
-    }
+    let _ = isa;
     axpy_portable(x, w, yc, k, n, c0);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn axpy_portable_avx2(x: &[f32], w: &[f32], yc: &mut [f32], k: usize, n: usize, c0: usize) {
-    axpy_portable(x, w, yc, k, n, c0)
 }
 
 #[inline(always)]
@@ -508,47 +520,97 @@ fn axpy_portable(x: &[f32], w: &[f32], yc: &mut [f32], k: usize, n: usize, c0: u
     }
 }
 
-/// Whether the AVX-512 kernel runs: the CPU has AVX-512F, and `ENNCLAVE_NO_AVX512=1`
-/// is not set (that switch lets tests and benchmarks run the other path on any CPU).
-/// Decided once, during the executor's warm-up, before the sandbox goes on.
-fn has_avx512() -> bool {
-    static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *USE.get_or_init(|| {
-        let off = std::env::var_os("ENNCLAVE_NO_AVX512").is_some_and(|v| v == "1");
+/// The fp32 kernel family this process runs: the best the CPU has, or the one
+/// `ENNCLAVE_KERNEL=avx512|avx2|portable` asks for (`ENNCLAVE_NO_AVX512=1`, the older
+/// switch, means at most `avx2`), so tests and benchmarks can run every path on one
+/// machine. A family the CPU lacks falls back to the next one down. Decided once,
+/// during the executor's warm-up, before the sandbox goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+    /// Whether this CPU can run the family.
+    pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            !off && std::arch::is_x86_feature_detected!("avx512f")
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Avx512 => has!("avx512f"),
+                Isa::Avx2 => has!("avx2") && has!("fma"),
+                Isa::Portable => true,
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = off;
-            false
+            self == Isa::Portable
         }
+    }
+
+    /// The name `ENNCLAVE_KERNEL` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    /// The family for these switch values on this CPU.
+    fn choose(kernel: Option<&str>, no_avx512: bool) -> Isa {
+        let want = Isa::ALL
+            .into_iter()
+            .find(|i| Some(i.name()) == kernel)
+            .unwrap_or(Isa::Avx512);
+        let want = if no_avx512 { want.max(Isa::Avx2) } else { want };
+        Isa::ALL
+            .into_iter()
+            .find(|i| *i >= want && i.supported())
+            .unwrap_or(Isa::Portable)
+    }
+
+    /// Rows per micro-kernel call.
+    fn rows(self) -> usize {
+        match self {
+            Isa::Avx512 => MR,
+            Isa::Avx2 => MR_AVX2,
+            Isa::Portable => MR_PORTABLE,
+        }
+    }
+}
+
+/// The kernel family in use (see [`Isa`]).
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let kernel = std::env::var("ENNCLAVE_KERNEL").ok();
+        let no_avx512 = std::env::var_os("ENNCLAVE_NO_AVX512").is_some_and(|v| v == "1");
+        Isa::choose(kernel.as_deref(), no_avx512)
     })
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether the AVX-512 kernels run.
+pub fn has_avx512() -> bool {
+    isa() == Isa::Avx512
 }
 
 /// One block of `rows` rows × one panel block (`kc` rows of `w`, `ncols` ≤ 32
 /// columns, row stride `ldw`). `x` holds the rows' `kc` inputs, `ldx` apart. `y`
-/// points at the block's first element; its rows are `ldy` apart. The AVX-512 kernel
-/// prefetches up to `kc` cache lines of `prefetch` into L2 on the way.
+/// points at the block's first element; its rows are `ldy` apart. The AVX-512 and AVX2
+/// kernels prefetch up to `kc` cache lines of `prefetch` into L2 on the way.
 ///
 /// # Safety
 /// `y + r*ldy .. + ncols` must be valid for reads and writes for every `r < rows`,
-/// and not aliased by any live reference; `rows <= MR` (AVX-512) / `MR_PORTABLE`.
+/// and not aliased by any live reference; `rows <= isa.rows()`, and for AVX2
+/// `ncols <= 16` unless `rows <= MR_AVX2_WIDE`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro(
-    avx512: bool,
+    isa: Isa,
     rows: usize,
     x: &[f32],
     ldx: usize,
@@ -564,30 +626,49 @@ unsafe fn micro(
     debug_assert!(rows >= 1 && kc >= 1 && (1..=NR).contains(&ncols));
     debug_assert!(x.len() >= (rows - 1) * ldx + kc && w.len() >= (kc - 1) * ldw + ncols);
     #[cfg(target_arch = "x86_64")]
-    if avx512 {
+    if isa != Isa::Portable {
         let bias = match init {
             Init::Bias(b) => Some(b),
             _ => None,
         };
         let acc = matches!(init, Init::Accumulate);
+        let (x, w) = (x.as_ptr(), w.as_ptr());
         macro_rules! go {
-            ($($r:literal)*) => {
+            ($call:ident; $($r:literal)*) => {
                 match rows {
-                    // SAFETY: avx512f is available (checked by the caller); x holds
-                    // `rows` rows of kc floats ldx apart, w kc rows of ncols floats
-                    // ldw apart, bias ≥ ncols floats, and y has `rows` rows of
-                    // ≥ ncols readable and writable floats `ldy` apart.
-                    $($r => unsafe {
-                        avx512::kernel::<$r>(x.as_ptr(), ldx, kc, w.as_ptr(), ldw, prefetch, bias, acc, y, ldy, ncols)
-                    },)*
-                    _ => unreachable!("rows <= MR"),
+                    // SAFETY: the CPU has the ISA (checked by `isa()`); x holds `rows`
+                    // rows of kc floats ldx apart, w kc rows of ncols floats ldw apart,
+                    // bias ≥ ncols floats, and y has `rows` rows of ≥ ncols readable
+                    // and writable floats `ldy` apart.
+                    $($r => unsafe { $call!($r) },)*
+                    _ => unreachable!("rows <= isa.rows()"),
                 }
             };
         }
-        go!(1 2 3 4 5 6 7 8 9 10 11 12);
+        macro_rules! avx512 {
+            ($r:literal) => {
+                avx512::kernel::<$r>(x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols)
+            };
+        }
+        // R×4 accumulators (a whole 32-column panel) or R×2 (a 16-column half).
+        macro_rules! avx2_wide {
+            ($r:literal) => {
+                avx2::kernel::<$r, 4>(x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols)
+            };
+        }
+        macro_rules! avx2_half {
+            ($r:literal) => {
+                avx2::kernel::<$r, 2>(x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols)
+            };
+        }
+        match isa {
+            Isa::Avx512 => go!(avx512; 1 2 3 4 5 6 7 8 9 10 11 12),
+            _ if ncols > NR / 2 => go!(avx2_wide; 1 2),
+            _ => go!(avx2_half; 1 2 3 4 5 6),
+        }
         return;
     }
-    let _ = avx512;
+    let _ = (isa, prefetch);
     let mut acc = [[0.0f32; NR]; MR_PORTABLE];
     for (r, a) in acc.iter_mut().enumerate().take(rows) {
         for (j, v) in a.iter_mut().enumerate().take(ncols) {
@@ -599,37 +680,13 @@ unsafe fn micro(
             };
         }
     }
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            portable_avx2(rows, x, ldx, kc, w, ldw, ncols, &mut acc)
-        };
-    } else {
-        portable(rows, x, ldx, kc, w, ldw, ncols, &mut acc);
-    }
+    portable(rows, x, ldx, kc, w, ldw, ncols, &mut acc);
     for (r, a) in acc.iter().enumerate().take(rows) {
         for (j, &v) in a.iter().enumerate().take(ncols) {
             // SAFETY: row r < rows and column j < ncols of the block (caller's contract).
             unsafe { *y.add(r * ldy + j) = v };
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn portable_avx2(
-    rows: usize,
-    x: &[f32],
-    ldx: usize,
-    kc: usize,
-    w: &[f32],
-    ldw: usize,
-    ncols: usize,
-    acc: &mut [[f32; NR]; MR_PORTABLE],
-) {
-    portable(rows, x, ldx, kc, w, ldw, ncols, acc)
 }
 
 #[inline(always)]
@@ -828,6 +885,159 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Lane masks for the first `ncols` of `8 * V` columns.
+    #[target_feature(enable = "avx2")]
+    fn masks<const V: usize>(ncols: usize) -> [__m256i; V] {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mut m = [_mm256_setzero_si256(); V];
+        for (v, mv) in m.iter_mut().enumerate() {
+            let left = ncols.saturating_sub(8 * v).min(8) as i32;
+            *mv = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes);
+        }
+        m
+    }
+
+    /// `y[0..R, 0..ncols] (=|+=) x[R × kc] · w[kc × ncols] (+ bias)`, `ncols ≤ 8·V`,
+    /// with R×V ymm accumulators.
+    ///
+    /// Masked-off lanes are never read or written (AVX masked loads and stores
+    /// suppress faults), so only the `ncols` columns of each row are touched.
+    ///
+    /// # Safety
+    /// avx2 and fma must be available; `x` must be valid for reads of `kc` floats at
+    /// `x + r*ldx` (`r < R`), `w` for `ncols` floats at `w + i*ldw` (`i < kc`),
+    /// `bias` (if any) has ≥ `ncols` floats, and `y` must be valid for reads and
+    /// writes of `ncols` floats at `y + r*ldy` for every `r < R`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kernel<const R: usize, const V: usize>(
+        x: *const f32,
+        ldx: usize,
+        kc: usize,
+        w: *const f32,
+        ldw: usize,
+        prefetch: &[f32],
+        bias: Option<&[f32]>,
+        accumulate: bool,
+        y: *mut f32,
+        ldy: usize,
+        ncols: usize,
+    ) {
+        debug_assert!(ncols <= 8 * V);
+        // One cache line of `prefetch` per iteration of the k loop (at most kc lines:
+        // the caller hands each call a slice of ≤ kc lines).
+        let lines = prefetch.len().div_ceil(16).min(kc);
+        let pf = prefetch.as_ptr();
+        let mk = masks::<V>(ncols);
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        if accumulate {
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (v, av) in a.iter_mut().enumerate() {
+                    *av = _mm256_maskload_ps(y.add(r * ldy + 8 * v), mk[v]);
+                }
+            }
+        } else if let Some(b) = bias {
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, b8) in bv.iter_mut().enumerate() {
+                *b8 = _mm256_maskload_ps(b.as_ptr().add(8 * v), mk[v]);
+            }
+            for a in acc.iter_mut() {
+                *a = bv;
+            }
+        }
+        if ncols == 8 * V {
+            for i in 0..kc {
+                if i < lines {
+                    // Into L2: L1 cannot hold the next block beside this one. A
+                    // prefetch is only a hint; it never faults.
+                    _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(i * 16).cast());
+                }
+                // SAFETY (whole loop): i < kc, r < R: inside the caller's ranges.
+                let wr = w.add(i * ldw);
+                let mut wv = [_mm256_setzero_ps(); V];
+                for (v, w8) in wv.iter_mut().enumerate() {
+                    *w8 = _mm256_loadu_ps(wr.add(8 * v));
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*x.add(r * ldx + i));
+                    for (av, w8) in a.iter_mut().zip(&wv) {
+                        *av = _mm256_fmadd_ps(xv, *w8, *av);
+                    }
+                }
+            }
+        } else {
+            for i in 0..kc {
+                let wr = w.add(i * ldw);
+                let mut wv = [_mm256_setzero_ps(); V];
+                for (v, w8) in wv.iter_mut().enumerate() {
+                    *w8 = _mm256_maskload_ps(wr.add(8 * v), mk[v]);
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*x.add(r * ldx + i));
+                    for (av, w8) in a.iter_mut().zip(&wv) {
+                        *av = _mm256_fmadd_ps(xv, *w8, *av);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, av) in a.iter().enumerate() {
+                _mm256_maskstore_ps(y.add(r * ldy + 8 * v), mk[v], *av);
+            }
+        }
+    }
+
+    /// `y[0..len] += Σ_r x[r] · w[r*ldw .. r*ldw + len]` for `r < R`.
+    ///
+    /// # Safety
+    /// avx2 and fma must be available; `y` valid for reads and writes of `len`
+    /// floats, `w + r*ldw` for reads of `len` floats for every `r < R`; `x.len() >= R`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_rows<const R: usize>(
+        y: *mut f32,
+        w: *const f32,
+        ldw: usize,
+        x: &[f32],
+        len: usize,
+    ) {
+        debug_assert!(x.len() >= R);
+        let mut xv = [_mm256_setzero_ps(); R];
+        for (v, &s) in xv.iter_mut().zip(x) {
+            *v = _mm256_set1_ps(s);
+        }
+        let mut j = 0;
+        while j + 32 <= len {
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (q, aq) in a.iter_mut().enumerate() {
+                *aq = _mm256_loadu_ps(y.add(j + 8 * q));
+            }
+            for (r, v) in xv.iter().enumerate() {
+                let wr = w.add(r * ldw + j);
+                for (q, aq) in a.iter_mut().enumerate() {
+                    *aq = _mm256_fmadd_ps(*v, _mm256_loadu_ps(wr.add(8 * q)), *aq);
+                }
+            }
+            for (q, aq) in a.iter().enumerate() {
+                _mm256_storeu_ps(y.add(j + 8 * q), *aq);
+            }
+            j += 32;
+        }
+        while j < len {
+            let [m] = masks::<1>(len - j);
+            let mut a = _mm256_maskload_ps(y.add(j), m);
+            for (r, v) in xv.iter().enumerate() {
+                a = _mm256_fmadd_ps(*v, _mm256_maskload_ps(w.add(r * ldw + j), m), a);
+            }
+            _mm256_maskstore_ps(y.add(j), m, a);
+            j += 8;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -932,22 +1142,36 @@ mod tests {
             (37, 20, 64),
             (64, 100, 33),
             (20, 600, 100),
+            // AVX2 tiles: 2×32 with a ragged panel, 6×16 halves with ragged ones.
+            (2, 300, 50),
+            (6, 257, 40),
+            (7, 40, 20),
+            (12, 10, 31),
         ];
-        for avx512 in isas() {
+        for isa in isas() {
             check_shapes(&shapes, |_| 2e-3, &|x, w, bias, y, m, k, n, t| {
-                dense_with(avx512, x, Kernel::Rows(w), bias, y, m, k, n, t)
+                dense_with(isa, x, Kernel::Rows(w), bias, y, m, k, n, t)
             });
         }
     }
 
-    /// The kernel choices this CPU can run: without AVX-512 (the gemm crate, and the
-    /// portable kernel at batch 1) always, with it where the CPU has it.
-    fn isas() -> Vec<bool> {
-        if has_avx512() {
-            vec![false, true]
-        } else {
-            vec![false]
-        }
+    /// The kernel families this CPU can run (portable always).
+    fn isas() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
+    }
+
+    #[test]
+    fn switches_choose_the_family() {
+        let best = Isa::ALL.into_iter().find(|i| i.supported()).unwrap();
+        assert_eq!(Isa::choose(None, false), best);
+        assert_eq!(Isa::choose(Some("nonsense"), false), best);
+        assert_eq!(Isa::choose(Some("portable"), false), Isa::Portable);
+        assert_eq!(Isa::choose(Some("portable"), true), Isa::Portable);
+        // A family the CPU lacks falls back to the next one down.
+        let avx2 = Isa::choose(Some("avx2"), false);
+        assert_eq!(avx2, Isa::choose(None, true));
+        assert_eq!(avx2 == Isa::Avx2, Isa::Avx2.supported());
+        assert!(avx2 >= Isa::Avx2 && Isa::choose(Some("avx512"), true) == avx2);
     }
 
     #[test]
@@ -962,15 +1186,18 @@ mod tests {
             (37, 600, 64),
             (64, 512, 96),
             (3, 0, 4),
+            (2, 300, 50),
+            (6, 257, 40),
+            (7, 40, 20),
         ];
-        for avx512 in isas() {
+        for isa in isas() {
             check_shapes(
                 &shapes,
                 |e| 1e-4 * (1.0 + e.abs()),
                 &|x, w, bias, y, m, k, n, t| {
                     let wp = pack_panels(w, k, n);
                     assert_eq!(wp.len(), n.div_ceil(NR) * k * NR);
-                    dense_with(avx512, x, Kernel::Panels(&wp), bias, y, m, k, n, t)
+                    dense_with(isa, x, Kernel::Panels(&wp), bias, y, m, k, n, t)
                 },
             );
         }
@@ -1001,7 +1228,7 @@ mod tests {
                     // SAFETY: the block (rows × ncols, row stride n) lies inside y.
                     unsafe {
                         micro(
-                            false,
+                            Isa::Portable,
                             rows,
                             &x[r0 * k + k0..],
                             k,
@@ -1023,7 +1250,7 @@ mod tests {
             assert!((a - e).abs() < 1e-3);
         }
         let mut y1 = b.clone();
-        gemv_cols(false, &x[..k], &w, &mut y1, k, n, 0);
+        gemv_cols(Isa::Portable, &x[..k], &w, &mut y1, k, n, 0);
         for (a, e) in y1.iter().zip(&want[..n]) {
             assert!((a - e).abs() < 1e-3);
         }

@@ -141,8 +141,9 @@ pub fn enable_amx() {
     }
 }
 
-/// The path used: the best available, capped by `ENNCLAVE_NO_AVX512=1` (at most
-/// `avx2`) and by `ENNCLAVE_QKERNEL=amx|avx512bf16|avx512|avx2|portable` (at most that
+/// The path used: the best available, capped by `ENNCLAVE_NO_AVX512=1` or
+/// `ENNCLAVE_KERNEL=avx2` (at most `avx2`), `ENNCLAVE_KERNEL=portable`, and by
+/// `ENNCLAVE_QKERNEL=amx|avx512bf16|avx512|avx2|portable` (at most that
 /// one; tests use it to run every path in the worker). On a CPU with AMX the bf16
 /// blocks of few rows run the widened `avx512` kernel, not `vdpbf16ps`: on the Xeon
 /// (Sapphire Rapids class) it was measured on, `vdpbf16ps` ran at half the rate of
@@ -159,6 +160,12 @@ pub fn path() -> Path {
         };
         if std::env::var_os("ENNCLAVE_NO_AVX512").is_some_and(|v| v == "1") {
             cap = cap.min(Path::Avx2);
+        }
+        // The fp32 family switch caps these kernels the same way.
+        match std::env::var("ENNCLAVE_KERNEL").as_deref() {
+            Ok("avx2") => cap = cap.min(Path::Avx2),
+            Ok("portable") => cap = Path::Portable,
+            _ => {}
         }
         available()
             .into_iter()

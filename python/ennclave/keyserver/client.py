@@ -256,8 +256,8 @@ class KeyserverRelease:
             if held.budget_left == 0:
                 raise QueryBudgetExhausted(
                     f"The licence's query budget of {lic.query_budget} samples is exhausted "
-                    f"({held.used} used) and the key's query budget is spent; ask the "
-                    "model owner to raise it.",
+                    f"({held.used} used) and the key server has no more of the key's query "
+                    "budget for this client; ask the model owner to raise it.",
                     4,
                     False,
                 )

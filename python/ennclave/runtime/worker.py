@@ -59,16 +59,19 @@ from ..seal import CachedKey, WrappedKey, wrap_data_key
 BINARY_NAME = "ennclave-enclave"
 # Linux configfs-tsm, where a confidential VM's guest reports come from (platform/tsm.rs).
 TSM_ROOT = "/sys/kernel/config/tsm/report"
-# The only environment the worker gets: diagnostics, and the switches that run its
-# kernels without AVX-512 on any CPU and cap the quantised-kernel path
-# (docs/worker-protocol.md, "Sandbox").
+# The only environment the worker gets: diagnostics, and the switches that choose its
+# fp32 kernel family and cap the quantised-kernel path (docs/worker-protocol.md,
+# "Sandbox").
 _WORKER_ENV = (
     "ENNCLAVE_SECCOMP_LOG",
     "ENNCLAVE_TRACE",
     "ENNCLAVE_NO_AVX512",
+    "ENNCLAVE_KERNEL",
     "ENNCLAVE_QKERNEL",
     "RUST_BACKTRACE",
 )
+# ENNCLAVE_KERNEL's values: the worker's fp32 kernel families (ops/dense.rs `Isa`).
+KERNEL_FAMILIES = ("avx512", "avx2", "portable")
 PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20
 # How long the host polls for an answer, when the previous one came within this time.
@@ -303,6 +306,21 @@ class Ready:
     policy: str
 
 
+def _pack_inputs(xs: list[np.ndarray] | tuple[np.ndarray, ...]) -> np.ndarray:
+    """Several program inputs as the worker takes them: `(batch, sum of values per
+    sample)`, each sample's first input, then its second, ... (float32)."""
+    arrs = [np.asarray(a) for a in xs]
+    if not arrs or any(a.ndim == 0 for a in arrs):
+        raise InputError("The input batch is empty; pass at least one sample.")
+    sizes = [a.shape[0] for a in arrs]
+    if len(set(sizes)) > 1:
+        raise InputError(
+            f"The private inputs have different batch sizes {sizes}; pass the same number "
+            "of samples for every input."
+        )
+    return np.concatenate([a.reshape(sizes[0], -1).astype(np.float32) for a in arrs], axis=1)
+
+
 def _shm_size(in_len: int, out_len: int, max_batch: int) -> int:
     per_sample = (in_len + out_len) * 4
     want = per_sample * max_batch + 4096
@@ -415,6 +433,12 @@ class WorkerClient:
     def _start(self) -> None:
         if self._closed:
             raise EnnclaveError("This enclaved model is closed; load the bundle again.")
+        kernel = os.environ.get("ENNCLAVE_KERNEL")
+        if kernel is not None and kernel not in KERNEL_FAMILIES:
+            raise InputError(
+                f"ENNCLAVE_KERNEL must be one of {', '.join(KERNEL_FAMILIES)}, got {kernel!r}; "
+                "unset it to use the best kernels this CPU has."
+            )
         if self._platform != "native":
             self._start_gramine()
             return
@@ -974,11 +998,17 @@ class WorkerClient:
             raise
 
     def infer(
-        self, x: np.ndarray, *, allow_nonfinite: bool = False, poll: bool = True
+        self,
+        x: np.ndarray | list[np.ndarray],
+        *,
+        allow_nonfinite: bool = False,
+        poll: bool = True,
     ) -> np.ndarray:
         """Run the private part on `x` (batch first; any trailing shape with the right
         number of values). Returns float32 `(batch, out_len)` after the output policy.
-        Batches larger than the shared-memory region are streamed in chunks.
+        Batches larger than the shared-memory region are streamed in chunks. A program
+        of several inputs takes a list of arrays in its input order, all of one batch:
+        they travel packed per sample (docs/worker-protocol.md).
 
         `poll=False` always sleeps until the answer instead of polling for a fast one:
         for callers with other Python threads at work (a polling thread keeps taking
@@ -989,6 +1019,8 @@ class WorkerClient:
     def _infer(self, x: np.ndarray, allow_nonfinite: bool, poll: bool) -> np.ndarray:
         # A start-up failure after a crash is a start-up error, not an inference one.
         rd = self._ensure()
+        if isinstance(x, (list, tuple)):
+            x = _pack_inputs(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0] if x.ndim else 0
         if n == 0:
