@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _common
 import numpy as np
+from _common import record, timeit, timeit_pair
 from rich.console import Console
 from rich.table import Table
 
@@ -103,58 +104,8 @@ def ort_head(weights: list[np.ndarray]):
 
 
 def ort_run(model: bytes):
-    """`x -> y` for a one-input, one-output ONNX model in ONNX Runtime (CPU, `THREADS`
-    intra-op threads)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
-
-
-def timeit(fn, x, seconds: float, min_runs: int = 20) -> float:
-    """Median seconds per call after warm-up."""
-    for _ in range(10):
-        fn(x)
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < min_runs:
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def timeit_pair(fa, fb, x, seconds: float, block_s: float = 0.25) -> tuple[float, float]:
-    """Median seconds per call of `fa` and `fb`, timed in alternating blocks (see
-    `timeit_blocks`)."""
-    ta, tb = timeit_blocks([fa, fb], x, seconds, block_s)
-    return ta, tb
-
-
-def timeit_blocks(fns, x, seconds: float, block_s: float = 0.25) -> list[float]:
-    """Median seconds per call of each of `fns`, timed in alternating blocks of
-    `block_s`, so all see the same machine state: on a shared VM the speed drifts by
-    tens of percent within a minute, which back-to-back runs would mistake for a
-    difference between them. The first calls of each block are not timed (the other
-    side's threads may still be spinning, as ONNX Runtime's do after a run)."""
-    times: list[list[float]] = [[] for _ in fns]
-    end = time.perf_counter() + len(fns) * seconds
-    while time.perf_counter() < end:
-        for fn, ts in zip(fns, times, strict=True):
-            for _ in range(5):
-                fn(x)
-            stop = time.perf_counter() + block_s
-            while True:
-                t = time.perf_counter()
-                fn(x)
-                ts.append(time.perf_counter() - t)
-                if t >= stop:
-                    break
-    return [statistics.median(ts) for ts in times]
+    """ONNX Runtime on `THREADS` threads (see `_common.ort_run`)."""
+    return _common.ort_run(model, THREADS)
 
 
 def worker_start_ms(bundle: Path, ks: Path, in_len: int, out_len: int, reps: int = 10) -> float:
@@ -284,19 +235,11 @@ def main() -> int:
     console.print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "command": "".join(
-                f"{k}={os.environ[k]} " for k in ("ENNCLAVE_NO_AVX512",) if k in os.environ
-            )
-            + "python benchmarks/bench_head.py "
-            + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "python": platform.python_version(),
-            "ennclave": ennclave.__version__,
-            "results": {k: round(v, 4) for k, v in results.items()},
-            "runs": [{k: round(v, 4) for k, v in run.items()} for run in runs],
-        }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        rounded = [{k: round(v, 4) for k, v in run.items()} for run in runs]
+        record_ = record(
+            "bench_head.py", {k: round(v, 4) for k, v in results.items()}, runs=rounded
+        )
+        args.json.write_text(json.dumps(record_, indent=2) + "\n")
     return 0
 
 

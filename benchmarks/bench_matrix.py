@@ -49,7 +49,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_head
-from bench_head import ort_head, ort_run, roundtrip_us, timeit_blocks, worker_start_ms
+from _common import timeit_blocks
+from bench_head import ort_head, ort_run, roundtrip_us, worker_start_ms
 
 import ennclave
 from ennclave.bench import cpu_flags, cpu_model, parse_batch_sizes
@@ -206,9 +207,10 @@ def numpy_threads(n: int):
 
 def avx2_part(tmp: Path, batches: list[int], seconds: float) -> dict[str, Any]:
     """Part 2, in this process: to be run with OPENBLAS_CORETYPE=Haswell and
-    ENNCLAVE_KERNEL=avx2 in the environment (see `main`). numpy runs with the worker's
-    thread count of OpenBLAS threads and with 1 (on a loaded machine OpenBLAS's thread hand-offs cost it
-    milliseconds on small products), and is credited with the faster of the two."""
+    ENNCLAVE_KERNEL=avx2 in the environment (see `main`). numpy runs with as many
+    OpenBLAS threads as the worker has and with 1 (on a loaded machine OpenBLAS's
+    thread hand-offs cost it milliseconds on small products), and is credited with the
+    faster of the two."""
     console = Console(stderr=True)
     info = blas_info()
     counts = sorted({bench_head.THREADS, 1}, reverse=True)

@@ -15,7 +15,8 @@ pytest.importorskip("alembic")
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import DatabaseError
 
-from ennclave.keyserver.store import NonceLimit, Store, audit_row, schema_revision
+from ennclave.keyserver.evidence import Policy
+from ennclave.keyserver.store import NonceLimit, Slice, Store, audit_row, schema_revision
 from support.keyserver_v0 import make_v0_database
 
 KEK = bytes(range(32))
@@ -38,6 +39,7 @@ def test_upgrade_keeps_keys_policies_clients_and_audit_log(keyserver_db):
         old = st.get("old-key")
         assert old is not None and old.revoked and old.revoked_reason == "end of contract"
         assert old.policy.max_clients == 5 and old.policy.query_budget == 100
+        assert old.budget_spent == 0 and old.budget_left == 100  # 0003: nothing charged yet
         assert old.policy.allow_software and old.clients == 2
         assert old.manifest_sha256 == "cd" * 32
         for key_id, key in keys.items():
@@ -119,3 +121,76 @@ def test_nonces_single_use_expire_and_a_per_peer_cap_without_eviction(keyserver_
         st.issue_nonce("k", "10.0.0.4", 60, 3, 3)  # the table's total cap
     assert e.value.scope == "total"
     st.close()
+
+
+def _grant(st: Store, key_id: str, client: str, n: int) -> tuple[str, Slice | None]:
+    got: list[Slice] = []
+    row = audit_row("release", "granted", "software", key_id=key_id, licence_id=f"{n:016x}")
+    refused = {"budget_spent": audit_row("release", "refused", "budget_spent", key_id=key_id)}
+    outcome = st.grant(key_id, client, None, row, refused=refused, slice_out=got)
+    return outcome, got[-1] if got else None
+
+
+def test_concurrent_grants_on_two_replicas_never_exceed_the_budget(keyserver_db):
+    """Metered budgets: 24 releases at once through two `Store`s on one database (two
+    replicas) hand out slices of a budget of 50 that add up to exactly 50, then refuse;
+    each licence's usage is credited once."""
+    a, b = Store(keyserver_db, KEK), Store(keyserver_db, KEK)
+    try:
+        a.register("k", os.urandom(32), None, Policy(query_budget=50, budget_slice=3))
+        got: dict[int, tuple[str, Slice | None]] = {}
+
+        def release(i: int) -> None:  # licence id i, on alternating replicas
+            got[i] = _grant(a if i % 2 else b, "k", f"{i:02x}" * 16, i)
+
+        threads = [threading.Thread(target=release, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        granted = {i: s.size for i, (outcome, s) in got.items() if outcome == "granted"}
+        sizes = sorted(granted.values())
+        assert sum(sizes) == 50 and sizes == [2] + [3] * 16
+        assert all(outcome == "budget_spent" for i, (outcome, _) in got.items() if i not in granted)
+        rec = a.get("k")
+        assert rec.budget_left == 0 and rec.budget_spent == 50
+        assert rec.clients == len(sizes)  # the refused were not admitted
+        # usage: 1 of one slice used → the rest back, once; the others unreported: spent
+        i = next(iter(granted))
+        lid = f"{i:016x}"
+        row = audit_row("usage", "done", "credited", key_id="k", licence_id=lid)
+        out = b.report_usage("k", lid, 1, row)
+        assert out.outcome == "credited" and out.credited == granted[i] - 1
+        assert b.report_usage("k", lid, 0, row).outcome == "replayed"
+        assert a.report_usage("k", lid, 99, row).outcome == "exceeds_slice"
+        assert a.report_usage("k", "ff" * 8, 0, row).outcome == "unknown_licence"
+        assert a.get("k").budget_left == out.credited
+        assert a.verify_audit_chain() > 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_client_budget_and_the_refusal_that_names_whose_budget(keyserver_db):
+    st = Store(keyserver_db, KEK)
+    try:
+        st.register("k", os.urandom(32), None, Policy(query_budget=8, client_budget=5))
+        one, two = "11" * 16, "22" * 16
+        outcome, s = _grant(st, "k", one, 1)
+        assert outcome == "granted" and s.size == 5 and s.left == 0  # the client's 5
+        outcome, s = _grant(st, "k", one, 2)
+        assert outcome == "budget_spent" and s.spent == "client" and s.total == 5
+        outcome, s = _grant(st, "k", two, 3)
+        assert outcome == "granted" and s.size == 3 and s.left == 0  # the key's last 3
+        outcome, s = _grant(st, "k", two, 4)
+        assert outcome == "budget_spent" and s.spent == "key" and s.total == 8
+        reasons = [r["detail"] for r in st.audit_log("k") if r["reason"] == "budget_spent"]
+        assert "This client's query budget of 5 samples" in reasons[0]
+        assert "The key's query budget of 8 samples is spent" in reasons[1]
+        assert "--query-budget N" in reasons[1]
+        # unmetered keys: no slice, no counting
+        st.register("free", os.urandom(32), None, Policy())
+        outcome, s = _grant(st, "free", one, 5)
+        assert outcome == "granted" and s.size is None and st.get("free").budget_spent == 0
+    finally:
+        st.close()

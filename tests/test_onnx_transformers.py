@@ -184,13 +184,17 @@ def _layer_norm(nodes: list, inits: list, x: str, name: str, decomposed: bool) -
     return name
 
 
-def bert_graph(tmp: Path, masked: bool) -> Path:
+def bert_graph(tmp: Path, masked: bool, sdpa: bool = False) -> Path:
     """What torch.onnx writes for a BERT encoder with dynamic batch (and fixed
     sequence) axes: Gather embeddings (position ids sliced from a buffer, token types
     an input or an expanded buffer), LayerNormalization for the embeddings and the
     decomposed form in the blocks, attention as MatMul/Transpose/Reshape with Shape
     subgraphs, the extended mask (1 − mask)·min_float via Unsqueeze/Cast/Sub/Mul, Erf
-    gelu; the last hidden state is the output."""
+    gelu; the last hidden state is the output. The sequence axis is dynamic (pinned
+    by `input_shapes` on load). `sdpa`: attention as torch exports
+    scaled_dot_product_attention (q and kᵀ each scaled by √(1/√d), the scale computed
+    from Shape(q)), the mask expanded to [N, 1, S, S] and applied by Where(bool(1 −
+    mask), min_float, 1 − mask)."""
     nodes: list = []
     inits: list = [
         w("word", V, H),
@@ -213,8 +217,10 @@ def bert_graph(tmp: Path, masked: bool) -> Path:
         c("heads_rest", [HEADS, DH], I64),
         c("hidden_rest", [H], I64),
         c("zeros_types", np.zeros((1, S + 4)), I64),
+        c("minus1", [-1], I64),
+        c("big", [2**62], I64),
     ]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", S])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "seq"])]
     nodes += [
         N("Gather", ["word", "input_ids"], ["e_word"], axis=0),
         # position_ids[:, :seq] with seq = input_ids.size(1)
@@ -226,8 +232,8 @@ def bert_graph(tmp: Path, masked: bool) -> Path:
     ]
     if masked:
         inputs += [
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", S]),
-            helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["N", S]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "seq"]),
+            helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["N", "seq"]),
         ]
         types = "token_type_ids"
     else:  # token types from the buffer, expanded to the input's shape
@@ -242,7 +248,13 @@ def bert_graph(tmp: Path, masked: bool) -> Path:
         N("Add", ["e_sum", "e_pos"], ["e_all"]),
     ]
     h = _layer_norm(nodes, inits, "e_all", "emb_ln", decomposed=False)
-    if masked:
+    if sdpa:
+        nodes += [
+            N("Gather", ["ids_shape", "i0"], ["batch"], axis=0),
+            N("Unsqueeze", ["batch", "ax0"], ["ids_shape_b"]),
+        ]
+        inits.append(c("one_i", [1], I64))
+    if masked and not sdpa:
         nodes += [
             N("Unsqueeze", ["attention_mask", "ax1"], ["m1"]),
             N("Unsqueeze", ["m1", "ax2"], ["m2"]),
@@ -250,6 +262,18 @@ def bert_graph(tmp: Path, masked: bool) -> Path:
             N("Sub", ["one", "mf"], ["inv"]),
             N("Mul", ["inv", "minf"], ["ext_mask"]),
         ]
+    elif masked:  # transformers' _prepare_4d_attention_mask_for_sdpa
+        nodes += [
+            N("Unsqueeze", ["attention_mask", "ax1"], ["m1"]),
+            N("Unsqueeze", ["m1", "ax2"], ["m2"]),
+            N("Concat", ["ids_shape_b", "one_i", "seq_end", "seq_end"], ["m_shape"], axis=0),
+            N("Expand", ["m2", "m_shape"], ["m4"]),
+            N("Cast", ["m4"], ["mf"], to=TensorProto.FLOAT),
+            N("Sub", ["one", "mf"], ["inv"]),
+            N("Cast", ["inv"], ["inv_b"], to=TensorProto.BOOL),
+            N("Where", ["inv_b", "minf", "inv"], ["ext_mask"]),
+        ]
+
     for i in range(LAYERS):
         p = f"l{i}"
         heads = {}
@@ -261,10 +285,23 @@ def bert_graph(tmp: Path, masked: bool) -> Path:
             perm = [0, 2, 3, 1] if role == "k" else [0, 2, 1, 3]
             nodes.append(N("Transpose", [f"{p}.{role}4"], [f"{p}.{role}h"], perm=perm))
             heads[role] = f"{p}.{role}h"
-        nodes += [
-            N("MatMul", [heads["q"], heads["k"]], [f"{p}.scores"]),
-            N("Div", [f"{p}.scores", "sqrt_dh"], [f"{p}.scaled"]),
-        ]
+        if sdpa:  # torch's SDPA symbolic: √(1/√d) from Shape(q)[-1], on q and on kᵀ
+            nodes += [
+                N("Shape", [heads["q"]], [f"{p}.qs"]),
+                N("Slice", [f"{p}.qs", "minus1", "big", "ax0"], [f"{p}.qd"]),
+                N("Cast", [f"{p}.qd"], [f"{p}.qdf"], to=TensorProto.FLOAT),
+                N("Sqrt", [f"{p}.qdf"], [f"{p}.sq"]),
+                N("Div", ["one", f"{p}.sq"], [f"{p}.scale"]),
+                N("Sqrt", [f"{p}.scale"], [f"{p}.root"]),
+                N("Mul", [heads["q"], f"{p}.root"], [f"{p}.qsc"]),
+                N("Mul", [heads["k"], f"{p}.root"], [f"{p}.ksc"]),
+                N("MatMul", [f"{p}.qsc", f"{p}.ksc"], [f"{p}.scaled"]),
+            ]
+        else:
+            nodes += [
+                N("MatMul", [heads["q"], heads["k"]], [f"{p}.scores"]),
+                N("Div", [f"{p}.scores", "sqrt_dh"], [f"{p}.scaled"]),
+            ]
         scores = f"{p}.scaled"
         if masked:
             nodes.append(N("Add", [scores, "ext_mask"], [f"{p}.masked"]))
@@ -296,13 +333,13 @@ def bert_graph(tmp: Path, masked: bool) -> Path:
         nodes,
         "bert",
         inputs,
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", S, H])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", "seq", H])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
-    path = tmp / f"bert_{'masked' if masked else 'plain'}.onnx"
+    path = tmp / f"bert_{'masked' if masked else 'plain'}{'_sdpa' if sdpa else ''}.onnx"
     onnx.save(model, str(path))
     return path
 
@@ -312,19 +349,93 @@ def _bert_block_cuts(ad: OnnxAdapter) -> list:
     return [by_name[n] for n in ("emb_ln", *[f"l{i}.out" for i in range(LAYERS - 1)])]
 
 
-def test_torch_style_bert_splits_at_every_block_boundary(tmp_path: Path) -> None:
-    path = bert_graph(tmp_path, masked=False)
-    cuts = check_all_cuts(path, tmp_path)  # every cut matches ONNX Runtime
-    ad = OnnxAdapter(path)
+@pytest.mark.parametrize("sdpa", [False, True], ids=["eager", "sdpa"])
+def test_torch_style_bert_splits_at_every_block_boundary(sdpa: bool, tmp_path: Path) -> None:
+    import ennclave
+    from ennclave.reference import execute
+    from ennclave.runtime.public import PublicPart
+    from ennclave.split import split_model
+
+    path = bert_graph(tmp_path, masked=False, sdpa=sdpa)
+    ad = OnnxAdapter(path, input_shapes={"input_ids": (1, S)})  # dynamic seq pinned
+    cuts = find_cut_points(ad.graph)
     assert cuts[0].tensor.dtype == "int64"
     blocks = _bert_block_cuts(ad)  # every block boundary is a cut point
-    for cut, layer_norms in [(cuts[0], 1 + 2 * LAYERS)] + [
-        (b, 2 * (LAYERS - j)) for j, b in enumerate(blocks)
-    ]:
+    x = ad.random_inputs(5, np.random.default_rng(5))
+    want = ad.predict(x)  # ONNX Runtime
+    for cut in cuts:
         program = optimize(ad.lower_private(cut))
-        # The decomposed layer norms and the Erf gelus are fused.
-        assert [n.op for n in program.nodes].count("layer_norm") == layer_norms
-        assert not any(
-            n.op == "activation" and n.attrs["activation"]["fn"] == "erf" for n in program.nodes
-        )
-    through_worker(path, tmp_path)
+        if cut.position == 0:
+            hidden = x
+        else:
+            pub = tmp_path / f"public_{cut.index}.onnx"
+            ad.save_public(cut, pub)
+            hidden = PublicPart(pub, "onnx", ["CPUExecutionProvider"])(x)
+        np.testing.assert_allclose(execute(program, hidden), want, atol=1e-5, rtol=1e-4)
+        if cut is cuts[0] or cut in blocks:
+            # The decomposed layer norms and the Erf gelus are fused.
+            layer_norms = 1 + 2 * LAYERS if cut is cuts[0] else 2 * (LAYERS - blocks.index(cut))
+            assert [n.op for n in program.nodes].count("layer_norm") == layer_norms
+            assert not any(
+                n.op == "activation" and n.attrs["activation"]["fn"] == "erf" for n in program.nodes
+            )
+    for cut in (cuts[0], blocks[1]):  # ids into the enclave; between blocks
+        out = tmp_path / f"b{cut.index}"
+        split_model(ad, cut.index, out, keystore=tmp_path / "ks.json", n_random=4)
+        with ennclave.load(out, keystore=tmp_path / "ks.json") as m:
+            np.testing.assert_allclose(m.predict(x, batch_size=2), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["eager", "sdpa"])
+def test_torch_style_bert_with_attention_mask(sdpa: bool, tmp_path: Path) -> None:
+    # input_ids, attention_mask and token_type_ids: after a cut the private side gets
+    # the attention mask passed through and computes the extended mask again; padded
+    # rows match ONNX Runtime, and their unpadded positions match the same sequences
+    # run unpadded (a model pinned to the shorter length).
+    import ennclave
+    from ennclave.reference import execute
+    from ennclave.runtime.public import PublicPart
+    from ennclave.split import split_model
+
+    path = bert_graph(tmp_path, masked=True, sdpa=sdpa)
+    pins = {"input_ids": (1, S), "attention_mask": (1, S), "token_type_ids": (1, S)}
+    ad = OnnxAdapter(path, input_shapes=pins)
+    by_name = {cut.tensor.name: cut for cut in find_cut_points(ad.graph)}
+    blocks = [by_name[n] for n in ("emb_ln", *[f"l{i}.out" for i in range(LAYERS - 1)])]
+    assert all([t.name for t in b.extra_inputs] == ["attention_mask"] for b in blocks)
+    rng = np.random.default_rng(6)
+    keep = 5
+    ids = rng.integers(1, V, (4, S))
+    types = rng.integers(0, 2, (4, S))
+    mask = np.ones((4, S), np.int64)
+    mask[1:3, keep:] = 0  # rows 1 and 2 padded after `keep` tokens
+    ids[1:3, keep:] = 0
+    x = [ids, mask, types]
+    want = ad.predict(x)
+    unmasked = ad.predict([ids, np.ones_like(mask), types])
+    assert not np.allclose(want[1:3], unmasked[1:3], atol=1e-3)  # the mask matters
+    short = OnnxAdapter(path, input_shapes={k: (1, keep) for k in pins})
+    alone = short.predict([ids[1:3, :keep], mask[1:3, :keep], types[1:3, :keep]])
+    np.testing.assert_allclose(want[1:3, :keep], alone, atol=1e-5, rtol=1e-4)
+    cuts = [find_cut_points(ad.graph)[0], *blocks]
+    for cut in cuts:
+        program = optimize(ad.lower_private(cut))
+        assert [t.name for t in program.inputs[1:]] == [t.name for t in cut.extra_inputs]
+        assert "softmax" in {n.op for n in program.nodes}  # the mask fused into it
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        if cut.position == 0:
+            private = [feed[t.name] for t in program.inputs]
+        else:
+            pub = tmp_path / f"public_{cut.index}.onnx"
+            ad.save_public(cut, pub)
+            pub_part = PublicPart(pub, "onnx", ["CPUExecutionProvider"])
+            ins = [i.name for i in onnx.load(str(pub)).graph.input]
+            hidden = pub_part([feed[n] for n in ins] if len(ins) > 1 else feed[ins[0]])
+            private = [hidden, *[feed[t.name] for t in cut.extra_inputs]]
+        np.testing.assert_allclose(execute(program, private), want, atol=1e-5, rtol=1e-4)
+    for cut in (cuts[0], blocks[1]):
+        out = tmp_path / f"b{cut.index}"
+        split_model(ad, cut.index, out, keystore=tmp_path / "ks.json", n_random=4)
+        with ennclave.load(out, keystore=tmp_path / "ks.json") as m:
+            got = m.predict(x, batch_size=3)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -98,15 +98,8 @@ impl Act {
             Act::Selu => map(x, |v| {
                 SELU_SCALE * if v > 0.0 { v } else { SELU_ALPHA * v.exp_m1() }
             }),
-            Act::Gelu => map(x, |v| {
-                0.5 * v * (1.0 + libm::erf(v as f64 / std::f64::consts::SQRT_2) as f32)
-            }),
-            Act::GeluTanh => {
-                let c = (2.0 / std::f32::consts::PI).sqrt();
-                map(x, |v| {
-                    0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
-                })
-            }
+            Act::Gelu => super::vmath::gelu(x),
+            Act::GeluTanh => super::vmath::gelu_tanh(x),
             Act::Sigmoid => map(x, sigmoid),
             Act::HardSigmoid { alpha, beta } => map(x, |v| (alpha * v + beta).clamp(0.0, 1.0)),
             Act::HardSwish => map(x, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
@@ -140,34 +133,26 @@ pub fn softmax(x: &mut [f32], axis_len: usize, inner: usize) {
     if block == 0 {
         return;
     }
+    if inner == 1 {
+        super::vmath::softmax_rows(x, axis_len);
+        return;
+    }
+    // Along an inner axis: columns j of each [axis_len, inner] block.
     for chunk in x.chunks_exact_mut(block) {
-        if inner == 1 {
-            let m = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for j in 0..inner {
+            let mut m = f32::NEG_INFINITY;
+            for a in 0..axis_len {
+                m = m.max(chunk[a * inner + j]);
+            }
             let mut s = 0.0f32;
-            for v in chunk.iter_mut() {
-                *v = (*v - m).exp();
-                s += *v;
+            for a in 0..axis_len {
+                let v = (chunk[a * inner + j] - m).exp();
+                chunk[a * inner + j] = v;
+                s += v;
             }
             let r = 1.0 / s;
-            for v in chunk.iter_mut() {
-                *v *= r;
-            }
-        } else {
-            for j in 0..inner {
-                let mut m = f32::NEG_INFINITY;
-                for a in 0..axis_len {
-                    m = m.max(chunk[a * inner + j]);
-                }
-                let mut s = 0.0f32;
-                for a in 0..axis_len {
-                    let v = (chunk[a * inner + j] - m).exp();
-                    chunk[a * inner + j] = v;
-                    s += v;
-                }
-                let r = 1.0 / s;
-                for a in 0..axis_len {
-                    chunk[a * inner + j] *= r;
-                }
+            for a in 0..axis_len {
+                chunk[a * inner + j] *= r;
             }
         }
     }

@@ -1,9 +1,12 @@
 //! Batched matrix product of two computed tensors: `[N, ..., M, K] × [N, ..., K, P]`,
-//! either operand optionally stored transposed. One gemm call per `M × P` slice (the
-//! transposes are only strides); slices are spread over the threads when there are
-//! enough of them, else each slice's gemm uses the threads itself.
+//! either operand optionally stored transposed. Each `M × P` slice is one call of the
+//! dense kernels (`ops::dense`, the right operand read as a row-major kernel); an
+//! operand stored transposed is first transposed into scratch the executor planned
+//! (per task), so nothing is allocated at run time. Slices are spread over the threads
+//! when there are enough of them, else each slice's product uses the threads itself.
 
-use super::{par_for, parallelism, SendPtr};
+use super::dense::{self, Kernel};
+use super::{par_for, SendPtr};
 
 /// Resolved at load time. Per sample there are `slices` independent products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +30,18 @@ impl Matmul {
     /// FLOPs of one slice.
     fn flops(&self) -> usize {
         2 * self.m * self.k * self.p
+    }
+
+    /// Scratch floats one task needs: room for a row-major copy of each operand
+    /// stored transposed.
+    fn scratch_per_task(&self) -> usize {
+        let (la, lb, _) = self.lens();
+        la * usize::from(self.trans_a) + lb * usize::from(self.trans_b)
+    }
+
+    /// Scratch floats [`matmul`] needs on `threads` threads.
+    pub fn scratch_len(&self, threads: usize) -> usize {
+        self.scratch_per_task() * threads.max(1)
     }
 }
 
@@ -59,78 +74,90 @@ pub fn gather(ids: &[f32], table: &[f32], y: &mut [f32], g: &Gather) -> Result<(
     Ok(())
 }
 
-/// `y = a · b` for `batch` samples (shapes validated by `program`).
-pub fn matmul(a: &[f32], b: &[f32], y: &mut [f32], batch: usize, mm: &Matmul, threads: usize) {
+/// `y = a · b` for `batch` samples (shapes validated by `program`); `scratch` holds at
+/// least [`Matmul::scratch_len`]`(threads)` floats.
+pub fn matmul(
+    a: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+    batch: usize,
+    mm: &Matmul,
+    scratch: &mut [f32],
+    threads: usize,
+) {
     let (la, lb, ly) = mm.lens();
     let total = batch * mm.slices;
     if total == 0 || ly == 0 {
         return;
     }
     assert!(a.len() >= total * la && b.len() >= total * lb && y.len() >= total * ly);
-    if mm.k == 0 {
-        y[..total * ly].fill(0.0);
-        return;
-    }
-    let yp = SendPtr(y.as_mut_ptr());
+    let per = mm.scratch_per_task();
+    let parts = threads.clamp(1, total);
+    assert!(scratch.len() >= per * parts);
     // Spread whole slices over the threads when each thread gets at least one and the
-    // work is worth a hand-off; else one slice after the other, gemm threading each.
-    let parts = threads.min(total);
+    // work is worth a hand-off; else one slice after the other, the kernel threading
+    // each.
     if parts > 1 && total * mm.flops() >= 1 << 15 {
+        let (yp, sp) = (SendPtr(y.as_mut_ptr()), SendPtr(scratch.as_mut_ptr()));
         par_for(parts, &|t| {
+            // SAFETY: task t alone uses scratch floats t·per..(t+1)·per (asserted to
+            // exist above) and the output slices of its range; every task ends before
+            // our borrows of y and scratch do.
+            let scr = unsafe { std::slice::from_raw_parts_mut(sp.get().add(t * per), per) };
             for s in total * t / parts..total * (t + 1) / parts {
-                // SAFETY: slice s of y belongs to this task alone; a, b, y hold `total`
-                // slices (asserted above) and every task ends before our borrow of y.
-                unsafe { one(a, b, yp, s, mm, gemm::Parallelism::None) };
+                // SAFETY: as above: slice s of y belongs to this task alone.
+                let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(s * ly), ly) };
+                one(a, b, ys, s, mm, scr, 1);
             }
         });
     } else {
-        let par = if mm.flops() >= 1 << 20 {
-            parallelism(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        for s in 0..total {
-            // SAFETY: as above, on this thread only.
-            unsafe { one(a, b, yp, s, mm, par) };
+        for (s, ys) in y[..total * ly].chunks_exact_mut(ly).enumerate() {
+            one(a, b, ys, s, mm, &mut scratch[..per], threads);
         }
     }
 }
 
-/// Slice `s`: `y[s] = a[s] · b[s]`.
-///
-/// # Safety
-/// `a`, `b` and the buffer behind `y` must hold at least `s + 1` slices, and slice `s`
-/// of `y` must not be touched by anyone else during the call.
-unsafe fn one(a: &[f32], b: &[f32], y: SendPtr, s: usize, mm: &Matmul, par: gemm::Parallelism) {
-    let (la, lb, ly) = mm.lens();
+/// Slice `s`: `y = a[s] · b[s]`, on `threads` threads.
+fn one(
+    a: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+    s: usize,
+    mm: &Matmul,
+    scratch: &mut [f32],
+    threads: usize,
+) {
+    let (la, lb, _) = mm.lens();
     let (m, k, p) = (mm.m, mm.k, mm.p);
-    // (column stride, row stride) of the logical M×K and K×P operands.
-    let (a_cs, a_rs) = if mm.trans_a { (m, 1) } else { (1, k) };
-    let (b_cs, b_rs) = if mm.trans_b { (k, 1) } else { (1, p) };
-    // SAFETY: the caller's contract; gemm reads slice s of a and b and writes slice s
-    // of y within those shapes and strides (read_dst false: y is only written).
-    unsafe {
-        gemm::gemm(
-            m,
-            p,
-            k,
-            y.get().add(s * ly),
-            1,
-            p as isize,
-            false,
-            a.as_ptr().add(s * la),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr().add(s * lb),
-            b_cs as isize,
-            b_rs as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
+    let (a, b) = (&a[s * la..][..la], &b[s * lb..][..lb]);
+    let (ta, tb) = scratch.split_at_mut(if mm.trans_a { la } else { 0 });
+    let x: &[f32] = if mm.trans_a {
+        transpose(a, k, m, ta);
+        ta
+    } else {
+        a
+    };
+    let w: &[f32] = if mm.trans_b {
+        transpose(b, p, k, &mut tb[..lb]);
+        &tb[..lb]
+    } else {
+        b
+    };
+    dense::dense(x, Kernel::Rows(w), None, y, m, k, p, threads);
+}
+
+/// `out[c × r] = src[r × c]ᵀ`, both row-major, in 8 × 8 tiles (each tile's rows and
+/// columns stay in cache lines already read).
+fn transpose(src: &[f32], r: usize, c: usize, out: &mut [f32]) {
+    const T: usize = 8;
+    for i0 in (0..r).step_by(T) {
+        for j0 in (0..c).step_by(T) {
+            for i in i0..(i0 + T).min(r) {
+                for j in j0..(j0 + T).min(c) {
+                    out[j * r + i] = src[i * c + j];
+                }
+            }
+        }
     }
 }
 
@@ -171,28 +198,37 @@ mod tests {
             .num_threads(3)
             .build()
             .unwrap();
-        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
-            for threads in [1, 3] {
-                let mm = Matmul {
-                    slices: 4,
-                    m: 5,
-                    k: 7,
-                    p: 6,
-                    trans_a,
-                    trans_b,
-                };
-                let batch = 3;
-                let a: Vec<f32> = (0..batch * 4 * 35)
-                    .map(|i| ((i * 7 % 13) as f32) - 6.0)
-                    .collect();
-                let b: Vec<f32> = (0..batch * 4 * 42)
-                    .map(|i| ((i * 5 % 11) as f32) * 0.5 - 2.0)
-                    .collect();
-                let mut y = vec![f32::NAN; batch * 4 * 30];
-                pool.install(|| matmul(&a, &b, &mut y, batch, &mm, threads));
-                let want = naive(&a, &b, &mm, batch);
-                for (g, w) in y.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        // Small slices spread over the threads; a few large ones (several row blocks
+        // and panels of the dense kernel, one slice of batch 1 threading itself).
+        let shapes = [(4, 5, 7, 6, 3), (2, 29, 40, 70, 1), (1, 1, 9, 33, 2)];
+        for (slices, m, k, p, batch) in shapes {
+            for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                for threads in [1, 3] {
+                    let mm = Matmul {
+                        slices,
+                        m,
+                        k,
+                        p,
+                        trans_a,
+                        trans_b,
+                    };
+                    let n = batch * slices;
+                    let a: Vec<f32> = (0..n * m * k)
+                        .map(|i| ((i * 7 % 13) as f32) - 6.0)
+                        .collect();
+                    let b: Vec<f32> = (0..n * k * p)
+                        .map(|i| ((i * 5 % 11) as f32) * 0.5 - 2.0)
+                        .collect();
+                    let mut y = vec![f32::NAN; n * m * p];
+                    let mut scratch = vec![f32::NAN; mm.scratch_len(threads)];
+                    pool.install(|| matmul(&a, &b, &mut y, batch, &mm, &mut scratch, threads));
+                    let want = naive(&a, &b, &mm, batch);
+                    for (g, w) in y.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{mm:?}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }

@@ -261,8 +261,9 @@ fn fmin(a: f32, b: f32) -> f32 {
     }
 }
 
-/// Layer norm over rows of `inner` floats (`y` already holds a copy of `x`).
+/// Layer norm over rows of `inner` floats: `y = (x − mean) / √(var + eps) · gamma + beta`.
 pub fn layer_norm(
+    x: &[f32],
     y: &mut [f32],
     inner: usize,
     eps: f32,
@@ -272,20 +273,7 @@ pub fn layer_norm(
     if inner == 0 {
         return;
     }
-    for row in y.chunks_exact_mut(inner) {
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / inner as f64;
-        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / inner as f64;
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        for v in row.iter_mut() {
-            *v = ((*v as f64 - mean) * inv) as f32;
-        }
-        if let Some(g) = gamma {
-            row.iter_mut().zip(g).for_each(|(v, g)| *v *= g);
-        }
-        if let Some(b) = beta {
-            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-        }
-    }
+    super::vmath::layer_norm_rows(x, y, inner, eps, gamma, beta);
 }
 
 /// `y = x·scale[c] + shift[c]` on `[outer, c, inner]`.
@@ -416,8 +404,15 @@ mod tests {
 
     #[test]
     fn layer_norm_row() {
-        let mut y = [1.0, 3.0];
-        layer_norm(&mut y, 2, 0.0, Some(&[2.0, 2.0]), Some(&[1.0, 1.0]));
+        let mut y = [0.0; 2];
+        layer_norm(
+            &[1.0, 3.0],
+            &mut y,
+            2,
+            0.0,
+            Some(&[2.0, 2.0]),
+            Some(&[1.0, 1.0]),
+        );
         assert!((y[0] + 1.0).abs() < 1e-6 && (y[1] - 3.0).abs() < 1e-6);
     }
 

@@ -13,6 +13,7 @@ pub mod misc;
 pub mod qdense;
 pub mod resize;
 pub mod slice;
+pub mod vmath;
 
 pub use act::Act;
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._deps import require
-from ..errors import CutError, ModelLoadError, UnsupportedOpError
+from ..errors import CutError, InputError, ModelLoadError, UnsupportedOpError
 from ..graph import CutPoint, GraphView, Node, TensorInfo
 from ..program import Program, ProgramBuilder, activation
 from .base import ModelAdapter, Translators
@@ -64,6 +64,9 @@ _COMPARE = ("Less", "Greater", "LessOrEqual", "GreaterOrEqual")
 # Div, Pow, Mod would round differently.
 _ID_ARITH = ("Add", "Sub", "Mul")
 _ID_EXACT_OPS = (*_ID_SHAPE_OPS, *_ID_ARITH, *_COMPARE, "Cast", "Equal", "Where", "Not")
+# Ops that turn model inputs into attention masks: what they compute from pass-through
+# inputs alone is computed again on the private side (GraphView.passthrough).
+_MASK_OPS = (*_ID_EXACT_OPS, "Slice", "Neg", "Div")
 # Operator type -> translator; filled by @OPS.register on `_Lowering` below.
 OPS = Translators()
 # Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
@@ -118,6 +121,11 @@ _ONNX_TO_NP = {
     13: "uint64",
     16: "bfloat16",
 }
+
+
+def _np_dtype(dtype: str) -> Any:
+    """The numpy dtype to feed an input of `dtype` (a TensorInfo dtype) with."""
+    return np.dtype(dtype) if dtype.startswith(("int", "uint", "bool")) else np.float32
 
 
 def _inv(perm: tuple[int, ...]) -> tuple[int, ...]:
@@ -417,9 +425,34 @@ class OnnxAdapter(ModelAdapter):
             nodes=nodes,
             tensors=tensors,
             constant_tensors=const,
+            passthrough=self._passthrough(ordered, tensors, graph_inputs, const),
         )
         view.uncuttable = self._batch_merged(view)
         return view
+
+    @staticmethod
+    def _passthrough(
+        ordered: list[tuple[str, Any]],
+        tensors: dict[str, TensorInfo],
+        graph_inputs: list[str],
+        const: set[str],
+    ) -> set[str]:
+        """Tensors that may cross a cut beside the cut tensor (GraphView.passthrough):
+        the inputs of a model of several inputs and integer inputs (BERT's
+        attention_mask and token ids, which the blocks read again after the embeddings),
+        and what mask ops compute from them alone (the extended mask (1 − mask)·min,
+        casts and comparisons of ids), which the private side computes again. An
+        embedding lookup (Gather of a table) is no mask op: its output is a cut."""
+        through = {
+            t
+            for t in graph_inputs
+            if len(graph_inputs) > 1 or tensors[t].dtype.startswith(("int", "uint", "bool"))
+        }
+        for _, n in ordered:
+            ins = [t for t in n.input if t and t not in const]
+            if n.op_type in _MASK_OPS and ins and all(t in through for t in ins):
+                through.update(t for t in n.output if t)
+        return through
 
     def _fill_shapes_by_running(
         self, tensors: dict[str, TensorInfo], const: set[str], graph_inputs: list[str]
@@ -434,13 +467,15 @@ class OnnxAdapter(ModelAdapter):
             and t not in graph_inputs
             and (not info.shape or any(d is None for d in info.shape[1:]))
         ]
-        if not missing or len(graph_inputs) != 1:
+        if not missing:
             return
-        inp = tensors[graph_inputs[0]]
-        dims = (1, *[int(d or 1) for d in inp.shape[1:]])
-        # Zeros are valid for every integer input (ids index row 0).
-        x = np.zeros(dims, dtype=np.dtype(inp.dtype) if "int" in inp.dtype else np.float32)
-        for t, shape in self._probe_shapes(missing, x, inp.name).items():
+        feeds = {}
+        for name in graph_inputs:
+            inp = tensors[name]
+            dims = (1, *[int(d or 1) for d in inp.shape[1:]])
+            # Zeros are valid for every integer input (ids index row 0).
+            feeds[name] = np.zeros(dims, dtype=_np_dtype(inp.dtype))
+        for t, shape in self._probe_shapes(missing, feeds).items():
             if t in tensors and shape:
                 tensors[t] = TensorInfo(t, shape, tensors[t].dtype)
 
@@ -470,7 +505,7 @@ class OnnxAdapter(ModelAdapter):
         names = [t for n in view.nodes for t in n.outputs if t not in view.constant_tensors and t]
         shape = (batch, *[int(d or 1) for d in dim0.shape[1:]])
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        shapes = self._probe_shapes(names, x, dim0.name, keep_batch=True)
+        shapes = self._probe_shapes(names, {dim0.name: x}, keep_batch=True)
         return {t for t, s in shapes.items() if s and s[0] != batch}
 
     @staticmethod
@@ -509,24 +544,44 @@ class OnnxAdapter(ModelAdapter):
 
     # -- running -----------------------------------------------------------------
     @staticmethod
-    def _run(session: Any, x: np.ndarray, input_name: str | None = None) -> np.ndarray:
-        # Old-IR models may list initializers as inputs too: prefer the known name.
-        inp = next(
-            (i for i in session.get_inputs() if i.name == input_name), session.get_inputs()[0]
-        )
-        x = np.asarray(x, dtype=_ONNX_TYPE_TO_NP.get(inp.type, np.float32))
-        fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
-        if fixed is None or fixed == len(x):
-            return np.asarray(session.run(None, {inp.name: x})[0])
-        if len(x) % fixed:
+    def _run(session: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The first output for `feeds` (model input name -> batch)."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        # Old-IR models may list initializers as inputs too: feed only what is given.
+        feeds = {
+            k: np.asarray(v, dtype=_ONNX_TYPE_TO_NP.get(inputs[k].type, np.float32))
+            for k, v in feeds.items()
+            if k in inputs
+        }
+        first = inputs[next(iter(feeds))]
+        n = len(next(iter(feeds.values())))
+        fixed = first.shape[0] if first.shape and isinstance(first.shape[0], int) else None
+        if fixed is None or fixed == n:
+            return np.asarray(session.run(None, feeds)[0])
+        if n % fixed:
             raise ModelLoadError(
                 f"The model's batch size is fixed at {fixed}; pass a multiple of it."
             )
         # A model exported with a fixed batch size runs chunk by chunk.
         parts = [
-            session.run(None, {inp.name: x[i : i + fixed]})[0] for i in range(0, len(x), fixed)
+            session.run(None, {k: v[i : i + fixed] for k, v in feeds.items()})[0]
+            for i in range(0, n, fixed)
         ]
         return np.concatenate(parts)
+
+    def _feeds(self, x: Any) -> dict[str, np.ndarray]:
+        """Model inputs by name from an array (one input), a list in model-input order
+        or a dict by name."""
+        names = [t.name for t in self.graph.inputs]
+        if isinstance(x, dict):
+            return {k: np.asarray(x[k]) for k in names}
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        if len(xs) != len(names):
+            raise InputError(
+                f"The model takes {len(names)} inputs {names}, got {len(xs)}; pass a list "
+                "in this order or a dict by name."
+            )
+        return {k: np.asarray(v) for k, v in zip(names, xs, strict=True)}
 
     @staticmethod
     def _open_session(model_bytes_or_path: Any) -> Any:
@@ -537,28 +592,44 @@ class OnnxAdapter(ModelAdapter):
             model_bytes_or_path, sess_options=opts, providers=["CPUExecutionProvider"]
         )
 
-    def random_inputs(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def random_inputs(self, n: int, rng: np.random.Generator) -> Any:
         """Floats in [0, 1), or, for integer inputs (token ids, byte values), ids below
-        the row count of the smallest table a Gather looks them up in (2 without one)."""
-        (inp,) = self.graph.inputs
-        if inp.dtype not in ("int32", "int64", "uint8", "int8", "int16"):
-            return super().random_inputs(n, rng)
+        the row count of the smallest table a Gather looks them up in (2 without one);
+        an integer or bool input named like a mask (`attention_mask`) gets a padding
+        mask: ones, then zeros after a random length (at least one). A model of several
+        inputs: a list in model-input order."""
+        xs = [self._random_input(inp, n, rng) for inp in self.graph.inputs]
+        return xs[0] if len(xs) == 1 else xs
+
+    def _random_input(self, inp: TensorInfo, n: int, rng: np.random.Generator) -> np.ndarray:
+        shape = (n, *[int(d or 1) for d in inp.shape[1:]])
+        if inp.dtype not in ("int32", "int64", "uint8", "int8", "int16", "bool"):
+            return rng.random(shape, dtype=np.float32)  # see ModelAdapter.random_inputs
+        if "mask" in inp.name.lower() and len(shape) > 1:
+            keep = rng.integers(1, shape[-1] + 1, size=(n, *shape[1:-1], 1))
+            return (np.arange(shape[-1]) < keep).astype(_np_dtype(inp.dtype))
         inits = self._initializers()
+        # The tables the ids index, also through casts (torch writes Cast → Gather).
+        names = {inp.name}
+        for m in self.graph.nodes:
+            if m.op_type in ("Cast", "Identity") and m.inputs and m.inputs[0] in names:
+                names.update(m.outputs)
         rows = [
             int(inits[m.inputs[0]].dims[int(_attrs(m.handle).get("axis", 0))])
             for m in self.graph.nodes
             if m.op_type == "Gather"
             and len(m.inputs) > 1
-            and m.inputs[1] == inp.name
+            and m.inputs[1] in names
             and m.inputs[0] in inits
         ]
-        shape = (n, *[int(d or 1) for d in inp.shape[1:]])
-        return rng.integers(0, min(rows, default=2), size=shape).astype(inp.dtype)
+        return rng.integers(0, min(rows, default=2), size=shape).astype(_np_dtype(inp.dtype))
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: Any) -> np.ndarray:
+        """The model's output for `x`: an array, or for a model of several inputs a
+        list in model-input order or a dict by name."""
         if self._session is None:
             self._session = self._open_session(self.model.SerializeToString())
-        return self._run(self._session, x, self.graph.inputs[0].name)
+        return self._run(self._session, self._feeds(x))
 
     # -- public part -------------------------------------------------------------
     def save_public(self, cut: CutPoint, path: Path) -> None:
@@ -628,13 +699,13 @@ class OnnxAdapter(ModelAdapter):
         ]
         if missing and self._probed is None:
             x = self.random_inputs(1, np.random.default_rng(0))
-            self._probed = self._probe_shapes(missing, x, self.graph.inputs[0].name)
+            self._probed = self._probe_shapes(missing, self._feeds(x))
         if self._probed:
             shapes.update(self._probed)
         return shapes
 
     def _probe_shapes(
-        self, names: list[str], x: np.ndarray, input_name: str, keep_batch: bool = False
+        self, names: list[str], feeds: dict[str, np.ndarray], keep_batch: bool = False
     ) -> dict[str, tuple[int | None, ...]]:
         onnx = require("onnx")
         m = onnx.ModelProto()
@@ -645,7 +716,7 @@ class OnnxAdapter(ModelAdapter):
                 m.graph.output.append(onnx.ValueInfoProto(name=t))
         try:
             sess = self._open_session(m.SerializeToString())
-            outs = sess.run([o.name for o in sess.get_outputs()], {input_name: x})
+            outs = sess.run([o.name for o in sess.get_outputs()], feeds)
         except Exception:
             return {}
         return {
@@ -739,10 +810,9 @@ class OnnxAdapter(ModelAdapter):
     # -- lowering ----------------------------------------------------------------
     def lower_private(self, cut: CutPoint) -> Program:
         g = self.graph
-        if len(g.inputs) != 1 or len(g.outputs) != 1:
+        if len(g.outputs) != 1:
             raise UnsupportedOpError(
-                f"The enclave program needs a model with one input and one output; this "
-                f"one has {len(g.inputs)} and {len(g.outputs)}."
+                f"The enclave program needs a model with one output; this one has {len(g.outputs)}."
             )
         # What must be float32 is what crosses into the enclave and what comes out; the
         # model's own input may be anything the public part turns into floats.
@@ -874,22 +944,38 @@ class _Lowering:
     def run(self) -> Program:
         g, cut = self.g, self.cut
         out_name = g.outputs[0].name
-        private = g.nodes[cut.position :]
-        # Only what the output needs, and nothing constant (that is folded).
+        # Only what the output needs, and nothing constant (that is folded). Masks the
+        # public side computes from pass-through inputs are computed again here.
         needed = {out_name}
         todo: list[Node] = []
-        for node in reversed(private):
-            if any(t in needed for t in node.outputs) and not all(
+        for pos in range(len(g.nodes) - 1, -1, -1):
+            node = g.nodes[pos]
+            if not any(t in needed for t in node.outputs) or all(
                 t in g.constant_tensors for t in node.outputs
             ):
-                todo.append(node)
-                needed.update(node.inputs)
+                continue
+            if pos < cut.position and not all(t in g.passthrough for t in node.outputs if t):
+                continue  # public: the cut tensor, or (checked below) a second crossing
+            todo.append(node)
+            needed.update(node.inputs)
         todo.reverse()
 
-        in_name = self.b.fresh(cut.tensor.name)
-        in_shape = (None, *self.shape(cut.tensor.name, Node("input", "Input", [], []))[1:])
-        self.env[cut.tensor.name] = _Val(in_name, _ident(len(in_shape)), in_shape)
-        self.pshape[in_name] = in_shape
+        inputs: list[TensorInfo] = []
+        for i, t in enumerate(cut.private_inputs):
+            name = self.b.fresh(t.name)
+            shape = (None, *self.shape(t.name, Node("input", "Input", [], []))[1:])
+            self.env[t.name] = _Val(name, _ident(len(shape)), shape)
+            self.pshape[name] = shape
+            # Integer ids and masks travel as float32 (exact below 2^24); `gather`
+            # checks every id. A bool input is declared int32 (0/1).
+            dtype = t.dtype if t.dtype in ("int32", "int64") else "float32"
+            if t.dtype.startswith(("int", "uint", "bool")):
+                dtype = t.dtype if t.dtype in ("int32", "int64") else "int32"
+                if i > 0:
+                    self.int_ids.add(t.name)
+                if t.dtype == "bool":
+                    self.bools.add(t.name)
+            inputs.append(TensorInfo(name, shape, dtype))
         for node in todo:
             for t in node.inputs:
                 if t not in self.env and t not in g.constant_tensors:
@@ -902,11 +988,7 @@ class _Lowering:
             raise CutError(f"The private side of cut {cut.name!r} does not compute the output.")
         final = self.logical(self.env[out_name], g.nodes[-1])
         out_shape = self.shape(out_name, g.nodes[-1])
-        # Integer ids travel as float32 (exact below 2^24); `gather` checks every one.
-        in_dtype = cut.tensor.dtype if cut.tensor.dtype in ("int32", "int64") else "float32"
-        return self.b.build(
-            [TensorInfo(in_name, in_shape, in_dtype)], [TensorInfo(final.name, out_shape)]
-        )
+        return self.b.build(inputs, [TensorInfo(final.name, out_shape)])
 
     def lower_node(self, node: Node) -> None:
         op = node.op_type

@@ -256,8 +256,8 @@ class KeyserverRelease:
             if held.budget_left == 0:
                 raise QueryBudgetExhausted(
                     f"The licence's query budget of {lic.query_budget} samples is exhausted "
-                    f"({held.used} used) and the key's query budget is spent; ask the "
-                    "model owner to raise it.",
+                    f"({held.used} used) and the key server has no more of the key's query "
+                    "budget for this client; ask the model owner to raise it.",
                     4,
                     False,
                 )
@@ -340,7 +340,8 @@ class KeyserverRelease:
             except KeyServerUnreachable as e:
                 # Only when unreachable (never after a refusal): the offline key cache.
                 return self._from_cache(e)
-            kind, report = self._worker.evidence_for(nonce)
+            got = self._worker.evidence_for(nonce)
+            kind, report = got.kind, got.report
             try:
                 resp = ks.release(
                     {
@@ -354,6 +355,7 @@ class KeyserverRelease:
                             "kind": "software" if kind == "none" else kind,
                             "report": base64.b64encode(report).decode(),
                         },
+                        "protections": got.protections.decode(),
                     }
                 )
             except KeyReleaseRefused as e:
