@@ -181,7 +181,7 @@ def main() -> int:
     from ennclave.graph import find_cut_points
     from ennclave.split import split_model
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     tmp = Path(tempfile.mkdtemp(prefix="ennclave-bench-tx-"))
     model = build_encoder()
     adapter = KerasAdapter.from_model(model)
@@ -229,12 +229,12 @@ def main() -> int:
     for col in (
         "private",
         "threads",
-        "b1 worker",
-        "b1 ORT",
-        "b1 latency (≤ 1.3×)",
-        f"b{BIG_BATCH} worker",
-        f"b{BIG_BATCH} ORT",
-        f"b{BIG_BATCH} throughput (≥ 0.8×)",
+        "batch 1 worker",
+        "batch 1 ORT",
+        "latency ratio (goal ≤ 1.3×)",
+        f"batch {BIG_BATCH} worker",
+        f"batch {BIG_BATCH} ORT",
+        "throughput ratio (goal ≥ 0.8×)",
     ):
         table.add_column(col, justify="right")
     for r in rows:

@@ -287,6 +287,14 @@ class KerasAdapter(ModelAdapter):
             spatial = out_elems // int(out.shape[-1]) if out else 0
             cin = int(inp.shape[-1])
             return 2 * spatial * cin * int(dk[-1]) * (math.prod(dk[:-2]) + int(out.shape[-1]))
+        if kind in ("EinsumDense", "MultiHeadAttention", "TransformerEncoder") and out:
+            # Their weights act on each token: params multiply-adds per token, plus for
+            # self-attention the scores and the weighted values (2 × seq² × hidden each).
+            tokens = out_elems // max(int(out.shape[-1]), 1)
+            flops = 2 * tokens * int(layer.count_params())
+            if kind != "EinsumDense" and len(out.shape) == 3:
+                flops += 4 * int(out.shape[1]) ** 2 * int(out.shape[2])
+            return flops
         return out_elems
 
     # -- ModelAdapter -------------------------------------------------------------
