@@ -168,7 +168,7 @@ class Row:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write results here")
-    ap.add_argument("--threads", default="1", help="comma-separated thread counts (both sides)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (both sides)")
     ap.add_argument("--private", default="2,6", help="comma-separated private block counts")
     ap.add_argument("--seconds", type=float, default=2.0, help="batch-1 time per side")
     ap.add_argument("--rounds", type=int, default=3, help=f"timed batch-{BIG_BATCH} calls per side")
