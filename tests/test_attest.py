@@ -990,6 +990,17 @@ def test_software_evidence_still_binds_nonce_key_and_binary():
     assert expected_report_data(vector).hex() == (
         "cd403dc929776b0ff178eb55aa63f15462a329ccb6203e7fed8c353bf9941e0c" + "00" * 32
     )
+    # v2 (protocol 3): the protections are hashed in; the same vector as handshake.rs.
+    prot = b'{"seccomp":true}'
+    assert (
+        evidence_hash(nonce, pub, binsha, prot)
+        == hashlib.sha256(
+            b"ennclave evidence v2\x00" + nonce + pub + binsha + hashlib.sha256(prot).digest()
+        ).digest()
+    )
+    assert evidence_hash(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, b"{}").hex() == (
+        "986fc2c37b97e2c57ea8f218b423012490f09a0506d731882795e03976ebbb8f"
+    )
     claim = ev.Claim(nonce, pub, binsha, "aa" * 32, ev.KIND_SOFTWARE, h)
     assert not ev.verify(claim, ev.Policy(allow_software=True), registered_manifest=None).hardware
     bad = replace(claim, report=os.urandom(32))

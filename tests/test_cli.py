@@ -258,7 +258,13 @@ def test_software_not_allowed_names_the_policy_command(monkeypatch) -> None:
 
     monkeypatch.setattr(kc, "KeyServerClient", Server)
     release = kc.KeyserverRelease("http://127.0.0.1:8470,http://10.0.0.2:8470", "k123", "00" * 32)
-    release.bind(SimpleNamespace(evidence_for=lambda nonce: ("none", b"report")))
+    release.bind(
+        SimpleNamespace(
+            evidence_for=lambda nonce: SimpleNamespace(
+                kind="none", report=b"report", protections=b"{}"
+            )
+        )
+    )
     with pytest.raises(kc.KeyReleaseRefused) as e:
         release(SimpleNamespace(pubkey=b"\1" * 32, binary_sha256="00" * 32))
     assert (e.value.status, e.value.code) == (403, "software_not_allowed")

@@ -70,6 +70,12 @@ def test_outputs_equal_the_native_worker_and_bad_input_is_refused(platform, tmp_
     x = _x(300)  # more than one max_batch of 256: streamed in two requests
     with ennclave.load(b.path, keystore=b.keystore, threads=2, **platform) as m:
         assert m._worker.hello.platform == platform["platform"]
+        # The protections it reports (docs/key-release.md): no seccomp or mapping check
+        # under Gramine, whose loader maps its own libraries and answers seccomp ENOSYS.
+        prot = m._worker.protections
+        native = platform["platform"] == "native"
+        assert prot["platform"] == platform["platform"] and prot["environment_check"]
+        assert (prot["seccomp"], prot["mapping_check"], prot["non_dumpable"]) == (native,) * 3
         got = m.predict(x, batch_size=300)
         np.testing.assert_allclose(got, reference(b.weights, x), atol=1e-5, rtol=1e-5)
         # bad input: refused by the worker (non-finite) or the host (size); it keeps serving

@@ -95,7 +95,8 @@ class FakeWorker:
         self.pub = self.sk.public_key().public_bytes_raw()
         self.binsha = hashlib.sha256(b"a worker binary").digest()
 
-    def request(self, key_id: str, nonce: bytes, manifest: str, **over):
+    def request(self, key_id: str, nonce: bytes, manifest: str, protections=None, **over):
+        h = ev.evidence_hash(nonce, self.pub, self.binsha, protections)
         body = {
             "key_id": key_id,
             "nonce": nonce.hex(),
@@ -105,9 +106,11 @@ class FakeWorker:
             "client_id": "ab" * 32,
             "evidence": {
                 "kind": "software",
-                "report": base64.b64encode(ev.evidence_hash(nonce, self.pub, self.binsha)).decode(),
+                "report": base64.b64encode(h).decode(),
             },
         }
+        if protections is not None:
+            body["protections"] = protections.decode()
         body.update(over)
         return body
 
@@ -186,6 +189,79 @@ def test_bad_forged_replayed_evidence_is_refused(registered, server):
         "nonce_invalid",
     ]
     assert all(r["decision"] == "refused" for r in log[2:] if r["event"] == "release")
+
+
+NATIVE = {  # what a native worker reports (handshake.rs `protections`)
+    "environment_check": True,
+    "mapping_check": True,
+    "non_dumpable": True,
+    "platform": "native",
+    "seccomp": True,
+    "secret_memory": "memfd_secret",
+    "static_binary": False,
+    "tracer_check": True,
+}
+
+
+def _prot(**over) -> bytes:
+    return ev.canonical_json({**NATIVE, **over})
+
+
+def test_required_protections_are_checked_against_the_bound_evidence(registered, server):
+    """A policy's require_protections: refused when the evidence lacks one, when a
+    worker reports none (before protocol 3), when the host rewrites what the worker
+    hashed, or when the JSON is not canonical; granted (and audited) otherwise."""
+    b = registered(allow_software=True, require_protections=["seccomp", "no_tracer"])
+    w = FakeWorker()
+    d = _digest(b.path)
+    with KeyServerClient(server.url) as c:
+
+        def attempt(**kw):
+            return c.release(w.request(b.key_id, c.challenge(b.key_id), d, **kw))
+
+        e = _refused(lambda: attempt())
+        assert (e.status, e.code) == (403, "protections_missing")
+        assert "reports no protections" in str(e) and "seccomp, no_tracer" in str(e)
+        e = _refused(lambda: attempt(protections=_prot(tracer_check=False)))
+        assert e.code == "protections_missing"
+        assert "(no_tracer;" in str(e) and '"tracer_check":false' in str(e)
+        # The host rewrites the worker's protections after it hashed them.
+        n = c.challenge(b.key_id)
+        body = w.request(b.key_id, n, d, protections=_prot(tracer_check=False))
+        body["protections"] = _prot().decode()
+        assert _refused(lambda: c.release(body)).code == "evidence_invalid"
+        for bad in (b'{"seccomp": true}', b"[]", b"{", _prot()[:-1] + b',"x":[1]}'):
+            assert _refused(lambda b=bad: attempt(protections=b)).code == "protections_malformed"
+        resp = attempt(protections=_prot())
+        assert w.unwrap(resp, b.key_id) == b.data_key
+    with _admin(server) as a:
+        rows = a.audit(b.key_id)
+        assert rows[-1]["decision"] == "granted"
+        assert ("protections " + _prot().decode()) in rows[-1]["detail"]
+        assert any(
+            r["reason"] == "protections_missing" and '"tracer_check":false' in r["detail"]
+            for r in rows
+        )
+        # Without a requirement, a worker that reports none still gets its key (v1).
+        a.set_policy(b.key_id, {"require_protections": []})
+    with KeyServerClient(server.url) as c:
+        assert w.unwrap(c.release(w.request(b.key_id, c.challenge(b.key_id), d)), b.key_id)
+
+
+def test_require_protections_policy_is_validated():
+    ok = ev.Policy.from_json({"require_protections": ["memfd_secret", "seccomp"]})
+    assert ok.require_protections == ["memfd_secret", "seccomp"]
+    for bad in (["seccomp", "seccomp"], ["root_proof"], "seccomp", [1], None):
+        with pytest.raises(ValueError, match="require_protections"):
+            ev.Policy.from_json({"require_protections": bad})
+    from ennclave.errors import InputError
+    from ennclave.keyserver.cli import _protection_names
+
+    assert _protection_names("seccomp, no_tracer") == ["seccomp", "no_tracer"]
+    assert _protection_names("none") == []
+    for bad in ("", "seccomp,seccomp", "nope"):
+        with pytest.raises(InputError, match="--require-protections"):
+            _protection_names(bad)
 
 
 def test_policy_checks_software_default_off_expiry_clients(registered, server):
@@ -385,6 +461,32 @@ def test_worker_end_to_end_revoke_then_next_start_fails(registered, server):
             ennclave.load(b.path, keyserver=server.url)
         assert e.value.status == 403
         assert a.audit(b.key_id)[-1]["reason"] == "revoked"
+
+
+@needs_worker
+def test_real_worker_reports_its_protections_and_a_policy_can_require_them(registered, server):
+    """The worker's own protections meet a policy that requires what a native worker
+    has; the audit row and the client both record them; one it lacks refuses the key."""
+    have = ["locked_memory", "seccomp", "no_tracer", "environment_check", "non_dumpable"]
+    b = registered(allow_software=True, require_protections=have)
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    with ennclave.load(b.path, keyserver=server.url) as m:
+        np.testing.assert_allclose(m.predict(x), reference(b.weights, x), rtol=1e-5, atol=1e-5)
+        prot, secmem = m.worker.protections, m.worker.ready.secmem
+    assert prot["seccomp"] is True and prot["tracer_check"] is True
+    assert prot["secret_memory"] == secmem
+    with _admin(server) as a:
+        assert ("protections " + ev.canonical_json(prot).decode()) in a.audit(b.key_id)[-1][
+            "detail"
+        ]
+        lacking = "mapping_check" if not prot["mapping_check"] else None
+        lacking = lacking or ("static_binary" if not prot["static_binary"] else None)
+        if lacking is None:
+            pytest.skip("this worker has every protection there is")
+        a.set_policy(b.key_id, {"require_protections": [*have, lacking]})
+    with pytest.raises(KeyReleaseRefused, match=f"lacks protection.*{lacking}") as e:
+        ennclave.load(b.path, keyserver=server.url)
+    assert e.value.code == "protections_missing"
 
 
 @needs_worker

@@ -598,3 +598,33 @@ def test_tsm_evidence_needs_a_confidential_vm(enclave_bundle):
         for fd in (*r, *w):
             os.close(fd)
     assert run.returncode == 2 and "configfs-tsm" in run.stderr, run.stderr
+
+
+# The HELLO of a protocol-2 worker (before EVIDENCE carried protections), byte for byte:
+# version 2, public key, binary hash, secret-memory backing; nothing after it.
+V2_HELLO = struct.pack("<IB", 1 + 4 + 64 + 4 + 12, wmod.HELLO) + struct.pack("<I", 2)
+V2_HELLO += b"\x01" * 32 + b"\x02" * 32 + struct.pack("<I", 12) + b"memfd_secret"
+
+
+def test_an_older_workers_hello_is_refused_with_its_version(enclave_bundle, tmp_path):
+    """A worker of protocol 2 (its HELLO replayed byte for byte by a stand-in that the
+    host starts as it starts the worker) gets one clear sentence, not a parse error."""
+    old = tmp_path / "old-worker"
+    old.write_text(
+        "#!/usr/bin/env python3\n"
+        "import os, sys, time\n"
+        "fd = int(sys.argv[sys.argv.index('--ctl-fd') + 1])\n"
+        f"os.write(fd, {V2_HELLO!r})\n"
+        "time.sleep(5)\n"
+    )
+    old.chmod(0o755)
+    with pytest.raises(WorkerError, match="speaks protocol 2, this ennclave speaks 3") as e:
+        wmod.WorkerClient(
+            (enclave_bundle.path / "manifest.json").read_bytes(),
+            enclave_bundle.path / "private.sealed",
+            wmod.local_key_release(Keystore(enclave_bundle.keystore), enclave_bundle.key_id),
+            in_len=IN,
+            out_len=OUT,
+            binary=old,
+        )
+    assert e.value.code == wmod.E_PROTOCOL

@@ -265,8 +265,15 @@ def test_keras_hub_padding_mask_from_the_ids(tmp_path):
     split_model(adapter, cut.index, tmp_path / "b", keystore=tmp_path / "ks.json", n_random=4)
     with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
         np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
-    # Between blocks the mask would be a second tensor crossing the cut: no cut there.
-    assert "block0" not in {c.tensor.name for c in find_cut_points(adapter.graph)}
+    # Between blocks the ids cross the cut beside the residual stream, and the enclave
+    # computes the mask again from them.
+    (between,) = [c for c in find_cut_points(adapter.graph) if c.tensor.name == "block0"]
+    assert [t.name for t in between.extra_inputs] == ["ids"]
+    program = optimize(adapter.lower_private(between))
+    assert [t.name for t in program.inputs] == ["block0", "ids"]
+    split_model(adapter, between.index, tmp_path / "c", keystore=tmp_path / "ks.json", n_random=4)
+    with ennclave.load(tmp_path / "c", keystore=tmp_path / "ks.json") as m:
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_onnx_integer_arithmetic_on_ids_is_refused(tmp_path):

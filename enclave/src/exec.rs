@@ -4,6 +4,10 @@
 //! reused once the tensors in them are dead), allocates them in secret memory,
 //! builds a persistent thread pool and does one warm-up run, so `run` itself never
 //! allocates or spawns threads.
+//!
+//! A program with several graph inputs takes them packed per sample (sample i's
+//! first input, then its second, ...: what the host writes into the shared region);
+//! `run_in_place` first copies each input's part into that input's own buffer.
 
 use std::sync::Arc;
 
@@ -25,7 +29,12 @@ struct State {
     loc: Vec<Loc>,
     slots: Vec<Option<SecretBuf<f32>>>,
     scratch: SecretBuf<f32>,
-    input: usize,
+    /// The graph inputs (tensor indices, in declaration order).
+    inputs: Vec<usize>,
+    /// With several inputs: the packed per-sample input (`max_batch × in_len`).
+    packed: Option<SecretBuf<f32>>,
+    /// Floats per sample of all inputs together.
+    in_len: usize,
     output: usize,
     threads: usize,
     /// Nodes that move no data (see `aliases`): their output is their input's buffer.
@@ -141,9 +150,12 @@ impl Executor {
             }
             warm_caps[s] = warm_caps[s].max(need);
         };
-        let s = take_slot(size(program.input)?, &mut caps, &mut free);
-        loc[program.input] = Loc::Slot(s);
-        note_warm(s, program.input);
+        // Every input gets its own slot before any is released, so no two share one.
+        for &t in &program.inputs {
+            let s = take_slot(size(t)?, &mut caps, &mut free);
+            loc[t] = Loc::Slot(s);
+            note_warm(s, t);
+        }
         let mut scratch_len = 0usize;
         let mut warm_scratch = 0usize;
         // `t` is a root tensor whose last reader has run.
@@ -154,8 +166,10 @@ impl Executor {
                 }
             }
         };
-        if last_use[program.input].is_none() {
-            release(program.input, &mut free, &loc);
+        for &t in &program.inputs {
+            if last_use[t].is_none() {
+                release(t, &mut free, &loc);
+            }
         }
         for (i, n) in nodes.iter().enumerate() {
             let t = n.output;
@@ -219,6 +233,25 @@ impl Executor {
                 "cannot allocate {scratch_len} floats of scratch ({e})"
             ))
         })?;
+        let in_len = program
+            .inputs
+            .iter()
+            .map(|&t| tensors[t].sample_len())
+            .try_fold(0usize, usize::checked_add)
+            .ok_or_else(|| Error("the program's inputs are too large".into()))?;
+        let packed = if program.inputs.len() > 1 {
+            let n = in_len
+                .checked_mul(max_batch)
+                .filter(|&v| v <= isize::MAX as usize / 8)
+                .ok_or_else(|| Error(format!("the inputs are too large for batch {max_batch}")))?;
+            let mut b = SecretBuf::<f32>::new(n)
+                .map_err(|e| Error(format!("cannot allocate {n} floats for the inputs ({e})")))?;
+            let w = (in_len * warm).min(n);
+            prefault(&mut b[..w]);
+            Some(b)
+        } else {
+            None
+        };
         let pool = Arc::new(
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -234,7 +267,9 @@ impl Executor {
                 loc,
                 slots,
                 scratch,
-                input: program.input,
+                inputs: program.inputs.clone(),
+                packed,
+                in_len,
                 output: program.output,
                 threads,
                 skip,
@@ -267,9 +302,15 @@ impl Executor {
         Ok(ex)
     }
 
-    /// Per-sample input shape (batch dim excluded).
+    /// Per-sample shape of the first input (batch dim excluded).
     pub fn input_shape(&self) -> &[usize] {
-        &self.state.tensors[self.state.input].dims
+        &self.state.tensors[self.state.inputs[0]].dims
+    }
+
+    /// Per-sample shape of every input, in declaration order.
+    pub fn input_shapes(&self) -> Vec<&[usize]> {
+        let s = &self.state;
+        s.inputs.iter().map(|&t| &s.tensors[t].dims[..]).collect()
     }
 
     /// Per-sample output shape (batch dim excluded).
@@ -277,8 +318,9 @@ impl Executor {
         &self.state.tensors[self.state.output].dims
     }
 
+    /// Floats per sample of all inputs together.
     pub fn input_len_per_sample(&self) -> usize {
-        self.state.tensors[self.state.input].sample_len()
+        self.state.in_len
     }
 
     pub fn output_len_per_sample(&self) -> usize {
@@ -301,13 +343,19 @@ impl Executor {
     }
 
     /// The private input buffer for a batch of `batch` (`batch × input_len_per_sample()`
-    /// floats): fill it, then call [`Executor::run_in_place`]. Saves the copy `run`
-    /// makes when the caller can write its input straight here.
+    /// floats; several inputs packed per sample): fill it, then call
+    /// [`Executor::run_in_place`]. Saves the copy `run` makes when the caller can write
+    /// its input straight here.
     pub fn input_mut(&mut self, batch: usize) -> Result<&mut [f32], Error> {
         self.check_batch(batch)?;
         let n = self.input_len_per_sample() * batch;
         let s = &mut self.state;
-        let Loc::Slot(si) = s.loc[s.input] else {
+        if let Some(p) = s.packed.as_deref_mut() {
+            return p
+                .get_mut(..n)
+                .ok_or_else(|| Error("internal: packed input buffer".into()));
+        }
+        let Loc::Slot(si) = s.loc[s.inputs[0]] else {
             return err("internal: input location");
         };
         s.slots
@@ -321,6 +369,7 @@ impl Executor {
     /// output (`batch × output_len_per_sample()` floats), valid until the next call.
     pub fn run_in_place(&mut self, batch: usize) -> Result<&[f32], Error> {
         self.check_batch(batch)?;
+        self.state.unpack_inputs(batch)?;
         let state = &mut self.state;
         self.pool.install(|| state.run_nodes(batch))?;
         let s = &self.state;
@@ -433,6 +482,35 @@ fn view<'a>(
 }
 
 impl State {
+    /// With several inputs: copy each input's part of every packed sample into the
+    /// input's own buffer.
+    fn unpack_inputs(&mut self, batch: usize) -> Result<(), Error> {
+        let Some(packed) = self.packed.as_deref() else {
+            return Ok(());
+        };
+        let mut off = 0;
+        for &t in &self.inputs {
+            let len = self.tensors[t].sample_len();
+            let Loc::Slot(si) = self.loc[t] else {
+                return err("internal: input location");
+            };
+            let Some(dst) = self
+                .slots
+                .get_mut(si)
+                .and_then(|b| b.as_deref_mut())
+                .and_then(|b| b.get_mut(..len * batch))
+            else {
+                return err("internal: input buffer");
+            };
+            for (i, d) in dst.chunks_exact_mut(len).enumerate() {
+                let at = i * self.in_len + off;
+                d.copy_from_slice(&packed[at..at + len]);
+            }
+            off += len;
+        }
+        Ok(())
+    }
+
     fn run_nodes(&mut self, batch: usize) -> Result<(), Error> {
         for i in 0..self.nodes.len() {
             self.node(i, batch)?;

@@ -40,31 +40,88 @@ fn backing_name(b: Backing) -> String {
     b.as_str().to_string()
 }
 
-/// Placeholder evidence: a hash binding the nonce to this worker's key and binary.
-/// Unauthenticated (anyone can compute it); a TEE backend will put the same hash into
-/// the report data of a hardware quote.
-fn evidence_report(nonce: &[u8; 32], pubkey: &[u8; 32], bin: &[u8; 32]) -> Vec<u8> {
+/// The evidence hash (docs/attestation.md): the nonce bound to this worker's key, its
+/// binary and the protections it reports. The software report is this hash itself
+/// (anyone can compute it); a hardware report carries it in its REPORT_DATA, so there
+/// neither the key nor the protections can be rewritten by the host.
+fn evidence_report(
+    nonce: &[u8; 32],
+    pubkey: &[u8; 32],
+    bin: &[u8; 32],
+    protections: &[u8],
+) -> Vec<u8> {
     let mut h = Sha256::new();
-    h.update(b"ennclave evidence v1\0");
+    h.update(b"ennclave evidence v2\0");
     h.update(nonce);
     h.update(pubkey);
     h.update(bin);
+    h.update(Sha256::digest(protections));
     h.finalize().to_vec()
+}
+
+/// What protects this worker's secrets, as EVIDENCE reports it (issue #14, item 3;
+/// docs/key-release.md "Protections"): canonical JSON (keys sorted, no spaces), so
+/// that the key server can check it byte for byte against the evidence hash.
+///
+/// * `secret_memory` — the backing every secret buffer has had and will have
+///   (`secmem::commit`, which also makes the worker refuse anything weaker from now
+///   on): `memfd_secret`, `mlock` or `anonymous`;
+/// * `seccomp` — the filter goes on before the first INFER (or the worker exits):
+///   native only;
+/// * `tracer_check` — TracerPid was read as 0 at start, and is checked again before
+///   the key is unwrapped;
+/// * `environment_check`, `mapping_check`, `non_dumpable` — the start-up checks of
+///   main.rs and `sandbox::harden_process`;
+/// * `static_binary` — linked without a dynamic loader;
+/// * `platform` — `native`, `gramine-direct` or `gramine-sgx`.
+fn protections() -> Result<String, Fatal> {
+    let mem = crate::secmem::commit().map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
+    Ok(protections_json(
+        crate::sandbox::startup(),
+        mem,
+        platform::current(),
+    ))
+}
+
+fn protections_json(
+    s: crate::sandbox::StartupChecks,
+    mem: Backing,
+    p: platform::Platform,
+) -> String {
+    // Fixed key order (alphabetical), values are booleans and fixed ASCII names only.
+    format!(
+        "{{\"environment_check\":{},\"mapping_check\":{},\"non_dumpable\":{},\
+         \"platform\":\"{}\",\"seccomp\":{},\"secret_memory\":\"{}\",\
+         \"static_binary\":{},\"tracer_check\":{}}}",
+        s.environment,
+        s.mappings,
+        s.non_dumpable,
+        p.name(),
+        !p.is_gramine(),
+        mem.as_str(),
+        crate::sandbox::STATIC_BINARY,
+        s.tracer,
+    )
 }
 
 /// Product of the non-batch dims of the single tensor spec in `specs` (manifest).
 fn manifest_len(m: &Value, part: &str, which: &str) -> Option<usize> {
-    let shape = m
-        .get(part)?
-        .get(which)?
-        .as_array()?
-        .first()?
-        .get("shape")?
-        .as_array()?;
-    shape
+    manifest_lens(m, part, which)?.first().copied()
+}
+
+/// Values per sample of every spec in `m[part][which]` (None if any is malformed).
+fn manifest_lens(m: &Value, part: &str, which: &str) -> Option<Vec<usize>> {
+    let specs = m.get(part)?.get(which)?.as_array()?;
+    specs
         .iter()
-        .skip(1)
-        .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+        .map(|spec| {
+            spec.get("shape")?
+                .as_array()?
+                .iter()
+                .skip(1)
+                .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize))
+        })
+        .collect()
 }
 
 /// A loaded program, ready to serve.
@@ -186,14 +243,16 @@ fn receive(
         };
         match msg {
             Msg::Challenge { nonce } => {
-                let (kind, report) =
-                    platform::evidence(&evidence_report(&nonce, &me.pubkey, &me.bin))?;
+                let protections = protections()?;
+                let h = evidence_report(&nonce, &me.pubkey, &me.bin, protections.as_bytes());
+                let (kind, report) = platform::evidence(&h)?;
                 write_msg(
                     ctl,
                     &Msg::Evidence {
                         nonce,
                         kind,
                         report,
+                        protections,
                     },
                 )?
             }
@@ -454,9 +513,12 @@ fn licence_required(manifest: &Value) -> Result<bool, Fatal> {
 }
 
 /// Just before the data key is unwrapped: no tracer attached (checked at start too;
-/// main.rs). Gramine's /proc may lack TracerPid: only natively is that a refusal.
+/// main.rs). Gramine's /proc may lack TracerPid: only natively, or where the start-up
+/// check could read it (and the evidence says `tracer_check`), is that a refusal.
 fn no_tracer() -> Result<(), Fatal> {
-    crate::sandbox::check_no_tracer(!platform::current().is_gramine())
+    let required = !platform::current().is_gramine() || crate::sandbox::startup().tracer;
+    crate::sandbox::check_no_tracer(required)
+        .map(|_| ())
         .map_err(|m| Fatal::new(code::SANDBOX, m))
 }
 
@@ -483,6 +545,8 @@ fn unlocked_memory_allowed(manifest: &Value) -> Result<bool, Fatal> {
 fn memory_fatal(code: u16, msg: String) -> Fatal {
     if msg.contains(crate::secmem::UNLOCKED_REFUSED) {
         Fatal::new(code::SANDBOX, crate::secmem::UNLOCKED_REFUSED)
+    } else if msg.contains(crate::secmem::SECRET_REFUSED) {
+        Fatal::new(code::SANDBOX, crate::secmem::SECRET_REFUSED)
     } else {
         Fatal::new(code, msg)
     }
@@ -597,10 +661,22 @@ fn load(
     trace("executor ready (buffers, thread pool, warm-up)");
     let in_len = exec.input_len_per_sample();
     let out_len = exec.output_len_per_sample();
-    for (part, which, have) in [
-        ("private", "inputs", in_len),
-        ("private", "outputs", out_len),
-    ] {
+    let in_lens: Vec<usize> = exec
+        .input_shapes()
+        .iter()
+        .map(|d| d.iter().product())
+        .collect();
+    if let Some(want) = manifest_lens(manifest, "private", "inputs") {
+        if want != in_lens {
+            return Err(Fatal::new(
+                code::MANIFEST,
+                format!(
+                    "manifest private.inputs has {want:?} values per sample but the program's inputs have {in_lens:?}"
+                ),
+            ));
+        }
+    }
+    for (part, which, have) in [("private", "outputs", out_len)] {
         if let Some(want) = manifest_len(manifest, part, which) {
             if want != have {
                 return Err(Fatal::new(
@@ -640,6 +716,13 @@ mod tests {
         assert_eq!(manifest_len(&m, "private", "huge"), None);
         assert_eq!(manifest_len(&m, "private", "missing"), None);
         assert_eq!(manifest_len(&m, "public", "inputs"), None);
+        let two: Value = serde_json::from_str(
+            r#"{"private":{"inputs":[{"shape":[null,8,16]},{"shape":[null,8]}],
+                "bad":[{"shape":[null,8]},{"shape":[null,-1]}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(manifest_lens(&two, "private", "inputs"), Some(vec![128, 8]));
+        assert_eq!(manifest_lens(&two, "private", "bad"), None);
     }
 
     #[test]
@@ -663,12 +746,45 @@ mod tests {
     }
 
     #[test]
-    fn evidence_binds_nonce_key_and_binary() {
-        let r = evidence_report(&[1; 32], &[2; 32], &[3; 32]);
+    fn evidence_binds_nonce_key_binary_and_protections() {
+        let p = br#"{"seccomp":true}"#;
+        let r = evidence_report(&[1; 32], &[2; 32], &[3; 32], p);
         assert_eq!(r.len(), 32);
-        assert_ne!(r, evidence_report(&[0; 32], &[2; 32], &[3; 32]));
-        assert_ne!(r, evidence_report(&[1; 32], &[0; 32], &[3; 32]));
-        assert_ne!(r, evidence_report(&[1; 32], &[2; 32], &[0; 32]));
+        assert_ne!(r, evidence_report(&[0; 32], &[2; 32], &[3; 32], p));
+        assert_ne!(r, evidence_report(&[1; 32], &[0; 32], &[3; 32], p));
+        assert_ne!(r, evidence_report(&[1; 32], &[2; 32], &[0; 32], p));
+        assert_ne!(r, evidence_report(&[1; 32], &[2; 32], &[3; 32], b"{}"));
+        // The test vector of docs/attestation.md (tests/test_attest.py checks it too).
+        let v = evidence_report(&[1; 32], &[2; 32], &[3; 32], b"{}");
+        let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "986fc2c37b97e2c57ea8f218b423012490f09a0506d731882795e03976ebbb8f"
+        );
+    }
+
+    #[test]
+    fn protections_are_canonical_json() {
+        let checks = crate::sandbox::StartupChecks {
+            environment: true,
+            ..Default::default()
+        };
+        let p = protections_json(checks, Backing::Mlocked, platform::Platform::Native);
+        let v: Value = serde_json::from_str(&p).unwrap();
+        let o = v.as_object().unwrap();
+        let keys: Vec<&String> = o.keys().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert_eq!(o.len(), 8);
+        assert!(!p.contains(' '));
+        assert!(
+            ["memfd_secret", "mlock", "anonymous"].contains(&o["secret_memory"].as_str().unwrap())
+        );
+        assert_eq!(o["platform"], "native");
+        assert_eq!(o["seccomp"], true);
+        // No start-up checks ran in this test process.
+        assert_eq!(o["tracer_check"], false);
     }
 
     /// Metered licences (a `query_budget`): never sealed into an offline key cache, and

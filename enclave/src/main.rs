@@ -233,11 +233,17 @@ fn main() -> ExitCode {
 /// The start-up checks: no dynamic-loader variable in the environment, no foreign
 /// code mapped (native only: Gramine's loader maps its own libraries into the
 /// process), no tracer (after `harden`, so none can attach later as the same user).
+/// What they did is recorded for the protections in the evidence (`sandbox::startup`).
 fn refuse_if_compromised(args: &Args) -> Result<(), String> {
     let native = !args.platform.is_gramine();
+    let mut done = sandbox::StartupChecks {
+        non_dumpable: native,
+        ..Default::default()
+    };
     // Under Gramine the environment is the measured manifest's (it sets LD_LIBRARY_PATH).
     let allowed: &[&str] = if native { &[] } else { &["LD_LIBRARY_PATH"] };
     sandbox::check_environment(std::env::vars_os().map(|(k, _)| k), allowed)?;
+    done.environment = true;
     if native {
         let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
             format!("the enclave worker cannot read /proc/self/maps ({e}); it refuses to run")
@@ -246,8 +252,11 @@ fn refuse_if_compromised(args: &Args) -> Result<(), String> {
             format!("the enclave worker cannot read /proc/self/exe ({e}); it refuses to run")
         })?;
         sandbox::check_mappings(&maps, &exe.to_string_lossy())?;
+        done.mappings = true;
     }
-    sandbox::check_no_tracer(native)
+    done.tracer = sandbox::check_no_tracer(native)?;
+    sandbox::record_startup(done);
+    Ok(())
 }
 
 /// The control stream and the shared region: inherited fds (native), or a TCP

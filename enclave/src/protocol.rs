@@ -18,7 +18,8 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: EVIDENCE carries the worker's protections, bound into its evidence hash.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Upper bound on one control frame (type byte + payload). Manifests are the largest.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -142,6 +143,9 @@ pub enum Msg {
         nonce: [u8; 32],
         kind: String,
         report: Vec<u8>,
+        /// What protects this worker's secrets (canonical JSON, handshake.rs
+        /// `protections`); its SHA-256 is part of the evidence hash.
+        protections: String,
     },
     ChunkOk {
         received: u64,
@@ -404,10 +408,12 @@ impl Msg {
                 nonce,
                 kind,
                 report,
+                protections,
             } => {
                 e.raw(nonce);
                 e.bytes(kind.as_bytes());
                 e.bytes(report);
+                e.bytes(protections.as_bytes());
             }
             Msg::Manifest { bytes } => e.bytes(bytes),
             Msg::SealedBegin { total_len } => e.u64(*total_len),
@@ -512,6 +518,7 @@ impl Msg {
                 nonce: c.arr32()?,
                 kind: c.string()?,
                 report: c.bytes()?,
+                protections: c.string()?,
             },
             ty::MANIFEST => Msg::Manifest { bytes: c.bytes()? },
             ty::SEALED_BEGIN => Msg::SealedBegin {
@@ -1037,6 +1044,7 @@ mod tests {
                 nonce: [3; 32],
                 kind: "none".into(),
                 report: vec![1, 2, 3],
+                protections: r#"{"seccomp":true}"#.into(),
             },
             Msg::Manifest {
                 bytes: b"{}".to_vec(),

@@ -63,14 +63,22 @@ where
 
 /// The only shared objects the worker links (`ldd`): the C library, libm, libgcc_s
 /// (unwinding) and the dynamic loader itself. They must come from the system library
-/// directories (LD_LIBRARY_PATH could supply a look-alike elsewhere).
-const ALLOWED_LIBS: &[&str] = &[
-    "libc.so.6",
-    "libm.so.6",
-    "libgcc_s.so.1",
-    "ld-linux-x86-64.so.2",
-    "ld-linux-aarch64.so.1",
-];
+/// directories (LD_LIBRARY_PATH could supply a look-alike elsewhere). A statically
+/// linked worker (`-C target-feature=+crt-static`) links none, so any shared object
+/// mapped into it is foreign.
+const ALLOWED_LIBS: &[&str] = if STATIC_BINARY {
+    &[]
+} else {
+    &[
+        "libc.so.6",
+        "libm.so.6",
+        "libgcc_s.so.1",
+        "ld-linux-x86-64.so.2",
+        "ld-linux-aarch64.so.1",
+    ]
+};
+/// This worker is linked statically: no dynamic loader runs in it.
+pub const STATIC_BINARY: bool = cfg!(target_feature = "crt-static");
 const SYSTEM_LIB_DIRS: &[&str] = &["/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/"];
 
 /// Refuse if any *executable* mapping in `maps` (the text of /proc/self/maps) is
@@ -106,10 +114,15 @@ pub fn check_mappings(maps: &str, exe: &str) -> Result<(), String> {
             } else {
                 path
             };
+            let expected = if STATIC_BINARY {
+                "only its own, statically linked binary is expected"
+            } else {
+                "only its own binary and the system's libc, libm, libgcc_s and dynamic loader \
+                 are expected"
+            };
             return Err(format!(
                 "the enclave worker refuses to run with foreign code mapped into it ({what}; \
-                 only its own binary and the system's libc, libm, libgcc_s and dynamic loader \
-                 are expected); start it through ennclave without LD_PRELOAD or LD_AUDIT"
+                 {expected}); start it through ennclave without LD_PRELOAD or LD_AUDIT"
             ));
         }
     }
@@ -129,12 +142,13 @@ pub fn tracer_pid(status: &str) -> Option<u32> {
 /// tracer that attached before it (e.g. one that started the worker with
 /// PTRACE_TRACEME), and a tracer can read and rewrite everything. `field_required`:
 /// a missing TracerPid (or an unreadable file) is refused too (native Linux always has
-/// it; Gramine's /proc may not).
-pub fn check_no_tracer(field_required: bool) -> Result<(), String> {
+/// it; Gramine's /proc may not). Ok(true): TracerPid was read and is 0; Ok(false): it
+/// could not be read (allowed here), so nothing was checked.
+pub fn check_no_tracer(field_required: bool) -> Result<bool, String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     match tracer_pid(&status) {
-        Some(0) => Ok(()),
-        None if !field_required => Ok(()),
+        Some(0) => Ok(true),
+        None if !field_required => Ok(false),
         Some(pid) => Err(format!(
             "the enclave worker refuses to run while process {pid} traces it (ptrace); start \
              it through ennclave, not under a debugger or tracer"
@@ -145,6 +159,32 @@ pub fn check_no_tracer(field_required: bool) -> Result<(), String> {
                 .into(),
         ),
     }
+}
+
+/// What the start-up checks did (main.rs), for the protections the worker reports in
+/// its evidence (handshake.rs `protections`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartupChecks {
+    /// `check_environment` passed.
+    pub environment: bool,
+    /// `check_mappings` passed (native only).
+    pub mappings: bool,
+    /// `check_no_tracer` read TracerPid 0 (and so will every later check).
+    pub tracer: bool,
+    /// `harden_process` ran (native only).
+    pub non_dumpable: bool,
+}
+
+static STARTUP: std::sync::OnceLock<StartupChecks> = std::sync::OnceLock::new();
+
+/// Record the start-up checks (once, in main.rs, before HELLO).
+pub fn record_startup(c: StartupChecks) {
+    let _ = STARTUP.set(c);
+}
+
+/// The start-up checks recorded by `record_startup` (none done until then).
+pub fn startup() -> StartupChecks {
+    STARTUP.get().copied().unwrap_or_default()
 }
 
 /// Non-dumpable, no core files, no new privileges.
@@ -402,7 +442,8 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         assert_eq!(tracer_pid("Name:\tx\n"), None);
         // This test process is not traced (unless run under a debugger).
         if tracer_pid(&std::fs::read_to_string("/proc/self/status").unwrap()) == Some(0) {
-            check_no_tracer(true).unwrap();
+            assert!(check_no_tracer(true).unwrap());
+            assert!(check_no_tracer(false).unwrap());
         }
     }
 

@@ -14,11 +14,40 @@
 //! memory (`private.memory: "unlocked-ok"`, see `allow_unlocked`).
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// Set from the authenticated manifest (`private.memory: "unlocked-ok"`) before any
 /// large secret is allocated; false (locked memory required) until then.
 static ALLOW_UNLOCKED: AtomicBool = AtomicBool::new(false);
+/// The weakest backing (`Backing::rank`) any secret buffer of this process has had.
+static WEAKEST: AtomicU8 = AtomicU8::new(2);
+/// The backing this worker has promised in its evidence (`commit`): no later secret
+/// buffer may be weaker. 0 (anonymous allowed) until the first EVIDENCE.
+static FLOOR: AtomicU8 = AtomicU8::new(0);
+
+/// The backing that every secret buffer of this worker has had and will have, which
+/// EVIDENCE reports (issue #14, item 3), and the promise to keep it: from now on a
+/// buffer that would be weaker is refused. Plain memory when the owner allowed it
+/// (`allow_unlocked`: a later buffer may need it), else the weaker of what the kernel
+/// gives now (`probe`) and what earlier buffers got.
+pub fn commit() -> std::io::Result<Backing> {
+    let b = if ALLOW_UNLOCKED.load(Ordering::SeqCst) {
+        Backing::Anonymous
+    } else {
+        let now = SecretBuf::<u8>::probe()?.rank();
+        Backing::from_rank(now.min(WEAKEST.load(Ordering::SeqCst)))
+    };
+    FLOOR.fetch_max(b.rank(), Ordering::SeqCst);
+    Ok(b)
+}
+
+/// The refusal when the worker promised memfd_secret memory (`commit`) and the kernel
+/// gives it no more.
+pub const SECRET_REFUSED: &str = "the enclave worker reported memfd_secret memory in its \
+    evidence but the kernel gives it no more (the locked-memory limit RLIMIT_MEMLOCK is \
+    too low for this program), so it refuses to unseal it; raise the limit (`ulimit -l \
+    unlimited` in the shell, or `LimitMEMLOCK=infinity` in a systemd unit) or ask the \
+    model owner for a bundle split with --allow-unlocked-memory";
 
 /// Let later allocations fall back to plain, swappable memory (the owner allowed it).
 pub fn allow_unlocked(yes: bool) {
@@ -53,6 +82,23 @@ pub enum Backing {
 }
 
 impl Backing {
+    /// Stronger is larger: plain memory 0, mlock 1, memfd_secret 2.
+    fn rank(self) -> u8 {
+        match self {
+            Backing::Anonymous => 0,
+            Backing::Mlocked => 1,
+            Backing::MemfdSecret => 2,
+        }
+    }
+
+    fn from_rank(r: u8) -> Backing {
+        match r {
+            0 => Backing::Anonymous,
+            1 => Backing::Mlocked,
+            _ => Backing::MemfdSecret,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Backing::MemfdSecret => "memfd_secret",
@@ -97,17 +143,22 @@ fn page_size() -> usize {
 impl<T: Pod> SecretBuf<T> {
     /// Allocate `len` zeroed elements. Tries memfd_secret, then mlock, then (only if
     /// the owner allowed it: `allow_unlocked`) plain memory; otherwise an error whose
-    /// text is [`UNLOCKED_REFUSED`].
+    /// text is [`UNLOCKED_REFUSED`]; never weaker than the evidence promised (`commit`:
+    /// else [`SECRET_REFUSED`]).
     pub fn new(len: usize) -> std::io::Result<Self> {
-        Self::alloc(len, ALLOW_UNLOCKED.load(Ordering::SeqCst))
+        let floor = FLOOR.load(Ordering::SeqCst);
+        let allow = ALLOW_UNLOCKED.load(Ordering::SeqCst) && floor == 0;
+        let b = Self::alloc(len, allow, floor)?;
+        WEAKEST.fetch_min(b.backing.rank(), Ordering::SeqCst);
+        Ok(b)
     }
 
-    /// Which backing this process gets now (for HELLO): never refuses.
+    /// Which backing this process gets now (for HELLO and `commit`): never refuses.
     pub fn probe() -> std::io::Result<Backing> {
-        Self::alloc(1, true).map(|b| b.backing)
+        Self::alloc(1, true, 0).map(|b| b.backing)
     }
 
-    fn alloc(len: usize, allow_unlocked: bool) -> std::io::Result<Self> {
+    fn alloc(len: usize, allow_unlocked: bool, floor: u8) -> std::io::Result<Self> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| std::io::Error::other("secret buffer size overflows"))?;
@@ -115,6 +166,9 @@ impl<T: Pod> SecretBuf<T> {
         let map_len = bytes.max(1).div_ceil(ps) * ps;
         if let Some(ptr) = Self::map_secret(map_len) {
             return Ok(Self::from_raw(ptr, len, map_len, Backing::MemfdSecret));
+        }
+        if floor >= Backing::MemfdSecret.rank() {
+            return Err(std::io::Error::other(SECRET_REFUSED));
         }
         // SAFETY: anonymous private mapping, no fd, kernel chooses the address.
         let ptr = unsafe {
@@ -280,6 +334,15 @@ mod tests {
         assert!(
             UNLOCKED_REFUSED.contains("ulimit -l") && UNLOCKED_REFUSED.contains("LimitMEMLOCK")
         );
+    }
+
+    #[test]
+    fn ranks_order_the_backings() {
+        for b in [Backing::Anonymous, Backing::Mlocked, Backing::MemfdSecret] {
+            assert_eq!(Backing::from_rank(b.rank()), b);
+        }
+        assert!(Backing::Anonymous.rank() < Backing::Mlocked.rank());
+        assert!(Backing::Mlocked.rank() < Backing::MemfdSecret.rank());
     }
 
     #[test]

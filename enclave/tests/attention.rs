@@ -144,3 +144,93 @@ fn gather_checks_every_id() {
     let bad = json.replace("int32", "int8");
     assert!(load_err(&bad, &[w("t", &[4, 2], vec![0.0; 8])]).contains("float32 (or int32/int64)"));
 }
+
+/// Several graph inputs: a cut tensor x [null, 2, 3] and a model input mask
+/// [null, 3] (1 = keep, 0 = pad, as a padding mask), packed per sample; an unused
+/// third input takes a slot but changes nothing. y = softmax(x + (mask − 1)·1e9).
+#[test]
+fn several_inputs_are_unpacked_per_sample() {
+    let json = r#"{"format": "ennclave-program", "version": 1,
+  "inputs": [{"name": "x", "shape": [null, 2, 3]},
+             {"name": "mask", "shape": [null, 3], "dtype": "int64"},
+             {"name": "unused", "shape": [null, 5]}],
+  "outputs": [{"name": "y", "shape": [null, 2, 3]}],
+  "nodes": [
+    {"name": "one", "op": "constant", "inputs": [], "outputs": ["one"], "weights": {"value": "one"}},
+    {"name": "big", "op": "constant", "inputs": [], "outputs": ["big"], "weights": {"value": "big"}},
+    {"name": "m1", "op": "sub", "inputs": ["mask", "one"], "outputs": ["m1"]},
+    {"name": "m2", "op": "mul", "inputs": ["m1", "big"], "outputs": ["m2"]},
+    {"name": "m3", "op": "reshape", "inputs": ["m2"], "outputs": ["m3"], "attrs": {"shape": [1, 3]}},
+    {"name": "p", "op": "softmax", "inputs": ["x", "m3"], "outputs": ["y"]}
+  ]}"#;
+    let c = container(
+        json,
+        &[w("one", &[1], vec![1.0]), w("big", &[1], vec![1e9])],
+    );
+    let (n, xl) = (3usize, 6usize);
+    let x = vals(n * xl, 3);
+    let masks = [[1.0f32, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]];
+    let mut packed = Vec::new();
+    for i in 0..n {
+        packed.extend_from_slice(&x[i * xl..(i + 1) * xl]);
+        packed.extend_from_slice(&masks[i]);
+        packed.extend_from_slice(&[9.0; 5]);
+    }
+    let p = Program::from_container(&c).unwrap();
+    assert_eq!(p.inputs, [0, 1, 2]);
+    for threads in [1, 2] {
+        let mut ex = ennclave_enclave::exec::Executor::new(&p, 4, threads).unwrap();
+        assert_eq!(ex.input_len_per_sample(), 6 + 3 + 5);
+        assert_eq!(ex.input_shapes(), [&[2usize, 3][..], &[3], &[5]]);
+        let mut got = vec![0.0f32; n * xl];
+        ex.run(&packed, n, &mut got).unwrap();
+        for i in 0..n {
+            for r in 0..2 {
+                let row = &x[i * xl + r * 3..i * xl + r * 3 + 3];
+                let keep = &masks[i];
+                let m = (0..3)
+                    .filter(|&j| keep[j] > 0.0)
+                    .map(|j| row[j] as f64)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = (0..3)
+                    .filter(|&j| keep[j] > 0.0)
+                    .map(|j| (row[j] as f64 - m).exp())
+                    .sum();
+                for j in 0..3 {
+                    let want = if keep[j] > 0.0 {
+                        (row[j] as f64 - m).exp() / z
+                    } else {
+                        0.0
+                    };
+                    let g = got[i * xl + r * 3 + j] as f64;
+                    assert!(
+                        (g - want).abs() < 1e-6,
+                        "sample {i} row {r} col {j}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn input_declarations_are_checked() {
+    let base = r#"{"format": "ennclave-program", "version": 1,
+  "inputs": INPUTS,
+  "outputs": [{"name": "y", "shape": [null, 3]}],
+  "nodes": [{"name": "a", "op": "add", "inputs": ["x", "x"], "outputs": ["y"]}]}"#;
+    let e = load_err(&base.replace("INPUTS", "[]"), &[]);
+    assert!(e.contains("1 to 16 inputs"), "{e}");
+    let twice = r#"[{"name": "x", "shape": [null, 3]}, {"name": "x", "shape": [null, 3]}]"#;
+    let e = load_err(&base.replace("INPUTS", twice), &[]);
+    assert!(e.contains("graph input \"x\" is declared twice"), "{e}");
+    let many = format!(
+        "[{}]",
+        (0..17)
+            .map(|i| format!(r#"{{"name": "x{i}", "shape": [null, 3]}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let e = load_err(&base.replace("INPUTS", &many), &[]);
+    assert!(e.contains("1 to 16 inputs"), "{e}");
+}

@@ -121,6 +121,7 @@ def build_manifest(
     cut: dict[str, Any],
     public: PublicSpec | None,
     private_inputs: list[dict[str, Any]],
+    model_inputs: list[dict[str, Any]] | None = None,
     private_outputs: list[dict[str, Any]],
     key_id: str,
     output_policy: dict[str, Any] | None = None,
@@ -147,7 +148,7 @@ def build_manifest(
         private["licence"] = LICENCE_REQUIRED
     if allow_unlocked_memory:
         private["memory"] = MEMORY_UNLOCKED_OK
-    return {
+    manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "created_by": f"ennclave {__version__}",
@@ -164,6 +165,12 @@ def build_manifest(
         "private": private,
         "output_policy": dict(output_policy or DEFAULT_OUTPUT_POLICY),
     }
+    if model_inputs is not None and len(model_inputs) > 1:
+        # Several model inputs: which the client passes (`predict([...])` or a dict by
+        # name); the public part takes those in public.inputs and the private part the
+        # cut tensor followed by those in private.inputs[1:] (docs/bundle.md).
+        manifest["inputs"] = model_inputs
+    return manifest
 
 
 # ------------------------------------------------------------------ writing

@@ -29,10 +29,12 @@ def infer_shapes(program: Program) -> Shapes:
     """Every tensor's shape, batch first as None, found by running the reference
     executor on one all-zero sample (exact for every op the format has, and one sample
     costs little next to verification)."""
-    (inp,) = program.inputs
-    x = np.zeros((1, *[int(d) for d in inp.shape[1:]]), dtype=np.float64)
-    values = {inp.name: x}
-    shapes: Shapes = {inp.name: (None, *x.shape[1:])}
+    values: dict[str, np.ndarray] = {}
+    shapes: Shapes = {}
+    for inp in program.inputs:
+        x = np.zeros((1, *[int(d) for d in inp.shape[1:]]), dtype=np.float64)
+        values[inp.name] = x
+        shapes[inp.name] = (None, *x.shape[1:])
     with np.errstate(all="ignore"):
         for node in program.nodes:
             y = np.asarray(run_node(node, [values[t] for t in node.inputs], program.weights))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ProgramError
+from .errors import InputError, ProgramError
 from .program import Program, ProgramNode, bf16_round
 
 _SELU_ALPHA = 1.6732632423543772
@@ -372,11 +372,51 @@ def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]
     raise ProgramError(f"Unknown op {op!r} in node {node.name!r}.")
 
 
-def execute(program: Program, x: np.ndarray, *, exact: bool = False) -> np.ndarray:
-    """Run `program` on a batch `x` (batch first); returns float32, rounded to float32
-    after every op as the format promises. `exact=True` keeps float64 throughout and
-    returns float64: the yardstick verification judges float32 results against."""
-    env: dict[str, np.ndarray] = {program.inputs[0].name: np.asarray(x, dtype=np.float64)}
+def program_inputs(program: Program, x: Any) -> list[np.ndarray]:
+    """`x` as one array per program input, in declaration order: an array (a
+    single-input program), a list or tuple in that order, or a dict by input name.
+    Each must have its declared shape (batch first) and the same batch."""
+    names = [t.name for t in program.inputs]
+    if isinstance(x, dict):
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise InputError(
+                f"The private part takes inputs {names}; {missing} missing from the dict."
+            )
+        xs = [x[n] for n in names]
+    elif isinstance(x, (list, tuple)):
+        xs = list(x)
+    else:
+        xs = [x]
+    if len(xs) != len(names):
+        raise InputError(
+            f"The private part takes {len(names)} input(s) {names}, got {len(xs)}; pass "
+            "one array per input (a list in this order, or a dict by name)."
+        )
+    arrays = [np.asarray(a) for a in xs]
+    n = arrays[0].shape[0] if arrays[0].ndim else 0
+    out = []
+    for spec, a in zip(program.inputs, arrays, strict=True):
+        want = tuple(int(d) for d in spec.shape[1:])
+        if a.ndim == 0 or a.shape[0] != n or a[:1].size != int(np.prod(want)):
+            raise InputError(
+                f"Private input {spec.name!r} has shape {a.shape}, expected "
+                f"({n}, {', '.join(map(str, want))}) (batch first, the same batch for every input)."
+            )
+        out.append(a.reshape((n, *want)))
+    return out
+
+
+def execute(program: Program, x: Any, *, exact: bool = False) -> np.ndarray:
+    """Run `program` on a batch `x` (batch first; several inputs as a list in the
+    program's order or a dict by name, see `program_inputs`); returns float32,
+    rounded to float32 after every op as the format promises. `exact=True` keeps
+    float64 throughout and returns float64: the yardstick verification judges float32
+    results against."""
+    env: dict[str, np.ndarray] = {}
+    for spec, a in zip(program.inputs, program_inputs(program, x), strict=True):
+        # Integer inputs travel as float32 values (docs/enclave-program.md).
+        env[spec.name] = np.asarray(a, dtype=np.float32).astype(np.float64)
     for node in program.nodes:
         args = [env[t] for t in node.inputs]
         q = program.quant.get(node.weights.get("kernel", ""))

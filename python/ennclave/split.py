@@ -25,7 +25,7 @@ from .bundle import (
     manifest_digest,
 )
 from .errors import InputError, VerificationError
-from .graph import CutPoint
+from .graph import CutPoint, input_ancestors
 from .passes import optimize
 from .plan import resolve_cut
 from .program import WEIGHT_DTYPES
@@ -93,7 +93,7 @@ def split_model(
             public = PublicSpec(
                 f"public{adapter.public_suffix}",
                 adapter.framework,
-                [t.to_json() for t in adapter.graph.inputs],
+                [t.to_json() for t in input_ancestors(adapter.graph, {point.tensor.name})],
                 [point.tensor.to_json()],
             )
             step("Saving the public part…")
@@ -127,6 +127,7 @@ def split_model(
             source=SourceSpec.of(adapter.path, adapter.framework),
             cut={"index": point.index, "name": point.name, "tensor": point.tensor.name},
             public=public,
+            model_inputs=[t.to_json() for t in adapter.graph.inputs],
             private_inputs=[t.to_json() for t in program.inputs],
             private_outputs=[t.to_json() for t in program.outputs],
             key_id=key_id,

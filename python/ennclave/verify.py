@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .adapters import ModelAdapter
 from .errors import InputError
-from .graph import CutPoint
+from .graph import CutPoint, input_ancestors
 from .program import Program
 from .reference import execute
 from .runtime.public import PublicPart
@@ -65,14 +66,49 @@ class Verification:
     accuracy_samples: int = 0
 
 
+def _probe_multi(
+    adapter: ModelAdapter, samples: Any, random: list[np.ndarray]
+) -> tuple[list[Any], str]:
+    """`probe_batches` for a model of several inputs: batches are lists of arrays in
+    model-input order; `samples` a list in that order or a dict by name."""
+    inputs = adapter.graph.inputs
+    if samples is None:
+        return [random], f"{len(random[0])} random inputs (adapter-made, per input)"
+    names = [t.name for t in inputs]
+    if isinstance(samples, dict):
+        if sorted(samples) != sorted(names):
+            raise InputError(f"The samples must be a dict with exactly the inputs {names}.")
+        samples = [samples[n] for n in names]
+    if not isinstance(samples, (list, tuple)) or len(samples) != len(names):
+        raise InputError(
+            f"The model takes {len(names)} inputs {names}; pass the samples as a list in "
+            "this order or a dict by name."
+        )
+    arrs = []
+    for t, a, r in zip(inputs, samples, random, strict=True):
+        a = np.asarray(a)
+        want = tuple(t.shape[1:])
+        if a.ndim == 0 or len(a) == 0 or tuple(a.shape[1:]) != want:
+            raise InputError(
+                f"The samples of input {t.name!r} have shape {a.shape} but the model takes "
+                f"(N, {', '.join(map(str, want))})."
+            )
+        arrs.append(a.astype(r.dtype))
+    if len({len(a) for a in arrs}) > 1:
+        raise InputError("The samples of the model's inputs have different batch sizes.")
+    return [arrs, random], f"{len(arrs[0])} samples given + {len(random[0])} random"
+
+
 def probe_batches(
-    adapter: ModelAdapter, samples: np.ndarray | None, n_random: int, seed: int
-) -> tuple[list[np.ndarray], str]:
+    adapter: ModelAdapter, samples: Any, n_random: int, seed: int
+) -> tuple[list[Any], str]:
     """The verification inputs and a sentence that says what they are: the user's
     samples first when given (plus random inputs scaled like them), else random inputs
-    in a realistic range."""
+    in a realistic range. A model of several inputs: each batch is a list of arrays."""
     rng = np.random.default_rng(seed)
     random = adapter.random_inputs(n_random, rng)
+    if len(adapter.graph.inputs) > 1:
+        return _probe_multi(adapter, samples, list(random))
     if samples is None:
         kind = "integer ids" if random.dtype.kind in "iu" else "uniform in [0, 1)"
         return [random], f"{len(random)} random inputs ({kind})"
@@ -92,6 +128,10 @@ def probe_batches(
         lo, hi = int(samples.min()), int(samples.max())
         random = rng.integers(lo, hi + 1, size=random.shape).astype(random.dtype)
     return [samples, random], f"{len(samples)} samples given + {len(random)} random like them"
+
+
+def _batch_len(x: Any) -> int:
+    return len(x[0]) if isinstance(x, (list, tuple)) else len(x)
 
 
 def _check_labels(labels: np.ndarray, samples: np.ndarray | None) -> np.ndarray:
@@ -119,13 +159,43 @@ def _saturated(outputs: np.ndarray) -> bool:
     return bool(pinned.mean() > 0.99)
 
 
+def split_feed(
+    adapter: ModelAdapter,
+    point: CutPoint,
+    program: Program,
+    x: Any,
+    public: PublicPart | None,
+) -> list[np.ndarray]:
+    """The enclave program's inputs for the model inputs `x` (an array, or a list in
+    model-input order): the public part's output (or, without one, the model input of
+    the same name), then the model inputs the private part reads, by name."""
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    by_name = {t.name: a for t, a in zip(adapter.graph.inputs, xs, strict=True)}
+    feed: list[np.ndarray] = []
+    for i, spec in enumerate(program.inputs):
+        if i == 0 and public is not None:
+            ins = [by_name[t.name] for t in input_ancestors(adapter.graph, {point.tensor.name})]
+            mid = public(ins[0] if len(ins) == 1 else ins)
+        elif spec.name in by_name:
+            mid = by_name[spec.name]
+        elif i == 0 and len(xs) == 1:
+            mid = xs[0]
+        else:
+            raise InputError(
+                f"The private program reads {spec.name!r}, which is no model input; this "
+                "is a bug in the adapter, please report it."
+            )
+        feed.append(np.asarray(mid, dtype=np.float32))
+    return feed
+
+
 def verify_split(
     adapter: ModelAdapter,
     point: CutPoint,
     program: Program,
     public_path: Path | None,
     *,
-    samples: np.ndarray | None = None,
+    samples: Any = None,
     tolerance: float = 1e-4,
     rtol: float = 1e-4,
     n_random: int = 16,
@@ -140,20 +210,25 @@ def verify_split(
         labels = _check_labels(labels, samples)
     batches, probe = probe_batches(adapter, samples, n_random, seed)
     public = (
-        PublicPart(public_path, adapter.framework, ["CPUExecutionProvider"])
+        PublicPart(
+            public_path,
+            adapter.framework,
+            ["CPUExecutionProvider"],
+            [t.name for t in input_ancestors(adapter.graph, {point.tensor.name})],
+        )
         if public_path
         else None
     )
     expected_all, got_all, mids, shipped_all = [], [], [], []
     for x in batches:
         expected = np.asarray(adapter.predict(x))
-        mid = public(x) if public is not None else x
-        got = execute(program, np.asarray(mid, dtype=np.float32))
+        mid = split_feed(adapter, point, program, x, public)
+        got = execute(program, mid)
         if quantised is not None:
-            shipped_all.append(execute(quantised, np.asarray(mid, dtype=np.float32)))
+            shipped_all.append(execute(quantised, mid))
         if got.shape != expected.shape:
             return Verification(
-                float("inf"), float("inf"), sum(map(len, batches)), tolerance, False, rtol,
+                float("inf"), float("inf"), sum(map(_batch_len, batches)), tolerance, False, rtol,
                 probe=probe,
                 warnings=[f"the split's output shape {got.shape} is not the original's "
                           f"{expected.shape}"],
@@ -200,9 +275,7 @@ def verify_split(
         v.passed = True
         return v
     # Over the tolerance: is it the split, or float32 itself? Judge both against float64.
-    exact = np.concatenate(
-        [execute(program, np.asarray(m, dtype=np.float32), exact=True) for m in mids]
-    )
+    exact = np.concatenate([execute(program, m, exact=True) for m in mids])
     split64 = float(np.abs(got - exact).max())
     framework64 = float(np.abs(expected - exact).max())
     v.split_vs_float64, v.framework_vs_float64 = split64, framework64

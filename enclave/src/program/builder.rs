@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 
 use super::json::{checked_product, list, obj, pos, string};
 use super::{
-    fail, Built, Error, Node, Op, TensorMeta, WRef, FORMAT, MAX_NODES, MAX_RANK, VERSION, WALIGN,
+    fail, Built, Error, Node, Op, TensorMeta, WRef, FORMAT, MAX_INPUTS, MAX_NODES, MAX_RANK,
+    VERSION, WALIGN,
 };
 use crate::ops::binary::BinKind;
 use crate::secmem::SecretBuf;
@@ -80,7 +81,7 @@ impl<'a> NodeCtx<'a> {
     }
 }
 
-/// The graph so far: its tensors (the input first), their names, the nodes.
+/// The graph so far: its tensors (the inputs first), their names, the nodes.
 struct Graph {
     tensors: Vec<TensorMeta>,
     by_name: HashMap<String, usize>,
@@ -199,18 +200,25 @@ impl<'d> Builder<'d> {
     /// Validate the graph `g`; in copy mode also returns the used weights, copied.
     pub(super) fn build(mut self, g: &Value) -> Result<(Built, Option<SecretBuf<f32>>), Error> {
         let g = obj(g, "program.json")?;
-        let (nodes, (in_name, in_dims), (out_name, out_dims)) = header(g)?;
+        let (nodes, ins, (out_name, out_dims)) = header(g)?;
         let mut graph = Graph {
-            tensors: vec![TensorMeta {
-                name: in_name.clone(),
-                dims: in_dims,
-                batched: true,
-                constant: None,
-            }],
+            tensors: Vec::with_capacity(ins.len() + nodes.len()),
             by_name: HashMap::new(),
             nodes: Vec::with_capacity(nodes.len()),
         };
-        graph.by_name.insert(in_name, 0);
+        for (in_name, in_dims) in ins {
+            if graph.by_name.contains_key(&in_name) {
+                return fail(format!("graph input {in_name:?} is declared twice"));
+            }
+            graph.by_name.insert(in_name.clone(), graph.tensors.len());
+            graph.tensors.push(TensorMeta {
+                name: in_name,
+                dims: in_dims,
+                batched: true,
+                constant: None,
+            });
+        }
+        let num_inputs = graph.tensors.len();
         for (i, nv) in nodes.iter().enumerate() {
             self.add_node(&mut graph, i, nv)?;
         }
@@ -218,6 +226,7 @@ impl<'d> Builder<'d> {
         let built = Built {
             tensors: graph.tensors,
             nodes: graph.nodes,
+            num_inputs,
             output,
         };
         if self.base.is_some() {
@@ -250,7 +259,7 @@ impl<'d> Builder<'d> {
                 Some(&id) => in_ids.push(id),
                 None => {
                     return ctx.e(format!(
-                        "input {t:?} is not defined by an earlier node or the graph input"
+                        "input {t:?} is not defined by an earlier node or a graph input"
                     ))
                 }
             }
@@ -365,9 +374,9 @@ impl<'d> Builder<'d> {
     }
 }
 
-/// The graph header: format and version, then the node list and the input and
-/// output declarations (exactly one each).
-fn header(g: &Map<String, Value>) -> Result<(&Vec<Value>, Decl, Decl), Error> {
+/// The graph header: format and version, then the node list, the input declarations
+/// (one or more, at most [`MAX_INPUTS`]) and the output declaration (exactly one).
+fn header(g: &Map<String, Value>) -> Result<(&Vec<Value>, Vec<Decl>, Decl), Error> {
     if g.get("format").and_then(Value::as_str) != Some(FORMAT)
         || g.get("version").and_then(Value::as_u64) != Some(VERSION)
     {
@@ -379,9 +388,9 @@ fn header(g: &Map<String, Value>) -> Result<(&Vec<Value>, Decl, Decl), Error> {
     }
     let inputs = list(g.get("inputs").unwrap_or(&Value::Null), "\"inputs\"")?;
     let outputs = list(g.get("outputs").unwrap_or(&Value::Null), "\"outputs\"")?;
-    if inputs.len() != 1 || outputs.len() != 1 {
+    if inputs.is_empty() || inputs.len() > MAX_INPUTS || outputs.len() != 1 {
         return fail(format!(
-            "version 1 programs have exactly one input and one output (got {} and {})",
+            "version 1 programs have 1 to {MAX_INPUTS} inputs and exactly one output (got {} and {})",
             inputs.len(),
             outputs.len()
         ));
@@ -390,9 +399,12 @@ fn header(g: &Map<String, Value>) -> Result<(&Vec<Value>, Decl, Decl), Error> {
     if nodes.len() > MAX_NODES {
         return fail(format!("too many nodes ({})", nodes.len()));
     }
-    let (in_name, in_dims) = tensor_decl(&inputs[0], "input")?;
+    let ins = inputs
+        .iter()
+        .map(|v| tensor_decl(v, "input"))
+        .collect::<Result<Vec<_>, _>>()?;
     let (out_name, out_dims) = tensor_decl(&outputs[0], "output")?;
-    Ok((nodes, (in_name, in_dims), (out_name, out_dims)))
+    Ok((nodes, ins, (out_name, out_dims)))
 }
 
 /// The graph output `out_name`, which must be a batched tensor of per-sample dims

@@ -57,6 +57,9 @@ pub const MAX_SAMPLE_ELEMS: usize = 1 << 28;
 /// Largest single dimension / window / stride / dilation / padding value.
 pub const MAX_DIM: usize = 1 << 24;
 pub const MAX_NODES: usize = 100_000;
+/// Most graph inputs a program may declare (the cut tensor plus model inputs such as
+/// a padding mask and segment ids).
+pub const MAX_INPUTS: usize = 16;
 
 /// A program or execution error, with a message meant for the user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,11 +240,12 @@ impl Weights {
     }
 }
 
-/// A validated program: nodes in execution order, tensor metadata, weights.
+/// A validated program: nodes in execution order, tensor metadata, weights. The
+/// graph inputs are tensors `0..inputs.len()`, in declaration order.
 pub struct Program {
     pub tensors: Vec<TensorMeta>,
     pub nodes: Vec<Node>,
-    pub input: usize,
+    pub inputs: Vec<usize>,
     pub output: usize,
     pub(crate) weights: Arc<Weights>,
 }
@@ -340,8 +344,14 @@ impl Program {
         matches!(*self.weights, Weights::Container(_))
     }
 
+    /// The first graph input (the only one of a single-input program).
     pub fn input_meta(&self) -> &TensorMeta {
-        &self.tensors[self.input]
+        &self.tensors[self.inputs[0]]
+    }
+
+    /// Every graph input, in declaration order.
+    pub fn input_metas(&self) -> impl Iterator<Item = &TensorMeta> {
+        self.inputs.iter().map(|&t| &self.tensors[t])
     }
 
     pub fn output_meta(&self) -> &TensorMeta {
@@ -383,6 +393,7 @@ const WALIGN: usize = 16;
 struct Built {
     tensors: Vec<TensorMeta>,
     nodes: Vec<Node>,
+    num_inputs: usize,
     output: usize,
 }
 
@@ -391,7 +402,7 @@ impl Built {
         Program {
             tensors: self.tensors,
             nodes: self.nodes,
-            input: 0,
+            inputs: (0..self.num_inputs).collect(),
             output: self.output,
             weights: Arc::new(weights),
         }

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._deps import require
 from ..errors import ModelLoadError, UnsupportedOpError
-from ..graph import CutPoint, GraphView, Node, TensorInfo
+from ..graph import CutPoint, GraphView, Node, TensorInfo, input_ancestors
 from ..program import Program, ProgramBuilder, activation
 from .base import ModelAdapter, Translators
 
@@ -164,6 +164,10 @@ def _load_keras_file(path: Path) -> Any:
     )
 
 
+# Layers that take a 0/1 padding mask the enclave can lower (into softmax's key mask).
+MASK_READERS = {"TransformerEncoder"}
+
+
 class KerasAdapter(ModelAdapter):
     framework = "keras"
     public_suffix = ".keras"
@@ -203,7 +207,40 @@ class KerasAdapter(ModelAdapter):
             outputs=[self._tensor_info[n] for n in outputs],
             nodes=self._nodes,
             tensors=self._tensor_info,
+            passthrough=self._passthrough(inputs),
         )
+
+    def _passthrough(self, inputs: list[str]) -> set[str]:
+        """Tensors that may cross a cut beside the cut tensor (GraphView.passthrough):
+        the model inputs of a model of several inputs and integer inputs (token ids,
+        padding masks: transformer blocks read them again after the embeddings), and
+        the 0/1 masks `keras.ops.(not_)equal` computes from them, which the private
+        side recomputes from the ids. A single float input is not passed through:
+        its cut points stay as they were."""
+        info = self._tensor_info
+        through = {
+            n for n in inputs if len(inputs) > 1 or any(k in info[n].dtype for k in ("int", "bool"))
+        }
+        readers: dict[str, set[str]] = {}
+        for node in self._nodes:
+            for t in node.inputs:
+                readers.setdefault(t, set()).add(node.op_type)
+        for node in self._nodes:
+            # Only masks that go to layers the enclave masks with: a Keras mask
+            # (Embedding(mask_zero=True)) travelling into other layers stays public.
+            if (
+                node.op_type in ("NotEqual", "Equal")
+                and node.inputs
+                and all(t in through for t in node.inputs)
+                and all(readers.get(t, set()) <= MASK_READERS for t in node.outputs)
+            ):
+                through.update(node.outputs)
+        # A model input a Keras mask is computed from, where that mask stays public,
+        # is not passed through either: the mask would cross the cut with it.
+        for node in self._nodes:
+            if node.op_type in ("NotEqual", "Equal") and not set(node.outputs) <= through:
+                through.difference_update(t for t in node.inputs if t in inputs)
+        return through
 
     # -- flattening -----------------------------------------------------------------
     @staticmethod
@@ -309,29 +346,61 @@ class KerasAdapter(ModelAdapter):
             if getattr(n.handle, "weights", None)
         }
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        if isinstance(x, (list, tuple)) and len(x) == 1:
+            x = x[0]
         return np.asarray(self.model(x, training=False), dtype=np.float32)
 
-    def random_inputs(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        (inp,) = self._graph.inputs
+    def _vocabulary(self, tensor: str) -> int:
+        """The smallest table an integer input indexes (2 if no embedding reads it)."""
+        sizes = []
+        for node in self._nodes:
+            if tensor in node.inputs:
+                layer = node.handle
+                for attr in ("input_dim", "vocabulary_size"):
+                    if isinstance(getattr(layer, attr, None), int):
+                        sizes.append(int(getattr(layer, attr)))
+                        break
+        return min(sizes, default=2)
+
+    def _random_input(self, inp: TensorInfo, n: int, rng: np.random.Generator) -> np.ndarray:
         shape = (n, *[int(d or 1) for d in inp.shape[1:]])
+        if "bool" in inp.dtype or ("int" in inp.dtype and "mask" in inp.name.lower()):
+            # A padding mask: each sample keeps a random-length prefix (at least one).
+            keep = rng.integers(1, shape[-1] + 1, size=(n, *shape[1:-1], 1))
+            return (np.arange(shape[-1]) < keep).astype(inp.dtype)
         if "int" in inp.dtype:
-            vocab = min(
-                (int(n.handle.input_dim) for n in self._nodes if n.op_type == "Embedding"),
-                default=2,
-            )
+            vocab = self._vocabulary(inp.name)
+            if len(self._graph.inputs) == 1:  # as before: the smallest table of all
+                vocab = min(
+                    (int(m.handle.input_dim) for m in self._nodes if m.op_type == "Embedding"),
+                    default=vocab,
+                )
             return rng.integers(0, vocab, size=shape).astype(inp.dtype)
         return rng.random(shape, dtype=np.float32)  # see ModelAdapter.random_inputs
 
+    def random_inputs(self, n: int, rng: np.random.Generator) -> Any:
+        """One array, or a list in model-input order for a model of several inputs;
+        integer inputs get ids inside the tables that read them, and padding masks
+        (integer or bool inputs named `*mask*`) a prefix of ones."""
+        xs = [self._random_input(inp, n, rng) for inp in self._graph.inputs]
+        return xs[0] if len(xs) == 1 else xs
+
     def build_public(self, cut: CutPoint) -> Any:
-        """A Keras model from the original input to the cut tensor."""
+        """A Keras model from the model inputs the cut tensor depends on (in model-input
+        order) to the cut tensor."""
         keras = require("keras")
-        (inp_info,) = self._graph.inputs
-        orig_input = _functional(self.model).inputs[0]
-        new_input = keras.Input(
-            shape=tuple(orig_input.shape[1:]), dtype=orig_input.dtype, name=inp_info.name
-        )
-        values: dict[str, Any] = {inp_info.name: new_input}
+        needed = {t.name for t in input_ancestors(self._graph, {cut.tensor.name})}
+        new_inputs, values = [], {}
+        for inp_info, orig_input in zip(
+            self._graph.inputs, _functional(self.model).inputs, strict=True
+        ):
+            if inp_info.name in needed:
+                new_input = keras.Input(
+                    shape=tuple(orig_input.shape[1:]), dtype=orig_input.dtype, name=inp_info.name
+                )
+                new_inputs.append(new_input)
+                values[inp_info.name] = new_input
         for node in self._nodes[: cut.position]:
             rec = self._records[node.name]
             by_id = {i: values[self._names[i]] for i in rec.input_ids}
@@ -340,28 +409,46 @@ class KerasAdapter(ModelAdapter):
             flat = result if isinstance(result, list | tuple) else [result]
             for name, value in zip(node.outputs, flat, strict=True):
                 values[name] = value
-        return keras.Model(new_input, values[cut.tensor.name], name="public")
+        inputs = new_inputs[0] if len(new_inputs) == 1 else new_inputs
+        return keras.Model(inputs, values[cut.tensor.name], name="public")
 
     def save_public(self, cut: CutPoint, path: Path) -> None:
         self.build_public(cut).save(path)
 
     def lower_private(self, cut: CutPoint) -> Program:
         lowerer = _Lowerer(self._tensor_info, self._records)
-        for node in self._nodes[cut.position :]:
+        lowerer.model_inputs = {t.name for t in cut.extra_inputs}
+        # Masks computed from model inputs on the public side that the private side
+        # reads too (GraphView.passthrough): computed again in the enclave.
+        through = self._graph.passthrough
+        needed = {t for n in self._nodes[cut.position :] for t in n.inputs}
+        redo: list[Node] = []
+        for node in reversed(self._nodes[: cut.position]):
+            if any(t in needed for t in node.outputs) and all(t in through for t in node.outputs):
+                redo.append(node)
+                needed.update(node.inputs)
+        for node in [*reversed(redo), *self._nodes[cut.position :]]:
             lowerer.lower(node)
         (out,) = self._graph.outputs
-        # Integer ids (token ids into an enclaved Embedding) travel as float32, exact
-        # below 2^24; the worker's gather checks each is an integer inside its table.
-        in_dtype = cut.tensor.dtype if cut.tensor.dtype in ("int32", "int64") else "float32"
-        prog_in = TensorInfo(cut.tensor.name, cut.tensor.shape, in_dtype)
-        prog_out = TensorInfo(lowerer.env[out.name], out.shape, "float32")
         if cut.tensor.dtype not in ("float32", "int32", "int64"):
             raise UnsupportedOpError(
                 f"The cut tensor {cut.tensor.name!r} is {cut.tensor.dtype}; the enclave takes "
                 "float32 (or int32/int64 ids for an Embedding) only, so cut after the layer "
                 "that turns it into float32."
             )
-        return lowerer.builder.build([prog_in], [prog_out])
+        prog_out = TensorInfo(lowerer.env[out.name], out.shape, "float32")
+        return lowerer.builder.build([_program_input(t) for t in cut.private_inputs], [prog_out])
+
+
+def _program_input(t: TensorInfo) -> TensorInfo:
+    """A program input: integer ids and masks (token ids into an enclaved Embedding, a
+    padding mask) travel as float32, exact below 2^24, declared int32/int64 (bool as
+    int32); the worker's gather checks each id is an integer inside its table."""
+    if t.dtype in ("int32", "int64"):
+        return t
+    if "int" in t.dtype or "bool" in t.dtype:
+        return TensorInfo(t.name, t.shape, "int32")
+    return TensorInfo(t.name, t.shape, "float32")
 
 
 def _pair(v: Any, n: int) -> list[int]:
@@ -401,6 +488,7 @@ class _Lowerer:
         self.builder = ProgramBuilder()
         self.env: dict[str, str] = {}  # graph tensor -> program tensor
         self.id_masks: set[str] = set()  # 0/1 masks computed from the token ids
+        self.model_inputs: set[str] = set()  # model inputs the program takes beside the cut
 
     def _in(self, node: Node, i: int = 0) -> str:
         t = node.inputs[i]
@@ -1020,12 +1108,14 @@ class _Lowerer:
             # which a one-input program cannot take.
             j = index(padding)
             m = self._in(node, j)
+            if m not in self.id_masks and node.inputs[j] in self.model_inputs:
+                m = self._model_mask(node.inputs[j])
             if m not in self.id_masks:
                 raise UnsupportedOpError(
                     f"Layer {node.name!r} (TransformerEncoder) takes a padding_mask the "
-                    "enclave cannot compute: it lowers masks computed from the enclaved "
-                    "token ids (keras.ops.not_equal(ids, pad_id)); a mask from the public "
-                    "side would be a second tensor crossing the cut."
+                    "enclave cannot compute: it lowers a padding mask that is a model input "
+                    "or one computed from the token ids (keras.ops.not_equal(ids, pad_id)), "
+                    "not a mask the public side computes with other layers."
                 )
             seq = int(self._shape(node, j)[1])
             off = self.builder.add(
@@ -1055,6 +1145,21 @@ class _Lowerer:
         if not first:
             x = self._layer_norm(x, rank, ff_ln, f"{n}/ffn_ln")
         return x
+
+    def _model_mask(self, tensor: str) -> str:
+        """A padding mask that is a model input (int or bool), as exact 0/1 floats:
+        min(|m|, 1), so any non-zero value keeps the position as Keras's bool cast
+        does. Computed once per mask and shared by every block."""
+        key = f"mask01:{tensor}"
+        if key not in self.env:
+            d = self.builder.add(
+                "activation", [tensor], f"{tensor}/abs", {"activation": activation("abs")}
+            )
+            clip = activation("clip", min=0.0, max=1.0)
+            m = self.builder.add("activation", [d], f"{tensor}/01", {"activation": clip})
+            self.id_masks.add(m)
+            self.env[key] = m
+        return self.env[key]
 
     @LAYERS.register("NotEqual", "Equal")
     def lower_NotEqual(self, node: Node, layer: Any) -> str:

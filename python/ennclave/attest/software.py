@@ -15,5 +15,6 @@ def verify_software(report: bytes, h: bytes) -> None:
     """The software report must be the evidence hash `h` itself."""
     if not hmac.compare_digest(report, h):
         raise EvidenceRefused(
-            "evidence_invalid", "The software evidence does not bind this nonce, key and binary."
+            "evidence_invalid",
+            "The software evidence does not bind this nonce, key, binary and protections.",
         )

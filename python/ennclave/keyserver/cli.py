@@ -109,7 +109,8 @@ def _print_bundle(b: dict[str, Any]) -> None:
         f"{'/' + str(p['max_clients']) if p['max_clients'] else ''}  "
         f"expires {_when(p['expires_at'])}  software {'yes' if p['allow_software'] else 'no'}  "
         f"licence {p['licence_ttl']} s  budget {_budget(b)}  "
-        f"offline {'yes' if p['offline'] else 'no'}",
+        f"offline {'yes' if p['offline'] else 'no'}  "
+        f"requires {', '.join(p.get('require_protections') or []) or 'no protections'}",
         highlight=False,
     )
 
@@ -137,8 +138,24 @@ def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, name)
         if v:
             ch[name] = v
+    if args.require_protections is not None:
+        ch["require_protections"] = _protection_names(args.require_protections)
     ch.update(_hardware_policy(args))
     return ch
+
+
+def _protection_names(text: str) -> list[str]:
+    """`--require-protections a,b` (or `none`): distinct names the key server knows."""
+    from .evidence import REQUIREMENTS
+
+    names = [] if text.strip() == "none" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REQUIREMENTS]
+    if unknown or len(set(names)) != len(names) or (not names and text.strip() != "none"):
+        raise InputError(
+            f"--require-protections expects distinct names among {', '.join(REQUIREMENTS)} "
+            f"(comma-separated), or none; got {text!r}."
+        )
+    return names
 
 
 def _hardware_policy(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,6 +370,13 @@ def _policy_opts(p: argparse.ArgumentParser) -> None:
         metavar="STATUS",
         help="SGX/TDX: a TCB level to accept besides UpToDate, e.g. SWHardeningNeeded "
         "(repeatable); debug enclaves and TDs stay refused unless --set allows them",
+    )
+    p.add_argument(
+        "--require-protections",
+        metavar="NAMES",
+        help="release only to workers whose evidence reports these protections, "
+        "comma-separated: memfd_secret, locked_memory, seccomp, no_tracer, "
+        "environment_check, mapping_check, non_dumpable, static_binary (none: clear)",
     )
     p.add_argument("--set", metavar="JSON", help="policy fields as a JSON object")
 

@@ -340,7 +340,8 @@ class KeyserverRelease:
             except KeyServerUnreachable as e:
                 # Only when unreachable (never after a refusal): the offline key cache.
                 return self._from_cache(e)
-            kind, report = self._worker.evidence_for(nonce)
+            got = self._worker.evidence_for(nonce)
+            kind, report = got.kind, got.report
             try:
                 resp = ks.release(
                     {
@@ -354,6 +355,7 @@ class KeyserverRelease:
                             "kind": "software" if kind == "none" else kind,
                             "report": base64.b64encode(report).decode(),
                         },
+                        "protections": got.protections.decode(),
                     }
                 )
             except KeyReleaseRefused as e:

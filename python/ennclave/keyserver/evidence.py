@@ -2,17 +2,22 @@
 
 Every kind of evidence binds the same **evidence hash** (`attest.binding`)
 
-    H = SHA-256("ennclave evidence v1" ‖ 0x00 ‖ nonce ‖ worker X25519 public key ‖
-                SHA-256 of the worker binary)
+    H = SHA-256("ennclave evidence v2" ‖ 0x00 ‖ nonce ‖ worker X25519 public key ‖
+                SHA-256 of the worker binary ‖ SHA-256(protections))
 
 (the worker's EVIDENCE report, docs/worker-protocol.md) to the key server's single-use
-nonce. What vouches for H differs:
+nonce; `protections` is what the worker says protects its secrets (secret memory
+kind, seccomp, tracer check, …), which a policy can require (`require_protections`).
+A request without protections (a worker before protocol 3) is checked against the v1
+hash, without them, and meets no requirement. What vouches for H differs:
 
 * ``software`` — nothing but the worker itself: anyone can compute H. It proves
   freshness (the nonce) and lets the server bind the release to one public key and a
   claimed binary hash and manifest digest; it does **not** prove that the key pair
   lives in an unmodified worker. Accepted only where the bundle's policy sets
   ``allow_software`` (default off); every such release is recorded as software.
+  Its protections are only as true as the worker binary is unmodified: pin it with
+  ``allowed_binaries``; a host that runs its own code can claim anything.
 * ``sgx-dcap-v3`` (SGX quote v3), ``tdx-dcap`` (TDX quote v4/v5), ``sev-snp`` (SEV-SNP
   report ‖ optional certificate table) — vendor-signed hardware evidence whose
   REPORT_DATA is H ‖ 32 zero bytes, verified by `ennclave.attest` (vendor chain to the
@@ -24,6 +29,7 @@ nonce. What vouches for H differs:
 from __future__ import annotations
 
 import hmac
+import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +60,19 @@ KINDS = (KIND_SOFTWARE, KIND_SGX, KIND_TDX, KIND_SNP)
 HEX64 = 64
 # Flat SGX fields of policies written before the per-kind sections; read into `sgx`.
 LEGACY_SGX_FIELDS = ("mrenclaves", "mrsigners", "isv_prod_id", "min_isv_svn", "allow_debug")
+# What a policy can require of the worker's protections (`require_protections`), and
+# how each is read from the protections it reports (docs/key-release.md "Protections").
+REQUIREMENTS: dict[str, Any] = {
+    "memfd_secret": lambda p: p.get("secret_memory") == "memfd_secret",
+    "locked_memory": lambda p: p.get("secret_memory") in ("memfd_secret", "mlock"),
+    "seccomp": lambda p: p.get("seccomp") is True,
+    "no_tracer": lambda p: p.get("tracer_check") is True,
+    "environment_check": lambda p: p.get("environment_check") is True,
+    "mapping_check": lambda p: p.get("mapping_check") is True,
+    "non_dumpable": lambda p: p.get("non_dumpable") is True,
+    "static_binary": lambda p: p.get("static_binary") is True,
+}
+MAX_PROTECTIONS_BYTES = 1024
 # Samples in one release's slice of a metered budget unless the policy sets
 # `budget_slice` (never more than remains): what a crashed worker can lose at most.
 DEFAULT_SLICE = 1000
@@ -78,6 +97,8 @@ class Policy:
     client_budget: int | None = None  # each client's total samples (metered)
     budget_slice: int | None = None  # samples per release of a metered key (DEFAULT_SLICE)
     offline: bool = False  # licence allows an offline key cache until expiry
+    # protections the worker's evidence must report (names of REQUIREMENTS)
+    require_protections: list[str] = field(default_factory=list)
     sgx: ap.SgxPolicy = field(default_factory=ap.SgxPolicy)
     tdx: ap.TdxPolicy = field(default_factory=ap.TdxPolicy)
     snp: ap.SnpPolicy = field(default_factory=ap.SnpPolicy)
@@ -117,6 +138,16 @@ class Policy:
         if not isinstance(v, list) or not all(_is_hex(x, HEX64) for x in v):
             raise ValueError("policy.allowed_binaries must be a list of 64-digit hex digests")
         self.allowed_binaries = [x.lower() for x in v]
+        v = self.require_protections
+        if (
+            not isinstance(v, list)
+            or not all(isinstance(x, str) and x in REQUIREMENTS for x in v)
+            or len(set(v)) != len(v)
+        ):
+            raise ValueError(
+                "policy.require_protections must be a list of distinct names among "
+                + ", ".join(REQUIREMENTS)
+            )
         budgets = (("query_budget", 1), ("client_budget", 1), ("budget_slice", 1))
         for name, lo in (("expires_at", 0), ("max_clients", 1), *budgets):
             v = getattr(self, name)
@@ -161,18 +192,22 @@ class Claim:
     manifest_sha256: str
     kind: str
     report: bytes
+    # the worker's protections (canonical JSON) exactly as it hashed them; None: a
+    # worker before protocol 3, which reported none
+    protections: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Verified:
     """An accepted claim: for hardware kinds, the measurements and TCB status that the
-    policy accepted (for the audit log)."""
+    policy accepted; the protections the worker reported (for the audit log)."""
 
     kind: str
     hardware: bool
     binary_sha256: str
     measurements: dict[str, str] = field(default_factory=dict)
     tcb_status: str | None = None
+    protections: dict[str, Any] | None = None
 
     @property
     def mrenclave(self) -> str | None:
@@ -209,7 +244,8 @@ def verify(
         raise EvidenceRefused(
             "manifest_mismatch", "The manifest digest differs from the registered bundle's."
         )
-    h = evidence_hash(claim.nonce, claim.pubkey, claim.binary_sha256)
+    prot = parse_protections(claim.protections)
+    h = evidence_hash(claim.nonce, claim.pubkey, claim.binary_sha256, claim.protections)
     binhex = claim.binary_sha256.hex()
     if claim.kind == KIND_SOFTWARE:
         software.verify_software(claim.report, h)
@@ -221,7 +257,8 @@ def verify(
             raise EvidenceRefused(
                 "binary_not_allowed", "The worker binary's hash is not in the bundle's policy."
             )
-        return Verified(KIND_SOFTWARE, False, binhex)
+        check_protections(prot, policy)
+        return Verified(KIND_SOFTWARE, False, binhex, protections=prot)
     if claim.kind not in HARDWARE:
         raise EvidenceRefused("unknown_kind", "Unknown evidence kind.")
     # Hardware: authenticity first, then the binding, then the policy's section.
@@ -233,7 +270,63 @@ def verify(
         ap.check_tdx(e, policy.tdx)
     else:
         ap.check_sgx(e, policy.sgx)
-    return Verified(claim.kind, True, binhex, e.measurements(), e.tcb_status)
+    check_protections(prot, policy)
+    return Verified(claim.kind, True, binhex, e.measurements(), e.tcb_status, prot)
+
+
+def parse_protections(raw: bytes | None) -> dict[str, Any] | None:
+    """The worker's protections: a small JSON object of booleans and short names, in
+    canonical form (keys sorted, no spaces: the bytes it hashed have one reading)."""
+    if raw is None:
+        return None
+    bad = EvidenceRefused(
+        "protections_malformed",
+        "The worker's protections are not the small canonical JSON object it sends; "
+        "reinstall ennclave on the client.",
+    )
+    if len(raw) > MAX_PROTECTIONS_BYTES:
+        raise bad
+    try:
+        p = json.loads(raw)
+    except ValueError:
+        raise bad from None
+    if (
+        not isinstance(p, dict)
+        or len(p) > 32
+        or not all(
+            isinstance(k, str)
+            and len(k) <= 32
+            and (isinstance(v, bool) or (isinstance(v, str) and len(v) <= 32))
+            for k, v in p.items()
+        )
+        or canonical_json(p) != raw
+    ):
+        raise bad
+    return p
+
+
+def canonical_json(p: dict[str, Any]) -> bytes:
+    return json.dumps(p, sort_keys=True, separators=(",", ":")).encode()
+
+
+def check_protections(prot: dict[str, Any] | None, policy: Policy) -> None:
+    """Refuse unless the worker reports every protection the policy requires."""
+    need = policy.require_protections
+    if not need:
+        return
+    if prot is None:
+        raise EvidenceRefused(
+            "protections_missing",
+            "The worker reports no protections (an ennclave before protocol 3), but this "
+            f"key's policy requires {', '.join(need)}; upgrade ennclave on the client.",
+        )
+    missing = [n for n in need if not REQUIREMENTS[n](prot)]
+    if missing:
+        raise EvidenceRefused(
+            "protections_missing",
+            f"The worker lacks protection(s) this key's policy requires ({', '.join(missing)}; "
+            f"it reports {canonical_json(prot).decode()}), so its key is not released.",
+        )
 
 
 HARDWARE = {  # kind -> what its refusals call it

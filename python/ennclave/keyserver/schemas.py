@@ -41,6 +41,12 @@ class ReleaseRequest(BaseModel):
         pattern=r"^[0-9a-fA-F]{16,128}$", description="self-reported machine id hash"
     )
     evidence: EvidenceIn
+    protections: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="the worker's protections (canonical JSON from its EVIDENCE, bound by "
+        "the evidence hash); absent from workers before protocol 3",
+    )
 
 
 class ReleaseResponse(BaseModel):

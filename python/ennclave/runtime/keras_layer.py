@@ -6,6 +6,10 @@ Put it at the end of a Keras model whose last tensor is the bundle's cut tensor:
     outputs = enclave(public_model.output)
     model = keras.Model(public_model.input, outputs)
 
+A bundle whose private part reads model inputs besides the cut tensor (a padding
+mask) takes a list: `enclave([cut_tensor, padding_mask])`, in the order of
+`EnclavedModel.private_input_names`.
+
 The layer has no weights; `call` crosses into numpy (`tf.numpy_function` under the
 TensorFlow backend, `jax.experimental.io_callback` under JAX, eager conversion under
 PyTorch), so it is not differentiable and runs on the host CPU. Output: float32
@@ -51,16 +55,18 @@ class EnclaveLayer(keras.layers.Layer):
         else:
             self._out = tuple(model.output_shape[1:])
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        y = self.enclaved.predict_private(np.asarray(x, dtype=np.float32))
+    def _run(self, *xs: np.ndarray) -> np.ndarray:
+        hs = [np.asarray(x, dtype=np.float32) for x in xs]
+        y = self.enclaved.predict_private(hs[0] if len(hs) == 1 else hs)
         return y.reshape((y.shape[0], *self._out)).astype(np.float32, copy=False)
 
     def call(self, x: Any) -> Any:
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
         backend = keras.backend.backend()
         if backend == "tensorflow":
             import tensorflow as tf
 
-            y = tf.numpy_function(self._run, [x], tf.float32, stateful=True)
+            y = tf.numpy_function(self._run, xs, tf.float32, stateful=True)
             y.set_shape((None, *self._out))
             return y
         if backend == "jax":
@@ -69,12 +75,18 @@ class EnclaveLayer(keras.layers.Layer):
             import jax
             from jax.experimental import io_callback
 
-            shape = jax.ShapeDtypeStruct((x.shape[0], *self._out), np.float32)
-            return io_callback(self._run, shape, x)
+            shape = jax.ShapeDtypeStruct((xs[0].shape[0], *self._out), np.float32)
+            return io_callback(self._run, shape, *xs)
         # PyTorch (and NumPy) run eagerly.
-        return keras.ops.convert_to_tensor(self._run(keras.ops.convert_to_numpy(x)))
+        return keras.ops.convert_to_tensor(self._run(*[keras.ops.convert_to_numpy(t) for t in xs]))
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        if (
+            isinstance(input_shape, list)
+            and input_shape
+            and isinstance(input_shape[0], (list, tuple))
+        ):
+            input_shape = input_shape[0]  # several inputs: the cut tensor's batch
         return (input_shape[0], *self._out)
 
     def get_config(self) -> dict[str, Any]:

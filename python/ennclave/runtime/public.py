@@ -17,11 +17,20 @@ from ..errors import BundleError, InputError
 
 class PublicPart:
     """The public part in its framework; call it on a batch (float32, batch first) to
-    get the cut tensor. `providers`: ONNX Runtime's execution providers (default: a GPU
-    provider where one is installed, then the CPU)."""
+    get the cut tensor; a public part of several inputs takes a list of arrays in the
+    order of `input_names` (the manifest's public.inputs). `providers`: ONNX Runtime's
+    execution providers (default: a GPU provider where one is installed, then the
+    CPU)."""
 
-    def __init__(self, path: Path, framework: str, providers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        framework: str,
+        providers: list[str] | None = None,
+        input_names: list[str] | None = None,
+    ) -> None:
         self.framework = framework
+        self._names = list(input_names or [])
         if framework == "keras":
             keras = require("keras")
             try:
@@ -44,6 +53,8 @@ class PublicPart:
                 raise BundleError(f"ONNX Runtime cannot load {path} ({e}).") from None
             inp = self._sess.get_inputs()[0]
             self._input = inp.name
+            if not self._names:
+                self._names = [i.name for i in self._sess.get_inputs()]
             # A model exported with a fixed batch size runs chunk by chunk.
             self._fixed_batch = (
                 inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
@@ -77,18 +88,25 @@ class PublicPart:
             pass
         return False
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
         if self.framework == "keras":
             # predict_on_batch runs Keras's compiled predict function (a tf.function
             # traced once per input shape): about twice as fast as an eager call here.
-            return np.asarray(self._model.predict_on_batch(x), dtype=np.float32)
+            arg = xs[0] if len(xs) == 1 else xs
+            return np.asarray(self._model.predict_on_batch(arg), dtype=np.float32)
+        names = self._names if len(xs) > 1 else [self._input]
+        if len(names) != len(xs):
+            raise InputError(f"The public part takes {len(names)} inputs {names}, got {len(xs)}.")
+        n = len(xs[0])
         fixed = self._fixed_batch
-        if fixed is None or fixed == len(x):
-            return np.asarray(self._sess.run(None, {self._input: x})[0], dtype=np.float32)
-        if len(x) % fixed:
+        if fixed is None or fixed == n:
+            out = self._sess.run(None, dict(zip(names, xs, strict=True)))[0]
+            return np.asarray(out, dtype=np.float32)
+        if n % fixed:
             raise InputError(f"The model's batch size is fixed at {fixed}; pass a multiple of it.")
         parts = [
-            self._sess.run(None, {self._input: x[i : i + fixed]})[0]
-            for i in range(0, len(x), fixed)
+            self._sess.run(None, {k: a[i : i + fixed] for k, a in zip(names, xs, strict=True)})[0]
+            for i in range(0, n, fixed)
         ]
         return np.concatenate(parts).astype(np.float32, copy=False)

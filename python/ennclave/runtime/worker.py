@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import hmac
+import json
 import mmap
 import os
 import platform
@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ..attest.binding import evidence_hash
 from ..errors import (
     AuthenticationError,
     BundleError,
@@ -72,7 +73,8 @@ _WORKER_ENV = (
 )
 # ENNCLAVE_KERNEL's values: the worker's fp32 kernel families (ops/dense.rs `Isa`).
 KERNEL_FAMILIES = ("avx512", "avx2", "portable")
-PROTOCOL_VERSION = 2
+# 3: EVIDENCE carries the worker's protections, bound into the evidence hash.
+PROTOCOL_VERSION = 3
 MAX_FRAME = 1 << 20
 # How long the host polls for an answer, when the previous one came within this time.
 # Waking a blocked process costs tens of µs on a VM (the answer's write has to kick the
@@ -238,6 +240,20 @@ class Hello:
     platform: str = "native"
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """The worker's EVIDENCE answer to one challenge: `kind` ("none" for software
+    evidence), its `report`, and `protections`, the canonical JSON of what protects its
+    secrets (docs/key-release.md "Protections"), which the report's hash covers."""
+
+    kind: str
+    report: bytes
+    protections: bytes
+
+    def protections_dict(self) -> dict[str, Any]:
+        return json.loads(self.protections)
+
+
 PLATFORMS = ("native", "gramine-direct", "gramine-sgx")
 
 
@@ -304,6 +320,21 @@ class Ready:
     out_offset: int
     secmem: str
     policy: str
+
+
+def _pack_inputs(xs: list[np.ndarray] | tuple[np.ndarray, ...]) -> np.ndarray:
+    """Several program inputs as the worker takes them: `(batch, sum of values per
+    sample)`, each sample's first input, then its second, ... (float32)."""
+    arrs = [np.asarray(a) for a in xs]
+    if not arrs or any(a.ndim == 0 for a in arrs):
+        raise InputError("The input batch is empty; pass at least one sample.")
+    sizes = [a.shape[0] for a in arrs]
+    if len(set(sizes)) > 1:
+        raise InputError(
+            f"The private inputs have different batch sizes {sizes}; pass the same number "
+            "of samples for every input."
+        )
+    return np.concatenate([a.reshape(sizes[0], -1).astype(np.float32) for a in arrs], axis=1)
 
 
 def _shm_size(in_len: int, out_len: int, max_batch: int) -> int:
@@ -397,6 +428,8 @@ class WorkerClient:
         self._last_answer_s = 0.0  # how long the last INFER took to answer
         self._answered_at = 0.0  # perf_counter() of the last answer
         self.hello: Hello | None = None
+        # What protects the worker's secrets, from its evidence (docs/key-release.md).
+        self.protections: dict[str, Any] | None = None
         self._in_key_release = False
         self.restarts = 0
         self._closed = False
@@ -610,10 +643,7 @@ class WorkerClient:
             raise self._unexpected(ty, p, "HELLO")
         r = _Reader(p)
         version = r.u("<I")
-        pubkey = r.take(32)
-        binsha = r.take(32).hex()
-        secmem = r.str_()
-        reported = r.str_() if r.i < len(r.p) else "native"
+        # The version first: an older worker's HELLO may not parse as this one's.
         if version != PROTOCOL_VERSION:
             raise WorkerError(
                 f"The enclave worker speaks protocol {version}, this ennclave speaks "
@@ -621,6 +651,10 @@ class WorkerClient:
                 E_PROTOCOL,
                 True,
             )
+        pubkey = r.take(32)
+        binsha = r.take(32).hex()
+        secmem = r.str_()
+        reported = r.str_() if r.i < len(r.p) else "native"
         if reported != self._platform:
             raise WorkerError(
                 f"The enclave worker runs on {reported}, not on the {self._platform} asked for; "
@@ -629,14 +663,16 @@ class WorkerClient:
                 True,
             )
         self.hello = Hello(version, pubkey, binsha, secmem, reported)
+        # The manifest before the first challenge: whether it allows unlocked memory
+        # decides what the worker can promise in its protections (secmem::commit).
+        self._send(_frame(MANIFEST, _b(self._manifest)))
 
         # Freshness/evidence round trip (a key server checks this; locally we only
         # check that the worker answers for the key it announced).
         nonce = secrets.token_bytes(32)
-        kind, report = self._evidence(nonce)
-        expect = hashlib.sha256(
-            b"ennclave evidence v1\x00" + nonce + pubkey + bytes.fromhex(binsha)
-        ).digest()
+        got = self._evidence(nonce)
+        kind, report = got.kind, got.report
+        expect = evidence_hash(nonce, pubkey, bytes.fromhex(binsha), got.protections)
         if kind == "sgx-dcap-v3" and self._platform == "gramine-sgx":  # untested on SGX
             report = _sgx_report_data(report)[:32] if _sgx_binds(report, expect) else b""
         if self._evidence_source == "tsm" and kind in ("tdx-dcap", "sev-snp", "cca"):
@@ -649,8 +685,8 @@ class WorkerClient:
                 E_PROTOCOL,
                 True,
             )
+        self.protections = got.protections_dict()
 
-        self._send(_frame(MANIFEST, _b(self._manifest)))
         total = self._sealed_path.stat().st_size
         self._send(_frame(SEALED_BEGIN, struct.pack("<Q", total)))
         chunk = len(self._mm)
@@ -796,23 +832,33 @@ class WorkerClient:
         assert self._ready is not None
         return self._ready
 
-    def _evidence(self, nonce: bytes) -> tuple[str, bytes]:
+    def _evidence(self, nonce: bytes) -> Evidence:
         self._send(_frame(CHALLENGE, nonce))
         ty, p = self._recv()
         if ty != EVIDENCE:
             raise self._unexpected(ty, p, "EVIDENCE")
         r = _Reader(p)
-        got, kind, report = r.take(32), r.str_(), r.bytes_()
+        got, kind, report, protections = r.take(32), r.str_(), r.bytes_(), r.bytes_()
         if got != nonce:
             raise WorkerError(
                 "The enclave worker answered a different challenge; this is a bug.",
                 E_PROTOCOL,
                 True,
             )
-        return kind, report
+        try:
+            if not isinstance(json.loads(protections), dict):
+                raise ValueError
+        except ValueError:
+            raise WorkerError(
+                "The enclave worker's protections are not a JSON object; reinstall ennclave.",
+                E_PROTOCOL,
+                True,
+            ) from None
+        return Evidence(kind, report, protections)
 
-    def evidence_for(self, nonce: bytes) -> tuple[str, bytes]:
-        """Send CHALLENGE{nonce} to the worker and return its EVIDENCE `(kind, report)`.
+    def evidence_for(self, nonce: bytes) -> Evidence:
+        """Send CHALLENGE{nonce} to the worker and return its EVIDENCE (kind, report and
+        the protections the report binds).
 
         Only while the key release runs (from inside the `key_release` callback during
         start-up): that is when a key server's nonce must be answered."""
@@ -983,11 +1029,17 @@ class WorkerClient:
             raise
 
     def infer(
-        self, x: np.ndarray, *, allow_nonfinite: bool = False, poll: bool = True
+        self,
+        x: np.ndarray | list[np.ndarray],
+        *,
+        allow_nonfinite: bool = False,
+        poll: bool = True,
     ) -> np.ndarray:
         """Run the private part on `x` (batch first; any trailing shape with the right
         number of values). Returns float32 `(batch, out_len)` after the output policy.
-        Batches larger than the shared-memory region are streamed in chunks.
+        Batches larger than the shared-memory region are streamed in chunks. A program
+        of several inputs takes a list of arrays in its input order, all of one batch:
+        they travel packed per sample (docs/worker-protocol.md).
 
         `poll=False` always sleeps until the answer instead of polling for a fast one:
         for callers with other Python threads at work (a polling thread keeps taking
@@ -998,6 +1050,8 @@ class WorkerClient:
     def _infer(self, x: np.ndarray, allow_nonfinite: bool, poll: bool) -> np.ndarray:
         # A start-up failure after a crash is a start-up error, not an inference one.
         rd = self._ensure()
+        if isinstance(x, (list, tuple)):
+            x = _pack_inputs(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0] if x.ndim else 0
         if n == 0:

@@ -235,7 +235,8 @@ class ReleaseLog:
     def grant(self, verified: ev.Verified, lic: Licence) -> dict[str, Any]:
         """The grant's audit row (appended by `Store.grant` with the admission). For
         hardware evidence it records what the policy accepted: the evidence kind, the
-        measurements and the TCB status (docs/attestation.md)."""
+        measurements and the TCB status (docs/attestation.md); for every kind, the
+        protections the worker reported (docs/key-release.md "Protections")."""
         detail = f"licence until {lic.expires_at}"
         if verified.hardware:
             accepted = {
@@ -244,6 +245,8 @@ class ReleaseLog:
                 "tcb_status": verified.tcb_status,
             }
             detail += "; accepted " + json.dumps(accepted, sort_keys=True, separators=(",", ":"))
+        if verified.protections is not None:
+            detail += "; protections " + ev.canonical_json(verified.protections).decode()
         return self.row(
             "granted",
             "software" if not verified.hardware else "hardware",
@@ -278,6 +281,7 @@ def validate_evidence(
         body.manifest_sha256,
         body.evidence.kind,
         report,
+        None if body.protections is None else body.protections.encode(),
     )
     try:
         verified = ev.verify(
