@@ -87,7 +87,7 @@ def ort_run(model: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def record(script: str, results: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The JSON record of a run: the command that made it, the machine, versions."""
-    switches = ("ENNCLAVE_NO_AVX512", "ENNCLAVE_KERNEL")
+    switches = ("ENNCLAVE_NO_AVX512", "ENNCLAVE_KERNEL", "ENNCLAVE_QKERNEL")
     env = "".join(f"{k}={os.environ[k]} " for k in switches if k in os.environ)
     return {
         "command": f"{env}python benchmarks/{script} " + " ".join(sys.argv[1:]),
