@@ -404,6 +404,16 @@ class KerasAdapter(ModelAdapter):
             spatial = out_elems // int(out.shape[-1]) if out else 0
             cin = int(inp.shape[-1])
             return 2 * spatial * cin * int(dk[-1]) * (math.prod(dk[:-2]) + int(out.shape[-1]))
+        if kind in ("EinsumDense", "MultiHeadAttention", "TransformerEncoder") and out:
+            # Their weights act on each token: params multiply-adds per token, plus for
+            # self-attention the scores and the weighted values (2 × seq² × hidden each).
+            # (An unknown sequence length counts as 1, as in elements_per_sample.)
+            dims = [int(d or 1) for d in out.shape[1:]]
+            tokens = out_elems // max(dims[-1], 1) if dims else 1
+            flops = 2 * tokens * int(layer.count_params())
+            if kind != "EinsumDense" and len(dims) == 2:
+                flops += 4 * dims[0] ** 2 * dims[1]
+            return flops
         return out_elems
 
     # -- ModelAdapter -------------------------------------------------------------
