@@ -389,15 +389,6 @@ class KerasAdapter(ModelAdapter):
         if kind in ("Conv1D", "Conv2D", "DepthwiseConv1D", "DepthwiseConv2D"):
             k = layer.kernel.shape
             return 2 * out_elems * math.prod(k[:-2]) * int(k[-2])
-        if kind in ("EinsumDense", "MultiHeadAttention", "TransformerEncoder") and ins:
-            # Every weight once per token, plus attention's two [S, S] products.
-            shape = self._tensor_info[ins[0]].shape
-            tokens = math.prod(int(d or 1) for d in shape[1:-1])
-            params = int(sum(math.prod(w.shape) for w in layer.weights))
-            attn = 0
-            if kind != "EinsumDense" and len(shape) == 3:
-                attn = 4 * int(shape[1] or 1) ** 2 * int(shape[2] or 1)
-            return 2 * params * tokens + attn
         if kind in ("SeparableConv1D", "SeparableConv2D"):
             dk = layer.depthwise_kernel.shape
             inp = self._tensor_info[ins[0]]
