@@ -37,8 +37,9 @@ def timeit_blocks(
     block_s: float = 0.25,
     warmup: int = 5,
     min_blocks: int = 1,
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> list[float]:
-    """Median seconds per call of each of `fns`, timed in alternating blocks of
+    """Median (or `stat`) seconds per call of each of `fns`, timed in alternating blocks of
     `block_s` (at least `min_blocks` rounds), so all see the same machine state: on a
     shared VM the speed drifts by tens of percent within a minute, which back-to-back
     runs would mistake for a difference between them. The first `warmup` calls of each
@@ -59,7 +60,7 @@ def timeit_blocks(
                 ts.append(time.perf_counter() - t)
                 if t >= stop:
                     break
-    return [statistics.median(ts) for ts in times]
+    return [stat(ts) for ts in times]
 
 
 def timeit_pair(
@@ -86,7 +87,7 @@ def ort_run(model: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def record(script: str, results: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The JSON record of a run: the command that made it, the machine, versions."""
-    switches = ("ENNCLAVE_NO_AVX512", "ENNCLAVE_KERNEL")
+    switches = ("ENNCLAVE_NO_AVX512", "ENNCLAVE_KERNEL", "ENNCLAVE_QKERNEL")
     env = "".join(f"{k}={os.environ[k]} " for k in switches if k in os.environ)
     return {
         "command": f"{env}python benchmarks/{script} " + " ".join(sys.argv[1:]),

@@ -77,6 +77,11 @@ def make_bundles(tmp: Path) -> list[np.ndarray]:
 
 
 def ort_head(weights: list[np.ndarray]):
+    return ort_run(head_onnx(weights))
+
+
+def head_onnx(weights: list[np.ndarray]) -> bytes:
+    """The head as a serialised ONNX model (Gemm, Relu, Softmax)."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [
@@ -100,7 +105,7 @@ def ort_head(weights: list[np.ndarray]):
     )
     # IR version 9 (opset 17): loadable by older ONNX Runtime releases too.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    return ort_run(model.SerializeToString())
+    return model.SerializeToString()
 
 
 def ort_run(model: bytes):

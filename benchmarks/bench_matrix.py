@@ -10,11 +10,11 @@ Two models, everything private (cut at the model input):
 Two parts, in one run, each timed in alternating blocks so that all sides see the
 same machine state:
 
-1. fp32 on this CPU's best kernels: worker vs ONNX Runtime (both 2 threads).
+1. fp32 on this CPU's best kernels: worker vs ONNX Runtime (both `--threads`, 2).
 2. The AVX2 path: the worker with `ENNCLAVE_KERNEL=avx2` vs numpy on OpenBLAS forced
    to its Haswell (AVX2+FMA) kernels with `OPENBLAS_CORETYPE=Haswell` (the CNN as
-   im2col + one GEMM per convolution), credited with the faster of 2 and 1 OpenBLAS
-   threads in each cell. OpenBLAS reads that variable when it is
+   im2col + one GEMM per convolution), credited with the faster of the worker's thread
+   count and 1 OpenBLAS thread in each cell. OpenBLAS reads that variable when it is
    loaded, so this part runs in a subprocess started with it; threadpoolctl's report of
    the kernel that ran is recorded. ONNX Runtime cannot be restricted to AVX2 at run
    time (MLAS picks its kernels by CPUID; only a source build can leave AVX-512 out),
@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,12 +51,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_head
 from _common import timeit_blocks
-from bench_head import THREADS, ort_head, ort_run, roundtrip_us, worker_start_ms
+from bench_head import ort_head, ort_run, roundtrip_us, worker_start_ms
 
 import ennclave
 from ennclave.bench import cpu_flags, cpu_model, parse_batch_sizes
 
 HERE = Path(__file__).resolve().parent
+STATS = {"median": statistics.median, "min": min}
 BATCHES = "1,2,4,8,16,32,64,256"
 MODELS = ("head", "cnn")
 CNN_SHAPE = (28, 28, 1)
@@ -157,7 +159,12 @@ def blas_info() -> list[dict[str, Any]]:
 
 
 def matrix(
-    tmp: Path, batches: list[int], seconds: float, peers: dict[str, Any], console: Console
+    tmp: Path,
+    batches: list[int],
+    seconds: float,
+    peers: dict[str, Any],
+    console: Console,
+    stat: str = "median",
 ) -> dict[str, list[dict[str, float]]]:
     """For each model and batch size, the median ms per call of the worker and of each
     peer (`peers`: name → model name → callable), timed in alternating blocks."""
@@ -166,13 +173,15 @@ def matrix(
     for model in MODELS:
         fns = {name: make(tmp, model) for name, make in peers.items()}
         rows = []
-        with ennclave.load(tmp / model, keystore=ks, threads=THREADS, max_batch=256) as m:
+        with ennclave.load(
+            tmp / model, keystore=ks, threads=bench_head.THREADS, max_batch=256
+        ) as m:
             for b in batches:
                 x = inputs(model, b)
                 want = m.worker.infer(x)
                 for name, fn in fns.items():
                     np.testing.assert_allclose(fn(x), want, atol=1e-4, err_msg=name)
-                times = timeit_blocks([m.worker.infer, *fns.values()], x, seconds)
+                times = timeit_blocks([m.worker.infer, *fns.values()], x, seconds, stat=STATS[stat])
                 row = {"batch": b, "worker_ms": 1e3 * times[0]}
                 for name, t in zip(fns, times[1:], strict=True):
                     row[f"{name}_ms"] = 1e3 * t
@@ -203,18 +212,21 @@ def numpy_threads(n: int):
     return make
 
 
-def avx2_part(tmp: Path, batches: list[int], seconds: float) -> dict[str, Any]:
+def avx2_part(tmp: Path, batches: list[int], seconds: float, stat: str) -> dict[str, Any]:
     """Part 2, in this process: to be run with OPENBLAS_CORETYPE=Haswell and
-    ENNCLAVE_KERNEL=avx2 in the environment (see `main`). numpy runs with 2 OpenBLAS
-    threads and with 1 (on a loaded machine OpenBLAS's thread hand-offs cost it
-    milliseconds on small products), and is credited with the faster of the two."""
+    ENNCLAVE_KERNEL=avx2 in the environment (see `main`). numpy runs with as many
+    OpenBLAS threads as the worker has and with 1 (on a loaded machine OpenBLAS's
+    thread hand-offs cost it milliseconds on small products), and is credited with the
+    faster of the two."""
     console = Console(stderr=True)
     info = blas_info()
-    peers = {"numpy2": numpy_threads(THREADS), "numpy1": numpy_threads(1), "ort": ort_model}
-    res = matrix(tmp, batches, seconds, peers, console)
+    counts = sorted({bench_head.THREADS, 1}, reverse=True)
+    peers: dict[str, Any] = {f"numpy_t{n}": numpy_threads(n) for n in counts}
+    peers["ort"] = ort_model
+    res = matrix(tmp, batches, seconds, peers, console, stat)
     for rows in res.values():
         for r in rows:
-            r["numpy_ms"] = min(r["numpy2_ms"], r["numpy1_ms"])
+            r["numpy_ms"] = min(r[f"numpy_t{n}_ms"] for n in counts)
             r["vs_numpy"] = r["numpy_ms"] / r["worker_ms"]
     return {"blas": info, "matrix": res}
 
@@ -248,12 +260,22 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write results here")
     ap.add_argument("--seconds", type=float, default=0.5, help="time per side and cell")
     ap.add_argument("--batches", default=BATCHES, help="comma-separated batch sizes")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="threads of the worker and of every peer"
+    )
+    ap.add_argument(
+        "--stat",
+        choices=sorted(STATS),
+        default="median",
+        help="per cell: the median call, or the fastest (less sensitive to a loaded machine)",
+    )
     ap.add_argument("--bundles", type=Path, help="reuse a folder this script built before")
     ap.add_argument("--avx2-part", type=Path, help=argparse.SUPPRESS)  # the subprocess
     args = ap.parse_args()
     batches = parse_batch_sizes(args.batches)
+    bench_head.THREADS = args.threads  # read by bench_head's helpers at each call
     if args.avx2_part:
-        rec = avx2_part(args.bundles, batches, args.seconds)
+        rec = avx2_part(args.bundles, batches, args.seconds, args.stat)
         args.avx2_part.write_text(json.dumps(rec))
         return 0
     console = Console()
@@ -267,7 +289,7 @@ def main() -> int:
     ks = tmp / "keystore.json"
 
     console.print("part 1: worker vs ONNX Runtime (this CPU's best kernels)")
-    native = matrix(tmp, batches, args.seconds, {"ort": ort_model}, console)
+    native = matrix(tmp, batches, args.seconds, {"ort": ort_model}, console, args.stat)
     start_ms = worker_start_ms(tmp / "head", ks, 512, 67)
     x64 = inputs("head", 64)
     rt_us = roundtrip_us(tmp / "identity", ks, x64, max(args.seconds, 1.0))
@@ -278,13 +300,14 @@ def main() -> int:
     part2 = tmp / "avx2_part.json"
     cmd = [sys.executable, __file__, "--avx2-part", str(part2), "--bundles", str(tmp)]
     cmd += ["--seconds", str(args.seconds), "--batches", args.batches]
+    cmd += ["--threads", str(args.threads), "--stat", args.stat]
     subprocess.run(cmd, env=env, check=True)
     avx2 = json.loads(part2.read_text())
     kernels = [b["architecture"] for b in avx2["blas"]]
     if kernels != ["Haswell"]:
         console.print(f"[red]OpenBLAS ran {kernels}, not Haswell: part 2 is not AVX2-only[/]")
 
-    cpu = cpu_model()
+    cpu = f"{cpu_model()}, {args.threads} threads, {args.stat} per call"
     console.print(
         table(
             f"fp32, {cpu}: worker vs ONNX Runtime (throughput ratio, target ≥ 1.0×)",
@@ -321,13 +344,13 @@ def main() -> int:
 
         record = {
             "command": "python benchmarks/bench_matrix.py " + " ".join(sys.argv[1:]),
-            "cpu": cpu,
+            "cpu": cpu_model(),
             "cpu_flags": cpu_flags(FLAGS),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "load_average_1min": {"before": load_before[0], "after": load_after[0]},
             "threads": {
-                "worker": THREADS,
-                "onnxruntime_intra_op": THREADS,
+                "worker": bench_head.THREADS,
+                "onnxruntime_intra_op": bench_head.THREADS,
                 "openblas": avx2["blas"],
             },
             "versions": {
@@ -337,6 +360,7 @@ def main() -> int:
                 "onnxruntime": onnxruntime.__version__,
             },
             "seconds_per_side_and_cell": args.seconds,
+            "statistic": f"{args.stat} ms per call in each cell",
             "ratio": "peer ms / worker ms (throughput; >= 1 means the worker is faster)",
             "fp32_vs_ort": {
                 "part": "worker best kernels vs ONNX Runtime",
@@ -345,7 +369,7 @@ def main() -> int:
             },
             "avx2": {
                 "part": "worker ENNCLAVE_KERNEL=avx2 vs numpy with OPENBLAS_CORETYPE=Haswell "
-                "(numpy_ms: the faster of 2 and 1 OpenBLAS threads); "
+                "(numpy_ms: the faster of the worker's thread count and 1 OpenBLAS thread); "
                 "ort unrestricted (AVX-512), indicative",
                 "blas": avx2["blas"],
                 **avx2["matrix"],

@@ -39,6 +39,7 @@ def _cpu_flags() -> set[str]:
 
 FLAGS = _cpu_flags()
 PATH_NEEDS = {
+    "amx": {"avx512f", "amx_bf16", "amx_tile"},
     "avx512bf16": {"avx512f", "avx512_bf16"},
     "avx512": {"avx512f"},
     "avx2": {"avx2", "fma"},

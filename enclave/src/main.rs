@@ -189,6 +189,8 @@ fn main() -> ExitCode {
         eprintln!("ennclave-enclave: cannot harden the process: {e}");
         return ExitCode::from(3);
     }
+    // Before the seccomp filter (which refuses arch_prctl): AMX needs permission.
+    ennclave_enclave::ops::qdense::enable_amx();
     let (mut ctl, shm) = match channels(&args) {
         Ok(c) => c,
         Err(m) => {

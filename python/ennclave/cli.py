@@ -165,8 +165,8 @@ def _input_shape_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=1x3x320x320",
-        help="fix the dynamic dimensions of an ONNX input (repeatable; the first "
-        "dimension is the batch and stays free)",
+        help="fix the dynamic dimensions of a model input, ONNX or Keras (repeatable; "
+        "the first dimension is the batch and stays free)",
     )
 
 

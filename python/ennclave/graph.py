@@ -99,7 +99,9 @@ class CutPoint:
 
 
 def input_ancestors(graph: GraphView, tensors: set[str]) -> list[TensorInfo]:
-    """The model inputs that `tensors` are computed from, in model-input order."""
+    """The model inputs that `tensors` are computed from, in model-input order. A
+    constant (e.g. an ONNX Shape of an input, which only its static dims decide) does
+    not make its input an ancestor."""
     producers = {t: n for n in graph.nodes for t in n.outputs}
     seen: set[str] = set()
     todo = list(tensors)
@@ -108,6 +110,8 @@ def input_ancestors(graph: GraphView, tensors: set[str]) -> list[TensorInfo]:
         if t in seen:
             continue
         seen.add(t)
+        if t in graph.constant_tensors:
+            continue
         node = producers.get(t)
         if node is not None:
             todo.extend(node.inputs)
@@ -127,6 +131,8 @@ def find_cut_points(graph: GraphView) -> list[CutPoint]:
     """
     last_use: dict[str, int] = {}
     for pos, node in enumerate(graph.nodes):
+        if node.outputs and all(t in graph.constant_tensors for t in node.outputs):
+            continue  # e.g. an ONNX Shape: it reads only static dims, not the values
         for t in node.inputs:
             last_use[t] = pos
     n = len(graph.nodes)

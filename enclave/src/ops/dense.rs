@@ -16,11 +16,12 @@
 //! Programs written by `ennclave split` store dense kernels pre-packed instead
 //! (`kernel_layout: panels32`, see [`Kernel::Panels`]): the owner's machine does the
 //! packing once, and the worker streams each panel contiguously at every batch size
-//! with no copy at load or at run time. For batches of more than `MR` rows, the
-//! AVX-512 kernel prefetches the next panel block into L2 while computing one (batch
-//! 64 of the benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an
-//! Intel Xeon VM; at batch 1 it cost 20%). The row-major path above serves programs
-//! without that attribute.
+//! with no copy at load or at run time. For batches of more than one row, the
+//! kernels prefetch the next panel block into L2 while computing one (batch 64 of the
+//! benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an Intel Xeon VM;
+//! at batch 1 it cost 20%). The row-major path above serves programs without that
+//! attribute. Products with a small kernel and many rows (convolutions) run row block
+//! by row block instead, see [`rows_outer`].
 //!
 //! Three kernel families ([`Isa`]), chosen once per process by the CPU (or by
 //! `ENNCLAVE_KERNEL=avx512|avx2|portable`, for tests and benchmarks):
@@ -49,6 +50,15 @@ const MR_AVX2_WIDE: usize = 2;
 const MR_PORTABLE: usize = 4;
 /// Rows of `w` per k-block of the blocked kernel.
 const KC: usize = 256;
+/// Kernels of up to this many floats (256 KiB: they stay in L2) are multiplied row
+/// block by row block (see [`rows_outer`]).
+const SMALL_KERNEL: usize = 1 << 16;
+/// With more rows than this, the AVX-512 and AVX2 kernels prefetch the next panel
+/// block into L2 while computing one. At batch 1 prefetching cost 20% on an AMD EPYC
+/// VM (the hardware prefetcher already streams the panel); from 2 rows on it paid on
+/// an Intel Xeon VM (batch 4 of the benchmark head, 1 thread: 1.00 → 0.85 ms with
+/// AVX-512, 1.34 → 0.87 ms with AVX2).
+const PF_MIN_ROWS: usize = 1;
 /// Rows of `w` added per pass of the GEMV kernel.
 const GEMV_ROWS: usize = 8;
 
@@ -116,6 +126,10 @@ fn dense_with(
         with_gemm(x, w, bias, y, m, k, n, threads);
         return;
     }
+    if m > isa.rows() && k * n <= SMALL_KERNEL {
+        rows_outer(isa, x, w, bias, y, m, k, n, threads);
+        return;
+    }
     let parts = panel_tasks(threads, np, k);
     let yp = SendPtr(y.as_mut_ptr());
     // SAFETY (both arms): columns c0..c0+ncols of y belong to this task alone (panels
@@ -149,11 +163,9 @@ fn dense_with(
                     let wb = &panel[k0 * NR..(k0 + kc) * NR];
                     // The block computed next (the rest of this panel, then the next
                     // panel of this task: panels are contiguous), prefetched while this
-                    // one computes. Only with several row blocks: a single one is
-                    // memory-bound, and the hardware prefetcher already streams the
-                    // panel (prefetching slowed batch 1 by 20%).
+                    // one computes; not at batch 1 (see PF_MIN_ROWS).
                     let next_at = p * k * NR + (k0 + kc) * NR;
-                    let next_end = if m <= isa.rows() {
+                    let next_end = if m <= PF_MIN_ROWS {
                         next_at
                     } else if k0 + kc < k {
                         next_at + KC.min(k - k0 - kc) * NR
@@ -172,6 +184,73 @@ fn dense_with(
             }
         }),
     }
+}
+
+/// Tall and narrow products (convolutions: many pixels, a small kernel) whose whole
+/// kernel fits in L2: each block of rows goes through every panel and k-block while
+/// its rows of `x` stay in L1. The panel-outer order of [`dense_with`] would stream `x`
+/// (the im2col matrix, megabytes) from memory once per panel and k-block instead.
+/// Tasks own ranges of row blocks.
+#[allow(clippy::too_many_arguments)]
+fn rows_outer(
+    isa: Isa,
+    x: &[f32],
+    w: Kernel<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    let step = isa.rows();
+    let blocks = m.div_ceil(step);
+    // ≥ 4 row blocks per task, to amortise the fork.
+    let parts = threads.clamp(1, blocks.div_ceil(4));
+    let yp = SendPtr(y.as_mut_ptr());
+    par_for(parts, &|t| {
+        for b in blocks * t / parts..blocks * (t + 1) / parts {
+            let r0 = b * step;
+            let rows = step.min(m - r0);
+            let xs = &x[r0 * k..(r0 + rows) * k];
+            // SAFETY: rows r0..r0+rows of y (m × n, asserted by `dense_with`) belong
+            // to this task alone; all tasks end before our borrow of y does.
+            let yb = SendPtr(unsafe { yp.get().add(r0 * n) });
+            for p in 0..n.div_ceil(NR) {
+                let c0 = p * NR;
+                let ncols = NR.min(n - c0);
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    let init = block_init(bias, k0, c0, ncols);
+                    let (wb, ldw) = match w {
+                        Kernel::Rows(w) => (&w[k0 * n + c0..], n),
+                        Kernel::Panels(wp) => (&wp[(p * k + k0) * NR..], NR),
+                    };
+                    // SAFETY: yb points at `rows` rows of n floats that are ours (above).
+                    unsafe {
+                        row_blocks(
+                            isa,
+                            xs,
+                            rows,
+                            k,
+                            k0,
+                            kc,
+                            wb,
+                            ldw,
+                            &[],
+                            init,
+                            yb,
+                            n,
+                            c0,
+                            ncols,
+                        )
+                    };
+                    k0 += kc;
+                }
+            }
+        }
+    });
 }
 
 /// How many tasks share `np` panels of `k` rows: at most `threads`, with enough panels
@@ -1147,6 +1226,9 @@ mod tests {
             (6, 257, 40),
             (7, 40, 20),
             (12, 10, 31),
+            // Kernels larger than SMALL_KERNEL: the panel-outer order.
+            (14, 300, 260),
+            (7, 600, 130),
         ];
         for isa in isas() {
             check_shapes(&shapes, |_| 2e-3, &|x, w, bias, y, m, k, n, t| {
@@ -1189,6 +1271,7 @@ mod tests {
             (2, 300, 50),
             (6, 257, 40),
             (7, 40, 20),
+            (13, 520, 140),
         ];
         for isa in isas() {
             check_shapes(

@@ -26,6 +26,7 @@
 //! converted) in a stack buffer `KC` inputs at a time, and computed in blocks of up to
 //! `MR` rows per micro-kernel call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use super::conv::ConvParams;
@@ -36,12 +37,15 @@ use super::{conv, par_for, par_row_ranges, Act, SendPtr};
 const MR: usize = 12;
 /// Rows per portable micro-kernel call.
 const MR_PORTABLE: usize = 4;
-/// Rows of `x` staged at once (a multiple of `MR` and `MR_PORTABLE`).
-const RB: usize = 48;
-/// Inputs staged at once, bf16 (a multiple of 4): RB × KC/2 u32 = 24 KiB of stack.
+/// Rows of `x` staged at once (a multiple of 32 and of `MR_PORTABLE`): the weights
+/// are streamed once per chunk.
+const RB: usize = 64;
+/// Inputs staged at once, bf16 (a multiple of 32): RB × KC u32 = 64 KiB of stack.
 const KC_BF16: usize = 256;
-/// Inputs staged at once, int8 (a multiple of 4): RB × KC f32 = 24 KiB of stack.
+/// Inputs staged at once, int8 (a multiple of 4): RB × KC f32 = 32 KiB of stack.
 const KC_INT8: usize = 128;
+/// Fewest rows of a chunk that the AMX path computes with tiles (16 rows each).
+const AMX_MIN_ROWS: usize = 8;
 
 /// A quantised dense kernel, `k × n`, packed (module doc).
 #[derive(Clone, Copy)]
@@ -62,6 +66,9 @@ pub enum Path {
     Avx512,
     /// AVX512_BF16 `vdpbf16ps` for bf16 (int8 runs the `Avx512` kernel).
     Avx512Bf16,
+    /// AMX-BF16 tiles (`tdpbf16ps`) for bf16 blocks of at least `AMX_MIN_ROWS` rows,
+    /// the `Avx512` kernels otherwise (int8 always).
+    Amx,
 }
 
 impl Path {
@@ -71,6 +78,7 @@ impl Path {
             Path::Avx2 => "avx2",
             Path::Avx512 => "avx512",
             Path::Avx512Bf16 => "avx512bf16",
+            Path::Amx => "amx",
         }
     }
 }
@@ -89,15 +97,57 @@ pub fn available() -> Vec<Path> {
             if has!("avx512bf16") {
                 v.push(Path::Avx512Bf16);
             }
+            if AMX_OK.load(Ordering::Relaxed) {
+                v.push(Path::Amx);
+            }
         }
     }
     v.reverse();
     v
 }
 
-/// The path used: the best available, capped by `ENNCLAVE_NO_AVX512=1` (at most
-/// `avx2`) and by `ENNCLAVE_QKERNEL=avx512bf16|avx512|avx2|portable` (at most that
-/// one; tests use it to run every path in the worker).
+/// Set once the kernel let this process use AMX tile data ([`enable_amx`]).
+static AMX_OK: AtomicBool = AtomicBool::new(false);
+
+/// Ask Linux for permission to use AMX (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+/// XFEATURE_XTILEDATA)`; without it the first tile instruction faults). The worker
+/// calls this before its seccomp filter is installed, which does not allow
+/// `arch_prctl`; where the CPU has no AMX-BF16 or the kernel (or Gramine) refuses,
+/// the AMX path is simply not available.
+pub fn enable_amx() {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID is available on every x86-64 CPU; leaf 0 gives the highest leaf.
+        let (max, l7) = unsafe { (__cpuid(0).eax, __cpuid_count(7, 0)) };
+        if max < 7 || l7.edx & (1 << 22) == 0 || l7.edx & (1 << 24) == 0 {
+            return;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with two integer arguments; it only changes which
+        // extended CPU state this process may use, no memory is passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        if r == 0 {
+            AMX_OK.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The path used: the best available, capped by `ENNCLAVE_NO_AVX512=1` or
+/// `ENNCLAVE_KERNEL=avx2` (at most `avx2`), `ENNCLAVE_KERNEL=portable`, and by
+/// `ENNCLAVE_QKERNEL=amx|avx512bf16|avx512|avx2|portable` (at most that
+/// one; tests use it to run every path in the worker). On a CPU with AMX the bf16
+/// blocks of few rows run the widened `avx512` kernel, not `vdpbf16ps`: on the Xeon
+/// (Sapphire Rapids class) it was measured on, `vdpbf16ps` ran at half the rate of
+/// the FMA the widened kernel uses.
 pub fn path() -> Path {
     static PATH: OnceLock<Path> = OnceLock::new();
     *PATH.get_or_init(|| {
@@ -105,10 +155,17 @@ pub fn path() -> Path {
             Ok("portable") => Path::Portable,
             Ok("avx2") => Path::Avx2,
             Ok("avx512") => Path::Avx512,
-            _ => Path::Avx512Bf16,
+            Ok("avx512bf16") => Path::Avx512Bf16,
+            _ => Path::Amx,
         };
         if std::env::var_os("ENNCLAVE_NO_AVX512").is_some_and(|v| v == "1") {
             cap = cap.min(Path::Avx2);
+        }
+        // The fp32 family switch caps these kernels the same way.
+        match std::env::var("ENNCLAVE_KERNEL").as_deref() {
+            Ok("avx2") => cap = cap.min(Path::Avx2),
+            Ok("portable") => cap = Path::Portable,
+            _ => {}
         }
         available()
             .into_iter()
@@ -225,7 +282,18 @@ fn bf16_rows(
     // input in the low half), the others as the rounded values' float32 bits (one u32
     // per input): broadcasts straight from memory, no unpacking per row.
     const LDX: usize = KC_BF16;
-    let pairs = path == Path::Avx512Bf16;
+    let amx = path == Path::Amx && rb >= AMX_MIN_ROWS;
+    let path = if path == Path::Amx && !amx {
+        Path::Avx512
+    } else {
+        path
+    };
+    let pairs = amx || path == Path::Avx512Bf16;
+    #[cfg(target_arch = "x86_64")]
+    if amx {
+        // SAFETY: AMX is enabled (Path::Amx is only available then).
+        unsafe { amx::configure() };
+    }
     let kpairs = k.div_ceil(2);
     let mut xb = [0u32; RB * LDX];
     let mut k0 = 0;
@@ -241,6 +309,8 @@ fn bf16_rows(
                     let b = xr.get(2 * r + 1).map_or(0, |&v| bf16_bits(v) as u32);
                     *d = a | (b << 16);
                 }
+                // Tiles read whole groups of 16 pairs (rows past rb stay 0 from the start).
+                row[kp..kp.next_multiple_of(16)].fill(0);
             } else {
                 for (d, &v) in row[..kc].iter_mut().zip(xr) {
                     *d = (bf16_bits(v) as u32) << 16;
@@ -253,7 +323,9 @@ fn bf16_rows(
             let ncols = NR.min(n - c0);
             let wb = &w[(p * kpairs + k0 / 2) * 2 * NR..][..kp * 2 * NR];
             let b = bias.filter(|_| k0 == 0).map(|b| &b[c0..c0 + ncols]);
-            let step = if path >= Path::Avx512 {
+            let step = if amx {
+                32
+            } else if path >= Path::Avx512 {
                 MR
             } else {
                 MR_PORTABLE
@@ -274,10 +346,23 @@ fn bf16_rows(
                 // (its panels) and lie inside y (asserted by qdense_with); xs holds r
                 // rows of LDX ≥ 2·kp values; wb holds kp pair rows of 64 values; the
                 // path's CPU features were checked by qdense_with.
+                #[cfg(target_arch = "x86_64")]
+                if amx {
+                    // SAFETY: as above; xs also holds 32 rows (RB ≥ 32 + i0 whenever
+                    // rows i0+16.. are read, else only 16) of LDX ≥ kp rounded up to 16
+                    // pairs (zeroed past kp and past rb), and AMX was enabled.
+                    unsafe { amx::bf16_block(xs, LDX, wb, kp, r, &blk) };
+                    continue;
+                }
                 unsafe { bf16_block(path, r, xs, LDX, wb, kp, &blk) };
             }
         }
         k0 += kc;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx {
+        // SAFETY: releases this thread's tile state, which the blocks above configured.
+        unsafe { amx::release() };
     }
 }
 
@@ -340,6 +425,7 @@ fn int8_rows(
 
 /// Where a micro-kernel's `r × ncols` result goes: `y = base + acc · scale`, with
 /// `base` the bias (or 0) on the first k-block and `y` itself after that.
+#[derive(Clone, Copy)]
 struct Block<'a> {
     first: bool,
     bias: Option<&'a [f32]>,
@@ -438,7 +524,7 @@ unsafe fn int8_block(
     unsafe {
         match path {
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512Bf16 | Path::Avx512 => {
+            Path::Amx | Path::Avx512Bf16 | Path::Avx512 => {
                 by_rows!(r, int8_wide, xs.as_ptr(), ldx, w.as_ptr(), kq, blk)
             }
             #[cfg(target_arch = "x86_64")]
@@ -734,6 +820,169 @@ unsafe fn int8_wide<const R: usize>(
     }
 }
 
+// ---- AMX -----------------------------------------------------------------------------
+
+/// bf16 with AMX tiles: `tdpbf16ps` multiplies a 16-row × 32-input tile of bf16 `x`
+/// (A) by a 16-pair-row × 16-column tile of the panel (B: the `panels32x2` layout is
+/// exactly B's, 128 bytes per pair row, the two column halves 64 bytes apart) into a
+/// 16 × 16 float32 tile (C). Up to 32 rows × 32 columns per call: C tiles tmm0–tmm3,
+/// A tiles tmm4–tmm5, B tiles tmm6–tmm7. The stable `std::arch` has no AMX
+/// intrinsics, hence `asm!`; nothing else in the program uses tile registers.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{Block, NR};
+    use std::arch::asm;
+
+    /// Palette 1, eight tiles of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct TileCfg([u8; 64]);
+
+    const CFG: TileCfg = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        TileCfg(c)
+    };
+
+    /// Load the tile configuration on this thread.
+    ///
+    /// # Safety
+    /// AMX must have been enabled ([`super::enable_amx`]).
+    pub(super) unsafe fn configure() {
+        // SAFETY: the caller's contract; CFG is a valid palette-1 configuration.
+        unsafe { asm!("ldtilecfg [{cfg}]", cfg = in(reg) &CFG, options(nostack, readonly)) };
+    }
+
+    /// Release this thread's tile state.
+    ///
+    /// # Safety
+    /// AMX must have been enabled ([`super::enable_amx`]).
+    pub(super) unsafe fn release() {
+        // SAFETY: the caller's contract; tilerelease only resets tile state.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// One block of `rows` ≤ 32 rows × the panel's 32 columns over `kp` pair rows.
+    ///
+    /// # Safety
+    /// As `bf16_block`, and: AMX enabled; `xs` holds 16 rows (32 when `rows > 16`) of
+    /// `ldx` u32 with `kp` rounded up to 16 pairs readable in each (zero past `kp`
+    /// and in rows past `rows`).
+    pub(super) unsafe fn bf16_block(
+        xs: &[u32],
+        ldx: usize,
+        w: &[u16],
+        kp: usize,
+        rows: usize,
+        blk: &Block,
+    ) {
+        let two = rows > 16;
+        let groups = kp.div_ceil(16);
+        assert!((1..=32).contains(&rows) && w.len() >= kp * 2 * NR);
+        assert!(xs.len() >= (if two { 31 } else { 15 }) * ldx + groups * 16);
+        // The last group of pair rows, zero-padded to 16 (reading past kp would leave
+        // the panel block).
+        let full = kp / 16;
+        let mut tail = [0u16; 16 * 2 * NR];
+        if full < groups {
+            tail[..(kp - full * 16) * 2 * NR].copy_from_slice(&w[full * 16 * 2 * NR..kp * 2 * NR]);
+        }
+        let mut c = std::mem::MaybeUninit::<[f32; 32 * NR]>::uninit();
+        let (ldx_b, ldw_b, ldc_b) = (ldx * 4, 2 * NR * 2, NR * 4);
+        // SAFETY: every tile load reads 16 rows of 64 bytes at the given stride inside
+        // xs, w or tail (asserted above), every store writes 16 rows of 64 bytes inside
+        // c; the configuration is a valid palette-1 layout.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for g in 0..groups {
+                let b = if g < full {
+                    w.as_ptr().add(g * 16 * 2 * NR)
+                } else {
+                    tail.as_ptr()
+                };
+                let a0 = xs.as_ptr().add(g * 16);
+                asm!(
+                    "tileloadd tmm4, [{a} + {lda}*1]",
+                    "tileloadd tmm6, [{b} + {ldb}*1]",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a = in(reg) a0,
+                    lda = in(reg) ldx_b,
+                    b = in(reg) b,
+                    b1 = in(reg) b.add(NR),
+                    ldb = in(reg) ldw_b,
+                    options(nostack, readonly)
+                );
+                if two {
+                    asm!(
+                        "tileloadd tmm5, [{a} + {lda}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a = in(reg) a0.add(16 * ldx),
+                        lda = in(reg) ldx_b,
+                        options(nostack, readonly)
+                    );
+                }
+            }
+            let cp = c.as_mut_ptr().cast::<f32>();
+            asm!(
+                "tilestored [{c0} + {ldc}*1], tmm0",
+                "tilestored [{c1} + {ldc}*1], tmm1",
+                "tilestored [{c2} + {ldc}*1], tmm2",
+                "tilestored [{c3} + {ldc}*1], tmm3",
+                c0 = in(reg) cp,
+                c1 = in(reg) cp.add(16),
+                c2 = in(reg) cp.add(16 * NR),
+                c3 = in(reg) cp.add(16 * NR + 16),
+                ldc = in(reg) ldc_b,
+                options(nostack)
+            );
+        }
+        // SAFETY: the four tile stores wrote all 32 × 32 floats of c.
+        let c = unsafe { c.assume_init() };
+        for i in 0..rows {
+            let row = Block {
+                // SAFETY (pointer arithmetic only): row i of the block.
+                y: unsafe { blk.y.add(i * blk.ldy) },
+                ..*blk
+            };
+            // SAFETY: c row i is 32 floats; the caller's contract covers y's row i;
+            // AMX implies AVX-512F.
+            unsafe { store_c(&c[i * NR..(i + 1) * NR], &row) };
+        }
+    }
+
+    /// `store` for one row of 32 accumulators in memory.
+    ///
+    /// # Safety
+    /// `acc` has 32 floats, `blk.y` is valid for `ncols` writes, the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_c(acc: &[f32], blk: &Block) {
+        use std::arch::x86_64::_mm512_loadu_ps;
+        assert!(acc.len() >= NR);
+        // SAFETY: the caller's contract; two 16-float loads inside acc.
+        unsafe {
+            let a = [[
+                _mm512_loadu_ps(acc.as_ptr()),
+                _mm512_loadu_ps(acc.as_ptr().add(16)),
+            ]];
+            super::store::<1>(&a, blk);
+        }
+    }
+}
+
 // ---- convolution ---------------------------------------------------------------------
 
 /// `conv` (one group) with a quantised kernel `[kh·kw·c, cout]`: im2col (as the
@@ -837,6 +1086,7 @@ mod tests {
     /// with partial panels, odd k, k-blocks and row chunks.
     #[test]
     fn every_path_matches_float64() {
+        enable_amx();
         for &(m, k, n) in &[
             (1, 1, 1),
             (1, 7, 33),
@@ -844,6 +1094,7 @@ mod tests {
             (13, 513, 64),
             (50, 129, 31),
             (64, 64, 96),
+            (40, 40, 40),
         ] {
             let x = vals(m * k, 1);
             let wf = vals(k * n, 2);
@@ -913,6 +1164,7 @@ mod bench {
     #[test]
     #[ignore]
     fn timings() {
+        enable_amx();
         let (k, n) = (2048, 2048);
         let wf: Vec<f32> = (0..k * n)
             .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)

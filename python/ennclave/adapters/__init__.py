@@ -15,21 +15,17 @@ def load_model(
     path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> ModelAdapter:
     """Open a model file with the adapter for its framework. `input_shapes` fixes the
-    dynamic dimensions of named ONNX inputs (``--input-shape images=1x3x320x320``; the
-    first dimension is the batch and stays free)."""
+    dynamic dimensions of named inputs (``--input-shape images=1x3x320x320``; the first
+    dimension is the batch and stays free): ONNX models, and Keras models with a dynamic
+    axis such as a keras-hub backbone's sequence length."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"Model file {p} does not exist; check the path.")
     suffix = p.suffix.lower()
     if suffix in KERAS_SUFFIXES:
-        if input_shapes:
-            raise ModelLoadError(
-                "--input-shape is for ONNX models; a Keras model's input shape is set when "
-                "it is built (keras.Input(shape=...))."
-            )
         from .keras import KerasAdapter
 
-        return KerasAdapter(p)
+        return KerasAdapter(p, input_shapes)
     if suffix in ONNX_SUFFIXES:
         from .onnx import OnnxAdapter
 

@@ -172,20 +172,29 @@ class KerasAdapter(ModelAdapter):
     framework = "keras"
     public_suffix = ".keras"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         super().__init__(path)
         model = _load_keras_file(path)
-        self._init_from_model(model)
+        self._init_from_model(model, input_shapes)
 
     @classmethod
-    def from_model(cls, model: Any, path: Path | None = None) -> KerasAdapter:
-        """Wrap an in-memory model (used by the Python API and tests)."""
+    def from_model(
+        cls,
+        model: Any,
+        path: Path | None = None,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> KerasAdapter:
+        """Wrap an in-memory model (used by the Python API and tests). `input_shapes`
+        fixes dynamic dimensions of named inputs (the first, the batch, stays free),
+        e.g. a keras-hub backbone's sequence length."""
         self = cls.__new__(cls)
         self.path = path or Path("<memory>")
-        self._init_from_model(model)
+        self._init_from_model(model, input_shapes)
         return self
 
-    def _init_from_model(self, model: Any) -> None:
+    def _init_from_model(
+        self, model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None
+    ) -> None:
         if not _is_model(model) or not getattr(model, "inputs", None):
             raise ModelLoadError(
                 "Only built Functional or Sequential Keras models can be split (subclassed "
@@ -201,6 +210,8 @@ class KerasAdapter(ModelAdapter):
         inputs = [self._name_tensor(t, self._input_name(t)) for t in f.inputs]
         self._flatten(f, prefix="")
         outputs = [self._names[id(t)] for t in f.outputs]
+        self._fix_input_shapes(inputs, input_shapes or {})
+        self._static_shapes(inputs)
         self._graph = GraphView(
             framework="keras",
             inputs=[self._tensor_info[n] for n in inputs],
@@ -209,6 +220,51 @@ class KerasAdapter(ModelAdapter):
             tensors=self._tensor_info,
             passthrough=self._passthrough(inputs),
         )
+
+    def _fix_input_shapes(self, inputs: list[str], shapes: dict[str, tuple[int, ...]]) -> None:
+        """Apply `input_shapes` (NAME → full shape, batch first) to the model inputs."""
+        unknown = sorted(set(shapes) - set(inputs))
+        if unknown:
+            raise ModelLoadError(
+                f"--input-shape names {unknown}, which are not inputs of this model "
+                f"(its inputs: {inputs})."
+            )
+        for name, shape in shapes.items():
+            info = self._tensor_info[name]
+            if len(shape) != len(info.shape) or any(
+                d is not None and d != s for d, s in zip(info.shape[1:], shape[1:], strict=True)
+            ):
+                raise ModelLoadError(
+                    f"--input-shape {name}={'x'.join(map(str, shape))} does not fit the "
+                    f"input's shape {list(info.shape)} (batch first)."
+                )
+            self._tensor_info[name] = TensorInfo(name, (None, *shape[1:]), info.dtype)
+
+    def _static_shapes(self, inputs: list[str]) -> None:
+        """Where layers were built for a dynamic axis (a keras-hub backbone inside a
+        model with a fixed sequence length, or `input_shapes`), work every tensor's
+        shape out again from the static model inputs, symbolically (no new nodes)."""
+        info = self._tensor_info
+        dynamic = any(None in t.shape[1:] for t in info.values())
+        if not dynamic or any(None in info[n].shape[1:] for n in inputs):
+            return
+        keras = require("keras")
+        values = {n: keras.KerasTensor(info[n].shape, dtype=info[n].dtype) for n in inputs}
+        for node in self._nodes:
+            rec = self._records[node.name]
+            try:
+                by_id = {i: values[self._names[i]] for i in rec.input_ids}
+                args, kwargs = rec.arguments.fill_in(by_id)
+                out = rec.layer.compute_output_spec(*args, **kwargs)
+            except Exception:  # leave the recorded shapes; lowering names what it lacks
+                return
+            flat = keras.tree.flatten(out)
+            if len(flat) != len(node.outputs):
+                return
+            for name, v in zip(node.outputs, flat, strict=True):
+                values[name] = v
+                shape = tuple(None if d is None else int(d) for d in v.shape)
+                info[name] = TensorInfo(name, shape, info[name].dtype)
 
     def _passthrough(self, inputs: list[str]) -> set[str]:
         """Tensors that may cross a cut beside the cut tensor (GraphView.passthrough):
@@ -324,6 +380,16 @@ class KerasAdapter(ModelAdapter):
             spatial = out_elems // int(out.shape[-1]) if out else 0
             cin = int(inp.shape[-1])
             return 2 * spatial * cin * int(dk[-1]) * (math.prod(dk[:-2]) + int(out.shape[-1]))
+        if kind in ("EinsumDense", "MultiHeadAttention", "TransformerEncoder") and out:
+            # Their weights act on each token: params multiply-adds per token, plus for
+            # self-attention the scores and the weighted values (2 × seq² × hidden each).
+            # (An unknown sequence length counts as 1, as in elements_per_sample.)
+            dims = [int(d or 1) for d in out.shape[1:]]
+            tokens = out_elems // max(dims[-1], 1) if dims else 1
+            flops = 2 * tokens * int(layer.count_params())
+            if kind != "EinsumDense" and len(dims) == 2:
+                flops += 4 * dims[0] ** 2 * dims[1]
+            return flops
         return out_elems
 
     # -- ModelAdapter -------------------------------------------------------------
@@ -341,6 +407,12 @@ class KerasAdapter(ModelAdapter):
     def predict(self, x: np.ndarray | list[np.ndarray]) -> np.ndarray:
         if isinstance(x, (list, tuple)) and len(x) == 1:
             x = x[0]
+        elif isinstance(x, (list, tuple)):
+            # In model-input order; a model built on a dict of inputs gets the dict.
+            keras = require("keras")
+            struct = getattr(_functional(self.model), "_inputs_struct", None)
+            if isinstance(struct, dict):
+                x = keras.tree.pack_sequence_as(struct, list(x))
         return np.asarray(self.model(x, training=False), dtype=np.float32)
 
     def _vocabulary(self, tensor: str) -> int:
@@ -409,7 +481,8 @@ class KerasAdapter(ModelAdapter):
 
     def lower_private(self, cut: CutPoint) -> Program:
         lowerer = _Lowerer(self._tensor_info, self._records)
-        lowerer.model_inputs = {t.name for t in cut.extra_inputs}
+        model_inputs = {t.name for t in self._graph.inputs}
+        lowerer.model_inputs = {t.name for t in cut.private_inputs if t.name in model_inputs}
         # Masks computed from model inputs on the public side that the private side
         # reads too (GraphView.passthrough): computed again in the enclave.
         through = self._graph.passthrough
@@ -458,8 +531,11 @@ def _same_pads(size: int, k: int, s: int, d: int) -> list[int]:
 def _activation_of(fn: Any, where: str) -> dict[str, Any] | None:
     keras = require("keras")
     name = keras.activations.serialize(fn) if fn is not None else "linear"
-    if isinstance(name, dict):  # a configured activation object
-        name = name.get("config", {}).get("name", str(name))
+    if isinstance(name, dict):  # a configured activation object, or a registered function
+        cfg = name.get("config", {})
+        name = cfg.split(">")[-1] if isinstance(cfg, str) else cfg.get("name", str(name))
+    if name == "gelu_approximate":  # keras-hub's BERT feed-forward: gelu, tanh form
+        return activation("gelu", approximate=True)
     name = {"silu": "swish", "hard_silu": "hard_swish"}.get(name, name)
     if name not in ACTIVATION_NAMES:
         raise UnsupportedOpError(
@@ -1182,6 +1258,76 @@ class _Lowerer:
             m = self.builder.add("sub", [one, m], node.name)
         self.id_masks.add(m)
         return m
+
+    @LAYERS.register("PositionEmbedding")
+    def lower_PositionEmbedding(self, node: Node, layer: Any) -> str:
+        # keras-hub: rows start_index … start_index + seq of the position table, the
+        # same for every sample (a constant the following add broadcasts).
+        rec = self.records.get(node.name)
+        args = list(rec.arguments.args) if rec is not None else []
+        kwargs = dict(rec.arguments.kwargs) if rec is not None else {}
+        start = args[1] if len(args) > 1 else kwargs.get("start_index", 0)
+        if not isinstance(start, (int, np.integer)):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} (PositionEmbedding) has a computed start_index; the "
+                "enclave takes a constant one only."
+            )
+        shape = self._shape(node)
+        seq = int(shape[-2])
+        table = _to_numpy(layer.position_embeddings)
+        if int(start) < 0 or int(start) + seq > table.shape[0]:
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} (PositionEmbedding): positions {int(start)}…"
+                f"{int(start) + seq - 1} are outside its table of {table.shape[0]}."
+            )
+        return self.builder.constant(node.name, table[int(start) : int(start) + seq])
+
+    @LAYERS.register("GetItem")
+    def lower_GetItem(self, node: Node, layer: Any) -> str:
+        # x[:, 0, :] (BERT's [CLS] token) and other constant int/slice indexing on the
+        # non-batch axes → slice, then a reshape that drops the integer-indexed axes.
+        rec = self.records.get(node.name)
+        args = list(rec.arguments.args) if rec is not None else []
+        shape = self._shape(node)
+        key = args[1] if len(args) > 1 else None
+        key = key if isinstance(key, tuple) else (key,)
+        bad = UnsupportedOpError(
+            f"Layer {node.name!r} (GetItem): the enclave indexes with constant integers and "
+            "slices on the non-batch axes only (e.g. x[:, 0, :])."
+        )
+        if sum(k is Ellipsis for k in key) > 1 or len(args) != 2:
+            raise bad
+        if Ellipsis in key:
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
+        key = key + (slice(None),) * (len(shape) - len(key))
+        if len(key) != len(shape) or key[0] != slice(None):
+            raise bad
+        starts, sizes, steps, kept = [], [], [], []
+        for d, k in zip(shape[1:], key[1:], strict=True):
+            if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+                i = int(k) + int(d) if int(k) < 0 else int(k)
+                if not 0 <= i < int(d):
+                    raise bad
+                starts.append(i), sizes.append(1), steps.append(1)
+            elif isinstance(k, slice) and all(
+                v is None or isinstance(v, (int, np.integer)) for v in (k.start, k.stop, k.step)
+            ):
+                r = range(int(d))[k]
+                if len(r) == 0:
+                    raise bad
+                starts.append(r.start), sizes.append(len(r)), steps.append(r.step)
+                kept.append(len(r))
+            else:
+                raise bad
+        y = self._in(node)
+        if sizes != [int(d) for d in shape[1:]] or any(s != 1 for s in steps):
+            y = self.builder.add(
+                "slice", [y], node.name, {"starts": starts, "sizes": sizes, "steps": steps}
+            )
+        if len(kept) != len(sizes):
+            y = self.builder.add("reshape", [y], node.name, {"shape": kept})
+        return y
 
     @LAYERS.register("TokenAndPositionEmbedding")
     def lower_TokenAndPositionEmbedding(self, node: Node, layer: Any) -> str:

@@ -64,6 +64,9 @@ _COMPARE = ("Less", "Greater", "LessOrEqual", "GreaterOrEqual")
 # Div, Pow, Mod would round differently.
 _ID_ARITH = ("Add", "Sub", "Mul")
 _ID_EXACT_OPS = (*_ID_SHAPE_OPS, *_ID_ARITH, *_COMPARE, "Cast", "Equal", "Where", "Not")
+# Ops that turn model inputs into attention masks: what they compute from pass-through
+# inputs alone is computed again on the private side (GraphView.passthrough).
+_MASK_OPS = (*_ID_EXACT_OPS, "Slice", "Neg", "Div")
 # Operator type -> translator; filled by @OPS.register on `_Lowering` below.
 OPS = Translators()
 # Ops that treat dim 0 like any row index, so a batch merged with other dims is fine.
@@ -422,9 +425,34 @@ class OnnxAdapter(ModelAdapter):
             nodes=nodes,
             tensors=tensors,
             constant_tensors=const,
+            passthrough=self._passthrough(ordered, tensors, graph_inputs, const),
         )
         view.uncuttable = self._batch_merged(view)
         return view
+
+    @staticmethod
+    def _passthrough(
+        ordered: list[tuple[str, Any]],
+        tensors: dict[str, TensorInfo],
+        graph_inputs: list[str],
+        const: set[str],
+    ) -> set[str]:
+        """Tensors that may cross a cut beside the cut tensor (GraphView.passthrough):
+        the inputs of a model of several inputs and integer inputs (BERT's
+        attention_mask and token ids, which the blocks read again after the embeddings),
+        and what mask ops compute from them alone (the extended mask (1 − mask)·min,
+        casts and comparisons of ids), which the private side computes again. An
+        embedding lookup (Gather of a table) is no mask op: its output is a cut."""
+        through = {
+            t
+            for t in graph_inputs
+            if len(graph_inputs) > 1 or tensors[t].dtype.startswith(("int", "uint", "bool"))
+        }
+        for _, n in ordered:
+            ins = [t for t in n.input if t and t not in const]
+            if n.op_type in _MASK_OPS and ins and all(t in through for t in ins):
+                through.update(t for t in n.output if t)
+        return through
 
     def _fill_shapes_by_running(
         self, tensors: dict[str, TensorInfo], const: set[str], graph_inputs: list[str]
@@ -782,10 +810,9 @@ class OnnxAdapter(ModelAdapter):
     # -- lowering ----------------------------------------------------------------
     def lower_private(self, cut: CutPoint) -> Program:
         g = self.graph
-        if len(g.inputs) != 1 or len(g.outputs) != 1:
+        if len(g.outputs) != 1:
             raise UnsupportedOpError(
-                f"The enclave program needs a model with one input and one output; this "
-                f"one has {len(g.inputs)} and {len(g.outputs)}."
+                f"The enclave program needs a model with one output; this one has {len(g.outputs)}."
             )
         # What must be float32 is what crosses into the enclave and what comes out; the
         # model's own input may be anything the public part turns into floats.
@@ -917,22 +944,38 @@ class _Lowering:
     def run(self) -> Program:
         g, cut = self.g, self.cut
         out_name = g.outputs[0].name
-        private = g.nodes[cut.position :]
-        # Only what the output needs, and nothing constant (that is folded).
+        # Only what the output needs, and nothing constant (that is folded). Masks the
+        # public side computes from pass-through inputs are computed again here.
         needed = {out_name}
         todo: list[Node] = []
-        for node in reversed(private):
-            if any(t in needed for t in node.outputs) and not all(
+        for pos in range(len(g.nodes) - 1, -1, -1):
+            node = g.nodes[pos]
+            if not any(t in needed for t in node.outputs) or all(
                 t in g.constant_tensors for t in node.outputs
             ):
-                todo.append(node)
-                needed.update(node.inputs)
+                continue
+            if pos < cut.position and not all(t in g.passthrough for t in node.outputs if t):
+                continue  # public: the cut tensor, or (checked below) a second crossing
+            todo.append(node)
+            needed.update(node.inputs)
         todo.reverse()
 
-        in_name = self.b.fresh(cut.tensor.name)
-        in_shape = (None, *self.shape(cut.tensor.name, Node("input", "Input", [], []))[1:])
-        self.env[cut.tensor.name] = _Val(in_name, _ident(len(in_shape)), in_shape)
-        self.pshape[in_name] = in_shape
+        inputs: list[TensorInfo] = []
+        for i, t in enumerate(cut.private_inputs):
+            name = self.b.fresh(t.name)
+            shape = (None, *self.shape(t.name, Node("input", "Input", [], []))[1:])
+            self.env[t.name] = _Val(name, _ident(len(shape)), shape)
+            self.pshape[name] = shape
+            # Integer ids and masks travel as float32 (exact below 2^24); `gather`
+            # checks every id. A bool input is declared int32 (0/1).
+            dtype = t.dtype if t.dtype in ("int32", "int64") else "float32"
+            if t.dtype.startswith(("int", "uint", "bool")):
+                dtype = t.dtype if t.dtype in ("int32", "int64") else "int32"
+                if i > 0:
+                    self.int_ids.add(t.name)
+                if t.dtype == "bool":
+                    self.bools.add(t.name)
+            inputs.append(TensorInfo(name, shape, dtype))
         for node in todo:
             for t in node.inputs:
                 if t not in self.env and t not in g.constant_tensors:
@@ -945,11 +988,7 @@ class _Lowering:
             raise CutError(f"The private side of cut {cut.name!r} does not compute the output.")
         final = self.logical(self.env[out_name], g.nodes[-1])
         out_shape = self.shape(out_name, g.nodes[-1])
-        # Integer ids travel as float32 (exact below 2^24); `gather` checks every one.
-        in_dtype = cut.tensor.dtype if cut.tensor.dtype in ("int32", "int64") else "float32"
-        return self.b.build(
-            [TensorInfo(in_name, in_shape, in_dtype)], [TensorInfo(final.name, out_shape)]
-        )
+        return self.b.build(inputs, [TensorInfo(final.name, out_shape)])
 
     def lower_node(self, node: Node) -> None:
         op = node.op_type
