@@ -35,7 +35,7 @@ def _worker_available() -> bool:
 
 # CI builds the worker first, so these tests always run there.
 needs_worker = pytest.mark.skipif(
-    not _worker_available(), reason="ennclave-enclave not built (cargo build --release in enclave/)"
+    not _worker_available(), reason="ennclave-enclave not built (cargo build-worker in enclave/)"
 )
 
 IN, HID, OUT = 8, 16, 5
