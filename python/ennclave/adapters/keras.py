@@ -169,13 +169,44 @@ def _load_keras_file(path: Path) -> Any:
 MASK_OPS = {"NotEqual", "Equal", "Cast", "ExpandDims", "Reshape", "Squeeze"}
 
 
+def _keep_output(model: Any, file: str, output: str | None) -> Any:
+    """The model ending in its output `output` (named as `model.output_names` lists
+    them): the enclave program has one output, so a model of several needs the
+    choice."""
+    outs = list(getattr(model, "outputs", None) or [])
+    names = [str(n) for n in (getattr(model, "output_names", None) or [])]
+    if len(names) != len(outs):
+        names = [getattr(t, "name", f"output_{i}") for i, t in enumerate(outs)]
+    if output is None:
+        if len(outs) > 1:
+            raise ModelLoadError(
+                f"{file} has {len(outs)} outputs ({', '.join(names)}) and a split model ends "
+                f"in one: choose it with --model-output NAME (Python: output=NAME), e.g. "
+                f"--model-output {names[0]}."
+            )
+        return model
+    if output not in names:
+        raise ModelLoadError(
+            f"--model-output {output!r} is not an output of {file}; its outputs are {', '.join(names)}."
+        )
+    if len(outs) == 1:
+        return model
+    keras = require("keras")
+    return keras.Model(model.inputs, outs[names.index(output)], name=model.name)
+
+
 class KerasAdapter(ModelAdapter):
     framework = "keras"
     public_suffix = ".keras"
 
-    def __init__(self, path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        output: str | None = None,
+    ) -> None:
         super().__init__(path)
-        model = _load_keras_file(path)
+        model = _keep_output(_load_keras_file(path), path.name, output)
         self._init_from_model(model, input_shapes)
 
     @classmethod
@@ -184,13 +215,15 @@ class KerasAdapter(ModelAdapter):
         model: Any,
         path: Path | None = None,
         input_shapes: dict[str, tuple[int, ...]] | None = None,
+        output: str | None = None,
     ) -> KerasAdapter:
         """Wrap an in-memory model (used by the Python API and tests). `input_shapes`
         fixes dynamic dimensions of named inputs (the first, the batch, stays free),
-        e.g. a keras-hub backbone's sequence length."""
+        e.g. a keras-hub backbone's sequence length; `output` names the output the
+        split model ends in (required for a model of several)."""
         self = cls.__new__(cls)
         self.path = path or Path("<memory>")
-        self._init_from_model(model, input_shapes)
+        self._init_from_model(_keep_output(model, self.path.name, output), input_shapes)
         return self
 
     def _init_from_model(
