@@ -1,6 +1,7 @@
-"""Sentence encoders as exporters ship them: a torch.onnx-style BERT with a second
-output (`pooler_output`) splits once one output is chosen (`output=` / `--model-output`),
-and the sentence-transformers head (masked mean pooling, L2 normalisation) splits at
+"""Models of several outputs, and sentence encoders as exporters ship them: a
+torch.onnx-style BERT with a second output (`pooler_output`) splits once one output is
+chosen (`output=` / `--model-output`; a Keras model of two heads too), and the
+sentence-transformers head (masked mean pooling, L2 normalisation) splits at
 block boundaries with the pooling in the enclave, checked against ONNX Runtime on
 padded sequences and through the worker."""
 
@@ -187,3 +188,25 @@ def test_cli_plan_and_split_with_model_output(encoder: Path, tmp_path: Path, cap
     assert rc == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert [t["shape"] for t in manifest["private"]["outputs"]] == [[None, H]]
+
+
+def test_keras_model_of_two_heads(tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    from ennclave.passes import optimize
+    from ennclave.reference import execute
+
+    i = keras.Input((4,), name="x")
+    h = keras.layers.Dense(8, activation="relu", name="d1")(i)
+    a = keras.layers.Dense(3, name="head_a")(h)
+    b = keras.layers.Dense(2, name="head_b")(h)
+    model = keras.Model(i, [a, b])
+    path = tmp_path / "two.keras"
+    model.save(path)
+    with pytest.raises(ModelLoadError, match=r"2 outputs \(head_a, head_b\)"):
+        load_model(path)
+    ad = load_model(path, output="head_b")
+    x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
+    want = model.predict(x, verbose=0)[1]
+    np.testing.assert_allclose(ad.predict(x), want, atol=1e-6)
+    cut = find_cut_points(ad.graph)[0]
+    np.testing.assert_allclose(execute(optimize(ad.lower_private(cut)), x), want, atol=1e-5)
