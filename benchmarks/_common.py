@@ -37,8 +37,9 @@ def timeit_blocks(
     block_s: float = 0.25,
     warmup: int = 5,
     min_blocks: int = 1,
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> list[float]:
-    """Median seconds per call of each of `fns`, timed in alternating blocks of
+    """Median (or `stat`) seconds per call of each of `fns`, timed in alternating blocks of
     `block_s` (at least `min_blocks` rounds), so all see the same machine state: on a
     shared VM the speed drifts by tens of percent within a minute, which back-to-back
     runs would mistake for a difference between them. The first `warmup` calls of each
@@ -59,7 +60,7 @@ def timeit_blocks(
                 ts.append(time.perf_counter() - t)
                 if t >= stop:
                     break
-    return [statistics.median(ts) for ts in times]
+    return [stat(ts) for ts in times]
 
 
 def timeit_pair(

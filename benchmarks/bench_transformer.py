@@ -168,7 +168,7 @@ class Row:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write results here")
-    ap.add_argument("--threads", default="1", help="comma-separated thread counts (both sides)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (both sides)")
     ap.add_argument("--private", default="2,6", help="comma-separated private block counts")
     ap.add_argument("--seconds", type=float, default=2.0, help="batch-1 time per side")
     ap.add_argument("--rounds", type=int, default=3, help=f"timed batch-{BIG_BATCH} calls per side")
@@ -181,7 +181,7 @@ def main() -> int:
     from ennclave.graph import find_cut_points
     from ennclave.split import split_model
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     tmp = Path(tempfile.mkdtemp(prefix="ennclave-bench-tx-"))
     model = build_encoder()
     adapter = KerasAdapter.from_model(model)
@@ -229,12 +229,12 @@ def main() -> int:
     for col in (
         "private",
         "threads",
-        "b1 worker",
-        "b1 ORT",
-        "b1 latency (≤ 1.3×)",
-        f"b{BIG_BATCH} worker",
-        f"b{BIG_BATCH} ORT",
-        f"b{BIG_BATCH} throughput (≥ 0.8×)",
+        "batch 1 worker",
+        "batch 1 ORT",
+        "latency ratio (goal ≤ 1.3×)",
+        f"batch {BIG_BATCH} worker",
+        f"batch {BIG_BATCH} ORT",
+        "throughput ratio (goal ≥ 0.8×)",
     ):
         table.add_column(col, justify="right")
     for r in rows:

@@ -97,6 +97,7 @@ def test_plan_lists_the_block_boundaries(bert):
     assert all(reports[b].splittable for b in BOUNDARIES), [
         reports[b].blocked_by for b in BOUNDARIES
     ]
+    assert reports[BOUNDARIES[1]].extra_inputs == ["padding_mask"]
 
 
 @pytest.mark.parametrize("cut", BOUNDARIES)
@@ -188,3 +189,29 @@ def test_dynamic_sequence_length_is_pinned_by_input_shapes():
     x = batch(4)
     feed = [_public(adapter, point, x), x["padding_mask"]]
     np.testing.assert_allclose(execute(program, feed), model(x), atol=2e-5, rtol=1e-4)
+
+
+def test_mean_pooled_sentence_encoder_with_int64_inputs(tmp_path):
+    # A sentence-encoder head (MiniLM style): the sequence output mean-pooled under the
+    # padding mask, sum(h · mask) / max(sum(mask), 1e-9), on int64 inputs. The mask is
+    # cast and expanded on the public side too, and the enclave recomputes both.
+    keras.utils.set_random_seed(7)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=SEQ,
+    )  # fmt: skip
+    ops = keras.ops
+    inputs = {k: keras.Input((SEQ,), dtype="int64", name=k) for k in INPUTS}
+    h = backbone(inputs)["sequence_output"]
+    mask = ops.expand_dims(ops.cast(inputs["padding_mask"], "float32"), -1)
+    pooled = ops.sum(h * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1e-9)
+    model = keras.Model(inputs, pooled)
+    adapter = KerasAdapter.from_model(model)
+    (point,) = [c for c in find_cut_points(adapter.graph) if c.name.endswith("layer_0")]
+    assert [t.name for t in point.extra_inputs] == ["padding_mask"]
+    x = {k: v.astype("int64") for k, v in batch().items()}
+    expected = np.asarray(model(x))
+    res = split_model(adapter, point.index, tmp_path / "b", keystore=tmp_path / "ks.json")
+    assert res.manifest["private"]["inputs"][1]["dtype"] == "int64"
+    with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-5, rtol=1e-4)

@@ -382,20 +382,26 @@ def test_owner_cli_register_policy_revoke_audit(server, tmp_path, capsys):
                 "9",
                 "--expires-in",
                 "3600",
+                "--require-protections",
+                "seccomp,no_tracer",
             ]
         )
         == 0
     )
+    assert "requires seccomp, no_tracer" in capsys.readouterr().out
+    assert main(["keys", "policy", b.key_id, "--require-protections", "seccomp,root"]) == 2
+    assert "--require-protections expects distinct names" in capsys.readouterr().err
     assert main(["keys", "show", b.key_id, "--json"]) == 0
     out = capsys.readouterr().out
     shown = json.loads(out[out.index("{") :])
     assert shown["policy"]["allow_software"] and shown["policy"]["query_budget"] == 9
     assert shown["policy"]["max_clients"] == 2
+    assert shown["policy"]["require_protections"] == ["seccomp", "no_tracer"]
     assert main(["keys", "revoke", b.key_id, "--reason", "end of contract"]) == 0
     assert main(["keys", "audit", b.key_id, "--json"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out[out.index("[") :])
-    assert [r["event"] for r in rows] == ["register", "policy", "revoke"]
+    assert [r["event"] for r in rows] == ["register", "policy", "revoke"]  # one policy row
     assert main(["keys", "list", "--token", "not-the-token"]) == 2  # clear error, no traceback
     assert "unauthorized" in capsys.readouterr().err
     assert server.token not in json.dumps(rows)

@@ -164,3 +164,21 @@ def test_bench_feeds_every_input(bundles):
     rec = bench_bundle(by_cut["d1"][0], (1, 4), 0.2, keystore=keystore)
     assert [r["batch"] for r in rec["results"]] == [1, 4]
     assert all(r["enclave_ms"] > 0 and r["public_ms"] > 0 for r in rec["results"])
+
+
+def test_cli_takes_npz_samples_and_inputs(gated, tmp_path, capsys):
+    from ennclave import cli
+
+    model, _ = gated
+    path = tmp_path / "gated.keras"
+    model.save(path)
+    xs = _inputs(4, seed=3)
+    np.savez(tmp_path / "x.npz", x=xs[0], gate=xs[1])
+    ks = str(tmp_path / "ks.json")
+    argv = ["split", str(path), "--cut", "d2", "-o", str(tmp_path / "b"), "--keystore", ks]
+    assert cli.main([*argv, "--samples", str(tmp_path / "x.npz")]) == 0
+    out = tmp_path / "y.npy"
+    run = ["run", str(tmp_path / "b"), "--input", str(tmp_path / "x.npz"), "--output", str(out)]
+    assert cli.main([*run, "--keystore", ks]) == 0
+    np.testing.assert_allclose(np.load(out), np.asarray(model(xs)), atol=1e-5, rtol=1e-5)
+    capsys.readouterr()

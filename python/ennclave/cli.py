@@ -28,12 +28,20 @@ from .errors import EnnclaveError, InputError
 # ---------------------------------------------------------------- cheap checks
 
 
-def _load_npy(path: str, what: str) -> np.ndarray:
+def _load_npy(path: str, what: str) -> Any:
+    """An .npy array, or an .npz archive as a dict of arrays by name (the inputs of a
+    model of several inputs, e.g. token_ids, segment_ids, padding_mask)."""
     _need_file(path, what)
     try:
-        return np.load(path, allow_pickle=False)
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                return {k: data[k] for k in data.files}
+        return data
     except (ValueError, OSError) as e:
-        raise InputError(f"{what} file {path} is not a readable .npy array ({e}).") from None
+        raise InputError(
+            f"{what} file {path} is not a readable .npy array or .npz archive ({e})."
+        ) from None
 
 
 def _need_file(path: str, what: str) -> None:
@@ -542,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _input_shape_option(ss)
     ss.add_argument(
-        "--samples", metavar="NPY", help="inputs to verify the split on, in addition to random ones"
+        "--samples",
+        metavar="NPY",
+        help="inputs to verify the split on, in addition to random ones (.npy; a model of "
+        "several inputs: .npz, one array per input name)",
     )
     ss.add_argument(
         "--labels",
@@ -607,7 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sr = sub.add_parser("run", parents=common, help="run a bundle on inputs from a .npy file")
     sr.add_argument("bundle", help="bundle directory written by `ennclave split`")
-    sr.add_argument("--input", required=True, metavar="NPY", help="inputs, batch first (.npy file)")
+    sr.add_argument(
+        "--input",
+        required=True,
+        metavar="NPY",
+        help="inputs, batch first (.npy file; a model of several inputs: .npz, one array per "
+        "input name)",
+    )
     sr.add_argument(
         "--output",
         required=True,

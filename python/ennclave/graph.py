@@ -169,6 +169,10 @@ def find_cut_points(graph: GraphView) -> list[CutPoint]:
             or t in {i.name for i in graph.inputs}
         ):
             continue
+        if through and not any(m.params for m in graph.nodes[: pos + 1]):
+            # Nothing with weights on the public side (a cast of a pass-through mask):
+            # the same as cut 0, which is offered for such graphs.
+            continue
         seen.add(t)
         producer = graph.producer(t)
         assert producer is not None

@@ -287,7 +287,10 @@ def _regions(prog: Program, pshape: Shapes, x: str) -> list[list[ProgramNode]]:
     return out
 
 
-def _run_region(prog: Program, nodes: list[ProgramNode], x: str, value: np.ndarray) -> np.ndarray:
+def _run_region(
+    prog: Program, nodes: list[ProgramNode], x: str, value: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Every value the region's nodes compute from x = `value` (float64)."""
     env = {x: value}
     for n in prog.nodes:
         if n.op == "constant":
@@ -295,29 +298,39 @@ def _run_region(prog: Program, nodes: list[ProgramNode], x: str, value: np.ndarr
     with np.errstate(all="ignore"):
         for n in nodes:
             env[n.outputs[0]] = np.asarray(run_node(n, [env[t] for t in n.inputs], prog.weights))
-    return env[nodes[-1].outputs[0]]
+    return env
 
 
-def _as_gelu(prog: Program, nodes: list[ProgramNode], x: str, shape: tuple) -> dict | None:
-    """The gelu activation the region computes (exact or tanh form), if it is one."""
+def _gelu_probe(shape: tuple) -> np.ndarray:
     values = np.linspace(-8.0, 8.0, 1601)
     per_sample = int(np.prod(shape[1:]))
     rows = -(-values.size // per_sample)  # enough samples to hold every probe value
-    probe = np.resize(values, (rows, *shape[1:]))
-    got = _run_region(prog, nodes, x, probe)
-    for approximate in (False, True):
-        act = activation("gelu", approximate=approximate)
-        want = apply_activation(probe, act)
+    return np.resize(values, (rows, *shape[1:]))
+
+
+def _as_gelu(got: np.ndarray, wants: list[tuple[dict, np.ndarray]]) -> dict | None:
+    """The gelu activation (exact or tanh form) whose values on the probe, `wants`,
+    are `got`, if any."""
+    for act, want in wants:
         if np.allclose(got, want, rtol=1e-5, atol=1e-6):
             return act
     return None
 
 
+def _ln_probe(shape: tuple) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    h = int(shape[-1])
+    rows = max(8, 64 // max(1, int(np.prod(shape[1:-1]))))
+    # Rows of very different scales: small ones tell epsilon apart.
+    scales = np.logspace(-3, 1, rows).reshape(rows, *[1] * (len(shape) - 1))
+    return rng.standard_normal((rows, *shape[1:])) * scales + rng.standard_normal(h)
+
+
 def _as_layer_norm(
-    prog: Program, nodes: list[ProgramNode], x: str, shape: tuple
+    prog: Program, nodes: list[ProgramNode], probe: np.ndarray, got: np.ndarray
 ) -> tuple[float, np.ndarray, np.ndarray] | None:
-    """(epsilon, gamma, beta) of the layer norm over the last axis the region
-    computes, if it is one; epsilon is one of the region's scalar constants."""
+    """(epsilon, gamma, beta) of the layer norm over the last axis that maps `probe`
+    to `got`, if it is one; epsilon is one of the region's scalar constants."""
     eps_candidates = sorted(
         {
             float(prog.weights[n.weights["value"]].reshape(-1)[0])
@@ -327,18 +340,11 @@ def _as_layer_norm(
             and any(n.outputs[0] in m.inputs for m in nodes)
         }
     )
-    eps_candidates = [e for e in eps_candidates if 0 < e < 0.1]
-    rng = np.random.default_rng(0)
-    h = int(shape[-1])
-    rows = max(8, 64 // max(1, int(np.prod(shape[1:-1])) or 1))
-    # Rows of very different scales: small ones tell epsilon apart.
-    scales = np.logspace(-3, 1, rows).reshape(rows, *[1] * (len(shape) - 1))
-    probe = rng.standard_normal((rows, *shape[1:])) * scales + rng.standard_normal(h)
-    got = _run_region(prog, nodes, x, probe)
+    h = probe.shape[-1]
     flat_x, flat_y = probe.reshape(-1, h), got.reshape(-1, h)
     mean = flat_x.mean(axis=1, keepdims=True)
     var = ((flat_x - mean) ** 2).mean(axis=1, keepdims=True)
-    for eps in eps_candidates:
+    for eps in (e for e in eps_candidates if 0 < e < 0.1):
         z = (flat_x - mean) / np.sqrt(var + eps)
         # Per channel, y = gamma·z + beta by least squares, then checked everywhere.
         zm, ym = z.mean(axis=0), flat_y.mean(axis=0)
@@ -358,24 +364,47 @@ def _fuse_regions(prog: Program, pshape: Shapes, out_name: str) -> bool:
     recognised by what it computes, not by its node order: it is run in float64 on
     probe inputs and compared with the fused op (layer norm's gamma and beta are fitted
     per channel, epsilon is one of the region's constants)."""
-    consumers = _consumers(prog)
     fns = {"erf", "tanh"}
     starts = [prog.inputs[0].name, *[n.outputs[0] for n in prog.nodes if n.op != "constant"]]
-    for x in starts:
+    gelu_wants: dict[tuple, list[tuple[dict, np.ndarray]]] = {}
+    fused = False
+    for x in starts:  # one pass fuses every region it finds
+        consumers = _consumers(prog)
         shape = pshape.get(x)
         if not shape or len(consumers.get(x, [])) < 2 or x == out_name:
             continue
         best = None
-        for nodes in _regions(prog, pshape, x):
-            if any(n.outputs[0] == out_name for n in nodes[:-1]):
-                continue
-            has_reduce = any(n.op == "reduce" for n in nodes)
-            if has_reduce:
-                found = _as_layer_norm(prog, nodes, x, shape)
+        candidates = [
+            nodes
+            for nodes in _regions(prog, pshape, x)
+            if not any(n.outputs[0] == out_name for n in nodes[:-1])
+        ]
+        # Each probe runs once over every node of the candidates (a node's value does
+        # not depend on which candidate it is judged in).
+        ids = {id(n) for c in candidates for n in c}
+        everything = [n for n in prog.nodes if id(n) in ids]
+        lns = [c for c in candidates if any(n.op == "reduce" for n in c)]
+        gelus = [
+            c
+            for c in candidates
+            if c not in lns
+            and any(n.op == "activation" and n.attrs["activation"]["fn"] in fns for n in c)
+        ]
+        if lns:
+            probe = _ln_probe(shape)
+            env = _run_region(prog, everything, x, probe)
+            for nodes in lns:
+                found = _as_layer_norm(prog, nodes, probe, env[nodes[-1].outputs[0]])
                 if found is not None:
                     best = (nodes, "layer_norm", found)
-            elif any(n.op == "activation" and n.attrs["activation"]["fn"] in fns for n in nodes):
-                act = _as_gelu(prog, nodes, x, shape)
+        if gelus and best is None:
+            probe = _gelu_probe(shape)
+            if shape not in gelu_wants:
+                acts = [activation("gelu", approximate=a) for a in (False, True)]
+                gelu_wants[shape] = [(a, apply_activation(probe, a)) for a in acts]
+            env = _run_region(prog, everything, x, probe)
+            for nodes in gelus:
+                act = _as_gelu(env[nodes[-1].outputs[0]], gelu_wants[shape])
                 if act is not None:
                     best = (nodes, "gelu", act)
         if best is None:
@@ -397,5 +426,5 @@ def _fuse_regions(prog: Program, pshape: Shapes, out_name: str) -> bool:
                     key += "_"
                 prog.weights[key] = value.astype(np.float32)
                 end.weights[role] = key
-        return True
-    return False
+        fused = True
+    return fused

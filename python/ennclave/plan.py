@@ -40,6 +40,8 @@ class CutReport:
     # scales and float32 biases make them a little more).
     enclave_bytes_bf16: int = 0
     enclave_bytes_int8: int = 0
+    # Model inputs the private side also takes beside the cut tensor (a padding mask).
+    extra_inputs: list[str] = field(default_factory=list)
 
 
 # Layer / operator types whose kernels `--weights bf16|int8` stores quantised.
@@ -168,6 +170,7 @@ def make_plan(
                 blocked_by=blocked_by,
                 enclave_bytes_bf16=_bytes_as(inside, 2),
                 enclave_bytes_int8=_bytes_as(inside, 1),
+                extra_inputs=[t.name for t in c.extra_inputs],
             )
         )
     budget = int(budget_mib * MiB)

@@ -54,7 +54,8 @@ def print_plan(plan: Plan, console: Console) -> None:
             f"{mark}{c.index}",
             escape(c.name),  # layer names are the user's text, not markup
             escape(c.op_type),
-            _shape(c.tensor_shape),
+            _shape(c.tensor_shape)
+            + "".join(f" + {escape(n)}" for n in c.extra_inputs),  # model inputs passed along
             f"{c.enclave_params:,}",
             f"{c.enclave_bytes / MiB:.2f} / {c.enclave_bytes_bf16 / MiB:.2f} / "
             f"{c.enclave_bytes_int8 / MiB:.2f}",

@@ -134,16 +134,19 @@ def _batch_len(x: Any) -> int:
     return len(x[0]) if isinstance(x, (list, tuple)) else len(x)
 
 
-def _check_labels(labels: np.ndarray, samples: np.ndarray | None) -> np.ndarray:
+def _check_labels(labels: np.ndarray, samples: Any) -> np.ndarray:
     """Class indices, one per sample (one-hot rows are read by their argmax)."""
     if samples is None:
         raise InputError("Labels were given without samples; pass --samples with them.")
+    if isinstance(samples, dict):
+        samples = list(samples.values())
+    n = _batch_len(samples)
     labels = np.asarray(labels)
     if labels.ndim == 2:
         labels = labels.argmax(-1)
-    if labels.ndim != 1 or len(labels) != len(samples) or labels.dtype.kind not in "iuf":
+    if labels.ndim != 1 or len(labels) != n or labels.dtype.kind not in "iuf":
         raise InputError(
-            f"The labels have shape {labels.shape} but there are {len(samples)} samples; pass "
+            f"The labels have shape {labels.shape} but there are {n} samples; pass "
             "one class index (or one-hot row) per sample."
         )
     return labels.astype(np.int64)

@@ -164,8 +164,9 @@ def _load_keras_file(path: Path) -> Any:
     )
 
 
-# Layers that take a 0/1 padding mask the enclave can lower (into softmax's key mask).
-MASK_READERS = {"TransformerEncoder"}
+# Weightless ops a padding mask is made with from model inputs; where their inputs
+# pass through a cut, the private side computes them again (GraphView.passthrough).
+MASK_OPS = {"NotEqual", "Equal", "Cast", "ExpandDims", "Reshape", "Squeeze"}
 
 
 class KerasAdapter(ModelAdapter):
@@ -211,7 +212,9 @@ class KerasAdapter(ModelAdapter):
         self._flatten(f, prefix="")
         outputs = [self._names[id(t)] for t in f.outputs]
         self._fix_input_shapes(inputs, input_shapes or {})
-        self._static_shapes(inputs)
+        if self._static_shapes(inputs):
+            for node in self._nodes:
+                node.flops = self._flops(node.handle, node.inputs, node.outputs)
         self._graph = GraphView(
             framework="keras",
             inputs=[self._tensor_info[n] for n in inputs],
@@ -240,14 +243,14 @@ class KerasAdapter(ModelAdapter):
                 )
             self._tensor_info[name] = TensorInfo(name, (None, *shape[1:]), info.dtype)
 
-    def _static_shapes(self, inputs: list[str]) -> None:
+    def _static_shapes(self, inputs: list[str]) -> bool:
         """Where layers were built for a dynamic axis (a keras-hub backbone inside a
         model with a fixed sequence length, or `input_shapes`), work every tensor's
         shape out again from the static model inputs, symbolically (no new nodes)."""
         info = self._tensor_info
         dynamic = any(None in t.shape[1:] for t in info.values())
         if not dynamic or any(None in info[n].shape[1:] for n in inputs):
-            return
+            return False
         keras = require("keras")
         values = {n: keras.KerasTensor(info[n].shape, dtype=info[n].dtype) for n in inputs}
         for node in self._nodes:
@@ -257,45 +260,57 @@ class KerasAdapter(ModelAdapter):
                 args, kwargs = rec.arguments.fill_in(by_id)
                 out = rec.layer.compute_output_spec(*args, **kwargs)
             except Exception:  # leave the recorded shapes; lowering names what it lacks
-                return
+                return True
             flat = keras.tree.flatten(out)
             if len(flat) != len(node.outputs):
-                return
+                return True
             for name, v in zip(node.outputs, flat, strict=True):
                 values[name] = v
                 shape = tuple(None if d is None else int(d) for d in v.shape)
                 info[name] = TensorInfo(name, shape, info[name].dtype)
+        return True
 
     def _passthrough(self, inputs: list[str]) -> set[str]:
         """Tensors that may cross a cut beside the cut tensor (GraphView.passthrough):
-        the model inputs of a model of several inputs and integer inputs (token ids,
-        padding masks: transformer blocks read them again after the embeddings), and
-        the 0/1 masks `keras.ops.(not_)equal` computes from them, which the private
-        side recomputes from the ids. A single float input is not passed through:
-        its cut points stay as they were."""
+        the model inputs of a model of several inputs and integer or bool inputs (token
+        ids, padding masks: transformer blocks read them again after the embeddings),
+        and what weightless mask ops (cast, expand_dims, not_equal, …) compute from
+        them alone, which the private side computes again. A single float input is not
+        passed through: its cut points stay as they were. Nor is a mask that reaches a
+        layer as a Keras mask (`Embedding(mask_zero=True)` into a pooling: a second
+        tensor into a one-input layer), nor the inputs it comes from."""
         info = self._tensor_info
         through = {
             n for n in inputs if len(inputs) > 1 or any(k in info[n].dtype for k in ("int", "bool"))
         }
-        readers: dict[str, set[str]] = {}
+        derive = [
+            n
+            for n in self._nodes
+            if n.op_type in MASK_OPS and n.params == 0 and n.inputs and n.outputs
+        ]
+        for node in derive:  # topological order: chains of mask ops
+            if all(t in through for t in node.inputs):
+                through.update(node.outputs)
+        readers: dict[str, list[Node]] = {}
         for node in self._nodes:
             for t in node.inputs:
-                readers.setdefault(t, set()).add(node.op_type)
-        for node in self._nodes:
-            # Only masks that go to layers the enclave masks with: a Keras mask
-            # (Embedding(mask_zero=True)) travelling into other layers stays public.
-            if (
-                node.op_type in ("NotEqual", "Equal")
-                and node.inputs
-                and all(t in through for t in node.inputs)
-                and all(readers.get(t, set()) <= MASK_READERS for t in node.outputs)
-            ):
-                through.update(node.outputs)
-        # A model input a Keras mask is computed from, where that mask stays public,
-        # is not passed through either: the mask would cross the cut with it.
-        for node in self._nodes:
-            if node.op_type in ("NotEqual", "Equal") and not set(node.outputs) <= through:
-                through.difference_update(t for t in node.inputs if t in inputs)
+                readers.setdefault(t, []).append(node)
+        multi = MERGE_LAYERS | {"MultiHeadAttention", "TransformerEncoder"}
+        changed = True
+        while changed:
+            changed = False
+            for node in derive:
+                outs = set(node.outputs)
+                if outs <= through and any(
+                    r.op_type not in multi and len(r.inputs) != 1
+                    for t in outs
+                    for r in readers.get(t, [])
+                ):
+                    through -= outs  # a Keras mask: it stays where it is computed
+                    changed = True
+                if not outs <= through and any(t in through for t in node.inputs):
+                    through.difference_update(node.inputs)  # it would cross with them
+                    changed = True
         return through
 
     # -- flattening -----------------------------------------------------------------
@@ -380,6 +395,16 @@ class KerasAdapter(ModelAdapter):
             spatial = out_elems // int(out.shape[-1]) if out else 0
             cin = int(inp.shape[-1])
             return 2 * spatial * cin * int(dk[-1]) * (math.prod(dk[:-2]) + int(out.shape[-1]))
+        if kind in ("EinsumDense", "MultiHeadAttention", "TransformerEncoder") and out:
+            # Their weights act on each token: params multiply-adds per token, plus for
+            # self-attention the scores and the weighted values (2 × seq² × hidden each).
+            # (An unknown sequence length counts as 1, as in elements_per_sample.)
+            dims = [int(d or 1) for d in out.shape[1:]]
+            tokens = out_elems // max(dims[-1], 1) if dims else 1
+            flops = 2 * tokens * int(layer.count_params())
+            if kind != "EinsumDense" and len(dims) == 2:
+                flops += 4 * dims[0] ** 2 * dims[1]
+            return flops
         return out_elems
 
     # -- ModelAdapter -------------------------------------------------------------
@@ -803,6 +828,26 @@ class _Lowerer:
         attrs["sizes"] = [int(d) * f for d, f in zip(in_shape[1:-1], factors, strict=True)]
         attrs["scales"] = [float(f) for f in factors]
         return self.builder.add("resize", [self._in(node)], node.name, attrs)
+
+    @LAYERS.register("Sum", "Mean", "Max", "Min")
+    def lower_reduction(self, node: Node, layer: Any) -> str:
+        # keras.ops.sum / mean / max / min over constant non-batch axes (the masked mean
+        # pooling of a sentence encoder: sum(h · mask) / sum(mask) over the sequence).
+        rank = len(self._shape(node))
+        axis = getattr(layer, "axis", None)
+        axes = list(range(1, rank)) if axis is None else list(np.atleast_1d(axis))
+        axes = sorted({int(a) + rank if int(a) < 0 else int(a) for a in axes})
+        if not axes or 0 in axes or any(not 0 < a < rank for a in axes):
+            raise UnsupportedOpError(
+                f"Layer {node.name!r} ({node.op_type}) reduces over the batch axis; the "
+                "enclave reduces over other axes only."
+            )
+        attrs = {
+            "kind": node.op_type.lower(),
+            "axes": axes,
+            "keepdims": bool(getattr(layer, "keepdims", False)),
+        }
+        return self.builder.add("reduce", [self._in(node)], node.name, attrs)
 
     @LAYERS.register("Flatten", "Reshape", "Squeeze", "ExpandDims")
     def reshape_to_output(self, node: Node, layer: Any) -> str:
