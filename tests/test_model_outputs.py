@@ -151,6 +151,9 @@ def test_mean_pooling_and_normalize_split_after_block_1(encoder: Path, tmp_path:
     ad = load_model(encoder, PINS, output="sentence_embedding")
     by_name = {c.tensor.name: c for c in find_cut_points(ad.graph)}
     assert {"emb_ln", "l0.out"} <= set(by_name)  # block boundaries stay cut points
+    # Not inside a decomposed layer norm (x − mean, / std, · gamma): that is fused.
+    assert not [t for t in by_name if t.endswith((".d", ".n", ".s"))]
+    assert "l0.res1" in by_name  # the residual sum before it still is
     cut = by_name["l0.out"]
     assert [t.name for t in cut.extra_inputs] == ["attention_mask"]
     x = _padded()

@@ -48,7 +48,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     ):
         # Names wrap rather than end in "…": exporters' node names
         # (/encoder/layer.3/output/LayerNorm/Add_1) differ only at the block number.
-        fold = col in ("after layer", "tensor into enclave")
+        fold = col == "after layer"
         table.add_column(col, justify=justify, overflow="fold" if fold else "ellipsis")  # type: ignore[arg-type]
     for c in plan.cut_points:
         mark = "★ " if c.index == plan.recommended else ""

@@ -484,8 +484,38 @@ class OnnxAdapter(ModelAdapter):
             constant_tensors=const,
             passthrough=self._passthrough(ordered, tensors, graph_inputs, const),
         )
-        view.uncuttable = self._batch_merged(view)
+        view.uncuttable = self._batch_merged(view) | self._inside_layer_norms(view)
         return view
+
+    @staticmethod
+    def _inside_layer_norms(view: GraphView) -> set[str]:
+        """The tensors inside an exporter's decomposed layer norm (x − mean(x), its
+        quotient by the std, and that times gamma, before + beta): each alone crosses
+        the graph there, but a cut at one would split the layer norm that the passes
+        fuse, and list every block's norms several times in the plan."""
+        producer = {t: n for n in view.nodes for t in n.outputs}
+        readers: dict[str, list[Node]] = {}
+        for n in view.nodes:
+            for t in n.inputs:
+                readers.setdefault(t, []).append(n)
+        inside: set[str] = set()
+        for sub in view.nodes:
+            mean = producer.get(sub.inputs[1]) if sub.op_type == "Sub" and sub.inputs[1:] else None
+            if mean is None or mean.op_type != "ReduceMean" or mean.inputs[0] != sub.inputs[0]:
+                continue
+            t = sub.outputs[0]
+            inside.add(t)
+            div = [r for r in readers.get(t, []) if r.op_type == "Div" and r.inputs[0] == t]
+            if len(div) != 1:
+                continue
+            t = div[0].outputs[0]
+            for op in ("Mul", "Add"):
+                nxt = readers.get(t, [])
+                if len(nxt) != 1 or nxt[0].op_type != op:
+                    break
+                inside.add(t)
+                t = nxt[0].outputs[0]
+        return inside
 
     @staticmethod
     def _passthrough(
