@@ -83,8 +83,10 @@ MAX_FRAME = 1 << 20
 # waited for asleep, where that cost is noise.
 SPIN_S = 1e-3
 # When the last answer came within this time, the host polls without yielding for this
-# long first: each yield adds a system call to a wait this short.
-HOT_SPIN_S = 50e-6
+# long first: each yield adds a system call to a wait this short. Kept short: where host
+# and worker share a core (a loaded machine), a poll that does not yield holds the core
+# the worker needs to answer (50 µs here made every round trip ≥ 80 µs there).
+HOT_SPIN_S = 5e-6
 
 # message types (protocol.rs `ty`)
 HELLO, CHALLENGE, EVIDENCE = 0x01, 0x02, 0x03
