@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in BACKBONE:
                 model.get_layer(n).trainable = False
         epochs = compile_fit(model, d["x"], d["y"], args.epochs, early=not args.smoke)
-        r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
+        q = config == "frozen_head"
+        r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}", quantised=q)
         r.update(seed=seed, epochs_trained=epochs)
         runs[config].append(r)
         print(
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         for c in CONFIGS
     }
+    for w in ("bf16", "int8"):
+        summary["frozen_head"][f"accuracy_{w}"] = mean_std(
+            [r[f"worker_accuracy_{w}"] for r in runs["frozen_head"]]
+        )
     out = record(
         {"summary": summary, "runs": runs},
         experiment=f"accuracy-{args.task}",

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=0,
         )
         if config == "frozen_head":
-            r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}")
+            r = split_and_run(model, d["xt"], d["yt"], work / f"{config}-{seed}", quantised=True)
             r["enclavable"] = True
             r["accuracy"] = r["worker_accuracy"]
         else:
@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary["frozen_head"]["cut"] = runs["frozen_head"][0]["cut"]["name"]
     summary["frozen_head"]["min_agreement"] = min(r["agreement"] for r in runs["frozen_head"])
+    for w in ("bf16", "int8"):
+        summary["frozen_head"][f"accuracy_{w}"] = mean_std(
+            [r[f"worker_accuracy_{w}"] for r in runs["frozen_head"]]
+        )
     out = record(
         {"summary": summary, "runs": runs},
         experiment=f"accuracy-{args.task}",

@@ -222,11 +222,17 @@ def early_stopping(patience: int = 3) -> Any:
 
 
 def split_and_run(
-    model: Any, x_test: np.ndarray, y_test: np.ndarray, work: Path, batch_size: int = 256
+    model: Any,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    work: Path,
+    batch_size: int = 256,
+    quantised: bool = False,
 ) -> dict[str, Any]:
     """Save `model`, split it at the recommended cut (`auto`: the smallest enclave holding
     every trainable layer), run the bundle through the real enclave worker and measure
-    accuracy on the worker's outputs."""
+    accuracy on the worker's outputs. `quantised`: also split with `--weights bf16` and
+    `int8` and measure the worker's accuracy with each (`worker_accuracy_bf16`, …)."""
     import ennclave
     from ennclave.adapters import load_model
     from ennclave.plan import make_plan
@@ -247,7 +253,17 @@ def split_and_run(
     with ennclave.load(work / "bundle", keystore=ks) as m:
         out = np.asarray(m.predict(x_test, batch_size=batch_size))
     pred = out.argmax(1)
+    extra = {}
+    for weights in ("bf16", "int8") if quantised else ():
+        bundle = work / f"bundle_{weights}"
+        split_model(adapter, "auto", bundle, samples=x_test[:64], keystore=ks, overwrite=True,
+                    weights=weights)  # fmt: skip
+        with ennclave.load(bundle, keystore=ks) as m:
+            q = np.asarray(m.predict(x_test, batch_size=batch_size)).argmax(1)
+        extra[f"worker_accuracy_{weights}"] = float(np.mean(q == y_test))
+        extra[f"sealed_bytes_{weights}"] = (bundle / "private.sealed").stat().st_size
     return {
+        **extra,
         "cut": {"index": cut.index, "name": cut.name, "tensor_shape": cut.tensor_shape},
         "enclave_params": int(cut.enclave_params),
         "enclave_mib": cut.enclave_bytes / 2**20,

@@ -39,18 +39,20 @@ def accuracy_section(results: Path) -> tuple[list[str], list[dict[str, Any]]]:
         "Test accuracy in %, mean ± std over 3 seeds (same split for all). (a) is measured on "
         "the enclave worker's outputs (`ennclave.load(bundle).predict`); images (b)/(c) too "
         "(cut at the input, the whole CNN in the enclave); text (b)/(c) in Keras, because "
-        "an Embedding on token ids cannot run in the enclave.",
+        "an Embedding on token ids cannot run in the enclave. (a) bf16 / (a) int8: the same "
+        "heads split with `--weights bf16` / `int8` (docs/enclave-program.md, quantised "
+        "kernels), also on the worker's outputs.",
         "",
         "| task (train / test) | public part | "
         + " | ".join(c[1] for c in CONFIGS)
-        + " | enclave of (a) |",
-        "|---|---|---|---|---|---|",
+        + " | (a) bf16 | (a) int8 | enclave of (a) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     recs = []
     for key, name, public in TASKS:
         path = results / f"accuracy_{key}.json"
         if not path.exists():
-            lines.append(f"| {name} | {public} | not run | | | |")
+            lines.append(f"| {name} | {public} | not run | | | | | |")
             continue
         rec = json.loads(path.read_text())
         s = rec["results"]["summary"]
@@ -61,6 +63,10 @@ def accuracy_section(results: Path) -> tuple[list[str], list[dict[str, Any]]]:
         lines.append(
             f"| {name} | {public} | "
             + " | ".join(pm(s[c]["accuracy"]) for c, _ in CONFIGS)
+            + "".join(
+                f" | {pm(a[f'accuracy_{w}']) if f'accuracy_{w}' in a else 'not run'}"
+                for w in ("bf16", "int8")
+            )
             + f" | {size} |"
         )
         recs.append({"task": name, "summary": s})

@@ -173,22 +173,28 @@ def test_out_of_range_token_ids_are_clear_and_the_worker_keeps_serving(bert, tmp
         np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_dynamic_sequence_length_is_pinned_by_input_shapes():
+def test_bert_text_classifier_of_dynamic_length_is_pinned_by_input_shapes(tmp_path):
+    # keras-hub's own BertTextClassifier (no preprocessor) takes sequences of any length;
+    # input_shapes (--input-shape) fixes it, and every shape is worked out again.
     keras.utils.set_random_seed(5)
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
         intermediate_dim=32, max_sequence_length=SEQ,
     )  # fmt: skip
-    inputs = {k: keras.Input((None,), dtype="int32", name=k) for k in INPUTS}
-    model = keras.Model(inputs, keras.layers.Dense(2)(backbone(inputs)["pooled_output"]))
+    model = keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
+    assert model.inputs[0].shape == (None, None)
     shapes = {k: (1, SEQ) for k in INPUTS}
     adapter = KerasAdapter.from_model(model, input_shapes=shapes)
     point = next(c for c in find_cut_points(adapter.graph) if c.name.endswith("layer_0"))
     assert point.tensor.shape == (None, SEQ, 16)
-    program = optimize(adapter.lower_private(point))
     x = batch(4)
+    expected = np.asarray(model(x))
+    program = optimize(adapter.lower_private(point))
     feed = [_public(adapter, point, x), x["padding_mask"]]
-    np.testing.assert_allclose(execute(program, feed), model(x), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(execute(program, feed), expected, atol=2e-5, rtol=1e-4)
+    split_model(adapter, point.index, tmp_path / "b", keystore=tmp_path / "ks.json", n_random=4)
+    with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_mean_pooled_sentence_encoder_with_int64_inputs(tmp_path):
@@ -215,3 +221,29 @@ def test_mean_pooled_sentence_encoder_with_int64_inputs(tmp_path):
     assert res.manifest["private"]["inputs"][1]["dtype"] == "int64"
     with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
         np.testing.assert_allclose(m.predict(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_hand_built_encoder_with_an_attention_mask_input(tmp_path):
+    # Keras MultiHeadAttention with attention_mask = expand_dims(padding_mask) [N, 1, S]:
+    # the mask op is computed again in the enclave and every block boundary is a cut.
+    L = keras.layers
+    keras.utils.set_random_seed(11)
+    ids = keras.Input((SEQ,), dtype="int32", name="input_ids")
+    pad = keras.Input((SEQ,), dtype="int32", name="attention_mask")
+    mask = keras.ops.expand_dims(pad, 1)
+    x = L.Embedding(VOCAB, 16, name="emb")(ids)
+    for i in range(2):
+        a = L.MultiHeadAttention(2, 8, name=f"attn{i}")(x, x, attention_mask=mask)
+        x = L.LayerNormalization(name=f"ln{i}")(L.Add()([x, a]))
+    model = keras.Model([ids, pad], L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+    adapter = KerasAdapter.from_model(model)
+    (point,) = [c for c in find_cut_points(adapter.graph) if c.name == "ln0"]
+    assert [t.name for t in point.extra_inputs] == ["attention_mask"]
+    b = batch()
+    x = {"input_ids": b["token_ids"], "attention_mask": b["padding_mask"]}
+    expected = np.asarray(model(x))
+    unmasked = np.asarray(model(dict(x, attention_mask=np.ones_like(b["padding_mask"]))))
+    assert np.abs(unmasked - expected).max() > 1e-3  # the mask matters
+    split_model(adapter, point.index, tmp_path / "b", keystore=tmp_path / "ks.json")
+    with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
+        np.testing.assert_allclose(m.predict(x), expected, atol=1e-4, rtol=1e-4)

@@ -182,3 +182,12 @@ def test_cli_takes_npz_samples_and_inputs(gated, tmp_path, capsys):
     assert cli.main([*run, "--keystore", ks]) == 0
     np.testing.assert_allclose(np.load(out), np.asarray(model(xs)), atol=1e-5, rtol=1e-5)
     capsys.readouterr()
+
+
+def test_audit_refuses_a_bundle_of_several_inputs(bundles):
+    from ennclave.audit.runner import Dataset, audit_bundle
+
+    keystore, by_cut = bundles
+    data = Dataset(np.zeros((4, 4), "float32"), np.zeros(4, "int64"))
+    with pytest.raises(InputError, match=r"audits single-input bundles only"):
+        audit_bundle(by_cut["d1"][0], data, data, keystore=keystore)

@@ -185,7 +185,7 @@ def _layer_norm(nodes: list, inits: list, x: str, name: str, decomposed: bool) -
     return name
 
 
-def bert_graph(tmp: Path, masked: bool, sdpa: bool = False) -> Path:
+def bert_graph(tmp: Path, masked: bool, sdpa: bool = False, layers: int = LAYERS) -> Path:
     """What torch.onnx writes for a BERT encoder with dynamic batch (and fixed
     sequence) axes: Gather embeddings (position ids sliced from a buffer, token types
     an input or an expanded buffer), LayerNormalization for the embeddings and the
@@ -275,7 +275,7 @@ def bert_graph(tmp: Path, masked: bool, sdpa: bool = False) -> Path:
             N("Where", ["inv_b", "minf", "inv"], ["ext_mask"]),
         ]
 
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"l{i}"
         heads = {}
         for role in ("q", "k", "v"):

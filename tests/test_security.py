@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,39 @@ def test_worker_is_sandboxed(enclave_bundle):
         assert core.split()[4:6] == ["0", "0"]
         # the secret memory backing is reported (memfd_secret where the kernel has it)
         assert m.worker.ready.secmem in ("memfd_secret", "mlock", "anonymous")
+
+
+PT_INTERP = 3  # the program header that names the dynamic loader (ELF gABI)
+
+
+def _program_header_types(binary: Path) -> list[int]:
+    """The p_type of every program header of a little-endian ELF64 file."""
+    data = binary.read_bytes()[:65536]
+    assert data[:6] == b"\x7fELF\x02\x01", f"{binary} is not a little-endian ELF64 file"
+    phoff = struct.unpack_from("<Q", data, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or platform.libc_ver()[0] != "glibc",
+    reason="the static default build is checked on x86_64 Linux gnu only",
+)
+def test_worker_is_linked_statically(enclave_bundle):
+    """The worker the tests use, built the default way (pyproject.toml `rustc-args`,
+    `cargo build-worker`), has no dynamic loader, so LD_PRELOAD, LD_AUDIT and
+    LD_LIBRARY_PATH have nothing to act on (docs/threat-model.md); and its evidence
+    says so, which a key-server policy can require (`static_binary`)."""
+    types = _program_header_types(WORKER)
+    assert PT_INTERP not in types, (
+        f"{WORKER} is linked dynamically (it names a dynamic loader, PT_INTERP), but the "
+        "default build links it statically: build it with `cargo build-worker` in enclave/ "
+        "(`cargo rustc --release --bin ennclave-enclave -- -C target-feature=+crt-static`; a "
+        "plain `cargo build --release` links it dynamically) or install it with `pip install .`"
+    )
+    with ennclave.load(enclave_bundle.path, keystore=enclave_bundle.keystore) as m:
+        assert m.worker.protections["static_binary"] is True
+        assert m.worker.protections["mapping_check"] is True
 
 
 ATTACK = textwrap.dedent(

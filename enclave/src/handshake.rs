@@ -99,7 +99,7 @@ fn protections_json(
         p.name(),
         !p.is_gramine(),
         mem.as_str(),
-        crate::sandbox::STATIC_BINARY,
+        s.static_binary,
         s.tracer,
     )
 }

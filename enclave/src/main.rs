@@ -240,6 +240,10 @@ fn refuse_if_compromised(args: &Args) -> Result<(), String> {
     let native = !args.platform.is_gramine();
     let mut done = sandbox::StartupChecks {
         non_dumpable: native,
+        // Asked here, not in the library: the default build passes
+        // `-C target-feature=+crt-static` to this binary crate only (pyproject.toml
+        // `rustc-args`, `cargo rustc`), and it is this crate's link that it makes static.
+        static_binary: cfg!(target_feature = "crt-static"),
         ..Default::default()
     };
     // Under Gramine the environment is the measured manifest's (it sets LD_LIBRARY_PATH).
@@ -253,7 +257,7 @@ fn refuse_if_compromised(args: &Args) -> Result<(), String> {
         let exe = std::fs::read_link("/proc/self/exe").map_err(|e| {
             format!("the enclave worker cannot read /proc/self/exe ({e}); it refuses to run")
         })?;
-        sandbox::check_mappings(&maps, &exe.to_string_lossy())?;
+        sandbox::check_mappings(&maps, &exe.to_string_lossy(), done.static_binary)?;
         done.mappings = true;
     }
     done.tracer = sandbox::check_no_tracer(native)?;

@@ -61,31 +61,28 @@ where
     Ok(())
 }
 
-/// The only shared objects the worker links (`ldd`): the C library, libm, libgcc_s
-/// (unwinding) and the dynamic loader itself. They must come from the system library
-/// directories (LD_LIBRARY_PATH could supply a look-alike elsewhere). A statically
-/// linked worker (`-C target-feature=+crt-static`) links none, so any shared object
-/// mapped into it is foreign.
-const ALLOWED_LIBS: &[&str] = if STATIC_BINARY {
-    &[]
-} else {
-    &[
-        "libc.so.6",
-        "libm.so.6",
-        "libgcc_s.so.1",
-        "ld-linux-x86-64.so.2",
-        "ld-linux-aarch64.so.1",
-    ]
-};
-/// This worker is linked statically: no dynamic loader runs in it.
-pub const STATIC_BINARY: bool = cfg!(target_feature = "crt-static");
+/// The only shared objects a dynamically linked worker links (`ldd`): the C library,
+/// libm, libgcc_s (unwinding) and the dynamic loader itself. They must come from the
+/// system library directories (LD_LIBRARY_PATH could supply a look-alike elsewhere). A
+/// statically linked worker (the default build, `-C target-feature=+crt-static`) links
+/// none, so any shared object mapped into it is foreign.
+const DYNAMIC_LIBS: &[&str] = &[
+    "libc.so.6",
+    "libm.so.6",
+    "libgcc_s.so.1",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+];
 const SYSTEM_LIB_DIRS: &[&str] = &["/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/"];
 
 /// Refuse if any *executable* mapping in `maps` (the text of /proc/self/maps) is
 /// something other than this binary (`exe`), an allowed system library, `[vdso]` or
 /// `[vsyscall]`: a preloaded or audit library, or code copied into anonymous memory.
 /// Non-executable mappings (data, the shared memfd, locale files) are not code.
-pub fn check_mappings(maps: &str, exe: &str) -> Result<(), String> {
+/// `static_binary`: the worker was linked statically (main.rs knows: the flag that
+/// makes it so reaches only the binary crate), so no shared object at all is allowed.
+pub fn check_mappings(maps: &str, exe: &str, static_binary: bool) -> Result<(), String> {
+    let allowed_libs: &[&str] = if static_binary { &[] } else { DYNAMIC_LIBS };
     for line in maps.lines() {
         let mut f = line.split_whitespace();
         let perms = f.nth(1).unwrap_or("");
@@ -107,14 +104,14 @@ pub fn check_mappings(maps: &str, exe: &str) -> Result<(), String> {
                 && path
                     .rsplit('/')
                     .next()
-                    .is_some_and(|name| ALLOWED_LIBS.contains(&name)));
+                    .is_some_and(|name| allowed_libs.contains(&name)));
         if !ok {
             let what = if path.is_empty() {
                 "anonymous memory"
             } else {
                 path
             };
-            let expected = if STATIC_BINARY {
+            let expected = if static_binary {
                 "only its own, statically linked binary is expected"
             } else {
                 "only its own binary and the system's libc, libm, libgcc_s and dynamic loader \
@@ -173,6 +170,8 @@ pub struct StartupChecks {
     pub tracer: bool,
     /// `harden_process` ran (native only).
     pub non_dumpable: bool,
+    /// The binary is linked statically: no dynamic loader ran in it.
+    pub static_binary: bool,
 }
 
 static STARTUP: std::sync::OnceLock<StartupChecks> = std::sync::OnceLock::new();
@@ -421,7 +420,15 @@ mod tests {
 7f35df600000-7f35df601000 rw-p 00000000 00:00 0
 ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
 ";
-        check_mappings(good, exe).unwrap();
+        check_mappings(good, exe, false).unwrap();
+        // A static worker maps no shared object: the same C library is foreign there.
+        assert!(check_mappings(good, exe, true).is_err());
+        let own = good
+            .lines()
+            .filter(|l| !l.contains(".so"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        check_mappings(&own, exe, true).unwrap();
         for bad in [
             "7f0000000000-7f0000001000 r-xp 00000000 fe:00 9 /tmp/evil.so",
             "7f0000000000-7f0000001000 r-xp 00000000 fe:00 9 /tmp/libc.so.6",
@@ -429,7 +436,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
             "7f0000000000-7f0000001000 rwxp 00000000 00:00 0",
         ] {
             assert!(
-                check_mappings(&format!("{good}{bad}\n"), exe).is_err(),
+                check_mappings(&format!("{good}{bad}\n"), exe, false).is_err(),
                 "{bad}"
             );
         }

@@ -22,13 +22,21 @@ def load(bundle: str, **kwargs: Any) -> EnclavedModel:
     return _load(bundle, **kwargs)
 
 
-def plan_model(model: str, budget_mib: float = 64.0, public_base: str | None = None):
-    """Valid cut points of a model file with their costs, and a recommended cut."""
+def plan_model(
+    model: str,
+    budget_mib: float = 64.0,
+    public_base: str | None = None,
+    *,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    output: str | None = None,
+):
+    """Valid cut points of a model file with their costs, and a recommended cut.
+    `input_shapes` and `output` as for `ennclave.adapters.load_model`."""
     from .adapters import load_model
     from .plan import make_plan
 
-    base = load_model(public_base) if public_base else None
-    return make_plan(load_model(model), budget_mib, base)
+    base = load_model(public_base, input_shapes, output) if public_base else None
+    return make_plan(load_model(model, input_shapes, output), budget_mib, base)
 
 
 def split_model(*args: Any, **kwargs: Any):

@@ -178,6 +178,18 @@ def _input_shape_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _output_option(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    # `split -o/--output` is the bundle directory, hence --model-output.
+    parser.add_argument(
+        "--model-output",
+        *aliases,
+        dest="model_output",
+        metavar="NAME",
+        help="the model output the split model ends in (required for a model of several "
+        "outputs, e.g. last_hidden_state); the graph is pruned to what it needs",
+    )
+
+
 def _input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]] | None:
     from .adapters import parse_input_shape
 
@@ -200,8 +212,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import make_plan
     from .report import plot_plan, print_plan
 
-    model = load_model(args.model, _input_shapes(args))
-    base = load_model(args.public_base, _input_shapes(args)) if args.public_base else None
+    model = load_model(args.model, _input_shapes(args), args.model_output)
+    base = (
+        load_model(args.public_base, _input_shapes(args), args.model_output)
+        if args.public_base
+        else None
+    )
     plan = make_plan(model, args.budget, base)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
@@ -251,7 +267,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
     shapes = _input_shapes(args)  # a malformed --input-shape fails before the framework loads
     with console.status("Loading the model…"):
-        adapter = load_model(args.model, shapes)
+        adapter = load_model(args.model, shapes, args.model_output)
     _check_top_k(policy, adapter)
     with console.status("Cutting, lowering and verifying the split…") as status:
         result = split_model(
@@ -530,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the public pretrained model: layers whose weights differ are private",
     )
     _input_shape_option(sp)
+    _output_option(sp, "--output")
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sp.add_argument("--plot", metavar="PNG", help="draw params and FLOPs per cut point")
     sp.set_defaults(func=cmd_plan)
@@ -549,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory to write the bundle to (new or empty, unless --overwrite)",
     )
     _input_shape_option(ss)
+    _output_option(ss)
     ss.add_argument(
         "--samples",
         metavar="NPY",

@@ -20,12 +20,58 @@ _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
 
 
+# erf in float64, vectorised (math.erf per element made gelu the slowest op of a
+# MiniLM-sized program): the Maclaurin series (Horner in x², 30 terms) for |x| ≤ 2 and
+# the continued fraction of erfc (depth 40) beyond; tests/test_reference_erf.py checks
+# both against math.erf/erfc: erf within 2e-15, erfc within 1e-12 relative.
+_ERF_SPLIT = 2.0
+_ERF_SERIES = [
+    2 / math.sqrt(math.pi) * (-1) ** n / (math.factorial(n) * (2 * n + 1)) for n in range(30)
+]
+_ERFC_DEPTH = 40
+
+
+def _erf_small(a: np.ndarray) -> np.ndarray:
+    x2 = a * a
+    acc = np.full_like(a, _ERF_SERIES[-1])
+    for c in reversed(_ERF_SERIES[:-1]):
+        acc *= x2
+        acc += c
+    return acc * a
+
+
+def _erfc_large(a: np.ndarray) -> np.ndarray:
+    """erfc(a) for a > 0: e^(−a²)/√π · 1/(a + (1/2)/(a + 1/(a + (3/2)/(a + …))))."""
+    f = a.copy()
+    for k in range(_ERFC_DEPTH, 0, -1):
+        f = a + (k / 2) / f
+    return np.exp(-a * a) / (math.sqrt(math.pi) * f)
+
+
+def _erfc_abs(x: np.ndarray) -> np.ndarray:
+    """erfc(|x|); NaN stays NaN."""
+    a = np.abs(x)
+    small = ~(a > _ERF_SPLIT)  # NaN goes to the series, which keeps it NaN
+    out = np.empty_like(a)
+    out[small] = 1.0 - _erf_small(a[small])
+    out[~small] = _erfc_large(a[~small])
+    return out
+
+
 def _erf(x: np.ndarray) -> np.ndarray:
-    return np.vectorize(math.erf, otypes=[np.float64])(x)
+    x = np.asarray(x, np.float64)
+    a = np.abs(x)
+    small = ~(a > _ERF_SPLIT)
+    out = np.empty_like(a)
+    out[small] = _erf_small(a[small])
+    out[~small] = 1.0 - _erfc_large(a[~small])
+    return np.copysign(out, x)
 
 
 def _erfc(x: np.ndarray) -> np.ndarray:
-    return np.vectorize(math.erfc, otypes=[np.float64])(x)
+    x = np.asarray(x, np.float64)
+    pos = _erfc_abs(x)
+    return np.where(x < 0, 2.0 - pos, pos)
 
 
 def apply_activation(x: np.ndarray, act: dict[str, Any] | None) -> np.ndarray:

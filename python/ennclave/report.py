@@ -46,7 +46,10 @@ def print_plan(plan: Plan, console: Console) -> None:
         ("private inside", "center"),
         ("splittable", "left"),
     ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        # Names wrap rather than end in "…": exporters' node names
+        # (/encoder/layer.3/output/LayerNorm/Add_1) differ only at the block number.
+        fold = col == "after layer"
+        table.add_column(col, justify=justify, overflow="fold" if fold else "ellipsis")  # type: ignore[arg-type]
     for c in plan.cut_points:
         mark = "★ " if c.index == plan.recommended else ""
         style = "bold green" if c.index == plan.recommended else None

@@ -61,13 +61,17 @@ def split_model(
     keyserver_policy: dict[str, Any] | None = None,
     allow_unlocked_memory: bool = False,
     progress: Callable[[str], None] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    output: str | None = None,
 ) -> SplitResult:
     """Split `model` at `cut` (name, index or "auto") into the bundle `out_dir`.
 
     With `keyserver` (URL) the data key is registered on the owner's key server (owner
     token: `keyserver_token` or the saved owner config) and never written locally; the
     manifest says `key_source: "keyserver"` and names the URL. `progress` is told each
-    step as it starts (the CLI shows it).
+    step as it starts (the CLI shows it). A model file is opened with `input_shapes`
+    and `output` as `ennclave.adapters.load_model` does (`output`: the model output the
+    split ends in, required when it has several).
 
     `weights` (`fp32`, `bf16`, `int8`) is how dense and conv kernels are stored in the
     sealed program (docs/enclave-program.md); the float32 program is verified against
@@ -80,7 +84,7 @@ def split_model(
         raise InputError(f"Unknown weight type {weights!r}; use one of {', '.join(WEIGHT_DTYPES)}.")
     out = Path(out_dir)
     check_destination(out, overwrite)  # before the model is loaded: that can take seconds
-    adapter = model if isinstance(model, ModelAdapter) else load_model(model)
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model, input_shapes, output)
     step = progress or (lambda _text: None)
     point = resolve_cut(adapter, cut)
     step(f"Lowering the private part (cut {point.index}, after {point.name!r})…")

@@ -35,7 +35,7 @@ def _worker_available() -> bool:
 
 # CI builds the worker first, so these tests always run there.
 needs_worker = pytest.mark.skipif(
-    not _worker_available(), reason="ennclave-enclave not built (cargo build --release in enclave/)"
+    not _worker_available(), reason="ennclave-enclave not built (cargo build-worker in enclave/)"
 )
 
 IN, HID, OUT = 8, 16, 5
@@ -117,6 +117,7 @@ def write_bundle(
     extra_manifest: dict[str, Any] | None = None,
     key_source: str = "local",
     licence: str | None = None,
+    memory: str | None = None,
 ) -> Bundle:
     w = weights if weights is not None else make_weights(seed)
     container = program_container(w)
@@ -126,6 +127,8 @@ def write_bundle(
     manifest["private"]["key_source"] = key_source
     if licence is not None:
         manifest["private"]["licence"] = licence
+    if memory is not None:  # "unlocked-ok": the worker may, and then must, say it is unlocked
+        manifest["private"]["memory"] = memory
     sealed = seal_container(container, manifest, key)
     del container
     write_bundle_files(dest, manifest, sealed)

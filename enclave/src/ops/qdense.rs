@@ -198,6 +198,39 @@ pub fn bf16_bits(f: f32) -> u16 {
     (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16
 }
 
+/// The leading pairs of `xr` rounded to bf16 into `d` (as `bf16_rows` packs them) 32
+/// inputs at a time with AVX512_BF16's `vcvtne2ps2bf16` where the CPU has it (the
+/// same rounding, except that it reads subnormal inputs as zero); returns how many
+/// pairs it wrote (0 elsewhere), the caller does the rest.
+fn pack_pairs_fast(xr: &[f32], d: &mut [u32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: the CPU has AVX-512F and AVX512_BF16 (checked just above).
+        return unsafe { pack_pairs_avx512bf16(xr, d) };
+    }
+    let _ = (xr, d);
+    0
+}
+
+/// # Safety
+/// The CPU must have AVX-512F and AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_pairs_avx512bf16(xr: &[f32], d: &mut [u32]) -> usize {
+    let blocks = (xr.len() / 32).min(d.len() / 16);
+    for i in 0..blocks {
+        // SAFETY: inputs 32i..32i+32 lie in xr and pairs 16i..16i+16 in d (blocks ≤
+        // both lengths / block size); unaligned loads and stores.
+        unsafe {
+            let lo = _mm512_loadu_ps(xr.as_ptr().add(32 * i));
+            let hi = _mm512_loadu_ps(xr.as_ptr().add(32 * i + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(d.as_mut_ptr().add(16 * i).cast(), v);
+        }
+    }
+    16 * blocks
+}
+
 /// `y = x · w + bias` on the path [`path`] chose.
 #[allow(clippy::too_many_arguments)]
 pub fn qdense(
@@ -304,7 +337,8 @@ fn bf16_rows(
             let xr = &x[(r0 + i) * k + k0..(r0 + i) * k + k0 + kc];
             let row = &mut xb[i * LDX..(i + 1) * LDX];
             if pairs {
-                for (r, d) in row[..kp].iter_mut().enumerate() {
+                let done = pack_pairs_fast(xr, &mut row[..kp]);
+                for (r, d) in row[..kp].iter_mut().enumerate().skip(done) {
                     let a = bf16_bits(xr[2 * r]) as u32;
                     let b = xr.get(2 * r + 1).map_or(0, |&v| bf16_bits(v) as u32);
                     *d = a | (b << 16);
@@ -1065,6 +1099,27 @@ mod tests {
         assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3F82);
         assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
         assert_eq!(bf16_bits(f32::INFINITY), 0x7F80);
+    }
+
+    #[test]
+    fn fast_packing_rounds_as_the_scalar_one() {
+        let mut x = vals(70, 9);
+        x[..8].copy_from_slice(&[
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -0.0,
+            f32::INFINITY,
+            -f32::INFINITY,
+            f32::MAX,
+            3.4e38,
+            -1.0 - 1.0 / 256.0,
+        ]); // fmt: skip
+        let mut fast = vec![0u32; 35];
+        let done = pack_pairs_fast(&x, &mut fast);
+        for r in 0..done {
+            let want = bf16_bits(x[2 * r]) as u32 | (bf16_bits(x[2 * r + 1]) as u32) << 16;
+            assert_eq!(fast[r], want, "pair {r}");
+        }
     }
 
     /// Every path against a float64 product of the same bf16 / int8 values, over shapes

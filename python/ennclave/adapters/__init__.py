@@ -12,12 +12,17 @@ ONNX_SUFFIXES = (".onnx",)
 
 
 def load_model(
-    path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None
+    path: str | Path,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    output: str | None = None,
 ) -> ModelAdapter:
     """Open a model file with the adapter for its framework. `input_shapes` fixes the
     dynamic dimensions of named inputs (``--input-shape images=1x3x320x320``; the first
     dimension is the batch and stays free): ONNX models, and Keras models with a dynamic
-    axis such as a keras-hub backbone's sequence length."""
+    axis such as a keras-hub backbone's sequence length. `output` (``--output NAME``)
+    names the model output the split model ends in, required when the model has
+    several (an ONNX export with `last_hidden_state` and `pooler_output`): the graph is
+    pruned to what that output needs."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"Model file {p} does not exist; check the path.")
@@ -25,11 +30,11 @@ def load_model(
     if suffix in KERAS_SUFFIXES:
         from .keras import KerasAdapter
 
-        return KerasAdapter(p, input_shapes)
+        return KerasAdapter(p, input_shapes, output)
     if suffix in ONNX_SUFFIXES:
         from .onnx import OnnxAdapter
 
-        return OnnxAdapter(p, input_shapes)
+        return OnnxAdapter(p, input_shapes, output)
     raise ModelLoadError(
         f"Cannot tell the framework of {p.name}: use a Keras (.keras, .h5) or ONNX (.onnx) file."
     )

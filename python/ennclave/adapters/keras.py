@@ -169,13 +169,44 @@ def _load_keras_file(path: Path) -> Any:
 MASK_OPS = {"NotEqual", "Equal", "Cast", "ExpandDims", "Reshape", "Squeeze"}
 
 
+def _keep_output(model: Any, file: str, output: str | None) -> Any:
+    """The model ending in its output `output` (named as `model.output_names` lists
+    them): the enclave program has one output, so a model of several needs the
+    choice."""
+    outs = list(getattr(model, "outputs", None) or [])
+    names = [str(n) for n in (getattr(model, "output_names", None) or [])]
+    if len(names) != len(outs):
+        names = [getattr(t, "name", f"output_{i}") for i, t in enumerate(outs)]
+    if output is None:
+        if len(outs) > 1:
+            raise ModelLoadError(
+                f"{file} has {len(outs)} outputs ({', '.join(names)}) and a split model ends "
+                f"in one: choose it with --model-output NAME (Python: output=NAME), e.g. "
+                f"--model-output {names[0]}."
+            )
+        return model
+    if output not in names:
+        raise ModelLoadError(
+            f"--model-output {output!r} is not an output of {file}; its outputs are {', '.join(names)}."
+        )
+    if len(outs) == 1:
+        return model
+    keras = require("keras")
+    return keras.Model(model.inputs, outs[names.index(output)], name=model.name)
+
+
 class KerasAdapter(ModelAdapter):
     framework = "keras"
     public_suffix = ".keras"
 
-    def __init__(self, path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        output: str | None = None,
+    ) -> None:
         super().__init__(path)
-        model = _load_keras_file(path)
+        model = _keep_output(_load_keras_file(path), path.name, output)
         self._init_from_model(model, input_shapes)
 
     @classmethod
@@ -184,13 +215,15 @@ class KerasAdapter(ModelAdapter):
         model: Any,
         path: Path | None = None,
         input_shapes: dict[str, tuple[int, ...]] | None = None,
+        output: str | None = None,
     ) -> KerasAdapter:
         """Wrap an in-memory model (used by the Python API and tests). `input_shapes`
         fixes dynamic dimensions of named inputs (the first, the batch, stays free),
-        e.g. a keras-hub backbone's sequence length."""
+        e.g. a keras-hub backbone's sequence length; `output` names the output the
+        split model ends in (required for a model of several)."""
         self = cls.__new__(cls)
         self.path = path or Path("<memory>")
-        self._init_from_model(model, input_shapes)
+        self._init_from_model(_keep_output(model, self.path.name, output), input_shapes)
         return self
 
     def _init_from_model(
@@ -1081,6 +1114,7 @@ class _Lowerer:
                 call[k] = kwargs.pop(k)
         causal = bool(kwargs.pop("use_causal_mask", False))
         kwargs.pop("training", None)
+        attention_mask = kwargs.pop("attention_mask", None)
         if kwargs.pop("return_attention_scores", False):
             raise UnsupportedOpError(
                 f"Layer {node.name!r} returns its attention scores; the enclave returns one "
@@ -1094,10 +1128,11 @@ class _Lowerer:
             raise UnsupportedOpError(
                 f"Layer {node.name!r} (MultiHeadAttention) is called with "
                 f"{sorted(k for k, v in kwargs.items() if v is not None)}; the enclave lowers "
-                "query, value, key and use_causal_mask only (an attention_mask tensor cannot "
-                "cross into the enclave)."
+                "query, value, key, attention_mask and use_causal_mask only."
             )
         call.setdefault("key", call["value"])
+        if attention_mask is not None:
+            call["attention_mask"] = attention_mask
 
         def tensor(k: str) -> tuple[str, tuple[int | None, ...]]:
             t = call[k]
@@ -1107,7 +1142,39 @@ class _Lowerer:
             raise UnsupportedOpError(f"Layer {node.name!r}: its {k} is not a graph tensor.")
 
         (q, qs), (k, ks), (v, vs) = tensor("query"), tensor("key"), tensor("value")
-        return self._attention(layer, (q, qs), (k, ks), (v, vs), node.name, causal)
+        key_mask = None
+        if attention_mask is not None:
+            m, ms = tensor("attention_mask")
+            key_mask = self._additive_mask(m, ms, (qs[1], ks[1]), node.name)
+        return self._attention(
+            layer, (q, qs), (k, ks), (v, vs), node.name, causal, key_mask=key_mask
+        )
+
+    def _additive_mask(
+        self, m: str, shape: tuple[int | None, ...], qk: tuple[Any, Any], n: str
+    ) -> str:
+        """An attention_mask [N, T, S] (or [N, 1, S]; bool or integer 0/1, True = attend)
+        as the additive [N, 1, T, S] mask of the scores: (min(|m|, 1) − 1)·1e9, so any
+        non-zero value attends, as Keras's cast to bool does."""
+        t, s = int(qk[0]), int(qk[1])
+        if len(shape) != 3 or int(shape[2]) != s or int(shape[1]) not in (1, t):
+            raise UnsupportedOpError(
+                f"Layer {n!r}: its attention_mask has shape {list(shape)}; the enclave takes "
+                f"[N, {t}, {s}] or [N, 1, {s}]."
+            )
+        if m not in self.id_masks:
+            d = self.builder.add(
+                "activation", [m], f"{n}/mask_abs", {"activation": activation("abs")}
+            )
+            clip = activation("clip", min=0.0, max=1.0)
+            m = self.builder.add("activation", [d], f"{n}/mask_01", {"activation": clip})
+        off = self.builder.add(
+            "sub", [m, self.builder.constant(f"{n}/one", np.float32(1.0))], f"{n}/mask_off"
+        )
+        big = self.builder.constant(f"{n}/big", np.float32(1e9))
+        add = self.builder.add("mul", [off, big], f"{n}/mask_add")
+        dims = [1, int(shape[1]), s]
+        return self.builder.add("reshape", [add], f"{n}/mask_heads", {"shape": dims})
 
     def _attention(
         self,

@@ -248,6 +248,57 @@ def _as_shipped(model: Any, file: str, input_shapes: dict[str, tuple[int, ...]])
     return model
 
 
+def _keep_output(model: Any, file: str, output: str | None) -> None:
+    """Make `model` end in the one graph output `output` (the enclave program has one
+    output): the other outputs and every node and initializer only they need are
+    dropped, so cut points and the public part see only what that output needs. A
+    model of several outputs needs the choice; one of one output may name it."""
+    g = model.graph
+    names = [o.name for o in g.output]
+    if output is None:
+        if len(names) > 1:
+            raise ModelLoadError(
+                f"{file} has {len(names)} outputs ({', '.join(names)}) and a split model ends "
+                f"in one: choose it with --model-output NAME (Python: output=NAME), e.g. "
+                f"--model-output {names[0]}."
+            )
+        return
+    if output not in names:
+        raise ModelLoadError(
+            f"--model-output {output!r} is not an output of {file}; its outputs are {', '.join(names)}."
+        )
+    if len(names) == 1:
+        return
+    keep_out = [o for o in g.output if o.name == output]
+    needed = {output}
+    kept: set[int] = set()
+    changed = True
+    while changed:  # a fixpoint: the file's node order need not be topological
+        changed = False
+        for i in range(len(g.node) - 1, -1, -1):
+            n = g.node[i]
+            if i not in kept and any(t in needed for t in n.output):
+                kept.add(i)
+                needed.update(t for t in n.input if t)
+                changed = True
+    nodes = [n for i, n in enumerate(g.node) if i in kept]
+    inits = [t for t in g.initializer if t.name in needed]
+    dropped = {t.name for t in g.initializer} - needed
+    ins = [i for i in g.input if i.name not in dropped]  # old IRs list initializers too
+    del g.input[:]
+    g.input.extend(ins)
+    del g.output[:]
+    g.output.extend(keep_out)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    produced = {t for n in nodes for t in n.output}
+    vis = [vi for vi in g.value_info if vi.name in produced]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+
+
 def _replace_erfc(model: Any) -> None:
     """tf2onnx cannot convert TensorFlow's Erfc (Keras's exact gelu is
     0.5·x·erfc(−x/√2)) and leaves it in the default domain, where ONNX has no such
@@ -275,7 +326,12 @@ class OnnxAdapter(ModelAdapter):
     framework = "onnx"
     public_suffix = ".onnx"
 
-    def __init__(self, path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        output: str | None = None,
+    ) -> None:
         super().__init__(Path(path))
         onnx = require("onnx")
         try:
@@ -285,6 +341,7 @@ class OnnxAdapter(ModelAdapter):
                 f"{self.path.name} is not a readable ONNX model ({type(e).__name__}: {e})."
             ) from None
         model = _as_shipped(model, self.path.name, input_shapes or {})
+        _keep_output(model, self.path.name, output)
         self.opset = _opset(model)
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -427,8 +484,38 @@ class OnnxAdapter(ModelAdapter):
             constant_tensors=const,
             passthrough=self._passthrough(ordered, tensors, graph_inputs, const),
         )
-        view.uncuttable = self._batch_merged(view)
+        view.uncuttable = self._batch_merged(view) | self._inside_layer_norms(view)
         return view
+
+    @staticmethod
+    def _inside_layer_norms(view: GraphView) -> set[str]:
+        """The tensors inside an exporter's decomposed layer norm (x − mean(x), its
+        quotient by the std, and that times gamma, before + beta): each alone crosses
+        the graph there, but a cut at one would split the layer norm that the passes
+        fuse, and list every block's norms several times in the plan."""
+        producer = {t: n for n in view.nodes for t in n.outputs}
+        readers: dict[str, list[Node]] = {}
+        for n in view.nodes:
+            for t in n.inputs:
+                readers.setdefault(t, []).append(n)
+        inside: set[str] = set()
+        for sub in view.nodes:
+            mean = producer.get(sub.inputs[1]) if sub.op_type == "Sub" and sub.inputs[1:] else None
+            if mean is None or mean.op_type != "ReduceMean" or mean.inputs[0] != sub.inputs[0]:
+                continue
+            t = sub.outputs[0]
+            inside.add(t)
+            div = [r for r in readers.get(t, []) if r.op_type == "Div" and r.inputs[0] == t]
+            if len(div) != 1:
+                continue
+            t = div[0].outputs[0]
+            for op in ("Mul", "Add"):
+                nxt = readers.get(t, [])
+                if len(nxt) != 1 or nxt[0].op_type != op:
+                    break
+                inside.add(t)
+                t = nxt[0].outputs[0]
+        return inside
 
     @staticmethod
     def _passthrough(
@@ -1078,6 +1165,17 @@ class _Lowering:
     @OPS.register(*_REDUCE)
     def lower_reduce(self, node: Node, a: dict[str, Any]) -> _Val:
         return self.reduce(node, _REDUCE[node.op_type], a)
+
+    @OPS.register("ReduceL2", "ReduceSumSquare")
+    def lower_ReduceL2(self, node: Node, a: dict[str, Any]) -> _Val:
+        # torch's F.normalize (sentence-transformers' Normalize) writes ReduceL2:
+        # sqrt(sum(x·x)), as the program's mul, reduce sum and sqrt.
+        v = self.dyn(node)
+        sq = _Val(self.emit("mul", [v.name, v.name], node, v.pshape), v.perm, v.shape)
+        total = self.reduce(node, "sum", a, sq)
+        if node.op_type == "ReduceSumSquare":
+            return total
+        return self.act(node, total, activation("sqrt"))
 
     def act(self, node: Node, v: _Val, act: dict[str, Any]) -> _Val:
         name = self.emit("activation", [v.name], node, v.pshape, {"activation": act})
@@ -1747,8 +1845,9 @@ class _Lowering:
         )
         return _Val(name, v.perm, out_shape)
 
-    def reduce(self, node: Node, kind: str, a: dict[str, Any]) -> _Val:
-        v = self.dyn(node)
+    def reduce(self, node: Node, kind: str, a: dict[str, Any], v: _Val | None = None) -> _Val:
+        """`v`: the operand if not the node's input (ReduceL2 reduces its square)."""
+        v = v or self.dyn(node)
         # ReduceSum (opset 13+) and all reductions (opset 18+) take axes as an input.
         axes = self._axes(node, a, v.rank)
         if axes is None or not axes:

@@ -197,6 +197,13 @@ class _AttackerData:
 def _open_owner_view(run: _AuditRun) -> _Victim:
     owner = OwnerView(run.bundle, run.keystore)
     manifest = owner.manifest
+    if len(owner.program.inputs) > 1 or "inputs" in manifest:
+        # Its datasets are arrays of one model input (npz `x`, `y`), and the surrogate
+        # learns from the cut tensor alone.
+        raise InputError(
+            f"{run.bundle} is a model of several inputs (or its enclave takes model inputs "
+            "beside the cut tensor); `ennclave audit` audits single-input bundles only."
+        )
     policy = output_policy(manifest)
     out_shape = manifest["private"]["outputs"][0]["shape"]
     if len(out_shape) != 2:

@@ -222,7 +222,7 @@ def find_worker_binary(explicit: str | os.PathLike[str] | None = None) -> Path:
             return p
     raise WorkerNotFound(
         f"The enclave worker {BINARY_NAME} was not found; install ennclave with its worker "
-        "(pip install ennclave), build it with `cargo build --release` in enclave/, or set "
+        "(pip install ennclave), build it with `cargo build-worker` in enclave/, or set "
         "ENNCLAVE_WORKER to its path."
     )
 
