@@ -334,12 +334,14 @@ impl Inbox {
                 format!("sealed program size {total_len} is out of range"),
             ));
         }
+        // A refusal of unlocked memory is the SANDBOX error with its one sentence.
         self.sealed = Some(seal::Incoming::new(total_len as usize).map_err(|e| {
-            Fatal::new(
+            memory_fatal(
                 code::INTERNAL,
                 format!("cannot allocate secret memory: {e}"),
             )
         })?);
+        trace("SEALED_BEGIN: the program's secret memory allocated, its pages faulting in");
         Ok(())
     }
 

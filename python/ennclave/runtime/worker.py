@@ -666,6 +666,12 @@ class WorkerClient:
         # The manifest before the first challenge: whether it allows unlocked memory
         # decides what the worker can promise in its protections (secmem::commit).
         self._send(_frame(MANIFEST, _b(self._manifest)))
+        # SEALED_BEGIN at once: the worker allocates the plaintext's secret buffer and
+        # starts faulting its pages in (the slowest part of a start: each fresh
+        # memfd_secret page costs a TLB-flush IPI), which then overlaps the evidence
+        # round trip as well as the transfer and the key release.
+        total = self._sealed_path.stat().st_size
+        self._send(_frame(SEALED_BEGIN, struct.pack("<Q", total)))
 
         # Freshness/evidence round trip (a key server checks this; locally we only
         # check that the worker answers for the key it announced).
@@ -687,8 +693,6 @@ class WorkerClient:
             )
         self.protections = got.protections_dict()
 
-        total = self._sealed_path.stat().st_size
-        self._send(_frame(SEALED_BEGIN, struct.pack("<Q", total)))
         chunk = len(self._mm)
         sent = 0
         with open(self._sealed_path, "rb") as f:
