@@ -186,16 +186,16 @@ impl Executor {
                 }
                 op => {
                     if let Op::Conv { p, .. } = op {
-                        scratch_len = scratch_len.max(p.scratch_len(max_batch));
-                        warm_scratch = warm_scratch.max(p.scratch_len(warm));
+                        scratch_len = scratch_len.max(p.scratch_len(max_batch, threads));
+                        warm_scratch = warm_scratch.max(p.scratch_len(warm, threads));
                     }
                     if let Op::Matmul(mm) = op {
                         scratch_len = scratch_len.max(mm.scratch_len(threads));
                         warm_scratch = warm_scratch.max(mm.scratch_len(threads));
                     }
                     if let Op::QConv { p, .. } = op {
-                        scratch_len = scratch_len.max(p.scratch_len(max_batch));
-                        warm_scratch = warm_scratch.max(p.scratch_len(warm));
+                        scratch_len = scratch_len.max(p.scratch_len(max_batch, threads));
+                        warm_scratch = warm_scratch.max(p.scratch_len(warm, threads));
                     }
                     if let Op::ConvTranspose { p, .. } = op {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch));

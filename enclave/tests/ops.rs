@@ -146,6 +146,22 @@ fn conv2d_general_matches_naive() {
         ((0, 0), (0, 0)),
         2,
     ); // pointwise
+       // Several im2col blocks per task (96-row blocks of 576 columns; 3 tasks of ~170
+       // rows), the last block of each task partial.
+    check_conv2d(
+        2,
+        16,
+        16,
+        64,
+        3,
+        3,
+        40,
+        1,
+        (1, 1),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        3,
+    );
 }
 
 #[test]

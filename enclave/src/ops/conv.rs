@@ -3,7 +3,7 @@
 //!
 //! 1-D ops are run as 2-D ones with height 1. Geometry is validated by `program`.
 
-use super::{dense, par_row_ranges, par_rows, parallelism, Act};
+use super::{dense, par_for, par_row_ranges, par_rows, parallelism, Act, SendPtr};
 
 /// Per-sample 2-D window geometry (input `[h, w, c]`, output `[oh, ow, ·]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,8 +52,14 @@ pub struct ConvParams {
     pub act: Act,
 }
 
-/// Target size of the im2col scratch buffer, in floats.
-const SCRATCH_TARGET: usize = 1 << 21;
+/// Floats of the im2col matrix one task builds and multiplies at a time (256 KiB):
+/// the block is still in L2 when the dense kernel reads it, where a whole-batch im2col
+/// matrix (megabytes) went out to memory and back.
+const BLOCK_FLOATS: usize = 1 << 16;
+/// Rows of a task's block at least (amortises the dense call) and at most.
+const BLOCK_ROWS: (usize, usize) = (24, 1024);
+/// Rows of the output per task at least, before the rows are split across threads.
+const TASK_ROWS: usize = 64;
 
 impl ConvParams {
     pub(crate) fn k_len(&self) -> usize {
@@ -73,19 +79,69 @@ impl ConvParams {
             && g.oh == g.h
             && g.ow == g.w
     }
-    /// Rows of the im2col matrix per chunk for a batch of `batch`.
-    pub(crate) fn chunk_rows(&self, batch: usize) -> usize {
-        let rows = batch * self.g.oh * self.g.ow;
-        (SCRATCH_TARGET / self.k_len().max(1)).clamp(1, rows.max(1))
+    /// Rows of the im2col matrix per block (a multiple of 24: whole micro-kernel row
+    /// blocks of every kernel family).
+    pub(crate) fn block_rows(&self) -> usize {
+        let (lo, hi) = BLOCK_ROWS;
+        (BLOCK_FLOATS / self.k_len().max(1) / 24 * 24).clamp(lo, hi)
     }
-    /// Scratch floats needed for batches up to `max_batch`.
-    pub fn scratch_len(&self, max_batch: usize) -> usize {
+    /// Tasks the `rows` output rows are split into.
+    fn tasks(rows: usize, threads: usize) -> usize {
+        threads.min(rows / TASK_ROWS).max(1)
+    }
+    /// Scratch floats needed for batches up to `max_batch` on `threads` threads: one
+    /// block per task.
+    pub fn scratch_len(&self, max_batch: usize, threads: usize) -> usize {
         if self.is_depthwise() || self.is_pointwise() {
             0
         } else {
-            self.chunk_rows(max_batch) * self.k_len()
+            let rows = max_batch * self.g.oh * self.g.ow;
+            Self::tasks(rows, threads) * self.block_rows().min(rows.max(1)) * self.k_len()
         }
     }
+}
+
+/// `y = act(im2col(x) · kernel)` for a single-group convolution, block by block: the
+/// output rows are split between up to `threads` tasks, and each task fills
+/// `block_rows` rows of the im2col matrix at a time in its own part of `scratch`, has
+/// `gemm(cols, y_rows)` multiply them (one thread) and applies `act` (elementwise) to
+/// those rows of `y` while they are in cache.
+pub(crate) fn blocked<F: Fn(&[f32], &mut [f32]) + Sync>(
+    x: &[f32],
+    y: &mut [f32],
+    p: &ConvParams,
+    scratch: &mut [f32],
+    threads: usize,
+    act: &Act,
+    gemm: &F,
+) {
+    let g = &p.g;
+    let (cout, kl) = (p.cout, p.k_len());
+    let rows = y.len() / cout;
+    let parts = ConvParams::tasks(rows, threads);
+    let br = p.block_rows().min(rows.max(1));
+    assert!(p.groups == 1 && scratch.len() >= parts * br * kl);
+    let (yp, sp) = (SendPtr(y.as_mut_ptr()), SendPtr(scratch.as_mut_ptr()));
+    par_for(parts, &|t| {
+        let (a, b) = (rows * t / parts, rows * (t + 1) / parts);
+        // SAFETY: task t alone uses scratch block t (parts · br · kl floats asserted
+        // above); every task ends before par_for returns, inside our &mut borrow.
+        let block = unsafe { std::slice::from_raw_parts_mut(sp.get().add(t * br * kl), br * kl) };
+        let mut r0 = a;
+        while r0 < b {
+            let nr = br.min(b - r0);
+            // SAFETY: rows r0..r0+nr lie in this task's range a..b of y (rows × cout
+            // floats); the ranges of different tasks are disjoint.
+            let yb = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r0 * cout), nr * cout) };
+            let cols = &mut block[..nr * kl];
+            for (i, row) in cols.chunks_exact_mut(kl).enumerate() {
+                fill_row(x, row, r0 + i, 0, g.c, g);
+            }
+            gemm(cols, yb);
+            act.apply(yb);
+            r0 += nr;
+        }
+    });
 }
 
 /// `y[batch, oh, ow, cout] = conv(x[batch, h, w, c], kernel[kh, kw, c/groups, cout]) + bias`.
@@ -117,15 +173,10 @@ pub fn conv(
             gemm_rows(&x[..rows * g.c], kernel, bias, act, y, g.c, cout, threads);
         } else {
             let kl = p.k_len();
-            let chunk = p.chunk_rows(batch);
-            assert!(scratch.len() >= chunk * kl);
-            for r0 in (0..rows).step_by(chunk) {
-                let nr = chunk.min(rows - r0);
-                let cols = &mut scratch[..nr * kl];
-                im2col(x, cols, r0, 0, g.c, g, threads);
-                let yc = &mut y[r0 * cout..(r0 + nr) * cout];
-                gemm_rows(cols, kernel, bias, act, yc, kl, cout, threads);
-            }
+            blocked(x, y, p, scratch, threads, act, &|cols, yb| {
+                let m = yb.len() / cout;
+                dense::dense(cols, dense::Kernel::Rows(kernel), bias, yb, m, kl, cout, 1);
+            });
         }
         if !fused {
             p.act.apply(y);
@@ -172,8 +223,8 @@ pub fn conv(
         }
     } else {
         let kl = p.k_len();
-        let chunk = p.chunk_rows(batch);
-        assert!(scratch.len() >= chunk * kl);
+        // Blocks of the im2col matrix as large as the scratch (one per task) allows.
+        let chunk = (scratch.len() / kl.max(1)).clamp(1, rows.max(1));
         for gi in 0..p.groups {
             let mut r0 = 0;
             while r0 < rows {
@@ -239,7 +290,7 @@ fn gemm_rows(
 }
 
 /// Fill `cols` (rows r0.. of the im2col matrix, `kh*kw*cing` wide) for channels
-/// `c0..c0+cing`.
+/// `c0..c0+cing`, rows split across threads.
 pub(crate) fn im2col(
     x: &[f32],
     cols: &mut [f32],
@@ -250,49 +301,66 @@ pub(crate) fn im2col(
     threads: usize,
 ) {
     let kl = g.kh * g.kw * cing;
-    let fill = |ri: usize, row: &mut [f32]| {
-        let r = r0 + ri;
-        let ow = r % g.ow;
-        let oh = (r / g.ow) % g.oh;
-        let n = r / (g.ow * g.oh);
-        let xs = &x[n * g.in_len()..][..g.in_len()];
-        // Without dilation and with all channels, the kernel columns that fall inside
-        // the image read one contiguous run of the input row: one copy per kernel row.
-        let runs = g.dw == 1 && cing == g.c;
-        for ki in 0..g.kh {
-            let ih = g.in_row(oh, ki);
-            if runs {
-                let seg = &mut row[ki * g.kw * cing..][..g.kw * cing];
-                let Some(ih) = ih else {
-                    seg.fill(0.0);
-                    continue;
-                };
-                let start = ow * g.sw; // input column of kernel column 0, plus pl
-                let lo = g.pl.saturating_sub(start).min(g.kw);
-                let hi = (g.w + g.pl).saturating_sub(start).min(g.kw).max(lo);
-                seg[..lo * cing].fill(0.0);
-                if hi > lo {
-                    let iw = start + lo - g.pl;
-                    seg[lo * cing..hi * cing]
-                        .copy_from_slice(&xs[(ih * g.w + iw) * g.c..][..(hi - lo) * cing]);
-                }
-                seg[hi * cing..].fill(0.0);
-                continue;
-            }
-            for kj in 0..g.kw {
-                let dst = &mut row[(ki * g.kw + kj) * cing..][..cing];
-                match (ih, g.in_col(ow, kj)) {
-                    (Some(ih), Some(iw)) => {
-                        dst.copy_from_slice(&xs[(ih * g.w + iw) * g.c + c0..][..cing])
-                    }
-                    _ => dst.fill(0.0),
-                }
-            }
-        }
-    };
     // Rows are short: split only when there are enough of them.
     let parts = if cols.len() / kl < 64 { 1 } else { threads };
-    par_rows(cols, kl, parts, &fill);
+    par_rows(cols, kl, parts, &|ri, row| {
+        fill_row(x, row, r0 + ri, c0, cing, g)
+    });
+}
+
+/// Row `r` of the im2col matrix (channels `c0..c0+cing`).
+#[inline]
+fn fill_row(x: &[f32], row: &mut [f32], r: usize, c0: usize, cing: usize, g: &Geom) {
+    let ow = r % g.ow;
+    let oh = (r / g.ow) % g.oh;
+    let n = r / (g.ow * g.oh);
+    let xs = &x[n * g.in_len()..][..g.in_len()];
+    // Without dilation and with all channels, the kernel columns that fall inside
+    // the image read one contiguous run of the input row: one copy per kernel row.
+    let runs = g.dw == 1 && cing == g.c;
+    for ki in 0..g.kh {
+        let ih = g.in_row(oh, ki);
+        if runs {
+            let seg = &mut row[ki * g.kw * cing..][..g.kw * cing];
+            let Some(ih) = ih else {
+                seg.fill(0.0);
+                continue;
+            };
+            let start = ow * g.sw; // input column of kernel column 0, plus pl
+            let lo = g.pl.saturating_sub(start).min(g.kw);
+            let hi = (g.w + g.pl).saturating_sub(start).min(g.kw).max(lo);
+            seg[..lo * cing].fill(0.0);
+            if hi > lo {
+                let iw = start + lo - g.pl;
+                copy(
+                    &mut seg[lo * cing..hi * cing],
+                    &xs[(ih * g.w + iw) * g.c..][..(hi - lo) * cing],
+                );
+            }
+            seg[hi * cing..].fill(0.0);
+            continue;
+        }
+        for kj in 0..g.kw {
+            let dst = &mut row[(ki * g.kw + kj) * cing..][..cing];
+            match (ih, g.in_col(ow, kj)) {
+                (Some(ih), Some(iw)) => copy(dst, &xs[(ih * g.w + iw) * g.c + c0..][..cing]),
+                _ => dst.fill(0.0),
+            }
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)`, without a `memcpy` call for the few floats of a
+/// convolution over one or two channels.
+#[inline(always)]
+fn copy(dst: &mut [f32], src: &[f32]) {
+    if dst.len() <= 8 {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s;
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// Depthwise conv (groups == c): output channel `o` reads input channel `o / mult`.

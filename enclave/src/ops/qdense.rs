@@ -1040,34 +1040,19 @@ pub fn qconv(
     let fused = !matches!(p.act, Act::Softmax { .. });
     let act = if fused { &p.act } else { &Act::Linear };
     let kl = p.k_len();
-    let run = |cols: &[f32], yc: &mut [f32]| {
-        let parts = threads.min(yc.len() / cout / 64).max(1);
-        par_row_ranges(yc, cout, parts, &|first, yr| {
-            let m = yr.len() / cout;
-            qdense(
-                &cols[first * kl..(first + m) * kl],
-                w,
-                bias,
-                yr,
-                m,
-                kl,
-                cout,
-                1,
-            );
-            act.apply(yr);
-        });
+    let gemm = |cols: &[f32], yr: &mut [f32]| {
+        let m = yr.len() / cout;
+        qdense(cols, w, bias, yr, m, kl, cout, 1);
     };
     if p.is_pointwise() {
-        run(&x[..rows * g.c], y);
+        let parts = threads.min(rows / 64).max(1);
+        par_row_ranges(y, cout, parts, &|first, yr| {
+            let m = yr.len() / cout;
+            gemm(&x[first * kl..(first + m) * kl], yr);
+            act.apply(yr);
+        });
     } else {
-        let chunk = p.chunk_rows(batch);
-        assert!(scratch.len() >= chunk * kl);
-        for r0 in (0..rows).step_by(chunk) {
-            let nr = chunk.min(rows - r0);
-            let cols = &mut scratch[..nr * kl];
-            conv::im2col(x, cols, r0, 0, g.c, g, threads);
-            run(cols, &mut y[r0 * cout..(r0 + nr) * cout]);
-        }
+        conv::blocked(x, y, p, scratch, threads, act, &gemm);
     }
     if !fused {
         p.act.apply(y);
