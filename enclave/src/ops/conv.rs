@@ -134,8 +134,19 @@ pub(crate) fn blocked<F: Fn(&[f32], &mut [f32]) + Sync>(
             // floats); the ranges of different tasks are disjoint.
             let yb = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r0 * cout), nr * cout) };
             let cols = &mut block[..nr * kl];
-            for (i, row) in cols.chunks_exact_mut(kl).enumerate() {
-                fill_row(x, row, r0 + i, 0, g.c, g);
+            // The output position of each row, counted on (no divisions per row).
+            let (mut n, mut oh, mut ow) = (r0 / (g.oh * g.ow), (r0 / g.ow) % g.oh, r0 % g.ow);
+            for row in cols.chunks_exact_mut(kl) {
+                fill_at(x, row, n, oh, ow, 0, g.c, g);
+                ow += 1;
+                if ow == g.ow {
+                    ow = 0;
+                    oh += 1;
+                    if oh == g.oh {
+                        oh = 0;
+                        n += 1;
+                    }
+                }
             }
             gemm(cols, yb);
             act.apply(yb);
@@ -309,11 +320,24 @@ pub(crate) fn im2col(
 }
 
 /// Row `r` of the im2col matrix (channels `c0..c0+cing`).
-#[inline]
 fn fill_row(x: &[f32], row: &mut [f32], r: usize, c0: usize, cing: usize, g: &Geom) {
-    let ow = r % g.ow;
-    let oh = (r / g.ow) % g.oh;
-    let n = r / (g.ow * g.oh);
+    let (n, oh, ow) = (r / (g.ow * g.oh), (r / g.ow) % g.oh, r % g.ow);
+    fill_at(x, row, n, oh, ow, c0, cing, g);
+}
+
+/// The im2col row of output position `(n, oh, ow)`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn fill_at(
+    x: &[f32],
+    row: &mut [f32],
+    n: usize,
+    oh: usize,
+    ow: usize,
+    c0: usize,
+    cing: usize,
+    g: &Geom,
+) {
     let xs = &x[n * g.in_len()..][..g.in_len()];
     // Without dilation and with all channels, the kernel columns that fall inside
     // the image read one contiguous run of the input row: one copy per kernel row.
