@@ -335,7 +335,7 @@ def test_docs_list_every_supported_op() -> None:
     text = (Path(__file__).parents[1] / "docs" / "enclave-program.md").read_text()
     section = text[text.index("## What lowers to these ops") :]
     onnx_par = section[section.index("**ONNX operators**") : section.index("**Keras layers**")]
-    listed = set(re.findall(r"\b([A-Z][A-Za-z]+)\b", onnx_par.split(":", 1)[1]))
+    listed = set(re.findall(r"\b([A-Z][A-Za-z0-9]+)\b", onnx_par.split(":", 1)[1]))
     assert listed == set(SUPPORTED_OPS), sorted(listed ^ set(SUPPORTED_OPS))
     pytest.importorskip("keras")
     from ennclave.adapters.keras import SUPPORTED_LAYERS
