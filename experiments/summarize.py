@@ -38,8 +38,9 @@ def accuracy_section(results: Path) -> tuple[list[str], list[dict[str, Any]]]:
         "",
         "Test accuracy in %, mean ± std over 3 seeds (same split for all). (a) is measured on "
         "the enclave worker's outputs (`ennclave.load(bundle).predict`); images (b)/(c) too "
-        "(cut at the input, the whole CNN in the enclave); text (b)/(c) in Keras, because "
-        "an Embedding on token ids cannot run in the enclave. (a) bf16 / (a) int8: the same "
+        "(cut at the input, the whole CNN in the enclave); text (b)/(c) in Keras: those runs "
+        "predate the enclave's `gather`, which now runs an Embedding on token ids. "
+        "(a) bf16 / (a) int8: the same "
         "heads split with `--weights bf16` / `int8` (docs/enclave-program.md, quantised "
         "kernels), also on the worker's outputs.",
         "",
