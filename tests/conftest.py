@@ -102,3 +102,17 @@ def keyserver_db(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "keys.db")
     return request.getfixturevalue("postgres").create_database()
+
+
+@pytest.fixture
+def keyserver(tmp_path, monkeypatch, keyserver_db):
+    """A key server process on `keyserver_db`, with the owner config and the client
+    cache in tmp dirs and no rate limit."""
+    from support.keyserver_util import KeyServerProc
+
+    cfg = tmp_path / "cfg"
+    monkeypatch.setenv("ENNCLAVE_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("ENNCLAVE_CACHE_DIR", str(tmp_path / "keycache"))
+    ks = KeyServerProc(keyserver_db, cfg, extra=["--rate", "0"]).start()
+    yield ks
+    ks.stop()

@@ -36,7 +36,7 @@ from ennclave.keystore import Keystore
 from ennclave.runtime import worker as wmod
 from ennclave.seal import canonical_manifest
 from support.enclave_bundle import reference, write_bundle
-from support.keyserver_util import REPO, KeyServerProc, free_port
+from support.keyserver_util import REPO, free_port
 
 try:
     WORKER = wmod.find_worker_binary()
@@ -46,14 +46,9 @@ needs_worker = pytest.mark.skipif(WORKER is None, reason="needs the built worker
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch, keyserver_db):
-    """A key server process on SQLite or PostgreSQL (conftest `keyserver_db`)."""
-    cfg = tmp_path / "cfg"
-    monkeypatch.setenv("ENNCLAVE_CONFIG_DIR", str(cfg))
-    monkeypatch.setenv("ENNCLAVE_CACHE_DIR", str(tmp_path / "keycache"))
-    ks = KeyServerProc(keyserver_db, cfg, extra=["--rate", "0"]).start()
-    yield ks
-    ks.stop()
+def server(keyserver):
+    """A key server process on SQLite or PostgreSQL (conftest `keyserver`)."""
+    return keyserver
 
 
 def _digest(bundle: Path) -> str:

@@ -27,19 +27,15 @@ from ennclave.keyserver.licence import UsageReport, usage_mac
 from ennclave.keystore import Keystore
 from ennclave.seal import canonical_manifest
 from support.enclave_bundle import IN, needs_worker, reference, write_bundle
-from support.keyserver_util import KeyServerProc, post
+from support.keyserver_util import post
 
 pytestmark = needs_worker
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch, keyserver_db):
-    cfg = tmp_path / "cfg"
-    monkeypatch.setenv("ENNCLAVE_CONFIG_DIR", str(cfg))
-    monkeypatch.setenv("ENNCLAVE_CACHE_DIR", str(tmp_path / "keycache"))
-    ks = KeyServerProc(keyserver_db, cfg, extra=["--rate", "0"]).start()
-    yield ks
-    ks.stop()
+def server(keyserver):
+    """A key server process on SQLite or PostgreSQL (conftest `keyserver`)."""
+    return keyserver
 
 
 def _register(server, tmp_path, **policy):

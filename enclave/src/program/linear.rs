@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use super::builder::{batched, Builder, NodeCtx, NodeResult};
 use super::json::{checked_product, list_n, pos, string, uint};
-use super::{Error, Op, TensorMeta};
+use super::{Error, Op, TensorMeta, WRef};
 use crate::ops::conv::{ConvParams, Geom};
 use crate::ops::conv_transpose::ConvTParams;
 use crate::ops::dense;
@@ -98,24 +98,33 @@ impl Builder<'_> {
                 "kernel shape {ks:?} does not fit {cin} input channels in {groups} groups"
             ));
         }
+        let (p, bias, od) = self.conv_params(ctx, d, &ks, groups)?;
+        Ok((Op::Conv { p, kernel, bias }, (od, true, None)))
+    }
+
+    /// A conv's window, bias, output dims and fused activation, once its kernel shape
+    /// `ks` ([k..., Cin/groups, Cout]) has been checked against the input `d` (shared by
+    /// the fp32 and the quantised conv).
+    pub(super) fn conv_params(
+        &mut self,
+        ctx: &NodeCtx,
+        d: &[usize],
+        ks: &[usize],
+        groups: usize,
+    ) -> Result<(ConvParams, Option<WRef>, Vec<usize>), Error> {
+        let cout = ks[ks.len() - 1];
         let (g, _) = self.window(ctx, d, Some(&ks[..ks.len() - 2]))?;
         let bias = self.weight_shaped(ctx, "bias", &[cout], false)?;
         let od = spatial_out(d, &g, cout);
         checked_product(&od, &format!("node {:?}: output", ctx.name))?;
         let act = self.activation(ctx, ctx.attr("activation"), &od)?;
-        Ok((
-            Op::Conv {
-                p: ConvParams {
-                    g,
-                    cout,
-                    groups,
-                    act,
-                },
-                kernel,
-                bias,
-            },
-            (od, true, None),
-        ))
+        let p = ConvParams {
+            g,
+            cout,
+            groups,
+            act,
+        };
+        Ok((p, bias, od))
     }
 
     /// Parse window geometry (conv when `kernel_win` is given, pool otherwise).

@@ -7,9 +7,7 @@ use safetensors::Dtype;
 
 use super::builder::{batched, Builder, NodeCtx, NodeResult};
 use super::json::{checked_product, list, pos};
-use super::linear::spatial_out;
 use super::{Error, Op, QWeight, TensorMeta};
-use crate::ops::conv::ConvParams;
 use crate::ops::dense::NR;
 
 impl Builder<'_> {
@@ -104,24 +102,7 @@ impl Builder<'_> {
                 "kernel_shape {ks:?} does not fit input [N, {d:?}] (want [k..., Cin, Cout])"
             ));
         }
-        let cout = ks[ks.len() - 1];
-        let (g, _) = self.window(ctx, d, Some(&ks[..ks.len() - 2]))?;
-        let bias = self.weight_shaped(ctx, "bias", &[cout], false)?;
-        let od = spatial_out(d, &g, cout);
-        checked_product(&od, &format!("node {:?}: output", ctx.name))?;
-        let act = self.activation(ctx, ctx.attr("activation"), &od)?;
-        Ok((
-            Op::QConv {
-                p: ConvParams {
-                    g,
-                    cout,
-                    groups,
-                    act,
-                },
-                kernel,
-                bias,
-            },
-            (od, true, None),
-        ))
+        let (p, bias, od) = self.conv_params(ctx, d, &ks, groups)?;
+        Ok((Op::QConv { p, kernel, bias }, (od, true, None)))
     }
 }
