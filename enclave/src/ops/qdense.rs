@@ -1258,6 +1258,16 @@ mod bench {
                 });
                 println!("m={m} {path:?} bf16 {t:.3} ms int8 {t8:.3} ms");
             }
+            {
+                let kern = int8::Kernel::choose(path(), m);
+                let ldq = (k.div_ceil(64) | 1) * 16;
+                let mut xq = vec![0u32; m.next_multiple_of(32) * ldq];
+                let mut sx = vec![0f32; m];
+                let t = best(&mut || {
+                    int8::quantise_rows(&x, k, &mut xq, ldq, &mut sx, kern.unsigned())
+                });
+                println!("m={m} int8 activation quantisation {t:.3} ms");
+            }
         }
     }
 }
