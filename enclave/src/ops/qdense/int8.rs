@@ -24,6 +24,21 @@ use std::sync::atomic::Ordering;
 use super::{Path, AMX_MIN_ROWS, MR, MR_PORTABLE, NR, RB};
 use crate::ops::{par_for, SendPtr};
 
+/// A pointer that tasks of one `par_for` share, each using its own part.
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+// SAFETY: only used to hand disjoint parts of one buffer to par_for's tasks, which all
+// end before the buffer's borrow does.
+unsafe impl<T> Send for Ptr<T> {}
+// SAFETY: as for Send.
+unsafe impl<T> Sync for Ptr<T> {}
+impl<T> Ptr<T> {
+    /// The pointer (a method, so closures capture the whole wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Rows per AVX-VNNI (256-bit) call: 4 accumulators per row and 4 column sums.
 const MR_VNNI256: usize = 2;
 
@@ -254,7 +269,25 @@ pub(super) fn int8(
     };
     let mut xq = vec![0u32; rows * ldq];
     let mut sx = vec![0f32; m];
-    quantise_rows(x, k, &mut xq, ldq, &mut sx, kern.unsigned());
+    // Large batches are quantised in parallel (a fork costs about a microsecond).
+    let qparts = if m * k >= 1 << 16 {
+        threads.clamp(1, m)
+    } else {
+        1
+    };
+    let (qp, sp) = (Ptr(xq.as_mut_ptr()), Ptr(sx.as_mut_ptr()));
+    par_for(qparts, &|t| {
+        let (a, b) = (m * t / qparts, m * (t + 1) / qparts);
+        // SAFETY: task t alone writes rows a..b of xq (ldq quads each) and of sx; both
+        // outlive par_for, which returns after every task.
+        let (q, s) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(qp.get().add(a * ldq), (b - a) * ldq),
+                std::slice::from_raw_parts_mut(sp.get().add(a), b - a),
+            )
+        };
+        quantise_rows(&x[a * k..b * k], k, q, ldq, s, kern.unsigned());
+    });
     let np = n.div_ceil(NR);
     // Enough panels per task to amortise the fork (≥ ~32 KiB of weights).
     let min_panels = (32768 / (k * NR)).max(1);
