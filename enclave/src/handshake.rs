@@ -359,7 +359,7 @@ impl Inbox {
                 "SEALED_CHUNK length out of range",
             ));
         }
-        shm.read_into(0, &mut buf.cipher_mut()[start..start + len])
+        shm.read_into(0, buf.chunk_mut(start..start + len))
             .map_err(|e| Fatal::new(code::INTERNAL, e.to_string()))?;
         self.received += len as u64;
         write_msg(
