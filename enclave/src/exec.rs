@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, qdense, resize, slice};
 use crate::program::{Error, Node, Op, Program, QWeight, TensorMeta, WRef, Weights};
 use crate::secmem::SecretBuf;
+use crate::team::Team;
 
 /// Where a tensor lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +45,9 @@ struct State {
 pub struct Executor {
     state: State,
     pool: Arc<rayon::ThreadPool>,
+    /// Runs the kernels' parallel loops (`ops::par_for`): helpers that spin between
+    /// layers and requests instead of sleeping (see `crate::team`).
+    team: Team,
     max_batch: usize,
 }
 
@@ -61,6 +65,9 @@ impl std::fmt::Debug for Executor {
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// The team's spin window until `set_spin_us` (the worker's default `--spin-us`).
+const DEFAULT_TEAM_SPIN_US: u64 = 200;
 
 /// Batches up to this size find their activation pages already faulted in.
 const PREFAULT_BATCH: usize = 64;
@@ -259,6 +266,8 @@ impl Executor {
                 .build()
                 .map_err(|e| Error(format!("cannot start {threads} worker threads ({e})")))?,
         );
+        let team = Team::new(threads, DEFAULT_TEAM_SPIN_US)
+            .map_err(|e| Error(format!("cannot start {threads} worker threads ({e})")))?;
         let mut ex = Executor {
             state: State {
                 nodes,
@@ -275,6 +284,7 @@ impl Executor {
                 skip,
             },
             pool,
+            team,
             max_batch,
         };
         // Fault in the activation pages batches of up to PREFAULT_BATCH samples use
@@ -335,6 +345,12 @@ impl Executor {
         self.state.threads
     }
 
+    /// How long the team's helpers spin for the next layer or request before they
+    /// sleep (the worker passes its `--spin-us`).
+    pub fn set_spin_us(&self, spin_us: u64) {
+        self.team.set_spin_us(spin_us);
+    }
+
     /// The executor's thread pool. Running the caller's own loop inside it
     /// (`pool.install(..)`) makes every `run` start on a pool thread, which saves the
     /// hand-off to the pool and back (two thread wake-ups) per call.
@@ -371,7 +387,9 @@ impl Executor {
         self.check_batch(batch)?;
         self.state.unpack_inputs(batch)?;
         let state = &mut self.state;
-        self.pool.install(|| state.run_nodes(batch))?;
+        let team = &self.team;
+        self.pool
+            .install(|| team.install(|| state.run_nodes(batch)))?;
         let s = &self.state;
         view(&s.slots, &s.weights, &s.tensors, &s.loc, s.output, batch)
     }

@@ -660,6 +660,7 @@ fn load(
     };
     let exec = Executor::new(&program, args.max_batch, threads)
         .map_err(|e| memory_fatal(code::PROGRAM, format!("cannot prepare the program: {e}")))?;
+    exec.set_spin_us(args.spin_us);
     trace("executor ready (buffers, thread pool, warm-up)");
     let in_len = exec.input_len_per_sample();
     let out_len = exec.output_len_per_sample();

@@ -6,6 +6,7 @@
 //! * `program`   — parse and validate an enclave program container (docs/enclave-program.md)
 //! * `exec`      — plan buffers once, then run a program on a batch without allocating
 //! * `ops`       — the kernels (GEMM-backed dense and conv, pooling, elementwise …)
+//! * `team`      — the executor's spinning helper threads for the kernels' parallel loops
 //! * `secmem`    — memory for decrypted secrets (memfd_secret, else mlock)
 //! * `seal`      — AES-256-GCM unsealing of the program container, manifest as AAD
 //! * `keys`      — ephemeral X25519 key pair and HPKE unwrapping of the data key
@@ -34,4 +35,5 @@ pub mod sandbox;
 pub mod seal;
 pub mod secmem;
 pub mod serve;
+pub mod team;
 pub mod worker;

@@ -1,7 +1,8 @@
 //! Kernels. Everything is float32, channels-last, row-major; the batch dimension is
 //! the outermost one. Kernels assume the shapes were validated by `program` and
-//! that they run inside the executor's rayon pool (so `rayon::join` and gemm's
-//! `Parallelism::Rayon` use its persistent threads).
+//! that they run inside the executor's rayon pool and thread team: [`par_for`] runs
+//! on the team (`crate::team`, spinning helpers), gemm's `Parallelism::Rayon` on the
+//! pool's persistent threads.
 
 pub mod act;
 pub mod binary;
@@ -17,9 +18,13 @@ pub mod vmath;
 
 pub use act::Act;
 
-/// Run `f(i)` for `i in 0..n` on the current rayon pool, splitting by `rayon::join`
-/// (no heap allocation, unlike `rayon::scope`).
+/// Run `f(i)` for `i in 0..n` in parallel: on the thread team the caller owns
+/// (the executor's, see `crate::team`), else on the current rayon pool, splitting by
+/// `rayon::join` (no heap allocation, unlike `rayon::scope`).
 pub fn par_for<F: Fn(usize) + Sync>(n: usize, f: &F) {
+    if crate::team::run_on_current(n, f).is_some() {
+        return;
+    }
     fn go<F: Fn(usize) + Sync>(lo: usize, hi: usize, f: &F) {
         if hi <= lo {
             return;
