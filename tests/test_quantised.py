@@ -20,7 +20,13 @@ from ennclave.adapters.keras import KerasAdapter
 from ennclave.errors import ProgramError
 from ennclave.graph import TensorInfo, find_cut_points
 from ennclave.passes import optimize
-from ennclave.program import Program, ProgramBuilder, bf16_round, quantise_int8
+from ennclave.program import (
+    Program,
+    ProgramBuilder,
+    bf16_round,
+    quantise_int8,
+    quantise_rows_int8,
+)
 from ennclave.reference import execute
 from ennclave.split import split_model
 from support.enclave_bundle import needs_worker
@@ -92,6 +98,43 @@ def test_worker_equals_reference_of_the_quantised_program(
     assert off_fp32 > 3 * float(np.abs(got - want).max())
 
 
+def _odd_dense():
+    """k = 70 and 45 (not multiples of 4 or 64), n = 45 and 19 (not multiples of 16);
+    the first layer has no bias, so an all-zero input row stays all-zero into the
+    second layer (a row scale of 0 on both) and comes out as the second bias."""
+    import keras
+
+    inp = keras.Input((70,))
+    h = keras.layers.Dense(45, activation="relu", use_bias=False)(inp)
+    model = keras.Model(inp, keras.layers.Dense(19)(h))
+    w = model.layers[-1].get_weights()[0]
+    model.layers[-1].set_weights([w, np.linspace(-1, 1, 19).astype(np.float32)])
+    return model
+
+
+@needs_worker
+@pytest.mark.parametrize("path", sorted(PATH_NEEDS))
+def test_int8_dense_edge_cases_equal_reference(path, tmp_path, monkeypatch):
+    if not PATH_NEEDS[path] <= FLAGS:
+        pytest.skip(f"this CPU cannot run the {path} kernels")
+    monkeypatch.setenv("ENNCLAVE_QKERNEL", path)
+    adapter = KerasAdapter.from_model(_odd_dense())
+    program = optimize(adapter.lower_private(find_cut_points(adapter.graph)[0]))
+    x = np.random.default_rng(2).standard_normal((64, 70)).astype(np.float32)
+    x[[0, 5, 40]] = 0.0
+    split_model(adapter, 0, tmp_path / "b", keystore=tmp_path / "ks.json", weights="int8")
+    shipped = program.quantised("int8")
+    bias = np.linspace(-1, 1, 19).astype(np.float32)
+    with ennclave.load(tmp_path / "b", keystore=tmp_path / "ks.json") as m:
+        for batch in (1, 2, 17, 64):  # every kernel's partial row blocks
+            got = m.predict(x[:batch], batch_size=batch)
+            want = execute(shipped, x[:batch])
+            assert np.isfinite(got).all()
+            np.testing.assert_allclose(got, want, atol=1e-5 * float(np.abs(want).max()), rtol=0)
+            zero = [i for i in (0, 5, 40) if i < batch]
+            np.testing.assert_allclose(got[zero], np.broadcast_to(bias, (len(zero), 19)))
+
+
 def _head(k: int = 512, h: int = 2048, out: int = 67):
     import keras
 
@@ -153,6 +196,18 @@ def test_container_round_trip_and_bytes():
     assert p.weight_bytes - p.quantised("int8").weight_bytes == 3 * kb // 4 - 4 * (70 + 5)
     # An old (float32) container is written exactly as before quantisation existed.
     assert p.quantised("fp32").to_container() == p.to_container()
+
+
+def test_activation_rows_quantise_like_the_worker():
+    """Round half to even after a float32 multiply by 127 / max|x|, clipped to ±127;
+    a zero row has scale 0 and a NaN or infinity makes the row's scale NaN."""
+    x = np.array(
+        [[0, 0, 0], [1, -2, 0.5], [127, 3.5, -2.5], [np.nan, 1, 2], [np.inf, 1, 1]], np.float32
+    )
+    q, scale = quantise_rows_int8(x)
+    np.testing.assert_array_equal(q[:3], [[0, 0, 0], [64, -127, 32], [127, 4, -2]])
+    np.testing.assert_array_equal(scale[:3, 0], np.float32([0, 2 / np.float32(127), 1]))
+    assert np.isnan(scale[3:]).all()
 
 
 def test_quantisers():

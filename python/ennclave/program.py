@@ -100,6 +100,32 @@ def quantise_int8(kernel2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def quantise_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic symmetric int8 quantisation of each row (last axis) of `x`, exactly as
+    the worker's int8 kernels do it, in float32: `amax = max|x|`, `inv = 127 / amax`,
+    `q = round-half-even(x · inv)` clipped to ±127 and the row's scale `amax / 127`
+    (a row of zeros: scale 0; a row with a NaN or an infinity: scale NaN)."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        amax = (
+            np.abs(x).max(axis=-1, keepdims=True)
+            if x.shape[-1]
+            else np.zeros((*x.shape[:-1], 1), np.float32)
+        )
+        ok = np.isfinite(amax) & (amax > 0)
+        inv = np.float32(127) / np.where(ok, amax, np.float32(1))
+        q = np.where(ok, np.clip(np.rint(x * inv), -127, 127), 0).astype(np.int8)
+        scale = np.where(ok, amax / np.float32(127), np.where(amax == 0, 0, np.nan))
+    return q, scale.astype(np.float32)
+
+
+def int8_rows_dequantised(x: np.ndarray) -> np.ndarray:
+    """`x` with each row replaced by its dynamic int8 quantisation (`q · scale`, float64,
+    exact): what an int8 kernel multiplies the weights with."""
+    q, scale = quantise_rows_int8(x)
+    return q.astype(np.float64) * scale.astype(np.float64)
+
+
 def pack_groups(kernel2d: np.ndarray, group: int) -> np.ndarray:
     """`[in, out]` → `[ceil(out/32), ceil(in/G), 32, G]`: element `[i, 32p + j]` at
     `[p, i // G, j, i % G]`, zero-padded (the quantised layouts `panels32x2/x4`)."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ProgramError
-from .program import Program, ProgramNode, bf16_round
+from .program import Program, ProgramNode, bf16_round, int8_rows_dequantised
 
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
@@ -163,7 +163,16 @@ def _patches(xp: np.ndarray, window, strides, dil) -> tuple[np.ndarray, int, int
     return cols, ho, wo
 
 
-def conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, attrs: dict) -> np.ndarray:
+def conv(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    bias: np.ndarray | None,
+    attrs: dict,
+    *,
+    int8_rows: bool = False,
+) -> np.ndarray:
+    """`int8_rows`: quantise each im2col row (one output position's window) as an int8
+    kernel does (`int8_rows_dequantised`)."""
     kernel_window = list(kernel.shape[:-2])
     x, window, strides, dil, pads, squeeze = _as_2d(x, kernel_window, attrs)
     k = kernel.reshape(*window, *kernel.shape[-2:])
@@ -175,6 +184,8 @@ def conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, attrs: dict
     out = np.empty((n, ho, wo, cout), dtype=np.float64)
     for g in range(groups):
         a = cols[..., g * cig : (g + 1) * cig].reshape(n * ho * wo, -1)
+        if int8_rows:
+            a = int8_rows_dequantised(a)
         b = k[..., g * cog : (g + 1) * cog].reshape(-1, cog)
         out[..., g * cog : (g + 1) * cog] = (a @ b).reshape(n, ho, wo, cog)
     if bias is not None:
@@ -320,19 +331,28 @@ def cast(x: np.ndarray, to: str) -> np.ndarray:
     raise ProgramError(f"Unknown cast target {to!r}.")
 
 
-def run_node(node: ProgramNode, args: list[np.ndarray], w: dict[str, np.ndarray]) -> np.ndarray:
+def run_node(
+    node: ProgramNode,
+    args: list[np.ndarray],
+    w: dict[str, np.ndarray],
+    *,
+    int8_rows: bool = False,
+) -> np.ndarray:
+    """`int8_rows` (dense and conv with an int8 kernel): the rows of the input are
+    quantised dynamically first, as the worker's int8 kernels do."""
     a = node.attrs
     weight = {role: w[key].astype(np.float64) for role, key in node.weights.items()}
     op = node.op
     x = args[0] if args else None
     if op == "dense":
-        y = x @ weight["kernel"]
+        y = (int8_rows_dequantised(x) if int8_rows else x) @ weight["kernel"]
         if "bias" in weight:
             y = y + weight["bias"]
         return apply_activation(y, a.get("activation"))
     if op == "conv":
         return apply_activation(
-            conv(x, weight["kernel"], weight.get("bias"), a), a.get("activation")
+            conv(x, weight["kernel"], weight.get("bias"), a, int8_rows=int8_rows),
+            a.get("activation"),
         )
     if op == "conv_transpose":
         return apply_activation(
@@ -470,8 +490,10 @@ def execute(program: Program, x: Any, *, exact: bool = False) -> np.ndarray:
             # bf16 kernels multiply bf16 inputs (as AVX512_BF16's vdpbf16ps does; every
             # kernel path of the worker rounds x the same way), summing in float32.
             args[0] = bf16_round(args[0].astype(np.float32)).astype(np.float64)
+        # int8 kernels quantise each row of their input dynamically (run_node).
+        int8 = q is not None and q.dtype == "int8"
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            y = run_node(node, args, program.weights)
+            y = run_node(node, args, program.weights, int8_rows=int8)
         y = np.asarray(y, dtype=np.float64)
         env[node.outputs[0]] = y if exact else y.astype(np.float32).astype(np.float64)
     out = env[program.outputs[0].name]

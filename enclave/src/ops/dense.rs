@@ -532,6 +532,61 @@ unsafe fn row_blocks(
     }
 }
 
+/// `y[rows × n] = x · w + bias` (or `+=` with `accumulate`) for `rows` rows of `x`
+/// that are `ldx` floats apart and `kc` long, and a row-major `kc × n` kernel `w`
+/// (row stride `n`), with the micro-kernels of `isa`. The rows may overlap: a
+/// convolution passes the windows of consecutive output pixels straight from its
+/// (padded) input this way, see `conv::direct`.
+///
+/// # Safety
+/// `y` must point at `rows` rows of `n` floats, `ldy` apart, that nobody else reads or
+/// writes during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn strided_rows(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    ldx: usize,
+    kc: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+    y: *mut f32,
+    ldy: usize,
+) {
+    assert!(rows >= 1 && kc >= 1 && x.len() >= (rows - 1) * ldx + kc);
+    assert!(w.len() >= (kc - 1) * n + n && ldy >= n && bias.is_none_or(|b| b.len() >= n));
+    for c0 in (0..n).step_by(NR) {
+        let ncols = NR.min(n - c0);
+        let init = if accumulate {
+            Init::Accumulate
+        } else {
+            block_init(bias, 0, c0, ncols)
+        };
+        // SAFETY: rows × columns c0..c0+ncols of y are the caller's to write (its
+        // contract), x and w hold the rows asserted above.
+        unsafe {
+            row_blocks(
+                isa,
+                x,
+                rows,
+                ldx,
+                0,
+                kc,
+                &w[c0..],
+                n,
+                &[],
+                init,
+                SendPtr(y),
+                ldy,
+                c0,
+                ncols,
+            )
+        };
+    }
+}
+
 /// How the block at `(k0, c0)` starts: the bias (or zero) on the first k-block,
 /// else the partial sums already in `y`.
 fn block_init(bias: Option<&[f32]>, k0: usize, c0: usize, ncols: usize) -> Init<'_> {
@@ -697,7 +752,7 @@ impl Isa {
     }
 
     /// Rows per micro-kernel call.
-    fn rows(self) -> usize {
+    pub(crate) fn rows(self) -> usize {
         match self {
             Isa::Avx512 => MR,
             Isa::Avx2 => MR_AVX2,

@@ -14,16 +14,12 @@
 //!   vectors by a shift and a mask (exact) and multiplied with FMA; the portable
 //!   path does the same in plain Rust (compiled a second time with AVX2+FMA enabled,
 //!   which LLVM vectorises).
-//! * int8 — weights-only quantisation: `x` stays float32, each 64-byte load is
-//!   widened (sign-extending shifts, then int→float, exact) and the float32 sums are
-//!   multiplied by the column scale at the end. Dynamic activation quantisation with
-//!   VNNI would do 4 products per lane per instruction but adds a second rounding
-//!   (of `x`); the weights-only kernel streams the same quarter-size weights, so at
-//!   batch 1, where the product is memory-bound, it is as fast (see the README's
-//!   quantised-weights section for the measurements).
+//! * int8 — dynamic activation quantisation: each row of `x` is quantised to int8
+//!   with its own scale and the products are summed exactly in int32, with AMX-INT8
+//!   or VNNI where the CPU has them (module `int8`).
 //!
-//! Work is split across threads by panels; rows come in chunks of `RB`, staged (bf16:
-//! converted) in a stack buffer `KC` inputs at a time, and computed in blocks of up to
+//! Work is split across threads by panels; rows come in chunks of `RB`, (bf16) staged
+//! converted in a stack buffer `KC` inputs at a time, and computed in blocks of up to
 //! `MR` rows per micro-kernel call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +28,8 @@ use std::sync::OnceLock;
 use super::conv::ConvParams;
 use super::dense::NR;
 use super::{conv, par_for, par_row_ranges, Act, SendPtr};
+
+mod int8;
 
 /// Rows per AVX-512 micro-kernel call (12 × 2 accumulators + weights fit 32 zmm).
 const MR: usize = 12;
@@ -42,8 +40,6 @@ const MR_PORTABLE: usize = 4;
 const RB: usize = 64;
 /// Inputs staged at once, bf16 (a multiple of 32): RB × KC u32 = 64 KiB of stack.
 const KC_BF16: usize = 256;
-/// Inputs staged at once, int8 (a multiple of 4): RB × KC f32 = 32 KiB of stack.
-const KC_INT8: usize = 128;
 /// Fewest rows of a chunk that the AMX path computes with tiles (16 rows each).
 const AMX_MIN_ROWS: usize = 8;
 
@@ -60,14 +56,17 @@ pub enum QKernel<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Path {
     Portable,
-    /// The portable code compiled with AVX2+FMA.
+    /// The portable code compiled with AVX2+FMA; int8 with AVX-VNNI where the CPU
+    /// has it.
     Avx2,
-    /// AVX-512F: bf16 and int8 widened to float32 in registers.
+    /// AVX-512F: bf16 widened to float32 in registers; int8 with AVX-512 VNNI
+    /// where the CPU has it (else as `Avx2`).
     Avx512,
     /// AVX512_BF16 `vdpbf16ps` for bf16 (int8 runs the `Avx512` kernel).
     Avx512Bf16,
     /// AMX-BF16 tiles (`tdpbf16ps`) for bf16 blocks of at least `AMX_MIN_ROWS` rows,
-    /// the `Avx512Bf16` kernel for smaller ones; int8 runs the `Avx512` kernel.
+    /// the `Avx512Bf16` kernel for smaller ones; AMX-INT8 (`tdpbssd`) likewise for
+    /// int8 (AVX-512 VNNI for smaller blocks).
     Amx,
 }
 
@@ -108,6 +107,8 @@ pub fn available() -> Vec<Path> {
 
 /// Set once the kernel let this process use AMX tile data ([`enable_amx`]).
 static AMX_OK: AtomicBool = AtomicBool::new(false);
+/// Set with `AMX_OK` where the CPU also has AMX-INT8.
+static AMX_INT8: AtomicBool = AtomicBool::new(false);
 
 /// Ask Linux for permission to use AMX (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 /// XFEATURE_XTILEDATA)`; without it the first tile instruction faults). The worker
@@ -137,6 +138,8 @@ pub fn enable_amx() {
         };
         if r == 0 {
             AMX_OK.store(true, Ordering::Relaxed);
+            // CPUID leaf 7 EDX bit 25: AMX-INT8.
+            AMX_INT8.store(l7.edx & (1 << 25) != 0, Ordering::Relaxed);
         }
     }
 }
@@ -279,6 +282,12 @@ pub fn qdense_with(
         }
         return;
     }
+    let wb = match w {
+        QKernel::Int8 { q, scale } => {
+            return int8::int8(path, x, q, scale, bias, y, m, k, n, threads)
+        }
+        QKernel::Bf16(wb) => wb,
+    };
     // Enough panels per task to amortise the fork (≥ ~32 KiB of weights).
     let min_panels = (32768 / (k * NR)).max(1);
     let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
@@ -287,12 +296,7 @@ pub fn qdense_with(
         let panels = np * t / parts..np * (t + 1) / parts;
         for r0 in (0..m).step_by(RB) {
             let rb = RB.min(m - r0);
-            match w {
-                QKernel::Bf16(wb) => bf16_rows(path, x, wb, bias, yp, r0, rb, k, n, &panels),
-                QKernel::Int8 { q, scale } => {
-                    int8_rows(path, x, q, scale, bias, yp, r0, rb, k, n, &panels)
-                }
-            }
+            bf16_rows(path, x, wb, bias, yp, r0, rb, k, n, &panels);
         }
     });
 }
@@ -380,7 +384,6 @@ fn bf16_rows(
                 let blk = Block {
                     first: k0 == 0,
                     bias: b,
-                    scale: None,
                     // SAFETY (pointer arithmetic only): row r0+i0, column c0 of y.
                     y: unsafe { yp.get().add((r0 + i0) * n + c0) },
                     ldy: n,
@@ -411,70 +414,12 @@ fn bf16_rows(
     }
 }
 
-/// Rows `r0..r0+rb` of `y` for the panels `panels`, int8 kernel.
-#[allow(clippy::too_many_arguments)]
-fn int8_rows(
-    path: Path,
-    x: &[f32],
-    q: &[i8],
-    scale: &[f32],
-    bias: Option<&[f32]>,
-    yp: SendPtr,
-    r0: usize,
-    rb: usize,
-    k: usize,
-    n: usize,
-    panels: &std::ops::Range<usize>,
-) {
-    const LDX: usize = KC_INT8;
-    let kquads = k.div_ceil(4);
-    let mut xs = [0f32; RB * LDX];
-    let mut k0 = 0;
-    while k0 < k {
-        let kc = KC_INT8.min(k - k0);
-        let kq = kc.div_ceil(4);
-        // x's block, zero-padded to whole groups of 4 (the padded weights are 0 too).
-        for i in 0..rb {
-            let d = &mut xs[i * LDX..i * LDX + kq * 4];
-            d[..kc].copy_from_slice(&x[(r0 + i) * k + k0..(r0 + i) * k + k0 + kc]);
-            d[kc..].fill(0.0);
-        }
-        for p in panels.clone() {
-            let c0 = p * NR;
-            let ncols = NR.min(n - c0);
-            let wb = &q[(p * kquads + k0 / 4) * 4 * NR..][..kq * 4 * NR];
-            let b = bias.filter(|_| k0 == 0).map(|b| &b[c0..c0 + ncols]);
-            let step = if path >= Path::Avx512 {
-                MR
-            } else {
-                MR_PORTABLE
-            };
-            for i0 in (0..rb).step_by(step) {
-                let r = step.min(rb - i0);
-                let blk = Block {
-                    first: k0 == 0,
-                    bias: b,
-                    scale: Some(&scale[c0..c0 + ncols]),
-                    // SAFETY (pointer arithmetic only): row r0+i0, column c0 of y.
-                    y: unsafe { yp.get().add((r0 + i0) * n + c0) },
-                    ldy: n,
-                    ncols,
-                };
-                // SAFETY: as in bf16_rows; xs holds r rows of LDX ≥ 4·kq floats.
-                unsafe { int8_block(path, r, &xs[i0 * LDX..], LDX, wb, kq, &blk) };
-            }
-        }
-        k0 += kc;
-    }
-}
-
-/// Where a micro-kernel's `r × ncols` result goes: `y = base + acc · scale`, with
+/// Where a bf16 micro-kernel's `r × ncols` result goes: `y = base + acc`, with
 /// `base` the bias (or 0) on the first k-block and `y` itself after that.
 #[derive(Clone, Copy)]
 struct Block<'a> {
     first: bool,
     bias: Option<&'a [f32]>,
-    scale: Option<&'a [f32]>,
     y: *mut f32,
     ldy: usize,
     ncols: usize,
@@ -495,7 +440,7 @@ impl Block<'_> {
             } else {
                 *d
             };
-            *d = base + acc[j] * self.scale.map_or(1.0, |s| s[j]);
+            *d = base + acc[j];
         }
     }
 }
@@ -550,35 +495,6 @@ unsafe fn bf16_block(
     }
 }
 
-/// One int8 micro-kernel call: as [`bf16_block`], with `kq` quad rows (`xs`: `r` rows
-/// of `ldx ≥ 4·kq` floats, `w`: at least `kq · 128` values).
-///
-/// # Safety
-/// As [`bf16_block`].
-unsafe fn int8_block(
-    path: Path,
-    r: usize,
-    xs: &[f32],
-    ldx: usize,
-    w: &[i8],
-    kq: usize,
-    blk: &Block,
-) {
-    assert!(xs.len() >= (r - 1) * ldx + 4 * kq && w.len() >= kq * 4 * NR);
-    // SAFETY: the caller's contract, and the lengths just asserted.
-    unsafe {
-        match path {
-            #[cfg(target_arch = "x86_64")]
-            Path::Amx | Path::Avx512Bf16 | Path::Avx512 => {
-                by_rows!(r, int8_wide, xs.as_ptr(), ldx, w.as_ptr(), kq, blk)
-            }
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2 => int8_portable_avx2(r, xs, ldx, w, kq, blk),
-            _ => int8_portable(r, xs, ldx, w, kq, blk),
-        }
-    }
-}
-
 // ---- portable kernels (also compiled with AVX2+FMA) ---------------------------------
 
 #[inline(always)]
@@ -609,31 +525,6 @@ fn bf16_portable_rows<const R: usize>(
     acc
 }
 
-#[inline(always)]
-fn int8_portable_rows<const R: usize>(
-    xs: &[f32],
-    ldx: usize,
-    w: &[i8],
-    kq: usize,
-) -> [[f32; NR]; R] {
-    let mut acc = [[0f32; NR]; R];
-    for (r, wr) in w[..kq * 4 * NR].chunks_exact(4 * NR).enumerate() {
-        for e in 0..4 {
-            let mut wv = [0f32; NR];
-            for j in 0..NR {
-                wv[j] = wr[4 * j + e] as f32;
-            }
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xv = xs[i * ldx + 4 * r + e];
-                for j in 0..NR {
-                    a[j] += xv * wv[j];
-                }
-            }
-        }
-    }
-    acc
-}
-
 /// # Safety
 /// As [`bf16_block`] (portable rows: `r ≤ MR_PORTABLE`).
 #[inline(always)]
@@ -641,27 +532,6 @@ unsafe fn bf16_portable(r: usize, xs: &[u32], ldx: usize, w: &[u16], kp: usize, 
     macro_rules! go {
         ($n:literal) => {{
             let acc = bf16_portable_rows::<$n>(xs, ldx, w, kp);
-            for (i, a) in acc.iter().enumerate() {
-                // SAFETY: the caller's contract.
-                unsafe { blk.store_row(i, a) };
-            }
-        }};
-    }
-    match r {
-        1 => go!(1),
-        2 => go!(2),
-        3 => go!(3),
-        _ => go!(4),
-    }
-}
-
-/// # Safety
-/// As [`int8_block`] (portable rows: `r ≤ MR_PORTABLE`).
-#[inline(always)]
-unsafe fn int8_portable(r: usize, xs: &[f32], ldx: usize, w: &[i8], kq: usize, blk: &Block) {
-    macro_rules! go {
-        ($n:literal) => {{
-            let acc = int8_portable_rows::<$n>(xs, ldx, w, kq);
             for (i, a) in acc.iter().enumerate() {
                 // SAFETY: the caller's contract.
                 unsafe { blk.store_row(i, a) };
@@ -685,15 +555,6 @@ unsafe fn bf16_portable_avx2(r: usize, xs: &[u32], ldx: usize, w: &[u16], kp: us
     unsafe { bf16_portable(r, xs, ldx, w, kp, blk) }
 }
 
-/// # Safety
-/// As [`int8_portable`], and the CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn int8_portable_avx2(r: usize, xs: &[f32], ldx: usize, w: &[i8], kq: usize, blk: &Block) {
-    // SAFETY: the caller's contract.
-    unsafe { int8_portable(r, xs, ldx, w, kq, blk) }
-}
-
 // ---- AVX-512 kernels -----------------------------------------------------------------
 
 #[cfg(target_arch = "x86_64")]
@@ -713,7 +574,7 @@ fn masks(ncols: usize) -> (__mmask16, __mmask16) {
     (m(ncols), m(ncols.saturating_sub(16)))
 }
 
-/// `y = base + acc · scale` for `R` rows of two 16-column accumulators.
+/// `y = base + acc` for `R` rows of two 16-column accumulators.
 ///
 /// # Safety
 /// As [`bf16_block`]; the CPU must have AVX-512F.
@@ -723,13 +584,9 @@ fn masks(ncols: usize) -> (__mmask16, __mmask16) {
 unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], blk: &Block) {
     let (m0, m1) = masks(blk.ncols);
     // SAFETY: masked loads and stores touch only the block's ncols columns of its R
-    // rows of y, and of the bias and scale slices (ncols long).
+    // rows of y, and of the bias slice (ncols long).
     unsafe {
         let ld = |p: *const f32, m: __mmask16| _mm512_maskz_loadu_ps(m, p);
-        let (s0, s1) = match blk.scale {
-            Some(s) => (ld(s.as_ptr(), m0), ld(s.as_ptr().add(16), m1)),
-            None => (_mm512_set1_ps(1.0), _mm512_set1_ps(1.0)),
-        };
         for (i, a) in acc.iter().enumerate() {
             let y = blk.y.add(i * blk.ldy);
             let (b0, b1) = if blk.first {
@@ -740,8 +597,8 @@ unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], blk: &Block) {
             } else {
                 (ld(y, m0), ld(y.add(16), m1))
             };
-            _mm512_mask_storeu_ps(y, m0, _mm512_fmadd_ps(a[0], s0, b0));
-            _mm512_mask_storeu_ps(y.add(16), m1, _mm512_fmadd_ps(a[1], s1, b1));
+            _mm512_mask_storeu_ps(y, m0, _mm512_add_ps(a[0], b0));
+            _mm512_mask_storeu_ps(y.add(16), m1, _mm512_add_ps(a[1], b1));
         }
     }
 }
@@ -822,49 +679,6 @@ unsafe fn bf16_wide<const R: usize>(
     }
 }
 
-/// int8 widened: each 64-byte load (16 columns × 4 rows) becomes four float32
-/// vectors (byte `e` of each lane: shift left, arithmetic shift right, convert).
-///
-/// # Safety
-/// As [`int8_block`]; the CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn int8_wide<const R: usize>(
-    xs: *const f32,
-    ldx: usize,
-    w: *const i8,
-    kq: usize,
-    blk: &Block,
-) {
-    // SAFETY: reads stay inside xs (R rows of ldx ≥ 4·kq floats) and w (kq · 128).
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for r in 0..kq {
-            let wr = w.add(r * 4 * NR);
-            let v0 = _mm512_loadu_si512(wr.cast());
-            let v1 = _mm512_loadu_si512(wr.add(2 * NR).cast());
-            macro_rules! step {
-                ($e:literal, $shl:literal) => {{
-                    let w0 =
-                        _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<$shl>(v0)));
-                    let w1 =
-                        _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_slli_epi32::<$shl>(v1)));
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let xv = _mm512_set1_ps(*xs.add(i * ldx + 4 * r + $e));
-                        a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                        a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
-                    }
-                }};
-            }
-            step!(0, 24);
-            step!(1, 16);
-            step!(2, 8);
-            step!(3, 0);
-        }
-        store::<R>(&acc, blk);
-    }
-}
-
 // ---- AMX -----------------------------------------------------------------------------
 
 /// bf16 with AMX tiles: `tdpbf16ps` multiplies a 16-row × 32-input tile of bf16 `x`
@@ -912,35 +726,39 @@ mod amx {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    /// One block of `rows` ≤ 32 rows × the panel's 32 columns over `kp` pair rows.
+    /// The tile product of up to 32 rows of `a` (`lda` u32 per row: a bf16 pair or
+    /// four int8 values each) × the panel's 32 columns over `wrows` weight rows of 128
+    /// bytes (`w`), into `c` (32 rows of 32 float32 or int32, row stride `NR`).
+    /// `INT8`: `tdpbssd` (int8 × int8 summed in int32), else `tdpbf16ps`.
     ///
     /// # Safety
-    /// As `bf16_block`, and: AMX enabled; `xs` holds 16 rows (32 when `rows > 16`) of
-    /// `ldx` u32 with `kp` rounded up to 16 pairs readable in each (zero past `kp`
-    /// and in rows past `rows`).
-    pub(super) unsafe fn bf16_block(
-        xs: &[u32],
-        ldx: usize,
-        w: &[u16],
-        kp: usize,
+    /// AMX enabled (and AMX-INT8 for `INT8`), this thread's tiles configured
+    /// ([`configure`]); `a` holds 16 rows (32 when `rows > 16`) of `lda` u32 with
+    /// `wrows` rounded up to 16 readable in each (zero past `wrows` and in rows past
+    /// `rows`).
+    unsafe fn tiles<const INT8: bool>(
+        a: &[u32],
+        lda: usize,
+        w: &[u8],
+        wrows: usize,
         rows: usize,
-        blk: &Block,
+        c: &mut [u32; 32 * NR],
     ) {
+        const WROW: usize = 4 * NR; // bytes per weight row
         let two = rows > 16;
-        let groups = kp.div_ceil(16);
-        assert!((1..=32).contains(&rows) && w.len() >= kp * 2 * NR);
-        assert!(xs.len() >= (if two { 31 } else { 15 }) * ldx + groups * 16);
-        // The last group of pair rows, zero-padded to 16 (reading past kp would leave
-        // the panel block).
-        let full = kp / 16;
-        let mut tail = [0u16; 16 * 2 * NR];
+        let groups = wrows.div_ceil(16);
+        assert!((1..=32).contains(&rows) && w.len() >= wrows * WROW);
+        assert!(a.len() >= (if two { 31 } else { 15 }) * lda + groups * 16);
+        // The last group of weight rows, zero-padded to 16 (reading past wrows would
+        // leave the panel block).
+        let full = wrows / 16;
+        let mut tail = [0u8; 16 * WROW];
         if full < groups {
-            tail[..(kp - full * 16) * 2 * NR].copy_from_slice(&w[full * 16 * 2 * NR..kp * 2 * NR]);
+            tail[..(wrows - full * 16) * WROW].copy_from_slice(&w[full * 16 * WROW..wrows * WROW]);
         }
-        let mut c = std::mem::MaybeUninit::<[f32; 32 * NR]>::uninit();
-        let (ldx_b, ldw_b, ldc_b) = (ldx * 4, 2 * NR * 2, NR * 4);
+        let (lda_b, ldc_b) = (lda * 4, NR * 4);
         // SAFETY: every tile load reads 16 rows of 64 bytes at the given stride inside
-        // xs, w or tail (asserted above), every store writes 16 rows of 64 bytes inside
+        // a, w or tail (asserted above), every store writes 16 rows of 64 bytes inside
         // c; the configuration is a valid palette-1 layout.
         unsafe {
             asm!(
@@ -952,36 +770,58 @@ mod amx {
             );
             for g in 0..groups {
                 let b = if g < full {
-                    w.as_ptr().add(g * 16 * 2 * NR)
+                    w.as_ptr().add(g * 16 * WROW)
                 } else {
                     tail.as_ptr()
                 };
-                let a0 = xs.as_ptr().add(g * 16);
+                let a0 = a.as_ptr().add(g * 16);
                 asm!(
                     "tileloadd tmm4, [{a} + {lda}*1]",
                     "tileloadd tmm6, [{b} + {ldb}*1]",
                     "tileloadd tmm7, [{b1} + {ldb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
                     a = in(reg) a0,
-                    lda = in(reg) ldx_b,
+                    lda = in(reg) lda_b,
                     b = in(reg) b,
-                    b1 = in(reg) b.add(NR),
-                    ldb = in(reg) ldw_b,
+                    b1 = in(reg) b.add(WROW / 2),
+                    ldb = in(reg) WROW,
                     options(nostack, readonly)
                 );
                 if two {
                     asm!(
                         "tileloadd tmm5, [{a} + {lda}*1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a = in(reg) a0.add(16 * ldx),
-                        lda = in(reg) ldx_b,
+                        a = in(reg) a0.add(16 * lda),
+                        lda = in(reg) lda_b,
                         options(nostack, readonly)
                     );
                 }
+                match (INT8, two) {
+                    (true, false) => asm!(
+                        "tdpbssd tmm0, tmm4, tmm6",
+                        "tdpbssd tmm1, tmm4, tmm7",
+                        options(nostack, nomem)
+                    ),
+                    (true, true) => asm!(
+                        "tdpbssd tmm0, tmm4, tmm6",
+                        "tdpbssd tmm1, tmm4, tmm7",
+                        "tdpbssd tmm2, tmm5, tmm6",
+                        "tdpbssd tmm3, tmm5, tmm7",
+                        options(nostack, nomem)
+                    ),
+                    (false, false) => asm!(
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        options(nostack, nomem)
+                    ),
+                    (false, true) => asm!(
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        options(nostack, nomem)
+                    ),
+                }
             }
-            let cp = c.as_mut_ptr().cast::<f32>();
+            let cp = c.as_mut_ptr();
             asm!(
                 "tilestored [{c0} + {ldc}*1], tmm0",
                 "tilestored [{c1} + {ldc}*1], tmm1",
@@ -995,8 +835,28 @@ mod amx {
                 options(nostack)
             );
         }
-        // SAFETY: the four tile stores wrote all 32 × 32 floats of c.
-        let c = unsafe { c.assume_init() };
+    }
+
+    /// One bf16 block of `rows` ≤ 32 rows × the panel's 32 columns over `kp` pair
+    /// rows.
+    ///
+    /// # Safety
+    /// As `bf16_block`, and as [`tiles`] (`xs`: `a`, `kp`: `wrows`).
+    pub(super) unsafe fn bf16_block(
+        xs: &[u32],
+        ldx: usize,
+        w: &[u16],
+        kp: usize,
+        rows: usize,
+        blk: &Block,
+    ) {
+        let mut c = [0u32; 32 * NR];
+        // SAFETY: the same bytes as w, alignment 1; the caller's contract.
+        unsafe {
+            let wb = std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * 2);
+            tiles::<false>(xs, ldx, wb, kp, rows, &mut c);
+        }
+        let c = c.map(f32::from_bits);
         for i in 0..rows {
             let row = Block {
                 // SAFETY (pointer arithmetic only): row i of the block.
@@ -1006,6 +866,28 @@ mod amx {
             // SAFETY: c row i is 32 floats; the caller's contract covers y's row i;
             // AMX implies AVX-512F.
             unsafe { store_c(&c[i * NR..(i + 1) * NR], &row) };
+        }
+    }
+
+    /// One int8 block: the int32 sums of `rows` ≤ 32 rows (`xs`: signed quads, `ldq`
+    /// per row) × the panel's 32 columns over `kq` quad rows (`w`) into `acc`.
+    ///
+    /// # Safety
+    /// As [`tiles`] (`xs`: `a`, `kq`: `wrows`), and the CPU has AMX-INT8.
+    pub(super) unsafe fn int8_block(
+        xs: &[u32],
+        ldq: usize,
+        w: &[i8],
+        kq: usize,
+        rows: usize,
+        acc: &mut [i32; 32 * NR],
+    ) {
+        // SAFETY: the same bytes as w (alignment 1) and as acc (i32 and u32 have the
+        // same size and alignment, every bit pattern valid); the caller's contract.
+        unsafe {
+            let wb = std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len());
+            let c = &mut *(acc as *mut [i32; 32 * NR]).cast::<[u32; 32 * NR]>();
+            tiles::<true>(xs, ldq, wb, kq, rows, c);
         }
     }
 
@@ -1133,10 +1015,10 @@ mod tests {
         }
     }
 
-    /// Every path against a float64 product of the same bf16 / int8 values, over shapes
+    /// Every bf16 path against a float64 product of the same bf16 values, over shapes
     /// with partial panels, odd k, k-blocks and row chunks.
     #[test]
-    fn every_path_matches_float64() {
+    fn bf16_every_path_matches_float64() {
         enable_amx();
         for &(m, k, n) in &[
             (1, 1, 1),
@@ -1151,9 +1033,7 @@ mod tests {
             let wf = vals(k * n, 2);
             let bias = vals(n, 3);
             let wb: Vec<u16> = wf.iter().map(|&v| bf16_bits(v)).collect();
-            let q: Vec<i8> = wf.iter().map(|&v| (v * 127.0).round() as i8).collect();
-            let scale: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
-            let (pb, pq) = (pack(&wb, k, n, 2), pack(&q, k, n, 4));
+            let pb = pack(&wb, k, n, 2);
             for path in available() {
                 for threads in [1, 2] {
                     let mut y = vec![f32::NAN; m * n];
@@ -1181,27 +1061,134 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The dynamic quantisation of one row as the reference executor does it.
+    fn quantise_ref(x: &[f32]) -> (Vec<i32>, f32) {
+        let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        if amax == 0.0 {
+            return (vec![0; x.len()], 0.0);
+        }
+        let inv = 127f32 / amax;
+        let q = x
+            .iter()
+            .map(|&v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32);
+        (q.collect(), amax / 127f32)
+    }
+
+    /// Every int8 path against the exact integer sums of the same quantised values:
+    /// k not a multiple of 4 or 64, partial panels, all-zero rows, and batches that
+    /// leave partial blocks of every kernel (1, 2, 17, 64, more than a row chunk).
+    #[test]
+    fn int8_every_path_matches_exact_sums() {
+        enable_amx();
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 7, 33),
+            (2, 300, 70),
+            (17, 513, 64),
+            (64, 129, 31),
+            (64, 64, 96),
+            (40, 40, 40),
+            (70, 65, 17),
+            (3, 2048, 67),
+        ] {
+            let mut x = vals(m * k, 1);
+            if m > 1 {
+                x[k..2 * k].fill(0.0); // a row of zeros: scale 0, outputs = bias
+            }
+            let q: Vec<i8> = vals(k * n, 2)
+                .iter()
+                .map(|&v| (v * 127.0).round() as i8)
+                .collect();
+            let bias = vals(n, 3);
+            let scale: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+            let pq = pack(&q, k, n, 4);
+            let w = QKernel::Int8 {
+                q: &pq,
+                scale: &scale,
+            };
+            for path in available() {
+                for threads in [1, 2] {
                     let mut y = vec![f32::NAN; m * n];
-                    let w = QKernel::Int8 {
-                        q: &pq,
-                        scale: &scale,
-                    };
-                    qdense_with(path, &x, w, None, &mut y, m, k, n, threads);
+                    qdense_with(path, &x, w, Some(&bias), &mut y, m, k, n, threads);
                     for i in 0..m {
+                        let (qx, sx) = quantise_ref(&x[i * k..(i + 1) * k]);
                         for j in 0..n {
-                            let want: f64 = scale[j] as f64
-                                * (0..k)
-                                    .map(|l| x[i * k + l] as f64 * q[l * n + j] as f64)
-                                    .sum::<f64>();
+                            let acc: i64 = (0..k).map(|l| qx[l] as i64 * q[l * n + j] as i64).sum();
+                            let want = acc as f64 * (sx * scale[j]) as f64 + bias[j] as f64;
                             let got = y[i * n + j] as f64;
                             assert!(
-                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
                                 "int8 {path:?} {m}x{k}x{n} [{i},{j}] {got} vs {want}"
                             );
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// With a row scale of exactly 1 (max|x| = 127) and column scales of 1 the
+    /// outputs are the integer sums themselves: any error in the int32 arithmetic
+    /// (the +128 correction of the VNNI kernels, tile edges) shows exactly.
+    #[test]
+    fn int8_integer_sums_are_exact() {
+        enable_amx();
+        let (m, k, n) = (33, 1000, 45);
+        let mut x: Vec<f32> = vals(m * k, 4)
+            .iter()
+            .map(|&v| (v * 127.0).round())
+            .collect();
+        for i in 0..m {
+            x[i * k + i] = if i % 2 == 0 { 127.0 } else { -127.0 };
+        }
+        let q: Vec<i8> = vals(k * n, 5)
+            .iter()
+            .map(|&v| (v * 127.0).round() as i8)
+            .collect();
+        let pq = pack(&q, k, n, 4);
+        let ones = vec![1f32; n];
+        for path in available() {
+            let mut y = vec![f32::NAN; m * n];
+            let w = QKernel::Int8 {
+                q: &pq,
+                scale: &ones,
+            };
+            qdense_with(path, &x, w, None, &mut y, m, k, n, 2);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: i64 = (0..k)
+                        .map(|l| x[i * k + l] as i64 * q[l * n + j] as i64)
+                        .sum();
+                    assert_eq!(y[i * n + j], want as f32, "{path:?} [{i},{j}]");
+                }
+            }
+        }
+    }
+
+    /// A NaN or an infinity in a row makes that row's outputs NaN, as in float32;
+    /// the other rows are unaffected.
+    #[test]
+    fn int8_non_finite_rows_give_nan() {
+        let (m, k, n) = (3, 20, 5);
+        let mut x = vals(m * k, 6);
+        x[3] = f32::NAN;
+        x[k + 4] = f32::INFINITY;
+        let pq = pack(&vec![1i8; k * n], k, n, 4);
+        let scale = vec![0.5f32; n];
+        for path in available() {
+            let mut y = vec![0f32; m * n];
+            let w = QKernel::Int8 {
+                q: &pq,
+                scale: &scale,
+            };
+            qdense_with(path, &x, w, None, &mut y, m, k, n, 1);
+            assert!(y[..2 * n].iter().all(|v| v.is_nan()), "{path:?}");
+            assert!(y[2 * n..].iter().all(|v| v.is_finite()), "{path:?}");
         }
     }
 }

@@ -1,0 +1,428 @@
+//! int8 products with dynamic activation quantisation (`panels32x4` kernels).
+//!
+//! Each row of `x` (a dense input row, or one im2col row of a conv) is quantised on
+//! the fly, symmetrically: `amax = max|x|`, `inv = 127 / amax` and
+//! `qx = round_half_even(x · inv)` clipped to ±127, all in float32, and its scale is
+//! `sx = amax / 127` (a row of zeros: `sx = 0`; a NaN or infinite input: `sx = NaN`,
+//! so the row's outputs are NaN as in float32). The products of `qx` and the int8
+//! weights are summed exactly in int32 and `y = acc · (sx · sw[col]) + bias`. The
+//! numpy reference executor quantises the same way (python/ennclave/reference.py),
+//! so the two agree up to the final float32 rounding.
+//!
+//! Symmetric signed activations rather than u8 with a zero point: AMX multiplies
+//! signed by signed (`tdpbssd`) as they are, and the scale is one division per row.
+//! The VNNI instructions multiply unsigned by signed (`vpdpbusd`), so those kernels
+//! store `qx + 128` (a flipped sign bit) and subtract `128 · Σ_k w[k, col]`, which
+//! they sum alongside with the same instruction (one more per weight load).
+//!
+//! Kernels, best first: AMX-INT8 tiles (blocks of up to 32 rows), AVX-512 VNNI
+//! (12 rows), AVX-VNNI on 256-bit registers (2 rows), and a portable one in plain Rust
+//! (also compiled with AVX2 enabled, which LLVM vectorises).
+
+use std::sync::atomic::Ordering;
+
+use super::{Path, AMX_MIN_ROWS, MR, MR_PORTABLE, NR, RB};
+use crate::ops::{par_for, SendPtr};
+
+/// Rows per AVX-VNNI (256-bit) call: 4 accumulators per row and 4 column sums.
+const MR_VNNI256: usize = 2;
+
+/// The int8 kernel that runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kernel {
+    Portable,
+    PortableAvx2,
+    Vnni256,
+    Vnni512,
+    Amx,
+}
+
+impl Kernel {
+    /// The kernel for `path` and `m` rows on this CPU.
+    pub(super) fn choose(path: Path, m: usize) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if path == Path::Amx && m >= AMX_MIN_ROWS && super::AMX_INT8.load(Ordering::Relaxed) {
+                return Kernel::Amx;
+            }
+            if path >= Path::Avx512 && has!("avx512vnni") {
+                return Kernel::Vnni512;
+            }
+            if path >= Path::Avx2 {
+                if has!("avxvnni") {
+                    return Kernel::Vnni256;
+                }
+                return Kernel::PortableAvx2;
+            }
+        }
+        let _ = (path, m);
+        Kernel::Portable
+    }
+
+    /// Rows per micro-kernel call.
+    fn rows(self) -> usize {
+        match self {
+            Kernel::Amx => 32,
+            Kernel::Vnni512 => MR,
+            Kernel::Vnni256 => MR_VNNI256,
+            Kernel::Portable | Kernel::PortableAvx2 => MR_PORTABLE,
+        }
+    }
+
+    /// The VNNI kernels read `qx + 128`.
+    fn unsigned(self) -> bool {
+        matches!(self, Kernel::Vnni256 | Kernel::Vnni512)
+    }
+}
+
+/// Quads (u32: 4 int8 values, the first in the low byte) per quantised row: `k / 4`
+/// rounded up to 16, as AMX tiles read 64 bytes per row.
+fn row_quads(k: usize) -> usize {
+    k.div_ceil(64) * 16
+}
+
+/// Quantise one row of `x` into the bytes of `d` (`qx`, or `qx + 128` when
+/// `unsigned`, padded with the value of 0); returns the row's scale (module doc).
+#[inline(always)]
+fn quantise_row(x: &[f32], d: &mut [u8], unsigned: bool) -> f32 {
+    let zero = if unsigned { 0x80u8 } else { 0 };
+    let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let nan = x.iter().fold(false, |a, v| a | v.is_nan());
+    if amax == 0.0 || !amax.is_finite() || nan {
+        d.fill(zero);
+        return if amax == 0.0 && !nan { 0.0 } else { f32::NAN };
+    }
+    let inv = 127.0 / amax;
+    for (b, &v) in d.iter_mut().zip(x) {
+        *b = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8) ^ zero;
+    }
+    d[x.len()..].fill(zero);
+    amax / 127.0
+}
+
+/// Quantise rows `0..m` of `x` (`m × k`) into `q` (rows of `ldq` quads) and `sx`.
+#[inline(always)]
+fn quantise_rows_plain(x: &[f32], k: usize, q: &mut [u32], ldq: usize, sx: &mut [f32], u: bool) {
+    // SAFETY: the same bytes as q (4 per u32, alignment 1); every value is a valid u8.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr().cast::<u8>(), q.len() * 4) };
+    for (i, s) in sx.iter_mut().enumerate() {
+        *s = quantise_row(
+            &x[i * k..(i + 1) * k],
+            &mut bytes[i * 4 * ldq..(i + 1) * 4 * ldq],
+            u,
+        );
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2 (for `vroundps` and 256-bit vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantise_rows_avx2(
+    x: &[f32],
+    k: usize,
+    q: &mut [u32],
+    ldq: usize,
+    sx: &mut [f32],
+    u: bool,
+) {
+    quantise_rows_plain(x, k, q, ldq, sx, u)
+}
+
+fn quantise_rows(x: &[f32], k: usize, q: &mut [u32], ldq: usize, sx: &mut [f32], u: bool) {
+    assert!(x.len() >= sx.len() * k && q.len() >= sx.len() * ldq && 4 * ldq >= k);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { quantise_rows_avx2(x, k, q, ldq, sx, u) };
+    }
+    quantise_rows_plain(x, k, q, ldq, sx, u)
+}
+
+/// `y = x · w + bias` for an int8 kernel `w` (`[ceil(n/32), ceil(k/4), 32, 4]`) with
+/// per-column scales `sw`, on `threads` tasks split by panels (`m, k, n > 0`; the
+/// caller checked the lengths).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn int8(
+    path: Path,
+    x: &[f32],
+    w: &[i8],
+    sw: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    let kern = Kernel::choose(path, m);
+    let ldq = row_quads(k);
+    // Whole tiles of rows past m read zeros (AMX blocks of 32).
+    let mut xq = vec![0u32; m.next_multiple_of(32) * ldq];
+    let mut sx = vec![0f32; m];
+    quantise_rows(x, k, &mut xq, ldq, &mut sx, kern.unsigned());
+    let np = n.div_ceil(NR);
+    // Enough panels per task to amortise the fork (≥ ~32 KiB of weights).
+    let min_panels = (32768 / (k * NR)).max(1);
+    let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
+    let yp = SendPtr(y.as_mut_ptr());
+    let (xq, sx) = (&xq[..], &sx[..]);
+    par_for(parts, &|t| {
+        let panels = np * t / parts..np * (t + 1) / parts;
+        // SAFETY: this task's panels of y are its own (disjoint column ranges), and y
+        // holds m × n floats (asserted by qdense_with).
+        unsafe { rows_panels(kern, xq, ldq, sx, w, sw, bias, yp, m, k, n, panels) };
+    });
+}
+
+/// All rows of `y` for the panels `panels`.
+///
+/// # Safety
+/// `yp` points at `m × n` floats of which no other thread touches these panels'
+/// columns; `xq` holds `m` rounded up to 32 rows of `ldq` quads; `w` is the packed
+/// kernel; the CPU supports `kern`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_panels(
+    kern: Kernel,
+    xq: &[u32],
+    ldq: usize,
+    sx: &[f32],
+    w: &[i8],
+    sw: &[f32],
+    bias: Option<&[f32]>,
+    yp: SendPtr,
+    m: usize,
+    k: usize,
+    n: usize,
+    panels: std::ops::Range<usize>,
+) {
+    let kq = k.div_ceil(4);
+    let step = kern.rows();
+    #[cfg(target_arch = "x86_64")]
+    if kern == Kernel::Amx {
+        // SAFETY: AMX is enabled (Kernel::Amx is only chosen then).
+        unsafe { super::amx::configure() };
+    }
+    let mut acc = [0i32; 32 * NR];
+    for r0 in (0..m).step_by(RB) {
+        let rb = RB.min(m - r0);
+        for p in panels.clone() {
+            let c0 = p * NR;
+            let ncols = NR.min(n - c0);
+            let wp = &w[p * kq * 4 * NR..][..kq * 4 * NR];
+            for i0 in (r0..r0 + rb).step_by(step) {
+                let r = step.min(r0 + rb - i0);
+                let xs = &xq[i0 * ldq..];
+                // SAFETY: xs holds r rows (for AMX, whole tiles of 16 rows: xq's rows
+                // are rounded up to 32 and i0 is a multiple of 32) of ldq ≥ kq quads
+                // (rounded up to 16, zero-padded), wp kq quad rows of 128 bytes.
+                unsafe { block(kern, r, xs, ldq, wp, kq, &mut acc) };
+                for i in 0..r {
+                    // SAFETY: row i0+i, columns c0..c0+ncols of y belong to this task.
+                    let yr = unsafe {
+                        std::slice::from_raw_parts_mut(yp.get().add((i0 + i) * n + c0), ncols)
+                    };
+                    let s = sx[i0 + i];
+                    let a = &acc[i * NR..i * NR + ncols];
+                    let (sw, b) = (&sw[c0..c0 + ncols], bias.map(|b| &b[c0..c0 + ncols]));
+                    for j in 0..ncols {
+                        yr[j] = a[j] as f32 * (s * sw[j]) + b.map_or(0.0, |b| b[j]);
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kern == Kernel::Amx {
+        // SAFETY: releases this thread's tile state, which the blocks above configured.
+        unsafe { super::amx::release() };
+    }
+}
+
+/// One micro-kernel call: the exact int32 sums of `r` rows × the panel's 32 columns
+/// into `acc` (row stride `NR`).
+///
+/// # Safety
+/// `r` ≤ `kern.rows()`; `xs` holds `r` rows (32 for AMX) of `ldq` quads with the
+/// quads past `kq` zero (of the value 0: 0x80 bytes for the VNNI kernels); `w`
+/// holds `kq · 128` bytes; the CPU supports `kern`.
+unsafe fn block(
+    kern: Kernel,
+    r: usize,
+    xs: &[u32],
+    ldq: usize,
+    w: &[i8],
+    kq: usize,
+    acc: &mut [i32; 32 * NR],
+) {
+    let need_rows = match kern {
+        Kernel::Amx if r > 16 => 32,
+        Kernel::Amx => 16,
+        _ => r,
+    };
+    assert!(r >= 1 && r <= kern.rows() && ldq >= kq && xs.len() >= (need_rows - 1) * ldq + kq);
+    assert!(w.len() >= kq * 4 * NR);
+    macro_rules! rows {
+        ($f:ident, $($n:literal)*) => {
+            match r {
+                $($n => $f::<$n>(xs.as_ptr(), ldq, w.as_ptr(), kq, acc.as_mut_ptr()),)*
+                _ => unreachable!(),
+            }
+        };
+    }
+    // SAFETY: the caller's contract, and the lengths just asserted.
+    unsafe {
+        match kern {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => super::amx::int8_block(xs, ldq, w, kq, r, acc),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 => rows!(vnni512, 1 2 3 4 5 6 7 8 9 10 11 12),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni256 => rows!(vnni256, 1 2),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::PortableAvx2 => rows!(portable_avx2, 1 2 3 4),
+            _ => rows!(portable, 1 2 3 4),
+        }
+    }
+}
+
+/// # Safety
+/// `xs`: `R` rows of `ldq ≥ kq` quads; `w`: `kq · 128` bytes; `acc`: `R × NR` i32.
+#[inline(always)]
+unsafe fn portable<const R: usize>(
+    xs: *const u32,
+    ldq: usize,
+    w: *const i8,
+    kq: usize,
+    acc: *mut i32,
+) {
+    // SAFETY: the caller's contract.
+    let (w, out) = unsafe {
+        (
+            std::slice::from_raw_parts(w, kq * 4 * NR),
+            std::slice::from_raw_parts_mut(acc, R * NR),
+        )
+    };
+    let mut a = [[0i32; NR]; R];
+    for (r, wr) in w.chunks_exact(4 * NR).enumerate() {
+        for (i, ai) in a.iter_mut().enumerate() {
+            // SAFETY: quad r of row i (r < kq ≤ ldq).
+            let xb = unsafe { *xs.add(i * ldq + r) }
+                .to_le_bytes()
+                .map(|b| b as i8 as i32);
+            for (j, s) in ai.iter_mut().enumerate() {
+                let wj = &wr[4 * j..4 * j + 4];
+                *s += xb[0] * wj[0] as i32
+                    + xb[1] * wj[1] as i32
+                    + xb[2] * wj[2] as i32
+                    + xb[3] * wj[3] as i32;
+            }
+        }
+    }
+    for (i, ai) in a.iter().enumerate() {
+        out[i * NR..(i + 1) * NR].copy_from_slice(ai);
+    }
+}
+
+/// # Safety
+/// As [`portable`], and the CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn portable_avx2<const R: usize>(
+    xs: *const u32,
+    ldq: usize,
+    w: *const i8,
+    kq: usize,
+    acc: *mut i32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { portable::<R>(xs, ldq, w, kq, acc) }
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// AVX-512 VNNI: per quad row two 64-byte weight loads (16 columns × 4 inputs each),
+/// two `vpdpbusd` for the column sums and two per row with its broadcast quad.
+///
+/// # Safety
+/// As [`portable`] (`xs` holds `qx + 128`); the CPU must have AVX-512F and VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn vnni512<const R: usize>(
+    xs: *const u32,
+    ldq: usize,
+    w: *const i8,
+    kq: usize,
+    acc: *mut i32,
+) {
+    // SAFETY: reads stay inside xs (R rows of ldq ≥ kq quads) and w (kq · 128 bytes),
+    // writes inside acc (R × NR).
+    unsafe {
+        let ones = _mm512_set1_epi8(1);
+        let mut a = [[_mm512_setzero_si512(); 2]; R];
+        let mut cs = [_mm512_setzero_si512(); 2];
+        for r in 0..kq {
+            let wr = w.add(r * 4 * NR);
+            let w0 = _mm512_loadu_si512(wr.cast());
+            let w1 = _mm512_loadu_si512(wr.add(2 * NR).cast());
+            cs[0] = _mm512_dpbusd_epi32(cs[0], ones, w0);
+            cs[1] = _mm512_dpbusd_epi32(cs[1], ones, w1);
+            for (i, ai) in a.iter_mut().enumerate() {
+                let xv = _mm512_set1_epi32(*xs.add(i * ldq + r) as i32);
+                ai[0] = _mm512_dpbusd_epi32(ai[0], xv, w0);
+                ai[1] = _mm512_dpbusd_epi32(ai[1], xv, w1);
+            }
+        }
+        // Σ (qx + 128) · w − 128 · Σ w (exact modulo 2^32, hence exact).
+        let (c0, c1) = (_mm512_slli_epi32::<7>(cs[0]), _mm512_slli_epi32::<7>(cs[1]));
+        for (i, ai) in a.iter().enumerate() {
+            let o = acc.add(i * NR);
+            _mm512_storeu_si512(o.cast(), _mm512_sub_epi32(ai[0], c0));
+            _mm512_storeu_si512(o.add(16).cast(), _mm512_sub_epi32(ai[1], c1));
+        }
+    }
+}
+
+/// AVX-VNNI (256-bit `vpdpbusd`, CPUs without AVX-512): as [`vnni512`] with four
+/// 32-byte loads (8 columns each) per quad row.
+///
+/// # Safety
+/// As [`vnni512`]; the CPU must have AVX2 and AVX-VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn vnni256<const R: usize>(
+    xs: *const u32,
+    ldq: usize,
+    w: *const i8,
+    kq: usize,
+    acc: *mut i32,
+) {
+    // SAFETY: as vnni512.
+    unsafe {
+        let ones = _mm256_set1_epi8(1);
+        let mut a = [[_mm256_setzero_si256(); 4]; R];
+        let mut cs = [_mm256_setzero_si256(); 4];
+        for r in 0..kq {
+            let wr = w.add(r * 4 * NR);
+            let wv: [__m256i; 4] =
+                std::array::from_fn(|h| _mm256_loadu_si256(wr.add(32 * h).cast()));
+            for h in 0..4 {
+                cs[h] = _mm256_dpbusd_avx_epi32(cs[h], ones, wv[h]);
+            }
+            for (i, ai) in a.iter_mut().enumerate() {
+                let xv = _mm256_set1_epi32(*xs.add(i * ldq + r) as i32);
+                for h in 0..4 {
+                    ai[h] = _mm256_dpbusd_avx_epi32(ai[h], xv, wv[h]);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            for h in 0..4 {
+                let c = _mm256_slli_epi32::<7>(cs[h]);
+                _mm256_storeu_si256(acc.add(i * NR + 8 * h).cast(), _mm256_sub_epi32(ai[h], c));
+            }
+        }
+    }
+}
