@@ -164,6 +164,75 @@ fn conv2d_general_matches_naive() {
     );
 }
 
+/// The direct path (one group, contiguous window runs of ≥ 16 floats, no im2col
+/// matrix): strides, row and column dilation, uneven and wider-than-image padding, odd
+/// sizes, rows of several micro-kernel runs, output channels off the 32-column panels,
+/// one to three threads.
+#[test]
+fn conv2d_direct_matches_naive() {
+    let same = ((1, 1), (1, 1));
+    check_conv2d(2, 28, 28, 16, 3, 3, 32, 1, (1, 1), (1, 1), same, 2); // 28 wide: 3 runs
+    check_conv2d(1, 7, 7, 64, 3, 3, 64, 1, (1, 1), (1, 1), same, 2);
+    check_conv2d(
+        3,
+        11,
+        13,
+        20,
+        3,
+        5,
+        45,
+        1,
+        (2, 3),
+        (1, 1),
+        ((0, 2), (2, 1)),
+        3,
+    );
+    check_conv2d(
+        2,
+        10,
+        17,
+        17,
+        3,
+        3,
+        7,
+        1,
+        (1, 2),
+        (2, 2),
+        ((2, 2), (1, 3)),
+        2,
+    ); // taps of 17
+    check_conv2d(1, 9, 9, 8, 2, 2, 33, 1, (1, 1), (3, 1), ((0, 0), (0, 0)), 1);
+    check_conv2d(
+        5,
+        6,
+        30,
+        16,
+        1,
+        3,
+        12,
+        1,
+        (1, 1),
+        (1, 1),
+        ((0, 0), (1, 1)),
+        2,
+    );
+    check_conv2d(1, 3, 3, 16, 5, 5, 8, 1, (1, 1), (1, 1), ((2, 2), (2, 2)), 2);
+    check_conv2d(
+        4,
+        5,
+        4,
+        24,
+        3,
+        3,
+        70,
+        1,
+        (2, 2),
+        (1, 1),
+        ((1, 0), (0, 1)),
+        3,
+    );
+}
+
 #[test]
 fn conv2d_depthwise_matches_naive() {
     check_conv2d(2, 7, 7, 8, 3, 3, 8, 8, (1, 1), (1, 1), ((1, 1), (1, 1)), 2);

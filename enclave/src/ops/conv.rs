@@ -60,6 +60,11 @@ const BLOCK_FLOATS: usize = 1 << 16;
 const BLOCK_ROWS: (usize, usize) = (24, 1024);
 /// Rows of the output per task at least, before the rows are split across threads.
 const TASK_ROWS: usize = 64;
+/// [`direct`] runs convolutions whose windows have contiguous runs of at least this
+/// many floats (see [`ConvParams::direct_ok`]).
+const DIRECT_MIN_SEG: usize = 16;
+/// Output pixels per task of [`direct`] at least.
+const DIRECT_TASK_PIXELS: usize = 32;
 
 impl ConvParams {
     pub(crate) fn k_len(&self) -> usize {
@@ -96,8 +101,51 @@ impl ConvParams {
             0
         } else {
             let rows = max_batch * self.g.oh * self.g.ow;
-            Self::tasks(rows, threads) * self.block_rows().min(rows.max(1)) * self.k_len()
+            let im2col =
+                Self::tasks(rows, threads) * self.block_rows().min(rows.max(1)) * self.k_len();
+            // The quantised conv uses the im2col path with the same parameters.
+            im2col.max(self.direct_scratch(max_batch, threads))
         }
+    }
+    /// Whether [`direct`] runs this convolution with the kernel family `isa`: one
+    /// group, and kernel windows whose contiguous runs (`seg_len`) are long enough to
+    /// amortise a micro-kernel call (the 1-channel first layer of an image model
+    /// multiplies its 9-wide im2col rows better).
+    fn direct_ok(&self, isa: dense::Isa) -> bool {
+        self.groups == 1 && isa != dense::Isa::Portable && self.seg_len() >= DIRECT_MIN_SEG
+    }
+    /// Floats of the input window read contiguously: a kernel row (`kw · c`) without
+    /// column dilation, else one kernel tap (`c`).
+    fn seg_len(&self) -> usize {
+        if self.g.dw == 1 {
+            self.g.kw * self.g.c
+        } else {
+            self.g.c
+        }
+    }
+    /// The zero-padded input of one sample that [`direct`] reads: `(rows, cols)`,
+    /// just what the output's windows cover.
+    fn padded_dims(&self) -> (usize, usize) {
+        let g = &self.g;
+        let hp = (g.oh.max(1) - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+        let wp = (g.ow.max(1) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+        (hp, wp)
+    }
+    /// Tasks of [`direct`] for `batch` samples: output rows are split, with
+    /// ≥ `DIRECT_TASK_PIXELS` output pixels each.
+    fn direct_tasks(&self, batch: usize, threads: usize) -> usize {
+        let rows = batch * self.g.oh;
+        let pixels = rows * self.g.ow;
+        threads
+            .min(pixels / DIRECT_TASK_PIXELS)
+            .clamp(1, rows.max(1))
+    }
+    fn direct_scratch(&self, max_batch: usize, threads: usize) -> usize {
+        if !self.direct_ok(dense::isa()) {
+            return 0;
+        }
+        let (hp, wp) = self.padded_dims();
+        self.direct_tasks(max_batch, threads) * hp * wp * self.g.c
     }
 }
 
@@ -182,6 +230,19 @@ pub fn conv(
         let act = if fused { &p.act } else { &Act::Linear };
         if p.is_pointwise() {
             gemm_rows(&x[..rows * g.c], kernel, bias, act, y, g.c, cout, threads);
+        } else if p.direct_ok(dense::isa()) {
+            direct(
+                dense::isa(),
+                x,
+                kernel,
+                bias,
+                y,
+                batch,
+                p,
+                scratch,
+                threads,
+                act,
+            );
         } else {
             let kl = p.k_len();
             blocked(x, y, p, scratch, threads, act, &|cols, yb| {
@@ -273,6 +334,127 @@ pub fn conv(
         }
     }
     p.act.apply(y);
+}
+
+/// A single-group convolution without an im2col matrix. Each task zero-pads the
+/// input rows its output rows read (one sample at a time) into its part of `scratch`;
+/// then the windows of a run of consecutive output pixels in one output row are rows
+/// `sw · c` floats apart of that padded input, and every contiguous run of a window
+/// (a kernel row of `kw · c` floats, or one tap of `c` with column dilation) is one
+/// strided micro-kernel call over those pixels ([`dense::strided_rows`]), the later runs
+/// adding to the first. `act` (elementwise) is applied to each output row in cache.
+#[allow(clippy::too_many_arguments)]
+fn direct(
+    isa: dense::Isa,
+    x: &[f32],
+    kernel: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    batch: usize,
+    p: &ConvParams,
+    scratch: &mut [f32],
+    threads: usize,
+    act: &Act,
+) {
+    let g = &p.g;
+    let (c, cout) = (g.c, p.cout);
+    let (hp, wp) = p.padded_dims();
+    let pad_len = hp * wp * c;
+    let parts = p.direct_tasks(batch, threads);
+    let rows = batch * g.oh;
+    let (seg, nseg) = if g.dw == 1 {
+        (g.kw * c, g.kh)
+    } else {
+        (c, g.kh * g.kw)
+    };
+    // Input offset (in the padded sample) and kernel row of segment s.
+    let seg_at = |s: usize| -> (usize, usize) {
+        let (ki, kj) = if g.dw == 1 {
+            (s, 0)
+        } else {
+            (s / g.kw, s % g.kw)
+        };
+        ((ki * g.dh * wp + kj * g.dw) * c, s * seg)
+    };
+    // Output pixels per micro-kernel call: runs of near-equal length (a 28-wide row as
+    // 10 + 9 + 9 rather than 12 + 12 + 4).
+    let step = isa.rows();
+    let runs = g.ow.div_ceil(step).max(1);
+    assert!(scratch.len() >= parts * pad_len && y.len() >= rows * g.ow * cout);
+    assert!(kernel.len() >= nseg * seg * cout && x.len() >= batch * g.in_len());
+    let (yp, sp) = (SendPtr(y.as_mut_ptr()), SendPtr(scratch.as_mut_ptr()));
+    par_for(parts, &|t| {
+        let (a, b) = (rows * t / parts, rows * (t + 1) / parts);
+        // SAFETY: task t alone uses scratch block t (parts · pad_len floats, asserted
+        // above); every task ends before par_for returns, inside our &mut borrow.
+        let pad = unsafe { std::slice::from_raw_parts_mut(sp.get().add(t * pad_len), pad_len) };
+        let mut r = a;
+        while r < b {
+            // This task's output rows oa..ob of sample n, and the padded rows they read.
+            let n = r / g.oh;
+            let (oa, ob) = (r % g.oh, (b - n * g.oh).min(g.oh));
+            let (pr0, pr1) = (oa * g.sh, (ob - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+            pad_rows(&x[n * g.in_len()..][..g.in_len()], pad, pr0, pr1, wp, g);
+            for oh in oa..ob {
+                let row0 = (n * g.oh + oh) * g.ow;
+                // SAFETY: output row (n, oh) lies in this task's rows a..b of y
+                // (rows · ow · cout floats, asserted above); the tasks' ranges are
+                // disjoint.
+                let yrow = unsafe {
+                    std::slice::from_raw_parts_mut(yp.get().add(row0 * cout), g.ow * cout)
+                };
+                let xrow = &pad[(oh * g.sh - pr0) * wp * c..];
+                for run in 0..runs {
+                    let (o0, o1) = (g.ow * run / runs, g.ow * (run + 1) / runs);
+                    for s in 0..nseg {
+                        let (xo, ko) = seg_at(s);
+                        let xs = &xrow[o0 * g.sw * c + xo..];
+                        let ks = &kernel[ko * cout..(ko + seg) * cout];
+                        // SAFETY: pixels o0..o1 of yrow are ours (above), cout floats
+                        // each, cout apart.
+                        unsafe {
+                            dense::strided_rows(
+                                isa,
+                                xs,
+                                o1 - o0,
+                                g.sw * c,
+                                seg,
+                                ks,
+                                cout,
+                                bias,
+                                s > 0,
+                                yrow.as_mut_ptr().add(o0 * cout),
+                                cout,
+                            )
+                        };
+                    }
+                }
+                act.apply(yrow);
+            }
+            r = n * g.oh + ob;
+        }
+    });
+}
+
+/// Padded rows `pr0..pr1` (`wp` columns) of one sample `xs` into `pad`, from its row 0:
+/// the input where it lies (offset by the padding before), zeros elsewhere.
+fn pad_rows(xs: &[f32], pad: &mut [f32], pr0: usize, pr1: usize, wp: usize, g: &Geom) {
+    let c = g.c;
+    // Input columns that land inside the padded width.
+    let cols = g.w.min(wp.saturating_sub(g.pl));
+    for (i, prow) in pad[..(pr1 - pr0) * wp * c]
+        .chunks_exact_mut(wp * c)
+        .enumerate()
+    {
+        let Some(ih) = (pr0 + i).checked_sub(g.pt).filter(|&ih| ih < g.h) else {
+            prow.fill(0.0);
+            continue;
+        };
+        let lo = g.pl.min(wp) * c;
+        prow[..lo].fill(0.0);
+        prow[lo..lo + cols * c].copy_from_slice(&xs[ih * g.w * c..][..cols * c]);
+        prow[lo + cols * c..].fill(0.0);
+    }
 }
 
 /// `y = act(cols · kernel + bias)` for the `rows × kl` matrix `cols` (`kernel`:
