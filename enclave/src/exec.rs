@@ -236,11 +236,24 @@ impl Executor {
                 Error(format!("cannot allocate {c} floats for activations ({e})"))
             })?));
         }
-        let scratch = SecretBuf::<f32>::new(scratch_len).map_err(|e| {
+        let mut scratch = SecretBuf::<f32>::new(scratch_len).map_err(|e| {
             Error(format!(
                 "cannot allocate {scratch_len} floats of scratch ({e})"
             ))
         })?;
+        // Fault in the activation pages batches of up to PREFAULT_BATCH samples use
+        // (secret-memory faults are slow, ~20 µs a page, and such runs should not
+        // take them; larger batches fault their extra pages in once, on first use).
+        // Before the thread team exists: each fault's TLB-flush IPI takes about twice
+        // as long when the other core is busy (a spinning helper) as when it is idle.
+        for (s, &w) in slots.iter_mut().zip(&warm_caps) {
+            if let Some(s) = s {
+                let n = w.min(s.len());
+                prefault(&mut s[..n]);
+            }
+        }
+        let ws = warm_scratch.min(scratch.len());
+        prefault(&mut scratch[..ws]);
         let in_len = program
             .inputs
             .iter()
@@ -288,20 +301,9 @@ impl Executor {
             team,
             max_batch,
         };
-        // Fault in the activation pages batches of up to PREFAULT_BATCH samples use
-        // (secret-memory faults are slow, ~15 µs a page, and such runs should not
-        // take them; larger batches fault their extra pages in once, on first use),
-        // then warm up (the pool's threads, gemm's per-thread packing buffers,
-        // CPU-feature detection) on a small batch and on batch 1: a full max_batch
-        // run would only repeat the same code paths.
-        for (s, &w) in ex.state.slots.iter_mut().zip(&warm_caps) {
-            if let Some(s) = s {
-                let n = w.min(s.len());
-                prefault(&mut s[..n]);
-            }
-        }
-        let ws = warm_scratch.min(ex.state.scratch.len());
-        prefault(&mut ex.state.scratch[..ws]);
+        // Warm up (the pool's threads, gemm's per-thread packing buffers, CPU-feature
+        // detection) on a small batch and on batch 1: a full max_batch run would only
+        // repeat the same code paths.
         let warm = max_batch.min(16);
         let inp = vec![0.0f32; ex.input_len_per_sample() * warm];
         let mut out = vec![0.0f32; ex.output_len_per_sample() * warm];

@@ -149,20 +149,82 @@ pub fn unseal_in_place(buf: &mut [u8], aad: &[u8], key: &[u8]) -> Result<Range<u
 /// (so the program loader can move the container to align its tensor data).
 pub const SLACK: usize = 64;
 
-/// A sealed file being received. The ciphertext is not secret, so it goes into
-/// ordinary memory (cheap page faults); meanwhile a helper thread faults in the
-/// secret buffer the plaintext will occupy (each `memfd_secret` page fault removes
-/// the page from the kernel's direct map and flushes TLBs, ~15 µs a page), so those
-/// faults overlap the transfer instead of following it. They are most of a start: on
-/// a loaded 2-vCPU VM 40–50 µs a page (a profile puts 75% of it in the TLB-flush IPI
-/// of `secretmem_fault`), ~230 ms for a 21 MB program. Nothing batches them from user
-/// space: `MAP_POPULATE` and `MADV_POPULATE_WRITE` do not populate secretmem (the
-/// kernel refuses it to get_user_pages), and two faulting threads take as long as one. [`Incoming::unseal`] copies
-/// the ciphertext into the secret buffer and decrypts it there, in place: the
-/// plaintext only ever exists in secret memory.
+/// A sealed file being received, straight into the secret buffer its plaintext will
+/// occupy (the ciphertext is not secret, but this way it is copied once and needs no
+/// second, ordinary 21 MB buffer with page faults of its own).
+///
+/// Each fresh `memfd_secret` page costs a page fault that removes the page from the
+/// kernel's direct map and flushes TLBs by IPI (~20 µs on a quiet 2-vCPU VM, 40–50 µs on
+/// a loaded one; ~5300 of them for a 21 MB program): they are most of a start, and
+/// nothing batches them from user space (`MAP_POPULATE` and `MADV_POPULATE_WRITE` do not
+/// populate secretmem: the kernel refuses it to get_user_pages). So a helper thread
+/// faults pages in from the *end* of the buffer down while the chunks arrive from the
+/// start (faulting the pages they land on as they are copied in); the two meet in the
+/// middle, and each page is faulted once. [`Frontier`] keeps them apart: the helper
+/// never touches a page the receiver has claimed, nor the receiver one the helper is
+/// touching.
 pub struct Incoming {
-    cipher: Vec<u8>,
-    secret: std::thread::JoinHandle<SecretBuf<u8>>,
+    /// `None` only after `unseal` took it (or in drop).
+    secret: Option<SecretBuf<u8>>,
+    len: usize,
+    frontier: std::sync::Arc<Frontier>,
+    helper: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Who may touch which pages of an [`Incoming`] buffer.
+struct Frontier {
+    state: std::sync::Mutex<Front>,
+    touched: std::sync::Condvar,
+}
+
+struct Front {
+    /// The receiver has claimed bytes `[0, claimed)`: the helper stays out of them.
+    claimed: usize,
+    /// The helper has faulted the pages from `low` to the end of the mapping.
+    low: usize,
+    /// The helper is touching the page at `low` right now.
+    busy: bool,
+    /// The helper is to stop (the buffer is going away).
+    stop: bool,
+}
+
+impl Frontier {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Front> {
+        // The helper never panics while holding the lock (it only does arithmetic).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The helper thread: fault pages in from the end of the mapping at `base` (where
+/// `Front::low` starts) down until it meets the receiver's claim. `base` is a `*mut u8` passed as an address so the
+/// closure is `Send`.
+fn fault_from_end(base: usize, f: &Frontier) {
+    let ps = crate::secmem::page_size();
+    loop {
+        let page = {
+            let mut st = f.lock();
+            match st.low.checked_sub(ps) {
+                Some(p) if !st.stop && p >= st.claimed => {
+                    st.low = p;
+                    st.busy = true;
+                    p
+                }
+                _ => return,
+            }
+        };
+        // SAFETY: `page` is below the mapping's length (low starts there, page-aligned,
+        // and only decreases), so the byte is inside the mapping, which `Incoming` keeps mapped
+        // until this thread is joined (its Drop and `unseal` join first). No other
+        // access to this page can happen now: the receiver only writes below
+        // `claimed <= page`, and waits while `busy` covers a page it wants. The byte
+        // is written back with its own value.
+        unsafe {
+            let b = (base as *mut u8).add(page);
+            std::ptr::write_volatile(b, std::ptr::read_volatile(b));
+        }
+        f.lock().busy = false;
+        f.touched.notify_all();
+    }
 }
 
 impl Incoming {
@@ -175,51 +237,95 @@ impl Incoming {
         // recorded (secmem's WEAKEST) before any later EVIDENCE reports it; only the
         // page faults go to the helper thread.
         let mut b = SecretBuf::<u8>::new(size)?;
-        let secret = std::thread::Builder::new()
+        let (base, map_len) = (b.as_mut_ptr() as usize, b.mapped_bytes());
+        let frontier = std::sync::Arc::new(Frontier {
+            state: std::sync::Mutex::new(Front {
+                claimed: 0,
+                low: map_len,
+                busy: false,
+                stop: false,
+            }),
+            touched: std::sync::Condvar::new(),
+        });
+        let f = frontier.clone();
+        let helper = std::thread::Builder::new()
             .name("enclave-prefault".into())
-            .spawn(move || {
-                b.prefault();
-                b
-            })?;
+            .spawn(move || fault_from_end(base, &f))?;
         Ok(Incoming {
-            cipher: vec![0u8; total],
-            secret,
+            secret: Some(b),
+            len: total,
+            frontier,
+            helper: Some(helper),
         })
     }
 
     /// Size of the sealed file.
     pub fn len(&self) -> usize {
-        self.cipher.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cipher.is_empty()
+        self.len == 0
     }
 
-    /// Where the sealed bytes go as they arrive.
-    pub fn cipher_mut(&mut self) -> &mut [u8] {
-        &mut self.cipher
+    /// Where the sealed bytes `range` go as they arrive (in order, for the helper to
+    /// meet them, though any range is safe). Panics if `range` is outside the file.
+    pub fn chunk_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        {
+            let mut st = self.frontier.lock();
+            // Wait while the helper is touching a page this range covers.
+            while st.busy && st.low < range.end {
+                st = self
+                    .frontier
+                    .touched
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            st.claimed = st.claimed.max(range.end);
+        }
+        let buf = self.secret.as_mut().expect("present until unseal");
+        // SAFETY: `range` lies inside the buffer (asserted; len <= its length). The
+        // helper thread touches no byte below `claimed >= range.end` from now on and
+        // is touching none of these pages (waited above), so this is the only access
+        // to these bytes while the returned borrow of `self` lives.
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().add(range.start), range.len()) }
     }
 
-    /// Decrypt (see [`unseal_in_place`]) into the secret buffer. Returns the buffer
-    /// and the plaintext's byte range in it ([`SLACK`] bytes free after it).
+    /// Stop the helper and wait for it (it then holds no pointer into the buffer).
+    fn join_helper(&mut self) -> Result<(), SealError> {
+        self.frontier.lock().stop = true;
+        match self.helper.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| SealError::Memory(std::io::Error::other("prefault thread panicked"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Decrypt (see [`unseal_in_place`]) in the secret buffer. Returns the buffer and
+    /// the plaintext's byte range in it ([`SLACK`] bytes free after it).
     pub fn unseal(
-        self,
+        mut self,
         aad: &[u8],
         key: &[u8],
     ) -> Result<(SecretBuf<u8>, Range<usize>), SealError> {
-        check_format(self.cipher.len(), &self.cipher)?;
-        let mut buf = self
-            .secret
-            .join()
-            .map_err(|_| SealError::Memory(std::io::Error::other("prefault thread panicked")))?;
+        self.join_helper()?;
         crate::worker::trace("unseal: the secret pages are faulted in (prefault thread joined)");
-        let n = self.cipher.len();
-        buf[..n].copy_from_slice(&self.cipher);
-        drop(self.cipher);
+        let n = self.len;
+        let mut buf = self.secret.take().expect("present until unseal");
+        check_format(n, &buf[..n])?;
         let range = unseal_in_place(&mut buf[..n], aad, key)?;
-        crate::worker::trace("unseal: ciphertext copied in, tag verified, decrypted in place");
+        crate::worker::trace("unseal: tag verified, decrypted in place");
         Ok((buf, range))
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Before the buffer is unmapped (it drops after this), no thread may point
+        // into it. A helper that panicked has nothing left to wait for.
+        let _ = self.join_helper();
     }
 }
 
@@ -350,6 +456,38 @@ mod tests {
         assert!(matches!(
             unseal(&sealed[..20], &aad, &KEY),
             Err(SealError::Format(_))
+        ));
+    }
+
+    #[test]
+    fn incoming_receives_while_the_helper_faults() {
+        let (_, aad) = canonical_manifest(&manifest()).unwrap();
+        // Large enough (1 MiB, 256 pages) that the receiver and the helper meet.
+        let plain: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let sealed = seal_for_test(&plain, &aad, &KEY, &[5; 12]);
+        for chunk in [1usize, 4093, 65536, sealed.len()] {
+            let mut inc = Incoming::new(sealed.len()).unwrap();
+            let mut at = 0;
+            while at < sealed.len() {
+                let end = (at + chunk).min(sealed.len());
+                inc.chunk_mut(at..end).copy_from_slice(&sealed[at..end]);
+                at = end;
+            }
+            let (buf, r) = inc.unseal(&aad, &KEY).unwrap();
+            assert_eq!(&buf[r.clone()], &plain[..], "chunk {chunk}");
+            assert!(buf.len() >= r.end + SLACK);
+        }
+        // Dropped half-received (a failed handshake): the helper is stopped and joined.
+        let mut inc = Incoming::new(sealed.len()).unwrap();
+        inc.chunk_mut(0..100).copy_from_slice(&sealed[..100]);
+        drop(inc);
+        // A changed byte still fails authentication.
+        let mut inc = Incoming::new(sealed.len()).unwrap();
+        inc.chunk_mut(0..sealed.len()).copy_from_slice(&sealed);
+        inc.chunk_mut(500..501)[0] ^= 1;
+        assert!(matches!(
+            inc.unseal(&aad, &KEY),
+            Err(SealError::Authentication)
         ));
     }
 

@@ -130,7 +130,7 @@ unsafe impl<T: Pod + Sync> Sync for SecretBuf<T> {}
 
 const SYS_MEMFD_SECRET: libc::c_long = 447; // same number on x86_64 and aarch64
 
-fn page_size() -> usize {
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if p > 0 {
@@ -254,6 +254,17 @@ impl<T: Pod> SecretBuf<T> {
             };
             off += ps;
         }
+    }
+
+    /// The start of the mapping, for code that shares the buffer between threads in
+    /// disjoint parts (seal::Incoming); it stays valid until the buffer is dropped.
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        self.ptr
+    }
+
+    /// Bytes mapped: `len` elements rounded up to whole pages (all of them writable).
+    pub fn mapped_bytes(&self) -> usize {
+        self.map_len
     }
 
     pub fn backing(&self) -> Backing {
