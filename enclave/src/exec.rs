@@ -90,7 +90,8 @@ impl Executor {
         }
         .min(256);
         let tensors = program.tensors.clone();
-        let nodes = program.nodes.clone();
+        let mut nodes = program.nodes.clone();
+        crate::program::fuse_conv_pools(&mut nodes, program.output);
         let nt = tensors.len();
 
         let (root, skip) = aliases(&nodes, &tensors);

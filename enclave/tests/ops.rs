@@ -2,7 +2,8 @@
 
 mod common;
 use common::*;
-use ennclave_enclave::program::Program;
+use ennclave_enclave::ops::dense;
+use ennclave_enclave::program::{fuse_conv_pools, Program};
 
 /// Naive channels-last 2-D conv, f64 accumulation.
 #[allow(clippy::too_many_arguments)]
@@ -231,6 +232,99 @@ fn conv2d_direct_matches_naive() {
         ((1, 0), (0, 1)),
         3,
     );
+}
+
+/// `conv (relu) → max pool` as a two-node program against the naive conv and a naive
+/// pool; on the AVX-512 and AVX2 kernels the executor fuses non-overlapping max pools
+/// into the conv (checked: the node is gone after `fuse_conv_pools`), elsewhere (the
+/// portable family, overlapping windows, average pools) they stay two nodes.
+#[allow(clippy::too_many_arguments)]
+fn check_conv_pool(
+    n: usize,
+    h: usize,
+    wd: usize,
+    c: usize,
+    cout: usize,
+    s: usize,
+    (pk, ps): ((usize, usize), (usize, usize)),
+    max: bool,
+    threads: usize,
+    fuses: bool,
+) {
+    let x = vals(n * h * wd * c, 4);
+    let k = vals(9 * c * cout, 5);
+    let b = vals(cout, 6);
+    let pads = ((1, 1), (1, 1));
+    let (mut co, oh, ow) = naive_conv(
+        &x,
+        n,
+        h,
+        wd,
+        c,
+        &k,
+        3,
+        3,
+        cout,
+        1,
+        (s, s),
+        (1, 1),
+        pads,
+        Some(&b),
+    );
+    co.iter_mut().for_each(|v| *v = v.max(0.0));
+    let (ph, pw) = ((oh - pk.0) / ps.0 + 1, (ow - pk.1) / ps.1 + 1);
+    let mut want = Vec::with_capacity(n * ph * pw * cout);
+    for i in 0..n {
+        for (py, px) in (0..ph).flat_map(|py| (0..pw).map(move |px| (py, px))) {
+            for o in 0..cout {
+                let taps = (0..pk.0).flat_map(|a| (0..pk.1).map(move |b| (a, b)));
+                let v = taps
+                    .map(|(a, b)| co[((i * oh + py * ps.0 + a) * ow + px * ps.1 + b) * cout + o]);
+                want.push(if max {
+                    v.fold(f32::NEG_INFINITY, f32::max)
+                } else {
+                    v.sum::<f32>() / (pk.0 * pk.1) as f32
+                });
+            }
+        }
+    }
+    let json = format!(
+        r#"{{"format": "ennclave-program", "version": 1,
+      "inputs": [{{"name": "x", "shape": [null, {h}, {wd}, {c}], "dtype": "float32"}}],
+      "outputs": [{{"name": "y", "shape": [null, {ph}, {pw}, {cout}], "dtype": "float32"}}],
+      "nodes": [
+        {{"name": "c", "op": "conv", "inputs": ["x"], "outputs": ["h"], "attrs": {{"strides": [{s}, {s}], "pads": [[1, 1], [1, 1]], "activation": {{"fn": "relu"}}}}, "weights": {{"kernel": "k", "bias": "b"}}}},
+        {{"name": "p", "op": "pool", "inputs": ["h"], "outputs": ["y"], "attrs": {{"kind": "{}", "window": [{}, {}], "strides": [{}, {}], "pads": [[0, 0], [0, 0]]}}}}
+      ]}}"#,
+        if max { "max" } else { "avg" },
+        pk.0,
+        pk.1,
+        ps.0,
+        ps.1
+    );
+    let cont = container(&json, &[w("k", &[3, 3, c, cout], k), w("b", &[cout], b)]);
+    let p = Program::from_container(&cont).unwrap();
+    let mut nodes = p.nodes.clone();
+    fuse_conv_pools(&mut nodes, p.output);
+    let direct = matches!(dense::isa(), dense::Isa::Avx512 | dense::Isa::Avx2);
+    assert_eq!(nodes.len(), if fuses && direct { 1 } else { 2 });
+    let got = run(&cont, &x, n, threads);
+    assert_close(&got, &want, 1e-4);
+}
+
+#[test]
+fn conv_then_max_pool_matches_naive() {
+    // The image model's layers: 1 channel (im2col runs), then 32 and 64 channels.
+    check_conv_pool(3, 28, 28, 1, 32, 1, ((2, 2), (2, 2)), true, 2, true);
+    check_conv_pool(2, 14, 14, 32, 64, 1, ((2, 2), (2, 2)), true, 2, true);
+    // Odd sizes: the last conv row and column are not pooled; 3×2 windows; a strided
+    // conv; output channels off the 32-column panels; one and three threads.
+    check_conv_pool(1, 7, 9, 20, 40, 1, ((2, 2), (2, 2)), true, 1, true);
+    check_conv_pool(2, 9, 8, 3, 7, 1, ((3, 2), (3, 2)), true, 3, true);
+    check_conv_pool(2, 11, 10, 16, 33, 2, ((2, 2), (2, 2)), true, 2, true);
+    // Not fused: overlapping windows, an average pool.
+    check_conv_pool(2, 9, 9, 16, 8, 1, ((3, 3), (2, 2)), true, 2, false);
+    check_conv_pool(2, 8, 8, 16, 8, 1, ((2, 2), (2, 2)), false, 2, false);
 }
 
 #[test]

@@ -50,6 +50,10 @@ pub struct ConvParams {
     pub cout: usize,
     pub groups: usize,
     pub act: Act,
+    /// A max pool over the (activated) output, fused by the executor when the pool
+    /// alone reads it (see [`ConvParams::can_fuse_pool`]): its geometry (`h, w, c` the
+    /// conv's output); the conv then writes the pooled output only.
+    pub pool: Option<Geom>,
 }
 
 /// Floats of the im2col matrix one task builds and multiplies at a time (256 KiB):
@@ -60,8 +64,10 @@ const BLOCK_FLOATS: usize = 1 << 16;
 const BLOCK_ROWS: (usize, usize) = (24, 1024);
 /// Rows of the output per task at least, before the rows are split across threads.
 const TASK_ROWS: usize = 64;
-/// [`direct`] runs convolutions whose windows have contiguous runs of at least this
-/// many floats (see [`ConvParams::direct_ok`]).
+/// Windows whose contiguous runs are shorter than this (the 1-channel first layer of
+/// an image model: runs of 3 floats) are copied into im2col rows, one run of pixels at
+/// a time, by [`direct`]: one micro-kernel call per run of the window would each
+/// load and store the accumulators for a few multiply-adds.
 const DIRECT_MIN_SEG: usize = 16;
 /// Output pixels per task of [`direct`] at least.
 const DIRECT_TASK_PIXELS: usize = 32;
@@ -108,11 +114,26 @@ impl ConvParams {
         }
     }
     /// Whether [`direct`] runs this convolution with the kernel family `isa`: one
-    /// group, and kernel windows whose contiguous runs (`seg_len`) are long enough to
-    /// amortise a micro-kernel call (the 1-channel first layer of an image model
-    /// multiplies its 9-wide im2col rows better).
+    /// group, on the AVX-512 or AVX2 kernels (the portable family multiplies an im2col
+    /// matrix with the gemm crate).
     fn direct_ok(&self, isa: dense::Isa) -> bool {
-        self.groups == 1 && isa != dense::Isa::Portable && self.seg_len() >= DIRECT_MIN_SEG
+        self.groups == 1 && isa != dense::Isa::Portable && !self.is_pointwise()
+    }
+    /// Whether the max pool `pg` over this conv's output can be fused into it: the fp32
+    /// direct path, an elementwise activation, and non-overlapping windows (stride =
+    /// window, no padding or dilation) over exactly this output.
+    pub fn can_fuse_pool(&self, pg: &Geom) -> bool {
+        let g = &self.g;
+        self.pool.is_none()
+            && self.direct_ok(dense::isa())
+            && !matches!(self.act, Act::Softmax { .. })
+            && (pg.h, pg.w, pg.c) == (g.oh, g.ow, self.cout)
+            && (pg.sh, pg.sw) == (pg.kh, pg.kw)
+            && (pg.dh, pg.dw, pg.pt, pg.pl) == (1, 1, 0, 0)
+            && pg.oh >= 1
+            && pg.ow >= 1
+            && pg.oh * pg.sh <= g.oh
+            && pg.ow * pg.sw <= g.ow
     }
     /// Floats of the input window read contiguously: a kernel row (`kw · c`) without
     /// column dilation, else one kernel tap (`c`).
@@ -131,21 +152,42 @@ impl ConvParams {
         let wp = (g.ow.max(1) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
         (hp, wp)
     }
-    /// Tasks of [`direct`] for `batch` samples: output rows are split, with
-    /// ≥ `DIRECT_TASK_PIXELS` output pixels each.
+    /// Output row groups of one sample in [`direct`]: pooled rows when a pool is
+    /// fused (each `kh` conv rows), else conv rows.
+    fn row_groups(&self) -> usize {
+        self.pool.as_ref().map_or(self.g.oh, |pg| pg.oh)
+    }
+    /// Tasks of [`direct`] for `batch` samples: row groups are split, with
+    /// ≥ `DIRECT_TASK_PIXELS` conv output pixels each.
     fn direct_tasks(&self, batch: usize, threads: usize) -> usize {
-        let rows = batch * self.g.oh;
-        let pixels = rows * self.g.ow;
+        let rows = batch * self.row_groups();
+        let pixels = batch * self.g.oh * self.g.ow;
         threads
             .min(pixels / DIRECT_TASK_PIXELS)
             .clamp(1, rows.max(1))
+    }
+    /// Floats of one task's scratch in [`direct`]: the padded input rows, the conv
+    /// rows of one pooled row (with a fused pool), and the im2col rows of one run of
+    /// pixels (for short window runs).
+    fn direct_task_floats(&self) -> (usize, usize, usize) {
+        let (hp, wp) = self.padded_dims();
+        let pooled = self
+            .pool
+            .as_ref()
+            .map_or(0, |pg| pg.kh * self.g.ow * self.cout);
+        let cols = if self.seg_len() < DIRECT_MIN_SEG {
+            dense::isa().rows() * self.k_len()
+        } else {
+            0
+        };
+        (hp * wp * self.g.c, pooled, cols)
     }
     fn direct_scratch(&self, max_batch: usize, threads: usize) -> usize {
         if !self.direct_ok(dense::isa()) {
             return 0;
         }
-        let (hp, wp) = self.padded_dims();
-        self.direct_tasks(max_batch, threads) * hp * wp * self.g.c
+        let (a, b, c) = self.direct_task_floats();
+        self.direct_tasks(max_batch, threads) * (a + b + c)
     }
 }
 
@@ -220,8 +262,24 @@ pub fn conv(
     let rows = batch * g.oh * g.ow;
     let cing = g.c / p.groups;
     let coutg = cout / p.groups;
-    assert!(x.len() >= batch * g.in_len() && y.len() >= rows * cout);
     assert!(kernel.len() >= g.kh * g.kw * cing * cout && bias.is_none_or(|b| b.len() >= cout));
+    if p.pool.is_some() {
+        // Fused only where `can_fuse_pool` held: the direct path, elementwise act.
+        direct(
+            dense::isa(),
+            x,
+            kernel,
+            bias,
+            y,
+            batch,
+            p,
+            scratch,
+            threads,
+            &p.act,
+        );
+        return;
+    }
+    assert!(x.len() >= batch * g.in_len() && y.len() >= rows * cout);
     let y = &mut y[..rows * cout];
     if p.groups == 1 {
         // The dense kernel writes `cols · kernel + bias` itself; an elementwise
@@ -342,7 +400,10 @@ pub fn conv(
 /// `sw · c` floats apart of that padded input, and every contiguous run of a window
 /// (a kernel row of `kw · c` floats, or one tap of `c` with column dilation) is one
 /// strided micro-kernel call over those pixels ([`dense::strided_rows`]), the later runs
-/// adding to the first. `act` (elementwise) is applied to each output row in cache.
+/// adding to the first. Windows of short runs are copied into im2col rows for one run
+/// of pixels instead (see `DIRECT_MIN_SEG`). `act` (elementwise) is applied to each
+/// output row in cache; with a fused max pool (`p.pool`), the conv rows of one pooled
+/// row go to the task's scratch and only their pooled maxima to `y`.
 #[allow(clippy::too_many_arguments)]
 fn direct(
     isa: dense::Isa,
@@ -357,16 +418,21 @@ fn direct(
     act: &Act,
 ) {
     let g = &p.g;
-    let (c, cout) = (g.c, p.cout);
-    let (hp, wp) = p.padded_dims();
-    let pad_len = hp * wp * c;
+    let (c, cout, kl) = (g.c, p.cout, p.k_len());
+    let (_, wp) = p.padded_dims();
+    let (pad_len, pool_len, cols_len) = p.direct_task_floats();
+    let task_len = pad_len + pool_len + cols_len;
     let parts = p.direct_tasks(batch, threads);
-    let rows = batch * g.oh;
-    let (seg, nseg) = if g.dw == 1 {
-        (g.kw * c, g.kh)
-    } else {
-        (c, g.kh * g.kw)
+    let ngroups = p.row_groups();
+    let groups = batch * ngroups;
+    // Conv rows per group and the step between groups; the output row of a group.
+    let (grows, gstep, out_row) = match &p.pool {
+        Some(pg) => (pg.kh, pg.sh, pg.ow * cout),
+        None => (1, 1, g.ow * cout),
     };
+    let seg = p.seg_len();
+    let nseg = kl / seg;
+    let im2col = seg < DIRECT_MIN_SEG;
     // Input offset (in the padded sample) and kernel row of segment s.
     let seg_at = |s: usize| -> (usize, usize) {
         let (ki, kj) = if g.dw == 1 {
@@ -380,60 +446,126 @@ fn direct(
     // 10 + 9 + 9 rather than 12 + 12 + 4).
     let step = isa.rows();
     let runs = g.ow.div_ceil(step).max(1);
-    assert!(scratch.len() >= parts * pad_len && y.len() >= rows * g.ow * cout);
-    assert!(kernel.len() >= nseg * seg * cout && x.len() >= batch * g.in_len());
+    assert!(scratch.len() >= parts * task_len && y.len() >= groups * out_row);
+    assert!(kernel.len() >= kl * cout && x.len() >= batch * g.in_len());
     let (yp, sp) = (SendPtr(y.as_mut_ptr()), SendPtr(scratch.as_mut_ptr()));
     par_for(parts, &|t| {
-        let (a, b) = (rows * t / parts, rows * (t + 1) / parts);
-        // SAFETY: task t alone uses scratch block t (parts · pad_len floats, asserted
+        let (a, b) = (groups * t / parts, groups * (t + 1) / parts);
+        // SAFETY: task t alone uses scratch block t (parts · task_len floats, asserted
         // above); every task ends before par_for returns, inside our &mut borrow.
-        let pad = unsafe { std::slice::from_raw_parts_mut(sp.get().add(t * pad_len), pad_len) };
+        let mine = unsafe { std::slice::from_raw_parts_mut(sp.get().add(t * task_len), task_len) };
+        let (pad, rest) = mine.split_at_mut(pad_len);
+        let (pooled, cols) = rest.split_at_mut(pool_len);
+        // One conv output row (n, oh) into `dst` (ow · cout floats), activated.
+        let conv_row = |pad: &[f32], cols: &mut [f32], pr0: usize, oh: usize, dst: &mut [f32]| {
+            let xrow = &pad[(oh * g.sh - pr0) * wp * c..];
+            for run in 0..runs {
+                let (o0, o1) = (g.ow * run / runs, g.ow * (run + 1) / runs);
+                let yd = dst[o0 * cout..o1 * cout].as_mut_ptr();
+                if im2col {
+                    let cols = &mut cols[..(o1 - o0) * kl];
+                    for (j, row) in cols.chunks_exact_mut(kl).enumerate() {
+                        let at = (o0 + j) * g.sw * c;
+                        for (s, part) in row.chunks_exact_mut(seg).enumerate() {
+                            copy(part, &xrow[at + seg_at(s).0..][..seg]);
+                        }
+                    }
+                    // SAFETY: pixels o0..o1 of dst, cout floats each, are ours (dst
+                    // is an exclusive borrow).
+                    unsafe {
+                        dense::strided_rows(
+                            isa,
+                            cols,
+                            o1 - o0,
+                            kl,
+                            kl,
+                            kernel,
+                            cout,
+                            bias,
+                            false,
+                            yd,
+                            cout,
+                        )
+                    };
+                    continue;
+                }
+                for s in 0..nseg {
+                    let (xo, ko) = seg_at(s);
+                    let xs = &xrow[o0 * g.sw * c + xo..];
+                    let ks = &kernel[ko * cout..(ko + seg) * cout];
+                    // SAFETY: as above.
+                    unsafe {
+                        dense::strided_rows(
+                            isa,
+                            xs,
+                            o1 - o0,
+                            g.sw * c,
+                            seg,
+                            ks,
+                            cout,
+                            bias,
+                            s > 0,
+                            yd,
+                            cout,
+                        )
+                    };
+                }
+            }
+            act.apply(dst);
+        };
         let mut r = a;
         while r < b {
-            // This task's output rows oa..ob of sample n, and the padded rows they read.
-            let n = r / g.oh;
-            let (oa, ob) = (r % g.oh, (b - n * g.oh).min(g.oh));
-            let (pr0, pr1) = (oa * g.sh, (ob - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+            // This task's row groups ga..gb of sample n, the conv rows they need and
+            // the padded rows those read.
+            let n = r / ngroups;
+            let (ga, gb) = (r % ngroups, (b - n * ngroups).min(ngroups));
+            let (ca, cb) = (ga * gstep, (gb - 1) * gstep + grows);
+            let (pr0, pr1) = (ca * g.sh, (cb - 1) * g.sh + (g.kh - 1) * g.dh + 1);
             pad_rows(&x[n * g.in_len()..][..g.in_len()], pad, pr0, pr1, wp, g);
-            for oh in oa..ob {
-                let row0 = (n * g.oh + oh) * g.ow;
-                // SAFETY: output row (n, oh) lies in this task's rows a..b of y
-                // (rows · ow · cout floats, asserted above); the tasks' ranges are
+            for gi in ga..gb {
+                // SAFETY: output row group (n, gi) lies in this task's groups a..b of
+                // y (groups · out_row floats, asserted above); the tasks' ranges are
                 // disjoint.
                 let yrow = unsafe {
-                    std::slice::from_raw_parts_mut(yp.get().add(row0 * cout), g.ow * cout)
+                    std::slice::from_raw_parts_mut(
+                        yp.get().add((n * ngroups + gi) * out_row),
+                        out_row,
+                    )
                 };
-                let xrow = &pad[(oh * g.sh - pr0) * wp * c..];
-                for run in 0..runs {
-                    let (o0, o1) = (g.ow * run / runs, g.ow * (run + 1) / runs);
-                    for s in 0..nseg {
-                        let (xo, ko) = seg_at(s);
-                        let xs = &xrow[o0 * g.sw * c + xo..];
-                        let ks = &kernel[ko * cout..(ko + seg) * cout];
-                        // SAFETY: pixels o0..o1 of yrow are ours (above), cout floats
-                        // each, cout apart.
-                        unsafe {
-                            dense::strided_rows(
-                                isa,
-                                xs,
-                                o1 - o0,
-                                g.sw * c,
-                                seg,
-                                ks,
-                                cout,
-                                bias,
-                                s > 0,
-                                yrow.as_mut_ptr().add(o0 * cout),
-                                cout,
-                            )
-                        };
-                    }
+                let Some(pg) = &p.pool else {
+                    conv_row(pad, cols, pr0, gi, yrow);
+                    continue;
+                };
+                let rl = g.ow * cout;
+                for (k, dst) in pooled.chunks_exact_mut(rl).enumerate() {
+                    conv_row(pad, cols, pr0, gi * gstep + k, dst);
                 }
-                act.apply(yrow);
+                max_pool_rows(pooled, yrow, pg, cout);
             }
-            r = n * g.oh + ob;
+            r = n * ngroups + gb;
         }
     });
+}
+
+/// One row of a non-overlapping max pool (`pg`: window = stride, no padding) over the
+/// `pg.kh` conv rows in `rows` (each `pg.w · c` floats) into `out` (`pg.ow · c`).
+fn max_pool_rows(rows: &[f32], out: &mut [f32], pg: &Geom, c: usize) {
+    let rl = pg.w * c;
+    for (pw, o) in out.chunks_exact_mut(c).enumerate() {
+        o.copy_from_slice(&rows[pw * pg.sw * c..][..c]);
+        for ki in 0..pg.kh {
+            for kj in 0..pg.kw {
+                if ki + kj == 0 {
+                    continue;
+                }
+                let v = &rows[ki * rl + (pw * pg.sw + kj) * c..][..c];
+                for (a, &b) in o.iter_mut().zip(v) {
+                    // NaN propagates like `pool`'s max (branch-free, so it vectorises).
+                    *a = if (b > *a) | b.is_nan() { b } else { *a };
+                }
+            }
+        }
+    }
 }
 
 /// Padded rows `pr0..pr1` (`wp` columns) of one sample `xs` into `pad`, from its row 0:

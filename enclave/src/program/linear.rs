@@ -123,6 +123,7 @@ impl Builder<'_> {
             cout,
             groups,
             act,
+            pool: None,
         };
         Ok((p, bias, od))
     }

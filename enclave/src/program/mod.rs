@@ -45,6 +45,7 @@ mod resize;
 mod shape;
 
 use builder::Builder;
+pub use pool::fuse_conv_pools;
 
 pub const MAGIC: &[u8; 8] = b"ENCPROG1";
 pub const FORMAT: &str = "ennclave-program";

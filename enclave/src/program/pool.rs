@@ -3,7 +3,7 @@
 use super::builder::{batched, Builder, NodeCtx, NodeResult};
 use super::json::{axis, boolean, list, string};
 use super::linear::spatial_out;
-use super::{Op, TensorMeta};
+use super::{Node, Op, TensorMeta};
 use crate::ops::misc::{Reduce, ReduceKind};
 
 impl Builder<'_> {
@@ -87,5 +87,47 @@ impl Builder<'_> {
             .filter_map(|(&v, &r)| if r { keep.then_some(1) } else { Some(v) })
             .collect();
         Ok((Op::Reduce(Reduce::new(kind, d, &red)), batched(od)))
+    }
+}
+
+/// Fuse each max pool into the conv before it ([`ConvParams::pool`]) where the pool
+/// alone reads the conv's output, which is not the program's `output`, and the conv can
+/// take it ([`ConvParams::can_fuse_pool`]): the conv output then never goes out to
+/// memory and back (6.4 MB at batch 64 for the first layer of the image model of
+/// `benchmarks/bench_matrix.py`). The executor does this on its own copy of the nodes.
+///
+/// [`ConvParams::pool`]: crate::ops::conv::ConvParams::pool
+/// [`ConvParams::can_fuse_pool`]: crate::ops::conv::ConvParams::can_fuse_pool
+pub fn fuse_conv_pools(nodes: &mut Vec<Node>, output: usize) {
+    let mut j = 0;
+    while j < nodes.len() {
+        let fused = match (&nodes[j].op, &nodes[j].inputs[..]) {
+            (
+                Op::Pool {
+                    g: pg, max: true, ..
+                },
+                &[t],
+            ) if t != output => {
+                let readers = nodes.iter().filter(|n| n.inputs.contains(&t)).count();
+                let conv = nodes[..j].iter().position(|n| n.output == t);
+                match conv {
+                    Some(i) if readers == 1 => match &nodes[i].op {
+                        Op::Conv { p, .. } if p.can_fuse_pool(pg) => Some((i, pg.clone())),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let Some((i, pg)) = fused else {
+            j += 1;
+            continue;
+        };
+        let pool = nodes.remove(j);
+        if let Op::Conv { p, .. } = &mut nodes[i].op {
+            p.pool = Some(pg);
+        }
+        nodes[i].output = pool.output;
     }
 }
