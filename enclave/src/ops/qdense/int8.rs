@@ -516,6 +516,10 @@ unsafe fn vnni512<const R: usize>(
         let mut cs = [_mm512_setzero_si512(); 2];
         for r in 0..kq {
             let wr = w.add(r * 4 * NR);
+            if R == 1 {
+                // One row: a single weight stream per core (`prefetch_row`).
+                super::prefetch_row(wr.cast());
+            }
             let w0 = _mm512_loadu_si512(wr.cast());
             let w1 = _mm512_loadu_si512(wr.add(2 * NR).cast());
             cs[0] = _mm512_dpbusd_epi32(cs[0], ones, w0);
@@ -557,6 +561,10 @@ unsafe fn vnni256<const R: usize>(
         let mut cs = [_mm256_setzero_si256(); 4];
         for r in 0..kq {
             let wr = w.add(r * 4 * NR);
+            if R == 1 {
+                // One row: a single weight stream per core (`prefetch_row`).
+                super::prefetch_row(wr.cast());
+            }
             let wv: [__m256i; 4] =
                 std::array::from_fn(|h| _mm256_loadu_si256(wr.add(32 * h).cast()));
             for h in 0..4 {
