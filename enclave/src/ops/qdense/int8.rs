@@ -24,6 +24,21 @@ use std::sync::atomic::Ordering;
 use super::{Path, AMX_MIN_ROWS, MR, MR_PORTABLE, NR, RB};
 use crate::ops::{par_for, SendPtr};
 
+/// A pointer that tasks of one `par_for` share, each using its own part.
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+// SAFETY: only used to hand disjoint parts of one buffer to par_for's tasks, which all
+// end before the buffer's borrow does.
+unsafe impl<T> Send for Ptr<T> {}
+// SAFETY: as for Send.
+unsafe impl<T> Sync for Ptr<T> {}
+impl<T> Ptr<T> {
+    /// The pointer (a method, so closures capture the whole wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Rows per AVX-VNNI (256-bit) call: 4 accumulators per row and 4 column sums.
 const MR_VNNI256: usize = 2;
 
@@ -71,15 +86,17 @@ impl Kernel {
     }
 
     /// The VNNI kernels read `qx + 128`.
-    fn unsigned(self) -> bool {
+    pub(super) fn unsigned(self) -> bool {
         matches!(self, Kernel::Vnni256 | Kernel::Vnni512)
     }
 }
 
 /// Quads (u32: 4 int8 values, the first in the low byte) per quantised row: `k / 4`
-/// rounded up to 16, as AMX tiles read 64 bytes per row.
+/// rounded up to 16, as AMX tiles read 64 bytes per row, and to an odd multiple of
+/// 16 so that the 16 rows of a tile do not fall into a few L1 sets (a stride of
+/// 2 KiB would map them to 2 of its 64).
 fn row_quads(k: usize) -> usize {
-    k.div_ceil(64) * 16
+    (k.div_ceil(64) | 1) * 16
 }
 
 /// Quantise one row of `x` into the bytes of `d` (`qx`, or `qx + 128` when
@@ -130,8 +147,94 @@ unsafe fn quantise_rows_avx2(
     quantise_rows_plain(x, k, q, ldq, sx, u)
 }
 
-fn quantise_rows(x: &[f32], k: usize, q: &mut [u32], ldq: usize, sx: &mut [f32], u: bool) {
+/// [`quantise_row`] 16 inputs at a time with AVX-512F (the same float32 operations,
+/// hence the same values; LLVM does not vectorise the saturating conversions well).
+///
+/// # Safety
+/// The CPU must have AVX-512F; `d` holds at least `x.len()` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantise_row_avx512(x: &[f32], d: &mut [u8], unsigned: bool) -> f32 {
+    assert!(d.len() >= x.len());
+    let zero = if unsigned { 0x80u8 } else { 0 };
+    let n16 = x.len() / 16 * 16;
+    // SAFETY: loads of 16 floats at i ≤ n16 − 16 inside x, stores of 16 bytes at the
+    // same i inside d (d.len() ≥ x.len() ≥ n16); unaligned.
+    unsafe {
+        let mut mx = _mm512_setzero_ps();
+        let mut nan: __mmask16 = 0;
+        for i in (0..n16).step_by(16) {
+            let v = _mm512_loadu_ps(x.as_ptr().add(i));
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        }
+        let mut amax = _mm512_reduce_max_ps(mx);
+        let mut bad = nan != 0;
+        for &v in &x[n16..] {
+            amax = amax.max(v.abs());
+            bad |= v.is_nan();
+        }
+        if amax == 0.0 || !amax.is_finite() || bad {
+            d.fill(zero);
+            return if amax == 0.0 && !bad { 0.0 } else { f32::NAN };
+        }
+        let inv = 127.0 / amax;
+        let (vinv, lo, hi) = (
+            _mm512_set1_ps(inv),
+            _mm512_set1_ps(-127.0),
+            _mm512_set1_ps(127.0),
+        );
+        let flip = _mm_set1_epi8(zero as i8);
+        for i in (0..n16).step_by(16) {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), vinv);
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            let c = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+            let q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c));
+            _mm_storeu_si128(d.as_mut_ptr().add(i).cast(), _mm_xor_si128(q, flip));
+        }
+        for (b, &v) in d[n16..].iter_mut().zip(&x[n16..]) {
+            *b = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8) ^ zero;
+        }
+        d[x.len()..].fill(zero);
+        amax / 127.0
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantise_rows_avx512(
+    x: &[f32],
+    k: usize,
+    q: &mut [u32],
+    ldq: usize,
+    sx: &mut [f32],
+    u: bool,
+) {
+    // SAFETY: the same bytes as q (4 per u32, alignment 1); every value is a valid u8.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr().cast::<u8>(), q.len() * 4) };
+    for (i, s) in sx.iter_mut().enumerate() {
+        let d = &mut bytes[i * 4 * ldq..(i + 1) * 4 * ldq];
+        // SAFETY: the CPU has AVX-512F (this function's contract); d holds 4·ldq ≥ k bytes.
+        *s = unsafe { quantise_row_avx512(&x[i * k..(i + 1) * k], d, u) };
+    }
+}
+
+pub(super) fn quantise_rows(
+    x: &[f32],
+    k: usize,
+    q: &mut [u32],
+    ldq: usize,
+    sx: &mut [f32],
+    u: bool,
+) {
     assert!(x.len() >= sx.len() * k && q.len() >= sx.len() * ldq && 4 * ldq >= k);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { quantise_rows_avx512(x, k, q, ldq, sx, u) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
@@ -158,10 +261,33 @@ pub(super) fn int8(
 ) {
     let kern = Kernel::choose(path, m);
     let ldq = row_quads(k);
-    // Whole tiles of rows past m read zeros (AMX blocks of 32).
-    let mut xq = vec![0u32; m.next_multiple_of(32) * ldq];
+    // AMX reads whole tiles: rows past m up to a multiple of 32 are zero.
+    let rows = if kern == Kernel::Amx {
+        m.next_multiple_of(32)
+    } else {
+        m
+    };
+    let mut xq = vec![0u32; rows * ldq];
     let mut sx = vec![0f32; m];
-    quantise_rows(x, k, &mut xq, ldq, &mut sx, kern.unsigned());
+    // Large batches are quantised in parallel (a fork costs about a microsecond).
+    let qparts = if m * k >= 1 << 16 {
+        threads.clamp(1, m)
+    } else {
+        1
+    };
+    let (qp, sp) = (Ptr(xq.as_mut_ptr()), Ptr(sx.as_mut_ptr()));
+    par_for(qparts, &|t| {
+        let (a, b) = (m * t / qparts, m * (t + 1) / qparts);
+        // SAFETY: task t alone writes rows a..b of xq (ldq quads each) and of sx; both
+        // outlive par_for, which returns after every task.
+        let (q, s) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(qp.get().add(a * ldq), (b - a) * ldq),
+                std::slice::from_raw_parts_mut(sp.get().add(a), b - a),
+            )
+        };
+        quantise_rows(&x[a * k..b * k], k, q, ldq, s, kern.unsigned());
+    });
     let np = n.div_ceil(NR);
     // Enough panels per task to amortise the fork (≥ ~32 KiB of weights).
     let min_panels = (32768 / (k * NR)).max(1);
@@ -204,6 +330,8 @@ unsafe fn rows_panels(
         // SAFETY: AMX is enabled (Kernel::Amx is only chosen then).
         unsafe { super::amx::configure() };
     }
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx2");
     let mut acc = [0i32; 32 * NR];
     for r0 in (0..m).step_by(RB) {
         let rb = RB.min(m - r0);
@@ -218,17 +346,20 @@ unsafe fn rows_panels(
                 // are rounded up to 32 and i0 is a multiple of 32) of ldq ≥ kq quads
                 // (rounded up to 16, zero-padded), wp kq quad rows of 128 bytes.
                 unsafe { block(kern, r, xs, ldq, wp, kq, &mut acc) };
+                let (sw, b) = (&sw[c0..c0 + ncols], bias.map(|b| &b[c0..c0 + ncols]));
                 for i in 0..r {
                     // SAFETY: row i0+i, columns c0..c0+ncols of y belong to this task.
                     let yr = unsafe {
                         std::slice::from_raw_parts_mut(yp.get().add((i0 + i) * n + c0), ncols)
                     };
-                    let s = sx[i0 + i];
                     let a = &acc[i * NR..i * NR + ncols];
-                    let (sw, b) = (&sw[c0..c0 + ncols], bias.map(|b| &b[c0..c0 + ncols]));
-                    for j in 0..ncols {
-                        yr[j] = a[j] as f32 * (s * sw[j]) + b.map_or(0.0, |b| b[j]);
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        // SAFETY: the CPU has AVX2 (checked below `wide`).
+                        unsafe { scale_row_avx2(a, sx[i0 + i], sw, b, yr) };
+                        continue;
                     }
+                    scale_row(a, sx[i0 + i], sw, b, yr);
                 }
             }
         }
@@ -238,6 +369,26 @@ unsafe fn rows_panels(
         // SAFETY: releases this thread's tile state, which the blocks above configured.
         unsafe { super::amx::release() };
     }
+}
+
+/// `y = acc · (sx · sw) + bias` for one row of a panel.
+#[inline(always)]
+fn scale_row(acc: &[i32], sx: f32, sw: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    let it = y.iter_mut().zip(acc).zip(sw);
+    match bias {
+        Some(b) => it
+            .zip(b)
+            .for_each(|(((y, &a), &s), &b)| *y = a as f32 * (sx * s) + b),
+        None => it.for_each(|((y, &a), &s)| *y = a as f32 * (sx * s)),
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scale_row_avx2(acc: &[i32], sx: f32, sw: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    scale_row(acc, sx, sw, bias, y)
 }
 
 /// One micro-kernel call: the exact int32 sums of `r` rows × the panel's 32 columns
@@ -365,6 +516,10 @@ unsafe fn vnni512<const R: usize>(
         let mut cs = [_mm512_setzero_si512(); 2];
         for r in 0..kq {
             let wr = w.add(r * 4 * NR);
+            if R == 1 {
+                // One row: a single weight stream per core (`prefetch_row`).
+                super::prefetch_row(wr.cast());
+            }
             let w0 = _mm512_loadu_si512(wr.cast());
             let w1 = _mm512_loadu_si512(wr.add(2 * NR).cast());
             cs[0] = _mm512_dpbusd_epi32(cs[0], ones, w0);
@@ -406,6 +561,10 @@ unsafe fn vnni256<const R: usize>(
         let mut cs = [_mm256_setzero_si256(); 4];
         for r in 0..kq {
             let wr = w.add(r * 4 * NR);
+            if R == 1 {
+                // One row: a single weight stream per core (`prefetch_row`).
+                super::prefetch_row(wr.cast());
+            }
             let wv: [__m256i; 4] =
                 std::array::from_fn(|h| _mm256_loadu_si256(wr.add(32 * h).cast()));
             for h in 0..4 {
