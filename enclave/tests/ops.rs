@@ -232,6 +232,12 @@ fn conv2d_direct_matches_naive() {
         ((1, 0), (0, 1)),
         3,
     );
+    // Rows wider than a gather block; more window runs (81 taps) than the AVX-512
+    // gather kernel takes (the strided calls instead); the 1-channel first layer.
+    check_conv2d(1, 3, 140, 16, 3, 3, 20, 1, (1, 1), (1, 1), same, 2);
+    let wide = ((4, 4), (8, 8));
+    check_conv2d(1, 18, 19, 16, 9, 9, 8, 1, (1, 1), (1, 2), wide, 2);
+    check_conv2d(3, 28, 28, 1, 3, 3, 32, 1, (1, 1), (1, 1), same, 2);
 }
 
 /// `conv (relu) → max pool` as a two-node program against the naive conv and a naive

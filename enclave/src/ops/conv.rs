@@ -69,6 +69,13 @@ const TASK_ROWS: usize = 64;
 /// a time, by [`direct`]: one micro-kernel call per run of the window would each
 /// load and store the accumulators for a few multiply-adds.
 const DIRECT_MIN_SEG: usize = 16;
+/// The AVX-512 gather kernel of [`direct`] takes windows of up to this many runs
+/// (kernel rows, or taps with column dilation) and this many pixels per call.
+const GATHER_MAX_SEGS: usize = 64;
+const GATHER_ROWS: usize = 12;
+/// Output pixels per block of [`direct`]'s gather path (their outputs stay in L1
+/// while every panel of the kernel goes over them).
+const GATHER_BLOCK: usize = 128;
 /// Output pixels per task of [`direct`] at least.
 const DIRECT_TASK_PIXELS: usize = 32;
 
@@ -166,15 +173,24 @@ impl ConvParams {
             .min(pixels / DIRECT_TASK_PIXELS)
             .clamp(1, rows.max(1))
     }
+    /// Pooled rows whose conv rows [`direct`] computes at a time with a fused pool
+    /// (`GATHER_BLOCK` conv pixels where rows allow; one on the non-gather path).
+    fn pooled_per_block(&self) -> usize {
+        let pix = self.pool.as_ref().map_or(1, |pg| pg.kh * self.g.ow).max(1);
+        if dense::has_gather(dense::isa()) {
+            (GATHER_BLOCK / pix).max(1)
+        } else {
+            1
+        }
+    }
     /// Floats of one task's scratch in [`direct`]: the padded input rows, the conv
     /// rows of one pooled row (with a fused pool), and the im2col rows of one run of
     /// pixels (for short window runs).
     fn direct_task_floats(&self) -> (usize, usize, usize) {
         let (hp, wp) = self.padded_dims();
-        let pooled = self
-            .pool
-            .as_ref()
-            .map_or(0, |pg| pg.kh * self.g.ow * self.cout);
+        let pooled = self.pool.as_ref().map_or(0, |pg| {
+            self.pooled_per_block() * pg.kh * self.g.ow * self.cout
+        });
         let cols = if self.seg_len() < DIRECT_MIN_SEG {
             dense::isa().rows() * self.k_len()
         } else {
@@ -433,6 +449,7 @@ fn direct(
     let seg = p.seg_len();
     let nseg = kl / seg;
     let im2col = seg < DIRECT_MIN_SEG;
+    let gather = dense::has_gather(isa) && nseg <= GATHER_MAX_SEGS;
     // Input offset (in the padded sample) and kernel row of segment s.
     let seg_at = |s: usize| -> (usize, usize) {
         let (ki, kj) = if g.dw == 1 {
@@ -459,10 +476,10 @@ fn direct(
         // One conv output row (n, oh) into `dst` (ow · cout floats), activated.
         let conv_row = |pad: &[f32], cols: &mut [f32], pr0: usize, oh: usize, dst: &mut [f32]| {
             let xrow = &pad[(oh * g.sh - pr0) * wp * c..];
-            for run in 0..runs {
-                let (o0, o1) = (g.ow * run / runs, g.ow * (run + 1) / runs);
-                let yd = dst[o0 * cout..o1 * cout].as_mut_ptr();
-                if im2col {
+            let yd = dst.as_mut_ptr();
+            if im2col {
+                for run in 0..runs {
+                    let (o0, o1) = (g.ow * run / runs, g.ow * (run + 1) / runs);
                     let cols = &mut cols[..(o1 - o0) * kl];
                     for (j, row) in cols.chunks_exact_mut(kl).enumerate() {
                         let at = (o0 + j) * g.sw * c;
@@ -481,31 +498,91 @@ fn direct(
                             kl,
                             kernel,
                             cout,
+                            cout,
                             bias,
                             false,
-                            yd,
+                            yd.add(o0 * cout),
                             cout,
                         )
                     };
-                    continue;
                 }
-                for s in 0..nseg {
-                    let (xo, ko) = seg_at(s);
-                    let xs = &xrow[o0 * g.sw * c + xo..];
-                    let ks = &kernel[ko * cout..(ko + seg) * cout];
-                    // SAFETY: as above.
+            } else {
+                // Panel by panel, then window run by run: one panel's block of the
+                // kernel (kc × 32) serves every pixel of the row from L1, where the
+                // whole kernel (72 KiB for 3×3×32→64) does not fit.
+                for c0 in (0..cout).step_by(dense::NR) {
+                    let nc = dense::NR.min(cout - c0);
+                    for s in 0..nseg {
+                        let (xo, ko) = seg_at(s);
+                        let ks = &kernel[ko * cout + c0..(ko + seg) * cout];
+                        for run in 0..runs {
+                            let (o0, o1) = (g.ow * run / runs, g.ow * (run + 1) / runs);
+                            let xs = &xrow[o0 * g.sw * c + xo..];
+                            // SAFETY: pixels o0..o1 of dst, columns c0..c0+nc, are
+                            // ours (dst is an exclusive borrow).
+                            unsafe {
+                                dense::strided_rows(
+                                    isa,
+                                    xs,
+                                    o1 - o0,
+                                    g.sw * c,
+                                    seg,
+                                    ks,
+                                    cout,
+                                    nc,
+                                    bias.map(|b| &b[c0..]),
+                                    s > 0,
+                                    yd.add(o0 * cout + c0),
+                                    cout,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+            act.apply(dst);
+        };
+        // With the AVX-512 gather kernel: conv rows oh0..oh0+nrows into `dst`
+        // (nrows · ow · cout floats), activated. Pixels go through the kernel in runs
+        // of near-equal length (up to 12) across output rows, each reading its whole
+        // window from the padded input; panel by panel, so one panel's block of the
+        // kernel serves all of them from cache.
+        let mut segs = [0usize; GATHER_MAX_SEGS];
+        for (s, o) in segs.iter_mut().enumerate().take(nseg.min(GATHER_MAX_SEGS)) {
+            *o = seg_at(s).0;
+        }
+        let segs = &segs[..nseg.min(GATHER_MAX_SEGS)];
+        let gather_rows = |pad: &[f32], pr0: usize, oh0: usize, nrows: usize, dst: &mut [f32]| {
+            let pix = nrows * g.ow;
+            let chunks = pix.div_ceil(step);
+            for c0 in (0..cout).step_by(dense::NR) {
+                let nc = dense::NR.min(cout - c0);
+                for ch in 0..chunks {
+                    let (q0, q1) = (pix * ch / chunks, pix * (ch + 1) / chunks);
+                    let mut ptrs = [std::ptr::null::<f32>(); GATHER_ROWS];
+                    let (mut oh, mut ow) = (oh0 + q0 / g.ow, q0 % g.ow);
+                    for p in ptrs[..q1 - q0].iter_mut() {
+                        *p = pad[((oh * g.sh - pr0) * wp + ow * g.sw) * c..].as_ptr();
+                        ow += 1;
+                        if ow == g.ow {
+                            ow = 0;
+                            oh += 1;
+                        }
+                    }
+                    // SAFETY: each pixel's window (its segments) lies inside the
+                    // padded rows pr0.. that `pad_rows` filled (the geometry of
+                    // `padded_dims`); pixels q0..q1 of dst, columns c0..c0+nc, are ours
+                    // (dst is an exclusive borrow, nrows · ow · cout floats).
                     unsafe {
-                        dense::strided_rows(
-                            isa,
-                            xs,
-                            o1 - o0,
-                            g.sw * c,
+                        dense::gather_rows(
+                            &ptrs[..q1 - q0],
+                            segs,
                             seg,
-                            ks,
+                            &kernel[c0..],
                             cout,
-                            bias,
-                            s > 0,
-                            yd,
+                            nc,
+                            bias.map(|b| &b[c0..]),
+                            dst[q0 * cout + c0..].as_mut_ptr(),
                             cout,
                         )
                     };
@@ -522,25 +599,60 @@ fn direct(
             let (ca, cb) = (ga * gstep, (gb - 1) * gstep + grows);
             let (pr0, pr1) = (ca * g.sh, (cb - 1) * g.sh + (g.kh - 1) * g.dh + 1);
             pad_rows(&x[n * g.in_len()..][..g.in_len()], pad, pr0, pr1, wp, g);
-            for gi in ga..gb {
-                // SAFETY: output row group (n, gi) lies in this task's groups a..b of
-                // y (groups · out_row floats, asserted above); the tasks' ranges are
-                // disjoint.
-                let yrow = unsafe {
+            // With a pool and the gather kernel, `per` pooled rows at a time (their conv
+            // rows are consecutive: stride = window), so that runs of pixels are long.
+            let per = if gather { p.pooled_per_block() } else { 1 };
+            let mut gi = ga;
+            while gi < gb {
+                let ng = per.min(gb - gi);
+                // SAFETY: output row groups (n, gi..gi+ng) lie in this task's groups
+                // a..b of y (groups · out_row floats, asserted above); the tasks' ranges
+                // are disjoint.
+                let yrows = unsafe {
                     std::slice::from_raw_parts_mut(
                         yp.get().add((n * ngroups + gi) * out_row),
-                        out_row,
+                        ng * out_row,
                     )
                 };
                 let Some(pg) = &p.pool else {
-                    conv_row(pad, cols, pr0, gi, yrow);
+                    if !gather {
+                        conv_row(pad, cols, pr0, gi, yrows);
+                    }
+                    gi += ng;
                     continue;
                 };
                 let rl = g.ow * cout;
-                for (k, dst) in pooled.chunks_exact_mut(rl).enumerate() {
-                    conv_row(pad, cols, pr0, gi * gstep + k, dst);
+                let conv_rows = &mut pooled[..ng * grows * rl];
+                if gather {
+                    gather_rows(pad, pr0, gi * gstep, ng * grows, conv_rows);
+                } else {
+                    for (k, dst) in conv_rows.chunks_exact_mut(rl).enumerate() {
+                        conv_row(pad, cols, pr0, gi * gstep + k, dst);
+                    }
                 }
-                max_pool_rows(pooled, yrow, pg, cout);
+                for (rows, yrow) in conv_rows
+                    .chunks_exact(grows * rl)
+                    .zip(yrows.chunks_exact_mut(out_row))
+                {
+                    max_pool_rows(rows, yrow, pg, cout);
+                }
+                gi += ng;
+            }
+            if gather && p.pool.is_none() {
+                // Blocks of whole conv rows, ≤ GATHER_BLOCK pixels each where a row allows.
+                let per = (GATHER_BLOCK / g.ow.max(1)).max(1);
+                let mut oh = ga;
+                while oh < gb {
+                    let nr = per.min(gb - oh);
+                    let at = (n * g.oh + oh) * g.ow * cout;
+                    // SAFETY: conv rows oh..oh+nr of sample n lie in this task's rows
+                    // a..b of y (no pool: groups are conv rows); disjoint between tasks.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(yp.get().add(at), nr * g.ow * cout)
+                    };
+                    gather_rows(pad, pr0, oh, nr, dst);
+                    oh += nr;
+                }
             }
             r = n * ngroups + gb;
         }
@@ -551,6 +663,21 @@ fn direct(
 /// `pg.kh` conv rows in `rows` (each `pg.w · c` floats) into `out` (`pg.ow · c`).
 fn max_pool_rows(rows: &[f32], out: &mut [f32], pg: &Geom, c: usize) {
     let rl = pg.w * c;
+    // NaN propagates like `pool`'s max (branch-free, so it vectorises).
+    let mx = |a: f32, b: f32| if (b > a) | b.is_nan() { b } else { a };
+    if (pg.kh, pg.kw) == (2, 2) {
+        // The common 2×2 window in one pass over each output pixel.
+        let (r0, r1) = rows.split_at(rl);
+        for (pw, o) in out.chunks_exact_mut(c).enumerate() {
+            let at = 2 * pw * c;
+            let (a, b) = (&r0[at..at + c], &r0[at + c..at + 2 * c]);
+            let (d, e) = (&r1[at..at + c], &r1[at + c..at + 2 * c]);
+            for j in 0..c {
+                o[j] = mx(mx(a[j], b[j]), mx(d[j], e[j]));
+            }
+        }
+        return;
+    }
     for (pw, o) in out.chunks_exact_mut(c).enumerate() {
         o.copy_from_slice(&rows[pw * pg.sw * c..][..c]);
         for ki in 0..pg.kh {
@@ -560,8 +687,7 @@ fn max_pool_rows(rows: &[f32], out: &mut [f32], pg: &Geom, c: usize) {
                 }
                 let v = &rows[ki * rl + (pw * pg.sw + kj) * c..][..c];
                 for (a, &b) in o.iter_mut().zip(v) {
-                    // NaN propagates like `pool`'s max (branch-free, so it vectorises).
-                    *a = if (b > *a) | b.is_nan() { b } else { *a };
+                    *a = mx(*a, b);
                 }
             }
         }

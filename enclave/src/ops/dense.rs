@@ -17,8 +17,9 @@
 //! (`kernel_layout: panels32`, see [`Kernel::Panels`]): the owner's machine does the
 //! packing once, and the worker streams each panel contiguously at every batch size
 //! with no copy at load or at run time. At batch 1 each panel is read as several
-//! concurrent streams (`gemv_panel`): one stream per core left the prefetchers idle
-//! at every 4 KiB page (the MIT67 head's 2048×2048 layer, 2 threads: 0.44 → 0.30 ms). For batches of more than one row, the
+//! streams with accumulators of their own (`gemv_panel`): eight independent FMA
+//! chains instead of two keep more of the weights' loads in flight (the MIT67 head's
+//! 2048×2048 layer, 2 threads: 0.44 → 0.30 ms). For batches of more than one row, the
 //! kernels prefetch the next panel block into L2 while computing one (batch 64 of the
 //! benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an Intel Xeon VM;
 //! at batch 1 it cost 20%). The row-major path above serves programs without that
@@ -197,12 +198,13 @@ fn dense_with(
 }
 
 /// Batch 1 on one `panels32` panel: `y[..ncols] = x[..k] · panel + bias`, the panel
-/// read as `STREAMS` concurrent streams (its k rows cut into that many ranges, each
-/// with its own accumulators, summed at the end). One core's hardware prefetchers
-/// keep several sequential streams in flight but follow each only within a 4 KiB
-/// page, so one stream leaves them idle at every page boundary: reading a 21 MB
-/// buffer with AVX-512 loads ran at 18 GB/s as one stream and 28 GB/s as two or more
-/// on one core of an Intel Xeon VM (37 → 56 GB/s on two cores).
+/// read as `STREAMS` streams (its k rows cut into that many ranges, each with its own
+/// accumulators, summed at the end). With one range the kernel's two accumulators
+/// are two FMA dependency chains, and the loads queued behind them keep too few
+/// cache misses in flight: `cargo run --release --example stream_bandwidth` reads a
+/// 21 MB buffer at 20 GB/s per core with one add chain and 26–27 GB/s with two or
+/// more (Intel Xeon VM; 41 → 54 GB/s on two cores), and the 2048×2048 layer of the
+/// MIT67 head took 0.44 ms on two threads with one range, 0.30 ms with four.
 ///
 /// # Safety
 /// The CPU must have the ISA (not `Portable`); `y` must be valid for writes of
@@ -534,7 +536,7 @@ unsafe fn row_blocks(
 
 /// `y[rows × n] = x · w + bias` (or `+=` with `accumulate`) for `rows` rows of `x`
 /// that are `ldx` floats apart and `kc` long, and a row-major `kc × n` kernel `w`
-/// (row stride `n`), with the micro-kernels of `isa`. The rows may overlap: a
+/// (row stride `ldw` ≥ `n`), with the micro-kernels of `isa`. The rows may overlap: a
 /// convolution passes the windows of consecutive output pixels straight from its
 /// (padded) input this way, see `conv::direct`.
 ///
@@ -549,14 +551,16 @@ pub(crate) unsafe fn strided_rows(
     ldx: usize,
     kc: usize,
     w: &[f32],
+    ldw: usize,
     n: usize,
     bias: Option<&[f32]>,
     accumulate: bool,
     y: *mut f32,
     ldy: usize,
 ) {
-    assert!(rows >= 1 && kc >= 1 && x.len() >= (rows - 1) * ldx + kc);
-    assert!(w.len() >= (kc - 1) * n + n && ldy >= n && bias.is_none_or(|b| b.len() >= n));
+    assert!(rows >= 1 && kc >= 1 && n >= 1 && x.len() >= (rows - 1) * ldx + kc);
+    assert!(ldw >= n && w.len() >= (kc - 1) * ldw + n);
+    assert!(ldy >= n && bias.is_none_or(|b| b.len() >= n));
     for c0 in (0..n).step_by(NR) {
         let ncols = NR.min(n - c0);
         let init = if accumulate {
@@ -575,7 +579,7 @@ pub(crate) unsafe fn strided_rows(
                 0,
                 kc,
                 &w[c0..],
-                n,
+                ldw,
                 &[],
                 init,
                 SendPtr(y),
@@ -584,6 +588,58 @@ pub(crate) unsafe fn strided_rows(
                 ncols,
             )
         };
+    }
+}
+
+/// Whether [`gather_rows`] runs on this kernel family (AVX-512 only).
+pub(crate) fn has_gather(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && isa == Isa::Avx512
+}
+
+/// Up to [`Isa::rows`] output pixels of a convolution: `y[r, 0..ncols] = bias +
+/// Σ_s rows[r][segs[s] .. + seg] · w[s·seg .., 0..ncols]` (`w` row stride `ldw`), row
+/// `r` of `y` at `y + r·ldy`. Only where [`has_gather`].
+///
+/// # Safety
+/// `rows[r] + segs[s] .. + seg` must be valid for reads for every row and segment,
+/// and `y + r·ldy .. + ncols` for writes (and touched by nobody else) for every row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gather_rows(
+    rows: &[*const f32],
+    segs: &[usize],
+    seg: usize,
+    w: &[f32],
+    ldw: usize,
+    ncols: usize,
+    bias: Option<&[f32]>,
+    y: *mut f32,
+    ldy: usize,
+) {
+    assert!((1..=MR).contains(&rows.len()) && (1..=NR).contains(&ncols) && seg >= 1);
+    assert!(!segs.is_empty() && w.len() >= (segs.len() * seg - 1) * ldw + ncols);
+    assert!(bias.is_none_or(|b| b.len() >= ncols));
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(has_gather(isa()));
+        let w = w.as_ptr();
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match rows.len() {
+                    // SAFETY: the CPU has avx512f (`has_gather`); the caller's
+                    // contract for rows and y, w's length asserted above.
+                    $($r => unsafe {
+                        avx512::gather_kernel::<$r>(rows, segs, seg, w, ldw, bias, y, ldy, ncols)
+                    },)*
+                    _ => unreachable!("rows <= MR"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, segs, seg, w, ldw, ncols, bias, y, ldy);
+        unreachable!("has_gather is false here");
     }
 }
 
@@ -1014,6 +1070,64 @@ mod avx512 {
         }
     }
 
+    /// `y[0..R, 0..ncols] = bias + Σ_s Σ_i rows[r][segs[s] + i] · w[s·seg + i]` for
+    /// `i < seg`: a convolution's output pixels, row `r` reading its window's runs
+    /// (`segs`: their offsets) straight from the padded input; the accumulators stay in
+    /// registers over the whole window.
+    ///
+    /// # Safety
+    /// avx512f must be available; `rows[r] + segs[s] .. + seg` must be valid for reads
+    /// for every `r < R` and `s`, `w + i*ldw .. + ncols` for every
+    /// `i < segs.len() · seg`; `bias` (if any) has ≥ `ncols` floats, and `y` must be
+    /// valid for writes of `ncols` floats at `y + r*ldy` for every `r < R`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gather_kernel<const R: usize>(
+        rows: &[*const f32],
+        segs: &[usize],
+        seg: usize,
+        w: *const f32,
+        ldw: usize,
+        bias: Option<&[f32]>,
+        y: *mut f32,
+        ldy: usize,
+        ncols: usize,
+    ) {
+        debug_assert!(ncols <= 32 && rows.len() >= R);
+        let (m0, m1) = masks(ncols);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if let Some(b) = bias {
+            let b0 = _mm512_maskz_loadu_ps(m0, b.as_ptr());
+            let b1 = _mm512_maskz_loadu_ps(m1, b.as_ptr().add(16));
+            for a in acc.iter_mut() {
+                *a = [b0, b1];
+            }
+        }
+        for (s, &off) in segs.iter().enumerate() {
+            let mut xr = [std::ptr::null::<f32>(); R];
+            for (p, &row) in xr.iter_mut().zip(rows) {
+                *p = row.add(off);
+            }
+            let ws = w.add(s * seg * ldw);
+            // SAFETY (both loops): i < seg, r < R: inside the caller's ranges.
+            for i in 0..seg {
+                let wr = ws.add(i * ldw);
+                let w0 = _mm512_maskz_loadu_ps(m0, wr);
+                let w1 = _mm512_maskz_loadu_ps(m1, wr.add(16));
+                for (a, &p) in acc.iter_mut().zip(&xr) {
+                    let xv = _mm512_set1_ps(*p.add(i));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let yr = y.add(r * ldy);
+            _mm512_mask_storeu_ps(yr, m0, a[0]);
+            _mm512_mask_storeu_ps(yr.add(16), m1, a[1]);
+        }
+    }
+
     /// `y[0..len] += Σ_r x[r] · w[r*ldw .. r*ldw + len]` for `r < R`.
     ///
     /// # Safety
@@ -1061,7 +1175,7 @@ mod avx512 {
         }
     }
 
-    /// Concurrent streams of the batch-1 panel kernel (see `super::gemv_panel`).
+    /// Streams (each with its own accumulators) of the batch-1 panel kernel (see `super::gemv_panel`).
     const STREAMS: usize = 4;
 
     /// `y[..ncols] = x · w + bias` for one 32-column panel `w` (`x.len()` rows of 32
@@ -1118,7 +1232,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Concurrent streams of the batch-1 panel kernel (see `super::gemv_panel`):
+    /// Streams (each with its own accumulators) of the batch-1 panel kernel (see `super::gemv_panel`):
     /// 2 × 4 ymm accumulators, 2 broadcasts, the weights as memory operands.
     const STREAMS: usize = 2;
 
