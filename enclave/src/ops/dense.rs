@@ -17,8 +17,9 @@
 //! (`kernel_layout: panels32`, see [`Kernel::Panels`]): the owner's machine does the
 //! packing once, and the worker streams each panel contiguously at every batch size
 //! with no copy at load or at run time. At batch 1 each panel is read as several
-//! concurrent streams (`gemv_panel`): one stream per core left the prefetchers idle
-//! at every 4 KiB page (the MIT67 head's 2048×2048 layer, 2 threads: 0.44 → 0.30 ms). For batches of more than one row, the
+//! streams with accumulators of their own (`gemv_panel`): eight independent FMA
+//! chains instead of two keep more of the weights' loads in flight (the MIT67 head's
+//! 2048×2048 layer, 2 threads: 0.44 → 0.30 ms). For batches of more than one row, the
 //! kernels prefetch the next panel block into L2 while computing one (batch 64 of the
 //! benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an Intel Xeon VM;
 //! at batch 1 it cost 20%). The row-major path above serves programs without that
@@ -197,12 +198,13 @@ fn dense_with(
 }
 
 /// Batch 1 on one `panels32` panel: `y[..ncols] = x[..k] · panel + bias`, the panel
-/// read as `STREAMS` concurrent streams (its k rows cut into that many ranges, each
-/// with its own accumulators, summed at the end). One core's hardware prefetchers
-/// keep several sequential streams in flight but follow each only within a 4 KiB
-/// page, so one stream leaves them idle at every page boundary: reading a 21 MB
-/// buffer with AVX-512 loads ran at 18 GB/s as one stream and 28 GB/s as two or more
-/// on one core of an Intel Xeon VM (37 → 56 GB/s on two cores).
+/// read as `STREAMS` streams (its k rows cut into that many ranges, each with its own
+/// accumulators, summed at the end). With one range the kernel's two accumulators
+/// are two FMA dependency chains, and the loads queued behind them keep too few
+/// cache misses in flight: `cargo run --release --example stream_bandwidth` reads a
+/// 21 MB buffer at 20 GB/s per core with one add chain and 26–27 GB/s with two or
+/// more (Intel Xeon VM; 41 → 54 GB/s on two cores), and the 2048×2048 layer of the
+/// MIT67 head took 0.44 ms on two threads with one range, 0.30 ms with four.
 ///
 /// # Safety
 /// The CPU must have the ISA (not `Portable`); `y` must be valid for writes of
@@ -1173,7 +1175,7 @@ mod avx512 {
         }
     }
 
-    /// Concurrent streams of the batch-1 panel kernel (see `super::gemv_panel`).
+    /// Streams (each with its own accumulators) of the batch-1 panel kernel (see `super::gemv_panel`).
     const STREAMS: usize = 4;
 
     /// `y[..ncols] = x · w + bias` for one 32-column panel `w` (`x.len()` rows of 32
@@ -1230,7 +1232,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Concurrent streams of the batch-1 panel kernel (see `super::gemv_panel`):
+    /// Streams (each with its own accumulators) of the batch-1 panel kernel (see `super::gemv_panel`):
     /// 2 × 4 ymm accumulators, 2 broadcasts, the weights as memory operands.
     const STREAMS: usize = 2;
 

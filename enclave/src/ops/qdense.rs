@@ -43,15 +43,14 @@ const KC_BF16: usize = 256;
 /// Fewest rows of a chunk that the AMX path computes with tiles (16 rows each).
 const AMX_MIN_ROWS: usize = 8;
 
-/// How far ahead (bytes) the one-row kernels prefetch the weights they stream.
+/// How far ahead (bytes) the one-row int8 kernels prefetch the weights they stream.
 const PF_AHEAD: usize = 1024;
 
 /// Request the two cache lines `PF_AHEAD` bytes after the 128-byte weight row at `w`
-/// into L1. For one row of `x` the kernel is a single sequential stream per core, and
-/// the hardware prefetchers follow a stream only within its 4 KiB page: reading a 21 MB
-/// buffer on an Intel Xeon VM ran at 17 GB/s per core as one stream and 26 GB/s with a
-/// prefetch 256 B–2 KiB ahead (33 → 53 GB/s on two cores). A prefetch is a hint: it
-/// never faults, so the address may lie past the weights.
+/// into L1. A small effect at most: `cargo run --release --example stream_bandwidth`
+/// reads a 21 MB buffer 0–6% faster with a prefetch ahead (what limits one row is the
+/// number of independent accumulator chains, see `ops::dense`). A prefetch is a
+/// hint: it never faults, so the address may lie past the weights.
 #[inline(always)]
 fn prefetch_row(w: *const u8) {
     #[cfg(target_arch = "x86_64")]
@@ -358,9 +357,10 @@ fn bf16_rows(
         path
     };
     // Inputs staged per pass, and the staged rows' stride (u32). One row (batch 1)
-    // stages all of k, so each panel is then read as one contiguous stream (that
-    // `prefetch_row` keeps ahead of); more rows stage KC_BF16 at a time, each panel
-    // block then reused from cache by all of them.
+    // stages all of k, so each panel is read whole in one call instead of in KC_BF16
+    // pieces with every panel visited in turn for each piece (the MIT67 head, 2
+    // threads, in-process: 0.30 → 0.22 ms); more rows stage KC_BF16 at a time, each
+    // panel block then reused from cache by all of them.
     let ldx = match k.next_multiple_of(32) {
         kk if rb == 1 && kk <= RB * KC_BF16 => kk,
         _ => KC_BF16,
@@ -535,9 +535,6 @@ fn bf16_portable_rows<const R: usize>(
 ) -> [[f32; NR]; R] {
     let mut acc = [[0f32; NR]; R];
     for (r, wr) in w[..kp * 2 * NR].chunks_exact(2 * NR).enumerate() {
-        if R == 1 {
-            prefetch_row(wr.as_ptr().cast());
-        }
         let mut lo = [0f32; NR];
         let mut hi = [0f32; NR];
         for j in 0..NR {
@@ -655,9 +652,6 @@ unsafe fn bf16_dot<const R: usize>(
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for r in 0..kp {
             let wr = w.add(r * 2 * NR);
-            if R == 1 {
-                prefetch_row(wr.cast());
-            }
             let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.cast()));
             let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.add(NR).cast()));
             for (i, a) in acc.iter_mut().enumerate() {
@@ -692,9 +686,6 @@ unsafe fn bf16_wide<const R: usize>(
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for r in 0..kp {
             let wr = w.add(r * 2 * NR);
-            if R == 1 {
-                prefetch_row(wr.cast());
-            }
             let v0 = _mm512_loadu_si512(wr.cast());
             let v1 = _mm512_loadu_si512(wr.add(NR).cast());
             let (a0, b0) = (
