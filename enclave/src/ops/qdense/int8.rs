@@ -13,10 +13,11 @@
 //! signed by signed (`tdpbssd`) as they are, and the scale is one division per row.
 //! The VNNI instructions multiply unsigned by signed (`vpdpbusd`), so those kernels
 //! store `qx + 128` (a flipped sign bit) and subtract `128 · Σ_k w[k, col]`, which
-//! they sum alongside with the same instruction (one more per weight load).
+//! they sum with the same instruction (AVX-512: alongside, one more per weight load;
+//! AVX-VNNI, short of registers: once per panel).
 //!
 //! Kernels, best first: AMX-INT8 tiles (blocks of up to 32 rows), AVX-512 VNNI
-//! (12 rows), AVX-VNNI on 256-bit registers (2 rows), and a portable one in plain Rust
+//! (12 rows), AVX-VNNI on 256-bit registers (3 rows), and a portable one in plain Rust
 //! (also compiled with AVX2 enabled, which LLVM vectorises).
 
 use std::sync::atomic::Ordering;
@@ -39,8 +40,8 @@ impl<T> Ptr<T> {
     }
 }
 
-/// Rows per AVX-VNNI (256-bit) call: 4 accumulators per row and 4 column sums.
-const MR_VNNI256: usize = 2;
+/// Rows per AVX-VNNI (256-bit) call: 4 accumulators and a broadcast per row.
+const MR_VNNI256: usize = 3;
 
 /// The int8 kernel that runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,6 +340,9 @@ unsafe fn rows_panels(
             let c0 = p * NR;
             let ncols = NR.min(n - c0);
             let wp = &w[p * kq * 4 * NR..][..kq * 4 * NR];
+            // Vnni256's column sums, once per panel where a block has several rows.
+            #[cfg(target_arch = "x86_64")]
+            let mut cs128: Option<[i32; NR]> = None;
             for i0 in (r0..r0 + rb).step_by(step) {
                 let r = step.min(r0 + rb - i0);
                 let xs = &xq[i0 * ldq..];
@@ -346,6 +350,18 @@ unsafe fn rows_panels(
                 // are rounded up to 32 and i0 is a multiple of 32) of ldq ≥ kq quads
                 // (rounded up to 16, zero-padded), wp kq quad rows of 128 bytes.
                 unsafe { block(kern, r, xs, ldq, wp, kq, &mut acc) };
+                #[cfg(target_arch = "x86_64")]
+                if kern == Kernel::Vnni256 && r > 1 {
+                    // SAFETY: wp holds kq rows of 128 bytes; Vnni256 is only chosen
+                    // where the CPU has AVX2 and AVX-VNNI.
+                    let cs = &*cs128.get_or_insert_with(|| unsafe { colsum128_vnni256(wp, kq) });
+                    // Σ (qx + 128) · w − 128 · Σ w, exact modulo 2^32, hence exact.
+                    for row in acc[..r * NR].chunks_exact_mut(NR) {
+                        row.iter_mut()
+                            .zip(cs)
+                            .for_each(|(a, c)| *a = a.wrapping_sub(*c));
+                    }
+                }
                 let (sw, b) = (&sw[c0..c0 + ncols], bias.map(|b| &b[c0..c0 + ncols]));
                 for i in 0..r {
                     // SAFETY: row i0+i, columns c0..c0+ncols of y belong to this task.
@@ -430,7 +446,7 @@ unsafe fn block(
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni512 => rows!(vnni512, 1 2 3 4 5 6 7 8 9 10 11 12),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni256 => rows!(vnni256, 1 2),
+            Kernel::Vnni256 => rows!(vnni256, 1 2 3),
             #[cfg(target_arch = "x86_64")]
             Kernel::PortableAvx2 => rows!(portable_avx2, 1 2 3 4),
             _ => rows!(portable, 1 2 3 4),
@@ -540,11 +556,45 @@ unsafe fn vnni512<const R: usize>(
     }
 }
 
-/// AVX-VNNI (256-bit `vpdpbusd`, CPUs without AVX-512): as [`vnni512`] with four
-/// 32-byte loads (8 columns each) per quad row.
+/// `128 · Σ_k w[k, col]` for the panel's 32 columns with AVX-VNNI (`vpdpbusd` of
+/// bytes of 1 and the weights): what [`vnni256`]'s sums exceed the true ones by.
 ///
 /// # Safety
-/// As [`vnni512`]; the CPU must have AVX2 and AVX-VNNI.
+/// `w` holds `kq · 128` bytes; the CPU must have AVX2 and AVX-VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn colsum128_vnni256(w: &[i8], kq: usize) -> [i32; NR] {
+    assert!(w.len() >= kq * 4 * NR);
+    let mut out = [0i32; NR];
+    // SAFETY: loads inside w (kq rows of 128 bytes, asserted), stores inside out.
+    unsafe {
+        let ones = _mm256_set1_epi8(1);
+        let mut cs = [_mm256_setzero_si256(); 4];
+        for r in 0..kq {
+            for (h, c) in cs.iter_mut().enumerate() {
+                let wv = _mm256_loadu_si256(w.as_ptr().add(r * 4 * NR + 32 * h).cast());
+                *c = _mm256_dpbusd_avx_epi32(*c, ones, wv);
+            }
+        }
+        for (h, c) in cs.iter().enumerate() {
+            _mm256_storeu_si256(
+                out.as_mut_ptr().add(8 * h).cast(),
+                _mm256_slli_epi32::<7>(*c),
+            );
+        }
+    }
+    out
+}
+
+/// AVX-VNNI (256-bit `vpdpbusd`, CPUs without AVX-512): per quad row four 32-byte
+/// weight loads (8 columns × 4 inputs each), each used by every row's broadcast quad.
+/// Sixteen registers allow 3 rows × 4 accumulators: for several rows the column sums
+/// are not summed alongside (as [`vnni512`] does) but once per panel
+/// ([`colsum128_vnni256`]) and the caller subtracts them; one row (batch 1: a single
+/// pass over the weights) sums and subtracts them here.
+///
+/// # Safety
+/// As [`portable`] (`xs` holds `qx + 128`); the CPU must have AVX2 and AVX-VNNI.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avxvnni")]
 unsafe fn vnni256<const R: usize>(
@@ -554,7 +604,8 @@ unsafe fn vnni256<const R: usize>(
     kq: usize,
     acc: *mut i32,
 ) {
-    // SAFETY: as vnni512.
+    // SAFETY: reads stay inside xs (R rows of ldq ≥ kq quads) and w (kq · 128 bytes),
+    // writes inside acc (R × NR).
     unsafe {
         let ones = _mm256_set1_epi8(1);
         let mut a = [[_mm256_setzero_si256(); 4]; R];
@@ -565,22 +616,26 @@ unsafe fn vnni256<const R: usize>(
                 // One row: a single weight stream per core (`prefetch_row`).
                 super::prefetch_row(wr.cast());
             }
-            let wv: [__m256i; 4] =
-                std::array::from_fn(|h| _mm256_loadu_si256(wr.add(32 * h).cast()));
+            let xv: [__m256i; R] =
+                std::array::from_fn(|i| _mm256_set1_epi32(*xs.add(i * ldq + r) as i32));
             for h in 0..4 {
-                cs[h] = _mm256_dpbusd_avx_epi32(cs[h], ones, wv[h]);
-            }
-            for (i, ai) in a.iter_mut().enumerate() {
-                let xv = _mm256_set1_epi32(*xs.add(i * ldq + r) as i32);
-                for h in 0..4 {
-                    ai[h] = _mm256_dpbusd_avx_epi32(ai[h], xv, wv[h]);
+                let wv = _mm256_loadu_si256(wr.add(32 * h).cast());
+                if R == 1 {
+                    cs[h] = _mm256_dpbusd_avx_epi32(cs[h], ones, wv);
+                }
+                for (ai, x) in a.iter_mut().zip(&xv) {
+                    ai[h] = _mm256_dpbusd_avx_epi32(ai[h], *x, wv);
                 }
             }
         }
         for (i, ai) in a.iter().enumerate() {
-            for h in 0..4 {
-                let c = _mm256_slli_epi32::<7>(cs[h]);
-                _mm256_storeu_si256(acc.add(i * NR + 8 * h).cast(), _mm256_sub_epi32(ai[h], c));
+            for (h, v) in ai.iter().enumerate() {
+                let v = if R == 1 {
+                    _mm256_sub_epi32(*v, _mm256_slli_epi32::<7>(cs[h]))
+                } else {
+                    *v
+                };
+                _mm256_storeu_si256(acc.add(i * NR + 8 * h).cast(), v);
             }
         }
     }
