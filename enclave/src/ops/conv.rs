@@ -77,7 +77,7 @@ const GATHER_ROWS: usize = 12;
 /// while every panel of the kernel goes over them).
 const GATHER_BLOCK: usize = 128;
 /// Output pixels per task of [`direct`] at least.
-const DIRECT_TASK_PIXELS: usize = 32;
+const DIRECT_TASK_PIXELS: usize = 16;
 
 impl ConvParams {
     pub(crate) fn k_len(&self) -> usize {
@@ -304,7 +304,12 @@ pub fn conv(
         let act = if fused { &p.act } else { &Act::Linear };
         if p.is_pointwise() {
             gemm_rows(&x[..rows * g.c], kernel, bias, act, y, g.c, cout, threads);
-        } else if p.direct_ok(dense::isa()) {
+        } else if p.direct_ok(dense::isa())
+            && (dense::has_gather(dense::isa()) || p.seg_len() < DIRECT_MIN_SEG)
+        {
+            // Without the gather kernel (AVX2), long window runs multiply im2col
+            // blocks a little faster than strided calls per run (3×3×64 → 64 at batch
+            // 16, 1 thread: 0.70 against 0.77 ms); a fused pool still runs direct.
             direct(
                 dense::isa(),
                 x,
