@@ -1175,7 +1175,8 @@ mod avx512 {
         }
     }
 
-    /// Streams (each with its own accumulators) of the batch-1 panel kernel (see `super::gemv_panel`).
+    /// Streams, each with its own accumulators, of the batch-1 panel kernel (see
+    /// `super::gemv_panel`): 4 × 2 zmm accumulators.
     const STREAMS: usize = 4;
 
     /// `y[..ncols] = x · w + bias` for one 32-column panel `w` (`x.len()` rows of 32
@@ -1232,8 +1233,9 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Streams (each with its own accumulators) of the batch-1 panel kernel (see `super::gemv_panel`):
-    /// 2 × 4 ymm accumulators, 2 broadcasts, the weights as memory operands.
+    /// Streams, each with its own accumulators, of the batch-1 panel kernel (see
+    /// `super::gemv_panel`): 2 × 4 ymm accumulators, 2 broadcasts, the weights as
+    /// memory operands.
     const STREAMS: usize = 2;
 
     /// `y[..ncols] = x · w + bias` for one 32-column panel `w` (`x.len()` rows of 32

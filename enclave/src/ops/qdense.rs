@@ -428,8 +428,9 @@ fn bf16_rows(
                 #[cfg(target_arch = "x86_64")]
                 if amx {
                     // SAFETY: as above; xs also holds 32 rows (RB ≥ 32 + i0 whenever
-                    // rows i0+16.. are read, else only 16) of ldx (KC_BF16 with AMX) ≥ kp rounded up to 16
-                    // pairs (zeroed past kp and past rb), and AMX was enabled.
+                    // rows i0+16.. are read, else only 16) of ldx (KC_BF16 with AMX) ≥
+                    // kp rounded up to 16 pairs (zeroed past kp and past rb), and AMX
+                    // was enabled.
                     unsafe { amx::bf16_block(xs, ldx, wb, kp, r, &blk) };
                     continue;
                 }
