@@ -118,11 +118,6 @@ impl Team {
         Ok(team)
     }
 
-    /// Threads in the team, the owner included.
-    pub fn threads(&self) -> usize {
-        self.helpers.len() + 1
-    }
-
     pub fn set_spin_us(&self, spin_us: u64) {
         self.shared.spin_us.store(spin_us, Ordering::Relaxed);
     }
