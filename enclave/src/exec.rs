@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, qdense, resize, slice};
+use crate::ops::{binary, conv, conv_transpose, dense, matmul, misc, qdense, resize, slice, Act};
 use crate::program::{Error, Node, Op, Program, QWeight, TensorMeta, WRef, Weights};
 use crate::secmem::SecretBuf;
 use crate::team::Team;
@@ -196,6 +196,14 @@ impl Executor {
                     if let Op::Conv { p, .. } = op {
                         scratch_len = scratch_len.max(p.scratch_len(max_batch, threads));
                         warm_scratch = warm_scratch.max(p.scratch_len(warm, threads));
+                    }
+                    if let Op::Dense {
+                        rows, panels: true, ..
+                    } = op
+                    {
+                        let len = |b: usize| dense::scratch_len(b * rows, threads);
+                        scratch_len = scratch_len.max(len(max_batch));
+                        warm_scratch = warm_scratch.max(len(warm));
                     }
                     if let Op::Matmul(mm) = op {
                         scratch_len = scratch_len.max(mm.scratch_len(threads));
@@ -588,8 +596,13 @@ impl State {
                 } else {
                     dense::Kernel::Rows(w(*kernel))
                 };
-                dense::dense(x(0)?, kernel, bias.map(w), y, batch * rows, *k, *n, threads);
-                act.apply_par(y, threads);
+                let (m, s) = (batch * rows, &mut self.scratch);
+                // A ReLU is applied by the kernels as they store (no pass over y).
+                let relu = *act == Act::Relu;
+                dense::dense_scratch(x(0)?, kernel, bias.map(w), y, m, *k, *n, threads, s, relu);
+                if !relu {
+                    act.apply_par(y, threads);
+                }
             }
             Op::Conv { p, kernel, bias } => {
                 conv::conv(

@@ -16,8 +16,10 @@
 //! Programs written by `ennclave split` store dense kernels pre-packed instead
 //! (`kernel_layout: panels32`, see [`Kernel::Panels`]): the owner's machine does the
 //! packing once, and the worker streams each panel contiguously at every batch size
-//! with no copy at load or at run time. At batch 1 each panel is read as several
-//! streams with accumulators of their own (`gemv_panel`): eight independent FMA
+//! with no copy at load or at run time. With more than one row block, each task first
+//! packs a group of rows of `x` into scratch the executor plans ([`pack_rows`]), and
+//! every panel of the task reads that packed block; a ReLU is applied as the kernels
+//! store their last k-block. At batch 1 each panel is read as several streams with accumulators of their own (`gemv_panel`): eight independent FMA
 //! chains instead of two keep more of the weights' loads in flight (the MIT67 head's
 //! 2048×2048 layer, 2 threads: 0.44 → 0.30 ms). For batches of more than one row, the
 //! kernels prefetch the next panel block into L2 while computing one (batch 64 of the
@@ -62,6 +64,14 @@ const SMALL_KERNEL: usize = 1 << 16;
 /// an Intel Xeon VM (batch 4 of the benchmark head, 1 thread: 1.00 → 0.85 ms with
 /// AVX-512, 1.34 → 0.87 ms with AVX2).
 const PF_MIN_ROWS: usize = 1;
+/// Most rows of `x` packed at a time (see [`pack_rows`]), whole row blocks of both the
+/// AVX-512 (12) and the AVX2 (6) kernels. With `KC` inputs each that is 96 KiB per
+/// task, and the group's part of `y` (96 rows × the task's columns) stays in L2 while
+/// every k-block adds to it. Batch 256 of a 2048×2048 layer, 2 threads, Intel Xeon VM:
+/// 252 rows a group 9.9 ms, 96–144 rows 8.6–8.7 ms, 24 rows 9.8 ms.
+const MB: usize = 8 * MR;
+/// Packing needs at least this many panels per task (see `dense_with`).
+const PACK_MIN_PANELS: usize = 4;
 /// Rows of `w` added per pass of the GEMV kernel.
 const GEMV_ROWS: usize = 8;
 
@@ -93,7 +103,49 @@ pub fn dense(
     n: usize,
     threads: usize,
 ) {
-    dense_with(isa(), x, w, bias, y, m, k, n, threads)
+    dense_with(isa(), x, w, bias, y, m, k, n, threads, &mut [], false)
+}
+
+/// Floats of scratch with which [`dense_scratch`] packs the rows of `x` for `m` rows
+/// and `threads` threads (0 when it would not pack).
+pub fn scratch_len(m: usize, threads: usize) -> usize {
+    pack_len(isa(), m) * threads.max(1)
+}
+
+/// [`dense`], packing blocks of `x` into `scratch` (≥ [`scratch_len`] floats) for
+/// `panels32` kernels and more than one row block (see [`pack_rows`]), and with
+/// `relu`, `y = max(y, 0)` ([`Act::Relu`](super::Act::Relu) exactly), done by the
+/// micro-kernels as they store their last k-block instead of in a pass over `y`.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_scratch(
+    x: &[f32],
+    w: Kernel<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    scratch: &mut [f32],
+    relu: bool,
+) {
+    dense_with(isa(), x, w, bias, y, m, k, n, threads, scratch, relu)
+}
+
+/// Floats one task packs `m` rows into (see [`pack_rows`]): up to `MB` rows, rounded up
+/// to whole row blocks, × `KC`; 0 for one row block or the portable kernels.
+fn pack_len(isa: Isa, m: usize) -> usize {
+    if isa == Isa::Portable || m <= isa.rows() {
+        return 0;
+    }
+    group_rows(isa, m) * KC
+}
+
+/// Rows per packed group: `m` cut into equal groups of at most `MB` rows, rounded up
+/// to whole row blocks.
+fn group_rows(isa: Isa, m: usize) -> usize {
+    m.div_ceil(m.div_ceil(MB).max(1))
+        .next_multiple_of(isa.rows())
 }
 
 /// [`dense`] with the given kernel family (tests run every one the CPU has).
@@ -108,6 +160,8 @@ fn dense_with(
     k: usize,
     n: usize,
     threads: usize,
+    scratch: &mut [f32],
+    relu: bool,
 ) {
     let np = n.div_ceil(NR);
     let w_ok = match w {
@@ -116,28 +170,89 @@ fn dense_with(
     };
     assert!(x.len() >= m * k && y.len() >= m * n && w_ok);
     assert!(bias.is_none_or(|b| b.len() >= n));
+    // The paths whose kernels do not apply the ReLU themselves.
+    let relu_after = |y: &mut [f32]| {
+        if relu {
+            super::Act::Relu.apply(&mut y[..m * n]);
+        }
+    };
     if degenerate(bias, y, m, k, n) {
+        relu_after(y);
         return;
     }
     if let (Kernel::Rows(w), 1) = (w, m) {
         gemv(isa, &x[..k], w, bias, &mut y[..n], k, n, threads);
+        relu_after(y);
         return;
     }
     if isa == Isa::Portable && m > 1 {
         // On other CPUs, batches go to the gemm crate's kernels (NEON on ARM): the
         // portable kernel reached 40% of their speed at batch 64.
         with_gemm(x, w, bias, y, m, k, n, threads);
+        relu_after(y);
         return;
     }
-    if m > isa.rows() && k * n <= SMALL_KERNEL {
-        rows_outer(isa, x, w, bias, y, m, k, n, threads);
+    // Fewer panels than a few per thread (a classifier's last layer: 67 columns are 3
+    // panels, split 1 + 2 between two threads): tasks own rows instead.
+    let few_panels = np < 4 * threads && m >= 2 * isa.rows() * threads;
+    if m > isa.rows() && (k * n <= SMALL_KERNEL || few_panels) {
+        rows_outer(isa, x, w, bias, y, m, k, n, threads, relu);
         return;
     }
     let parts = panel_tasks(threads, np, k);
+    let per = pack_len(isa, m);
+    let gsz = group_rows(isa, m);
+    // Packing copies x once per task: it pays when every task has a few panels to
+    // read the packed block.
+    let packed = per > 0 && scratch.len() >= per * parts && np >= PACK_MIN_PANELS * parts;
     let yp = SendPtr(y.as_mut_ptr());
-    // SAFETY (both arms): columns c0..c0+ncols of y belong to this task alone (panels
+    let sp = SendPtr(scratch.as_mut_ptr());
+    // SAFETY (all arms): columns c0..c0+ncols of y belong to this task alone (panels
     // are split between tasks); all tasks end before our borrow of y does.
     match w {
+        Kernel::Panels(wp) if packed => par_for(parts, &|t| {
+            // SAFETY: scratch holds parts × per floats (checked above); this range is
+            // task t's alone, and the borrow of scratch outlives every task.
+            let ap = unsafe { std::slice::from_raw_parts_mut(sp.get().add(t * per), per) };
+            let (p0, p1) = (np * t / parts, np * (t + 1) / parts);
+            for g0 in (0..m).step_by(gsz) {
+                let gm = gsz.min(m - g0);
+                // SAFETY: rows g0..g0+gm of y (m × n) lie inside it.
+                let yg = SendPtr(unsafe { yp.get().add(g0 * n) });
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    pack_rows(&x[g0 * k..(g0 + gm) * k], k, gm, k0, kc, isa.rows(), ap);
+                    for p in p0..p1 {
+                        let c0 = p * NR;
+                        let ncols = NR.min(n - c0);
+                        let init = block_init(bias, k0, c0, ncols);
+                        let at =
+                            |p: usize, k0: usize, kc: usize| &wp[(p * k + k0) * NR..][..kc * NR];
+                        let wb = at(p, k0, kc);
+                        // The block computed next, prefetched while this one computes:
+                        // this k-block of the next panel, or the next k-block of the
+                        // task's first panel.
+                        let next = if p + 1 < p1 {
+                            at(p + 1, k0, kc)
+                        } else if k0 + kc < k {
+                            at(p0, k0 + kc, KC.min(k - k0 - kc))
+                        } else {
+                            &[]
+                        };
+                        // SAFETY: see above the match.
+                        unsafe {
+                            let xr = XRows::Packed(ap);
+                            let last = relu && k0 + kc == k;
+                            row_blocks(
+                                isa, xr, gm, k0, kc, wb, NR, next, init, yg, n, c0, ncols, last,
+                            )
+                        };
+                    }
+                    k0 += kc;
+                }
+            }
+        }),
         Kernel::Rows(w) => par_for(parts, &|t| {
             let mut k0 = 0;
             while k0 < k {
@@ -149,7 +264,11 @@ fn dense_with(
                     // The panel block: rows k0..k0+kc, columns c0..c0+ncols of w.
                     let wb = &w[k0 * n + c0..(k0 + kc - 1) * n + c0 + ncols];
                     // SAFETY: see above the match.
-                    unsafe { row_blocks(isa, x, m, k, k0, kc, wb, n, &[], init, yp, n, c0, ncols) };
+                    unsafe {
+                        let xr = XRows::Strided(x, k);
+                        let last = relu && k0 + kc == k;
+                        row_blocks(isa, xr, m, k0, kc, wb, n, &[], init, yp, n, c0, ncols, last)
+                    };
                 }
                 k0 += kc;
             }
@@ -164,7 +283,13 @@ fn dense_with(
                     let b = bias.map(|b| &b[c0..c0 + ncols]);
                     // SAFETY: columns c0..c0+ncols of y (row 0) are this task's (see
                     // above the match); the panel holds k rows of 32 floats (padded).
-                    unsafe { gemv_panel(isa, &x[..k], panel, b, yp.get().add(c0), ncols) };
+                    unsafe {
+                        gemv_panel(isa, &x[..k], panel, b, yp.get().add(c0), ncols);
+                        if relu {
+                            let yc = std::slice::from_raw_parts_mut(yp.get().add(c0), ncols);
+                            super::Act::Relu.apply(yc);
+                        }
+                    };
                     continue;
                 }
                 let mut k0 = 0;
@@ -188,7 +313,11 @@ fn dense_with(
                     let next = &wp[next_at..next_end];
                     // SAFETY: see above the match.
                     unsafe {
-                        row_blocks(isa, x, m, k, k0, kc, wb, NR, next, init, yp, n, c0, ncols)
+                        let xr = XRows::Strided(x, k);
+                        let last = relu && k0 + kc == k;
+                        row_blocks(
+                            isa, xr, m, k0, kc, wb, NR, next, init, yp, n, c0, ncols, last,
+                        )
                     };
                     k0 += kc;
                 }
@@ -247,6 +376,7 @@ fn rows_outer(
     k: usize,
     n: usize,
     threads: usize,
+    relu: bool,
 ) {
     let step = isa.rows();
     let blocks = m.div_ceil(step);
@@ -276,9 +406,8 @@ fn rows_outer(
                     unsafe {
                         row_blocks(
                             isa,
-                            xs,
+                            XRows::Strided(xs, k),
                             rows,
-                            k,
                             k0,
                             kc,
                             wb,
@@ -289,6 +418,7 @@ fn rows_outer(
                             n,
                             c0,
                             ncols,
+                            relu && k0 + kc == k,
                         )
                     };
                     k0 += kc;
@@ -438,6 +568,38 @@ pub fn pack_panels(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     out
 }
 
+/// Copy columns `k0..k0+kc` of the `rows` rows of `x` (`ldx` apart) into `ap` as
+/// blocks of `step` rows, block `b` at `ap[b·step·kc ..]` holding input `i` of its row
+/// `r` at `i·step + r`. The micro-kernel then reads a block through one pointer, in
+/// one sequential range, instead of `step` rows a whole row of `x` apart (which also
+/// costs the kernel address arithmetic: 158 → 174 GFLOP/s for the AVX-512 kernel alone,
+/// all in L1). A 2048×2048 layer at batch 256, 2 threads, Intel Xeon VM, one sitting
+/// (`cargo run --release --example dense_layer -- 256 2048 2048 2`): 10.1–10.4 →
+/// 8.6–8.8 ms with AVX-512, 15.0–15.8 → 12.4–12.6 ms with AVX2.
+fn pack_rows(
+    x: &[f32],
+    ldx: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    step: usize,
+    ap: &mut [f32],
+) {
+    assert!(ap.len() >= rows.next_multiple_of(step) * kc && x.len() >= (rows - 1) * ldx + k0 + kc);
+    for (b, blk) in ap
+        .chunks_mut(step * kc)
+        .take(rows.div_ceil(step))
+        .enumerate()
+    {
+        for r in 0..step.min(rows - b * step) {
+            let xr = &x[(b * step + r) * ldx + k0..][..kc];
+            for (d, &v) in blk[r..].iter_mut().step_by(step).zip(xr) {
+                *d = v;
+            }
+        }
+    }
+}
+
 /// Handle the shapes with nothing to multiply (no rows, no columns, or `k == 0`,
 /// where `y` is just the bias); false when there is real work.
 fn degenerate(bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) -> bool {
@@ -472,9 +634,8 @@ fn degenerate(bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize)
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_blocks(
     isa: Isa,
-    x: &[f32],
+    x: XRows<'_>,
     m: usize,
-    k: usize,
     k0: usize,
     kc: usize,
     wb: &[f32],
@@ -485,6 +646,7 @@ unsafe fn row_blocks(
     n: usize,
     c0: usize,
     ncols: usize,
+    relu: bool,
 ) {
     let step = isa.rows();
     let half = if isa == Isa::Avx2 && m > MR_AVX2_WIDE {
@@ -510,7 +672,13 @@ unsafe fn row_blocks(
             // row block that reads it.
             let pf = &next[next.len() * call / calls..next.len() * (call + 1) / calls];
             call += 1;
-            let xs = &x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc];
+            let xs = match x {
+                XRows::Strided(x, k) => {
+                    XRows::Strided(&x[r0 * k + k0..(r0 + rows - 1) * k + k0 + kc], k)
+                }
+                // Row block r0 / step of the packed k-block (see `pack_rows`).
+                XRows::Packed(ap) => XRows::Packed(&ap[r0 * kc..r0 * kc + (kc - 1) * step + rows]),
+            };
             // SAFETY: rows r0..r0+rows, columns c0+hc..c0+hc+hn lie inside y (caller's
             // contract: m × n at yp) and are ours alone for the call.
             unsafe {
@@ -518,7 +686,6 @@ unsafe fn row_blocks(
                     isa,
                     rows,
                     xs,
-                    k,
                     kc,
                     &wb[hc..],
                     ldw,
@@ -527,6 +694,7 @@ unsafe fn row_blocks(
                     yp.get().add(r0 * n + c0 + hc),
                     n,
                     hn,
+                    relu,
                 )
             };
             r0 += rows;
@@ -573,9 +741,8 @@ pub(crate) unsafe fn strided_rows(
         unsafe {
             row_blocks(
                 isa,
-                x,
+                XRows::Strided(x, ldx),
                 rows,
-                ldx,
                 0,
                 kc,
                 &w[c0..],
@@ -586,6 +753,7 @@ pub(crate) unsafe fn strided_rows(
                 ldy,
                 c0,
                 ncols,
+                false,
             )
         };
     }
@@ -651,6 +819,16 @@ fn block_init(bias: Option<&[f32]>, k0: usize, c0: usize, ncols: usize) -> Init<
     } else {
         Init::Accumulate
     }
+}
+
+/// The rows of `x` a micro-kernel call reads.
+#[derive(Clone, Copy)]
+enum XRows<'a> {
+    /// Row `r`'s inputs at `x[r * ldx ..]`.
+    Strided(&'a [f32], usize),
+    /// Input `i` of row `r` at `x[i * isa.rows() + r]` (see [`pack_rows`]): one
+    /// pointer walks them, and they stream from one sequential range.
+    Packed(&'a [f32]),
 }
 
 /// How a micro-kernel call starts its accumulators.
@@ -845,8 +1023,7 @@ pub fn has_avx512() -> bool {
 unsafe fn micro(
     isa: Isa,
     rows: usize,
-    x: &[f32],
-    ldx: usize,
+    x: XRows<'_>,
     kc: usize,
     w: &[f32],
     ldw: usize,
@@ -855,9 +1032,20 @@ unsafe fn micro(
     y: *mut f32,
     ldy: usize,
     ncols: usize,
+    relu: bool,
 ) {
     debug_assert!(rows >= 1 && kc >= 1 && (1..=NR).contains(&ncols));
-    debug_assert!(x.len() >= (rows - 1) * ldx + kc && w.len() >= (kc - 1) * ldw + ncols);
+    debug_assert!(w.len() >= (kc - 1) * ldw + ncols);
+    let (x, ldx, packed) = match x {
+        XRows::Strided(x, ldx) => {
+            debug_assert!(x.len() >= (rows - 1) * ldx + kc);
+            (x, ldx, false)
+        }
+        XRows::Packed(x) => {
+            assert!(isa != Isa::Portable && x.len() >= (kc - 1) * isa.rows() + rows);
+            (x, 0, true)
+        }
+    };
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
         let bias = match init {
@@ -878,30 +1066,76 @@ unsafe fn micro(
                 }
             };
         }
+        // The AVX-512 kernel with C vectors per row (a panel of at most 16 columns,
+        // the last of a layer, needs one) and x strided or packed by MR rows.
         macro_rules! avx512 {
-            ($r:literal) => {
-                avx512::kernel::<$r>(x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols)
+            ($r:literal, $c:literal, $p:expr) => {
+                avx512::kernel::<$r, $c, $p>(
+                    x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols, relu,
+                )
             };
         }
-        // R×4 accumulators (a whole 32-column panel) or R×2 (a 16-column half).
+        macro_rules! avx512_2 {
+            ($r:literal) => {
+                avx512!($r, 2, 0)
+            };
+        }
+        macro_rules! avx512_1 {
+            ($r:literal) => {
+                avx512!($r, 1, 0)
+            };
+        }
+        macro_rules! avx512_2p {
+            ($r:literal) => {
+                avx512!($r, 2, MR)
+            };
+        }
+        macro_rules! avx512_1p {
+            ($r:literal) => {
+                avx512!($r, 1, MR)
+            };
+        }
+        // R×4 accumulators (a whole 32-column panel) or R×2 (a 16-column half), the
+        // latter with x strided or packed by MR_AVX2 rows.
+        macro_rules! avx2 {
+            ($r:literal, $v:literal, $p:expr) => {
+                avx2::kernel::<$r, $v, $p>(
+                    x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols, relu,
+                )
+            };
+        }
         macro_rules! avx2_wide {
             ($r:literal) => {
-                avx2::kernel::<$r, 4>(x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols)
+                avx2!($r, 4, 0)
             };
         }
         macro_rules! avx2_half {
             ($r:literal) => {
-                avx2::kernel::<$r, 2>(x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols)
+                avx2!($r, 2, 0)
             };
         }
-        match isa {
-            Isa::Avx512 => go!(avx512; 1 2 3 4 5 6 7 8 9 10 11 12),
-            _ if ncols > NR / 2 => go!(avx2_wide; 1 2),
-            _ => go!(avx2_half; 1 2 3 4 5 6),
+        macro_rules! avx2_half_p {
+            ($r:literal) => {
+                avx2!($r, 2, MR_AVX2)
+            };
+        }
+        let half = ncols <= NR / 2;
+        match (isa, packed) {
+            (Isa::Avx512, false) if half => go!(avx512_1; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (Isa::Avx512, false) => go!(avx512_2; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (Isa::Avx512, true) if half => go!(avx512_1p; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (Isa::Avx512, true) => go!(avx512_2p; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (_, false) if !half => go!(avx2_wide; 1 2),
+            (_, false) => go!(avx2_half; 1 2 3 4 5 6),
+            (_, true) => {
+                // Packed rows go through half panels only (see `row_blocks`).
+                assert!(half, "packed AVX2 rows need half panels");
+                go!(avx2_half_p; 1 2 3 4 5 6)
+            }
         }
         return;
     }
-    let _ = (isa, prefetch);
+    let _ = (isa, prefetch, packed);
     let mut acc = [[0.0f32; NR]; MR_PORTABLE];
     for (r, a) in acc.iter_mut().enumerate().take(rows) {
         for (j, v) in a.iter_mut().enumerate().take(ncols) {
@@ -914,7 +1148,10 @@ unsafe fn micro(
         }
     }
     portable(rows, x, ldx, kc, w, ldw, ncols, &mut acc);
-    for (r, a) in acc.iter().enumerate().take(rows) {
+    for (r, a) in acc.iter_mut().enumerate().take(rows) {
+        if relu {
+            super::Act::Relu.apply(&mut a[..ncols]);
+        }
         for (j, &v) in a.iter().enumerate().take(ncols) {
             // SAFETY: row r < rows and column j < ncols of the block (caller's contract).
             unsafe { *y.add(r * ldy + j) = v };
@@ -1001,7 +1238,7 @@ mod avx512 {
     /// writes of `ncols` floats at `y + r*ldy` for every `r < R`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kernel<const R: usize>(
+    pub unsafe fn kernel<const R: usize, const C: usize, const P: usize>(
         x: *const f32,
         ldx: usize,
         kc: usize,
@@ -1013,28 +1250,41 @@ mod avx512 {
         y: *mut f32,
         ldy: usize,
         ncols: usize,
+        relu: bool,
     ) {
-        debug_assert!(ncols <= 32);
+        debug_assert!(ncols <= 16 * C && (P == 0 || P >= R));
         // One cache line of `prefetch` is requested per iteration of the k loop (at
         // most kc lines: the caller hands each row block a slice of ≤ kc lines).
         let lines = prefetch.len().div_ceil(16).min(kc);
         let pf = prefetch.as_ptr();
         let (m0, m1) = masks(ncols);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mask = [m0, m1];
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
         if accumulate {
             for (r, a) in acc.iter_mut().enumerate() {
                 let yr = y.add(r * ldy);
-                a[0] = _mm512_maskz_loadu_ps(m0, yr);
-                a[1] = _mm512_maskz_loadu_ps(m1, yr.add(16));
+                for (c, v) in a.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(mask[c], yr.add(16 * c));
+                }
             }
         } else if let Some(b) = bias {
-            let b0 = _mm512_maskz_loadu_ps(m0, b.as_ptr());
-            let b1 = _mm512_maskz_loadu_ps(m1, b.as_ptr().add(16));
+            let mut bv = [_mm512_setzero_ps(); C];
+            for (c, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(mask[c], b.as_ptr().add(16 * c));
+            }
             for a in acc.iter_mut() {
-                *a = [b0, b1];
+                *a = bv;
             }
         }
-        if ncols == 32 {
+        // Input `i` of row `r`: rows `ldx` apart, or packed (`P` rows per input).
+        let xat = |r: usize, i: usize| {
+            if P == 0 {
+                x.add(r * ldx + i)
+            } else {
+                x.add(i * P + r)
+            }
+        };
+        if ncols == 16 * C {
             for i in 0..kc {
                 if i < lines {
                     // Into L2: L1 cannot hold the next block beside this one. A
@@ -1043,30 +1293,43 @@ mod avx512 {
                 }
                 // SAFETY (whole loop): i < kc, r < R: inside the caller's ranges.
                 let wr = w.add(i * ldw);
-                let w0 = _mm512_loadu_ps(wr);
-                let w1 = _mm512_loadu_ps(wr.add(16));
+                let mut wv = [_mm512_setzero_ps(); C];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(wr.add(16 * c));
+                }
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*x.add(r * ldx + i));
-                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    let xv = _mm512_set1_ps(*xat(r, i));
+                    for (v, &wc) in a.iter_mut().zip(&wv) {
+                        *v = _mm512_fmadd_ps(xv, wc, *v);
+                    }
                 }
             }
         } else {
             for i in 0..kc {
                 let wr = w.add(i * ldw);
-                let w0 = _mm512_maskz_loadu_ps(m0, wr);
-                let w1 = _mm512_maskz_loadu_ps(m1, wr.add(16));
+                let mut wv = [_mm512_setzero_ps(); C];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(mask[c], wr.add(16 * c));
+                }
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*x.add(r * ldx + i));
-                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    let xv = _mm512_set1_ps(*xat(r, i));
+                    for (v, &wc) in a.iter_mut().zip(&wv) {
+                        *v = _mm512_fmadd_ps(xv, wc, *v);
+                    }
                 }
             }
         }
         for (r, a) in acc.iter().enumerate() {
             let yr = y.add(r * ldy);
-            _mm512_mask_storeu_ps(yr, m0, a[0]);
-            _mm512_mask_storeu_ps(yr.add(16), m1, a[1]);
+            for (c, &v) in a.iter().enumerate() {
+                // max(v, 0) gives 0 for NaN, as `Act::Relu` does.
+                let v = if relu {
+                    _mm512_max_ps(v, _mm512_setzero_ps())
+                } else {
+                    v
+                };
+                _mm512_mask_storeu_ps(yr.add(16 * c), mask[c], v);
+            }
         }
     }
 
@@ -1315,7 +1578,7 @@ mod avx2 {
     /// writes of `ncols` floats at `y + r*ldy` for every `r < R`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kernel<const R: usize, const V: usize>(
+    pub unsafe fn kernel<const R: usize, const V: usize, const P: usize>(
         x: *const f32,
         ldx: usize,
         kc: usize,
@@ -1327,8 +1590,17 @@ mod avx2 {
         y: *mut f32,
         ldy: usize,
         ncols: usize,
+        relu: bool,
     ) {
-        debug_assert!(ncols <= 8 * V);
+        debug_assert!(ncols <= 8 * V && (P == 0 || P >= R));
+        // Input `i` of row `r`: rows `ldx` apart, or packed (`P` rows per input).
+        let xat = |r: usize, i: usize| {
+            if P == 0 {
+                x.add(r * ldx + i)
+            } else {
+                x.add(i * P + r)
+            }
+        };
         // One cache line of `prefetch` per iteration of the k loop (at most kc lines:
         // the caller hands each call a slice of ≤ kc lines).
         let lines = prefetch.len().div_ceil(16).min(kc);
@@ -1364,7 +1636,7 @@ mod avx2 {
                     *w8 = _mm256_loadu_ps(wr.add(8 * v));
                 }
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_broadcast_ss(&*x.add(r * ldx + i));
+                    let xv = _mm256_broadcast_ss(&*xat(r, i));
                     for (av, w8) in a.iter_mut().zip(&wv) {
                         *av = _mm256_fmadd_ps(xv, *w8, *av);
                     }
@@ -1378,7 +1650,7 @@ mod avx2 {
                     *w8 = _mm256_maskload_ps(wr.add(8 * v), mk[v]);
                 }
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_broadcast_ss(&*x.add(r * ldx + i));
+                    let xv = _mm256_broadcast_ss(&*xat(r, i));
                     for (av, w8) in a.iter_mut().zip(&wv) {
                         *av = _mm256_fmadd_ps(xv, *w8, *av);
                     }
@@ -1386,8 +1658,14 @@ mod avx2 {
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            for (v, av) in a.iter().enumerate() {
-                _mm256_maskstore_ps(y.add(r * ldy + 8 * v), mk[v], *av);
+            for (v, &av) in a.iter().enumerate() {
+                // max(v, 0) gives 0 for NaN, as `Act::Relu` does.
+                let av = if relu {
+                    _mm256_max_ps(av, _mm256_setzero_ps())
+                } else {
+                    av
+                };
+                _mm256_maskstore_ps(y.add(r * ldy + 8 * v), mk[v], av);
             }
         }
     }
@@ -1554,7 +1832,7 @@ mod tests {
         ];
         for isa in isas() {
             check_shapes(&shapes, |_| 2e-3, &|x, w, bias, y, m, k, n, t| {
-                dense_with(isa, x, Kernel::Rows(w), bias, y, m, k, n, t)
+                dense_with(isa, x, Kernel::Rows(w), bias, y, m, k, n, t, &mut [], false)
             });
         }
     }
@@ -1606,9 +1884,107 @@ mod tests {
                 &|x, w, bias, y, m, k, n, t| {
                     let wp = pack_panels(w, k, n);
                     assert_eq!(wp.len(), n.div_ceil(NR) * k * NR);
-                    dense_with(isa, x, Kernel::Panels(&wp), bias, y, m, k, n, t)
+                    dense_with(
+                        isa,
+                        x,
+                        Kernel::Panels(&wp),
+                        bias,
+                        y,
+                        m,
+                        k,
+                        n,
+                        t,
+                        &mut [],
+                        false,
+                    )
                 },
             );
+        }
+    }
+
+    /// Whether `dense_with` packs rows of `x` for this shape (its rule, restated).
+    fn packs(isa: Isa, m: usize, k: usize, n: usize, threads: usize) -> bool {
+        let np = n.div_ceil(NR);
+        pack_len(isa, m) > 0 && np >= PACK_MIN_PANELS * panel_tasks(threads, np, k)
+    }
+
+    #[test]
+    fn packed_rows_match_naive() {
+        let shapes = [
+            // One group of two row blocks; a ragged last block; k-blocks with a tail.
+            (13, 300, 140),
+            (24, 257, 400),
+            (7, 33, 500),
+            // Several groups (200 rows: 3 groups), a ragged last panel.
+            (200, 520, 390),
+            (97, 129, 130),
+            // Few panels: tasks own rows (`few_panels`), one 3-column panel.
+            (100, 1100, 67),
+        ];
+        for isa in isas() {
+            check_shapes(
+                &shapes,
+                |e| 1e-4 * (1.0 + e.abs()),
+                &|x, w, bias, y, m, k, n, t| {
+                    let wp = pack_panels(w, k, n);
+                    let mut scratch = vec![f32::NAN; pack_len(isa, m) * t];
+                    dense_with(
+                        isa,
+                        x,
+                        Kernel::Panels(&wp),
+                        bias,
+                        y,
+                        m,
+                        k,
+                        n,
+                        t,
+                        &mut scratch,
+                        false,
+                    )
+                },
+            );
+            // The shapes above exercise the packed path (on every family but portable).
+            let packed = shapes
+                .iter()
+                .flat_map(|&(m, k, n)| [1, 3].map(|t| packs(isa, m, k, n, t)));
+            assert!(isa == Isa::Portable || packed.filter(|&p| p).count() >= 6);
+        }
+    }
+
+    #[test]
+    fn fused_relu_matches_relu_after() {
+        // Every path: batch-1 rows and panels, blocked panels, packed rows, rows
+        // outer, nothing to multiply; a NaN input row (ReLU maps NaN to 0).
+        let shapes = [
+            (1, 300, 100),
+            (5, 64, 70),
+            (24, 257, 400),
+            (100, 1100, 67),
+            (3, 0, 4),
+        ];
+        for isa in isas() {
+            for &(m, k, n) in &shapes {
+                let mut x = vals(m * k, 7);
+                if m > 1 && k > 0 {
+                    x[k + 3] = f32::NAN;
+                }
+                let (w, b) = (vals(k * n, 8), vals(n, 9));
+                let mut want = naive(&x, &w, Some(&b), m, k, n);
+                super::super::Act::Relu.apply(&mut want);
+                let wp = pack_panels(&w, k, n);
+                for (kernel, threads) in [(Kernel::Rows(&w), 1), (Kernel::Panels(&wp), 2)] {
+                    let mut y = vec![f32::NAN; m * n];
+                    let mut scratch = vec![0.0; pack_len(isa, m) * threads];
+                    let (b, s) = (Some(&b[..]), &mut scratch[..]);
+                    dense_with(isa, &x, kernel, b, &mut y, m, k, n, threads, s, true);
+                    for (a, e) in y.iter().zip(&want) {
+                        assert!(
+                            *a >= 0.0 && (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{a} {e}"
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -1639,8 +2015,7 @@ mod tests {
                         micro(
                             Isa::Portable,
                             rows,
-                            &x[r0 * k + k0..],
-                            k,
+                            XRows::Strided(&x[r0 * k + k0..], k),
                             kc,
                             &w[k0 * n + c0..],
                             n,
@@ -1649,6 +2024,7 @@ mod tests {
                             yb,
                             n,
                             ncols,
+                            false,
                         )
                     };
                 }
