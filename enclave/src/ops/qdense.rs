@@ -272,6 +272,25 @@ pub fn qdense(
     qdense_with(path(), x, w, bias, y, m, k, n, threads)
 }
 
+/// [`qdense`] followed by a ReLU when `relu` (as `Act::Relu`: NaN → 0).
+#[allow(clippy::too_many_arguments)]
+pub fn qdense_act(
+    x: &[f32],
+    w: QKernel<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    relu: bool,
+) {
+    qdense_with(path(), x, w, bias, y, m, k, n, threads);
+    if relu {
+        Act::Relu.apply(&mut y[..m * n]);
+    }
+}
+
 /// [`qdense`] on a given path (which the CPU must support; `available()`).
 #[allow(clippy::too_many_arguments)]
 pub fn qdense_with(
@@ -724,6 +743,7 @@ unsafe fn bf16_wide<const R: usize>(
 /// intrinsics, hence `asm!`; nothing else in the program uses tile registers.
 #[cfg(target_arch = "x86_64")]
 mod amx {
+    use super::int8::QLayout;
     use super::{Block, NR};
     use std::arch::asm;
 
@@ -761,19 +781,18 @@ mod amx {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    /// The tile product of up to 32 rows of `a` (`lda` u32 per row: a bf16 pair or
-    /// four int8 values each) × the panel's 32 columns over `wrows` weight rows of 128
-    /// bytes (`w`), into `c` (32 rows of 32 float32 or int32, row stride `NR`).
-    /// `INT8`: `tdpbssd` (int8 × int8 summed in int32), else `tdpbf16ps`.
+    /// The tile product of up to 32 rows of `a` (laid out as `al` says; a u32 holds a
+    /// bf16 pair or four int8 values) × the panel's 32 columns over `wrows` weight
+    /// rows of 128 bytes (`w`), into `c` (32 rows of 32 float32 or int32, row stride
+    /// `NR`). `INT8`: `tdpbssd` (int8 × int8 summed in int32), else `tdpbf16ps`.
     ///
     /// # Safety
     /// AMX enabled (and AMX-INT8 for `INT8`), this thread's tiles configured
-    /// ([`configure`]); `a` holds 16 rows (32 when `rows > 16`) of `lda` u32 with
-    /// `wrows` rounded up to 16 readable in each (zero past `wrows` and in rows past
-    /// `rows`).
+    /// ([`configure`]); `a` holds the 16 rows (32 when `rows > 16`) of every group of
+    /// `wrows` rounded up to 16 (zero past `wrows` and in rows past `rows`).
     unsafe fn tiles<const INT8: bool>(
         a: &[u32],
-        lda: usize,
+        al: QLayout,
         w: &[u8],
         wrows: usize,
         rows: usize,
@@ -783,33 +802,18 @@ mod amx {
         let two = rows > 16;
         let groups = wrows.div_ceil(16);
         assert!((1..=32).contains(&rows) && w.len() >= wrows * WROW);
-        assert!(a.len() >= (if two { 31 } else { 15 }) * lda + groups * 16);
-        // The last group of weight rows, zero-padded to 16 (reading past wrows would
-        // leave the panel block).
+        let last = if two { al.ts } else { 0 } + (groups - 1) * al.gs + 15 * al.lda + 16;
+        assert!(a.len() >= last);
         let full = wrows / 16;
-        let mut tail = [0u8; 16 * WROW];
-        if full < groups {
-            tail[..(wrows - full * 16) * WROW].copy_from_slice(&w[full * 16 * WROW..wrows * WROW]);
-        }
-        let (lda_b, ldc_b) = (lda * 4, NR * 4);
-        // SAFETY: every tile load reads 16 rows of 64 bytes at the given stride inside
-        // a, w or tail (asserted above), every store writes 16 rows of 64 bytes inside
-        // c; the configuration is a valid palette-1 layout.
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-            for g in 0..groups {
-                let b = if g < full {
-                    w.as_ptr().add(g * 16 * WROW)
-                } else {
-                    tail.as_ptr()
-                };
-                let a0 = a.as_ptr().add(g * 16);
+        let (lda_b, ldc_b) = (al.lda * 4, NR * 4);
+        // One group: A tiles tmm4 (rows 0..16) and tmm5 (16..32), B tiles tmm6
+        // (columns 0..16) and tmm7 (16..32) from `b`, 16 weight rows of 128 bytes.
+        let group = |g: usize, b: *const u8| {
+            // SAFETY: every tile load reads 16 rows of 64 bytes at the given stride
+            // inside a (asserted above: group g < groups) or w (b: a full group of w
+            // or the padded copy below); the configuration is a valid palette-1 layout.
+            unsafe {
+                let a0 = a.as_ptr().add(g * al.gs);
                 asm!(
                     "tileloadd tmm4, [{a} + {lda}*1]",
                     "tileloadd tmm6, [{b} + {ldb}*1]",
@@ -824,7 +828,7 @@ mod amx {
                 if two {
                     asm!(
                         "tileloadd tmm5, [{a} + {lda}*1]",
-                        a = in(reg) a0.add(16 * lda),
+                        a = in(reg) a0.add(al.ts),
                         lda = in(reg) lda_b,
                         options(nostack, readonly)
                     );
@@ -856,7 +860,30 @@ mod amx {
                     ),
                 }
             }
-            let cp = c.as_mut_ptr();
+        };
+        // SAFETY: tilezero only writes tile registers.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        for g in 0..full {
+            group(g, w[g * 16 * WROW..].as_ptr());
+        }
+        if full < groups {
+            // The last group of weight rows, zero-padded to 16 (reading past wrows
+            // would leave the panel block).
+            let mut tail = [0u8; 16 * WROW];
+            tail[..(wrows - full * 16) * WROW].copy_from_slice(&w[full * 16 * WROW..wrows * WROW]);
+            group(full, tail.as_ptr());
+        }
+        let cp = c.as_mut_ptr();
+        // SAFETY: every store writes 16 rows of 64 bytes inside c (32 rows of NR u32).
+        unsafe {
             asm!(
                 "tilestored [{c0} + {ldc}*1], tmm0",
                 "tilestored [{c1} + {ldc}*1], tmm1",
@@ -889,7 +916,12 @@ mod amx {
         // SAFETY: the same bytes as w, alignment 1; the caller's contract.
         unsafe {
             let wb = std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * 2);
-            tiles::<false>(xs, ldx, wb, kp, rows, &mut c);
+            let al = QLayout {
+                lda: ldx,
+                gs: 16,
+                ts: 16 * ldx,
+            };
+            tiles::<false>(xs, al, wb, kp, rows, &mut c);
         }
         let c = c.map(f32::from_bits);
         for i in 0..rows {
@@ -904,14 +936,14 @@ mod amx {
         }
     }
 
-    /// One int8 block: the int32 sums of `rows` ≤ 32 rows (`xs`: signed quads, `ldq`
-    /// per row) × the panel's 32 columns over `kq` quad rows (`w`) into `acc`.
+    /// One int8 block: the int32 sums of `rows` ≤ 32 rows (`xs`: signed quads laid out
+    /// as `al` says) × the panel's 32 columns over `kq` quad rows (`w`) into `acc`.
     ///
     /// # Safety
     /// As [`tiles`] (`xs`: `a`, `kq`: `wrows`), and the CPU has AMX-INT8.
     pub(super) unsafe fn int8_block(
         xs: &[u32],
-        ldq: usize,
+        al: QLayout,
         w: &[i8],
         kq: usize,
         rows: usize,
@@ -922,7 +954,7 @@ mod amx {
         unsafe {
             let wb = std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len());
             let c = &mut *(acc as *mut [i32; 32 * NR]).cast::<[u32; 32 * NR]>();
-            tiles::<true>(xs, ldq, wb, kq, rows, c);
+            tiles::<true>(xs, al, wb, kq, rows, c);
         }
     }
 
@@ -1135,6 +1167,10 @@ mod tests {
             (40, 40, 40),
             (70, 65, 17),
             (3, 2048, 67),
+            // Quantised by two tasks (m · k ≥ 2^16), split at a tile of 16 rows (AMX's
+            // tile order) with a ragged last tile and k not a multiple of 64.
+            (50, 1400, 40),
+            (33, 2100, 20),
         ] {
             let mut x = vals(m * k, 1);
             if m > 1 {
@@ -1300,11 +1336,11 @@ mod bench {
             }
             {
                 let kern = int8::Kernel::choose(path(), m);
-                let ldq = (k.div_ceil(64) | 1) * 16;
-                let mut xq = vec![0u32; m.next_multiple_of(32) * ldq];
+                let lay = int8::QLayout::tiles(k);
+                let mut xq = vec![0u32; lay.len(m.next_multiple_of(32), k)];
                 let mut sx = vec![0f32; m];
                 let t = best(&mut || {
-                    int8::quantise_rows(&x, k, &mut xq, ldq, &mut sx, kern.unsigned())
+                    int8::quantise_rows(&x, k, &mut xq, lay, &mut sx, kern.unsigned())
                 });
                 println!("m={m} int8 activation quantisation {t:.3} ms");
             }

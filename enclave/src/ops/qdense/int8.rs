@@ -100,36 +100,102 @@ fn row_quads(k: usize) -> usize {
     (k.div_ceil(64) | 1) * 16
 }
 
-/// Quantise one row of `x` into the bytes of `d` (`qx`, or `qx + 128` when
-/// `unsigned`, padded with the value of 0); returns the row's scale (module doc).
+/// Where the quantised rows lie (in u32 quads): quad `j` of row `i` is at
+/// `(i / 16) · ts + (i % 16) · lda + (j / 16) · gs + j % 16`, every row padded with
+/// the value 0 to `groups` groups of 16 quads (64 inputs).
+///
+/// * Rows one after another ([`QLayout::rows`]): `lda` quads per row, `gs = 16`,
+///   `ts = 16 · lda`; the VNNI and portable kernels read these.
+/// * AMX tile order ([`QLayout::tiles`]): each 16 rows × 64 inputs (one A tile) is
+///   one contiguous KiB, the groups of a tile one after another, so the kernel's A
+///   loads stream sequentially instead of touching 16 rows 2 KiB apart.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct QLayout {
+    pub lda: usize,
+    pub gs: usize,
+    pub ts: usize,
+}
+
+impl QLayout {
+    pub(super) fn rows(k: usize) -> QLayout {
+        let lda = row_quads(k);
+        QLayout {
+            lda,
+            gs: 16,
+            ts: 16 * lda,
+        }
+    }
+
+    pub(super) fn tiles(k: usize) -> QLayout {
+        let groups = k.div_ceil(64).max(1);
+        QLayout {
+            lda: 16,
+            gs: 256,
+            ts: groups * 256,
+        }
+    }
+
+    /// Groups of 64 inputs per row.
+    fn groups(self, k: usize) -> usize {
+        k.div_ceil(64).max(1)
+    }
+
+    /// Where row `i` starts.
+    fn row(self, i: usize) -> usize {
+        i / 16 * self.ts + i % 16 * self.lda
+    }
+
+    /// Quads a buffer of `rows` rows needs.
+    pub(super) fn len(self, rows: usize, k: usize) -> usize {
+        if rows == 0 {
+            return 0;
+        }
+        self.row(rows - 1) + (self.groups(k) - 1) * self.gs + 16
+    }
+}
+
+/// The byte of input `e` of a row, `gsb` bytes between its groups of 64.
 #[inline(always)]
-fn quantise_row(x: &[f32], d: &mut [u8], unsigned: bool) -> f32 {
+fn pos(e: usize, gsb: usize) -> usize {
+    (e >> 6) * gsb + (e & 63)
+}
+
+/// Quantise one row of `x` into the bytes of `d` (`qx`, or `qx + 128` when
+/// `unsigned`, padded with the value of 0 to `groups` groups of 64 inputs placed
+/// `gsb` bytes apart); returns the row's scale (module doc).
+#[inline(always)]
+fn quantise_row(x: &[f32], d: &mut [u8], gsb: usize, groups: usize, unsigned: bool) -> f32 {
     let zero = if unsigned { 0x80u8 } else { 0 };
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let nan = x.iter().fold(false, |a, v| a | v.is_nan());
-    if amax == 0.0 || !amax.is_finite() || nan {
-        d.fill(zero);
-        return if amax == 0.0 && !nan { 0.0 } else { f32::NAN };
-    }
+    let bad = amax == 0.0 || !amax.is_finite() || nan;
     let inv = 127.0 / amax;
-    for (b, &v) in d.iter_mut().zip(x) {
-        *b = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8) ^ zero;
+    for e in 0..groups * 64 {
+        d[pos(e, gsb)] = match x.get(e) {
+            Some(&v) if !bad => {
+                ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8) ^ zero
+            }
+            _ => zero,
+        };
     }
-    d[x.len()..].fill(zero);
-    amax / 127.0
+    if !bad {
+        amax / 127.0
+    } else if amax == 0.0 && !nan {
+        0.0
+    } else {
+        f32::NAN
+    }
 }
 
-/// Quantise rows `0..m` of `x` (`m × k`) into `q` (rows of `ldq` quads) and `sx`.
+/// Quantise rows `0..sx.len()` of `x` (`m × k`) into `q` (laid out as `lay`) and `sx`.
 #[inline(always)]
-fn quantise_rows_plain(x: &[f32], k: usize, q: &mut [u32], ldq: usize, sx: &mut [f32], u: bool) {
+fn quantise_rows_plain(x: &[f32], k: usize, q: &mut [u32], lay: QLayout, sx: &mut [f32], u: bool) {
     // SAFETY: the same bytes as q (4 per u32, alignment 1); every value is a valid u8.
     let bytes = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr().cast::<u8>(), q.len() * 4) };
+    let g = lay.groups(k);
     for (i, s) in sx.iter_mut().enumerate() {
-        *s = quantise_row(
-            &x[i * k..(i + 1) * k],
-            &mut bytes[i * 4 * ldq..(i + 1) * 4 * ldq],
-            u,
-        );
+        let d = &mut bytes[4 * lay.row(i)..];
+        *s = quantise_row(&x[i * k..(i + 1) * k], d, 4 * lay.gs, g, u);
     }
 }
 
@@ -141,26 +207,34 @@ unsafe fn quantise_rows_avx2(
     x: &[f32],
     k: usize,
     q: &mut [u32],
-    ldq: usize,
+    lay: QLayout,
     sx: &mut [f32],
     u: bool,
 ) {
-    quantise_rows_plain(x, k, q, ldq, sx, u)
+    quantise_rows_plain(x, k, q, lay, sx, u)
 }
 
 /// [`quantise_row`] 16 inputs at a time with AVX-512F (the same float32 operations,
 /// hence the same values; LLVM does not vectorise the saturating conversions well).
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `d` holds at least `x.len()` bytes.
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantise_row_avx512(x: &[f32], d: &mut [u8], unsigned: bool) -> f32 {
-    assert!(d.len() >= x.len());
+unsafe fn quantise_row_avx512(
+    x: &[f32],
+    d: &mut [u8],
+    gsb: usize,
+    groups: usize,
+    unsigned: bool,
+) -> f32 {
+    // Every group's 64 bytes lie in d (groups ≥ ceil(x.len() / 64)).
+    assert!(groups >= x.len().div_ceil(64) && d.len() >= (groups - 1) * gsb + 64);
     let zero = if unsigned { 0x80u8 } else { 0 };
     let n16 = x.len() / 16 * 16;
-    // SAFETY: loads of 16 floats at i ≤ n16 − 16 inside x, stores of 16 bytes at the
-    // same i inside d (d.len() ≥ x.len() ≥ n16); unaligned.
+    // SAFETY: loads of 16 floats at i ≤ n16 − 16 inside x, stores of 16 bytes at
+    // pos(i) (i a multiple of 16 below groups · 64: within one group's 64 bytes,
+    // inside d as asserted); unaligned.
     unsafe {
         let mut mx = _mm512_setzero_ps();
         let mut nan: __mmask16 = 0;
@@ -176,7 +250,10 @@ unsafe fn quantise_row_avx512(x: &[f32], d: &mut [u8], unsigned: bool) -> f32 {
             bad |= v.is_nan();
         }
         if amax == 0.0 || !amax.is_finite() || bad {
-            d.fill(zero);
+            let z = _mm_set1_epi8(zero as i8);
+            for i in (0..groups * 64).step_by(16) {
+                _mm_storeu_si128(d.as_mut_ptr().add(pos(i, gsb)).cast(), z);
+            }
             return if amax == 0.0 && !bad { 0.0 } else { f32::NAN };
         }
         let inv = 127.0 / amax;
@@ -191,12 +268,17 @@ unsafe fn quantise_row_avx512(x: &[f32], d: &mut [u8], unsigned: bool) -> f32 {
             let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
             let c = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
             let q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c));
-            _mm_storeu_si128(d.as_mut_ptr().add(i).cast(), _mm_xor_si128(q, flip));
+            _mm_storeu_si128(
+                d.as_mut_ptr().add(pos(i, gsb)).cast(),
+                _mm_xor_si128(q, flip),
+            );
         }
-        for (b, &v) in d[n16..].iter_mut().zip(&x[n16..]) {
-            *b = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8) ^ zero;
+        for e in n16..groups * 64 {
+            d[pos(e, gsb)] = match x.get(e) {
+                Some(&v) => ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8) ^ zero,
+                None => zero,
+            };
         }
-        d[x.len()..].fill(zero);
         amax / 127.0
     }
 }
@@ -209,39 +291,43 @@ unsafe fn quantise_rows_avx512(
     x: &[f32],
     k: usize,
     q: &mut [u32],
-    ldq: usize,
+    lay: QLayout,
     sx: &mut [f32],
     u: bool,
 ) {
     // SAFETY: the same bytes as q (4 per u32, alignment 1); every value is a valid u8.
     let bytes = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr().cast::<u8>(), q.len() * 4) };
+    let g = lay.groups(k);
     for (i, s) in sx.iter_mut().enumerate() {
-        let d = &mut bytes[i * 4 * ldq..(i + 1) * 4 * ldq];
-        // SAFETY: the CPU has AVX-512F (this function's contract); d holds 4·ldq ≥ k bytes.
-        *s = unsafe { quantise_row_avx512(&x[i * k..(i + 1) * k], d, u) };
+        let d = &mut bytes[4 * lay.row(i)..];
+        // SAFETY: the CPU has AVX-512F (this function's contract).
+        *s = unsafe { quantise_row_avx512(&x[i * k..(i + 1) * k], d, 4 * lay.gs, g, u) };
     }
 }
 
+/// Quantise rows `0..sx.len()` of `x` (`k` inputs each) into `q`, laid out as `lay`
+/// (the first row at the start of `q`), and their scales into `sx`.
 pub(super) fn quantise_rows(
     x: &[f32],
     k: usize,
     q: &mut [u32],
-    ldq: usize,
+    lay: QLayout,
     sx: &mut [f32],
     u: bool,
 ) {
-    assert!(x.len() >= sx.len() * k && q.len() >= sx.len() * ldq && 4 * ldq >= k);
+    assert!(x.len() >= sx.len() * k && q.len() >= lay.len(sx.len(), k));
+    assert!(lay.gs >= 16 && lay.lda >= 16 && lay.ts >= 16 * lay.lda);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { quantise_rows_avx512(x, k, q, ldq, sx, u) };
+        return unsafe { quantise_rows_avx512(x, k, q, lay, sx, u) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { quantise_rows_avx2(x, k, q, ldq, sx, u) };
+        return unsafe { quantise_rows_avx2(x, k, q, lay, sx, u) };
     }
-    quantise_rows_plain(x, k, q, ldq, sx, u)
+    quantise_rows_plain(x, k, q, lay, sx, u)
 }
 
 /// `y = x · w + bias` for an int8 kernel `w` (`[ceil(n/32), ceil(k/4), 32, 4]`) with
@@ -261,33 +347,42 @@ pub(super) fn int8(
     threads: usize,
 ) {
     let kern = Kernel::choose(path, m);
-    let ldq = row_quads(k);
-    // AMX reads whole tiles: rows past m up to a multiple of 32 are zero.
-    let rows = if kern == Kernel::Amx {
-        m.next_multiple_of(32)
+    let amx = kern == Kernel::Amx;
+    let lay = if amx {
+        QLayout::tiles(k)
     } else {
-        m
+        QLayout::rows(k)
     };
-    let mut xq = vec![0u32; rows * ldq];
+    // AMX reads whole tiles: rows past m up to a multiple of 32 are zero.
+    let rows = if amx { m.next_multiple_of(32) } else { m };
+    let mut xq = vec![0u32; lay.len(rows, k)];
     let mut sx = vec![0f32; m];
-    // Large batches are quantised in parallel (a fork costs about a microsecond).
+    // Large batches are quantised in parallel (a fork costs about a microsecond), in
+    // whole tiles of 16 rows where the layout is AMX's.
+    let unit = if amx { 16 } else { 1 };
+    let units = m.div_ceil(unit);
     let qparts = if m * k >= 1 << 16 {
-        threads.clamp(1, m)
+        threads.clamp(1, units)
     } else {
         1
     };
     let (qp, sp) = (Ptr(xq.as_mut_ptr()), Ptr(sx.as_mut_ptr()));
+    let qlen = xq.len();
     par_for(qparts, &|t| {
-        let (a, b) = (m * t / qparts, m * (t + 1) / qparts);
-        // SAFETY: task t alone writes rows a..b of xq (ldq quads each) and of sx; both
-        // outlive par_for, which returns after every task.
+        let a = (units * t / qparts * unit).min(m);
+        let b = (units * (t + 1) / qparts * unit).min(m);
+        let (qa, qb) = (lay.row(a), if b == m { qlen } else { lay.row(b) });
+        // SAFETY: task t alone writes rows a..b of sx and the quads qa..qb of xq,
+        // which hold exactly rows a..b (a and b are multiples of 16 in tile order;
+        // the last task's part runs to the end of xq); both outlive par_for, which
+        // returns after every task.
         let (q, s) = unsafe {
             (
-                std::slice::from_raw_parts_mut(qp.get().add(a * ldq), (b - a) * ldq),
+                std::slice::from_raw_parts_mut(qp.get().add(qa), qb - qa),
                 std::slice::from_raw_parts_mut(sp.get().add(a), b - a),
             )
         };
-        quantise_rows(&x[a * k..b * k], k, q, ldq, s, kern.unsigned());
+        quantise_rows(&x[a * k..b * k], k, q, lay, s, kern.unsigned());
     });
     let np = n.div_ceil(NR);
     // Enough panels per task to amortise the fork (≥ ~32 KiB of weights).
@@ -299,7 +394,7 @@ pub(super) fn int8(
         let panels = np * t / parts..np * (t + 1) / parts;
         // SAFETY: this task's panels of y are its own (disjoint column ranges), and y
         // holds m × n floats (asserted by qdense_with).
-        unsafe { rows_panels(kern, xq, ldq, sx, w, sw, bias, yp, m, k, n, panels) };
+        unsafe { rows_panels(kern, xq, lay, sx, w, sw, bias, yp, m, k, n, panels) };
     });
 }
 
@@ -307,13 +402,13 @@ pub(super) fn int8(
 ///
 /// # Safety
 /// `yp` points at `m × n` floats of which no other thread touches these panels'
-/// columns; `xq` holds `m` rounded up to 32 rows of `ldq` quads; `w` is the packed
-/// kernel; the CPU supports `kern`.
+/// columns; `xq` holds `m` (for AMX rounded up to 32) rows laid out as `lay`; `w` is
+/// the packed kernel; the CPU supports `kern`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_panels(
     kern: Kernel,
     xq: &[u32],
-    ldq: usize,
+    lay: QLayout,
     sx: &[f32],
     w: &[i8],
     sw: &[f32],
@@ -345,11 +440,11 @@ unsafe fn rows_panels(
             let mut cs128: Option<[i32; NR]> = None;
             for i0 in (r0..r0 + rb).step_by(step) {
                 let r = step.min(r0 + rb - i0);
-                let xs = &xq[i0 * ldq..];
+                let xs = &xq[lay.row(i0)..];
                 // SAFETY: xs holds r rows (for AMX, whole tiles of 16 rows: xq's rows
-                // are rounded up to 32 and i0 is a multiple of 32) of ldq ≥ kq quads
-                // (rounded up to 16, zero-padded), wp kq quad rows of 128 bytes.
-                unsafe { block(kern, r, xs, ldq, wp, kq, &mut acc) };
+                // are rounded up to 32 and i0 is a multiple of 32) laid out as lay,
+                // of kq quads zero-padded to 16, wp kq quad rows of 128 bytes.
+                unsafe { block(kern, r, xs, lay, wp, kq, &mut acc) };
                 #[cfg(target_arch = "x86_64")]
                 if kern == Kernel::Vnni256 && r > 1 {
                     // SAFETY: wp holds kq rows of 128 bytes; Vnni256 is only chosen
@@ -411,25 +506,23 @@ unsafe fn scale_row_avx2(acc: &[i32], sx: f32, sw: &[f32], bias: Option<&[f32]>,
 /// into `acc` (row stride `NR`).
 ///
 /// # Safety
-/// `r` ≤ `kern.rows()`; `xs` holds `r` rows (32 for AMX) of `ldq` quads with the
-/// quads past `kq` zero (of the value 0: 0x80 bytes for the VNNI kernels); `w`
-/// holds `kq · 128` bytes; the CPU supports `kern`.
+/// `r` ≤ `kern.rows()`; `xs` holds `r` rows (32 for AMX) laid out as `lay` (rows one
+/// after another except for AMX) with the quads past `kq` zero (of the value 0:
+/// 0x80 bytes for the VNNI kernels); `w` holds `kq · 128` bytes; the CPU supports
+/// `kern`.
 unsafe fn block(
     kern: Kernel,
     r: usize,
     xs: &[u32],
-    ldq: usize,
+    lay: QLayout,
     w: &[i8],
     kq: usize,
     acc: &mut [i32; 32 * NR],
 ) {
-    let need_rows = match kern {
-        Kernel::Amx if r > 16 => 32,
-        Kernel::Amx => 16,
-        _ => r,
-    };
-    assert!(r >= 1 && r <= kern.rows() && ldq >= kq && xs.len() >= (need_rows - 1) * ldq + kq);
-    assert!(w.len() >= kq * 4 * NR);
+    let ldq = lay.lda;
+    assert!(r >= 1 && r <= kern.rows() && w.len() >= kq * 4 * NR);
+    // (AMX checks its reads of xs itself.)
+    assert!(kern == Kernel::Amx || (ldq >= kq && lay.gs == 16 && xs.len() >= (r - 1) * ldq + kq));
     macro_rules! rows {
         ($f:ident, $($n:literal)*) => {
             match r {
@@ -442,7 +535,7 @@ unsafe fn block(
     unsafe {
         match kern {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx => super::amx::int8_block(xs, ldq, w, kq, r, acc),
+            Kernel::Amx => super::amx::int8_block(xs, lay, w, kq, r, acc),
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni512 => rows!(vnni512, 1 2 3 4 5 6 7 8 9 10 11 12),
             #[cfg(target_arch = "x86_64")]
