@@ -625,8 +625,13 @@ impl State {
                 act,
             } => {
                 let q = qkernel(kernel, &w);
-                qdense::qdense(x(0)?, q, bias.map(w), y, batch * rows, *k, *n, threads);
-                act.apply_par(y, threads);
+                // A ReLU is applied by the kernels as they store (no pass over y).
+                let relu = *act == Act::Relu;
+                let m = batch * rows;
+                qdense::qdense_act(x(0)?, q, bias.map(w), y, m, *k, *n, threads, relu);
+                if !relu {
+                    act.apply_par(y, threads);
+                }
             }
             Op::QConv { p, kernel, bias } => {
                 let q = qkernel(kernel, &w);

@@ -272,7 +272,9 @@ pub fn qdense(
     qdense_with(path(), x, w, bias, y, m, k, n, threads)
 }
 
-/// [`qdense`] followed by a ReLU when `relu` (as `Act::Relu`: NaN → 0).
+/// [`qdense`] with a ReLU when `relu` (as `Act::Relu`: NaN → 0), which the int8
+/// kernels apply as they store and the bf16 ones to each task's block of `y` as it is
+/// done (no single-threaded pass over `y`).
 #[allow(clippy::too_many_arguments)]
 pub fn qdense_act(
     x: &[f32],
@@ -285,10 +287,7 @@ pub fn qdense_act(
     threads: usize,
     relu: bool,
 ) {
-    qdense_with(path(), x, w, bias, y, m, k, n, threads);
-    if relu {
-        Act::Relu.apply(&mut y[..m * n]);
-    }
+    qdense_act_with(path(), x, w, bias, y, m, k, n, threads, relu)
 }
 
 /// [`qdense`] on a given path (which the CPU must support; `available()`).
@@ -303,6 +302,23 @@ pub fn qdense_with(
     k: usize,
     n: usize,
     threads: usize,
+) {
+    qdense_act_with(path, x, w, bias, y, m, k, n, threads, false)
+}
+
+/// [`qdense_act`] on a given path (which the CPU must support; `available()`).
+#[allow(clippy::too_many_arguments)]
+pub fn qdense_act_with(
+    path: Path,
+    x: &[f32],
+    w: QKernel<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    relu: bool,
 ) {
     assert!(available().contains(&path));
     let np = n.div_ceil(NR);
@@ -321,12 +337,15 @@ pub fn qdense_with(
                 Some(b) => row.copy_from_slice(&b[..n]),
                 None => row.fill(0.0),
             }
+            if relu {
+                Act::Relu.apply(row);
+            }
         }
         return;
     }
     let wb = match w {
         QKernel::Int8 { q, scale } => {
-            return int8::int8(path, x, q, scale, bias, y, m, k, n, threads)
+            return int8::int8(path, x, q, scale, bias, y, m, k, n, threads, relu)
         }
         QKernel::Bf16(wb) => wb,
     };
@@ -336,9 +355,20 @@ pub fn qdense_with(
     let yp = SendPtr(y.as_mut_ptr());
     par_for(parts, &|t| {
         let panels = np * t / parts..np * (t + 1) / parts;
+        let (c0, c1) = (panels.start * NR, (panels.end * NR).min(n));
         for r0 in (0..m).step_by(RB) {
             let rb = RB.min(m - r0);
             bf16_rows(path, x, wb, bias, yp, r0, rb, k, n, &panels);
+            if relu && c1 > c0 {
+                for i in r0..r0 + rb {
+                    // SAFETY: columns c0..c1 of row i are this task's (its panels), inside
+                    // y (m × n, asserted above); bf16_rows has finished with them.
+                    let yr = unsafe {
+                        std::slice::from_raw_parts_mut(yp.get().add(i * n + c0), c1 - c0)
+                    };
+                    Act::Relu.apply(yr);
+                }
+            }
         }
     });
 }
@@ -1265,6 +1295,61 @@ mod tests {
             qdense_with(path, &x, w, None, &mut y, m, k, n, 1);
             assert!(y[..2 * n].iter().all(|v| v.is_nan()), "{path:?}");
             assert!(y[2 * n..].iter().all(|v| v.is_finite()), "{path:?}");
+        }
+    }
+
+    /// The fused ReLU of every path and both weight types equals `Act::Relu` applied
+    /// to the plain result, bit for bit, NaN rows (→ 0) included; ragged shapes,
+    /// one and two tasks, and k = 0 (the bias alone).
+    #[test]
+    fn fused_relu_matches_act_relu() {
+        enable_amx();
+        for &(m, k, n) in &[
+            (1, 7, 33),
+            (3, 20, 5),
+            (17, 513, 64),
+            (70, 65, 17),
+            (50, 1400, 40),
+            (33, 2100, 67),
+            (2, 0, 9),
+        ] {
+            let mut x = vals(m * k, 7);
+            if k > 4 {
+                x[3] = f32::NAN; // row 0's outputs are NaN
+            }
+            let bias = vals(n, 8);
+            let q: Vec<i8> = vals(k * n, 9)
+                .iter()
+                .map(|&v| (v * 127.0).round() as i8)
+                .collect();
+            let pq = pack(&q, k, n, 4);
+            let scale: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+            let wb: Vec<u16> = vals(k * n, 9).iter().map(|&v| bf16_bits(v)).collect();
+            let pb = pack(&wb, k, n, 2);
+            let kernels = [
+                QKernel::Int8 {
+                    q: &pq,
+                    scale: &scale,
+                },
+                QKernel::Bf16(&pb),
+            ];
+            for w in kernels {
+                for path in available() {
+                    for threads in [1, 2] {
+                        let mut want = vec![f32::NAN; m * n];
+                        qdense_with(path, &x, w, Some(&bias), &mut want, m, k, n, threads);
+                        Act::Relu.apply(&mut want);
+                        let mut got = vec![f32::NAN; m * n];
+                        qdense_act_with(path, &x, w, Some(&bias), &mut got, m, k, n, threads, true);
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(g.to_bits(), e.to_bits(), "{path:?} {m}x{k}x{n} [{i}]");
+                        }
+                        if k > 4 {
+                            assert!(got[..n].iter().all(|&v| v == 0.0), "{path:?} NaN row");
+                        }
+                    }
+                }
+            }
         }
     }
 }

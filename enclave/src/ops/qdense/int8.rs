@@ -330,9 +330,9 @@ pub(super) fn quantise_rows(
     quantise_rows_plain(x, k, q, lay, sx, u)
 }
 
-/// `y = x · w + bias` for an int8 kernel `w` (`[ceil(n/32), ceil(k/4), 32, 4]`) with
-/// per-column scales `sw`, on `threads` tasks split by panels (`m, k, n > 0`; the
-/// caller checked the lengths).
+/// `y = x · w + bias` (then a ReLU when `relu`) for an int8 kernel `w`
+/// (`[ceil(n/32), ceil(k/4), 32, 4]`) with per-column scales `sw`, on `threads` tasks
+/// split by panels (`m, k, n > 0`; the caller checked the lengths).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn int8(
     path: Path,
@@ -345,6 +345,7 @@ pub(super) fn int8(
     k: usize,
     n: usize,
     threads: usize,
+    relu: bool,
 ) {
     let kern = Kernel::choose(path, m);
     let amx = kern == Kernel::Amx;
@@ -394,7 +395,7 @@ pub(super) fn int8(
         let panels = np * t / parts..np * (t + 1) / parts;
         // SAFETY: this task's panels of y are its own (disjoint column ranges), and y
         // holds m × n floats (asserted by qdense_with).
-        unsafe { rows_panels(kern, xq, lay, sx, w, sw, bias, yp, m, k, n, panels) };
+        unsafe { rows_panels(kern, xq, lay, sx, w, sw, bias, yp, m, k, n, panels, relu) };
     });
 }
 
@@ -418,6 +419,7 @@ unsafe fn rows_panels(
     k: usize,
     n: usize,
     panels: std::ops::Range<usize>,
+    relu: bool,
 ) {
     let kq = k.div_ceil(4);
     let step = kern.rows();
@@ -467,10 +469,10 @@ unsafe fn rows_panels(
                     #[cfg(target_arch = "x86_64")]
                     if wide {
                         // SAFETY: the CPU has AVX2 (checked below `wide`).
-                        unsafe { scale_row_avx2(a, sx[i0 + i], sw, b, yr) };
+                        unsafe { scale_row_avx2(a, sx[i0 + i], sw, b, yr, relu) };
                         continue;
                     }
-                    scale_row(a, sx[i0 + i], sw, b, yr);
+                    scale_row(a, sx[i0 + i], sw, b, yr, relu);
                 }
             }
         }
@@ -482,15 +484,25 @@ unsafe fn rows_panels(
     }
 }
 
-/// `y = acc · (sx · sw) + bias` for one row of a panel.
+/// `y = acc · (sx · sw) + bias` for one row of a panel, then a ReLU when `relu` (as
+/// `Act::Relu`: NaN → 0).
 #[inline(always)]
-fn scale_row(acc: &[i32], sx: f32, sw: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    let it = y.iter_mut().zip(acc).zip(sw);
-    match bias {
-        Some(b) => it
-            .zip(b)
-            .for_each(|(((y, &a), &s), &b)| *y = a as f32 * (sx * s) + b),
-        None => it.for_each(|((y, &a), &s)| *y = a as f32 * (sx * s)),
+fn scale_row(acc: &[i32], sx: f32, sw: &[f32], bias: Option<&[f32]>, y: &mut [f32], relu: bool) {
+    #[inline(always)]
+    fn go<const RELU: bool>(acc: &[i32], sx: f32, sw: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
+        let act = |v: f32| if !RELU || v > 0.0 { v } else { 0.0 };
+        let it = y.iter_mut().zip(acc).zip(sw);
+        match b {
+            Some(b) => it
+                .zip(b)
+                .for_each(|(((y, &a), &s), &b)| *y = act(a as f32 * (sx * s) + b)),
+            None => it.for_each(|((y, &a), &s)| *y = act(a as f32 * (sx * s))),
+        }
+    }
+    if relu {
+        go::<true>(acc, sx, sw, bias, y)
+    } else {
+        go::<false>(acc, sx, sw, bias, y)
     }
 }
 
@@ -498,8 +510,15 @@ fn scale_row(acc: &[i32], sx: f32, sw: &[f32], bias: Option<&[f32]>, y: &mut [f3
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn scale_row_avx2(acc: &[i32], sx: f32, sw: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    scale_row(acc, sx, sw, bias, y)
+unsafe fn scale_row_avx2(
+    acc: &[i32],
+    sx: f32,
+    sw: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    relu: bool,
+) {
+    scale_row(acc, sx, sw, bias, y, relu)
 }
 
 /// One micro-kernel call: the exact int32 sums of `r` rows × the panel's 32 columns
