@@ -11,12 +11,14 @@ difference between the builds.
 
 Prints the median, 25th and 75th percentile over rounds of each build's per-round
 median time per call. Runs the `head` bundle of DIR (or `--bundle identity` for the
-round trip alone) with 2 worker threads, like bench_head.py.
+round trip alone, or `--bundle cnn` in a folder of `bench_matrix.py --bundles`) with 2
+worker threads, like bench_head.py; ONNX Runtime runs beside the head only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -37,14 +39,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundles", type=Path, help="a folder written by bench_head.py --save-bundles")
     ap.add_argument("binaries", nargs="+", type=Path, help="worker binaries to compare")
-    ap.add_argument("--bundle", default="head", choices=["head", "identity"])
+    ap.add_argument(
+        "--bundle",
+        default="head",
+        help="a bundle in the folder: head, identity, or cnn (bench_matrix.py --bundles)",
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--block", type=float, default=0.3, help="seconds per timed block")
     args = ap.parse_args()
 
     d = args.bundles
-    x = np.random.default_rng(0).standard_normal((args.batch, 512)).astype(np.float32)
+    # The bundle's private input: [batch, *shape] from its manifest.
+    (spec,) = json.loads((d / args.bundle / "manifest.json").read_text())["private"]["inputs"]
+    shape = (args.batch, *spec["shape"][1:])
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     models = [
         ennclave.load(
             d / args.bundle,

@@ -71,27 +71,47 @@ fn check_conv2d(
     p: ((usize, usize), (usize, usize)),
     threads: usize,
 ) {
-    let x = vals(n * h * wd * c, 1);
+    let mut x = vals(n * h * wd * c, 1);
     let k = vals(kh * kw * (c / groups) * cout, 2);
     let b = vals(cout, 3);
-    let (want, oh, ow) = naive_conv(&x, n, h, wd, c, &k, kh, kw, cout, groups, s, d, p, Some(&b));
-    let attrs = format!(
-        r#"{{"strides": [{}, {}], "dilations": [{}, {}], "pads": [[{}, {}], [{}, {}]], "groups": {groups}}}"#,
-        s.0, s.1, d.0, d.1, p.0 .0, p.0 .1, p.1 .0, p.1 .1
-    );
-    let json = one_node(
-        "conv",
-        &[h, wd, c],
-        &[oh, ow, cout],
-        &attrs,
-        r#"{"kernel": "k", "bias": "b"}"#,
-    );
-    let cont = container(
-        &json,
-        &[w("k", &[kh, kw, c / groups, cout], k), w("b", &[cout], b)],
-    );
-    let got = run(&cont, &x, n, threads);
-    assert_close(&got, &want, 1e-4);
+    // Linear, then with a ReLU (which the kernels may apply as they store) and a NaN
+    // input, which the ReLU turns into 0 wherever it reaches.
+    for relu in [false, true] {
+        if relu {
+            let at = x.len() / 3;
+            x[at] = f32::NAN;
+        }
+        let (mut want, oh, ow) =
+            naive_conv(&x, n, h, wd, c, &k, kh, kw, cout, groups, s, d, p, Some(&b));
+        if relu {
+            want.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        let act = if relu {
+            r#", "activation": {"fn": "relu"}"#
+        } else {
+            ""
+        };
+        let attrs = format!(
+            r#"{{"strides": [{}, {}], "dilations": [{}, {}], "pads": [[{}, {}], [{}, {}]], "groups": {groups}{act}}}"#,
+            s.0, s.1, d.0, d.1, p.0 .0, p.0 .1, p.1 .0, p.1 .1
+        );
+        let json = one_node(
+            "conv",
+            &[h, wd, c],
+            &[oh, ow, cout],
+            &attrs,
+            r#"{"kernel": "k", "bias": "b"}"#,
+        );
+        let cont = container(
+            &json,
+            &[
+                w("k", &[kh, kw, c / groups, cout], k.clone()),
+                w("b", &[cout], b.clone()),
+            ],
+        );
+        let got = run(&cont, &x, n, threads);
+        assert_close(&got, &want, 1e-4);
+    }
 }
 
 #[test]

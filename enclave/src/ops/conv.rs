@@ -557,6 +557,8 @@ fn direct(
             *o = seg_at(s).0;
         }
         let segs = &segs[..nseg.min(GATHER_MAX_SEGS)];
+        // A ReLU is applied by the gather kernel as it stores.
+        let relu = *act == Act::Relu;
         let gather_rows = |pad: &[f32], pr0: usize, oh0: usize, nrows: usize, dst: &mut [f32]| {
             let pix = nrows * g.ow;
             let chunks = pix.div_ceil(step);
@@ -589,11 +591,14 @@ fn direct(
                             bias.map(|b| &b[c0..]),
                             dst[q0 * cout + c0..].as_mut_ptr(),
                             cout,
+                            relu,
                         )
                     };
                 }
             }
-            act.apply(dst);
+            if !relu {
+                act.apply(dst);
+            }
         };
         let mut r = a;
         while r < b {

@@ -192,9 +192,13 @@ fn dense_with(
         relu_after(y);
         return;
     }
-    // Fewer panels than a few per thread (a classifier's last layer: 67 columns are 3
-    // panels, split 1 + 2 between two threads): tasks own rows instead.
-    let few_panels = np < 4 * threads && m >= 2 * isa.rows() * threads;
+    // A few panels that do not split evenly between the threads (a classifier's last
+    // layer: 67 columns are 3 panels, 1 + 2 between two threads): tasks own rows
+    // instead. (Each row block then reads the whole kernel from L2, which lost where the
+    // panels do split evenly: 3136 → 128 at batch 64, 2 threads, 0.53 against 0.26–0.40
+    // ms by panels.)
+    let few_panels =
+        np < 4 * threads && !np.is_multiple_of(threads) && m >= 2 * isa.rows() * threads;
     if m > isa.rows() && (k * n <= SMALL_KERNEL || few_panels) {
         rows_outer(isa, x, w, bias, y, m, k, n, threads, relu);
         return;
@@ -766,7 +770,8 @@ pub(crate) fn has_gather(isa: Isa) -> bool {
 
 /// Up to [`Isa::rows`] output pixels of a convolution: `y[r, 0..ncols] = bias +
 /// Σ_s rows[r][segs[s] .. + seg] · w[s·seg .., 0..ncols]` (`w` row stride `ldw`), row
-/// `r` of `y` at `y + r·ldy`. Only where [`has_gather`].
+/// `r` of `y` at `y + r·ldy`, then `max(y, 0)` with `relu` ([`Act::Relu`](super::Act)
+/// exactly). Only where [`has_gather`].
 ///
 /// # Safety
 /// `rows[r] + segs[s] .. + seg` must be valid for reads for every row and segment,
@@ -782,6 +787,7 @@ pub(crate) unsafe fn gather_rows(
     bias: Option<&[f32]>,
     y: *mut f32,
     ldy: usize,
+    relu: bool,
 ) {
     assert!((1..=MR).contains(&rows.len()) && (1..=NR).contains(&ncols) && seg >= 1);
     assert!(!segs.is_empty() && w.len() >= (segs.len() * seg - 1) * ldw + ncols);
@@ -796,7 +802,7 @@ pub(crate) unsafe fn gather_rows(
                     // SAFETY: the CPU has avx512f (`has_gather`); the caller's
                     // contract for rows and y, w's length asserted above.
                     $($r => unsafe {
-                        avx512::gather_kernel::<$r>(rows, segs, seg, w, ldw, bias, y, ldy, ncols)
+                        avx512::gather_kernel::<$r>(rows, segs, seg, w, ldw, bias, y, ldy, ncols, relu)
                     },)*
                     _ => unreachable!("rows <= MR"),
                 }
@@ -806,7 +812,7 @@ pub(crate) unsafe fn gather_rows(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (rows, segs, seg, w, ldw, ncols, bias, y, ldy);
+        let _ = (rows, segs, seg, w, ldw, ncols, bias, y, ldy, relu);
         unreachable!("has_gather is false here");
     }
 }
@@ -1355,6 +1361,7 @@ mod avx512 {
         y: *mut f32,
         ldy: usize,
         ncols: usize,
+        relu: bool,
     ) {
         debug_assert!(ncols <= 32 && rows.len() >= R);
         let (m0, m1) = masks(ncols);
@@ -1386,6 +1393,11 @@ mod avx512 {
         }
         for (r, a) in acc.iter().enumerate() {
             let yr = y.add(r * ldy);
+            let mut a = *a;
+            if relu {
+                // max(v, 0) gives 0 for NaN, as `Act::Relu` does.
+                a = a.map(|v| _mm512_max_ps(v, _mm512_setzero_ps()));
+            }
             _mm512_mask_storeu_ps(yr, m0, a[0]);
             _mm512_mask_storeu_ps(yr.add(16), m1, a[1]);
         }
@@ -1918,8 +1930,9 @@ mod tests {
             // Several groups (200 rows: 3 groups), a ragged last panel.
             (200, 520, 390),
             (97, 129, 130),
-            // Few panels: tasks own rows (`few_panels`), one 3-column panel.
-            (100, 1100, 67),
+            // Few panels that split unevenly: tasks own rows (`few_panels`; 67 columns on
+            // 2 threads in `fused_relu_matches_relu_after`), a 3-column panel.
+            (100, 700, 131),
         ];
         for isa in isas() {
             check_shapes(
