@@ -391,20 +391,36 @@ pub(super) fn int8(
     let parts = threads.clamp(1, np.div_ceil(min_panels).max(1));
     let yp = SendPtr(y.as_mut_ptr());
     let (xq, sx) = (&xq[..], &sx[..]);
+    // Fewer panels than a few per thread (a classifier's last layer: 67 columns are 3
+    // panels, split 1 + 2 between two threads), and rows for a micro-kernel block
+    // per thread: tasks own rows in whole blocks instead, all panels each.
+    let step = kern.rows();
+    if threads > 1 && np < 4 * threads && m >= step * threads {
+        let blocks = m.div_ceil(step);
+        par_for(threads, &|t| {
+            let a = blocks * t / threads * step;
+            let b = (blocks * (t + 1) / threads * step).min(m);
+            // SAFETY: rows a..b of y are this task's alone, y holds m × n floats
+            // (asserted by qdense_with); a is a multiple of the kernel's block.
+            unsafe { rows_panels(kern, xq, lay, sx, w, sw, bias, yp, a..b, k, n, 0..np, relu) };
+        });
+        return;
+    }
     par_for(parts, &|t| {
         let panels = np * t / parts..np * (t + 1) / parts;
         // SAFETY: this task's panels of y are its own (disjoint column ranges), and y
         // holds m × n floats (asserted by qdense_with).
-        unsafe { rows_panels(kern, xq, lay, sx, w, sw, bias, yp, m, k, n, panels, relu) };
+        unsafe { rows_panels(kern, xq, lay, sx, w, sw, bias, yp, 0..m, k, n, panels, relu) };
     });
 }
 
-/// All rows of `y` for the panels `panels`.
+/// Rows `rows` of `y` for the panels `panels`.
 ///
 /// # Safety
-/// `yp` points at `m × n` floats of which no other thread touches these panels'
-/// columns; `xq` holds `m` (for AMX rounded up to 32) rows laid out as `lay`; `w` is
-/// the packed kernel; the CPU supports `kern`.
+/// `yp` points at `m × n` floats (`m ≥ rows.end`) of which no other thread touches
+/// these rows' columns of these panels; `rows.start` is a multiple of `kern.rows()`;
+/// `xq` holds `m` (for AMX rounded up to 32) rows laid out as `lay`; `w` is the
+/// packed kernel; the CPU supports `kern`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_panels(
     kern: Kernel,
@@ -415,7 +431,7 @@ unsafe fn rows_panels(
     sw: &[f32],
     bias: Option<&[f32]>,
     yp: SendPtr,
-    m: usize,
+    rows: std::ops::Range<usize>,
     k: usize,
     n: usize,
     panels: std::ops::Range<usize>,
@@ -431,8 +447,8 @@ unsafe fn rows_panels(
     #[cfg(target_arch = "x86_64")]
     let wide = std::arch::is_x86_feature_detected!("avx2");
     let mut acc = [0i32; 32 * NR];
-    for r0 in (0..m).step_by(RB) {
-        let rb = RB.min(m - r0);
+    for r0 in rows.clone().step_by(RB) {
+        let rb = RB.min(rows.end - r0);
         for p in panels.clone() {
             let c0 = p * NR;
             let ncols = NR.min(n - c0);
