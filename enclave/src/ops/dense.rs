@@ -1060,83 +1060,38 @@ unsafe fn micro(
         };
         let acc = matches!(init, Init::Accumulate);
         let (x, w) = (x.as_ptr(), w.as_ptr());
+        // `kernel::<R, C, P>` of the `isa` module for `rows` R. AVX-512: C vectors per
+        // row (a panel of at most 16 columns, the last of a layer, needs one); AVX2: C
+        // ymm per row, 4 (a whole 32-column panel, for 1 or 2 rows) or 2 (a 16-column
+        // half); P: x strided (0) or packed by that many rows (see `pack_rows`).
         macro_rules! go {
-            ($call:ident; $($r:literal)*) => {
+            ($isa:ident, $c:literal, $p:expr; $($r:literal)*) => {
                 match rows {
                     // SAFETY: the CPU has the ISA (checked by `isa()`); x holds `rows`
-                    // rows of kc floats ldx apart, w kc rows of ncols floats ldw apart,
-                    // bias ≥ ncols floats, and y has `rows` rows of ≥ ncols readable
-                    // and writable floats `ldy` apart.
-                    $($r => unsafe { $call!($r) },)*
+                    // rows of kc floats ldx apart (or packed), w kc rows of ncols
+                    // floats ldw apart, bias ≥ ncols floats, and y has `rows` rows of
+                    // ≥ ncols readable and writable floats `ldy` apart.
+                    $($r => unsafe {
+                        $isa::kernel::<$r, $c, $p>(
+                            x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols, relu,
+                        )
+                    },)*
                     _ => unreachable!("rows <= isa.rows()"),
                 }
             };
         }
-        // The AVX-512 kernel with C vectors per row (a panel of at most 16 columns,
-        // the last of a layer, needs one) and x strided or packed by MR rows.
-        macro_rules! avx512 {
-            ($r:literal, $c:literal, $p:expr) => {
-                avx512::kernel::<$r, $c, $p>(
-                    x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols, relu,
-                )
-            };
-        }
-        macro_rules! avx512_2 {
-            ($r:literal) => {
-                avx512!($r, 2, 0)
-            };
-        }
-        macro_rules! avx512_1 {
-            ($r:literal) => {
-                avx512!($r, 1, 0)
-            };
-        }
-        macro_rules! avx512_2p {
-            ($r:literal) => {
-                avx512!($r, 2, MR)
-            };
-        }
-        macro_rules! avx512_1p {
-            ($r:literal) => {
-                avx512!($r, 1, MR)
-            };
-        }
-        // R×4 accumulators (a whole 32-column panel) or R×2 (a 16-column half), the
-        // latter with x strided or packed by MR_AVX2 rows.
-        macro_rules! avx2 {
-            ($r:literal, $v:literal, $p:expr) => {
-                avx2::kernel::<$r, $v, $p>(
-                    x, ldx, kc, w, ldw, prefetch, bias, acc, y, ldy, ncols, relu,
-                )
-            };
-        }
-        macro_rules! avx2_wide {
-            ($r:literal) => {
-                avx2!($r, 4, 0)
-            };
-        }
-        macro_rules! avx2_half {
-            ($r:literal) => {
-                avx2!($r, 2, 0)
-            };
-        }
-        macro_rules! avx2_half_p {
-            ($r:literal) => {
-                avx2!($r, 2, MR_AVX2)
-            };
-        }
         let half = ncols <= NR / 2;
         match (isa, packed) {
-            (Isa::Avx512, false) if half => go!(avx512_1; 1 2 3 4 5 6 7 8 9 10 11 12),
-            (Isa::Avx512, false) => go!(avx512_2; 1 2 3 4 5 6 7 8 9 10 11 12),
-            (Isa::Avx512, true) if half => go!(avx512_1p; 1 2 3 4 5 6 7 8 9 10 11 12),
-            (Isa::Avx512, true) => go!(avx512_2p; 1 2 3 4 5 6 7 8 9 10 11 12),
-            (_, false) if !half => go!(avx2_wide; 1 2),
-            (_, false) => go!(avx2_half; 1 2 3 4 5 6),
+            (Isa::Avx512, false) if half => go!(avx512, 1, 0; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (Isa::Avx512, false) => go!(avx512, 2, 0; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (Isa::Avx512, true) if half => go!(avx512, 1, MR; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (Isa::Avx512, true) => go!(avx512, 2, MR; 1 2 3 4 5 6 7 8 9 10 11 12),
+            (_, false) if !half => go!(avx2, 4, 0; 1 2),
+            (_, false) => go!(avx2, 2, 0; 1 2 3 4 5 6),
             (_, true) => {
                 // Packed rows go through half panels only (see `row_blocks`).
                 assert!(half, "packed AVX2 rows need half panels");
-                go!(avx2_half_p; 1 2 3 4 5 6)
+                go!(avx2, 2, MR_AVX2; 1 2 3 4 5 6)
             }
         }
         return;
