@@ -1318,6 +1318,51 @@ mod tests {
         }
     }
 
+    /// The vectorised quantisation equals the reference one value for value (ties to
+    /// even: x · 127 / amax = n + 0.5 with amax = 127) in both layouts, signed and
+    /// +128, whole groups of 64 inputs and the ragged end of a row; the plain Rust
+    /// code too (which CPUs without AVX-512BW run).
+    #[test]
+    fn quantised_rows_match_reference() {
+        let (m, k) = (19, 200);
+        let mut x = vals(m * k, 11);
+        for i in 0..m {
+            let row = &mut x[i * k..(i + 1) * k];
+            row.iter_mut().for_each(|v| *v *= 100.0);
+            row[0] = 127.0;
+            for (j, v) in row.iter_mut().enumerate().skip(1).step_by(3) {
+                *v = (j % 250) as f32 - 124.5; // ties
+            }
+        }
+        for tiles in [false, true] {
+            let lay = if tiles {
+                int8::QLayout::tiles(k)
+            } else {
+                int8::QLayout::rows(k)
+            };
+            for (unsigned, portable) in [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let mut q = vec![0u32; lay.len(m, k)];
+                let mut sx = vec![0f32; m];
+                if portable {
+                    int8::quantise_rows_portable(&x, k, &mut q, lay, &mut sx, unsigned);
+                } else {
+                    int8::quantise_rows(&x, k, &mut q, lay, &mut sx, unsigned);
+                }
+                for i in 0..m {
+                    let (want, s) = quantise_ref(&x[i * k..(i + 1) * k]);
+                    assert_eq!(sx[i], s);
+                    for (j, &w) in want.iter().enumerate() {
+                        let quad =
+                            q[i / 16 * lay.ts + i % 16 * lay.lda + j / 64 * lay.gs + j % 64 / 4];
+                        let b = quad.to_le_bytes()[j % 4] ^ if unsigned { 0x80 } else { 0 };
+                        assert_eq!(b as i8 as i32, w, "{tiles} {portable} row {i} input {j}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The fused ReLU of every path and both weight types equals `Act::Relu` applied
     /// to the plain result, bit for bit, NaN rows (→ 0) included; ragged shapes,
     /// one and two tasks, and k = 0 (the bias alone).

@@ -199,6 +199,19 @@ fn quantise_rows_plain(x: &[f32], k: usize, q: &mut [u32], lay: QLayout, sx: &mu
     }
 }
 
+/// [`quantise_rows`] in plain Rust whatever the CPU (for tests).
+#[cfg(test)]
+pub(super) fn quantise_rows_portable(
+    x: &[f32],
+    k: usize,
+    q: &mut [u32],
+    lay: QLayout,
+    sx: &mut [f32],
+    u: bool,
+) {
+    quantise_rows_plain(x, k, q, lay, sx, u)
+}
+
 /// # Safety
 /// The CPU must have AVX2 (for `vroundps` and 256-bit vectors).
 #[cfg(target_arch = "x86_64")]
@@ -214,13 +227,13 @@ unsafe fn quantise_rows_avx2(
     quantise_rows_plain(x, k, q, lay, sx, u)
 }
 
-/// [`quantise_row`] 16 inputs at a time with AVX-512F (the same float32 operations,
+/// [`quantise_row`] 16 inputs at a time with AVX-512F/BW (the same float32 operations,
 /// hence the same values; LLVM does not vectorise the saturating conversions well).
 ///
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must have AVX-512F and AVX-512BW.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantise_row_avx512(
     x: &[f32],
     d: &mut [u8],
@@ -234,7 +247,8 @@ unsafe fn quantise_row_avx512(
     let n16 = x.len() / 16 * 16;
     // SAFETY: loads of 16 floats at i ≤ n16 − 16 inside x, stores of 16 bytes at
     // pos(i) (i a multiple of 16 below groups · 64: within one group's 64 bytes,
-    // inside d as asserted); unaligned.
+    // inside d as asserted) and of 64 bytes at pos(i) for i a multiple of 64 (one
+    // whole group); unaligned.
     unsafe {
         let mut mx = _mm512_setzero_ps();
         let mut nan: __mmask16 = 0;
@@ -263,7 +277,28 @@ unsafe fn quantise_row_avx512(
             _mm512_set1_ps(127.0),
         );
         let flip = _mm_set1_epi8(zero as i8);
-        for i in (0..n16).step_by(16) {
+        // Whole groups of 64 inputs: clamp, convert rounding to nearest even (the
+        // same values as rounding first: ±127 are integers), and narrow four vectors
+        // with saturating packs (exact, the values are within ±127), which interleave
+        // the 128-bit lanes: dword 4l + v holds vector v's lane l, put back in order
+        // by one permutation. Half the shuffles of four `vpmovdb`.
+        let n64 = x.len() / 64 * 64;
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let flip64 = _mm512_set1_epi8(zero as i8);
+        for i in (0..n64).step_by(64) {
+            let q: [__m512i; 4] = std::array::from_fn(|j| {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16 * j)), vinv);
+                let c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(c)
+            });
+            let w = _mm512_packs_epi16(
+                _mm512_packs_epi32(q[0], q[1]),
+                _mm512_packs_epi32(q[2], q[3]),
+            );
+            let b = _mm512_xor_si512(_mm512_permutexvar_epi32(order, w), flip64);
+            _mm512_storeu_si512(d.as_mut_ptr().add(pos(i, gsb)).cast(), b);
+        }
+        for i in (n64..n16).step_by(16) {
             let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), vinv);
             let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
             let c = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
@@ -284,9 +319,9 @@ unsafe fn quantise_row_avx512(
 }
 
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must have AVX-512F and AVX-512BW.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantise_rows_avx512(
     x: &[f32],
     k: usize,
@@ -300,7 +335,7 @@ unsafe fn quantise_rows_avx512(
     let g = lay.groups(k);
     for (i, s) in sx.iter_mut().enumerate() {
         let d = &mut bytes[4 * lay.row(i)..];
-        // SAFETY: the CPU has AVX-512F (this function's contract).
+        // SAFETY: the CPU has AVX-512F and BW (this function's contract).
         *s = unsafe { quantise_row_avx512(&x[i * k..(i + 1) * k], d, 4 * lay.gs, g, u) };
     }
 }
@@ -318,8 +353,10 @@ pub(super) fn quantise_rows(
     assert!(x.len() >= sx.len() * k && q.len() >= lay.len(sx.len(), k));
     assert!(lay.gs >= 16 && lay.lda >= 16 && lay.ts >= 16 * lay.lda);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        // SAFETY: the CPU has AVX-512F and BW (checked just above).
         return unsafe { quantise_rows_avx512(x, k, q, lay, sx, u) };
     }
     #[cfg(target_arch = "x86_64")]
