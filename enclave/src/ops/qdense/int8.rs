@@ -18,7 +18,9 @@
 //!
 //! Kernels, best first: AMX-INT8 tiles (blocks of up to 32 rows), AVX-512 VNNI
 //! (12 rows), AVX-VNNI on 256-bit registers (3 rows), and a portable one in plain Rust
-//! (also compiled with AVX2 enabled, which LLVM vectorises).
+//! (also compiled with AVX2 enabled, which LLVM vectorises). For AMX the rows are
+//! quantised straight into tile order ([`QLayout`]); a ReLU is applied in the final
+//! scaling store.
 
 use std::sync::atomic::Ordering;
 
