@@ -160,7 +160,7 @@ pub const SLACK: usize = 64;
 /// populate secretmem: the kernel refuses it to get_user_pages). So a helper thread
 /// faults pages in from the *end* of the buffer down while the chunks arrive from the
 /// start (faulting the pages they land on as they are copied in); the two meet in the
-/// middle, and each page is faulted once. [`Frontier`] keeps them apart: the helper
+/// middle, and each page is faulted once. `Frontier` keeps them apart: the helper
 /// never touches a page the receiver has claimed, nor the receiver one the helper is
 /// touching.
 pub struct Incoming {

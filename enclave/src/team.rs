@@ -122,7 +122,7 @@ impl Team {
         self.shared.spin_us.store(spin_us, Ordering::Relaxed);
     }
 
-    /// Run `f` with this team serving the calling thread's [`par_for`] loops.
+    /// Run `f` with this team serving the calling thread's [`par_for`](crate::ops::par_for) loops.
     pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
         struct Restore(*const Team);
         impl Drop for Restore {

@@ -17,7 +17,7 @@
 //! (`kernel_layout: panels32`, see [`Kernel::Panels`]): the owner's machine does the
 //! packing once, and the worker streams each panel contiguously at every batch size
 //! with no copy at load or at run time. With more than one row block, each task first
-//! packs a group of rows of `x` into scratch the executor plans ([`pack_rows`]), and
+//! packs a group of rows of `x` into scratch the executor plans (`pack_rows`), and
 //! every panel of the task reads that packed block; a ReLU is applied as the kernels
 //! store their last k-block. At batch 1 each panel is read as several streams with accumulators of their own (`gemv_panel`): eight independent FMA
 //! chains instead of two keep more of the weights' loads in flight (the MIT67 head's
@@ -26,7 +26,7 @@
 //! benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an Intel Xeon VM;
 //! at batch 1 it cost 20%). The row-major path above serves programs without that
 //! attribute. Products with a small kernel and many rows (convolutions) run row block
-//! by row block instead, see [`rows_outer`].
+//! by row block instead, see `rows_outer`.
 //!
 //! Three kernel families ([`Isa`]), chosen once per process by the CPU (or by
 //! `ENNCLAVE_KERNEL=avx512|avx2|portable`, for tests and benchmarks):
@@ -113,7 +113,7 @@ pub fn scratch_len(m: usize, threads: usize) -> usize {
 }
 
 /// [`dense`], packing blocks of `x` into `scratch` (≥ [`scratch_len`] floats) for
-/// `panels32` kernels and more than one row block (see [`pack_rows`]), and with
+/// `panels32` kernels and more than one row block (see `pack_rows`), and with
 /// `relu`, `y = max(y, 0)` ([`Act::Relu`](super::Act::Relu) exactly), done by the
 /// micro-kernels as they store their last k-block instead of in a pass over `y`.
 #[allow(clippy::too_many_arguments)]

@@ -78,7 +78,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Error> {
     Err(Error(msg.into()))
 }
 
-/// A weight tensor's place in the weight buffer ([`Weights::floats`]), in floats.
+/// A weight tensor's place in the weight buffer (`Weights::floats`), in floats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WRef {
     pub off: usize,
