@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use ennclave_enclave::ops::qdense::{enable_amx, path, qdense_act, QKernel};
+use ennclave_enclave::ops::qdense::{enable_amx, path, qdense_act, scratch_len, QKernel};
 use ennclave_enclave::team::Team;
 
 /// A packed int8 kernel `[ceil(n/32), ceil(k/4), 32, 4]` of arbitrary values.
@@ -54,6 +54,9 @@ fn main() {
         .map(|i| ((i * 31) % 1000) as f32 / 1e3 - 0.5)
         .collect();
     let mut bufs: Vec<Vec<f32>> = dims[1..].iter().map(|&n| vec![0f32; m * n]).collect();
+    // The executor's scratch, as the worker plans it (the widest layer's rows).
+    let widest = dims[..dims.len() - 1].iter().copied().max().unwrap_or(0);
+    let mut scratch = vec![0f32; scratch_len(m, widest)];
     let team = Team::new(threads, 200).expect("threads");
     let (med, best) = team.install(|| {
         time(|| {
@@ -64,7 +67,8 @@ fn main() {
                 let (done, rest) = bufs.split_at_mut(l);
                 let input = if l == 0 { &x[..] } else { &done[l - 1][..] };
                 let w = QKernel::Int8 { q, scale };
-                qdense_act(input, w, Some(bias), &mut rest[0], m, k, n, threads, r);
+                let (y, s) = (&mut rest[0], &mut scratch[..]);
+                qdense_act(input, w, Some(bias), y, m, k, n, threads, r, s);
             }
         })
     });

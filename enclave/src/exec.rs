@@ -205,6 +205,17 @@ impl Executor {
                         scratch_len = scratch_len.max(len(max_batch));
                         warm_scratch = warm_scratch.max(len(warm));
                     }
+                    if let Op::QDense {
+                        rows,
+                        k,
+                        kernel: QWeight::Int8 { .. },
+                        ..
+                    } = op
+                    {
+                        let len = |b: usize| qdense::scratch_len(b * rows, *k);
+                        scratch_len = scratch_len.max(len(max_batch));
+                        warm_scratch = warm_scratch.max(len(warm));
+                    }
                     if let Op::Matmul(mm) = op {
                         scratch_len = scratch_len.max(mm.scratch_len(threads));
                         warm_scratch = warm_scratch.max(mm.scratch_len(threads));
@@ -628,7 +639,8 @@ impl State {
                 // A ReLU is applied by the kernels as they store (no pass over y).
                 let relu = *act == Act::Relu;
                 let m = batch * rows;
-                qdense::qdense_act(x(0)?, q, bias.map(w), y, m, *k, *n, threads, relu);
+                let s = &mut self.scratch;
+                qdense::qdense_act(x(0)?, q, bias.map(w), y, m, *k, *n, threads, relu, s);
                 if !relu {
                     act.apply_par(y, threads);
                 }

@@ -272,9 +272,17 @@ pub fn qdense(
     qdense_with(path(), x, w, bias, y, m, k, n, threads)
 }
 
+/// Floats of scratch [`qdense_act`] uses for `m` rows of `k` inputs with int8 weights
+/// (the quantised rows and their scales; bf16 needs none).
+pub fn scratch_len(m: usize, k: usize) -> usize {
+    int8::scratch_len(m, k)
+}
+
 /// [`qdense`] with a ReLU when `relu` (as `Act::Relu`: NaN → 0), which the int8
 /// kernels apply as they store and the bf16 ones to each task's block of `y` as it is
-/// done (no single-threaded pass over `y`).
+/// done (no single-threaded pass over `y`). int8 quantises the rows of `x` into
+/// `scratch` (the executor's secret memory) when it holds [`scratch_len`] floats, else
+/// into a buffer of its own.
 #[allow(clippy::too_many_arguments)]
 pub fn qdense_act(
     x: &[f32],
@@ -286,8 +294,9 @@ pub fn qdense_act(
     n: usize,
     threads: usize,
     relu: bool,
+    scratch: &mut [f32],
 ) {
-    qdense_act_with(path(), x, w, bias, y, m, k, n, threads, relu)
+    qdense_act_with(path(), x, w, bias, y, m, k, n, threads, relu, scratch)
 }
 
 /// [`qdense`] on a given path (which the CPU must support; `available()`).
@@ -303,7 +312,7 @@ pub fn qdense_with(
     n: usize,
     threads: usize,
 ) {
-    qdense_act_with(path, x, w, bias, y, m, k, n, threads, false)
+    qdense_act_with(path, x, w, bias, y, m, k, n, threads, false, &mut [])
 }
 
 /// [`qdense_act`] on a given path (which the CPU must support; `available()`).
@@ -319,6 +328,7 @@ pub fn qdense_act_with(
     n: usize,
     threads: usize,
     relu: bool,
+    scratch: &mut [f32],
 ) {
     assert!(available().contains(&path));
     let np = n.div_ceil(NR);
@@ -345,7 +355,7 @@ pub fn qdense_act_with(
     }
     let wb = match w {
         QKernel::Int8 { q, scale } => {
-            return int8::int8(path, x, q, scale, bias, y, m, k, n, threads, relu)
+            return int8::int8(path, x, q, scale, bias, y, m, k, n, threads, relu, scratch)
         }
         QKernel::Bf16(wb) => wb,
     };
@@ -1405,13 +1415,20 @@ mod tests {
                         let mut want = vec![f32::NAN; m * n];
                         qdense_with(path, &x, w, Some(&bias), &mut want, m, k, n, threads);
                         Act::Relu.apply(&mut want);
-                        let mut got = vec![f32::NAN; m * n];
-                        qdense_act_with(path, &x, w, Some(&bias), &mut got, m, k, n, threads, true);
-                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                            assert_eq!(g.to_bits(), e.to_bits(), "{path:?} {m}x{k}x{n} [{i}]");
-                        }
-                        if k > 4 {
-                            assert!(got[..n].iter().all(|&v| v == 0.0), "{path:?} NaN row");
+                        // With a buffer of its own, then with the executor's scratch
+                        // holding garbage from an earlier layer (NaN bits everywhere).
+                        let mut dirty = vec![f32::NAN; scratch_len(m, k)];
+                        for s in [&mut [][..], &mut dirty[..]] {
+                            let mut got = vec![f32::NAN; m * n];
+                            let b = Some(&bias[..]);
+                            qdense_act_with(path, &x, w, b, &mut got, m, k, n, threads, true, s);
+                            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                                let at = format!("{path:?} {m}x{k}x{n} [{i}]");
+                                assert_eq!(g.to_bits(), e.to_bits(), "{at}");
+                            }
+                            if k > 4 {
+                                assert!(got[..n].iter().all(|&v| v == 0.0), "{path:?} NaN row");
+                            }
                         }
                     }
                 }

@@ -369,9 +369,17 @@ pub(super) fn quantise_rows(
     quantise_rows_plain(x, k, q, lay, sx, u)
 }
 
+/// Floats of scratch [`int8`] quantises `m` rows of `k` inputs into, on any path: the
+/// larger of the two layouts (AMX tiles round the rows up to 32), plus a scale a row.
+pub(super) fn scratch_len(m: usize, k: usize) -> usize {
+    let tiles = QLayout::tiles(k).len(m.next_multiple_of(32), k);
+    tiles.max(QLayout::rows(k).len(m, k)) + m
+}
+
 /// `y = x · w + bias` (then a ReLU when `relu`) for an int8 kernel `w`
 /// (`[ceil(n/32), ceil(k/4), 32, 4]`) with per-column scales `sw`, on `threads` tasks
-/// split by panels (`m, k, n > 0`; the caller checked the lengths).
+/// split by panels (`m, k, n > 0`; the caller checked the lengths). The quantised rows
+/// go to `scratch` when it holds [`scratch_len`] floats, else to a buffer of their own.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn int8(
     path: Path,
@@ -385,6 +393,7 @@ pub(super) fn int8(
     n: usize,
     threads: usize,
     relu: bool,
+    scratch: &mut [f32],
 ) {
     let kern = Kernel::choose(path, m);
     let amx = kern == Kernel::Amx;
@@ -393,10 +402,24 @@ pub(super) fn int8(
     } else {
         QLayout::rows(k)
     };
-    // AMX reads whole tiles: rows past m up to a multiple of 32 are zero.
+    // AMX reads whole tiles: rows up to a multiple of 32.
     let rows = if amx { m.next_multiple_of(32) } else { m };
-    let mut xq = vec![0u32; lay.len(rows, k)];
-    let mut sx = vec![0f32; m];
+    let qlen = lay.len(rows, k);
+    let mut own = Vec::new();
+    let buf: &mut [f32] = if scratch.len() >= qlen + m {
+        &mut scratch[..qlen + m]
+    } else {
+        own.resize(qlen + m, 0.0);
+        &mut own
+    };
+    let (qbuf, sx) = buf.split_at_mut(qlen);
+    // SAFETY: u32 and f32 have the same size and alignment and every bit pattern is
+    // valid for both; `qbuf` is an exclusive borrow that `xq` replaces.
+    let xq = unsafe { std::slice::from_raw_parts_mut(qbuf.as_mut_ptr().cast::<u32>(), qlen) };
+    // Not zeroed: `quantise_row` writes every group of every row below m, its padding
+    // past k included; rows past m (AMX's last tiles) only reach output rows past m,
+    // which are never stored (a test runs on a NaN-filled scratch). Zeroing 128 KiB per
+    // layer cost 3% of the MIT67 head at batch 64.
     // Large batches are quantised in parallel (a fork costs about a microsecond), in
     // whole tiles of 16 rows where the layout is AMX's.
     let unit = if amx { 16 } else { 1 };
@@ -407,7 +430,6 @@ pub(super) fn int8(
         1
     };
     let (qp, sp) = (Ptr(xq.as_mut_ptr()), Ptr(sx.as_mut_ptr()));
-    let qlen = xq.len();
     par_for(qparts, &|t| {
         let a = (units * t / qparts * unit).min(m);
         let b = (units * (t + 1) / qparts * unit).min(m);
