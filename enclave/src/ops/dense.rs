@@ -141,6 +141,12 @@ fn pack_len(isa: Isa, m: usize) -> usize {
     group_rows(isa, m) * KC
 }
 
+/// Whether [`dense_with`] packs `m` rows for `np` panels on `parts` tasks (given the
+/// scratch): more than one row block, and every task with a few panels to read them.
+fn packs_rows(isa: Isa, m: usize, np: usize, parts: usize) -> bool {
+    pack_len(isa, m) > 0 && np >= PACK_MIN_PANELS * parts
+}
+
 /// Rows per packed group: `m` cut into equal groups of at most `MB` rows, rounded up
 /// to whole row blocks.
 fn group_rows(isa: Isa, m: usize) -> usize {
@@ -206,9 +212,7 @@ fn dense_with(
     let parts = panel_tasks(threads, np, k);
     let per = pack_len(isa, m);
     let gsz = group_rows(isa, m);
-    // Packing copies x once per task: it pays when every task has a few panels to
-    // read the packed block.
-    let packed = per > 0 && scratch.len() >= per * parts && np >= PACK_MIN_PANELS * parts;
+    let packed = packs_rows(isa, m, np, parts) && scratch.len() >= per * parts;
     let yp = SendPtr(y.as_mut_ptr());
     let sp = SendPtr(scratch.as_mut_ptr());
     // SAFETY (all arms): columns c0..c0+ncols of y belong to this task alone (panels
@@ -1869,10 +1873,10 @@ mod tests {
         }
     }
 
-    /// Whether `dense_with` packs rows of `x` for this shape (its rule, restated).
+    /// Whether `dense_with` packs rows of `x` for this shape (with enough scratch).
     fn packs(isa: Isa, m: usize, k: usize, n: usize, threads: usize) -> bool {
         let np = n.div_ceil(NR);
-        pack_len(isa, m) > 0 && np >= PACK_MIN_PANELS * panel_tasks(threads, np, k)
+        packs_rows(isa, m, np, panel_tasks(threads, np, k))
     }
 
     #[test]
