@@ -74,23 +74,23 @@ fn check_conv2d(
     let mut x = vals(n * h * wd * c, 1);
     let k = vals(kh * kw * (c / groups) * cout, 2);
     let b = vals(cout, 3);
-    // Linear, then with a ReLU (which the kernels may apply as they store) and a NaN
-    // input, which the ReLU turns into 0 wherever it reaches.
-    for relu in [false, true] {
+    // Linear; a sigmoid (applied after the kernels, to each task's part); then a ReLU
+    // (which the kernels may apply as they store) and a NaN input, which the ReLU
+    // turns into 0 wherever it reaches.
+    for act in ["linear", "sigmoid", "relu"] {
+        let relu = act == "relu";
         if relu {
             let at = x.len() / 3;
             x[at] = f32::NAN;
         }
         let (mut want, oh, ow) =
             naive_conv(&x, n, h, wd, c, &k, kh, kw, cout, groups, s, d, p, Some(&b));
-        if relu {
-            want.iter_mut().for_each(|v| *v = v.max(0.0));
+        match act {
+            "relu" => want.iter_mut().for_each(|v| *v = v.max(0.0)),
+            "sigmoid" => want.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+            _ => {}
         }
-        let act = if relu {
-            r#", "activation": {"fn": "relu"}"#
-        } else {
-            ""
-        };
+        let act = format!(r#", "activation": {{"fn": "{act}"}}"#);
         let attrs = format!(
             r#"{{"strides": [{}, {}], "dilations": [{}, {}], "pads": [[{}, {}], [{}, {}]], "groups": {groups}{act}}}"#,
             s.0, s.1, d.0, d.1, p.0 .0, p.0 .1, p.1 .0, p.1 .1
@@ -193,7 +193,8 @@ fn conv2d_general_matches_naive() {
 fn conv2d_direct_matches_naive() {
     let same = ((1, 1), (1, 1));
     check_conv2d(2, 28, 28, 16, 3, 3, 32, 1, (1, 1), (1, 1), same, 2); // 28 wide: 3 runs
-    check_conv2d(1, 7, 7, 64, 3, 3, 64, 1, (1, 1), (1, 1), same, 2);
+    check_conv2d(1, 7, 7, 64, 3, 3, 64, 1, (1, 1), (1, 1), same, 2); // panels split
+    check_conv2d(1, 5, 6, 8, 3, 3, 70, 1, (1, 1), (1, 1), same, 3); // 3 ragged panels
     check_conv2d(
         3,
         11,
@@ -343,6 +344,10 @@ fn conv_then_max_pool_matches_naive() {
     // The image model's layers: 1 channel (im2col runs), then 32 and 64 channels.
     check_conv_pool(3, 28, 28, 1, 32, 1, ((2, 2), (2, 2)), true, 2, true);
     check_conv_pool(2, 14, 14, 32, 64, 1, ((2, 2), (2, 2)), true, 2, true);
+    // Batch 1: tasks split the panels (see `direct_split`), also 3 ragged ones.
+    check_conv_pool(1, 14, 14, 32, 64, 1, ((2, 2), (2, 2)), true, 2, true);
+    check_conv_pool(1, 10, 9, 8, 70, 1, ((2, 2), (2, 2)), true, 3, true);
+    check_conv_pool(1, 9, 9, 8, 40, 1, ((3, 3), (3, 3)), true, 2, true);
     // Odd sizes: the last conv row and column are not pooled; 3×2 windows; a strided
     // conv; output channels off the 32-column panels; one and three threads.
     check_conv_pool(1, 7, 9, 20, 40, 1, ((2, 2), (2, 2)), true, 1, true);

@@ -3,6 +3,8 @@
 //!
 //! 1-D ops are run as 2-D ones with height 1. Geometry is validated by `program`.
 
+use std::ops::Range;
+
 use super::{dense, par_for, par_row_ranges, par_rows, parallelism, Act, SendPtr};
 
 /// Per-sample 2-D window geometry (input `[h, w, c]`, output `[oh, ow, ·]`).
@@ -173,6 +175,39 @@ impl ConvParams {
             .min(pixels / DIRECT_TASK_PIXELS)
             .clamp(1, rows.max(1))
     }
+    /// Whether [`direct`] runs the AVX-512 gather kernel for this convolution (`isa`
+    /// has it, and a window has at most `GATHER_MAX_SEGS` runs).
+    fn gathers(&self, isa: dense::Isa) -> bool {
+        dense::has_gather(isa) && self.k_len() / self.seg_len() <= GATHER_MAX_SEGS
+    }
+    /// How [`direct`] splits `batch` samples between up to `threads` tasks: `(row
+    /// parts, column parts)`, each task a range of row groups and of 32-column panels.
+    /// Row groups alone as a rule; with the gather kernel, panels too where that
+    /// leaves the busiest task less work: the image model's second conv at batch 1 has
+    /// 7 pooled rows, 4 + 3 between two threads, and 2 panels, 1 + 1.
+    pub(crate) fn direct_split(
+        &self,
+        isa: dense::Isa,
+        batch: usize,
+        threads: usize,
+    ) -> (usize, usize) {
+        let rparts = self.direct_tasks(batch, threads);
+        if !self.gathers(isa) {
+            return (rparts, 1);
+        }
+        let rows = batch * self.row_groups();
+        let np = self.cout.div_ceil(dense::NR);
+        // The busiest task's work, in row groups × panels; ties keep the row split.
+        let cost = |(r, c): (usize, usize)| rows.div_ceil(r) * np.div_ceil(c);
+        let mut best = (rparts, 1);
+        for c in 2..=threads.min(np) {
+            let split = (threads / c, c);
+            if cost(split) < cost(best) {
+                best = split;
+            }
+        }
+        best
+    }
     /// Pooled rows whose conv rows [`direct`] computes at a time with a fused pool
     /// (`GATHER_BLOCK` conv pixels where rows allow; one on the non-gather path).
     fn pooled_per_block(&self) -> usize {
@@ -199,11 +234,19 @@ impl ConvParams {
         (hp * wp * self.g.c, pooled, cols)
     }
     fn direct_scratch(&self, max_batch: usize, threads: usize) -> usize {
-        if !self.direct_ok(dense::isa()) {
+        let isa = dense::isa();
+        if !self.direct_ok(isa) {
             return 0;
         }
         let (a, b, c) = self.direct_task_floats();
-        self.direct_tasks(max_batch, threads) * (a + b + c)
+        // Every batch's split has at most `threads` tasks; without the gather kernel,
+        // at most those of `max_batch` (the row split grows with the batch).
+        let tasks = if self.gathers(isa) {
+            threads.max(1)
+        } else {
+            self.direct_tasks(max_batch, threads)
+        };
+        tasks * (a + b + c)
     }
 }
 
@@ -415,8 +458,10 @@ pub fn conv(
     p.act.apply(y);
 }
 
-/// A single-group convolution without an im2col matrix. Each task zero-pads the
-/// input rows its output rows read (one sample at a time) into its part of `scratch`;
+/// A single-group convolution without an im2col matrix. Tasks own ranges of output
+/// rows (and, with the gather kernel at small batches, of 32-column panels: see
+/// [`ConvParams::direct_split`]). Each task zero-pads the input rows its output rows
+/// read (one sample at a time) into its part of `scratch`;
 /// then the windows of a run of consecutive output pixels in one output row are rows
 /// `sw · c` floats apart of that padded input, and every contiguous run of a window
 /// (a kernel row of `kw · c` floats, or one tap of `c` with column dilation) is one
@@ -443,7 +488,9 @@ fn direct(
     let (_, wp) = p.padded_dims();
     let (pad_len, pool_len, cols_len) = p.direct_task_floats();
     let task_len = pad_len + pool_len + cols_len;
-    let parts = p.direct_tasks(batch, threads);
+    let (rparts, cparts) = p.direct_split(isa, batch, threads);
+    let parts = rparts * cparts;
+    let np = cout.div_ceil(dense::NR);
     let ngroups = p.row_groups();
     let groups = batch * ngroups;
     // Conv rows per group and the step between groups; the output row of a group.
@@ -454,7 +501,7 @@ fn direct(
     let seg = p.seg_len();
     let nseg = kl / seg;
     let im2col = seg < DIRECT_MIN_SEG;
-    let gather = dense::has_gather(isa) && nseg <= GATHER_MAX_SEGS;
+    let gather = p.gathers(isa);
     // Input offset (in the padded sample) and kernel row of segment s.
     let seg_at = |s: usize| -> (usize, usize) {
         let (ki, kj) = if g.dw == 1 {
@@ -472,7 +519,11 @@ fn direct(
     assert!(kernel.len() >= kl * cout && x.len() >= batch * g.in_len());
     let (yp, sp) = (SendPtr(y.as_mut_ptr()), SendPtr(scratch.as_mut_ptr()));
     par_for(parts, &|t| {
-        let (a, b) = (groups * t / parts, groups * (t + 1) / parts);
+        let (rt, ct) = (t / cparts, t % cparts);
+        let (a, b) = (groups * rt / rparts, groups * (rt + 1) / rparts);
+        // This task's output channels: whole panels (all of them without a column
+        // split, which only the gather path makes).
+        let chans = np * ct / cparts * dense::NR..(np * (ct + 1) / cparts * dense::NR).min(cout);
         // SAFETY: task t alone uses scratch block t (parts · task_len floats, asserted
         // above); every task ends before par_for returns, inside our &mut borrow.
         let mine = unsafe { std::slice::from_raw_parts_mut(sp.get().add(t * task_len), task_len) };
@@ -559,10 +610,12 @@ fn direct(
         let segs = &segs[..nseg.min(GATHER_MAX_SEGS)];
         // A ReLU is applied by the gather kernel as it stores.
         let relu = *act == Act::Relu;
-        let gather_rows = |pad: &[f32], pr0: usize, oh0: usize, nrows: usize, dst: &mut [f32]| {
+        // `dst`: the conv rows' first pixel (rows of `cout` floats); the task writes
+        // their channels `chans` only.
+        let gather_rows = |pad: &[f32], pr0: usize, oh0: usize, nrows: usize, dst: *mut f32| {
             let pix = nrows * g.ow;
             let chunks = pix.div_ceil(step);
-            for c0 in (0..cout).step_by(dense::NR) {
+            for c0 in chans.clone().step_by(dense::NR) {
                 let nc = dense::NR.min(cout - c0);
                 for ch in 0..chunks {
                     let (q0, q1) = (pix * ch / chunks, pix * (ch + 1) / chunks);
@@ -578,8 +631,8 @@ fn direct(
                     }
                     // SAFETY: each pixel's window (its segments) lies inside the
                     // padded rows pr0.. that `pad_rows` filled (the geometry of
-                    // `padded_dims`); pixels q0..q1 of dst, columns c0..c0+nc, are ours
-                    // (dst is an exclusive borrow, nrows · ow · cout floats).
+                    // `padded_dims`); pixels q0..q1 of dst, columns c0..c0+nc (inside
+                    // `chans`), are this task's alone (the caller's contract).
                     unsafe {
                         dense::gather_rows(
                             &ptrs[..q1 - q0],
@@ -589,7 +642,7 @@ fn direct(
                             cout,
                             nc,
                             bias.map(|b| &b[c0..]),
-                            dst[q0 * cout + c0..].as_mut_ptr(),
+                            dst.add(q0 * cout + c0),
                             cout,
                             relu,
                         )
@@ -597,7 +650,13 @@ fn direct(
                 }
             }
             if !relu {
-                act.apply(dst);
+                for q in 0..pix {
+                    // SAFETY: channels `chans` of pixel q are this task's (as above).
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(dst.add(q * cout + chans.start), chans.len())
+                    };
+                    act.apply(out);
+                }
             }
         };
         let mut r = a;
@@ -615,17 +674,16 @@ fn direct(
             let mut gi = ga;
             while gi < gb {
                 let ng = per.min(gb - gi);
-                // SAFETY: output row groups (n, gi..gi+ng) lie in this task's groups
-                // a..b of y (groups · out_row floats, asserted above); the tasks' ranges
-                // are disjoint.
-                let yrows = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        yp.get().add((n * ngroups + gi) * out_row),
-                        ng * out_row,
-                    )
-                };
+                // Output row groups (n, gi..gi+ng): in this task's groups a..b of y
+                // (groups · out_row floats, asserted above); the tasks' ranges of groups
+                // and channels are disjoint.
+                // SAFETY: the offset stays inside y (see above).
+                let ydst = unsafe { yp.get().add((n * ngroups + gi) * out_row) };
                 let Some(pg) = &p.pool else {
                     if !gather {
+                        // SAFETY: the rows are this task's alone: without the gather
+                        // kernel, tasks split row groups only (`direct_split`).
+                        let yrows = unsafe { std::slice::from_raw_parts_mut(ydst, ng * out_row) };
                         conv_row(pad, cols, pr0, gi, yrows);
                     }
                     gi += ng;
@@ -634,17 +692,16 @@ fn direct(
                 let rl = g.ow * cout;
                 let conv_rows = &mut pooled[..ng * grows * rl];
                 if gather {
-                    gather_rows(pad, pr0, gi * gstep, ng * grows, conv_rows);
+                    gather_rows(pad, pr0, gi * gstep, ng * grows, conv_rows.as_mut_ptr());
                 } else {
                     for (k, dst) in conv_rows.chunks_exact_mut(rl).enumerate() {
                         conv_row(pad, cols, pr0, gi * gstep + k, dst);
                     }
                 }
-                for (rows, yrow) in conv_rows
-                    .chunks_exact(grows * rl)
-                    .zip(yrows.chunks_exact_mut(out_row))
-                {
-                    max_pool_rows(rows, yrow, pg, cout);
+                for (k, rows) in conv_rows.chunks_exact(grows * rl).enumerate() {
+                    // SAFETY: pooled row k of these groups, channels `chans`, is this
+                    // task's (see above).
+                    unsafe { max_pool_rows(rows, ydst.add(k * out_row), pg, cout, chans.clone()) };
                 }
                 gi += ng;
             }
@@ -656,11 +713,9 @@ fn direct(
                     let nr = per.min(gb - oh);
                     let at = (n * g.oh + oh) * g.ow * cout;
                     // SAFETY: conv rows oh..oh+nr of sample n lie in this task's rows
-                    // a..b of y (no pool: groups are conv rows); disjoint between tasks.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(yp.get().add(at), nr * g.ow * cout)
-                    };
-                    gather_rows(pad, pr0, oh, nr, dst);
+                    // a..b of y (no pool: groups are conv rows); with its channels
+                    // `chans`, disjoint between tasks.
+                    gather_rows(pad, pr0, oh, nr, unsafe { yp.get().add(at) });
                     oh += nr;
                 }
             }
@@ -670,32 +725,41 @@ fn direct(
 }
 
 /// One row of a non-overlapping max pool (`pg`: window = stride, no padding) over the
-/// `pg.kh` conv rows in `rows` (each `pg.w · c` floats) into `out` (`pg.ow · c`).
-fn max_pool_rows(rows: &[f32], out: &mut [f32], pg: &Geom, c: usize) {
+/// `pg.kh` conv rows in `rows` (each `pg.w · c` floats) into `out` (`pg.ow` pixels of
+/// `c` floats), channels `chans` only.
+///
+/// # Safety
+/// `out` must be valid for writes of `pg.ow · c` floats, and channels `chans` of its
+/// pixels touched by nobody else during the call.
+unsafe fn max_pool_rows(rows: &[f32], out: *mut f32, pg: &Geom, c: usize, chans: Range<usize>) {
     let rl = pg.w * c;
+    let (c0, nc) = (chans.start, chans.len());
+    assert!(chans.end <= c && rows.len() >= pg.kh * rl);
     // NaN propagates like `pool`'s max (branch-free, so it vectorises).
     let mx = |a: f32, b: f32| if (b > a) | b.is_nan() { b } else { a };
-    if (pg.kh, pg.kw) == (2, 2) {
-        // The common 2×2 window in one pass over each output pixel.
-        let (r0, r1) = rows.split_at(rl);
-        for (pw, o) in out.chunks_exact_mut(c).enumerate() {
-            let at = 2 * pw * c;
-            let (a, b) = (&r0[at..at + c], &r0[at + c..at + 2 * c]);
-            let (d, e) = (&r1[at..at + c], &r1[at + c..at + 2 * c]);
-            for j in 0..c {
+    for pw in 0..pg.ow {
+        // SAFETY: pixel pw's channels `chans` lie inside `out` (the caller's contract).
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(pw * c + c0), nc) };
+        let at = pw * pg.sw * c + c0;
+        if (pg.kh, pg.kw) == (2, 2) {
+            // The common 2×2 window in one pass.
+            let (a, b) = (&rows[at..at + nc], &rows[at + c..at + c + nc]);
+            let (d, e) = (
+                &rows[rl + at..rl + at + nc],
+                &rows[rl + at + c..rl + at + c + nc],
+            );
+            for j in 0..nc {
                 o[j] = mx(mx(a[j], b[j]), mx(d[j], e[j]));
             }
+            continue;
         }
-        return;
-    }
-    for (pw, o) in out.chunks_exact_mut(c).enumerate() {
-        o.copy_from_slice(&rows[pw * pg.sw * c..][..c]);
+        o.copy_from_slice(&rows[at..at + nc]);
         for ki in 0..pg.kh {
             for kj in 0..pg.kw {
                 if ki + kj == 0 {
                     continue;
                 }
-                let v = &rows[ki * rl + (pw * pg.sw + kj) * c..][..c];
+                let v = &rows[ki * rl + at + kj * c..][..nc];
                 for (a, &b) in o.iter_mut().zip(v) {
                     *a = mx(*a, b);
                 }
@@ -952,6 +1016,79 @@ pub fn global_pool(x: &[f32], y: &mut [f32], batch: usize, s: usize, c: usize, m
         if !max {
             let r = 1.0 / s as f32;
             out.iter_mut().for_each(|o| *o *= r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 3×3 "same" convolution `h × w × c → cout`, optionally with a fused
+    /// non-overlapping `pool × pool` max pool.
+    fn same3(h: usize, w: usize, c: usize, cout: usize, pool: Option<usize>) -> ConvParams {
+        let g = Geom {
+            h,
+            w,
+            c,
+            oh: h,
+            ow: w,
+            kh: 3,
+            kw: 3,
+            sh: 1,
+            sw: 1,
+            dh: 1,
+            dw: 1,
+            pt: 1,
+            pl: 1,
+        };
+        let pool = pool.map(|k| Geom {
+            h,
+            w,
+            c: cout,
+            oh: h / k,
+            ow: w / k,
+            kh: k,
+            kw: k,
+            sh: k,
+            sw: k,
+            dh: 1,
+            dw: 1,
+            pt: 0,
+            pl: 0,
+        });
+        ConvParams {
+            g,
+            cout,
+            groups: 1,
+            act: Act::Relu,
+            pool,
+        }
+    }
+
+    #[test]
+    fn few_rows_split_panels() {
+        // The shapes of tests/ops.rs that are meant to take the panel split.
+        let isa = dense::isa();
+        let cases = [
+            (same3(7, 7, 64, 64, None), 1, 2, (1, 2)),
+            (same3(5, 6, 8, 70, None), 1, 3, (1, 3)),
+            (same3(14, 14, 32, 64, Some(2)), 1, 2, (1, 2)),
+            (same3(10, 9, 8, 70, Some(2)), 1, 3, (1, 3)),
+            (same3(9, 9, 8, 40, Some(3)), 1, 2, (1, 2)),
+            // Enough rows to split evenly: rows only.
+            (same3(14, 14, 32, 64, Some(2)), 2, 2, (2, 1)),
+            (same3(28, 28, 1, 32, Some(2)), 1, 2, (2, 1)),
+        ];
+        for (p, batch, threads, want) in cases {
+            let got = p.direct_split(isa, batch, threads);
+            if dense::has_gather(isa) {
+                assert_eq!(got, want, "{:?} batch {batch}", p.g);
+            } else {
+                assert_eq!(got.1, 1, "no panel split without the gather kernel");
+            }
+            // Never more tasks than the scratch was planned for.
+            assert!(got.0 * got.1 <= threads);
         }
     }
 }
