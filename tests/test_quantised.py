@@ -9,6 +9,7 @@ follow from the quantised weights.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from ennclave.program import (
     quantise_rows_int8,
 )
 from ennclave.reference import execute
+from ennclave.seal import HEADER_BYTES
 from ennclave.split import split_model
 from support.enclave_bundle import needs_worker
 
@@ -196,6 +198,18 @@ def test_container_round_trip_and_bytes():
             np.testing.assert_array_equal(back.quant[key].data, w.data)
             np.testing.assert_array_equal(back.weights[key], q.weights[key])
         np.testing.assert_array_equal(execute(back, x), execute(q, x))
+        # Every quantised kernel starts 64-byte aligned where the worker reads the
+        # container (after the seal header), though the float32 bias before it is not
+        # a multiple of 64 bytes.
+        c = q.to_container(offset=HEADER_BYTES)
+        (nj,) = struct.unpack("<Q", c[8:16])
+        (nh,) = struct.unpack("<Q", c[16 + nj : 24 + nj])
+        header = json.loads(c[24 + nj : 24 + nj + nh])
+        data = HEADER_BYTES + 24 + nj + nh
+        kernels = {k: t for k, t in header.items() if k != "__metadata__" and t["dtype"] != "F32"}
+        assert len(kernels) == 2, header
+        for k, t in kernels.items():
+            assert (data + t["data_offsets"][0]) % 64 == 0, (weights, k, t)
     # bf16: half the kernel bytes; int8: a quarter plus one float32 scale per column.
     kb = 4 * (kernel.size + 45)
     assert p.weight_bytes - p.quantised("bf16").weight_bytes == kb // 2

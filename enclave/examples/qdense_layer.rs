@@ -3,8 +3,9 @@
 //! `cargo run --release --example qdense_layer -- [M] [K] [N] [THREADS] [relu]` times
 //! one layer `x[m × k] · w[k × n] + b`; `... -- head [M] [THREADS]` times the MIT67
 //! head (512 → 2048 relu → 2048 relu → 67). Prints the median and fastest call over
-//! ~0.6 s. Set `ENNCLAVE_QKERNEL` to pick a kernel family. Compare builds in one
-//! sitting (the VM's speed drifts between sittings).
+//! ~0.6 s. Set `ENNCLAVE_QKERNEL` to pick a kernel family, `MISALIGN=1` to start the
+//! kernels off a 64-byte boundary. Compare builds in one sitting (the VM's speed
+//! drifts between sittings).
 
 use std::time::Instant;
 
@@ -54,13 +55,31 @@ fn main() {
         .map(|i| ((i * 31) % 1000) as f32 / 1e3 - 0.5)
         .collect();
     let mut bufs: Vec<Vec<f32>> = dims[1..].iter().map(|&n| vec![0f32; m * n]).collect();
+    // The kernels 64-byte aligned, as `split` lays them out in the container (the
+    // scratch int8 aligns itself); `MISALIGN=1` puts them 16 bytes past a line
+    // instead, where an allocation of its own usually starts.
+    let skew = if std::env::var_os("MISALIGN").is_some_and(|v| v == "1") {
+        16
+    } else {
+        0
+    };
+    let qs: Vec<(Vec<i8>, usize)> = layers
+        .iter()
+        .map(|(q, _, _)| {
+            let mut v = vec![0i8; q.len() + 128];
+            let at = v.as_ptr().align_offset(64) + skew;
+            v[at..at + q.len()].copy_from_slice(q);
+            (v, at)
+        })
+        .collect();
     // The executor's scratch, as the worker plans it (the widest layer's rows).
     let widest = dims[..dims.len() - 1].iter().copied().max().unwrap_or(0);
     let mut scratch = vec![0f32; scratch_len(m, widest)];
     let team = Team::new(threads, 200).expect("threads");
     let (med, best) = team.install(|| {
         time(|| {
-            for (l, (q, scale, bias)) in layers.iter().enumerate() {
+            for (l, (_, scale, bias)) in layers.iter().enumerate() {
+                let q = &qs[l].0[qs[l].1..][..layers[l].0.len()];
                 let (k, n) = (dims[l], dims[l + 1]);
                 // The last layer of the head is softmax's input: no ReLU.
                 let r = relu && !(head && l == layers.len() - 1);

@@ -447,14 +447,17 @@ def _has_quantised(data: bytes) -> bool:
 
 def _save_mixed(weights: dict[str, np.ndarray]) -> bytes:
     """safetensors bytes of float32, bf16 (held as uint16 bit patterns) and int8
-    tensors. (The safetensors package's numpy API has no bfloat16.) Tensors are laid
-    out by alignment, widest first, as the safetensors library does, so each stays
-    4-byte aligned (every quantised kernel is a multiple of 128 bytes)."""
+    tensors. (The safetensors package's numpy API has no bfloat16.) Tensors whose size
+    is a multiple of 64 bytes come first (every quantised kernel: whole 128-byte panel
+    rows), so they start 64-byte aligned where the data does (`to_container`): the
+    worker's AMX tile loads of misaligned panels took several times as long. Then the
+    rest, widest first, as the safetensors library lays them out, so each stays aligned
+    to its element size."""
     arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
     for k, v in arrays.items():
         if v.dtype not in _ST_NAMES:
             arrays[k] = np.ascontiguousarray(v, dtype=np.float32)
-    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    order = sorted(arrays, key=lambda k: (arrays[k].nbytes % 64 != 0, -arrays[k].dtype.itemsize, k))
     header: dict[str, Any] = {"__metadata__": {"format": FORMAT}}
     at = 0
     for k in order:

@@ -66,6 +66,11 @@ fn prefetch_row(w: *const u8) {
     let _ = w;
 }
 
+/// A value at a 64-byte boundary: the buffers tiles are loaded from or stored to
+/// (a tile row that straddles two cache lines costs several times an aligned one).
+#[repr(C, align(64))]
+struct Aligned<T>(T);
+
 /// A quantised dense kernel, `k × n`, packed (module doc).
 #[derive(Clone, Copy)]
 pub enum QKernel<'a> {
@@ -784,7 +789,7 @@ unsafe fn bf16_wide<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::int8::QLayout;
-    use super::{Block, NR};
+    use super::{Aligned, Block, NR};
     use std::arch::asm;
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
@@ -932,9 +937,10 @@ mod amx {
         if full < groups {
             // The last group of weight rows, zero-padded to 16 (reading past wrows
             // would leave the panel block).
-            let mut tail = [0u8; 16 * WROW];
-            tail[..(wrows - full * 16) * WROW].copy_from_slice(&w[full * 16 * WROW..wrows * WROW]);
-            group(full, tail.as_ptr());
+            let mut tail = Aligned([0u8; 16 * WROW]);
+            tail.0[..(wrows - full * 16) * WROW]
+                .copy_from_slice(&w[full * 16 * WROW..wrows * WROW]);
+            group(full, tail.0.as_ptr());
         }
         let cp = c.as_mut_ptr();
         // SAFETY: every store writes 16 rows of 64 bytes inside c (32 rows of NR u32).
@@ -967,7 +973,7 @@ mod amx {
         rows: usize,
         blk: &Block,
     ) {
-        let mut c = [0u32; 32 * NR];
+        let mut c = Aligned([0u32; 32 * NR]);
         // SAFETY: the same bytes as w, alignment 1; the caller's contract.
         unsafe {
             let wb = std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * 2);
@@ -976,9 +982,9 @@ mod amx {
                 gs: 16,
                 ts: 16 * ldx,
             };
-            tiles::<false>(xs, al, wb, kp, rows, &mut c);
+            tiles::<false>(xs, al, wb, kp, rows, &mut c.0);
         }
-        let c = c.map(f32::from_bits);
+        let c = c.0.map(f32::from_bits);
         for i in 0..rows {
             let row = Block {
                 // SAFETY (pointer arithmetic only): row i of the block.
