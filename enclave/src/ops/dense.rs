@@ -19,8 +19,9 @@
 //! with no copy at load or at run time. With more than one row block, each task first
 //! packs a group of rows of `x` into scratch the executor plans (`pack_rows`), and
 //! every panel of the task reads that packed block; a ReLU is applied as the kernels
-//! store their last k-block. At batch 1 each panel is read as several streams with accumulators of their own (`gemv_panel`): eight independent FMA
-//! chains instead of two keep more of the weights' loads in flight (the MIT67 head's
+//! store their last k-block. At batch 1 to 4 each panel is read as several streams with
+//! accumulators of their own (`gemv_panel`): at batch 1 eight independent FMA chains
+//! instead of two keep more of the weights' loads in flight (the MIT67 head's
 //! 2048×2048 layer, 2 threads: 0.44 → 0.30 ms). For batches of more than one row, the
 //! kernels prefetch the next panel block into L2 while computing one (batch 64 of the
 //! benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an Intel Xeon VM;
@@ -74,6 +75,13 @@ const MB: usize = 8 * MR;
 const PACK_MIN_PANELS: usize = 4;
 /// Rows of `w` added per pass of the GEMV kernel.
 const GEMV_ROWS: usize = 8;
+/// Up to this many rows, the AVX-512 kernels read each `panels32` panel as streams
+/// (`gemv_panel`), as at batch 1, instead of the blocked micro-kernel: 2048×2048 at 2
+/// threads, Intel Xeon VM (`cargo run --release --example dense_layer -- M 2048 2048
+/// 2`, one sitting): batch 2 0.48 → 0.375 ms, batch 3 0.47 → 0.40, batch 4 (two
+/// streams: three spilled) 0.46 → 0.44; the head through the worker at batch 4 0.55 →
+/// 0.51 ms.
+const STREAM_MAX_ROWS: usize = 4;
 
 /// A dense kernel (`k` inputs × `n` outputs) in one of the two layouts a program may
 /// store it in.
@@ -287,16 +295,22 @@ fn dense_with(
                 let ncols = NR.min(n - c0);
                 let panel = &wp[p * k * NR..(p + 1) * k * NR];
                 #[cfg(target_arch = "x86_64")]
-                if m == 1 && isa != Isa::Portable {
+                if streams_panels(isa, m) {
                     let b = bias.map(|b| &b[c0..c0 + ncols]);
-                    // SAFETY: columns c0..c0+ncols of y (row 0) are this task's (see
+                    // SAFETY: columns c0..c0+ncols of y's m rows are this task's (see
                     // above the match); the panel holds k rows of 32 floats (padded).
                     unsafe {
-                        gemv_panel(isa, &x[..k], panel, b, yp.get().add(c0), ncols);
-                        if relu {
-                            let yc = std::slice::from_raw_parts_mut(yp.get().add(c0), ncols);
-                            super::Act::Relu.apply(yc);
-                        }
+                        gemv_panel(
+                            isa,
+                            &x[..m * k],
+                            m,
+                            panel,
+                            b,
+                            yp.get().add(c0),
+                            n,
+                            ncols,
+                            relu,
+                        )
                     };
                     continue;
                 }
@@ -334,36 +348,61 @@ fn dense_with(
     }
 }
 
-/// Batch 1 on one `panels32` panel: `y[..ncols] = x[..k] · panel + bias`, the panel
-/// read as `STREAMS` streams (its k rows cut into that many ranges, each with its own
-/// accumulators, summed at the end). With one range the kernel's two accumulators
-/// are two FMA dependency chains, and the loads queued behind them keep too few
-/// cache misses in flight: `cargo run --release --example stream_bandwidth` reads a
-/// 21 MB buffer at 20 GB/s per core with one add chain and 26–27 GB/s with two or
-/// more (Intel Xeon VM; 41 → 54 GB/s on two cores), and the 2048×2048 layer of the
-/// MIT67 head took 0.44 ms on two threads with one range, 0.30 ms with four.
+/// Whether [`gemv_panel`] runs `m` rows on the kernel family `isa`.
+fn streams_panels(isa: Isa, m: usize) -> bool {
+    match isa {
+        Isa::Avx512 => m <= STREAM_MAX_ROWS,
+        Isa::Avx2 => m == 1,
+        Isa::Portable => false,
+    }
+}
+
+/// Small batches ([`streams_panels`]) on one `panels32` panel: `y[r, ..ncols] = x[r] ·
+/// panel + bias` for the `m` rows of `x` (`k` floats each, `ldy` apart in `y`), then
+/// `max(y, 0)` with `relu`; the panel read as `STREAMS` streams (its k rows cut into
+/// that many ranges, each with its own accumulators, summed at the end). With one
+/// range a row's two accumulators are two FMA dependency chains, and the loads queued
+/// behind them keep too few cache misses in flight: `cargo run --release --example
+/// stream_bandwidth` reads a 21 MB buffer at 20 GB/s per core with one add chain and
+/// 26–27 GB/s with two or more (Intel Xeon VM; 41 → 54 GB/s on two cores), and the
+/// 2048×2048 layer of the MIT67 head took 0.44 ms on two threads with one range, 0.30
+/// ms with four.
 ///
 /// # Safety
-/// The CPU must have the ISA (not `Portable`); `y` must be valid for writes of
-/// `ncols` ≤ 32 floats that nobody else accesses during the call.
+/// The CPU must have the ISA (not `Portable`); `y + r·ldy` must be valid for writes of
+/// `ncols` ≤ 32 floats that nobody else accesses during the call, for every row `r`.
+#[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 unsafe fn gemv_panel(
     isa: Isa,
     x: &[f32],
+    m: usize,
     panel: &[f32],
     bias: Option<&[f32]>,
     y: *mut f32,
+    ldy: usize,
     ncols: usize,
+    relu: bool,
 ) {
-    let k = x.len();
-    assert!(panel.len() >= k * NR && (1..=NR).contains(&ncols));
+    assert!(streams_panels(isa, m) && m >= 1 && x.len().is_multiple_of(m));
+    let k = x.len() / m;
+    assert!(panel.len() >= k * NR && (1..=NR).contains(&ncols) && ldy >= ncols);
     assert!(bias.is_none_or(|b| b.len() >= ncols));
-    // SAFETY: the CPU has the ISA (caller); x holds k floats, the panel k rows of 32,
-    // bias ≥ ncols floats, y ncols writable floats (caller).
+    let (x, w) = (x.as_ptr(), panel.as_ptr());
+    // SAFETY: the CPU has the ISA (caller); x holds m rows of k floats, the panel k
+    // rows of 32, bias ≥ ncols floats, y m rows of ncols writable floats (caller).
     unsafe {
-        match isa {
-            Isa::Avx512 => avx512::gemv_panel(x, panel.as_ptr(), bias, y, ncols),
-            _ => avx2::gemv_panel(x, panel.as_ptr(), bias, y, ncols),
+        match (isa, m) {
+            (Isa::Avx512, 1) => avx512::gemv_panel::<1, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 2) => avx512::gemv_panel::<2, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 3) => avx512::gemv_panel::<3, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, _) => avx512::gemv_panel::<4, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            _ => {
+                avx2::gemv_panel(std::slice::from_raw_parts(x, k), w, bias, y, ncols);
+                if relu {
+                    super::Act::Relu.apply(std::slice::from_raw_parts_mut(y, ncols));
+                }
+            }
         }
     }
 }
@@ -1409,57 +1448,73 @@ mod avx512 {
         }
     }
 
-    /// Streams, each with its own accumulators, of the batch-1 panel kernel (see
-    /// `super::gemv_panel`): 4 × 2 zmm accumulators.
-    const STREAMS: usize = 4;
-
-    /// `y[..ncols] = x · w + bias` for one 32-column panel `w` (`x.len()` rows of 32
-    /// floats), its rows read as `STREAMS` interleaved ranges.
+    /// `y[r, ..ncols] = x[r] · w + bias` for `R` rows of `x` (`k` floats each, one after
+    /// the other) and one 32-column panel `w` (`k` rows of 32 floats), its rows read as
+    /// `S` interleaved ranges with accumulators of their own (`R × 2 × S` zmm: 8 at
+    /// batch 1, 24 for 3 rows); then `max(y, 0)` with `relu`.
     ///
     /// # Safety
-    /// avx512f must be available; `w` valid for reads of `32 * x.len()` floats,
-    /// `bias` (if any) ≥ `ncols` floats, `y` valid for writes of `ncols` ≤ 32 floats.
+    /// avx512f must be available; `x` valid for reads of `R * k` floats, `w` of
+    /// `32 * k`; `bias` (if any) ≥ `ncols` floats; `y + r*ldy` valid for writes of
+    /// `ncols` ≤ 32 floats for every `r < R`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemv_panel(
-        x: &[f32],
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemv_panel<const R: usize, const S: usize>(
+        x: *const f32,
+        k: usize,
         w: *const f32,
         bias: Option<&[f32]>,
         y: *mut f32,
+        ldy: usize,
         ncols: usize,
+        relu: bool,
     ) {
-        let k = x.len();
-        let q = k / STREAMS;
-        let mut acc = [[_mm512_setzero_ps(); 2]; STREAMS];
-        // SAFETY (both loops): every row index is < k, so every load is inside w.
+        let q = k / S;
+        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; S];
+        // SAFETY (both loops): every row index is < k, so every load is inside w and x.
         for i in 0..q {
             for (s, a) in acc.iter_mut().enumerate() {
                 let r = s * q + i;
                 let wr = w.add(r * 32);
-                let xv = _mm512_set1_ps(*x.get_unchecked(r));
-                a[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wr), a[0]);
-                a[1] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wr.add(16)), a[1]);
+                let (w0, w1) = (_mm512_loadu_ps(wr), _mm512_loadu_ps(wr.add(16)));
+                for (j, aj) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(j * k + r));
+                    aj[0] = _mm512_fmadd_ps(xv, w0, aj[0]);
+                    aj[1] = _mm512_fmadd_ps(xv, w1, aj[1]);
+                }
             }
         }
-        for (r, &xr) in x.iter().enumerate().skip(STREAMS * q) {
+        for r in S * q..k {
             let wr = w.add(r * 32);
-            let xv = _mm512_set1_ps(xr);
-            acc[0][0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wr), acc[0][0]);
-            acc[0][1] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wr.add(16)), acc[0][1]);
+            let (w0, w1) = (_mm512_loadu_ps(wr), _mm512_loadu_ps(wr.add(16)));
+            for (j, aj) in acc[0].iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(j * k + r));
+                aj[0] = _mm512_fmadd_ps(xv, w0, aj[0]);
+                aj[1] = _mm512_fmadd_ps(xv, w1, aj[1]);
+            }
         }
         let (m0, m1) = masks(ncols);
-        let mut sum = [_mm512_setzero_ps(); 2];
-        if let Some(b) = bias {
-            sum = [
+        let start = match bias {
+            Some(b) => [
                 _mm512_maskz_loadu_ps(m0, b.as_ptr()),
                 _mm512_maskz_loadu_ps(m1, b.as_ptr().add(16)),
-            ];
+            ],
+            None => [_mm512_setzero_ps(); 2],
+        };
+        for j in 0..R {
+            let mut sum = start;
+            for a in &acc {
+                sum[0] = _mm512_add_ps(sum[0], a[j][0]);
+                sum[1] = _mm512_add_ps(sum[1], a[j][1]);
+            }
+            if relu {
+                // max(v, 0) gives 0 for NaN, as `Act::Relu` does.
+                sum = sum.map(|v| _mm512_max_ps(v, _mm512_setzero_ps()));
+            }
+            let yr = y.add(j * ldy);
+            _mm512_mask_storeu_ps(yr, m0, sum[0]);
+            _mm512_mask_storeu_ps(yr.add(16), m1, sum[1]);
         }
-        for a in &acc {
-            sum[0] = _mm512_add_ps(sum[0], a[0]);
-            sum[1] = _mm512_add_ps(sum[1], a[1]);
-        }
-        _mm512_mask_storeu_ps(y, m0, sum[0]);
-        _mm512_mask_storeu_ps(y.add(16), m1, sum[1]);
     }
 }
 
@@ -1837,6 +1892,14 @@ mod tests {
             (1, 1, 3),
             (1, 3, 40),
             (1, 6, 33),
+            // Two to four rows streamed the same way (see `streams_panels`): fewer
+            // inputs than streams, tails, ragged last panels.
+            (2, 3, 67),
+            (3, 5, 40),
+            (3, 2, 3),
+            (4, 1, 33),
+            (4, 7, 64),
+            (4, 515, 100),
             (2, 33, 300),
             (5, 64, 70),
             (13, 130, 9),
@@ -1929,6 +1992,9 @@ mod tests {
         // outer, nothing to multiply; a NaN input row (ReLU maps NaN to 0).
         let shapes = [
             (1, 300, 100),
+            (2, 300, 100),
+            (3, 41, 33),
+            (4, 100, 70),
             (5, 64, 70),
             (24, 257, 400),
             (100, 1100, 67),

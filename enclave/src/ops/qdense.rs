@@ -581,6 +581,8 @@ unsafe fn bf16_block(
     unsafe {
         match path {
             #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 if r == 1 => bf16_dot_row(xs.as_ptr(), w.as_ptr(), kp, blk),
+            #[cfg(target_arch = "x86_64")]
             Path::Avx512Bf16 => by_rows!(r, bf16_dot, xs.as_ptr(), ldx, w.as_ptr(), kp, blk),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512 => by_rows!(r, bf16_wide, xs.as_ptr(), ldx, w.as_ptr(), kp, blk),
@@ -719,9 +721,6 @@ unsafe fn bf16_dot<const R: usize>(
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for r in 0..kp {
             let wr = w.add(r * 2 * NR);
-            if R == 1 {
-                prefetch_row(wr.cast());
-            }
             let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.cast()));
             let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.add(NR).cast()));
             for (i, a) in acc.iter_mut().enumerate() {
@@ -732,6 +731,55 @@ unsafe fn bf16_dot<const R: usize>(
             }
         }
         store::<R>(&acc, blk);
+    }
+}
+
+/// Streams of the one-row bf16 dot kernel, each with its own accumulators.
+const DOT_STREAMS: usize = 4;
+
+/// [`bf16_dot`] for one row (batch 1, memory-bound): the panel's `kp` pair rows read
+/// as `DOT_STREAMS` interleaved ranges, each with its own two accumulators (summed at
+/// the end) and each prefetched `PF_AHEAD` bytes ahead, as the fp32 batch-1 kernel
+/// reads its panels (`ops::dense`, `gemv_panel`). The bf16 head at batch 1 through the
+/// worker, alternating builds (`benchmarks/ab_workers.py --bundle bf16`, Intel Xeon
+/// VM): 0.270–0.293 → 0.263–0.276 ms; 2 or 8 streams, or 4 without the prefetches,
+/// gained nothing.
+///
+/// # Safety
+/// As [`bf16_block`] with one row; the CPU must have AVX-512F and AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_dot_row(xs: *const u32, w: *const u16, kp: usize, blk: &Block) {
+    let q = kp / DOT_STREAMS;
+    // SAFETY: every pair row read is < kp: inside xs (kp pairs) and w (kp · 64
+    // values); __m512i and __m512bh are both 64 bytes of plain data.
+    unsafe {
+        let dot = |a: &mut [__m512; 2], r: usize, prefetch: bool| {
+            let wr = w.add(r * 2 * NR);
+            if prefetch {
+                prefetch_row(wr.cast());
+            }
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.cast()));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr.add(NR).cast()));
+            let xp: __m512bh = std::mem::transmute(_mm512_set1_epi32(*xs.add(r) as i32));
+            a[0] = _mm512_dpbf16_ps(a[0], xp, w0);
+            a[1] = _mm512_dpbf16_ps(a[1], xp, w1);
+        };
+        let mut acc = [[_mm512_setzero_ps(); 2]; DOT_STREAMS];
+        for i in 0..q {
+            for (s, a) in acc.iter_mut().enumerate() {
+                dot(a, s * q + i, true);
+            }
+        }
+        for r in DOT_STREAMS * q..kp {
+            dot(&mut acc[0], r, false);
+        }
+        let mut sum = [[_mm512_setzero_ps(); 2]; 1];
+        for a in &acc {
+            sum[0][0] = _mm512_add_ps(sum[0][0], a[0]);
+            sum[0][1] = _mm512_add_ps(sum[0][1], a[1]);
+        }
+        store::<1>(&sum, blk);
     }
 }
 
@@ -1151,6 +1199,9 @@ mod tests {
         for &(m, k, n) in &[
             (1, 1, 1),
             (1, 7, 33),
+            // One row's streams: a tail after them, fewer pairs than streams.
+            (1, 13, 45),
+            (1, 6, 32),
             // One row stages all of k (ragged), or KC_BF16 at a time past RB·KC_BF16;
             // 65 rows end with a one-row chunk.
             (1, 1000, 70),
