@@ -881,7 +881,9 @@ mod amx {
     /// The tile product of up to 32 rows of `a` (laid out as `al` says; a u32 holds a
     /// bf16 pair or four int8 values) × the panel's 32 columns over `wrows` weight
     /// rows of 128 bytes (`w`), into `c` (32 rows of 32 float32 or int32, row stride
-    /// `NR`). `INT8`: `tdpbssd` (int8 × int8 summed in int32), else `tdpbf16ps`.
+    /// `NR`), added to what `c` holds when `load_c` (partial sums over earlier weight
+    /// rows), else replacing it. `INT8`: `tdpbssd` (int8 × int8 summed in int32), else
+    /// `tdpbf16ps`.
     ///
     /// # Safety
     /// AMX enabled (and AMX-INT8 for `INT8`), this thread's tiles configured
@@ -894,6 +896,7 @@ mod amx {
         wrows: usize,
         rows: usize,
         c: &mut [u32; 32 * NR],
+        load_c: bool,
     ) {
         const WROW: usize = 4 * NR; // bytes per weight row
         let two = rows > 16;
@@ -958,15 +961,34 @@ mod amx {
                 }
             }
         };
-        // SAFETY: tilezero only writes tile registers.
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
+        let cp = c.as_mut_ptr();
+        if load_c {
+            // SAFETY: every load reads 16 rows of 64 bytes inside c (32 rows of NR u32).
+            unsafe {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {ldc}*1]",
+                    "tileloadd tmm1, [{c1} + {ldc}*1]",
+                    "tileloadd tmm2, [{c2} + {ldc}*1]",
+                    "tileloadd tmm3, [{c3} + {ldc}*1]",
+                    c0 = in(reg) cp,
+                    c1 = in(reg) cp.add(16),
+                    c2 = in(reg) cp.add(16 * NR),
+                    c3 = in(reg) cp.add(16 * NR + 16),
+                    ldc = in(reg) ldc_b,
+                    options(nostack, readonly)
+                );
+            }
+        } else {
+            // SAFETY: tilezero only writes tile registers.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
         }
         for g in 0..full {
             if INT8 && g + PF_GROUPS < full {
@@ -990,7 +1012,6 @@ mod amx {
                 .copy_from_slice(&w[full * 16 * WROW..wrows * WROW]);
             group(full, tail.0.as_ptr());
         }
-        let cp = c.as_mut_ptr();
         // SAFETY: every store writes 16 rows of 64 bytes inside c (32 rows of NR u32).
         unsafe {
             asm!(
@@ -1030,7 +1051,7 @@ mod amx {
                 gs: 16,
                 ts: 16 * ldx,
             };
-            tiles::<false>(xs, al, wb, kp, rows, &mut c.0);
+            tiles::<false>(xs, al, wb, kp, rows, &mut c.0, false);
         }
         let c = c.0.map(f32::from_bits);
         for i in 0..rows {
@@ -1046,7 +1067,8 @@ mod amx {
     }
 
     /// One int8 block: the int32 sums of `rows` ≤ 32 rows (`xs`: signed quads laid out
-    /// as `al` says) × the panel's 32 columns over `kq` quad rows (`w`) into `acc`.
+    /// as `al` says) × the panel's 32 columns over `kq` quad rows (`w`) into `acc`,
+    /// added to its sums when `load_c`.
     ///
     /// # Safety
     /// As [`tiles`] (`xs`: `a`, `kq`: `wrows`), and the CPU has AMX-INT8.
@@ -1057,13 +1079,14 @@ mod amx {
         kq: usize,
         rows: usize,
         acc: &mut [i32; 32 * NR],
+        load_c: bool,
     ) {
         // SAFETY: the same bytes as w (alignment 1) and as acc (i32 and u32 have the
         // same size and alignment, every bit pattern valid); the caller's contract.
         unsafe {
             let wb = std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len());
             let c = &mut *(acc as *mut [i32; 32 * NR]).cast::<[u32; 32 * NR]>();
-            tiles::<true>(xs, al, wb, kq, rows, c);
+            tiles::<true>(xs, al, wb, kq, rows, c, load_c);
         }
     }
 
@@ -1288,6 +1311,11 @@ mod tests {
             (150, 300, 67),
             (130, 130, 40),
             (64, 2048, 67),
+            // AMX, two blocks of 32 rows: k in blocks of 512 inputs with the partial
+            // sums kept between them; exactly two blocks, and a second block of one
+            // quad (a ragged group) with a ragged second row block.
+            (64, 1024, 64),
+            (40, 516, 33),
         ] {
             let mut x = vals(m * k, 1);
             if m > 1 {
