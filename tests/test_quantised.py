@@ -180,6 +180,20 @@ def test_secret_memory_half_and_quarter(tmp_path):
     assert 0.2 < kib["int8"] / kib["fp32"] < 0.32, kib
 
 
+def _tensor_starts(container: bytes) -> dict[str, tuple[str, list[int], int]]:
+    """Each tensor of a sealed-offset container: dtype, shape, and where its data starts
+    in the buffer the worker decrypts into (after the seal header)."""
+    (nj,) = struct.unpack("<Q", container[8:16])
+    (nh,) = struct.unpack("<Q", container[16 + nj : 24 + nj])
+    header = json.loads(container[24 + nj : 24 + nj + nh])
+    data = HEADER_BYTES + 24 + nj + nh
+    return {
+        k: (t["dtype"], t["shape"], data + t["data_offsets"][0])
+        for k, t in header.items()
+        if k != "__metadata__"
+    }
+
+
 def test_container_round_trip_and_bytes():
     rng = np.random.default_rng(0)
     b = ProgramBuilder()
@@ -201,15 +215,15 @@ def test_container_round_trip_and_bytes():
         # Every quantised kernel starts 64-byte aligned where the worker reads the
         # container (after the seal header), though the float32 bias before it is not
         # a multiple of 64 bytes.
-        c = q.to_container(offset=HEADER_BYTES)
-        (nj,) = struct.unpack("<Q", c[8:16])
-        (nh,) = struct.unpack("<Q", c[16 + nj : 24 + nj])
-        header = json.loads(c[24 + nj : 24 + nj + nh])
-        data = HEADER_BYTES + 24 + nj + nh
-        kernels = {k: t for k, t in header.items() if k != "__metadata__" and t["dtype"] != "F32"}
-        assert len(kernels) == 2, header
-        for k, t in kernels.items():
-            assert (data + t["data_offsets"][0]) % 64 == 0, (weights, k, t)
+        starts = _tensor_starts(q.to_container(offset=HEADER_BYTES))
+        kernels = {k: at for k, (dtype, _, at) in starts.items() if dtype != "F32"}
+        assert len(kernels) == 2, starts
+        assert all(at % 64 == 0 for at in kernels.values()), (weights, starts)
+    # Float32 programs are laid out the same way: the packed dense kernel
+    # ([3, 37, 32]) starts on a cache line, its 70-float bias does not end on one.
+    starts = _tensor_starts(p.to_container(offset=HEADER_BYTES))
+    packed = [at for _, shape, at in starts.values() if shape == [3, 37, 32]]
+    assert len(packed) == 1 and packed[0] % 64 == 0, starts
     # bf16: half the kernel bytes; int8: a quarter plus one float32 scale per column.
     kb = 4 * (kernel.size + 45)
     assert p.weight_bytes - p.quantised("bf16").weight_bytes == kb // 2

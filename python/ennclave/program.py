@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from .errors import ProgramError
 from .graph import TensorInfo
@@ -224,10 +223,11 @@ class Program:
         return json.dumps(self.graph_json(), indent=1).encode()
 
     def weights_bytes(self) -> bytes:
-        if any(v.dtype in (np.uint16, np.int8) for v in self.weights.values()):
-            return _save_mixed(self.weights)
-        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.weights.items()}
-        return st_save(tensors, metadata={"format": FORMAT})
+        # Our own writer for float32 programs too, for its layout: tensors of whole
+        # 64-byte multiples first, so every kernel starts on a cache line in the worker
+        # (the safetensors library orders by name, which left the MIT67 head's last
+        # kernel at 12 mod 64).
+        return _save_mixed(self.weights)
 
     def quantised(self, dtype: str) -> Program:
         """This program with every dense and single-group conv kernel stored as `dtype`
