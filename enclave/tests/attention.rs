@@ -5,33 +5,44 @@ mod common;
 use common::*;
 use ennclave_enclave::program::Program;
 
-/// x [null, 2, 3, 4]; q = x, k = transpose(x) as [null, 2, 4, 3]; scores = q · k
-/// ([null, 2, 3, 3]); probs = softmax(scores + mask); y = probs · x ([null, 2, 3, 4]).
-fn attention_json() -> String {
-    r#"{"format": "ennclave-program", "version": 1,
-  "inputs": [{"name": "x", "shape": [null, 2, 3, 4]}],
-  "outputs": [{"name": "y", "shape": [null, 2, 3, 4]}],
+/// x [null, h, t, d]; q = x, k = transpose(x) as [null, h, d, t]; scores = q · k
+/// ([null, h, t, t]); probs = softmax(scores + mask); y = probs · x ([null, h, t, d]).
+fn attention_json(h: usize, t: usize, d: usize) -> String {
+    format!(
+        r#"{{"format": "ennclave-program", "version": 1,
+  "inputs": [{{"name": "x", "shape": [null, {h}, {t}, {d}]}}],
+  "outputs": [{{"name": "y", "shape": [null, {h}, {t}, {d}]}}],
   "nodes": [
-    {"name": "kt", "op": "transpose", "inputs": ["x"], "outputs": ["k"], "attrs": {"perm": [0, 1, 3, 2]}},
-    {"name": "s", "op": "matmul", "inputs": ["x", "k"], "outputs": ["s"]},
-    {"name": "st", "op": "matmul", "inputs": ["x", "x"], "outputs": ["s2"], "attrs": {"transpose_b": true}},
-    {"name": "ss", "op": "add", "inputs": ["s", "s2"], "outputs": ["s3"]},
-    {"name": "m", "op": "constant", "inputs": [], "outputs": ["mask"], "weights": {"value": "mask"}},
-    {"name": "p", "op": "softmax", "inputs": ["s3", "mask"], "outputs": ["p"], "attrs": {"axis": -1}},
-    {"name": "o", "op": "matmul", "inputs": ["p", "x"], "outputs": ["y"]}
-  ]}"#
-    .to_string()
+    {{"name": "kt", "op": "transpose", "inputs": ["x"], "outputs": ["k"], "attrs": {{"perm": [0, 1, 3, 2]}}}},
+    {{"name": "s", "op": "matmul", "inputs": ["x", "k"], "outputs": ["s"]}},
+    {{"name": "st", "op": "matmul", "inputs": ["x", "x"], "outputs": ["s2"], "attrs": {{"transpose_b": true}}}},
+    {{"name": "ss", "op": "add", "inputs": ["s", "s2"], "outputs": ["s3"]}},
+    {{"name": "m", "op": "constant", "inputs": [], "outputs": ["mask"], "weights": {{"value": "mask"}}}},
+    {{"name": "p", "op": "softmax", "inputs": ["s3", "mask"], "outputs": ["p"], "attrs": {{"axis": -1}}}},
+    {{"name": "o", "op": "matmul", "inputs": ["p", "x"], "outputs": ["y"]}}
+  ]}}"#
+    )
 }
 
 #[test]
 fn masked_attention_matches_naive() {
-    let (n, h, t, d) = (3usize, 2usize, 3usize, 4usize);
+    // A tiny one, and one whose transpose, add and masked softmax are large enough
+    // for the executor to split them between threads (`PAR_MIN_FLOATS`).
+    for (n, h, t, d) in [(3usize, 2usize, 3usize, 4usize), (8, 4, 64, 32)] {
+        check_attention(n, h, t, d);
+    }
+}
+
+fn check_attention(n: usize, h: usize, t: usize, d: usize) {
     let x = vals(n * h * t * d, 7);
     let mask: Vec<f32> = (0..t * t)
         .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
         .collect();
-    let c = container(&attention_json(), &[w("mask", &[t, t], mask.clone())]);
-    for threads in [1, 2] {
+    let c = container(
+        &attention_json(h, t, d),
+        &[w("mask", &[t, t], mask.clone())],
+    );
+    for threads in [1, 2, 3] {
         let got = run(&c, &x, n, threads);
         let mut want = vec![0.0f32; x.len()];
         for s in 0..n * h {

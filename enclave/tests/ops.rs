@@ -1242,3 +1242,33 @@ fn erfc_activation_keeps_the_tail() {
     assert_close(&got[..2], &[1.842_700_8, 0.479_500_1], 1e-6);
     assert!((got[2] / 2.151_973_7e-17 - 1.0).abs() < 1e-5, "{}", got[2]);
 }
+
+#[test]
+fn large_layer_norm_splits_between_threads() {
+    // 4 samples of 64 rows of 256: large enough for the executor to split the rows
+    // between threads (`PAR_MIN_FLOATS`); every row against a float64 reference.
+    let (n, rows, inner) = (4usize, 64usize, 256usize);
+    let x = vals(n * rows * inner, 11);
+    let (g, b) = (vals(inner, 12), vals(inner, 13));
+    let ln = container(
+        &one_node(
+            "layer_norm",
+            &[rows, inner],
+            &[rows, inner],
+            r#"{"axes": [-1], "epsilon": 1e-5}"#,
+            r#"{"gamma": "g", "beta": "b"}"#,
+        ),
+        &[w("g", &[inner], g.clone()), w("b", &[inner], b.clone())],
+    );
+    let mut want = vec![0.0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(inner).zip(want.chunks_exact_mut(inner)) {
+        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / inner as f64;
+        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / inner as f64;
+        for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+            *o = ((v as f64 - mean) / (var + 1e-5).sqrt() * g[j] as f64 + b[j] as f64) as f32;
+        }
+    }
+    for threads in [1, 2, 3] {
+        assert_close(&run(&ln, &x, n, threads), &want, 1e-4);
+    }
+}
