@@ -649,7 +649,10 @@ fn direct(
                     };
                 }
             }
-            if !relu {
+            if !relu && chans.len() == cout {
+                // SAFETY: every channel of these pixels is this task's (as above).
+                act.apply(unsafe { std::slice::from_raw_parts_mut(dst, pix * cout) });
+            } else if !relu {
                 for q in 0..pix {
                     // SAFETY: channels `chans` of pixel q are this task's (as above).
                     let out = unsafe {
