@@ -1386,15 +1386,31 @@ mod avx512 {
                 *p = row.add(off);
             }
             let ws = w.add(s * seg * ldw);
-            // SAFETY (both loops): i < seg, r < R: inside the caller's ranges.
-            for i in 0..seg {
-                let wr = ws.add(i * ldw);
-                let w0 = _mm512_maskz_loadu_ps(m0, wr);
-                let w1 = _mm512_maskz_loadu_ps(m1, wr.add(16));
-                for (a, &p) in acc.iter_mut().zip(&xr) {
-                    let xv = _mm512_set1_ps(*p.add(i));
-                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+            // SAFETY (all loops): i < seg, r < R: inside the caller's ranges.
+            if ncols == 32 {
+                // Plain loads for whole panels: on Intel a masked load also takes
+                // an FMA port (the image model's 3×3 convs, batch 64, one thread: 5%
+                // faster than masked loads).
+                for i in 0..seg {
+                    let wr = ws.add(i * ldw);
+                    let w0 = _mm512_loadu_ps(wr);
+                    let w1 = _mm512_loadu_ps(wr.add(16));
+                    for (a, &p) in acc.iter_mut().zip(&xr) {
+                        let xv = _mm512_set1_ps(*p.add(i));
+                        a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                        a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    }
+                }
+            } else {
+                for i in 0..seg {
+                    let wr = ws.add(i * ldw);
+                    let w0 = _mm512_maskz_loadu_ps(m0, wr);
+                    let w1 = _mm512_maskz_loadu_ps(m1, wr.add(16));
+                    for (a, &p) in acc.iter_mut().zip(&xr) {
+                        let xv = _mm512_set1_ps(*p.add(i));
+                        a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                        a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    }
                 }
             }
         }
