@@ -325,6 +325,17 @@ fn allow_list() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Error> {
             libc::CLONE_THREAD as u64,
         )?])?],
     );
+    // A team helper moving itself off the owner's core (`team::move_off`): the
+    // calling thread only (pid 0), no other process's.
+    m.insert(
+        libc::SYS_sched_setaffinity as i64,
+        vec![SeccompRule::new(vec![Cond::new(
+            0,
+            Len::Qword,
+            Op::Eq,
+            0,
+        )?])?],
+    );
     // Thread naming only.
     m.insert(
         libc::SYS_prctl as i64,
