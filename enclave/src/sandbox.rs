@@ -482,7 +482,9 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         .unwrap();
     }
 
-    /// Run in a forked child so the filters do not affect the test harness.
+    /// Under the filters open is refused, threads work, and a thread may set its own
+    /// CPU affinity but not another process's. Run in a forked child so the filters do
+    /// not affect the test harness.
     #[test]
     fn sandbox_blocks_open_and_allows_threads() {
         // SAFETY: fork in a test; the child only makes async-signal-safe-enough calls
@@ -492,6 +494,8 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         assert!(pid >= 0);
         if pid == 0 {
             let code = (|| {
+                // SAFETY: getppid has no arguments (before the filters, which refuse it).
+                let parent = unsafe { libc::getppid() };
                 if harden_process().is_err() {
                     return Some(20);
                 }
@@ -520,6 +524,23 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
                 let v: Vec<f32> = vec![1.0; 1 << 22]; // large malloc → mmap
                 if v.iter().sum::<f32>() <= 0.0 {
                     return Some(12);
+                }
+                // A thread may set its own affinity (`team::move_off`), not another
+                // process's (the parent's, its own mask: allowed without the filter).
+                // SAFETY: a plain bit set on our stack, passed with its size.
+                unsafe {
+                    let size = std::mem::size_of::<libc::cpu_set_t>();
+                    let mut m: libc::cpu_set_t = std::mem::zeroed();
+                    if libc::sched_getaffinity(0, size, &mut m) != 0 {
+                        return Some(14);
+                    }
+                    if libc::sched_setaffinity(0, size, &m) != 0 {
+                        return Some(15);
+                    }
+                    let other = libc::sched_setaffinity(parent, size, &m);
+                    if other != -1 || *libc::__errno_location() != libc::EPERM {
+                        return Some(16);
+                    }
                 }
                 Some(0)
             })()
