@@ -83,13 +83,16 @@ const MB: usize = 8 * MR;
 const PACK_MIN_PANELS: usize = 4;
 /// Rows of `w` added per pass of the GEMV kernel.
 const GEMV_ROWS: usize = 8;
-/// Up to this many rows, the AVX-512 kernels read each `panels32` panel as streams
-/// (`gemv_panel`), as at batch 1, instead of the blocked micro-kernel: 2048×2048 at 2
-/// threads, Intel Xeon VM (`cargo run --release --example dense_layer -- M 2048 2048
-/// 2`, one sitting): batch 2 0.48 → 0.375 ms, batch 3 0.47 → 0.40, batch 4 (two
-/// streams: three spilled) 0.46 → 0.44; the head through the worker at batch 4 0.55 →
-/// 0.51 ms.
-const STREAM_MAX_ROWS: usize = 4;
+/// Up to this many rows, the AVX-512 kernels read each `panels32` panel as four
+/// streams (`gemv_panel`), as at batch 1, instead of the blocked micro-kernel: 2048×2048
+/// at 2 threads, Intel Xeon VM (`cargo run --release --example dense_layer -- M 2048
+/// 2048 2`, one sitting): batch 2 0.48 → 0.375 ms, batch 3 0.47 → 0.40. From 4 rows on
+/// four streams with accumulators of their own would take all 32 registers, so streams
+/// share accumulator sets (two sets for 4–6 rows, one for 7–8): batch 4 0.49 → 0.39 ms
+/// (against two streams of their own), batch 5 0.46–0.51 → 0.42, batch 8 0.52–0.54 →
+/// 0.47–0.49 (against the blocked kernel); at 10 and 12 rows the blocked kernel is
+/// faster.
+const STREAM_MAX_ROWS: usize = 8;
 
 /// A dense kernel (`k` inputs × `n` outputs) in one of the two layouts a program may
 /// store it in.
@@ -368,8 +371,9 @@ fn streams_panels(isa: Isa, m: usize) -> bool {
 
 /// Small batches ([`streams_panels`]) on one `panels32` panel: `y[r, ..ncols] = x[r] ·
 /// panel + bias` for the `m` rows of `x` (`k` floats each, `ldy` apart in `y`), then
-/// `max(y, 0)` with `relu`; the panel read as `STREAMS` streams (its k rows cut into
-/// that many ranges, each with its own accumulators, summed at the end). With one
+/// `max(y, 0)` with `relu`; the panel read as four streams (its k rows cut into that
+/// many ranges, each adding into accumulators of its own up to 3 rows and into shared
+/// sets from 4 rows on, see `STREAM_MAX_ROWS`; summed at the end). With one
 /// range a row's two accumulators are two FMA dependency chains, and the loads queued
 /// behind them keep too few cache misses in flight: `cargo run --release --example
 /// stream_bandwidth` reads a 21 MB buffer at 20 GB/s per core with one add chain and
@@ -402,10 +406,14 @@ unsafe fn gemv_panel(
     // rows of 32, bias ≥ ncols floats, y m rows of ncols writable floats (caller).
     unsafe {
         match (isa, m) {
-            (Isa::Avx512, 1) => avx512::gemv_panel::<1, 4>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 2) => avx512::gemv_panel::<2, 4>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 3) => avx512::gemv_panel::<3, 4>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, _) => avx512::gemv_panel::<4, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 1) => avx512::gemv_panel::<1, 4, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 2) => avx512::gemv_panel::<2, 4, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 3) => avx512::gemv_panel::<3, 4, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 4) => avx512::gemv_panel::<4, 4, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 5) => avx512::gemv_panel::<5, 4, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 6) => avx512::gemv_panel::<6, 4, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 7) => avx512::gemv_panel::<7, 4, 1>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, _) => avx512::gemv_panel::<8, 4, 1>(x, k, w, bias, y, ldy, ncols, relu),
             _ => {
                 avx2::gemv_panel(std::slice::from_raw_parts(x, k), w, bias, y, ncols);
                 if relu {
@@ -1475,8 +1483,9 @@ mod avx512 {
 
     /// `y[r, ..ncols] = x[r] · w + bias` for `R` rows of `x` (`k` floats each, one after
     /// the other) and one 32-column panel `w` (`k` rows of 32 floats), its rows read as
-    /// `S` interleaved ranges with accumulators of their own (`R × 2 × S` zmm: 8 at
-    /// batch 1, 24 for 3 rows); then `max(y, 0)` with `relu`.
+    /// `S` interleaved ranges; range `s` adds into accumulator set `s % A` (`R × 2 × A`
+    /// zmm: 8 at batch 1, 24 for 3 rows in 4 sets, 16 for 8 rows in one); then
+    /// `max(y, 0)` with `relu`.
     ///
     /// # Safety
     /// avx512f must be available; `x` valid for reads of `R * k` floats, `w` of
@@ -1484,7 +1493,7 @@ mod avx512 {
     /// `ncols` ≤ 32 floats for every `r < R`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemv_panel<const R: usize, const S: usize>(
+    pub unsafe fn gemv_panel<const R: usize, const S: usize, const A: usize>(
         x: *const f32,
         k: usize,
         w: *const f32,
@@ -1495,10 +1504,11 @@ mod avx512 {
         relu: bool,
     ) {
         let q = k / S;
-        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; S];
+        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; A];
         // SAFETY (both loops): every row index is < k, so every load is inside w and x.
         for i in 0..q {
-            for (s, a) in acc.iter_mut().enumerate() {
+            for s in 0..S {
+                let a = &mut acc[s % A];
                 let r = s * q + i;
                 let wr = w.add(r * 32);
                 let (w0, w1) = (_mm512_loadu_ps(wr), _mm512_loadu_ps(wr.add(16)));
@@ -1917,7 +1927,7 @@ mod tests {
             (1, 1, 3),
             (1, 3, 40),
             (1, 6, 33),
-            // Two to four rows streamed the same way (see `streams_panels`): fewer
+            // Two to eight rows streamed the same way (see `streams_panels`): fewer
             // inputs than streams, tails, ragged last panels.
             (2, 3, 67),
             (3, 5, 40),
@@ -1934,6 +1944,11 @@ mod tests {
             (2, 300, 50),
             (6, 257, 40),
             (7, 40, 20),
+            // Five to eight rows, streams sharing accumulator sets.
+            (5, 515, 33),
+            (6, 2, 100),
+            (8, 3, 33),
+            (8, 130, 64),
             (13, 520, 140),
             // Tall, with a kernel past SMALL_KERNEL: rows outer (`TALL_ROWS`).
             (1030, 300, 260),
