@@ -209,7 +209,9 @@ impl Drop for Team {
 fn helper(s: &Shared) {
     HELPER.with(|h| h.set(true));
     let mut seen = s.epoch.load(Ordering::SeqCst);
-    let mut shared_core = 0u32;
+    // Jobs joined in a row on the owner's core; None once a move did not take (a
+    // platform that refuses it, or reports one core for every thread).
+    let mut shared_core = Some(0u32);
     while !s.stop.load(Ordering::SeqCst) {
         let epoch = wait_for_epoch(s, seen);
         if epoch == seen {
@@ -230,15 +232,20 @@ fn helper(s: &Shared) {
             }
         }
         s.active.fetch_sub(1, Ordering::SeqCst);
-        let owner = s.owner_cpu.load(Ordering::Relaxed);
-        if owner >= 0 && current_cpu() == owner {
-            shared_core += 1;
-            if shared_core >= SHARED_CORE_JOBS {
-                move_off(owner);
-                shared_core = 0;
+        if let Some(n) = shared_core.as_mut() {
+            let owner = s.owner_cpu.load(Ordering::Relaxed);
+            if owner >= 0 && current_cpu() == owner {
+                *n += 1;
+                if *n >= SHARED_CORE_JOBS {
+                    *n = 0;
+                    move_off(owner);
+                    if current_cpu() == owner {
+                        shared_core = None;
+                    }
+                }
+            } else {
+                *n = 0;
             }
-        } else {
-            shared_core = 0;
         }
     }
 }

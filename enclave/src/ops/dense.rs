@@ -19,10 +19,11 @@
 //! with no copy at load or at run time. With more than one row block, each task first
 //! packs a group of rows of `x` into scratch the executor plans (`pack_rows`), and
 //! every panel of the task reads that packed block; a ReLU is applied as the kernels
-//! store their last k-block. At batch 1 to 4 each panel is read as several streams with
-//! accumulators of their own (`gemv_panel`): at batch 1 eight independent FMA chains
-//! instead of two keep more of the weights' loads in flight (the MIT67 head's
-//! 2048×2048 layer, 2 threads: 0.44 → 0.30 ms). For batches of more than one row, the
+//! store their last k-block. At batch 1 to 8 (AVX-512; batch 1 on AVX2) each panel is
+//! read as four streams (`gemv_panel`), with accumulators of their own up to 3 rows and
+//! shared sets beyond: at batch 1 eight independent FMA chains instead of two keep more
+//! of the weights' loads in flight (the MIT67 head's 2048×2048 layer, 2 threads: 0.44 →
+//! 0.30 ms; see `STREAM_MAX_ROWS` for more rows). For batches of more than one row, the
 //! kernels prefetch the next panel block into L2 while computing one (batch 64 of the
 //! benchmark head ran 10% faster with it on an AMD EPYC VM and 8% on an Intel Xeon VM;
 //! at batch 1 it cost 20%). The row-major path above serves programs without that
