@@ -403,9 +403,10 @@ mod tests {
         if allowed > 1 {
             assert_ne!(current_cpu(), cpu, "still on core {cpu}");
         }
+        let after = mask();
         // SAFETY: as above.
         let same = (0..libc::CPU_SETSIZE as usize)
-            .all(|c| unsafe { libc::CPU_ISSET(c, &before) == libc::CPU_ISSET(c, &mask()) });
+            .all(|c| unsafe { libc::CPU_ISSET(c, &before) == libc::CPU_ISSET(c, &after) });
         assert!(same, "the affinity mask changed");
     }
 

@@ -407,14 +407,14 @@ unsafe fn gemv_panel(
     // rows of 32, bias ≥ ncols floats, y m rows of ncols writable floats (caller).
     unsafe {
         match (isa, m) {
-            (Isa::Avx512, 1) => avx512::gemv_panel::<1, 4, 4>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 2) => avx512::gemv_panel::<2, 4, 4>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 3) => avx512::gemv_panel::<3, 4, 4>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 4) => avx512::gemv_panel::<4, 4, 2>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 5) => avx512::gemv_panel::<5, 4, 2>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 6) => avx512::gemv_panel::<6, 4, 2>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, 7) => avx512::gemv_panel::<7, 4, 1>(x, k, w, bias, y, ldy, ncols, relu),
-            (Isa::Avx512, _) => avx512::gemv_panel::<8, 4, 1>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 1) => avx512::gemv_panel::<1, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 2) => avx512::gemv_panel::<2, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 3) => avx512::gemv_panel::<3, 4>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 4) => avx512::gemv_panel::<4, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 5) => avx512::gemv_panel::<5, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 6) => avx512::gemv_panel::<6, 2>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, 7) => avx512::gemv_panel::<7, 1>(x, k, w, bias, y, ldy, ncols, relu),
+            (Isa::Avx512, _) => avx512::gemv_panel::<8, 1>(x, k, w, bias, y, ldy, ncols, relu),
             _ => {
                 avx2::gemv_panel(std::slice::from_raw_parts(x, k), w, bias, y, ncols);
                 if relu {
@@ -1482,10 +1482,13 @@ mod avx512 {
         }
     }
 
+    /// Interleaved ranges (streams) of a panel's rows in [`gemv_panel`].
+    const STREAMS: usize = 4;
+
     /// `y[r, ..ncols] = x[r] · w + bias` for `R` rows of `x` (`k` floats each, one after
     /// the other) and one 32-column panel `w` (`k` rows of 32 floats), its rows read as
-    /// `S` interleaved ranges; range `s` adds into accumulator set `s % A` (`R × 2 × A`
-    /// zmm: 8 at batch 1, 24 for 3 rows in 4 sets, 16 for 8 rows in one); then
+    /// `STREAMS` interleaved ranges; range `s` adds into accumulator set `s % A` (`R × 2
+    /// × A` zmm: 8 at batch 1, 24 for 3 rows in 4 sets, 16 for 8 rows in one); then
     /// `max(y, 0)` with `relu`.
     ///
     /// # Safety
@@ -1494,7 +1497,7 @@ mod avx512 {
     /// `ncols` ≤ 32 floats for every `r < R`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemv_panel<const R: usize, const S: usize, const A: usize>(
+    pub unsafe fn gemv_panel<const R: usize, const A: usize>(
         x: *const f32,
         k: usize,
         w: *const f32,
@@ -1504,11 +1507,11 @@ mod avx512 {
         ncols: usize,
         relu: bool,
     ) {
-        let q = k / S;
+        let q = k / STREAMS;
         let mut acc = [[[_mm512_setzero_ps(); 2]; R]; A];
         // SAFETY (both loops): every row index is < k, so every load is inside w and x.
         for i in 0..q {
-            for s in 0..S {
+            for s in 0..STREAMS {
                 let a = &mut acc[s % A];
                 let r = s * q + i;
                 let wr = w.add(r * 32);
@@ -1520,7 +1523,7 @@ mod avx512 {
                 }
             }
         }
-        for r in S * q..k {
+        for r in STREAMS * q..k {
             let wr = w.add(r * 32);
             let (w0, w1) = (_mm512_loadu_ps(wr), _mm512_loadu_ps(wr.add(16)));
             for (j, aj) in acc[0].iter_mut().enumerate() {
