@@ -71,7 +71,7 @@ const TASK_ROWS: usize = 64;
 /// a time, by [`direct`]: one micro-kernel call per run of the window would each
 /// load and store the accumulators for a few multiply-adds.
 const DIRECT_MIN_SEG: usize = 16;
-/// The AVX-512 gather kernel of [`direct`] takes windows of up to this many runs
+/// The gather kernels of [`direct`] take windows of up to this many runs
 /// (kernel rows, or taps with column dilation) and this many pixels per call.
 const GATHER_MAX_SEGS: usize = 64;
 const GATHER_ROWS: usize = 12;
@@ -175,7 +175,7 @@ impl ConvParams {
             .min(pixels / DIRECT_TASK_PIXELS)
             .clamp(1, rows.max(1))
     }
-    /// Whether [`direct`] runs the AVX-512 gather kernel for this convolution (`isa`
+    /// Whether [`direct`] runs the gather kernel for this convolution (`isa`
     /// has it, and a window has at most `GATHER_MAX_SEGS` runs).
     fn gathers(&self, isa: dense::Isa) -> bool {
         dense::has_gather(isa) && self.k_len() / self.seg_len() <= GATHER_MAX_SEGS
@@ -350,9 +350,9 @@ pub fn conv(
         } else if p.direct_ok(dense::isa())
             && (dense::has_gather(dense::isa()) || p.seg_len() < DIRECT_MIN_SEG)
         {
-            // Without the gather kernel (AVX2), long window runs multiply im2col
-            // blocks a little faster than strided calls per run (3×3×64 → 64 at batch
-            // 16, 1 thread: 0.70 against 0.77 ms); a fused pool still runs direct.
+            // Without a gather kernel, long window runs multiply im2col blocks a
+            // little faster than strided calls per run (AVX2 before it had one: 3×3×64
+            // → 64 at batch 16, 1 thread: 0.70 against 0.77 ms).
             direct(
                 dense::isa(),
                 x,
@@ -598,11 +598,11 @@ fn direct(
             }
             act.apply(dst);
         };
-        // With the AVX-512 gather kernel: conv rows oh0..oh0+nrows into `dst`
+        // With the gather kernel (AVX-512, AVX2): conv rows oh0..oh0+nrows into `dst`
         // (nrows · ow · cout floats), activated. Pixels go through the kernel in runs
-        // of near-equal length (up to 12) across output rows, each reading its whole
-        // window from the padded input; panel by panel, so one panel's block of the
-        // kernel serves all of them from cache.
+        // of near-equal length (up to 12 on AVX-512, 6 on AVX2) across output rows,
+        // each reading its whole window from the padded input; panel by panel, so one
+        // panel's block of the kernel serves all of them from cache.
         let mut segs = [0usize; GATHER_MAX_SEGS];
         for (s, o) in segs.iter_mut().enumerate().take(nseg.min(GATHER_MAX_SEGS)) {
             *o = seg_at(s).0;
