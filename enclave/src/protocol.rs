@@ -749,13 +749,18 @@ pub unsafe fn flush_lines(p: *const u8, n: usize) {
 /// Whether evicting a finished request's bytes ([`Shm::evict`]) pays on this CPU.
 /// Measured with `cargo run --release --example transfer_floor` (the round trip's
 /// copies between two threads) and in the full host↔worker round trip:
-/// * AMD EPYC VM: yes. Floor 19 µs with eviction, 33–39 without (31–37 and up to 125
-///   in the VM's slow periods); round trip 28 vs 39 µs (32 vs 126 in a slow period).
+/// * AMD EPYC VM with AVX-512 (Zen 4 class): yes. Floor 19 µs with eviction, 33–39
+///   without (31–37 and up to 125 in the VM's slow periods); round trip 28 vs 39 µs (32
+///   vs 126 in a slow period).
+/// * AMD EPYC VM without AVX-512 (Zen 3, family 25 model 1): no. Floor 33–38 µs with
+///   eviction, 14.5–19.6 without; round trip (`benchmarks/ab_workers.py DIR EVICT
+///   NOEVICT --bundle identity`) 57.9 vs 40.7 µs median.
 /// * Intel Xeon VM: no. Floor 38–40 µs with eviction (with `clflushopt`; ten times
 ///   worse with `clflush`), 27–30 without; round trip 46 vs 37 µs. Its cores hand each
 ///   other modified lines quickly.
 ///
-/// Other CPUs are untested: no eviction.
+/// So: AMD CPUs with AVX-512 (Zen 4 and later, as far as measured). Other CPUs are
+/// untested: no eviction.
 pub fn eviction_pays() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -764,7 +769,7 @@ pub fn eviction_pays() -> bool {
         vendor[..4].copy_from_slice(&v.ebx.to_le_bytes());
         vendor[4..8].copy_from_slice(&v.edx.to_le_bytes());
         vendor[8..].copy_from_slice(&v.ecx.to_le_bytes());
-        &vendor == b"AuthenticAMD"
+        &vendor == b"AuthenticAMD" && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

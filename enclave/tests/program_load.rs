@@ -5,6 +5,8 @@ use common::*;
 use ennclave_enclave::exec::Executor;
 use ennclave_enclave::program::Program;
 use proptest::prelude::*;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
 
 fn load_err(c: &[u8]) -> String {
     match Program::from_container(c) {
@@ -286,4 +288,43 @@ proptest! {
             let _ = Program::from_container(&container(&mutated, &good_weights()));
         }
     }
+}
+
+/// An int8 dense node (`panels32x4`, 4 → 3) whose kernel bytes are `q` (32 × 4 of the
+/// one panel's row quad: column j's 4 inputs at 4j..4j+4), scales 1, no bias.
+fn int8_container(q: &[i8; 128]) -> Vec<u8> {
+    let json = r#"{"format": "ennclave-program", "version": 1,
+  "inputs": [{"name": "x", "shape": [null, 4], "dtype": "float32"}],
+  "outputs": [{"name": "y", "shape": [null, 3], "dtype": "float32"}],
+  "nodes": [{"name": "fc", "op": "dense", "inputs": ["x"], "outputs": ["y"],
+     "attrs": {"kernel_layout": "panels32x4", "kernel_shape": [4, 3], "units": 3},
+     "weights": {"kernel": "k", "kernel_scale": "s"}}]}"#;
+    let kb: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+    let sb: Vec<u8> = [1.0f32; 3].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "k",
+            TensorView::new(Dtype::I8, vec![1, 1, 32, 4], &kb).unwrap(),
+        ),
+        ("s", TensorView::new(Dtype::F32, vec![3], &sb).unwrap()),
+    ];
+    let mut c = b"ENCPROG1".to_vec();
+    c.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    c.extend_from_slice(json.as_bytes());
+    c.extend_from_slice(&safetensors::serialize(views, None).unwrap());
+    c
+}
+
+#[test]
+fn int8_kernels_must_lie_in_127() {
+    // Column 0 sums its inputs with weights 127, −127, 1, 0: an input row at the
+    // row scale of 1 (max |x| = 127) gives the exact integer sum.
+    let mut q = [0i8; 128];
+    q[..4].copy_from_slice(&[127, -127, 1, 0]);
+    let y = run(&int8_container(&q), &[127.0, -127.0, 5.0, 9.0], 1, 1);
+    assert_eq!(y, [127.0 * 127.0 * 2.0 + 5.0, 0.0, 0.0]);
+    // −128 is refused at load (the AVX2 kernel cannot negate it), with what to do.
+    q[1] = -128;
+    let e = load_err(&int8_container(&q));
+    assert!(e.contains("-128") && e.contains("-127..127"), "{e}");
 }

@@ -118,6 +118,11 @@ impl<'d> Builder<'d> {
         self.weight_of(key, ctx, Dtype::F32)
     }
 
+    /// The raw bytes of weight `key` (validated by [`Self::weight_of`] first).
+    pub(super) fn weight_bytes(&self, key: &str) -> Option<&[u8]> {
+        self.st.tensor(key).ok().map(|v| v.data())
+    }
+
     /// [`Self::weight`] for a weight of type `dtype` (F32, or BF16 / I8 for a
     /// quantised kernel, whose `WRef` then counts its bytes / 4: see `quant`).
     pub(super) fn weight_of(

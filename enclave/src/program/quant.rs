@@ -46,6 +46,11 @@ impl Builder<'_> {
             if sshape != [n] {
                 return ctx.e(format!("kernel_scale has shape {sshape:?}, expected [{n}]"));
             }
+            // The AVX2 kernel moves activation signs onto the weights (`vpsignb`),
+            // which leaves −128 as it is; `split` writes −127 … 127.
+            if self.weight_bytes(key).is_some_and(|b| b.contains(&0x80)) {
+                return ctx.e("int8 kernel holds -128; quantised kernels must lie in -127..127");
+            }
             QWeight::Int8 { data, scale }
         };
         Ok((q, ks))

@@ -17,8 +17,9 @@
 //! AVX-VNNI, short of registers: once per panel).
 //!
 //! Kernels, best first: AMX-INT8 tiles (blocks of up to 32 rows), AVX-512 VNNI
-//! (12 rows), AVX-VNNI on 256-bit registers (3 rows), and a portable one in plain Rust
-//! (also compiled with AVX2 enabled, which LLVM vectorises). For AMX the rows are
+//! (12 rows), AVX-VNNI on 256-bit registers (3 rows), AVX2 without VNNI (2 rows:
+//! `vpmaddubsw` on the absolute activations and sign-moved weights, [`madd256`]), and
+//! a portable one in plain Rust. For AMX the rows are
 //! quantised straight into tile order ([`QLayout`]), and a panel computed for more
 //! than 32 rows is taken in k-blocks of 512 inputs, each block of 32 rows in turn with
 //! its partial sums kept in tiles' memory between blocks, so the second row block
@@ -47,12 +48,16 @@ impl<T> Ptr<T> {
 
 /// Rows per AVX-VNNI (256-bit) call: 4 accumulators and a broadcast per row.
 const MR_VNNI256: usize = 3;
+/// Rows per AVX2 call without VNNI ([`madd256`]): 4 accumulators, the broadcast quad
+/// and its absolute value per row.
+const MR_MADD256: usize = 2;
 
 /// The int8 kernel that runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kernel {
     Portable,
-    PortableAvx2,
+    /// AVX2 without VNNI: `vpmaddubsw` + `vpmaddwd` ([`madd256`]).
+    Madd256,
     Vnni256,
     Vnni512,
     Amx,
@@ -74,7 +79,7 @@ impl Kernel {
                 if has!("avxvnni") {
                     return Kernel::Vnni256;
                 }
-                return Kernel::PortableAvx2;
+                return Kernel::Madd256;
             }
         }
         let _ = (path, m);
@@ -87,7 +92,8 @@ impl Kernel {
             Kernel::Amx => 32,
             Kernel::Vnni512 => MR,
             Kernel::Vnni256 => MR_VNNI256,
-            Kernel::Portable | Kernel::PortableAvx2 => MR_PORTABLE,
+            Kernel::Madd256 => MR_MADD256,
+            Kernel::Portable => MR_PORTABLE,
         }
     }
 
@@ -777,7 +783,7 @@ unsafe fn block(
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni256 => rows!(vnni256, 1 2 3),
             #[cfg(target_arch = "x86_64")]
-            Kernel::PortableAvx2 => rows!(portable_avx2, 1 2 3 4),
+            Kernel::Madd256 => rows!(madd256, 1 2),
             _ => rows!(portable, 1 2 3 4),
         }
     }
@@ -819,21 +825,6 @@ unsafe fn portable<const R: usize>(
     for (i, ai) in a.iter().enumerate() {
         out[i * NR..(i + 1) * NR].copy_from_slice(ai);
     }
-}
-
-/// # Safety
-/// As [`portable`], and the CPU must have AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn portable_avx2<const R: usize>(
-    xs: *const u32,
-    ldq: usize,
-    w: *const i8,
-    kq: usize,
-    acc: *mut i32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { portable::<R>(xs, ldq, w, kq, acc) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -881,6 +872,56 @@ unsafe fn vnni512<const R: usize>(
             let o = acc.add(i * NR);
             _mm512_storeu_si512(o.cast(), _mm512_sub_epi32(ai[0], c0));
             _mm512_storeu_si512(o.add(16).cast(), _mm512_sub_epi32(ai[1], c1));
+        }
+    }
+}
+
+/// AVX2 without VNNI: per quad row four 32-byte weight loads (8 columns × 4 inputs
+/// each). For each row the signed quad is broadcast; `vpsignb` moves its signs onto
+/// the weights and `vpmaddubsw` multiplies them with its absolute values (unsigned)
+/// and adds pairs into int16, `vpmaddwd` with ones adds those pairs into int32. A
+/// pair is at most 2 · 127 · 127 = 32258 in magnitude, so int16 never saturates:
+/// that needs weights in −127 … 127, which the program loader checks (−128 would
+/// negate to itself).
+///
+/// # Safety
+/// As [`portable`] (`xs` holds `qx` signed, in −127 … 127), the weights are in −127 …
+/// 127, and the CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn madd256<const R: usize>(
+    xs: *const u32,
+    ldq: usize,
+    w: *const i8,
+    kq: usize,
+    acc: *mut i32,
+) {
+    // SAFETY: reads stay inside xs (R rows of ldq ≥ kq quads) and w (kq · 128 bytes),
+    // writes inside acc (R × NR).
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut a = [[_mm256_setzero_si256(); 4]; R];
+        for r in 0..kq {
+            let wr = w.add(r * 4 * NR);
+            if R == 1 {
+                // One row: a single weight stream per core (`prefetch_row`).
+                super::prefetch_row(wr.cast());
+            }
+            let xv: [__m256i; R] =
+                std::array::from_fn(|i| _mm256_set1_epi32(*xs.add(i * ldq + r) as i32));
+            let ax: [__m256i; R] = std::array::from_fn(|i| _mm256_abs_epi8(xv[i]));
+            for h in 0..4 {
+                let wv = _mm256_loadu_si256(wr.add(32 * h).cast());
+                for ((ai, x), u) in a.iter_mut().zip(&xv).zip(&ax) {
+                    let p = _mm256_maddubs_epi16(*u, _mm256_sign_epi8(wv, *x));
+                    ai[h] = _mm256_add_epi32(ai[h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            for (h, v) in ai.iter().enumerate() {
+                _mm256_storeu_si256(acc.add(i * NR + 8 * h).cast(), *v);
+            }
         }
     }
 }
