@@ -1729,13 +1729,8 @@ mod avx2 {
             }
         }
         if ncols == 8 * V {
-            for i in 0..kc {
-                if i < lines {
-                    // Into L2: L1 cannot hold the next block beside this one. A
-                    // prefetch is only a hint; it never faults.
-                    _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(i * 16).cast());
-                }
-                // SAFETY (whole loop): i < kc, r < R: inside the caller's ranges.
+            // One input of every row (i < kc, r < R: inside the caller's ranges).
+            let step = |acc: &mut [[__m256; V]; R], i: usize| {
                 let wr = w.add(i * ldw);
                 let mut wv = [_mm256_setzero_ps(); V];
                 for (v, w8) in wv.iter_mut().enumerate() {
@@ -1746,6 +1741,35 @@ mod avx2 {
                     for (av, w8) in a.iter_mut().zip(&wv) {
                         *av = _mm256_fmadd_ps(xv, *w8, *av);
                     }
+                }
+            };
+            // Four inputs per pass, the prefetching ones first: a loop of one input
+            // spent 8–10 of its ~28 µops on counters, branches and the prefetch test.
+            // On the AMD EPYC (Zen 3) VM, whose two vCPUs reach 127 GFLOP/s of FMA
+            // together against 82–89 alone (they share a core's resources), a
+            // 2048×2048 layer on 2 threads, old and new alternating: batch 64 5.0–7.0
+            // → 4.6–4.7 ms median, batch 16 1.41–1.75 → 1.32–1.58 ms.
+            let mut i = 0;
+            while i < kc {
+                let n = if i < lines { lines - i } else { kc - i };
+                let (pref, end) = (i < lines, i + n);
+                while i + 4 <= end {
+                    for u in 0..4 {
+                        if pref {
+                            // Into L2: L1 cannot hold the next block beside this one.
+                            // A prefetch is only a hint; it never faults.
+                            _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add((i + u) * 16).cast());
+                        }
+                        step(&mut acc, i + u);
+                    }
+                    i += 4;
+                }
+                while i < end {
+                    if pref {
+                        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(i * 16).cast());
+                    }
+                    step(&mut acc, i);
+                    i += 1;
                 }
             }
         } else {
