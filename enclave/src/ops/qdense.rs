@@ -570,8 +570,8 @@ macro_rules! by_rows {
     };
 }
 
-/// One bf16 micro-kernel call: `r` rows (≤ `MR`; ≤ `MR_AVX2` on AVX2, ≤ `MR_PORTABLE` on the portable
-/// paths), `kp` pair rows.
+/// One bf16 micro-kernel call: `r` rows (≤ `MR`; ≤ `MR_AVX2` on AVX2, ≤
+/// `MR_PORTABLE` on the portable path), `kp` pair rows.
 ///
 /// # Safety
 /// `blk.y` must be valid for `r` rows of `blk.ncols` writes (row stride `blk.ldy`),
@@ -665,9 +665,10 @@ unsafe fn bf16_portable_avx2(r: usize, xs: &[u32], ldx: usize, w: &[u16], kp: us
     unsafe { bf16_portable(r, xs, ldx, w, kp, blk) }
 }
 
-/// bf16 widened with AVX2+FMA, for `r ≤ MR_AVX2` rows (more than one: one row stays
-/// on the portable kernel, memory-bound and already 2.8× ONNX Runtime fp32 there): each 16-column half of the
-/// panel in turn ([`bf16_half_avx2`]), as the float32 AVX2 kernel covers it.
+/// bf16 widened with AVX2+FMA, for `r ≤ MR_AVX2` rows, each 16-column half of the
+/// panel in turn ([`bf16_half_avx2`]), as the float32 AVX2 kernel covers it. Used for
+/// more than one row: one row stays on the portable kernel (memory-bound, and 2.8×
+/// ONNX Runtime fp32 there on a Zen 3 VM).
 ///
 /// # Safety
 /// As [`bf16_block`] (`r ≤ MR_AVX2`); the CPU must have AVX2 and FMA.
