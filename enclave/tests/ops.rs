@@ -348,6 +348,23 @@ fn conv_then_max_pool_matches_naive() {
     check_conv_pool(1, 14, 14, 32, 64, 1, ((2, 2), (2, 2)), true, 2, true);
     check_conv_pool(1, 10, 9, 8, 70, 1, ((2, 2), (2, 2)), true, 3, true);
     check_conv_pool(1, 9, 9, 8, 40, 1, ((3, 3), (3, 3)), true, 2, true);
+    // Batches of at least two samples per task: the tasks claim runs of samples as
+    // they go (9 samples in 8 runs on 2 threads, 10 in 10 on 3).
+    check_conv_pool(9, 14, 14, 32, 64, 1, ((2, 2), (2, 2)), true, 2, true);
+    check_conv2d(
+        10,
+        7,
+        7,
+        64,
+        3,
+        3,
+        64,
+        1,
+        (1, 1),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        3,
+    );
     // Odd sizes: the last conv row and column are not pooled; 3×2 windows; a strided
     // conv; output channels off the 32-column panels; one and three threads.
     check_conv_pool(1, 7, 9, 20, 40, 1, ((2, 2), (2, 2)), true, 1, true);

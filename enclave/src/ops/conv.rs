@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use super::{dense, par_for, par_row_ranges, par_rows, parallelism, Act, SendPtr};
+use super::{dense, par_for, par_row_ranges, par_rows, parallelism, Act, Claims, SendPtr};
 
 /// Per-sample 2-D window geometry (input `[h, w, c]`, output `[oh, ow, ·]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +80,9 @@ const GATHER_ROWS: usize = 12;
 const GATHER_BLOCK: usize = 128;
 /// Output pixels per task of [`direct`] at least.
 const DIRECT_TASK_PIXELS: usize = 16;
+/// Runs of samples per task that [`direct`]'s tasks claim from a shared counter (the
+/// last claim leaves a faster task idle for at most about 1/(2·this) of the layer).
+const CLAIMS_PER_TASK: usize = 4;
 
 impl ConvParams {
     pub(crate) fn k_len(&self) -> usize {
@@ -517,10 +520,14 @@ fn direct(
     let runs = g.ow.div_ceil(step).max(1);
     assert!(scratch.len() >= parts * task_len && y.len() >= groups * out_row);
     assert!(kernel.len() >= kl * cout && x.len() >= batch * g.in_len());
+    // With a row split over at least two samples per task, the tasks claim runs of
+    // samples as they go (`Claims`) instead of a fixed share each. Each task pads
+    // each sample's rows on its own anyway, so the claims cost no extra padding.
+    let claims = (cparts == 1 && rparts > 1 && batch >= 2 * rparts)
+        .then(|| Claims::new(batch, rparts * CLAIMS_PER_TASK));
     let (yp, sp) = (SendPtr(y.as_mut_ptr()), SendPtr(scratch.as_mut_ptr()));
     par_for(parts, &|t| {
         let (rt, ct) = (t / cparts, t % cparts);
-        let (a, b) = (groups * rt / rparts, groups * (rt + 1) / rparts);
         // This task's output channels: whole panels (all of them without a column
         // split, which only the gather path makes).
         let chans = np * ct / cparts * dense::NR..(np * (ct + 1) / cparts * dense::NR).min(cout);
@@ -662,67 +669,81 @@ fn direct(
                 }
             }
         };
-        let mut r = a;
-        while r < b {
-            // This task's row groups ga..gb of sample n, the conv rows they need and
-            // the padded rows those read.
-            let n = r / ngroups;
-            let (ga, gb) = (r % ngroups, (b - n * ngroups).min(ngroups));
-            let (ca, cb) = (ga * gstep, (gb - 1) * gstep + grows);
-            let (pr0, pr1) = (ca * g.sh, (cb - 1) * g.sh + (g.kh - 1) * g.dh + 1);
-            pad_rows(&x[n * g.in_len()..][..g.in_len()], pad, pr0, pr1, wp, g);
-            // With a pool and the gather kernel, `per` pooled rows at a time (their conv
-            // rows are consecutive: stride = window), so that runs of pixels are long.
-            let per = if gather { p.pooled_per_block() } else { 1 };
-            let mut gi = ga;
-            while gi < gb {
-                let ng = per.min(gb - gi);
-                // Output row groups (n, gi..gi+ng): in this task's groups a..b of y
-                // (groups · out_row floats, asserted above); the tasks' ranges of groups
-                // and channels are disjoint.
-                // SAFETY: the offset stays inside y (see above).
-                let ydst = unsafe { yp.get().add((n * ngroups + gi) * out_row) };
-                let Some(pg) = &p.pool else {
-                    if !gather {
-                        // SAFETY: the rows are this task's alone: without the gather
-                        // kernel, tasks split row groups only (`direct_split`).
-                        let yrows = unsafe { std::slice::from_raw_parts_mut(ydst, ng * out_row) };
-                        conv_row(pad, cols, pr0, gi, yrows);
+        // Row groups a..b (whole samples when claimed).
+        let mut run_groups = |a: usize, b: usize| {
+            let mut r = a;
+            while r < b {
+                // This task's row groups ga..gb of sample n, the conv rows they need and
+                // the padded rows those read.
+                let n = r / ngroups;
+                let (ga, gb) = (r % ngroups, (b - n * ngroups).min(ngroups));
+                let (ca, cb) = (ga * gstep, (gb - 1) * gstep + grows);
+                let (pr0, pr1) = (ca * g.sh, (cb - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+                pad_rows(&x[n * g.in_len()..][..g.in_len()], pad, pr0, pr1, wp, g);
+                // With a pool and the gather kernel, `per` pooled rows at a time (their conv
+                // rows are consecutive: stride = window), so that runs of pixels are long.
+                let per = if gather { p.pooled_per_block() } else { 1 };
+                let mut gi = ga;
+                while gi < gb {
+                    let ng = per.min(gb - gi);
+                    // Output row groups (n, gi..gi+ng): in this task's groups a..b of y
+                    // (groups · out_row floats, asserted above); the tasks' ranges of groups
+                    // and channels are disjoint.
+                    // SAFETY: the offset stays inside y (see above).
+                    let ydst = unsafe { yp.get().add((n * ngroups + gi) * out_row) };
+                    let Some(pg) = &p.pool else {
+                        if !gather {
+                            // SAFETY: the rows are this task's alone: without the gather
+                            // kernel, tasks split row groups only (`direct_split`).
+                            let yrows =
+                                unsafe { std::slice::from_raw_parts_mut(ydst, ng * out_row) };
+                            conv_row(pad, cols, pr0, gi, yrows);
+                        }
+                        gi += ng;
+                        continue;
+                    };
+                    let rl = g.ow * cout;
+                    let conv_rows = &mut pooled[..ng * grows * rl];
+                    if gather {
+                        gather_rows(pad, pr0, gi * gstep, ng * grows, conv_rows.as_mut_ptr());
+                    } else {
+                        for (k, dst) in conv_rows.chunks_exact_mut(rl).enumerate() {
+                            conv_row(pad, cols, pr0, gi * gstep + k, dst);
+                        }
+                    }
+                    for (k, rows) in conv_rows.chunks_exact(grows * rl).enumerate() {
+                        // SAFETY: pooled row k of these groups, channels `chans`, is this
+                        // task's (see above).
+                        unsafe {
+                            max_pool_rows(rows, ydst.add(k * out_row), pg, cout, chans.clone())
+                        };
                     }
                     gi += ng;
-                    continue;
-                };
-                let rl = g.ow * cout;
-                let conv_rows = &mut pooled[..ng * grows * rl];
-                if gather {
-                    gather_rows(pad, pr0, gi * gstep, ng * grows, conv_rows.as_mut_ptr());
-                } else {
-                    for (k, dst) in conv_rows.chunks_exact_mut(rl).enumerate() {
-                        conv_row(pad, cols, pr0, gi * gstep + k, dst);
+                }
+                if gather && p.pool.is_none() {
+                    // Blocks of whole conv rows, ≤ GATHER_BLOCK pixels each where a row allows.
+                    let per = (GATHER_BLOCK / g.ow.max(1)).max(1);
+                    let mut oh = ga;
+                    while oh < gb {
+                        let nr = per.min(gb - oh);
+                        let at = (n * g.oh + oh) * g.ow * cout;
+                        // SAFETY: conv rows oh..oh+nr of sample n lie in this task's rows
+                        // a..b of y (no pool: groups are conv rows); with its channels
+                        // `chans`, disjoint between tasks.
+                        gather_rows(pad, pr0, oh, nr, unsafe { yp.get().add(at) });
+                        oh += nr;
                     }
                 }
-                for (k, rows) in conv_rows.chunks_exact(grows * rl).enumerate() {
-                    // SAFETY: pooled row k of these groups, channels `chans`, is this
-                    // task's (see above).
-                    unsafe { max_pool_rows(rows, ydst.add(k * out_row), pg, cout, chans.clone()) };
-                }
-                gi += ng;
+                r = n * ngroups + gb;
             }
-            if gather && p.pool.is_none() {
-                // Blocks of whole conv rows, ≤ GATHER_BLOCK pixels each where a row allows.
-                let per = (GATHER_BLOCK / g.ow.max(1)).max(1);
-                let mut oh = ga;
-                while oh < gb {
-                    let nr = per.min(gb - oh);
-                    let at = (n * g.oh + oh) * g.ow * cout;
-                    // SAFETY: conv rows oh..oh+nr of sample n lie in this task's rows
-                    // a..b of y (no pool: groups are conv rows); with its channels
-                    // `chans`, disjoint between tasks.
-                    gather_rows(pad, pr0, oh, nr, unsafe { yp.get().add(at) });
-                    oh += nr;
+        };
+        match &claims {
+            None => run_groups(groups * rt / rparts, groups * (rt + 1) / rparts),
+            Some(c) => {
+                while let Some(samples) = c.take() {
+                    run_groups(samples.start * ngroups, samples.end * ngroups);
                 }
             }
-            r = n * ngroups + gb;
         }
     });
 }

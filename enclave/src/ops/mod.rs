@@ -18,6 +18,8 @@ pub mod vmath;
 
 pub use act::Act;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 /// Run `f(i)` for `i in 0..n` in parallel: on the thread team the caller owns
 /// (the executor's, see `crate::team`), else on the current rayon pool, splitting by
 /// `rayon::join` (no heap allocation, unlike `rayon::scope`).
@@ -93,6 +95,34 @@ pub fn parallelism(threads: usize) -> gemm::Parallelism {
     }
 }
 
+/// Work a parallel loop's tasks take as they go instead of a fixed share each: units
+/// `0..n` in `runs` contiguous runs of near-equal length, each handed out once. On a VM
+/// whose cores run at different speeds (a busy neighbour on one core's other
+/// hyperthread: this repository's Intel VM ran the image model's convolutions 1.5×
+/// slower on one core than on the other, the slow core changing from minute to
+/// minute), a static split leaves the faster thread waiting for the slower one.
+pub(crate) struct Claims {
+    next: AtomicUsize,
+    n: usize,
+    runs: usize,
+}
+
+impl Claims {
+    pub(crate) fn new(n: usize, runs: usize) -> Claims {
+        Claims {
+            next: AtomicUsize::new(0),
+            n,
+            runs: runs.max(1).min(n),
+        }
+    }
+
+    /// The next run of units not yet taken, or `None` when all are.
+    pub(crate) fn take(&self) -> Option<std::ops::Range<usize>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        (i < self.runs).then(|| self.n * i / self.runs..self.n * (i + 1) / self.runs)
+    }
+}
+
 /// A raw pointer that may be shared between the tasks of one parallel loop, each of
 /// which writes a disjoint part of the buffer it points into.
 #[derive(Clone, Copy)]
@@ -109,3 +139,32 @@ impl SendPtr {
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_hand_out_every_unit_once() {
+        for (n, runs) in [(9, 8), (10, 10), (3, 8), (64, 8), (1, 1), (0, 4)] {
+            let claims = Claims::new(n, runs);
+            let taken: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        while let Some(r) = claims.take() {
+                            assert!(!r.is_empty() && r.end <= n);
+                            for u in r {
+                                taken[u].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            assert!(
+                taken.iter().all(|t| t.load(Ordering::Relaxed) == 1),
+                "{n} in {runs}"
+            );
+        }
+    }
+}
