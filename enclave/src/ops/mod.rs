@@ -101,6 +101,10 @@ pub fn parallelism(threads: usize) -> gemm::Parallelism {
 /// hyperthread: this repository's Intel VM ran the image model's convolutions 1.5×
 /// slower on one core than on the other, the slow core changing from minute to
 /// minute), a static split leaves the faster thread waiting for the slower one.
+///
+/// The team already hands out task indices as threads come free, but a task owns a
+/// scratch slot (a kernel's padded or packed rows): more tasks would need more scratch.
+/// Claims keep one task per thread and let each take several runs of the work.
 pub(crate) struct Claims {
     next: AtomicUsize,
     n: usize,
