@@ -510,6 +510,57 @@ def test_idle_worker_sleeps_and_every_message_wakes_it(enclave_bundle):
         assert w.restarts == 0
 
 
+@needs_worker
+def test_a_worker_that_sleeps_between_every_request_is_always_woken(enclave_bundle):
+    """The host wakes the worker only when the worker says it may sleep (doorbell
+    WORKER_SLEEPS, each side fencing between its store and its load). With no polling
+    (`spin_us=0`) the worker goes to sleep before every request and, for a large
+    input, while it waits for the rest of it: every request races the flag. A lost wake
+    would stall a call for the worker's 60 s idle check; the watchdog turns that into a
+    failure."""
+    from ennclave.keystore import Keystore
+
+    release = wmod.local_key_release(Keystore(enclave_bundle.keystore), enclave_bundle.key_id)
+    with wmod.WorkerClient(
+        (enclave_bundle.path / "manifest.json").read_bytes(),
+        enclave_bundle.path / "private.sealed",
+        release,
+        in_len=IN,
+        out_len=OUT,
+        idle_check_ms=60_000,
+        spin_us=0,
+    ) as w:
+        small, large = _x(1), _x(200)
+        refs = reference(enclave_bundle.weights, small), reference(enclave_bundle.weights, large)
+        switches = _voluntary_switches(w.pid)
+        watchdog = threading.Timer(60, os.kill, (w.pid, signal.SIGKILL))
+        watchdog.start()
+        try:
+            slowest = 0.0
+            for i in range(1500):
+                x, ref = (small, refs[0]) if i % 3 else (large, refs[1])
+                t = time.perf_counter()
+                y = w.infer(x)
+                slowest = max(slowest, time.perf_counter() - t)
+                np.testing.assert_allclose(y, ref, atol=1e-5)
+        finally:
+            watchdog.cancel()
+        assert w.restarts == 0
+        # It did sleep (else this tested nothing), and no call waited for a timeout.
+        assert _voluntary_switches(w.pid) - switches > 500
+        assert slowest < 5.0, f"a call took {slowest:.1f} s: a wake was lost"
+
+
+def _voluntary_switches(pid: int) -> int:
+    """Voluntary context switches (sleeps) of all of `pid`'s threads."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for line in open(f"/proc/{pid}/task/{tid}/status"):
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of all of `pid`'s threads."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -618,7 +669,9 @@ def test_an_older_workers_hello_is_refused_with_its_version(enclave_bundle, tmp_
         "time.sleep(5)\n"
     )
     old.chmod(0o755)
-    with pytest.raises(WorkerError, match="speaks protocol 2, this ennclave speaks 3") as e:
+    with pytest.raises(
+        WorkerError, match=f"speaks protocol 2, this ennclave speaks {wmod.PROTOCOL_VERSION}"
+    ) as e:
         wmod.WorkerClient(
             (enclave_bundle.path / "manifest.json").read_bytes(),
             enclave_bundle.path / "private.sealed",

@@ -205,6 +205,7 @@ HOST_NAMES = {
         "ANS_STATUS": "DB_ANS_STATUS",
         "ANS_PROGRESS": "DB_ANS_PROGRESS",
         "EVENTS": "DB_EVENTS",
+        "WORKER_SLEEPS": "DB_WORKER_SLEEPS",
         "STATUS_OK": "DB_STATUS_OK",
     },
 }

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
 /// 3: EVIDENCE carries the worker's protections, bound into its evidence hash.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the worker says on the doorbell when it may sleep (`doorbell::WORKER_SLEEPS`),
+/// and the host wakes it only then.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Upper bound on one control frame (type byte + payload). Manifests are the largest.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -81,6 +83,11 @@ pub mod doorbell {
     /// u32, host: bumped after every request's whole input and every frame the host
     /// sends; the idle worker sleeps on it (futex) and the host wakes it.
     pub const EVENTS: usize = 128;
+    /// u32, worker: 1 from just before it may sleep on `EVENTS` until it is awake
+    /// again. The host wakes `EVENTS` only when it reads 1 here after its bump (each
+    /// side fences between its store and its load, so one of them sees the other's):
+    /// a worker that is still polling costs the host no system call.
+    pub const WORKER_SLEEPS: usize = 132;
     /// Size of the block; inputs start after it.
     pub const BYTES: usize = 256;
     pub const STATUS_OK: u32 = 0;

@@ -58,7 +58,7 @@ pub fn serve(
             }
         }
         if args.platform == Platform::Native {
-            wait_for_event(bell.events, seen, bell.req_seq, answered, args);
+            wait_for_event(&bell, seen, answered, args);
         } else {
             // Gramine has no futex shared with the host: sleep on the socket.
             gramine::wait_readable(ctl, std::time::Duration::from_millis(args.idle_check_ms));
@@ -92,6 +92,8 @@ struct Bell<'a> {
     req_seq: &'a AtomicU32,
     ans_seq: &'a AtomicU32,
     events: &'a AtomicU32,
+    /// `doorbell::WORKER_SLEEPS`.
+    sleeps: &'a AtomicU32,
     /// `doorbell::REQ_PROGRESS`.
     in_progress: &'a AtomicU64,
     /// `doorbell::ANS_PROGRESS`.
@@ -105,16 +107,18 @@ impl<'a> Bell<'a> {
         shm.write_bytes(0, &[0u8; doorbell::BYTES])
             .map_err(internal)?;
         let word = |offset| shm.atomic_u32(offset).map_err(internal);
-        let (req_seq, ans_seq, events) = (
+        let (req_seq, ans_seq, events, sleeps) = (
             word(doorbell::REQ_SEQ)?,
             word(doorbell::ANS_SEQ)?,
             word(doorbell::EVENTS)?,
+            word(doorbell::WORKER_SLEEPS)?,
         );
         Ok(Bell {
             shm,
             req_seq,
             ans_seq,
             events,
+            sleeps,
             in_progress: shm.atomic_u64(doorbell::REQ_PROGRESS).map_err(internal)?,
             out_progress: shm.atomic_u64(doorbell::ANS_PROGRESS).map_err(internal)?,
         })
@@ -268,6 +272,7 @@ impl<'a> Server<'a> {
             input: bell.in_progress,
             output: bell.out_progress,
             events: bell.events,
+            sleeps: bell.sleeps,
             ctl,
             args,
         };
@@ -584,16 +589,39 @@ const HOT_SPIN_US: u64 = 2;
 /// host rings it after every request and frame). Returns after at most
 /// `idle_check_ms` even without a wake, so a host that died is noticed (its socket
 /// reads as closed).
-fn wait_for_event(events: &AtomicU32, seen: u32, req_seq: &AtomicU32, answered: u32, args: &Args) {
-    let posted =
-        || events.load(Ordering::Acquire) != seen || req_seq.load(Ordering::Acquire) != answered;
+fn wait_for_event(bell: &Bell, seen: u32, answered: u32, args: &Args) {
+    let posted = || {
+        bell.events.load(Ordering::Acquire) != seen
+            || bell.req_seq.load(Ordering::Acquire) != answered
+    };
     if !spin_until(args.spin_us, posted) {
+        sleep_on_events(bell.events, bell.sleeps, seen, posted, args.idle_check_ms);
+    }
+}
+
+/// Sleep on `events` while it holds `seen` (at most `idle_check_ms`), unless `woken()`
+/// already holds, with `WORKER_SLEEPS` raised meanwhile so the host knows to wake it.
+/// The host bumps `events`, fences, then reads `WORKER_SLEEPS`; here the flag is
+/// raised, fenced, then `woken()` and `events` are read: whichever order the two
+/// sides run in, either the host sees the flag and wakes, or this side sees the
+/// host's bump and does not sleep (FUTEX_WAIT also returns at once if `events` moved).
+fn sleep_on_events(
+    events: &AtomicU32,
+    sleeps: &AtomicU32,
+    seen: u32,
+    woken: impl Fn() -> bool,
+    idle_check_ms: u64,
+) {
+    sleeps.store(1, Ordering::SeqCst);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if !woken() {
         futex_wait(
             events,
             seen,
-            std::time::Duration::from_millis(args.idle_check_ms),
+            std::time::Duration::from_millis(idle_check_ms),
         );
     }
+    sleeps.store(0, Ordering::Release);
 }
 
 /// A request posted on the doorbell: its sequence number and the words through which
@@ -607,6 +635,8 @@ struct Posted<'a> {
     output: &'a AtomicU64,
     /// `doorbell::EVENTS`: rung by the host after it announces the whole input.
     events: &'a AtomicU32,
+    /// `doorbell::WORKER_SLEEPS`.
+    sleeps: &'a AtomicU32,
     ctl: &'a UnixStream,
     args: &'a Args,
 }
@@ -632,10 +662,12 @@ impl Posted<'_> {
             if socket_readable(self.ctl) {
                 return false;
             }
-            futex_wait(
+            sleep_on_events(
                 self.events,
+                self.sleeps,
                 seen,
-                std::time::Duration::from_millis(self.args.idle_check_ms),
+                ready,
+                self.args.idle_check_ms,
             );
         }
     }
