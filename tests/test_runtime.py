@@ -473,22 +473,28 @@ def test_start_up_trace(enclave_bundle, monkeypatch):
     assert key.hex() not in "\n".join(lines)
 
 
-@needs_worker
-def test_idle_worker_sleeps_and_every_message_wakes_it(enclave_bundle):
-    """Between requests the worker sleeps on the doorbell's events word (futex), not in
-    a busy loop; a request or control frame posted while it sleeps wakes it at once.
-    The worker's own periodic check is set to 60 s here, so a lost wake would hang."""
+def _slow_checking_worker(enclave_bundle, **kw) -> wmod.WorkerClient:
+    """A worker whose own periodic check is 60 s away, so a lost wake would hang."""
     from ennclave.keystore import Keystore
 
     release = wmod.local_key_release(Keystore(enclave_bundle.keystore), enclave_bundle.key_id)
-    with wmod.WorkerClient(
+    return wmod.WorkerClient(
         (enclave_bundle.path / "manifest.json").read_bytes(),
         enclave_bundle.path / "private.sealed",
         release,
         in_len=IN,
         out_len=OUT,
         idle_check_ms=60_000,
-    ) as w:
+        **kw,
+    )
+
+
+@needs_worker
+def test_idle_worker_sleeps_and_every_message_wakes_it(enclave_bundle):
+    """Between requests the worker sleeps on the doorbell's events word (futex), not in
+    a busy loop; a request or control frame posted while it sleeps wakes it at once.
+    The worker's own periodic check is set to 60 s here, so a lost wake would hang."""
+    with _slow_checking_worker(enclave_bundle) as w:
         ref = reference(enclave_bundle.weights, _x(3))
         np.testing.assert_allclose(w.infer(_x(3)), ref, atol=1e-5)
         for step in ("infer", "ping", "infer"):
@@ -518,18 +524,7 @@ def test_a_worker_that_sleeps_between_every_request_is_always_woken(enclave_bund
     input, while it waits for the rest of it: every request races the flag. A lost wake
     would stall a call for the worker's 60 s idle check; the watchdog turns that into a
     failure."""
-    from ennclave.keystore import Keystore
-
-    release = wmod.local_key_release(Keystore(enclave_bundle.keystore), enclave_bundle.key_id)
-    with wmod.WorkerClient(
-        (enclave_bundle.path / "manifest.json").read_bytes(),
-        enclave_bundle.path / "private.sealed",
-        release,
-        in_len=IN,
-        out_len=OUT,
-        idle_check_ms=60_000,
-        spin_us=0,
-    ) as w:
+    with _slow_checking_worker(enclave_bundle, spin_us=0) as w:
         small, large = _x(1), _x(200)
         refs = reference(enclave_bundle.weights, small), reference(enclave_bundle.weights, large)
         switches = _voluntary_switches(w.pid)
