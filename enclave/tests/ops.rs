@@ -195,6 +195,7 @@ fn conv2d_direct_matches_naive() {
     check_conv2d(2, 28, 28, 16, 3, 3, 32, 1, (1, 1), (1, 1), same, 2); // 28 wide: 3 runs
     check_conv2d(1, 7, 7, 64, 3, 3, 64, 1, (1, 1), (1, 1), same, 2); // panels split
     check_conv2d(1, 5, 6, 8, 3, 3, 70, 1, (1, 1), (1, 1), same, 3); // 3 ragged panels
+    check_conv2d(3, 6, 7, 24, 3, 3, 100, 1, (1, 1), (1, 1), same, 2); // 2-panel calls: 64 + 36
     check_conv2d(
         3,
         11,
@@ -370,6 +371,8 @@ fn conv_then_max_pool_matches_naive() {
     check_conv_pool(1, 7, 9, 20, 40, 1, ((2, 2), (2, 2)), true, 1, true);
     check_conv_pool(2, 9, 8, 3, 7, 1, ((3, 2), (3, 2)), true, 3, true);
     check_conv_pool(2, 11, 10, 16, 33, 2, ((2, 2), (2, 2)), true, 2, true);
+    // A double panel and a single one (AVX-512), 13 pixels per pooled row pair.
+    check_conv_pool(4, 13, 13, 16, 96, 1, ((2, 2), (2, 2)), true, 2, true);
     // Not fused: overlapping windows, an average pool.
     check_conv_pool(2, 9, 9, 16, 8, 1, ((3, 3), (2, 2)), true, 2, false);
     check_conv_pool(2, 8, 8, 16, 8, 1, ((2, 2), (2, 2)), false, 2, false);
