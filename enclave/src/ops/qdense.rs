@@ -860,8 +860,24 @@ unsafe fn bf16_dot<const R: usize>(
     }
 }
 
-/// Streams of the one-row bf16 dot kernel, each with its own accumulators.
+/// Streams of the one-row bf16 kernels, each with its own accumulators.
 const DOT_STREAMS: usize = 4;
+
+/// The one-row kernels' walk over a panel's `kp` pair rows: `DOT_STREAMS` interleaved
+/// ranges, `step(acc[s], row, prefetch)` for stream `s`'s rows, then the rows left over
+/// on stream 0 (not prefetched: they are the panel's last).
+#[inline(always)]
+fn by_streams<A>(kp: usize, acc: &mut [A; DOT_STREAMS], mut step: impl FnMut(&mut A, usize, bool)) {
+    let q = kp / DOT_STREAMS;
+    for i in 0..q {
+        for (s, a) in acc.iter_mut().enumerate() {
+            step(a, s * q + i, true);
+        }
+    }
+    for r in DOT_STREAMS * q..kp {
+        step(&mut acc[0], r, false);
+    }
+}
 
 /// [`bf16_dot`] for one row (batch 1, memory-bound): the panel's `kp` pair rows read
 /// as `DOT_STREAMS` interleaved ranges, each with its own two accumulators (summed at
@@ -876,7 +892,6 @@ const DOT_STREAMS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn bf16_dot_row(xs: *const u32, w: *const u16, kp: usize, blk: &Block) {
-    let q = kp / DOT_STREAMS;
     // SAFETY: every pair row read is < kp: inside xs (kp pairs) and w (kp · 64
     // values); __m512i and __m512bh are both 64 bytes of plain data.
     unsafe {
@@ -892,14 +907,7 @@ unsafe fn bf16_dot_row(xs: *const u32, w: *const u16, kp: usize, blk: &Block) {
             a[1] = _mm512_dpbf16_ps(a[1], xp, w1);
         };
         let mut acc = [[_mm512_setzero_ps(); 2]; DOT_STREAMS];
-        for i in 0..q {
-            for (s, a) in acc.iter_mut().enumerate() {
-                dot(a, s * q + i, true);
-            }
-        }
-        for r in DOT_STREAMS * q..kp {
-            dot(&mut acc[0], r, false);
-        }
+        by_streams(kp, &mut acc, dot);
         let mut sum = [[_mm512_setzero_ps(); 2]; 1];
         for a in &acc {
             sum[0][0] = _mm512_add_ps(sum[0][0], a[0]);
@@ -966,7 +974,6 @@ unsafe fn bf16_wide<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn bf16_wide_row(xs: *const u32, w: *const u16, kp: usize, blk: &Block) {
-    let q = kp / DOT_STREAMS;
     // SAFETY: every pair row read is < kp: inside xs (2·kp values) and w (kp · 64
     // values).
     unsafe {
@@ -989,14 +996,7 @@ unsafe fn bf16_wide_row(xs: *const u32, w: *const u16, kp: usize, blk: &Block) {
             a[3] = _mm512_fmadd_ps(x1, up(v1), a[3]);
         };
         let mut acc = [[_mm512_setzero_ps(); 4]; DOT_STREAMS];
-        for i in 0..q {
-            for (s, a) in acc.iter_mut().enumerate() {
-                fma(a, s * q + i, true);
-            }
-        }
-        for r in DOT_STREAMS * q..kp {
-            fma(&mut acc[0], r, false);
-        }
+        by_streams(kp, &mut acc, fma);
         let mut sum = [[_mm512_setzero_ps(); 2]; 1];
         for a in &acc {
             sum[0][0] = _mm512_add_ps(sum[0][0], _mm512_add_ps(a[0], a[2]));
